@@ -69,6 +69,7 @@ class _Lowering:
     roles: dict[str, E.Expr] = field(default_factory=dict)
     role_spans: dict[str, Span | None] = field(default_factory=dict)
     flags: set[str] = field(default_factory=set)
+    mask_seen: bool = False
 
     def error(self, message: str, span: Span | None, hint: str | None = None) -> None:
         self.diagnostics.append(Diagnostic(message=message, span=span, hint=hint))
@@ -82,7 +83,7 @@ def lower(tree: lark.Tree, *, source: str = "<string>", text: str | None = None)
     _declare_name(state, str(name_token), span_of(name_token), what="spec")
     for statement in statements:
         _statement(state, statement)
-    if state.mask is None:
+    if not state.mask_seen:
         state.error("the spec declares no mask", None,
                     "add e.g. `mask semiseparable(log_a = dt * A)` or `mask causal`")
     if state.output is None:
@@ -92,7 +93,9 @@ def lower(tree: lark.Tree, *, source: str = "<string>", text: str | None = None)
         state.error("the spec declares no value", None, "add `value x`")
     if state.diagnostics:
         raise LowerError(state.diagnostics, source=source, text=text)
-    assert state.mask is not None and state.output is not None
+    assert state.output is not None
+    if state.mask is None:
+        raise LowerError(state.diagnostics, source=source, text=text)
     return ir.Spec(
         name=str(name_token),
         dims=tuple(state.dims),
@@ -256,6 +259,10 @@ def _mask(state: _Lowering, node: lark.Tree) -> None:
     name = str(name_token)
     span = span_of(node)
     errors_before = len(state.diagnostics)
+    if state.mask_seen:
+        state.error("the mask is declared twice", span, "a spec has one mask")
+        return
+    state.mask_seen = True
     if state.mask is not None:
         state.error("the mask is declared twice", span, "a spec has one mask")
         return

@@ -1,0 +1,191 @@
+"""The `ssmc` command: check, explain, run and compile `.ssm` specs.
+
+Spec and tensor errors print as `file:line:col: error: ...` and exit 2; anything else
+is reported as an internal error (a bug in ssmc) and exits 3, never as a bare traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+
+from ssmc.errors import SsmcError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 3
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from ssmc.pipeline import parse_file
+    from ssmc.summary import summary
+
+    checked = parse_file(args.file)
+    print(summary(checked))
+    if args.no_proof:
+        print("  proof    skipped (--no-proof)")
+        return 0
+    from ssmc.symbolic import prove
+
+    started = time.perf_counter()
+    proof = prove(checked, T=args.proof_T)
+    elapsed = time.perf_counter() - started
+    print(f"  proof    {_proof_text(proof)} at T={args.proof_T} ({elapsed:.2f} s)")
+    return 0
+
+
+def _proof_text(proof: object) -> str:
+    results = getattr(proof, "results", ())
+    parts = []
+    for result in results:
+        form = getattr(result, "form", "?")
+        name = form.value if hasattr(form, "value") else str(form)
+        chunk = getattr(result, "chunk_size", None)
+        parts.append(f"{name}(Q={chunk})" if chunk else name)
+    return " = ".join(parts + ["M"]) if parts else "proved"
+
+
+def _shape_dims(args: argparse.Namespace) -> dict[str, int]:
+    dims: dict[str, int] = {}
+    for item in args.dim or ():
+        name, _, value = item.partition("=")
+        if not value.isdigit():
+            raise SsmcError(f"--dim expects NAME=INT, got {item!r}")
+        dims[name] = int(value)
+    return dims
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from ssmc.cost import Shape
+    from ssmc.pipeline import parse_file
+    from ssmc.plan import explain
+    from ssmc.summary import dump
+
+    checked = parse_file(args.file)
+    print(dump(checked))
+    print()
+    dims = {d.name: d.value for d in checked.spec.dims if d.value is not None}
+    dims.update(_shape_dims(args))
+    missing = _unbound(checked, dims)
+    if missing:
+        raise SsmcError("dims bound at call time need values here: "
+                        + ", ".join(f"--dim {m}=..." for m in missing))
+    shape = Shape(batch=args.batch, seqlen=args.seqlen, dims=dims, dtype_bytes=args.dtype_bytes)
+    print(explain(checked, shape, args.device))
+    return 0
+
+
+def _unbound(checked: object, dims: dict[str, int]) -> list[str]:
+    spec = checked.spec  # type: ignore[attr-defined]
+    used = {a for t in spec.tensors for a in t.shape if isinstance(a, str)}
+    used |= {a for a in spec.output.shape if isinstance(a, str)}
+    return sorted(used - set(dims) - {"batch", "seq"})
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ssmc.run import run_spec
+
+    report = run_spec(args.file, seqlen=args.seqlen, batch=args.batch, dims=_shape_dims(args),
+                      form=args.form, chunk_size=args.chunk_size, dtype=args.dtype,
+                      device=args.device)
+    print(report)
+    return 0
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from ssmc.load import compile_to_file
+
+    path = compile_to_file(args.file, args.output, force=args.force)
+    print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command (also used to test `--help`)."""
+    parser = argparse.ArgumentParser(
+        prog="ssmc",
+        description="Compile structured masked attention / state-space specs (.ssm) into "
+        "Triton kernels and PyTorch ops.",
+    )
+    parser.add_argument("--log", default=os.environ.get("SSMC_LOG", "WARNING"),
+                        help="logging level (default: $SSMC_LOG or WARNING)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    check = sub.add_parser("check", help="parse, validate and symbolically prove a spec",
+                           description="Parse, lower and check FILE, print a summary, and "
+                           "prove with SymPy that every form the structure allows equals M.")
+    check.add_argument("file", help="a .ssm spec")
+    check.add_argument("--no-proof", action="store_true", help="skip the symbolic proof")
+    check.add_argument("--proof-T", type=int, default=6, help="sequence length of the proof")
+    check.set_defaults(handler=_cmd_check)
+
+    explain = sub.add_parser("explain", help="IR, per-form cost and the planner's choice",
+                             description="Print the IR and, for every allowed form, FLOPs, "
+                             "bytes and state memory at a shape, and the form the cost model "
+                             "picks on a device.")
+    explain.add_argument("file", help="a .ssm spec")
+    explain.add_argument("--seqlen", "-T", type=int, default=4096, help="sequence length T")
+    explain.add_argument("--batch", "-b", type=int, default=1, help="batch size")
+    explain.add_argument("--device", default="H100", help="device rates to plan for")
+    explain.add_argument("--dtype-bytes", type=int, default=2, help="bytes per input element")
+    explain.add_argument("--dim", action="append", metavar="NAME=INT",
+                         help="bind a dim the spec leaves to call time")
+    explain.set_defaults(handler=_cmd_explain)
+
+    run = sub.add_parser("run", help="compile, run on random inputs, check against fp64",
+                         description="Compile FILE, run it on random inputs, compare with the "
+                         "fp64 PyTorch reference, print the form, error and time. Without a GPU "
+                         "the kernels run under the Triton interpreter (TRITON_INTERPRET=1) or "
+                         "the PyTorch reference.")
+    run.add_argument("file", help="a .ssm spec")
+    run.add_argument("--seqlen", "-T", type=int, default=64, help="sequence length T")
+    run.add_argument("--batch", "-b", type=int, default=2, help="batch size")
+    run.add_argument("--dim", action="append", metavar="NAME=INT",
+                     help="override a dim (smaller sizes for CPU runs)")
+    run.add_argument("--form", choices=["recurrent", "quadratic", "chunked", "convolution"],
+                     help="force a form")
+    run.add_argument("--chunk-size", type=int, help="force a chunk size")
+    run.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    run.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    run.set_defaults(handler=_cmd_run)
+
+    comp = sub.add_parser("compile", help="write a standalone module (torch + triton only)",
+                          description="Render FILE into a standalone Python module that "
+                          "imports with only torch and triton installed.")
+    comp.add_argument("file", help="a .ssm spec")
+    comp.add_argument("-o", "--output", required=True, help="where to write the module")
+    comp.add_argument("--force", action="store_true",
+                      help="replace an existing file that ssmc did not write")
+    comp.set_defaults(handler=_cmd_compile)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `ssmc` and `python -m ssmc`."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=str(args.log).upper(), format="ssmc: %(levelname)s: %(message)s")
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except SsmcError as err:
+        print(str(err), file=sys.stderr)
+        return EXIT_USER_ERROR
+    except FileNotFoundError as err:
+        print(f"{err.filename}: error: no such file", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except Exception:
+        print("ssmc: internal error (this is a bug in ssmc; please report it with the "
+              "spec and the command):", file=sys.stderr)
+        print(traceback.format_exc(limit=-3), file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
