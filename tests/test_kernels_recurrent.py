@@ -11,6 +11,7 @@ from dataclasses import dataclass  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from ssmc import forms_torch  # noqa: E402
 from ssmc.load import load_source  # noqa: E402
 from ssmc.render import render_stage  # noqa: E402
 
@@ -26,34 +27,13 @@ def stage(decay: str):
 
 
 def oracle(x, s, log_a, B, C, heads, h0=None, cu_seqlens=None):
-    """fp64 token loop: y [b, T, H, P] and the final states [b | num_seqs, H, N, P]."""
-    x, B, C = x.double(), B.double(), C.double()
-    batch, T, _, P = x.shape
-    N, H = B.shape[-1], heads
-    if s is not None:
-        x = x * s.double()[..., None]
+    """The fp64 recurrent reference on X̄ = x * s: y [b, T, H, P], final states."""
+    def f64(t):
+        return None if t is None else t.double()
 
-    def per_head(t):  # [b, T, G, ...] -> [b, T, H, ...], head h reads group h // (H // G)
-        return t.repeat_interleave(H // t.shape[2], dim=2)
-
-    x, B, C = per_head(x), per_head(B), per_head(C)
-    if log_a is None:
-        a = torch.ones(batch, T, H, N, dtype=torch.float64)
-    else:
-        a = per_head(log_a.double().exp())
-        a = a[..., None].expand(batch, T, H, N) if a.dim() == 3 else a
-    bounds = cu_seqlens.tolist() if cu_seqlens is not None else None
-    segments = ([(0, i, bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
-                if bounds is not None else [(i, i, 0, T) for i in range(batch)])
-    y = torch.zeros(batch, T, H, P, dtype=torch.float64)
-    final = torch.zeros(len(segments), H, N, P, dtype=torch.float64)
-    for row, n, start, end in segments:
-        h = h0[n].double().clone() if h0 is not None else torch.zeros(H, N, P, dtype=torch.float64)
-        for t in range(start, end):
-            h = a[row, t][..., None] * h + B[row, t][..., None] * x[row, t][:, None, :]
-            y[row, t] = torch.einsum("hn,hnp->hp", C[row, t], h)
-        final[n] = h
-    return y, final
+    xbar = x.double() * s.double()[..., None] if s is not None else x.double()
+    return forms_torch.recurrent(xbar, f64(log_a), f64(B), f64(C), heads,
+                                 initial_state=f64(h0), cu_seqlens=cu_seqlens)
 
 
 def rel_err(out, ref):
