@@ -263,9 +263,6 @@ def _mask(state: _Lowering, node: lark.Tree) -> None:
         state.error("the mask is declared twice", span, "a spec has one mask")
         return
     state.mask_seen = True
-    if state.mask is not None:
-        state.error("the mask is declared twice", span, "a spec has one mask")
-        return
     if name not in MASK_KWARGS:
         near = difflib.get_close_matches(name, list(MASK_KWARGS), n=1, cutoff=0.5)
         hint = f"did you mean `{near[0]}`? " if near else ""
@@ -302,7 +299,7 @@ def _mask(state: _Lowering, node: lark.Tree) -> None:
         options = group.split("|")
         given = [k for k in options if k in kwargs]
         if not given:
-            state.error(f"`{name}` needs `{' or '.join(options)}`", span,
+            state.error(f"`{name}` needs " + " or ".join(f"`{o}`" for o in options), span,
                         f"e.g. `mask {name}({options[0]} = ...)`")
         elif len(given) > 1:
             state.error(f"`{name}` takes only one of {', '.join(options)}",

@@ -78,6 +78,13 @@ def _check_limits(text: str, source: str) -> None:
             source=source,
             text=text,
         )
+    if not text.strip():
+        raise ParseError(
+            [Diagnostic(message="the spec is empty",
+                        hint="a spec starts with `ssm NAME`; see examples/ for complete ones")],
+            source=source,
+            text=text,
+        )
     level = 0
     line, column = 1, 0
     in_comment = False

@@ -1,0 +1,50 @@
+"""The `ssmc` command: summaries, exit codes, no tracebacks, complete help."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ssmc.cli import build_parser, main
+
+ROOT = Path(__file__).parent.parent
+ERR = sorted((ROOT / "tests" / "specs" / "err").glob("*.ssm"))
+
+
+def test_check_prints_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--no-proof", str(ROOT / "examples" / "mamba2.ssm")]) == 0
+    out = capsys.readouterr().out
+    assert "MVA" in out and "semiseparable" in out and "chunked" in out
+    assert "[batch, H=80, N=128, P=64]" in out
+
+
+@pytest.mark.parametrize("path", ERR[:12], ids=lambda p: p.stem)
+def test_bad_spec_exits_2_without_traceback(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--no-proof", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err
+    assert "Traceback" not in err
+
+
+def test_missing_file_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "does/not/exist.ssm"]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs() -> None:
+    done = subprocess.run([sys.executable, "-m", "ssmc", "check", "--no-proof",
+                           str(ERR[0])], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+
+
+def test_every_subcommand_has_help() -> None:
+    parser = build_parser()
+    text = parser.format_help()
+    for command in ("check", "explain", "run", "compile"):
+        assert command in text
+        sub = parser._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
+        assert sub.description and len(sub.format_help()) > 100
