@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 
 from ssmc.check import check
@@ -28,3 +30,20 @@ def parse_file(path: str | Path) -> CheckedSpec:
                              hint="a spec is a UTF-8 text file")
         raise SpecError([problem], source=str(path)) from None
     return parse(text, str(path))
+
+
+def with_dims(checked: CheckedSpec, dims: Mapping[str, int]) -> CheckedSpec:
+    """The same spec with some dims rebound (e.g. smaller sizes for a CPU run), re-checked."""
+    if not dims:
+        return checked
+    spec = checked.spec
+    declared = {d.name for d in spec.dims}
+    unknown = sorted(set(dims) - declared)
+    if unknown:
+        problem = Diagnostic(message=f"no dim named {', '.join(unknown)}",
+                             hint="dims of this spec: " + ", ".join(sorted(declared)))
+        raise SpecError([problem], source=spec.source)
+    new_dims = tuple(
+        dataclasses.replace(d, value=dims[d.name]) if d.name in dims else d for d in spec.dims
+    )
+    return check(dataclasses.replace(spec, dims=new_dims))
