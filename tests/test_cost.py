@@ -1,0 +1,197 @@
+"""Cost model: per-form FLOPs, bytes and launches scale as the math says, shared factors once."""
+
+from __future__ import annotations
+
+import pytest
+
+from ssmc import ir
+from ssmc.cost import Cost, PlanError, Shape, _tile_pairs, cost, timing
+from ssmc.devices import device
+from ssmc.expr import BinOp, Op, Ref
+
+SSD_FORMS = (ir.Form.RECURRENT, ir.Form.QUADRATIC, ir.Form.CHUNKED)
+TOEPLITZ_FORMS = (ir.Form.QUADRATIC, ir.Form.CONVOLUTION)
+
+
+def _input(name: str, *axes: ir.Size) -> ir.Tensor:
+    return ir.Tensor(name=name, kind=ir.TensorKind.INPUT, shape=(ir.BATCH, ir.SEQ, *axes))
+
+
+def _param(name: str, *axes: ir.Size) -> ir.Tensor:
+    return ir.Tensor(name=name, kind=ir.TensorKind.PARAM, shape=axes)
+
+
+def ssd(*, H: int = 8, G: int = 1, N: int = 64, P: int = 64, mva: bool = True,
+        final_state: bool = False, varlen: bool = False) -> ir.CheckedSpec:
+    """Mamba-2 by hand: B/C with G groups (MVA) or H heads (MHA); P bound at call time."""
+    g: ir.Size = "G" if mva else "H"
+    spec = ir.Spec(
+        name="ssd",
+        dims=(ir.Dim(name="H", value=H), ir.Dim(name="G", value=G), ir.Dim(name="N", value=N),
+              ir.Dim(name="P", value=None)),
+        tensors=(_input("x", "H", "P"), _input("dt", "H"), _input("B", g, "N"),
+                 _input("C", g, "N"), _param("A", "H")),
+        output=ir.Output(name="y", shape=(ir.BATCH, ir.SEQ, "H", "P")),
+        mask=ir.ScalarSemiseparable(log_a=BinOp(op=Op.MUL, lhs=Ref(name="dt"), rhs=Ref(name="A"))),
+        query=Ref(name="C"),
+        key=Ref(name="B"),
+        value=Ref(name="x"),
+        final_state=final_state,
+        varlen=varlen,
+    )
+    heads = ir.HeadCounts(output="H", query=g, key=g, value="H", decay="H")
+    return ir.CheckedSpec(spec=spec, forms=SSD_FORMS, heads=heads,
+                          pattern=ir.HeadPattern.MVA if mva else ir.HeadPattern.MHA,
+                          state_size="N", head_dim="P", value_factors=None)
+
+
+def toeplitz(*, H: int = 8, L: int = 64, P: int = 32) -> ir.CheckedSpec:
+    """A learned Toeplitz kernel K [H, L] with a window of L taps."""
+    spec = ir.Spec(
+        name="toeplitz",
+        dims=(ir.Dim(name="H", value=H), ir.Dim(name="L", value=L), ir.Dim(name="P", value=P)),
+        tensors=(_input("x", "H", "P"), _param("K", "H", "L")),
+        output=ir.Output(name="y", shape=(ir.BATCH, ir.SEQ, "H", "P")),
+        mask=ir.Toeplitz(kernel=ir.LearnedKernel(kernel=Ref(name="K"))),
+        query=None,
+        key=None,
+        value=Ref(name="x"),
+    )
+    heads = ir.HeadCounts(output="H", query=None, key=None, value="H", decay="H")
+    return ir.CheckedSpec(spec=spec, forms=TOEPLITZ_FORMS, heads=heads,
+                          pattern=ir.HeadPattern.MHA, state_size=None, head_dim="P",
+                          value_factors=None)
+
+
+def shape(T: int, batch: int = 1, **kw: int) -> Shape:
+    return Shape(batch=batch, seqlen=T, dims={"P": 64}, **kw)
+
+
+@pytest.mark.parametrize("form", SSD_FORMS, ids=lambda f: f.value)
+def test_every_form_has_a_positive_cost(form: ir.Form) -> None:
+    c = cost(ssd(), form, shape(1000))
+    assert c.flops > 0 and c.bytes > 0 and c.kernels >= 1 and c.programs >= 1
+
+
+def test_recurrent_is_scalar_work_that_moves_only_inputs_and_output() -> None:
+    T, H, N, P = 256, 8, 64, 64
+    c = cost(ssd(H=H, N=N), ir.Form.RECURRENT, shape(T))
+    assert c.matmul_flops == 0
+    assert c.scalar_flops >= 4 * T * H * N * P
+    x_y = 2 * T * H * P * 2
+    assert x_y < c.bytes < x_y + T * (2 * N * 2 + H * 2) + 100
+    assert c.state_bytes == H * N * P * 4
+    assert (c.kernels, c.serial_steps) == (1, T)
+
+
+def test_chunked_is_linear_in_T() -> None:
+    short, long = (cost(ssd(), ir.Form.CHUNKED, shape(T)) for T in (4096, 8192))
+    assert long.matmul_flops == 2 * short.matmul_flops
+    assert long.flops / short.flops == pytest.approx(2, rel=1e-3)
+    assert long.bytes / short.bytes == pytest.approx(2, rel=1e-3)
+    assert long.state_bytes == 2 * short.state_bytes
+
+
+def test_quadratic_is_quadratic_in_T() -> None:
+    short, long = (cost(ssd(), ir.Form.QUADRATIC, shape(T)) for T in (4096, 8192))
+    assert long.matmul_flops / short.matmul_flops == pytest.approx(4, rel=0.02)
+    assert 3 < long.bytes / short.bytes < 4.5
+
+
+def test_chunk_states_are_written_and_read_once() -> None:
+    T, Q, H, N, P = 1024, 64, 8, 64, 64
+    c = cost(ssd(H=H, N=N), ir.Form.CHUNKED, shape(T), chunk_size=Q)
+    states = (T // Q) * H * N * P * 4
+    assert c.state_bytes == states
+    assert c.bytes - cost(ssd(H=H, N=N), ir.Form.RECURRENT, shape(T)).bytes > 2 * states
+
+
+@pytest.mark.parametrize("form", (ir.Form.QUADRATIC, ir.Form.CHUNKED), ids=lambda f: f.value)
+def test_mva_computes_c_bt_once_per_group(form: ir.Form) -> None:
+    H, G, N = 8, 2, 64
+    mva = cost(ssd(H=H, G=G, N=N, mva=True), form, shape(2048), chunk_size=64)
+    mha = cost(ssd(H=H, G=G, N=N, mva=False), form, shape(2048), chunk_size=64)
+    assert mva.matmul_flops < mha.matmul_flops
+    # What MVA saves is exactly the C Bᵀ of the H − G heads that share a group's block.
+    per_block = 2 * 64 * 64 * N
+    blocks = 32 * 33 // 2 if form is ir.Form.QUADRATIC else 32
+    assert mha.matmul_flops - mva.matmul_flops == (H - G) * blocks * per_block
+
+
+def test_final_state_adds_work_to_the_quadratic_form() -> None:
+    plain = cost(ssd(), ir.Form.QUADRATIC, shape(512))
+    with_state = cost(ssd(final_state=True), ir.Form.QUADRATIC, shape(512))
+    assert with_state.matmul_flops > plain.matmul_flops
+    assert with_state.bytes == plain.bytes + 8 * 64 * 64 * 4
+
+
+def test_windowed_toeplitz_quadratic_is_banded_hence_linear() -> None:
+    short, long = (cost(toeplitz(L=64), ir.Form.QUADRATIC, Shape(batch=2, seqlen=T))
+                   for T in (4096, 8192))
+    assert long.matmul_flops / short.matmul_flops == pytest.approx(2, rel=0.01)
+
+
+def test_convolution_is_n_log_n() -> None:
+    short, long = (cost(toeplitz(L=8192), ir.Form.CONVOLUTION, Shape(batch=2, seqlen=T))
+                   for T in (4096, 8192))
+    assert short.matmul_flops == 0
+    assert 2 < long.scalar_flops / short.scalar_flops < 2.3
+
+
+def test_packed_sequences_cost_less_than_one_long_one() -> None:
+    spec = ssd(varlen=True)
+    packed = cost(spec, ir.Form.QUADRATIC, Shape(batch=1, seqlen=4096, dims={"P": 64}, num_seqs=4))
+    single = cost(spec, ir.Form.QUADRATIC, shape(4096))
+    assert packed.matmul_flops < single.matmul_flops / 3
+
+
+def test_shape_errors() -> None:
+    with pytest.raises(PlanError, match="dim P is bound at call time"):
+        cost(ssd(), ir.Form.CHUNKED, Shape(batch=1, seqlen=64))
+    with pytest.raises(PlanError, match="N = 64 in the spec"):
+        cost(ssd(), ir.Form.CHUNKED, Shape(batch=1, seqlen=64, dims={"P": 64, "N": 32}))
+    with pytest.raises(PlanError, match="not varlen"):
+        cost(ssd(), ir.Form.CHUNKED, Shape(batch=1, seqlen=64, dims={"P": 64}, num_seqs=2))
+    with pytest.raises(PlanError, match="batch = 1"):
+        Shape(batch=2, seqlen=64, num_seqs=2)
+    with pytest.raises(PlanError, match="≥ 1"):
+        Shape(batch=1, seqlen=0)
+
+
+def test_a_disallowed_form_is_refused() -> None:
+    with pytest.raises(PlanError, match="allowed: quadratic, convolution"):
+        cost(toeplitz(), ir.Form.CHUNKED, Shape(batch=1, seqlen=64))
+
+
+def test_shapes_hash_by_value() -> None:
+    a = Shape(batch=1, seqlen=8, dims={"P": 64, "N": 16})
+    b = Shape(batch=1, seqlen=8, dims={"N": 16, "P": 64})
+    assert a == b and hash(a) == hash(b)
+
+
+@pytest.mark.parametrize("window", [1, 15, 16, 17, 64, 100, 10_000])
+@pytest.mark.parametrize("nb", [1, 2, 7, 40])
+def test_tile_pairs_match_a_direct_count(nb: int, window: int) -> None:
+    bt = 16
+    direct = sum(
+        1
+        for i in range(nb)
+        for j in range(i + 1)
+        if (i - j) * bt - (bt - 1) <= window - 1  # some (row, column) of the tile is in the band
+    )
+    assert _tile_pairs(nb, bt, window) == direct
+
+
+def test_timing_takes_the_slowest_side_plus_launches() -> None:
+    h100 = device("H100")
+    c = Cost(matmul_flops=int(798e12), scalar_flops=0, bytes=int(1.5e12), state_bytes=0,
+             kernels=2, programs=1000, serial_steps=0)
+    t = timing(c, h100)
+    assert (t.compute_s, t.memory_s, t.bound) == (1.0, 0.5, "compute")
+    assert t.total_s == pytest.approx(1.0 + 2 * h100.launch_overhead_s)
+    few = timing(Cost(matmul_flops=int(798e12), scalar_flops=0, bytes=0, state_bytes=0,
+                      kernels=1, programs=66, serial_steps=0), h100)
+    assert few.compute_s == pytest.approx(2.0)
+    chain = timing(Cost(matmul_flops=0, scalar_flops=0, bytes=0, state_bytes=0, kernels=0,
+                        programs=1, serial_steps=10**9), h100)
+    assert chain.bound == "latency"

@@ -1,0 +1,177 @@
+"""Planner: the chosen form is allowed and cheapest, forced choices are honoured or refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ssmc import ir
+from ssmc.cost import PlanError, Shape
+from ssmc.devices import DeviceError
+from ssmc.pipeline import parse, parse_file
+from ssmc.plan import explain, plan
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.ssm"))
+DEVICES = ("H100", "H200", "A100", "cpu-interpreter")
+LENGTHS = (1, 63, 64, 1000, 4096, 16384)
+
+MAMBA2 = """
+ssm mamba2
+dim H = {H}, G = {G}, N = {N}, P = {P}
+input x  : [batch, seq, H, P]
+input dt : [batch, seq, H]
+input B  : [batch, seq, {BC}, N]
+input C  : [batch, seq, {BC}, N]
+param A  : [H]
+output y : [batch, seq, H, P]
+mask semiseparable(log_a = softplus(dt) * A)
+query C
+key   B
+value x * softplus(dt)
+"""
+
+
+def mamba2(*, H: int, G: int = 1, N: int, P: int, mha: bool = False) -> ir.CheckedSpec:
+    return parse(MAMBA2.format(H=H, G=G, N=N, P=P, BC="H" if mha else "G"))
+
+
+@pytest.fixture(scope="module", params=EXAMPLES, ids=lambda p: p.stem)
+def example(request: pytest.FixtureRequest) -> ir.CheckedSpec:
+    return parse_file(request.param)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T", LENGTHS)
+def test_every_example_gets_an_allowed_form(example: ir.CheckedSpec, T: int, device: str) -> None:
+    p = plan(example, Shape(batch=2 if T < 4096 else 1, seqlen=T), device=device)
+    assert p.form in example.forms
+    assert tuple(e.form for e in p.estimates) == example.forms
+    assert all(e.time_s > 0 for e in p.estimates)
+    if T > 1 or ir.Form.RECURRENT not in example.forms:
+        assert p.estimate(p.form).time_s == min(e.time_s for e in p.estimates)
+    assert p.reason and p.device == device
+
+
+def test_every_example_explains(example: ir.CheckedSpec) -> None:
+    text = explain(example, Shape(batch=4, seqlen=2048))
+    lines = text.splitlines()
+    assert len(lines) <= 12 and max(map(len, lines)) <= 250
+    for form in example.forms:
+        assert form.value in text
+    chosen = plan(example, Shape(batch=4, seqlen=2048)).form.value
+    assert f"→ {chosen}" in text and f"chose {chosen}" in text
+
+
+def test_decode_is_recurrent(example: ir.CheckedSpec) -> None:
+    p = plan(example, Shape(batch=16, seqlen=1))
+    if ir.Form.RECURRENT in example.forms:
+        assert p.form is ir.Form.RECURRENT and "decode" in p.reason
+    else:
+        assert p.form is ir.Form.QUADRATIC
+
+
+def test_short_mha_scalar_decay_is_quadratic() -> None:
+    spec = mamba2(H=8, N=64, P=64, mha=True)
+    assert spec.pattern is ir.HeadPattern.MHA
+    for batch in (1, 8):
+        assert plan(spec, Shape(batch=batch, seqlen=64)).form is ir.Form.QUADRATIC
+    example = parse_file(Path(__file__).parent.parent / "examples" / "mamba2_mha.ssm")
+    assert plan(example, Shape(batch=4, seqlen=64)).form is ir.Form.QUADRATIC
+
+
+def test_long_mamba2_is_chunked() -> None:
+    spec = mamba2(H=80, G=1, N=128, P=64)
+    assert spec.pattern is ir.HeadPattern.MVA
+    p = plan(spec, Shape(batch=1, seqlen=16384))
+    assert p.form is ir.Form.CHUNKED
+    assert "chunked is the fastest" in p.reason and "recurrent" in p.reason
+
+
+@pytest.mark.parametrize("name", ["toeplitz", "s4d", "lssl_hippo"])
+def test_toeplitz_is_never_chunked_or_recurrent(name: str) -> None:
+    spec = parse_file(Path(__file__).parent.parent / "examples" / f"{name}.ssm")
+    forms = {plan(spec, Shape(batch=b, seqlen=T)).form for T in LENGTHS for b in (1, 8)}
+    assert forms <= {ir.Form.QUADRATIC, ir.Form.CONVOLUTION}
+
+
+def test_long_full_kernel_is_a_convolution_short_one_quadratic() -> None:
+    spec = parse_file(Path(__file__).parent.parent / "examples" / "s4d.ssm")
+    assert plan(spec, Shape(batch=4, seqlen=128)).form is ir.Form.QUADRATIC
+    assert plan(spec, Shape(batch=4, seqlen=16384)).form is ir.Form.CONVOLUTION
+
+
+def test_forcing_a_disallowed_form_names_the_allowed_ones() -> None:
+    spec = parse_file(Path(__file__).parent.parent / "examples" / "toeplitz.ssm")
+    with pytest.raises(PlanError, match="'chunked' is not allowed.*allowed: quadratic, convolution"):
+        plan(spec, Shape(batch=1, seqlen=64), form="chunked")
+    with pytest.raises(PlanError, match="unknown form 'fft'"):
+        plan(spec, Shape(batch=1, seqlen=64), form="fft")
+
+
+def test_a_forced_form_is_honoured_and_said_so() -> None:
+    spec = mamba2(H=80, N=128, P=64)
+    p = plan(spec, Shape(batch=1, seqlen=16384), form=ir.Form.RECURRENT)
+    assert p.form is ir.Form.RECURRENT
+    assert "forced" in p.reason and "would pick chunked" in p.reason
+    assert plan(spec, Shape(batch=1, seqlen=16384), form="Chunked").form is ir.Form.CHUNKED
+
+
+@pytest.mark.parametrize("chunk", [8, 48, 512, 0])
+def test_a_forced_chunk_is_a_power_of_two_in_range(chunk: int) -> None:
+    with pytest.raises(PlanError, match="power of two in 16..256"):
+        plan(mamba2(H=8, N=64, P=64), Shape(batch=1, seqlen=4096), chunk_size=chunk)
+
+
+def test_a_forced_chunk_is_used() -> None:
+    spec = mamba2(H=8, N=64, P=64)
+    p = plan(spec, Shape(batch=1, seqlen=4096), form="chunked", chunk_size=128)
+    assert p.chunk_size == 128
+    default = plan(spec, Shape(batch=1, seqlen=4096), form="chunked")
+    assert default.chunk_size == 64
+    chunked = p.estimate(ir.Form.CHUNKED).cost
+    assert chunked.state_bytes * 2 == default.estimate(ir.Form.CHUNKED).cost.state_bytes
+
+
+def test_tuned_entry_overrides_chunk_and_tiles() -> None:
+    spec = mamba2(H=8, N=64, P=64)
+    shape = Shape(batch=1, seqlen=4096)
+    tuned = {"chunk_size": 256, "block_t": 128, "block_p": 32, "num_warps": 8, "num_stages": 4}
+    p = plan(spec, shape, form="chunked", tuned=tuned)
+    assert (p.chunk_size, p.block_t, p.block_p, p.num_warps, p.num_stages) == (256, 128, 32, 8, 4)
+    assert plan(spec, shape, form="chunked", tuned=tuned, chunk_size=128).chunk_size == 128
+
+
+@pytest.mark.parametrize(
+    ("tuned", "message"),
+    [
+        ({"BLOCK_M": 64}, "unknown tuned keys"),
+        ({"block_p": 24}, "block_p = 24"),
+        ({"num_warps": 3}, "num_warps = 3"),
+        ({"chunk_size": 512}, "power of two in 16..256"),
+        ({"chunk_size": 64, "block_t": 128}, "must divide chunk_size"),
+    ],
+)
+def test_bad_tuned_entries_are_refused(tuned: dict[str, int], message: str) -> None:
+    with pytest.raises(PlanError, match=message):
+        plan(mamba2(H=8, N=64, P=64), Shape(batch=1, seqlen=4096), form="chunked", tuned=tuned)
+
+
+@pytest.mark.parametrize("form", ["quadratic", "chunked"])
+def test_dot_tiles_are_powers_of_two_of_at_least_16(form: str) -> None:
+    for N, P in ((16, 1), (64, 64), (128, 64), (256, 128)):
+        p = plan(mamba2(H=8, N=N, P=P), Shape(batch=1, seqlen=300), form=form)
+        for tile in (p.block_t, p.block_n, p.block_p):
+            assert tile >= 16 and tile & (tile - 1) == 0
+
+
+def test_an_unknown_device_is_refused() -> None:
+    with pytest.raises(DeviceError, match="known devices"):
+        plan(mamba2(H=8, N=64, P=64), Shape(batch=1, seqlen=64), device="TPU")
+
+
+def test_a_faster_memory_never_makes_the_estimate_slower() -> None:
+    spec = mamba2(H=80, N=128, P=64)
+    shape = Shape(batch=1, seqlen=16384)
+    h100, h200 = (plan(spec, shape, device=d) for d in ("H100", "H200"))
+    assert h200.estimate(h200.form).time_s < h100.estimate(h100.form).time_s
