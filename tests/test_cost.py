@@ -21,16 +21,33 @@ def _param(name: str, *axes: ir.Size) -> ir.Tensor:
     return ir.Tensor(name=name, kind=ir.TensorKind.PARAM, shape=axes)
 
 
-def ssd(*, H: int = 8, G: int = 1, N: int = 64, P: int = 64, mva: bool = True,
-        final_state: bool = False, varlen: bool = False) -> ir.CheckedSpec:
+def ssd(
+    *,
+    H: int = 8,
+    G: int = 1,
+    N: int = 64,
+    P: int = 64,
+    mva: bool = True,
+    final_state: bool = False,
+    varlen: bool = False,
+) -> ir.CheckedSpec:
     """Mamba-2 by hand: B/C with G groups (MVA) or H heads (MHA); P bound at call time."""
     g: ir.Size = "G" if mva else "H"
     spec = ir.Spec(
         name="ssd",
-        dims=(ir.Dim(name="H", value=H), ir.Dim(name="G", value=G), ir.Dim(name="N", value=N),
-              ir.Dim(name="P", value=None)),
-        tensors=(_input("x", "H", "P"), _input("dt", "H"), _input("B", g, "N"),
-                 _input("C", g, "N"), _param("A", "H")),
+        dims=(
+            ir.Dim(name="H", value=H),
+            ir.Dim(name="G", value=G),
+            ir.Dim(name="N", value=N),
+            ir.Dim(name="P", value=None),
+        ),
+        tensors=(
+            _input("x", "H", "P"),
+            _input("dt", "H"),
+            _input("B", g, "N"),
+            _input("C", g, "N"),
+            _param("A", "H"),
+        ),
         output=ir.Output(name="y", shape=(ir.BATCH, ir.SEQ, "H", "P")),
         mask=ir.ScalarSemiseparable(log_a=BinOp(op=Op.MUL, lhs=Ref(name="dt"), rhs=Ref(name="A"))),
         query=Ref(name="C"),
@@ -40,9 +57,15 @@ def ssd(*, H: int = 8, G: int = 1, N: int = 64, P: int = 64, mva: bool = True,
         varlen=varlen,
     )
     heads = ir.HeadCounts(output="H", query=g, key=g, value="H", decay="H")
-    return ir.CheckedSpec(spec=spec, forms=SSD_FORMS, heads=heads,
-                          pattern=ir.HeadPattern.MVA if mva else ir.HeadPattern.MHA,
-                          state_size="N", head_dim="P", value_factors=None)
+    return ir.CheckedSpec(
+        spec=spec,
+        forms=SSD_FORMS,
+        heads=heads,
+        pattern=ir.HeadPattern.MVA if mva else ir.HeadPattern.MHA,
+        state_size="N",
+        head_dim="P",
+        value_factors=None,
+    )
 
 
 def toeplitz(*, H: int = 8, L: int = 64, P: int = 32) -> ir.CheckedSpec:
@@ -58,9 +81,15 @@ def toeplitz(*, H: int = 8, L: int = 64, P: int = 32) -> ir.CheckedSpec:
         value=Ref(name="x"),
     )
     heads = ir.HeadCounts(output="H", query=None, key=None, value="H", decay="H")
-    return ir.CheckedSpec(spec=spec, forms=TOEPLITZ_FORMS, heads=heads,
-                          pattern=ir.HeadPattern.MHA, state_size=None, head_dim="P",
-                          value_factors=None)
+    return ir.CheckedSpec(
+        spec=spec,
+        forms=TOEPLITZ_FORMS,
+        heads=heads,
+        pattern=ir.HeadPattern.MHA,
+        state_size=None,
+        head_dim="P",
+        value_factors=None,
+    )
 
 
 def shape(T: int, batch: int = 1, **kw: int) -> Shape:
@@ -126,14 +155,16 @@ def test_final_state_adds_work_to_the_quadratic_form() -> None:
 
 
 def test_windowed_toeplitz_quadratic_is_banded_hence_linear() -> None:
-    short, long = (cost(toeplitz(L=64), ir.Form.QUADRATIC, Shape(batch=2, seqlen=T))
-                   for T in (4096, 8192))
+    short, long = (
+        cost(toeplitz(L=64), ir.Form.QUADRATIC, Shape(batch=2, seqlen=T)) for T in (4096, 8192)
+    )
     assert long.matmul_flops / short.matmul_flops == pytest.approx(2, rel=0.01)
 
 
 def test_convolution_is_n_log_n() -> None:
-    short, long = (cost(toeplitz(L=8192), ir.Form.CONVOLUTION, Shape(batch=2, seqlen=T))
-                   for T in (4096, 8192))
+    short, long = (
+        cost(toeplitz(L=8192), ir.Form.CONVOLUTION, Shape(batch=2, seqlen=T)) for T in (4096, 8192)
+    )
     assert short.matmul_flops == 0
     assert 2 < long.scalar_flops / short.scalar_flops < 2.3
 
@@ -182,16 +213,16 @@ def test_tile_pairs_match_a_direct_count(nb: int, window: int) -> None:
     assert _tile_pairs(nb, bt, window) == direct
 
 
+def _work(**counts: int) -> Cost:
+    zero = dict(matmul_flops=0, scalar_flops=0, bytes=0, state_bytes=0, kernels=0)
+    return Cost(**(zero | dict(programs=1000, serial_steps=0) | counts))
+
+
 def test_timing_takes_the_slowest_side_plus_launches() -> None:
     h100 = device("H100")
-    c = Cost(matmul_flops=int(798e12), scalar_flops=0, bytes=int(1.5e12), state_bytes=0,
-             kernels=2, programs=1000, serial_steps=0)
-    t = timing(c, h100)
+    t = timing(_work(matmul_flops=int(798e12), bytes=int(1.5e12), kernels=2), h100)
     assert (t.compute_s, t.memory_s, t.bound) == (1.0, 0.5, "compute")
     assert t.total_s == pytest.approx(1.0 + 2 * h100.launch_overhead_s)
-    few = timing(Cost(matmul_flops=int(798e12), scalar_flops=0, bytes=0, state_bytes=0,
-                      kernels=1, programs=66, serial_steps=0), h100)
+    few = timing(_work(matmul_flops=int(798e12), programs=66), h100)
     assert few.compute_s == pytest.approx(2.0)
-    chain = timing(Cost(matmul_flops=0, scalar_flops=0, bytes=0, state_bytes=0, kernels=0,
-                        programs=1, serial_steps=10**9), h100)
-    assert chain.bound == "latency"
+    assert timing(_work(serial_steps=10**9), h100).bound == "latency"

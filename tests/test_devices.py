@@ -24,7 +24,9 @@ def test_lookup_ignores_case() -> None:
 
 
 def test_unknown_name_lists_known_ones() -> None:
-    with pytest.raises(DeviceError, match="unknown device 'B200'.*H100, H200, A100, cpu-interpreter"):
+    with pytest.raises(
+        DeviceError, match="unknown device 'B200'.*H100, H200, A100, cpu-interpreter"
+    ):
         device("B200")
 
 

@@ -103,7 +103,9 @@ def test_long_full_kernel_is_a_convolution_short_one_quadratic() -> None:
 
 def test_forcing_a_disallowed_form_names_the_allowed_ones() -> None:
     spec = parse_file(Path(__file__).parent.parent / "examples" / "toeplitz.ssm")
-    with pytest.raises(PlanError, match="'chunked' is not allowed.*allowed: quadratic, convolution"):
+    with pytest.raises(
+        PlanError, match="'chunked' is not allowed.*allowed: quadratic, convolution"
+    ):
         plan(spec, Shape(batch=1, seqlen=64), form="chunked")
     with pytest.raises(PlanError, match="unknown form 'fft'"):
         plan(spec, Shape(batch=1, seqlen=64), form="fft")
