@@ -150,6 +150,16 @@ def _seg(a: tuple[Factors, ...], i: int, j: int) -> Factors:
     return tuple(sympy.Mul(*(a[k][n] for k in range(j + 1, i + 1))) for n in range(len(a[0])))
 
 
+def _decay(f: Factors, h: Matrix) -> Matrix:
+    """f ⊙ h: row n of h (N×P) times f_n, i.e. diag(f)·h without a symbolic matmul."""
+    return Matrix(h.rows, h.cols, lambda n, p: f[n] * h[n, p])
+
+
+def _outer(b: Matrix, x: Matrix) -> Matrix:
+    """B_t ⊗ x_t: the N×P outer product of a B row and an x row."""
+    return Matrix(b.cols, x.cols, lambda n, p: b[0, n] * x[0, p])
+
+
 def _chunk_decay(a: tuple[Factors, ...], start: int, end: int) -> Factors:
     """exp(cs_end) of the chunk [start, end): the decay of the state passed across it."""
     return _seg(a, end - 1, start - 1)
@@ -200,7 +210,7 @@ def _recurrent(hd: _Head) -> tuple[Matrix, Matrix]:
     """h_t = a_t ⊙ h_{t−1} + B_t ⊗ x_t, y_t = C_tᵀ h_t; returns (y, final state)."""
     h, rows = hd.h0, []
     for t in range(hd.x.rows):
-        h = sympy.diag(*hd.a[t]) * h + hd.B[t, :].T * hd.x[t, :]
+        h = _decay(hd.a[t], h) + _outer(hd.B[t, :], hd.x[t, :])
         rows.append(hd.C[t, :] * h)
     return Matrix.vstack(*rows), h
 
@@ -225,20 +235,20 @@ def _chunked(hd: _Head, Q: int) -> tuple[Matrix, Matrix]:
         end = min(start + Q, T)
         y_diag = _masked(hd, start, end)
         for i, l in enumerate(range(start, end)):
-            y_off = hd.C[l, :] * (sympy.diag(*_seg(hd.a, l, start - 1)) * H)
+            y_off = hd.C[l, :] * _decay(_seg(hd.a, l, start - 1), H)
             rows.append(y_diag[i, :] + y_off)
-        S = sum((sympy.diag(*_seg(hd.a, end - 1, l)) * hd.B[l, :].T * hd.x[l, :]
+        S = sum((_decay(_seg(hd.a, end - 1, l), _outer(hd.B[l, :], hd.x[l, :]))
                  for l in range(start, end)), sympy.zeros(*H.shape))
-        H = sympy.diag(*_chunk_decay(hd.a, start, end)) * H + S
+        H = _decay(_chunk_decay(hd.a, start, end), H) + S
     return Matrix.vstack(*rows), H
 
 
 def _state(hd: _Head) -> Matrix:
     """Closed form of the final state: Σ_j seg(T−1, j) ⊙ B_j ⊗ x_j + seg(T−1, −1) ⊙ h0."""
     T = hd.x.rows
-    h = sympy.diag(*_seg(hd.a, T - 1, -1)) * hd.h0
+    h = _decay(_seg(hd.a, T - 1, -1), hd.h0)
     for j in range(T):
-        h += sympy.diag(*_seg(hd.a, T - 1, j)) * hd.B[j, :].T * hd.x[j, :]
+        h += _decay(_seg(hd.a, T - 1, j), _outer(hd.B[j, :], hd.x[j, :]))
     return h
 
 
