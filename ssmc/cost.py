@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from ssmc import ir
-from ssmc.devices import Device
 from ssmc.errors import SsmcError
-from ssmc.expr import BinOp, Call, Expr, Neg, refs
+from ssmc.expr import BinOp, Call, Expr, Neg, Ref, refs
 
 STATE_BYTES = 4
 """States and cumulative sums are fp32."""
@@ -86,49 +85,13 @@ class Cost:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Timing:
-    """A cost against a device: compute, memory and the serial chain overlap; launches add."""
-
-    compute_s: float
-    memory_s: float
-    chain_s: float
-    launch_s: float
-
-    @property
-    def total_s(self) -> float:
-        """max(compute, memory, chain) + launches: the estimated wall time of the call."""
-        return max(self.compute_s, self.memory_s, self.chain_s) + self.launch_s
-
-    @property
-    def bound(self) -> str:
-        """What dominates: "compute", "memory", "latency" (a serial chain) or "launch"."""
-        sides = {
-            "compute": self.compute_s,
-            "memory": self.memory_s,
-            "latency": self.chain_s,
-            "launch": self.launch_s,
-        }
-        return max(sides, key=lambda k: sides[k])
-
-
-def timing(cost: Cost, device: Device) -> Timing:
-    """Estimate one call; compute slows down when fewer programs than SMs are launched."""
-    occupancy = min(1.0, cost.programs / device.sm_count)
-    compute = cost.matmul_flops / device.matmul_flops + cost.scalar_flops / device.fp32_flops
-    return Timing(
-        compute_s=compute / occupancy,
-        memory_s=cost.bytes / device.mem_bandwidth,
-        chain_s=cost.serial_steps * device.step_latency_s,
-        launch_s=cost.kernels * device.launch_overhead_s,
-    )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class _Sizes:
-    """Everything a form's count needs, resolved to ints for one spec and shape."""
+    """One spec at one call shape, its sizes resolved; T is tokens per (mean) sequence."""
 
+    spec: ir.Spec
+    shape: Shape
+    size: SizeOf
     T: int
-    """Tokens per sequence (mean over packed sequences)."""
     seqs: int
     tokens: int
     H: int
@@ -138,12 +101,6 @@ class _Sizes:
     k: int
     v: int
     d: int
-    window: int | None
-    io_bytes: int
-    key_row: int
-    value_row: int
-    decay_row: int
-    pointwise: int
 
 
 def cost(checked: ir.CheckedSpec, form: ir.Form, shape: Shape, *, chunk_size: int = 64) -> Cost:
@@ -156,13 +113,12 @@ def cost(checked: ir.CheckedSpec, form: ir.Form, shape: Shape, *, chunk_size: in
     if form is ir.Form.RECURRENT:
         return _recurrent(checked, s)
     if isinstance(mask, ir.Toeplitz):
-        extra = _lti_kernel(checked.spec, mask, s)
-        base = (
-            _toeplitz_quadratic(s, shape.batch, chunk_size)
-            if form is ir.Form.QUADRATIC
-            else _convolution(s)
-        )
-        return _plus(base, extra)
+        if form is ir.Form.QUADRATIC:
+            base = _toeplitz_quadratic(s, shape.batch, chunk_size)
+        else:
+            base = _convolution(s)
+        kernel = _lti_kernel(mask, s)
+        return base if kernel is None else _then(kernel, base)
     if form is ir.Form.QUADRATIC:
         return _quadratic(checked, s, chunk_size)
     return _chunked(checked, s, chunk_size)
@@ -178,8 +134,8 @@ def _recurrent(checked: ir.CheckedSpec, s: _Sizes) -> Cost:
     scalar = s.tokens * (update * NP * hs + 2 * NP * ho + 2 * decay_exps * s.d)
     return Cost(
         matmul_flops=0,
-        scalar_flops=scalar + s.pointwise,
-        bytes=s.io_bytes,
+        scalar_flops=scalar + _pointwise(s),
+        bytes=_io_bytes(s),
         state_bytes=s.seqs * hs * NP * STATE_BYTES,
         kernels=1,
         programs=s.seqs * hs * _cdiv(s.P, 16),
@@ -206,12 +162,12 @@ def _quadratic(checked: ir.CheckedSpec, s: _Sizes, chunk: int) -> Cost:
         mm += nb * _mm(s.N, s.P, bt) * hs
     has_decay = not isinstance(spec.mask, ir.Causal)
     mask_flops = pairs * bt * bt * (2 * s.d + qkd) if has_decay else 0
-    rereads = (s.key_row + s.value_row + s.decay_row) * s.tokens * (pairs - nb) // nb
+    rereads = _key_value_rows(s) * s.tokens * (pairs - nb) // nb
     keeps_state = spec.initial_state or spec.final_state
     return Cost(
         matmul_flops=s.seqs * mm,
-        scalar_flops=s.seqs * mask_flops + s.pointwise,
-        bytes=s.io_bytes + rereads,
+        scalar_flops=s.seqs * mask_flops + _pointwise(s),
+        bytes=_io_bytes(s) + rereads,
         state_bytes=s.seqs * hs * s.N * s.P * STATE_BYTES if keeps_state else 0,
         kernels=1,
         programs=s.seqs * ho * nb,
@@ -236,11 +192,11 @@ def _chunked(checked: ir.CheckedSpec, s: _Sizes, Q: int) -> Cost:
     if diagonal:
         scalar += 4 * Q * s.N * qkd
     chunk_states = s.seqs * nc * hs * s.N * s.P * STATE_BYTES
-    second_pass = (s.key_row + s.value_row + s.decay_row) * s.tokens
+    second_pass = _key_value_rows(s) * s.tokens
     return Cost(
         matmul_flops=s.seqs * nc * mm,
-        scalar_flops=s.seqs * nc * scalar + s.pointwise,
-        bytes=s.io_bytes + second_pass + 2 * chunk_states,
+        scalar_flops=s.seqs * nc * scalar + _pointwise(s),
+        bytes=_io_bytes(s) + second_pass + 2 * chunk_states,
         state_bytes=chunk_states,
         kernels=2,
         programs=min(s.seqs * hs * _cdiv(s.N, 64) * _cdiv(s.P, 64), s.seqs * ho * nc),
@@ -253,15 +209,15 @@ def _toeplitz_quadratic(s: _Sizes, batch: int, chunk: int) -> Cost:
     [T, batch·P] and a window of L taps visits only the tiles of the band."""
     bt = _tile(s.T, chunk)
     nb = _cdiv(s.T, bt)
-    pairs = _tile_pairs(nb, bt, min(s.window or s.T, s.T))
+    pairs = _tile_pairs(nb, bt, min(_window(s) or s.T, s.T))
     hv = _distinct(s.H, s.d, s.v)
     width = batch * s.P
     groups = s.seqs // batch
-    rereads = s.value_row * s.tokens * (pairs - nb) // nb
+    rereads = _row(s, s.spec.value) * s.tokens * (pairs - nb) // nb
     return Cost(
         matmul_flops=groups * pairs * _mm(bt, width, bt) * hv,
-        scalar_flops=groups * pairs * bt * bt * s.d + s.pointwise,
-        bytes=s.io_bytes + rereads,
+        scalar_flops=groups * pairs * bt * bt * s.d + _pointwise(s),
+        bytes=_io_bytes(s) + rereads,
         state_bytes=0,
         kernels=1,
         programs=groups * hv * nb * _cdiv(width, 64),
@@ -277,12 +233,12 @@ def _convolution(s: _Sizes) -> Cost:
     n = _pow2(2 * s.T)
     bins = n // 2 + 1
     channels = s.seqs * _distinct(s.H, s.d, s.v) * s.P
-    rfft = 5 * n * math.ceil(math.log2(n)) // 2
+    rfft = 5 * n * (n.bit_length() - 1) // 2
     spectrum_bytes = channels * (4 * bins * 8 + 2 * n * STATE_BYTES + s.T * STATE_BYTES)
     return Cost(
         matmul_flops=0,
-        scalar_flops=channels * (2 * rfft + 6 * bins) + s.d * rfft + s.pointwise,
-        bytes=s.io_bytes + spectrum_bytes + 2 * s.d * bins * 8,
+        scalar_flops=channels * (2 * rfft + 6 * bins) + s.d * rfft + _pointwise(s),
+        bytes=_io_bytes(s) + spectrum_bytes + 2 * s.d * bins * 8,
         state_bytes=0,
         kernels=5,
         programs=channels,
@@ -290,24 +246,16 @@ def _convolution(s: _Sizes) -> Cost:
     )
 
 
-def _lti_kernel(spec: ir.Spec, mask: ir.Toeplitz, s: _Sizes) -> Cost:
-    """K_k = C Ā^k B̄ for k < T, once per call per head (nothing for a learned kernel).
+def _lti_kernel(mask: ir.Toeplitz, s: _Sizes) -> Cost | None:
+    """K_k = C Ā^k B̄ for k < T, once per call per head (None for a learned kernel).
 
     Diagonal A: a Vandermonde product. Dense A: Ā^k B̄ by doubling, log2 T steps of N³.
     """
     lti = mask.kernel
     if not isinstance(lti, ir.LtiKernel):
-        return Cost(
-            matmul_flops=0,
-            scalar_flops=0,
-            bytes=0,
-            state_bytes=0,
-            kernels=0,
-            programs=s.d,
-            serial_steps=0,
-        )
+        return None
     doublings = max(s.T - 1, 1).bit_length()
-    dense = _dense_A(spec, lti)
+    dense = _dense_A(s.spec, lti)
     per_head = 2 * s.T * s.N * s.N + 2 * s.N**3 * doublings if dense else 4 * s.T * s.N
     return Cost(
         matmul_flops=0,
@@ -320,7 +268,7 @@ def _lti_kernel(spec: ir.Spec, mask: ir.Toeplitz, s: _Sizes) -> Cost:
     )
 
 
-def _plus(a: Cost, b: Cost) -> Cost:
+def _then(a: Cost, b: Cost) -> Cost:
     """Two launch sequences run one after the other."""
     return Cost(
         matmul_flops=a.matmul_flops + b.matmul_flops,
@@ -328,68 +276,45 @@ def _plus(a: Cost, b: Cost) -> Cost:
         bytes=a.bytes + b.bytes,
         state_bytes=a.state_bytes + b.state_bytes,
         kernels=a.kernels + b.kernels,
-        programs=min(a.programs, b.programs) if b.kernels else a.programs,
+        programs=min(a.programs, b.programs),
         serial_steps=a.serial_steps + b.serial_steps,
     )
 
 
 def _sizes(checked: ir.CheckedSpec, shape: Shape) -> _Sizes:
-    spec = checked.spec
-    size = _resolver(checked, shape)
-    heads = checked.heads
-    H, P = size(heads.output), size(checked.head_dim)
-    N = size(checked.state_size) if checked.state_size is not None else 0
+    spec, heads = checked.spec, checked.heads
     if shape.num_seqs > 1 and not spec.varlen:
         raise PlanError(f"spec {spec.name!r} is not varlen: num_seqs must be 1")
-    seqs, tokens = shape.batch * shape.num_seqs, shape.batch * shape.seqlen
+    size = _resolver(spec, shape)
     q, k, v, d = (
         size(g) if g is not None else 1 for g in (heads.query, heads.key, heads.value, heads.decay)
     )
-
-    def row(expr: Expr | None) -> int:
-        return sum(_token_bytes(spec.tensor(n), size, shape) for n in _inputs(spec, expr))
-
-    mask = spec.mask
-    decay_expr = getattr(mask, "log_a", None)
-    if isinstance(mask, ir.DiagonalSemiseparable | ir.ScalarSemiseparable):
-        decay_row = row(decay_expr)
-    else:
-        decay_row = 0
     return _Sizes(
+        spec=spec,
+        shape=shape,
+        size=size,
         T=_cdiv(shape.seqlen, shape.num_seqs),
-        seqs=seqs,
-        tokens=tokens,
-        H=H,
-        N=N,
-        P=P,
+        seqs=shape.batch * shape.num_seqs,
+        tokens=shape.batch * shape.seqlen,
+        H=size(heads.output),
+        N=size(checked.state_size) if checked.state_size is not None else 0,
+        P=size(checked.head_dim),
         q=q,
         k=k,
         v=v,
         d=d,
-        window=_window(checked, size),
-        io_bytes=_io_bytes(checked, shape, size, H=H, N=N, P=P, seqs=seqs, tokens=tokens),
-        key_row=row(spec.key),
-        value_row=row(spec.value),
-        decay_row=decay_row,
-        pointwise=_pointwise(checked, tokens, H=H, N=N, P=P, q=q, k=k, v=v, d=d),
     )
 
 
-def _resolver(checked: ir.CheckedSpec, shape: Shape) -> SizeOf:
+def _resolver(spec: ir.Spec, shape: Shape) -> SizeOf:
     """A function from a Size to its int: literal, spec-bound dim, or call-time dim."""
-    spec = checked.spec
 
     def size(s: ir.Size) -> int:
         if isinstance(s, int):
             return s
-        if s == ir.BATCH:
-            return shape.batch
-        if s == ir.SEQ:
-            return shape.seqlen
-        try:
-            bound = spec.dim(s).value
-        except KeyError:
-            bound = None
+        if s in (ir.BATCH, ir.SEQ):
+            return shape.batch if s == ir.BATCH else shape.seqlen
+        bound = next((d.value for d in spec.dims if d.name == s), None)
         given = shape.dims.get(s)
         if bound is not None and given is not None and given != bound:
             raise PlanError(f"dim {s} = {bound} in the spec, but the call shape says {given}")
@@ -401,56 +326,51 @@ def _resolver(checked: ir.CheckedSpec, shape: Shape) -> SizeOf:
     return size
 
 
-def _inputs(spec: ir.Spec, expr: Expr | None) -> list[str]:
-    """Per-token input tensors an expression reads."""
+def _row(s: _Sizes, expr: Expr | None) -> int:
+    """Bytes of one token of the per-token inputs an expression reads."""
     if expr is None:
-        return []
-    names = {t.name for t in spec.tensors if t.kind is ir.TensorKind.INPUT}
-    return sorted(refs(expr) & names)
+        return 0
+    inputs = (t for t in s.spec.tensors if t.kind is ir.TensorKind.INPUT and t.name in refs(expr))
+    return sum(math.prod(s.size(a) for a in t.shape[2:]) for t in inputs) * s.shape.dtype_bytes
 
 
-def _token_bytes(tensor: ir.Tensor, size: SizeOf, shape: Shape) -> int:
-    """Bytes of one token's slice of a per-token input."""
-    return math.prod(size(s) for s in tensor.shape[2:]) * shape.dtype_bytes
+def _key_value_rows(s: _Sizes) -> int:
+    """Bytes per token a second pass over keys, values and decay re-reads."""
+    mask = s.spec.mask
+    decay = (
+        mask.log_a if isinstance(mask, ir.ScalarSemiseparable | ir.DiagonalSemiseparable) else None
+    )
+    return _row(s, s.spec.key) + _row(s, s.spec.value) + _row(s, decay)
 
 
-def _io_bytes(
-    checked: ir.CheckedSpec,
-    shape: Shape,
-    size: SizeOf,
-    *,
-    H: int,
-    N: int,
-    P: int,
-    seqs: int,
-    tokens: int,
-) -> int:
+def _io_bytes(s: _Sizes) -> int:
     """Inputs read once, parameters read once, output written once, states in and out."""
-    spec = checked.spec
-    total = tokens * H * P * shape.dtype_bytes
-    for t in spec.tensors:
-        if t.kind is ir.TensorKind.INPUT:
-            total += tokens * _token_bytes(t, size, shape)
-        else:
-            total += math.prod(size(s) for s in t.shape) * STATE_BYTES
-    state = seqs * H * N * P * STATE_BYTES
-    return total + state * (int(spec.initial_state) + int(spec.final_state))
+    params = sum(
+        math.prod(s.size(a) for a in t.shape) * STATE_BYTES
+        for t in s.spec.tensors
+        if t.kind is ir.TensorKind.PARAM
+    )
+    inputs = sum(_row(s, Ref(name=t.name)) for t in s.spec.tensors)
+    output = s.H * s.P * s.shape.dtype_bytes
+    state = s.seqs * s.H * s.N * s.P * STATE_BYTES
+    return (
+        s.tokens * (inputs + output) + params + state * (s.spec.initial_state + s.spec.final_state)
+    )
 
 
-def _pointwise(
-    checked: ir.CheckedSpec, tokens: int, *, H: int, N: int, P: int, q: int, k: int, v: int, d: int
-) -> int:
+def _pointwise(s: _Sizes) -> int:
     """Evaluating the role expressions (scales, decay, skip, gate): the same in every form."""
-    spec = checked.spec
-    mask = spec.mask
-    per_token = _ops(spec.query) * q * N + _ops(spec.key) * k * N + _ops(spec.value) * v * P
-    if isinstance(mask, ir.ScalarSemiseparable):
-        per_token += _ops(mask.log_a) * d
-    elif isinstance(mask, ir.DiagonalSemiseparable):
-        per_token += _ops(mask.log_a) * d * N
-    per_token += (_ops(spec.skip) + int(spec.skip is not None)) * H * P
-    per_token += (_ops(spec.gate) + int(spec.gate is not None)) * H * P
-    return tokens * per_token
+    spec, mask = s.spec, s.spec.mask
+    per_token = _ops(spec.query) * s.q * s.N + _ops(spec.key) * s.k * s.N
+    per_token += _ops(spec.value) * s.v * s.P
+    if isinstance(mask, ir.ScalarSemiseparable | ir.DiagonalSemiseparable):
+        per_token += (
+            _ops(mask.log_a) * s.d * (s.N if isinstance(mask, ir.DiagonalSemiseparable) else 1)
+        )
+    for epilogue in (spec.skip, spec.gate):
+        if epilogue is not None:
+            per_token += (_ops(epilogue) + 1) * s.H * s.P
+    return s.tokens * per_token
 
 
 def _ops(expr: Expr | None) -> int:
@@ -465,15 +385,16 @@ def _ops(expr: Expr | None) -> int:
     return 0
 
 
-def _window(checked: ir.CheckedSpec, size: SizeOf) -> int | None:
+def _window(s: _Sizes) -> int | None:
     """L, the taps of a learned Toeplitz kernel (the last axis of its parameter)."""
-    mask = checked.spec.mask
+    mask = s.spec.mask
     if not isinstance(mask, ir.Toeplitz) or not isinstance(mask.kernel, ir.LearnedKernel):
         return None
+    read = refs(mask.kernel.kernel)
     taps = [
-        size(t.shape[-1])
-        for t in checked.spec.tensors
-        if t.name in refs(mask.kernel.kernel) and t.kind is ir.TensorKind.PARAM and t.shape
+        s.size(t.shape[-1])
+        for t in s.spec.tensors
+        if t.name in read and t.kind is ir.TensorKind.PARAM and t.shape
     ]
     return max(taps, default=None)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from ssmc import devices, ir
-from ssmc.cost import Cost, PlanError, Shape, cost, timing
+from ssmc.cost import Cost, PlanError, Shape, cost
 from ssmc.devices import Device
 
 DEFAULT_CHUNK = 64
@@ -21,6 +21,44 @@ TUNABLE = ("chunk_size", "block_t", "block_n", "block_p", "num_warps", "num_stag
 """Keys an autotuner entry may set; anything else in `tuned` is an error."""
 PREFERENCE = (ir.Form.RECURRENT, ir.Form.QUADRATIC, ir.Form.CHUNKED, ir.Form.CONVOLUTION)
 """Tie-break between equal estimates: the simpler form first."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timing:
+    """A cost against a device: compute, memory and the serial chain overlap; launches add."""
+
+    compute_s: float
+    memory_s: float
+    chain_s: float
+    launch_s: float
+
+    @property
+    def total_s(self) -> float:
+        """max(compute, memory, chain) + launches: the estimated wall time of the call."""
+        return max(self.compute_s, self.memory_s, self.chain_s) + self.launch_s
+
+    @property
+    def bound(self) -> str:
+        """What dominates: "compute", "memory", "latency" (a serial chain) or "launch"."""
+        sides = {
+            "compute": self.compute_s,
+            "memory": self.memory_s,
+            "latency": self.chain_s,
+            "launch": self.launch_s,
+        }
+        return max(sides, key=lambda k: sides[k])
+
+
+def timing(cost: Cost, device: Device) -> Timing:
+    """Estimate one call; compute slows down when fewer programs than SMs are launched."""
+    occupancy = min(1.0, cost.programs / device.sm_count)
+    compute = cost.matmul_flops / device.matmul_flops + cost.scalar_flops / device.fp32_flops
+    return Timing(
+        compute_s=compute / occupancy,
+        memory_s=cost.bytes / device.mem_bandwidth,
+        chain_s=cost.serial_steps * device.step_latency_s,
+        launch_s=cost.kernels * device.launch_overhead_s,
+    )
 
 
 class Estimate(NamedTuple):

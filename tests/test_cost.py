@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ssmc import ir
-from ssmc.cost import Cost, PlanError, Shape, _tile_pairs, cost, timing
-from ssmc.devices import device
+from ssmc.cost import PlanError, Shape, _tile_pairs, cost
 from ssmc.expr import BinOp, Op, Ref
 
 SSD_FORMS = (ir.Form.RECURRENT, ir.Form.QUADRATIC, ir.Form.CHUNKED)
@@ -211,18 +210,3 @@ def test_tile_pairs_match_a_direct_count(nb: int, window: int) -> None:
         if (i - j) * bt - (bt - 1) <= window - 1  # some (row, column) of the tile is in the band
     )
     assert _tile_pairs(nb, bt, window) == direct
-
-
-def _work(**counts: int) -> Cost:
-    zero = dict(matmul_flops=0, scalar_flops=0, bytes=0, state_bytes=0, kernels=0)
-    return Cost(**(zero | dict(programs=1000, serial_steps=0) | counts))
-
-
-def test_timing_takes_the_slowest_side_plus_launches() -> None:
-    h100 = device("H100")
-    t = timing(_work(matmul_flops=int(798e12), bytes=int(1.5e12), kernels=2), h100)
-    assert (t.compute_s, t.memory_s, t.bound) == (1.0, 0.5, "compute")
-    assert t.total_s == pytest.approx(1.0 + 2 * h100.launch_overhead_s)
-    few = timing(_work(matmul_flops=int(798e12), programs=66), h100)
-    assert few.compute_s == pytest.approx(2.0)
-    assert timing(_work(serial_steps=10**9), h100).bound == "latency"

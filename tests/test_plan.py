@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from ssmc import ir
-from ssmc.cost import PlanError, Shape
-from ssmc.devices import DeviceError
+from ssmc.cost import Cost, PlanError, Shape
+from ssmc.devices import DeviceError, device
 from ssmc.pipeline import parse, parse_file
-from ssmc.plan import explain, plan
+from ssmc.plan import explain, plan, timing
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.ssm"))
 DEVICES = ("H100", "H200", "A100", "cpu-interpreter")
@@ -177,3 +177,18 @@ def test_a_faster_memory_never_makes_the_estimate_slower() -> None:
     shape = Shape(batch=1, seqlen=16384)
     h100, h200 = (plan(spec, shape, device=d) for d in ("H100", "H200"))
     assert h200.estimate(h200.form).time_s < h100.estimate(h100.form).time_s
+
+
+def _work(**counts: int) -> Cost:
+    zero = dict(matmul_flops=0, scalar_flops=0, bytes=0, state_bytes=0, kernels=0)
+    return Cost(**(zero | dict(programs=1000, serial_steps=0) | counts))
+
+
+def test_timing_takes_the_slowest_side_plus_launches() -> None:
+    h100 = device("H100")
+    t = timing(_work(matmul_flops=int(798e12), bytes=int(1.5e12), kernels=2), h100)
+    assert (t.compute_s, t.memory_s, t.bound) == (1.0, 0.5, "compute")
+    assert t.total_s == pytest.approx(1.0 + 2 * h100.launch_overhead_s)
+    few = timing(_work(matmul_flops=int(798e12), programs=66), h100)
+    assert few.compute_s == pytest.approx(2.0)
+    assert timing(_work(serial_steps=10**9), h100).bound == "latency"
