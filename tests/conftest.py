@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -25,3 +26,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def gen(request: pytest.FixtureRequest) -> torch.Generator:
+    """A generator seeded from the test id: fresh inputs per case, reproducible per run."""
+    seed = int.from_bytes(hashlib.sha256(request.node.nodeid.encode()).digest()[:7], "little")
+    return torch.Generator().manual_seed(seed)
