@@ -117,7 +117,8 @@ def _align(values: list[Named]) -> tuple[list[Tensor], tuple[str, ...]]:
                 union.append(name)
                 missing[name] -= 1
     out = tuple(union)
-    return [_to_axes(t, axes, out) for t, axes in values], out
+    # 0-dim operands (numbers, dims) stay 0-dim so they never promote a tensor's dtype.
+    return [t if t.dim() == 0 else _to_axes(t, axes, out) for t, axes in values], out
 
 
 def _to_axes(value: Tensor, axes: tuple[str, ...], out_axes: tuple[str, ...]) -> Tensor:
