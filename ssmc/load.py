@@ -1,4 +1,12 @@
-"""Load generated source as a module (the only module that writes or imports generated code)."""
+"""Load generated modules: the only module that writes or imports generated code.
+
+`load(spec)` parses and checks a spec, renders its module, keeps it in an on-disk cache
+keyed by the IR (spans stripped), the ssmc/Triton/torch versions and the templates, and
+returns an `SsmcOp`. Cache entries end with a trailer holding the sha256 of the body, so
+a truncated or garbled entry is detected and rebuilt; writes go to a temporary file in
+the same folder, are fsynced and renamed into place under a file lock, so concurrent
+processes never see half a file. `compile_to_file` writes a standalone module.
+"""
 
 from __future__ import annotations
 
@@ -8,31 +16,168 @@ import os
 import sys
 import tempfile
 import types
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from filelock import FileLock
+
+from ssmc import render
+from ssmc.errors import CacheError, SsmcError
+from ssmc.ir import CheckedSpec
+
+if TYPE_CHECKING:
+    from ssmc.ops import SsmcOp
+
+TRAILER = "# ssmc-sha256: "
+_MODULES: dict[str, types.ModuleType] = {}
+
+
+class OverwriteError(SsmcError, FileExistsError):
+    """`compile -o` would overwrite a file that ssmc did not write."""
+
+
+def load(spec: CheckedSpec | str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None
+         = None) -> SsmcOp:
+    """Parse/check `spec` (a CheckedSpec, a `.ssm` path or spec text) and return its op."""
+    from ssmc.ops import SsmcOp
+
+    checked = as_checked(spec)
+    return SsmcOp(checked, load_module(checked, cache_dir=cache_dir))
+
+
+def as_checked(spec: CheckedSpec | str | os.PathLike[str]) -> CheckedSpec:
+    """A CheckedSpec from itself, a path to a `.ssm` file, or spec text."""
+    from ssmc import pipeline
+
+    if isinstance(spec, CheckedSpec):
+        return spec
+    if isinstance(spec, str) and ("\n" in spec or spec.lstrip().startswith("ssm ")):
+        return pipeline.parse(spec)
+    return pipeline.parse_file(spec)
+
+
+def cache_key(checked: CheckedSpec) -> str:
+    """sha256 of what determines the generated text: IR (no spans), versions, templates."""
+    versions = render.tool_versions()
+    parts = [render.stable_repr(checked), versions["ssmc"], versions["triton"],
+             versions["torch"], render.templates_digest()]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """`$SSMC_CACHE_DIR`, else `~/.cache/ssmc`."""
+    configured = os.environ.get("SSMC_CACHE_DIR")
+    return Path(configured) if configured else Path.home() / ".cache" / "ssmc"
+
+
+def load_module(checked: CheckedSpec, *, cache_dir: str | os.PathLike[str] | None = None
+                ) -> types.ModuleType:
+    """The generated module of `checked`: from this process, the disk cache, or rendered."""
+    key = cache_key(checked)
+    if key in _MODULES:
+        return _MODULES[key]
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CacheError(f"cannot create the cache folder {folder}: {err}") from err
+    path = folder / f"{checked.spec.name}_{key[:24]}.py"
+    if _read_sealed(path, warn=True) is None:
+        with FileLock(str(path) + ".lock"):
+            # Another process may have written it while this one waited for the lock.
+            if _read_sealed(path, warn=False) is None:
+                _write_atomic(path, seal(render.render_module(checked)))
+    module = _import_file(path, f"_ssmc_{checked.spec.name}_{key[:16]}")
+    _MODULES[key] = module
+    return module
+
+
+def seal(source: str) -> str:
+    """`source` followed by the trailer line holding the sha256 of everything before it."""
+    if not source.endswith("\n"):
+        source += "\n"
+    return f"{source}{TRAILER}{hashlib.sha256(source.encode()).hexdigest()}\n"
+
+
+def unseal(text: str) -> str | None:
+    """The body of a sealed text, or None when the trailer is missing or does not match."""
+    body, sep, digest = text.rstrip("\n").rpartition("\n" + TRAILER)
+    if not sep:
+        return None
+    body += "\n"
+    return body if hashlib.sha256(body.encode()).hexdigest() == digest else None
+
+
+def _read_sealed(path: Path, *, warn: bool) -> str | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    body = unseal(text)
+    if body is None and warn:
+        warnings.warn(f"ssmc: the cached module {path} is damaged; rebuilding it",
+                      RuntimeWarning, stacklevel=3)
+    return body
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` all at once: temporary file, fsync, rename."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as err:
+        raise CacheError(f"cannot write {path}: {err}") from err
+
+
+def compile_to_file(spec: CheckedSpec | str | os.PathLike[str], out_path: str | os.PathLike[str],
+                    force: bool = False) -> Path:
+    """Write the standalone module of `spec` to `out_path` (imports only torch and triton).
+
+    Refuses to replace a file that ssmc did not write, unless `force`.
+    """
+    checked = as_checked(spec)
+    path = Path(out_path)
+    if path.exists() and not force:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            first = f.readline()
+        if not first.startswith(render.MARKER):
+            raise OverwriteError(f"{path} exists and was not written by ssmc; "
+                                 "pass --force to replace it")
+    _write_atomic(path, seal(render.render_module(checked)))
+    return path
 
 
 def load_source(source: str, name: str) -> types.ModuleType:
-    """Import `source` as a module called `name`.
+    """Import `source` as a module called `name` (for testing stage templates).
 
     The text is written to a real file first: `triton.jit` reads a kernel's source
     through `inspect`, which needs the file on disk.
     """
+    render.identifier(name)
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
     folder = Path(tempfile.gettempdir()) / f"ssmc-src-{os.getuid()}"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}_{digest}.py"
     if not path.exists() or path.read_text(encoding="utf-8") != source:
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".py.tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(source)
-        os.replace(tmp, path)
-    return _import_file(path, f"ssmc_generated.{name}_{digest}")
+        _write_atomic(path, source)
+    return _import_file(path, f"_ssmc_src_{name}_{digest}")
 
 
 def _import_file(path: Path, module_name: str) -> types.ModuleType:
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import generated module {path}")
+        raise CacheError(f"cannot import the generated module {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     try:

@@ -1,0 +1,269 @@
+"""The user-facing op of a spec (the only module that touches `torch.library`).
+
+Each spec becomes one custom op `ssmc::<spec name>_<hash8>` with a fake (meta) kernel,
+so `torch.compile(fullgraph=True)` traces it, and an autograd formula. `SsmcOp.__call__`
+validates the tensors (ssmc.bind), asks the planner for the form on CUDA, and calls the
+op. On CPU the generated kernels run under the Triton interpreter when TRITON_INTERPRET=1;
+otherwise the PyTorch reference runs (said once with a warning).
+
+Backward: there are no backward kernels yet, so the gradient is that of the PyTorch
+reference, recomputed in fp32 (or fp64 for fp64 inputs) from the saved inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import types
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ssmc import ir
+from ssmc.bind import bind, size_of
+from ssmc.expr_triton import UnsafeNameError, identifier
+from ssmc.render import spec_hash
+
+_LIBRARY = torch.library.Library("ssmc", "FRAGMENT")
+_OPS: dict[str, _Registered] = {}
+_SCHEMA_WORDS = frozenset({"self", "out", "input", "Tensor", "int", "float", "str", "bool",
+                           "Scalar", "None", "SymInt", "Device", "Layout", "ScalarType"})
+_warned_reference = False
+
+
+class _Registered:
+    """A registered op and the current implementation it dispatches to."""
+
+    def __init__(self, qualname: str, op: Any) -> None:
+        self.qualname = qualname
+        self.op = op
+        self.run: Callable[..., Any] = _unset
+
+
+def _unset(*args: Any) -> Any:
+    raise RuntimeError("ssmc op used before its implementation was registered")
+
+
+def op_name(checked: ir.CheckedSpec) -> str:
+    """`<spec name>_<first 8 hex digits of the spec hash>`: one op per distinct spec."""
+    return f"{identifier(checked.spec.name)}_{spec_hash(checked)[:8]}"
+
+
+def schema_names(checked: ir.CheckedSpec) -> tuple[str, ...]:
+    """Argument names of the op schema: the tensor names, renamed where the schema reserves them."""
+    names = []
+    for t in checked.spec.tensors:
+        name = identifier(t.name)
+        if name in _SCHEMA_WORDS or name in ("initial_state", "cu_seqlens", "form", "chunk_size"):
+            name = f"arg_{name}"
+        names.append(name)
+    if len(set(names)) != len(names):
+        raise UnsafeNameError(f"tensor names collide in the op schema: {names}")
+    return tuple(names)
+
+
+def schema(checked: ir.CheckedSpec) -> str:
+    """The op schema, built only from validated identifiers."""
+    args = ", ".join(f"Tensor {n}" for n in schema_names(checked))
+    returns = "(Tensor, Tensor)" if checked.spec.final_state else "Tensor"
+    return (f"({args}, Tensor? initial_state=None, Tensor? cu_seqlens=None, str? form=None, "
+            f"int? chunk_size=None) -> {returns}")
+
+
+def register(checked: ir.CheckedSpec) -> _Registered:
+    """Define `ssmc::<op_name>` once per process, with fake and autograd kernels."""
+    name = op_name(checked)
+    qualname = f"ssmc::{name}"
+    if qualname in _OPS:
+        return _OPS[qualname]
+    _LIBRARY.define(name + schema(checked))
+    registered = _Registered(qualname, getattr(torch.ops.ssmc, name).default)
+    n = len(checked.spec.tensors)
+
+    # Boxed calls drop trailing arguments left at their default (None): pad them back.
+    def impl(*args: Any) -> Any:
+        return registered.run(*args, *(None,) * (n + 4 - len(args)))
+
+    def fake(*args: Any) -> Any:
+        args = (*args, *(None,) * (n + 4 - len(args)))
+        return _empty_outputs(checked, args[:n], args[n + 1])
+
+    _LIBRARY.impl(name, impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(qualname, fake, lib=_LIBRARY)
+    torch.library.register_autograd(qualname, functools.partial(_backward, checked),
+                                    setup_context=functools.partial(_setup_context, checked),
+                                    lib=_LIBRARY)
+    _OPS[qualname] = registered
+    return registered
+
+
+def _empty_outputs(checked: ir.CheckedSpec, tensors: Sequence[Tensor],
+                   cu_seqlens: Tensor | None) -> Any:
+    """Uninitialised outputs of the right shapes, dtypes and device (the meta kernel)."""
+    spec = checked.spec
+    by_name = {t.name: v for t, v in zip(spec.tensors, tensors, strict=True)}
+    dims = bind(checked, by_name, cu_seqlens=cu_seqlens)
+    H, P = size_of(spec.output.shape[2], dims), size_of(spec.output.shape[3], dims)
+    first = tensors[0]
+    y = first.new_empty((dims[ir.BATCH], dims[ir.SEQ], H, P), dtype=output_dtype(checked, tensors))
+    if not spec.final_state:
+        return y
+    assert checked.state_size is not None
+    N = size_of(checked.state_size, dims)
+    states = dims[ir.BATCH] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return y, first.new_empty((states, H, N, P), dtype=torch.float32)
+
+
+def output_dtype(checked: ir.CheckedSpec, tensors: Sequence[Tensor]) -> torch.dtype:
+    """The promoted dtype of the per-token inputs: the dtype of y."""
+    dtypes = [t.dtype for d, t in zip(checked.spec.tensors, tensors, strict=True)
+              if d.kind is ir.TensorKind.INPUT]
+    return functools.reduce(torch.promote_types, dtypes)
+
+
+def _setup_context(checked: ir.CheckedSpec, ctx: Any, inputs: tuple[Any, ...], output: Any
+                   ) -> None:
+    n = len(checked.spec.tensors)
+    inputs = (*inputs, *(None,) * (n + 4 - len(inputs)))
+    ctx.save_for_backward(*inputs[:n + 2])
+
+
+def _backward(checked: ir.CheckedSpec, ctx: Any, grad_y: Tensor, grad_state: Tensor | None = None
+              ) -> tuple[Tensor | None, ...]:
+    """Gradients of the PyTorch reference, recomputed from the saved inputs."""
+    from ssmc.reference import reference
+
+    spec = checked.spec
+    n = len(spec.tensors)
+    *tensors, initial_state, cu_seqlens = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [_leaf(t) for t in tensors]
+        init = None if initial_state is None else _leaf(initial_state)
+        y, final = reference(checked)(**{t.name: v for t, v in zip(spec.tensors, leaves)},
+                                      initial_state=init, cu_seqlens=cu_seqlens)
+        outputs, grads = [y], [grad_y]
+        if final is not None and grad_state is not None:
+            outputs.append(final)
+            grads.append(grad_state)
+        wrt = leaves + ([init] if init is not None else [])
+        found = torch.autograd.grad(outputs, wrt, grads, allow_unused=True)
+    result: list[Tensor | None] = [None if g is None else g.to(t.dtype)
+                                   for g, t in zip(found[:n], tensors, strict=True)]
+    result.append(None if init is None or found[n] is None else found[n].to(initial_state.dtype))
+    return (*result, None, None, None)
+
+
+def _leaf(t: Tensor) -> Tensor:
+    return t.detach().to(torch.promote_types(t.dtype, torch.float32)).requires_grad_()
+
+
+class SsmcOp:
+    """A compiled spec: call it with every declared tensor by name → (y, final_state | None)."""
+
+    def __init__(self, checked: ir.CheckedSpec, module: types.ModuleType) -> None:
+        self.checked = checked
+        self.module = module
+        self.name = checked.spec.name
+        self.forms = tuple(ir.Form(f) for f in module.FORMS)
+        self.interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        self._names = tuple(t.name for t in checked.spec.tensors)
+        self._seen: set[tuple[Any, ...]] = set()
+        self._plans: dict[tuple[Any, ...], tuple[str | None, int | None]] = {}
+        self._registered = register(checked)
+        self._registered.run = self._run
+        self.op = self._registered.op
+
+    def __repr__(self) -> str:
+        forms = ", ".join(f.value for f in self.forms) or "none yet"
+        return f"SsmcOp({self.name}, forms: {forms}, op: {self._registered.qualname})"
+
+    def __call__(self, *, initial_state: Tensor | None = None, cu_seqlens: Tensor | None = None,
+                 form: ir.Form | str | None = None, chunk_size: int | None = None,
+                 **tensors: Tensor) -> tuple[Tensor, Tensor | None]:
+        """y [batch, seq, H, P] and the final state [batch | num_seqs, H, N, P] (or None)."""
+        form_name = form.value if isinstance(form, ir.Form) else form
+        if torch.compiler.is_compiling():
+            ordered = [tensors[n] for n in self._names]
+        else:
+            ordered = self._validate(tensors, initial_state, cu_seqlens)
+            if form_name is None and ordered[0].device.type == "cuda":
+                form_name, planned_chunk = self._plan(ordered, cu_seqlens)
+                chunk_size = chunk_size if chunk_size is not None else planned_chunk
+        result = self.op(*ordered, initial_state, cu_seqlens, form_name, chunk_size)
+        if self.checked.spec.final_state:
+            y, state = result
+            return y, state
+        return result, None
+
+    def _validate(self, tensors: dict[str, Tensor], initial_state: Tensor | None,
+                  cu_seqlens: Tensor | None) -> list[Tensor]:
+        """The tensors in declaration order; `bind` checks each new combination of metadata."""
+        try:
+            ordered = [tensors[n] for n in self._names]
+            signature = tuple(_meta(t) for t in ordered) + (
+                _meta(initial_state), _meta(cu_seqlens), len(tensors))
+        except (KeyError, AttributeError):
+            signature = None
+        if signature is None or signature not in self._seen:
+            bind(self.checked, tensors, initial_state=initial_state, cu_seqlens=cu_seqlens)
+            if signature is not None:
+                self._seen.add(signature)
+        return [tensors[n] for n in self._names]
+
+    def _plan(self, ordered: list[Tensor], cu_seqlens: Tensor | None) -> tuple[str | None, int | None]:
+        """The planner's form and chunk for this call shape (cached per shape)."""
+        key = (tuple(t.shape for t in ordered), ordered[0].dtype,
+               None if cu_seqlens is None else cu_seqlens.shape[0])
+        if key not in self._plans:
+            self._plans[key] = self._plan_uncached(ordered, cu_seqlens)
+        return self._plans[key]
+
+    def _plan_uncached(self, ordered: list[Tensor], cu_seqlens: Tensor | None
+                       ) -> tuple[str | None, int | None]:
+        from ssmc.cost import Shape
+        from ssmc.devices import detect
+        from ssmc.plan import plan
+
+        dims = bind(self.checked, dict(zip(self._names, ordered)), cu_seqlens=cu_seqlens)
+        declared = {d.name for d in self.checked.spec.dims}
+        shape = Shape(batch=dims[ir.BATCH], seqlen=max(dims[ir.SEQ], 1),
+                      dims={k: v for k, v in dims.items() if k in declared},
+                      dtype_bytes=ordered[0].element_size(),
+                      num_seqs=1 if cu_seqlens is None else max(cu_seqlens.shape[0] - 1, 1))
+        chosen = plan(self.checked, shape, device=detect())
+        if chosen.form not in self.forms:
+            return None, None
+        return chosen.form.value, chosen.chunk_size
+
+    def _run(self, *args: Any) -> Any:
+        """The op's implementation: generated kernels, or the reference on a plain CPU."""
+        n = len(self._names)
+        tensors, (initial_state, cu_seqlens, form, chunk_size) = args[:n], args[n:]
+        if tensors[0].device.type == "cpu" and not self.interpreted:
+            return self._reference(tensors, initial_state, cu_seqlens, form)
+        y, state = self.module.forward(**dict(zip(self._names, tensors)),
+                                       initial_state=initial_state, cu_seqlens=cu_seqlens,
+                                       form=form, chunk_size=chunk_size)
+        return (y, state) if self.checked.spec.final_state else y
+
+    def _reference(self, tensors: Sequence[Tensor], initial_state: Tensor | None,
+                   cu_seqlens: Tensor | None, form: str | None) -> Any:
+        from ssmc.reference import reference
+
+        global _warned_reference
+        if not _warned_reference:
+            _warned_reference = True
+            warnings.warn("ssmc: CPU tensors without TRITON_INTERPRET=1 run the PyTorch "
+                          "reference, not the generated kernels", RuntimeWarning, stacklevel=4)
+        y, state = reference(self.checked, form)(**dict(zip(self._names, tensors)),
+                                                 initial_state=initial_state,
+                                                 cu_seqlens=cu_seqlens)
+        y = y.contiguous()
+        return (y, state.contiguous()) if self.checked.spec.final_state else y
+
+
+def _meta(t: Tensor | None) -> tuple[Any, ...] | None:
+    return None if t is None else (t.shape, t.dtype, t.device, t.stride())
