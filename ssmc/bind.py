@@ -99,7 +99,9 @@ def _check_tensor(decl: ir.Tensor, value: Tensor, dims: Mapping[str, int]) -> li
     got = "[" + ", ".join(str(s) for s in value.shape) + "]"
     expected = f"{_shape_text(decl.shape, dims)} = {_numbers(decl.shape, dims)}"
     if value.dim() != len(decl.shape):
-        return [f"{decl.name}: expected {len(decl.shape)} dims {expected}, got {value.dim()} {got}"]
+        return [
+            f"{decl.name}: expected {len(decl.shape)} dims {expected}, got {value.dim()} dims {got}"
+        ]
     for size, actual in zip(decl.shape, value.shape, strict=True):
         if (
             isinstance(size, int)
@@ -175,11 +177,12 @@ def _check_varlen(spec: ir.Spec, dims: Mapping[str, int], cu_seqlens: Tensor | N
     problems = []
     if cu_seqlens.dtype not in INDEX_DTYPES:
         problems.append(f"cu_seqlens: expected dtype int32 or int64, got {cu_seqlens.dtype}")
+    batch = dims.get(ir.BATCH)
+    if batch is not None and batch != 1:
+        problems.append(f"cu_seqlens: packed sequences need batch = 1, got batch = {batch}")
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
         shape = list(cu_seqlens.shape)
         return problems + [f"cu_seqlens: expected shape [num_seqs + 1] (at least 2), got {shape}"]
-    if problems:
-        return problems
     offsets = cu_seqlens.tolist()
     seq = dims.get(ir.SEQ)
     if offsets[0] != 0:
@@ -188,9 +191,6 @@ def _check_varlen(spec: ir.Spec, dims: Mapping[str, int], cu_seqlens: Tensor | N
         problems.append(f"cu_seqlens: expected non-decreasing offsets, got {offsets}")
     if seq is not None and offsets[-1] != seq:
         problems.append(f"cu_seqlens: expected to end at seq = {seq}, got {offsets[-1]}")
-    batch = dims.get(ir.BATCH)
-    if batch is not None and batch != 1:
-        problems.append(f"cu_seqlens: packed sequences need batch = 1, got batch = {batch}")
     return problems
 
 
