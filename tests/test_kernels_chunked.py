@@ -33,8 +33,9 @@ def oracle(x, s, log_a, B, C, heads, h0=None, cu_seqlens=None):
         return None if t is None else t.double()
 
     xbar = x.double() * s.double()[..., None] if s is not None else x.double()
-    return forms_torch.recurrent(xbar, f64(log_a), f64(B), f64(C), heads,
-                                 initial_state=f64(h0), cu_seqlens=cu_seqlens)
+    return forms_torch.recurrent(
+        xbar, f64(log_a), f64(B), f64(C), heads, initial_state=f64(h0), cu_seqlens=cu_seqlens
+    )
 
 
 def rel_err(out, ref):
@@ -55,6 +56,7 @@ class Case:
     N: int = 16
     P: int = 16
     chunk: int = 16
+    heads_per_program: int | None = None  # scan programs per C Bᵀ block: default (1 here)
     scale: bool = True
     h0: bool = True
     ht: bool = True
@@ -79,16 +81,18 @@ CASES = [
     Case("none-T64-mva", decay="none", T=64, groups=MVA_G2),
     Case("scalar-mqa-G1", groups=MQA_G1),
     Case("scalar-mka-G2", groups=MKA_G2),
-    Case("scalar-mva-G2", groups=MVA_G2),
+    Case("scalar-mva-G2", groups=MVA_G2, heads_per_program=2),
+    Case("scalar-mva-G1-whole-group", groups=MVA_G1, heads_per_program=4),
+    Case("none-mva-G1-uneven-split", decay="none", groups=MVA_G1, heads_per_program=3),
     Case("scalar-mva-G1-decay-G2", groups=(4, 1, 1, 2)),
     Case("scalar-bare", scale=False, h0=False, ht=False),
     Case("scalar-no-h0", h0=False),
     Case("scalar-chunk32", chunk=32, T=64),
     Case("scalar-ragged-dims", N=24, P=20),
     Case("scalar-varlen", seqlens=(5, 37, 11)),
-    Case("scalar-varlen-mva", seqlens=(17, 1, 30), groups=MVA_G1),
+    Case("scalar-varlen-mva", seqlens=(17, 1, 30), groups=MVA_G1, heads_per_program=4),
     Case("none-varlen-empty-seq", decay="none", seqlens=(9, 0, 20)),
-    Case("scalar-noncontiguous", noncontiguous=True, groups=MVA_G2),
+    Case("scalar-noncontiguous", noncontiguous=True, groups=MVA_G2, heads_per_program=2),
     Case("scalar-noncontiguous-varlen", seqlens=(4, 19, 3), noncontiguous=True),
     Case("scalar-strong-decay", strong=True, T=64),
 ]
@@ -101,8 +105,9 @@ def make_inputs(case: Case, seed: int):
     cu_seqlens = None
     if case.seqlens:
         batch, T = 1, sum(case.seqlens)
-        cu_seqlens = torch.tensor([0, *torch.tensor(case.seqlens).cumsum(0).tolist()],
-                                  dtype=torch.int32)
+        cu_seqlens = torch.tensor(
+            [0, *torch.tensor(case.seqlens).cumsum(0).tolist()], dtype=torch.int32
+        )
     states = len(case.seqlens) or batch
 
     def rand(*shape):
@@ -136,12 +141,32 @@ def test_chunked_matches_oracle(case: Case) -> None:
     final = torch.full((states, H, N, P), float("nan")) if case.ht else None
 
     stage(case.decay).chunked_fwd(
-        x, inputs["s"], inputs["log_a"], inputs["B"], inputs["C"], heads=H, out=out,
-        initial_state=h0, final_state=final, cu_seqlens=inputs["cu_seqlens"],
-        chunk_size=case.chunk, block_n=16, block_p=16)
+        x,
+        inputs["s"],
+        inputs["log_a"],
+        inputs["B"],
+        inputs["C"],
+        heads=H,
+        out=out,
+        initial_state=h0,
+        final_state=final,
+        cu_seqlens=inputs["cu_seqlens"],
+        chunk_size=case.chunk,
+        block_n=16,
+        block_p=16,
+        heads_per_program=case.heads_per_program,
+    )
 
-    y_ref, final_ref = oracle(x, inputs["s"], inputs["log_a"], inputs["B"], inputs["C"], H,
-                              h0=h0, cu_seqlens=inputs["cu_seqlens"])
+    y_ref, final_ref = oracle(
+        x,
+        inputs["s"],
+        inputs["log_a"],
+        inputs["B"],
+        inputs["C"],
+        H,
+        h0=h0,
+        cu_seqlens=inputs["cu_seqlens"],
+    )
     assert rel_err(out, y_ref) <= 1e-5
     if case.ht:
         assert rel_err(final, final_ref) <= 1e-5
@@ -151,5 +176,6 @@ def test_chunked_rejects_a_decay_it_was_not_generated_for() -> None:
     inputs = make_inputs(Case("x", decay="scalar", T=1), seed=0)
     out = torch.empty(2, 1, 4, 16)
     with pytest.raises(ValueError, match="causal"):
-        stage("none").chunked_fwd(inputs["x"], None, inputs["log_a"], inputs["B"], inputs["C"],
-                                  heads=4, out=out)
+        stage("none").chunked_fwd(
+            inputs["x"], None, inputs["log_a"], inputs["B"], inputs["C"], heads=4, out=out
+        )

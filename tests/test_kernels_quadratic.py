@@ -33,8 +33,9 @@ def oracle(x, s, log_a, B, C, heads, h0=None, cu_seqlens=None):
         return None if t is None else t.double()
 
     xbar = x.double() * s.double()[..., None] if s is not None else x.double()
-    return forms_torch.recurrent(xbar, f64(log_a), f64(B), f64(C), heads,
-                                 initial_state=f64(h0), cu_seqlens=cu_seqlens)
+    return forms_torch.recurrent(
+        xbar, f64(log_a), f64(B), f64(C), heads, initial_state=f64(h0), cu_seqlens=cu_seqlens
+    )
 
 
 def rel_err(out, ref):
@@ -102,8 +103,9 @@ def make_inputs(case: Case, seed: int):
     cu_seqlens = None
     if case.seqlens:
         batch, T = 1, sum(case.seqlens)
-        cu_seqlens = torch.tensor([0, *torch.tensor(case.seqlens).cumsum(0).tolist()],
-                                  dtype=torch.int32)
+        cu_seqlens = torch.tensor(
+            [0, *torch.tensor(case.seqlens).cumsum(0).tolist()], dtype=torch.int32
+        )
     states = len(case.seqlens) or batch
 
     def rand(*shape):
@@ -138,12 +140,32 @@ def test_quadratic_matches_oracle(case: Case) -> None:
 
     block_i, block_j = case.tiles
     stage(case.decay).quadratic_fwd(
-        x, inputs["s"], inputs["log_a"], inputs["B"], inputs["C"], heads=H, out=out,
-        initial_state=h0, final_state=final, cu_seqlens=inputs["cu_seqlens"],
-        block_i=block_i, block_j=block_j, block_n=16, block_p=16)
+        x,
+        inputs["s"],
+        inputs["log_a"],
+        inputs["B"],
+        inputs["C"],
+        heads=H,
+        out=out,
+        initial_state=h0,
+        final_state=final,
+        cu_seqlens=inputs["cu_seqlens"],
+        block_i=block_i,
+        block_j=block_j,
+        block_n=16,
+        block_p=16,
+    )
 
-    y_ref, final_ref = oracle(x, inputs["s"], inputs["log_a"], inputs["B"], inputs["C"], H,
-                              h0=h0, cu_seqlens=inputs["cu_seqlens"])
+    y_ref, final_ref = oracle(
+        x,
+        inputs["s"],
+        inputs["log_a"],
+        inputs["B"],
+        inputs["C"],
+        H,
+        h0=h0,
+        cu_seqlens=inputs["cu_seqlens"],
+    )
     assert rel_err(out, y_ref) <= 1e-5
     if case.ht:
         assert rel_err(final, final_ref) <= 1e-5
@@ -153,5 +175,6 @@ def test_quadratic_rejects_a_decay_it_was_not_generated_for() -> None:
     inputs = make_inputs(Case("x", decay="scalar", T=1), seed=0)
     out = torch.empty(2, 1, 4, 16)
     with pytest.raises(ValueError, match="causal"):
-        stage("none").quadratic_fwd(inputs["x"], None, inputs["log_a"], inputs["B"],
-                                    inputs["C"], heads=4, out=out)
+        stage("none").quadratic_fwd(
+            inputs["x"], None, inputs["log_a"], inputs["B"], inputs["C"], heads=4, out=out
+        )

@@ -78,8 +78,9 @@ def test_toeplitz_matches_reference(case: Case) -> None:
     cu_seqlens = None
     if case.seqlens:
         batch, T = 1, sum(case.seqlens)
-        cu_seqlens = torch.tensor([0, *torch.tensor(case.seqlens).cumsum(0).tolist()],
-                                  dtype=torch.int64)
+        cu_seqlens = torch.tensor(
+            [0, *torch.tensor(case.seqlens).cumsum(0).tolist()], dtype=torch.int64
+        )
     x = torch.randn(batch, T, Gv, P, generator=g)
     s = 0.5 + torch.rand(batch, T, Gv, generator=g) if case.scale else None
     kernel = torch.randn(Gd, case.L, generator=g) * 0.8 ** torch.arange(case.L)
@@ -89,8 +90,17 @@ def test_toeplitz_matches_reference(case: Case) -> None:
         s = transposed(s) if s is not None else None
 
     block_i, block_j = case.tiles
-    stage().toeplitz_fwd(x, s, kernel, heads=H, out=out, cu_seqlens=cu_seqlens,
-                         block_i=block_i, block_j=block_j, block_p=16)
+    stage().toeplitz_fwd(
+        x,
+        s,
+        kernel,
+        heads=H,
+        out=out,
+        cu_seqlens=cu_seqlens,
+        block_i=block_i,
+        block_j=block_j,
+        block_p=16,
+    )
 
     xbar = x.double() * s.double()[..., None] if s is not None else x.double()
     ref = forms_torch.toeplitz_quadratic(xbar, kernel.double(), H, cu_seqlens=cu_seqlens)
