@@ -4,14 +4,16 @@ At a small T every input element is a symbol: the decay factors a_t (a_{t,n}, γ
 B_{t,g,n}, C_{t,g,n}, x_{t,g,p}, the initial state; for Toeplitz masks the taps k_j or the
 LTI Ā, B̄, C. Each form of DESIGN §1 is expanded with exp(cs_i − cs_j) kept exactly as the
 product of the a's in between, so every output is a polynomial, and a form is proved when
-`sympy.expand` of its difference from M·x is exactly 0 (no `simplify`, no numerics).
+its difference from M·x expands to exactly 0 (no `simplify`, no floating point).
+`numeric_check` then lambdifies M at random inputs against the fp64 PyTorch reference.
 """
 
 from __future__ import annotations
 
+import importlib
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import sympy
 
@@ -23,6 +25,7 @@ from ssmc.ir import (
     CheckedSpec,
     ConstDecay,
     DiagonalSemiseparable,
+    Discretization,
     Form,
     LearnedKernel,
     ScalarSemiseparable,
@@ -34,6 +37,15 @@ from ssmc.ir import (
 Matrix = sympy.Matrix
 Factors = tuple[sympy.Expr, ...]
 """One decay factor per state dim n (all equal unless the mask is diagonal)."""
+
+FORMS: dict[type, frozenset[Form]] = {
+    Causal: frozenset((Form.RECURRENT, Form.QUADRATIC, Form.CHUNKED)),
+    ConstDecay: frozenset((Form.RECURRENT, Form.QUADRATIC, Form.CHUNKED)),
+    ScalarSemiseparable: frozenset((Form.RECURRENT, Form.QUADRATIC, Form.CHUNKED)),
+    DiagonalSemiseparable: frozenset((Form.RECURRENT, Form.QUADRATIC, Form.CHUNKED)),
+    Toeplitz: frozenset((Form.QUADRATIC, Form.CONVOLUTION)),
+}
+"""The forms this module can expand, per mask."""
 
 
 class ProofError(SsmcError):
@@ -60,7 +72,10 @@ class Sizes:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Check:
-    """One identity over all heads: `quantity` of `form` (chunk size Q) equals its reference."""
+    """One identity over all heads: `quantity` of `form` (chunk size Q) equals its reference.
+
+    `seconds` is the time spent comparing; building the expansions counts in `Proof.seconds`.
+    """
 
     form: Form
     chunk_size: int | None
@@ -80,12 +95,11 @@ class Proof:
 
     def render(self) -> str:
         """One line per check, for a terminal."""
-        lines = [f"{self.spec}: T={self.sizes.T} N={self.sizes.N} P={self.sizes.P} "
-                 f"H={self.sizes.H}, {self.seconds:.2f}s"]
+        s = self.sizes
+        lines = [f"{self.spec}: T={s.T} N={s.N} P={s.P} H={s.H}, {self.seconds:.2f}s"]
         for c in self.checks:
-            q = "" if c.chunk_size is None else f" Q={c.chunk_size}"
-            verdict = "proved" if c.equal else "DIFFERS"
-            lines.append(f"  {c.form.value + q:<14} {c.quantity:<16} {verdict}")
+            name = c.form.value + ("" if c.chunk_size is None else f" Q={c.chunk_size}")
+            lines.append(f"  {name:<14} {c.quantity:<16} {'proved' if c.equal else 'DIFFERS'}")
         return "\n".join(lines)
 
 
@@ -104,15 +118,49 @@ class _Head:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Kernel:
-    """One output head of a Toeplitz mask: taps k_0..k_{T-1}, x, and the LTI system if any."""
+    """One output head of a Toeplitz mask: taps k_0..k_{T−1}, x, and (Ā, B̄, C) if LTI."""
 
     taps: Factors
     x: Matrix
     lti: tuple[Matrix, Matrix, Matrix] | None
 
 
+@dataclass(slots=True)
+class _Ledger:
+    """Collects comparisons per (form, Q, quantity) over heads, and the first difference."""
+
+    checks: dict[tuple[Form, int | None, str], Check] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    def compare(
+        self, form: Form, Q: int | None, quantity: str, h: int, lhs: Matrix, rhs: Matrix
+    ) -> None:
+        """Record whether lhs − rhs expands to 0 for head h."""
+        t0 = time.perf_counter()
+        found = _first_difference(lhs, rhs)
+        key = (form, Q, quantity)
+        old = self.checks.get(
+            key, Check(form=form, chunk_size=Q, quantity=quantity, equal=True, seconds=0.0)
+        )
+        if found is not None and old.equal:
+            (i, j), diff = found
+            name = form.value + ("" if Q is None else f" (Q={Q})")
+            self.failures.append(
+                f"{name} {quantity} differs at head {h}, [{i}, {j}] by {str(diff)[:200]}"
+            )
+        self.checks[key] = replace(
+            old, equal=old.equal and found is None, seconds=old.seconds + time.perf_counter() - t0
+        )
+
+
 def _sym(role: str, **index: int) -> sympy.Symbol:
+    """The symbol of one input element, e.g. B_g0_t3_n1 (a validated identifier)."""
     return symbol("_".join([role, *(f"{k}{v}" for k, v in index.items())]))
+
+
+def _matrix(role: str, row: str, rows: int, col: str, cols: int, **fixed: int) -> Matrix:
+    """rows×cols symbols role_{fixed}_{row}i_{col}j."""
+    return Matrix(rows, cols, lambda i, j: _sym(role, **fixed, **{row: i, col: j}))
 
 
 def _value(spec: Spec, size: Size | None) -> int | None:
@@ -125,29 +173,38 @@ def _value(spec: Spec, size: Size | None) -> int | None:
 
 
 def problem_sizes(checked: CheckedSpec, T: int = 6, *, heads: int = 2) -> Sizes:
-    """H = `heads` (1 if the spec has one), a role with fewer heads gets 1 or H/2 groups."""
+    """H = `heads` (1 if the spec has 1), N = P = 2 (or 1); a grouped role gets H/2 groups."""
     spec, counts = checked.spec, checked.heads
     out = _value(spec, counts.output)
-
-    def small(size: Size | None, full: int) -> int:
-        return 1 if _value(spec, size) == 1 else full
-
-    H = small(counts.output, heads)
+    H = 1 if out == 1 else heads
 
     def groups(count: Size | None) -> int:
-        if count is None or _value(spec, count) == 1:
+        value = _value(spec, count)
+        if count is None or value == 1:
             return 1
-        same = count == counts.output or (out is not None and _value(spec, count) == out)
+        same = count == counts.output or (out is not None and value == out)
         return H if same else max(H // 2, 1)
 
-    return Sizes(T=T, N=small(checked.state_size, 2), P=small(checked.head_dim, 2), H=H,
-                 query=groups(counts.query), key=groups(counts.key),
-                 value=groups(counts.value), decay=groups(counts.decay))
+    return Sizes(
+        T=T,
+        N=1 if _value(spec, checked.state_size) == 1 else 2,
+        P=1 if _value(spec, checked.head_dim) == 1 else 2,
+        H=H,
+        query=groups(counts.query),
+        key=groups(counts.key),
+        value=groups(counts.value),
+        decay=groups(counts.decay),
+    )
 
 
 def _seg(a: tuple[Factors, ...], i: int, j: int) -> Factors:
     """exp(cs_i − cs_j) per n, as the exact product ∏_{k=j+1..i} a_k."""
     return tuple(sympy.Mul(*(a[k][n] for k in range(j + 1, i + 1))) for n in range(len(a[0])))
+
+
+def _chunk_decay(a: tuple[Factors, ...], start: int, end: int) -> Factors:
+    """exp(cs_end) of the chunk [start, end): the decay of the state passed across it."""
+    return _seg(a, end - 1, start - 1)
 
 
 def _decay(f: Factors, h: Matrix) -> Matrix:
@@ -160,36 +217,42 @@ def _outer(b: Matrix, x: Matrix) -> Matrix:
     return Matrix(b.cols, x.cols, lambda n, p: b[0, n] * x[0, p])
 
 
-def _chunk_decay(a: tuple[Factors, ...], start: int, end: int) -> Factors:
-    """exp(cs_end) of the chunk [start, end): the decay of the state passed across it."""
-    return _seg(a, end - 1, start - 1)
+def _decays(mask: Any, s: Sizes, d: int) -> tuple[tuple[Factors, ...], sympy.Expr | None]:
+    """(a[t][n], γ or None) of decay group d."""
+    one = sympy.Integer(1)
+    match mask:
+        case Causal():
+            return ((one,) * s.N,) * s.T, None
+        case ConstDecay():
+            gamma = _sym("gamma", h=d)
+            return ((gamma,) * s.N,) * s.T, gamma
+        case ScalarSemiseparable():
+            return tuple((_sym("a", d=d, t=t),) * s.N for t in range(s.T)), None
+        case DiagonalSemiseparable():
+            a = _matrix("a", "t", s.T, "n", s.N, d=d)
+            return tuple(tuple(a[t, :]) for t in range(s.T)), None
+    raise ProofError(f"no symbolic inputs for mask {type(mask).__name__}")
 
 
 def _sma_heads(checked: CheckedSpec, s: Sizes) -> list[_Head]:
-    def table(role: str, count: int, cols: int, axis: str) -> list[Matrix]:
-        return [Matrix(s.T, cols, lambda t, c: _sym(role, t=t, g=g, **{axis: c}))
-                for g in range(count)]
-
-    B, C, x = table("B", s.key, s.N, "n"), table("C", s.query, s.N, "n"), table("x", s.value, s.P, "p")
+    """The symbols each output head reads, shared across a group as the pattern says."""
+    B = [_matrix("B", "t", s.T, "n", s.N, g=g) for g in range(s.key)]
+    C = [_matrix("C", "t", s.T, "n", s.N, g=g) for g in range(s.query)]
+    x = [_matrix("x", "t", s.T, "p", s.P, g=g) for g in range(s.value)]
     mask, heads = checked.spec.mask, []
     for h in range(s.H):
-        d, gamma = s.group(s.decay, h), None
-        match mask:
-            case Causal():
-                a = ((sympy.Integer(1),) * s.N,) * s.T
-            case ConstDecay():
-                gamma = _sym("gamma", h=d)
-                a = ((gamma,) * s.N,) * s.T
-            case ScalarSemiseparable():
-                a = tuple((_sym("a", t=t, d=d),) * s.N for t in range(s.T))
-            case DiagonalSemiseparable():
-                a = tuple(tuple(_sym("a", t=t, d=d, n=n) for n in range(s.N)) for t in range(s.T))
-            case _:
-                raise ProofError(f"no symbolic inputs for mask {type(mask).__name__}")
-        heads.append(_Head(
-            a=a, gamma=gamma, diagonal=isinstance(mask, DiagonalSemiseparable),
-            B=B[s.group(s.key, h)], C=C[s.group(s.query, h)], x=x[s.group(s.value, h)],
-            h0=Matrix(s.N, s.P, lambda n, p: _sym("h0", h=h, n=n, p=p))))
+        a, gamma = _decays(mask, s, s.group(s.decay, h))
+        heads.append(
+            _Head(
+                a=a,
+                gamma=gamma,
+                diagonal=isinstance(mask, DiagonalSemiseparable),
+                B=B[s.group(s.key, h)],
+                C=C[s.group(s.query, h)],
+                x=x[s.group(s.value, h)],
+                h0=_matrix("h0", "n", s.N, "p", s.P, h=h),
+            )
+        )
     return heads
 
 
@@ -201,7 +264,7 @@ def _mixing(hd: _Head) -> Matrix:
         if i < j:
             return sympy.Integer(0)
         L = (hd.gamma ** (i - j),) * N if hd.gamma is not None else _seg(hd.a, i, j)
-        return sum((hd.C[i, n] * L[n] * hd.B[j, n] for n in range(N)), sympy.Integer(0))
+        return sympy.Add(*(hd.C[i, n] * L[n] * hd.B[j, n] for n in range(N)))
 
     return Matrix(T, T, entry)
 
@@ -217,30 +280,34 @@ def _recurrent(hd: _Head) -> tuple[Matrix, Matrix]:
 
 def _masked(hd: _Head, lo: int, hi: int) -> Matrix:
     """(L ∘ C Bᵀ) X on rows/cols [lo, hi): one mask, or one per n when the decay is diagonal."""
-    C, B, X = hd.C[lo:hi, :], hd.B[lo:hi, :], hd.x[lo:hi, :]
-    y = sympy.zeros(hi - lo, X.cols)
-    for n in range(C.cols) if hd.diagonal else (None,):
-        def mask(i: int, j: int, n: int = n or 0) -> sympy.Expr:
-            return _seg(hd.a, lo + i, lo + j)[n] if i >= j else sympy.Integer(0)
-
-        CB = C[:, n] * B[:, n].T if n is not None else C * B.T
-        y += Matrix(hi - lo, hi - lo, mask).multiply_elementwise(CB) * X
+    C, B, X, Q = hd.C[lo:hi, :], hd.B[lo:hi, :], hd.x[lo:hi, :], hi - lo
+    y = sympy.zeros(Q, X.cols)
+    for n in range(C.cols) if hd.diagonal else (0,):
+        L = Matrix(Q, Q, lambda i, j, n=n: _seg(hd.a, lo + i, lo + j)[n] if i >= j else 0)
+        CB = C[:, n] * B[:, n].T if hd.diagonal else C * B.T
+        y += L.multiply_elementwise(CB) * X
     return y
 
 
 def _chunked(hd: _Head, Q: int) -> tuple[Matrix, Matrix]:
-    """The five SSD steps of DESIGN §1 with chunk length Q; returns (y, final state)."""
+    """The five SSD steps of DESIGN §1, chunk length Q, any T; returns (y, final state)."""
     T, H, rows = hd.x.rows, hd.h0, []
     for start in range(0, T, Q):
         end = min(start + Q, T)
         y_diag = _masked(hd, start, end)
-        for i, l in enumerate(range(start, end)):
-            y_off = hd.C[l, :] * _decay(_seg(hd.a, l, start - 1), H)
+        for i, t in enumerate(range(start, end)):
+            y_off = hd.C[t, :] * _decay(_seg(hd.a, t, start - 1), H)
             rows.append(y_diag[i, :] + y_off)
-        S = sum((_decay(_seg(hd.a, end - 1, l), _outer(hd.B[l, :], hd.x[l, :]))
-                 for l in range(start, end)), sympy.zeros(*H.shape))
+        S = sympy.zeros(*H.shape)
+        for t in range(start, end):
+            S += _decay(_seg(hd.a, end - 1, t), _outer(hd.B[t, :], hd.x[t, :]))
         H = _decay(_chunk_decay(hd.a, start, end), H) + S
     return Matrix.vstack(*rows), H
+
+
+def _initial_term(hd: _Head) -> Matrix:
+    """What the initial state adds to y: C_tᵀ (seg(t, −1) ⊙ h0) per step."""
+    return Matrix.vstack(*(hd.C[t, :] * _decay(_seg(hd.a, t, -1), hd.h0) for t in range(hd.x.rows)))
 
 
 def _state(hd: _Head) -> Matrix:
@@ -255,87 +322,53 @@ def _state(hd: _Head) -> Matrix:
 def _first_difference(lhs: Matrix, rhs: Matrix) -> tuple[tuple[int, int], sympy.Expr] | None:
     """The first entry where lhs − rhs does not expand to 0, with that difference.
 
-    Entries are rebuilt in the sparse polynomial ring ℚ[symbols], which is what
-    `sympy.expand` computes, only much faster on the nested products the forms build.
+    Entries are rebuilt in the sparse polynomial ring ℚ[symbols]: the same normal form as
+    `sympy.expand`, much faster on the nested products the forms build.
     """
     gens = sorted(lhs.free_symbols | rhs.free_symbols, key=str) or [sympy.Dummy()]
     R, *_ = sympy.ring(gens, sympy.QQ)
     for i in range(lhs.rows):
         for j in range(lhs.cols):
-            diff = _polynomial(R, lhs[i, j] - rhs[i, j])
+            e = lhs[i, j] - rhs[i, j]
+            try:
+                diff = R.from_expr(e).as_expr()
+            except ValueError:
+                diff = sympy.expand(e)
             if diff != 0:
                 return (i, j), diff
     return None
 
 
-def _polynomial(R: sympy.polys.rings.PolyRing, e: sympy.Expr) -> sympy.Expr:
-    try:
-        return R.from_expr(e).as_expr()
-    except ValueError:
-        return sympy.expand(e)
-
-
-def _compare(form: Form, Q: int | None, quantity: str,
-             pairs: Iterable[tuple[Matrix, Matrix]], failures: list[str]) -> Check:
-    """Check lhs == rhs for every head's (lhs, rhs), built lazily so the time includes it."""
-    t0 = time.perf_counter()
-    equal = True
-    for h, (lhs, rhs) in enumerate(pairs):
-        found = _first_difference(lhs, rhs)
-        if found is not None:
-            (i, j), diff = found
-            q = "" if Q is None else f" (Q={Q})"
-            failures.append(f"{form.value}{q} {quantity} differs at head {h}, [{i}, {j}]: "
-                            f"{str(diff)[:200]}")
-            equal = False
-            break
-    return Check(form=form, chunk_size=Q, quantity=quantity, equal=equal,
-                 seconds=time.perf_counter() - t0)
-
-
-def _prove_sma(checked: CheckedSpec, s: Sizes, chunk_sizes: tuple[int, ...],
-               failures: list[str]) -> list[Check]:
-    heads = _sma_heads(checked, s)
-    no_h0 = [{e: sympy.Integer(0) for e in hd.h0} for hd in heads]
-    Mx = [_mixing(hd) * hd.x for hd in heads]
-    rec = [_recurrent(hd) for hd in heads]
-    checks = [
-        _compare(Form.RECURRENT, None, "y", ((r[0].xreplace(z), m)
-                 for r, z, m in zip(rec, no_h0, Mx)), failures),
-        _compare(Form.RECURRENT, None, "final_state", ((r[1], _state(hd))
-                 for r, hd in zip(rec, heads)), failures),
-    ]
-    if Form.QUADRATIC in checked.forms:
-        checks.append(_compare(Form.QUADRATIC, None, "y", ((_masked(hd, 0, s.T), m)
-                               for hd, m in zip(heads, Mx)), failures))
-    if Form.CHUNKED in checked.forms:
-        for Q in chunk_sizes:
-            ch = [_chunked(hd, Q) for hd in heads]
-            checks += [
-                _compare(Form.CHUNKED, Q, "y", ((c[0].xreplace(z), m)
-                         for c, z, m in zip(ch, no_h0, Mx)), failures),
-                _compare(Form.CHUNKED, Q, "y_initial_state", ((c[0], r[0])
-                         for c, r in zip(ch, rec)), failures),
-                _compare(Form.CHUNKED, Q, "final_state", ((c[1], r[1])
-                         for c, r in zip(ch, rec)), failures),
-            ]
-    return checks
+def _prove_sma(
+    checked: CheckedSpec, s: Sizes, chunk_sizes: tuple[int, ...], ledger: _Ledger
+) -> None:
+    for h, hd in enumerate(_sma_heads(checked, s)):
+        no_h0 = {e: sympy.Integer(0) for e in hd.h0}
+        Mx = _mixing(hd) * hd.x
+        y_rec, h_rec = _recurrent(hd)
+        ledger.compare(Form.RECURRENT, None, "y", h, y_rec.xreplace(no_h0), Mx)
+        ledger.compare(Form.RECURRENT, None, "final_state", h, h_rec, _state(hd))
+        if Form.QUADRATIC in checked.forms:
+            ledger.compare(Form.QUADRATIC, None, "y", h, _masked(hd, 0, s.T), Mx)
+        for Q in chunk_sizes if Form.CHUNKED in checked.forms else ():
+            y_ch, h_ch = _chunked(hd, Q)
+            ledger.compare(Form.CHUNKED, Q, "y", h, y_ch.xreplace(no_h0), Mx)
+            ledger.compare(Form.CHUNKED, Q, "y_initial_state", h, y_ch, y_rec)
+            ledger.compare(Form.CHUNKED, Q, "final_state", h, h_ch, h_rec)
 
 
 def _window(spec: Spec, kernel: LearnedKernel, T: int) -> int:
     """Taps of a learned kernel within T: its window L when bound and shorter, else T."""
-    for name in sorted(refs(kernel.kernel)):
-        try:
-            shape = spec.tensor(name).shape
-        except KeyError:
-            continue
-        length = _value(spec, shape[-1]) if len(shape) >= 2 else None
-        if length is not None:
-            return min(length, T)
+    for t in spec.tensors:
+        if t.name in refs(kernel.kernel) and len(t.shape) >= 2:
+            length = _value(spec, t.shape[-1])
+            if length is not None:
+                return min(length, T)
     return T
 
 
 def _lti_dense(spec: Spec, mask: Toeplitz) -> bool:
+    """Whether the LTI A is a full N×N matrix (HiPPO, or A declared [H, N, N])."""
     lti = mask.kernel
     if isinstance(lti, LearnedKernel) or lti.hippo is not None or lti.A is None:
         return True
@@ -343,53 +376,58 @@ def _lti_dense(spec: Spec, mask: Toeplitz) -> bool:
 
 
 def _kernel_heads(checked: CheckedSpec, s: Sizes) -> list[_Kernel]:
+    """Each output head's taps (learned symbols, or C Ā^k B̄ expanded) and its x."""
     spec, mask = checked.spec, checked.spec.mask
     assert isinstance(mask, Toeplitz)
-    xs = [Matrix(s.T, s.P, lambda t, p: _sym("x", t=t, g=g, p=p)) for g in range(s.value)]
-    out = []
-    for h in range(s.H):
-        d, x = s.group(s.decay, h), xs[s.group(s.value, h)]
+    xs = [_matrix("x", "t", s.T, "p", s.P, g=g) for g in range(s.value)]
+    groups: list[tuple[Factors, tuple[Matrix, Matrix, Matrix] | None]] = []
+    for d in range(s.decay):
         if isinstance(mask.kernel, LearnedKernel):
             W = _window(spec, mask.kernel, s.T)
             taps = tuple(_sym("k", h=d, j=j) if j < W else sympy.Integer(0) for j in range(s.T))
-            out.append(_Kernel(taps=taps, x=x, lti=None))
+            groups.append((taps, None))
             continue
         if _lti_dense(spec, mask):
-            A = Matrix(s.N, s.N, lambda n, m: _sym("Abar", h=d, n=n, m=m))
+            A = _matrix("Abar", "n", s.N, "m", s.N, h=d)
         else:
             A = sympy.diag(*(_sym("Abar", h=d, n=n) for n in range(s.N)))
-        B = Matrix(s.N, 1, lambda n, _: _sym("Bbar", h=d, n=n))
-        C = Matrix(s.N, 1, lambda n, _: _sym("Cbar", h=d, n=n))
+        B = Matrix([_sym("Bbar", h=d, n=n) for n in range(s.N)])
+        C = Matrix([_sym("Cbar", h=d, n=n) for n in range(s.N)])
         power, taps_list = B, []
         for _ in range(s.T):
             taps_list.append(sympy.expand((C.T * power)[0, 0]))
             power = (A * power).expand()
-        out.append(_Kernel(taps=tuple(taps_list), x=x, lti=(A, B, C)))
-    return out
+        groups.append((tuple(taps_list), (A, B, C)))
+    return [
+        _Kernel(
+            taps=groups[s.group(s.decay, h)][0],
+            lti=groups[s.group(s.decay, h)][1],
+            x=xs[s.group(s.value, h)],
+        )
+        for h in range(s.H)
+    ]
 
 
 def _toeplitz_matrix(k: _Kernel) -> Matrix:
     """M_ij = k_{i−j} for i ≥ j."""
     T = len(k.taps)
-    return Matrix(T, T, lambda i, j: k.taps[i - j] if i >= j else sympy.Integer(0))
+    return Matrix(T, T, lambda i, j: k.taps[i - j] if i >= j else 0)
 
 
 def _toeplitz_quadratic(k: _Kernel) -> Matrix:
     """y_i = Σ_{j ≤ i} k_{i−j} x_j."""
     T, P = k.x.shape
-    return Matrix(T, P, lambda i, p: sum((k.taps[i - j] * k.x[j, p] for j in range(i + 1)),
-                                         sympy.Integer(0)))
+    return Matrix(T, P, lambda i, p: sympy.Add(*(k.taps[i - j] * k.x[j, p] for j in range(i + 1))))
 
 
 def _convolution(k: _Kernel) -> Matrix:
     """y_i = [z^i] K(z)·X(z): the polynomial product an FFT computes, truncated to T."""
     z = sympy.Dummy("z")
     T, P = k.x.shape
-    K = sympy.Poly(sum((tap * z**i for i, tap in enumerate(k.taps)), sympy.Integer(0)), z)
+    K = sympy.Poly(sympy.Add(*(tap * z**i for i, tap in enumerate(k.taps))), z)
     cols = []
     for p in range(P):
-        X = sympy.Poly(sum((k.x[j, p] * z**j for j in range(T)), sympy.Integer(0)), z)
-        product = K * X
+        product = K * sympy.Poly(sympy.Add(*(k.x[j, p] * z**j for j in range(T))), z)
         cols.append([product.nth(i) for i in range(T)])
     return Matrix(T, P, lambda i, p: cols[p][i])
 
@@ -405,50 +443,41 @@ def _lti_recurrent(k: _Kernel) -> Matrix:
     return Matrix.vstack(*rows)
 
 
-def _prove_toeplitz(checked: CheckedSpec, s: Sizes, failures: list[str]) -> list[Check]:
-    kernels = _kernel_heads(checked, s)
-    Mx = [_toeplitz_matrix(k) * k.x for k in kernels]
-    checks = []
-    if kernels[0].lti is not None:
-        checks.append(_compare(Form.RECURRENT, None, "y", ((_lti_recurrent(k), m)
-                               for k, m in zip(kernels, Mx)), failures))
+def _prove_toeplitz(checked: CheckedSpec, s: Sizes, ledger: _Ledger) -> None:
     expansions = {Form.QUADRATIC: _toeplitz_quadratic, Form.CONVOLUTION: _convolution}
-    for form in checked.forms:
-        checks.append(_compare(form, None, "y", ((expansions[form](k), m)
-                               for k, m in zip(kernels, Mx)), failures))
-    return checks
+    for h, k in enumerate(_kernel_heads(checked, s)):
+        Mx = _toeplitz_matrix(k) * k.x
+        if k.lti is not None:
+            ledger.compare(Form.RECURRENT, None, "y", h, _lti_recurrent(k), Mx)
+        for form in checked.forms:
+            ledger.compare(form, None, "y", h, expansions[form](k), Mx)
 
 
-_FORMS = {
-    Causal: {Form.RECURRENT, Form.QUADRATIC, Form.CHUNKED},
-    ConstDecay: {Form.RECURRENT, Form.QUADRATIC, Form.CHUNKED},
-    ScalarSemiseparable: {Form.RECURRENT, Form.QUADRATIC, Form.CHUNKED},
-    DiagonalSemiseparable: {Form.RECURRENT, Form.QUADRATIC, Form.CHUNKED},
-    Toeplitz: {Form.QUADRATIC, Form.CONVOLUTION},
-}
+def prove(
+    checked: CheckedSpec, *, T: int = 6, chunk_sizes: tuple[int, ...] = (2, 3), heads: int = 2
+) -> Proof:
+    """Prove every form of the spec equal to M·x, and chunked states equal to recurrent ones.
 
-
-def prove(checked: CheckedSpec, *, T: int = 6, chunk_sizes: tuple[int, ...] = (2, 3),
-          heads: int = 2) -> Proof:
-    """Prove every form the spec allows equal to M·x (and chunked states to recurrent ones)."""
+    H = `heads` output heads; ProofError naming every form whose expansion differs.
+    """
     if T < 1 or any(Q < 1 for Q in chunk_sizes):
         raise ValueError(f"T and chunk sizes must be positive, got T={T}, {chunk_sizes}")
     t0 = time.perf_counter()
-    mask = checked.spec.mask
-    unknown = set(checked.forms) - _FORMS[type(mask)]
+    mask, name = checked.spec.mask, checked.spec.name
+    unknown = set(checked.forms) - FORMS[type(mask)]
     if unknown:
-        names = ", ".join(sorted(f.value for f in unknown))
-        raise ProofError(f"{checked.spec.name}: no expansion of form {names} "
-                         f"for a {type(mask).__name__} mask")
-    s, failures = problem_sizes(checked, T, heads=heads), []
+        forms = ", ".join(sorted(f.value for f in unknown))
+        raise ProofError(f"{name}: no expansion of form {forms} for a {type(mask).__name__} mask")
+    s, ledger = problem_sizes(checked, T, heads=heads), _Ledger()
     if isinstance(mask, Toeplitz):
-        checks = _prove_toeplitz(checked, s, failures)
+        _prove_toeplitz(checked, s, ledger)
     else:
-        checks = _prove_sma(checked, s, chunk_sizes, failures)
-    if failures:
-        raise ProofError(f"{checked.spec.name}: " + "; ".join(failures))
-    return Proof(spec=checked.spec.name, sizes=s, checks=tuple(checks),
-                 seconds=time.perf_counter() - t0)
+        _prove_sma(checked, s, chunk_sizes, ledger)
+    if ledger.failures:
+        raise ProofError(f"{name}: " + "; ".join(ledger.failures))
+    return Proof(
+        spec=name, sizes=s, checks=tuple(ledger.checks.values()), seconds=time.perf_counter() - t0
+    )
 
 
 def mixing_matrix(checked: CheckedSpec, T: int = 6) -> Matrix:
@@ -457,3 +486,203 @@ def mixing_matrix(checked: CheckedSpec, T: int = 6) -> Matrix:
     if isinstance(checked.spec.mask, Toeplitz):
         return _toeplitz_matrix(_kernel_heads(checked, s)[0])
     return _mixing(_sma_heads(checked, s)[0])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Agreement:
+    """The fp64 reference in one form against the lambdified M: relative error ‖Δ‖/‖M·x‖."""
+
+    form: Form
+    chunk_size: int | None
+    quantity: str
+    error: float
+
+
+def numeric_check(
+    checked: CheckedSpec,
+    *,
+    T: int = 6,
+    chunk_sizes: tuple[int, ...] = (2, 3),
+    seed: int = 0,
+    tol: float = 1e-10,
+) -> tuple[Agreement, ...]:
+    """Lambdify M at random inputs and compare every form of `ssmc.reference` with it (fp64).
+
+    Runs at 4 heads (2 groups where the spec groups a role), N = P = 2, with skip, gate and
+    the initial state; ProofError past `tol`; ImportError when the reference is absent.
+    """
+    import numpy as np
+    import torch
+
+    from ssmc.bind import bind
+
+    # A peer module, needed only here (the package re-exports its function `reference`).
+    ref = importlib.import_module("ssmc.reference")
+    s = problem_sizes(checked, T, heads=4)
+    small = _shrunk(checked, s)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = ref.random_inputs(small, batch=1, seqlen=T, generator=generator)
+    h0 = tensors.pop("initial_state", None)
+    roles = ref.canonical_roles(small, tensors, bind(small, tensors, initial_state=h0))
+    y, state = _lambdified(small, s, roles, tensors, None if h0 is None else h0[0].numpy())
+    if roles.skip is not None:
+        y = y + roles.skip.numpy()
+    if roles.gate is not None:
+        y = y * roles.gate.numpy()
+    runs = [(f, None) for f in small.forms if f is not Form.CHUNKED]
+    runs += [(Form.CHUNKED, Q) for Q in chunk_sizes if Form.CHUNKED in small.forms]
+    out = []
+    for form, Q in runs:
+        run = ref.reference(small, form, chunk_size=Q or 64)
+        for quantity, got, want in zip(
+            ("y", "final_state"), run(initial_state=h0, **tensors), (y, state), strict=True
+        ):
+            if got is not None and want is not None:
+                error = np.linalg.norm(got.double().numpy() - want) / np.linalg.norm(want)
+                out.append(
+                    Agreement(form=form, chunk_size=Q, quantity=quantity, error=float(error))
+                )
+    bad = [
+        f"{a.form.value} Q={a.chunk_size} {a.quantity} off by {a.error:.1e}"
+        for a in out
+        if not a.error <= tol
+    ]
+    if bad:
+        raise ProofError(f"{checked.spec.name}: the reference differs from M: " + "; ".join(bad))
+    return tuple(out)
+
+
+def _shrunk(checked: CheckedSpec, s: Sizes) -> CheckedSpec:
+    """The spec with its dims bound to the proof's sizes (any other dim: at most T)."""
+    c, spec = checked.heads, checked.spec
+    roles = (
+        (c.output, s.H),
+        (c.query, s.query),
+        (c.key, s.key),
+        (c.value, s.value),
+        (c.decay, s.decay),
+        (checked.state_size, s.N),
+        (checked.head_dim, s.P),
+    )
+    want = {name: n for name, n in roles if isinstance(name, str)}
+    dims = tuple(replace(d, value=want.get(d.name, min(d.value or s.T, s.T))) for d in spec.dims)
+    return replace(checked, spec=replace(spec, dims=dims))
+
+
+def _fill(values: dict[sympy.Symbol, float], role: str, array: Any, axes: str) -> None:
+    """values[role_{axes}{index}] = array[index] for every index (as `_sym` names them)."""
+    import numpy as np
+
+    for index in np.ndindex(array.shape):
+        name = dict(zip(axes[: array.ndim], index, strict=True))
+        values[_sym(role, **name)] = float(array[index])
+
+
+def _lambdified(small: CheckedSpec, s: Sizes, roles: Any, tensors: Any, h0: Any) -> tuple[Any, Any]:
+    """(y [1, T, H, P], final state [1, H, N, P] or None) from M lambdified at the roles."""
+    import numpy as np
+
+    mask, values = small.spec.mask, {}
+    by_group = lambda t: np.moveaxis(t[0].double().numpy(), 1, 0)  # noqa: E731
+    _fill(values, "x", by_group(roles.x), "gtp")
+    if isinstance(mask, Toeplitz):
+        if isinstance(mask.kernel, LearnedKernel):
+            _fill(values, "k", roles.kernel.double().numpy(), "hj")
+        else:
+            for role, array in zip(
+                ("Abar", "Bbar", "Cbar"), _lti_numbers(small, tensors), strict=True
+            ):
+                _fill(values, role, array, "hnm")
+        zero = sympy.zeros(s.N, s.P)
+        heads = [
+            (_toeplitz_matrix(k), k.x, sympy.zeros(s.T, s.P), zero) for k in _kernel_heads(small, s)
+        ]
+    else:
+        if isinstance(mask, ConstDecay):
+            _fill(values, "gamma", np.exp(roles.log_a[0, 0].double().numpy()), "h")
+        elif roles.log_a is not None:
+            _fill(values, "a", np.exp(by_group(roles.log_a)), "dtn")
+        _fill(values, "B", by_group(roles.B), "gtn")
+        _fill(values, "C", by_group(roles.C), "gtn")
+        _fill(values, "h0", np.zeros((s.H, s.N, s.P)) if h0 is None else h0, "hnp")
+        heads = [(_mixing(hd), hd.x, _initial_term(hd), _state(hd)) for hd in _sma_heads(small, s)]
+    numbers = sympy.lambdify(list(values), [list(e) for e in heads])(*values.values())
+    y = np.stack([M @ x + y0 for M, x, y0, _ in numbers], axis=1)[None]
+    state = np.stack([S for *_, S in numbers])[None]
+    return y, None if isinstance(mask, Toeplitz) else state
+
+
+def _lti_numbers(small: CheckedSpec, tensors: Any) -> tuple[Any, Any, Any]:
+    """(Ā [Gd, N] or [Gd, N, N], B̄ [Gd, N], C [Gd, N]) per docs/semantics.md, in numpy.
+
+    Written apart from `ssmc.lti` (HiPPO entry by entry, expm by scaling and squaring)
+    so that the reference's kernel is checked, not restated.
+    """
+    import numpy as np
+
+    from ssmc.expr_torch import evaluate, squeeze_literals
+
+    spec, mask = small.spec, small.spec.mask
+    assert isinstance(mask, Toeplitz) and not isinstance(mask.kernel, LearnedKernel)
+    lti, dense = mask.kernel, _lti_dense(spec, mask)
+    head = small.heads.decay if isinstance(small.heads.decay, str) else "1.head"
+    n_axis = small.state_size if isinstance(small.state_size, str) else "1.N"
+    env = {t.name: squeeze_literals(t, tensors[t.name]) for t in spec.tensors}
+    dims = {d.name: d.value for d in spec.dims}
+    G, N = _value(spec, small.heads.decay) or 1, _value(spec, small.state_size) or 1
+
+    def part(e: Any, n_axes: int) -> Any:
+        value = evaluate(e, env, dims, (head, *(n_axis,) * n_axes))
+        return value.expand(G, *(N,) * n_axes).double().numpy()
+
+    C, dt = part(lti.C, 1), part(lti.dt, 0)
+    if lti.hippo is not None:
+        A0, B0 = _hippo(lti.hippo.value, N)
+        A, B = np.broadcast_to(A0, (G, N, N)), np.broadcast_to(B0, (G, N))
+    else:
+        assert lti.A is not None and lti.B is not None
+        A, B = part(lti.A, 2 if dense else 1), part(lti.B, 1)
+    zoh = lti.discretization is Discretization.ZOH
+    if not dense:
+        dA = dt[:, None] * A
+        if zoh:
+            return np.exp(dA), np.expm1(dA) / A * B, C
+        return (1 + dA / 2) / (1 - dA / 2), dt[:, None] * B / (1 - dA / 2), C
+    eye, dA = np.eye(N), dt[:, None, None] * A
+    if zoh:
+        Abar = np.stack([_expm(m) for m in dA])
+        return Abar, np.linalg.solve(A, (Abar - eye) @ B[..., None])[..., 0], C
+    left = eye - dA / 2
+    Bbar = np.linalg.solve(left, dt[:, None, None] * B[..., None])[..., 0]
+    return np.linalg.solve(left, eye + dA / 2), Bbar, C
+
+
+def _hippo(measure: str, N: int) -> tuple[Any, Any]:
+    """(A, B) of a HiPPO measure, entry by entry from docs/semantics.md."""
+    import numpy as np
+
+    def entry(n: int, k: int) -> float:
+        r = float(np.sqrt((2 * n + 1) * (2 * k + 1)))
+        if measure == "legs":
+            return -r if n > k else -(n + 1.0) if n == k else 0.0
+        if measure == "legt":
+            return -r * (1.0 if n >= k else (-1.0) ** (n - k))
+        return -1.0 if n > k else -0.5 if n == k else 0.0
+
+    A = np.array([[entry(n, k) for k in range(N)] for n in range(N)])
+    B = np.ones(N) if measure == "lagt" else np.sqrt(2 * np.arange(N) + 1.0)
+    return A, B
+
+
+def _expm(m: Any) -> Any:
+    """exp(m): scaled to 1-norm ≤ 1/2, a 20-term Taylor series, squared back."""
+    import numpy as np
+
+    squarings = max(0, int(np.ceil(np.log2(max(np.linalg.norm(m, 1), 1e-300) * 2))))
+    result, term = np.eye(len(m)), np.eye(len(m))
+    for k in range(1, 21):
+        term = term @ (m / 2**squarings) / k
+        result = result + term
+    for _ in range(squarings):
+        result = result @ result
+    return result

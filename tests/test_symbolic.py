@@ -26,12 +26,26 @@ MASKS: dict[str, tuple[ir.Mask, tuple[Form, ...]]] = {
 }
 TOEPLITZ: dict[str, ir.Toeplitz] = {
     "toeplitz_learned": ir.Toeplitz(kernel=ir.LearnedKernel(kernel=Ref(name="K"))),
-    "lti_diagonal": ir.Toeplitz(kernel=ir.LtiKernel(
-        A=Ref(name="A"), B=Ref(name="Bp"), C=Ref(name="Cp"), dt=Num(value=0.5), hippo=None,
-        discretization=ir.Discretization.ZOH)),
-    "lti_hippo": ir.Toeplitz(kernel=ir.LtiKernel(
-        A=None, B=None, C=Ref(name="Cp"), dt=Num(value=0.5), hippo=ir.Hippo.LEGS,
-        discretization=ir.Discretization.BILINEAR)),
+    "lti_diagonal": ir.Toeplitz(
+        kernel=ir.LtiKernel(
+            A=Ref(name="A"),
+            B=Ref(name="Bp"),
+            C=Ref(name="Cp"),
+            dt=Num(value=0.5),
+            hippo=None,
+            discretization=ir.Discretization.ZOH,
+        )
+    ),
+    "lti_hippo": ir.Toeplitz(
+        kernel=ir.LtiKernel(
+            A=None,
+            B=None,
+            C=Ref(name="Cp"),
+            dt=Num(value=0.5),
+            hippo=ir.Hippo.LEGS,
+            discretization=ir.Discretization.BILINEAR,
+        )
+    ),
 }
 # Head count of (query C, key B, value x) per pattern; "G" has fewer heads than H.
 PATTERNS = {
@@ -42,28 +56,52 @@ PATTERNS = {
 }
 
 
-def checked(mask: ir.Mask, forms: tuple[Form, ...], pattern: str = "MHA", *,
-            decay: ir.Size | None = "H", window: int = 64, P: ir.Size = "P") -> ir.CheckedSpec:
+def checked(
+    mask: ir.Mask,
+    forms: tuple[Form, ...],
+    pattern: str = "MHA",
+    *,
+    decay: ir.Size | None = "H",
+    window: int = 64,
+    P: ir.Size = "P",
+) -> ir.CheckedSpec:
     """A CheckedSpec built by hand, as `check` would return it (tensors: only what proofs read)."""
     q, k, v = PATTERNS[pattern]
     toeplitz = isinstance(mask, ir.Toeplitz)
-    dims = tuple(ir.Dim(name=n, value=val) for n, val in
-                 (("H", 8), ("G", 2), ("N", 16), ("P", 4), ("L", window)))
+    dims = tuple(
+        ir.Dim(name=n, value=val)
+        for n, val in (("H", 8), ("G", 2), ("N", 16), ("P", 4), ("L", window))
+    )
     tensors = (
         ir.Tensor(name="K", kind=ir.TensorKind.PARAM, shape=("H", "L")),
         ir.Tensor(name="A", kind=ir.TensorKind.PARAM, shape=("H", "N")),
     )
     spec = ir.Spec(
-        name=f"hand_{type(mask).__name__}_{pattern}", dims=dims, tensors=tensors,
-        output=ir.Output(name="y", shape=("batch", "seq", "H", P)), mask=mask,
-        query=None if toeplitz else Ref(name="C"), key=None if toeplitz else Ref(name="B"),
-        value=Ref(name="x"))
-    heads = ir.HeadCounts(output="H", query=None if toeplitz else q,
-                          key=None if toeplitz else k, value=v,
-                          decay=None if isinstance(mask, ir.Causal) else decay)
-    return ir.CheckedSpec(spec=spec, forms=forms, heads=heads,
-                          pattern=ir.HeadPattern[pattern] if not toeplitz else ir.HeadPattern.MHA,
-                          state_size=None if toeplitz else "N", head_dim=P, value_factors=None)
+        name=f"hand_{type(mask).__name__}_{pattern}",
+        dims=dims,
+        tensors=tensors,
+        output=ir.Output(name="y", shape=("batch", "seq", "H", P)),
+        mask=mask,
+        query=None if toeplitz else Ref(name="C"),
+        key=None if toeplitz else Ref(name="B"),
+        value=Ref(name="x"),
+    )
+    heads = ir.HeadCounts(
+        output="H",
+        query=None if toeplitz else q,
+        key=None if toeplitz else k,
+        value=v,
+        decay=None if isinstance(mask, ir.Causal) else decay,
+    )
+    return ir.CheckedSpec(
+        spec=spec,
+        forms=forms,
+        heads=heads,
+        pattern=ir.HeadPattern[pattern] if not toeplitz else ir.HeadPattern.MHA,
+        state_size=None if toeplitz else "N",
+        head_dim=P,
+        value_factors=None,
+    )
 
 
 def assert_proved(proof: symbolic.Proof, forms: tuple[Form, ...]) -> None:
@@ -112,7 +150,8 @@ def test_lengths_that_are_not_a_multiple_of_the_chunk(T: int) -> None:
 def test_sizes_follow_the_spec() -> None:
     mask, forms = MASKS["scalar_ss"]
     assert problem_sizes(checked(mask, forms, "MQA")) == symbolic.Sizes(
-        T=6, N=2, P=2, H=2, query=2, key=1, value=1, decay=2)
+        T=6, N=2, P=2, H=2, query=2, key=1, value=1, decay=2
+    )
     assert problem_sizes(checked(mask, forms, "MHA", P=1, decay=1)).P == 1
     assert problem_sizes(checked(mask, forms, "MHA", P=1, decay=1)).decay == 1
 
@@ -127,9 +166,9 @@ def test_a_short_learned_window_zeroes_the_band() -> None:
 
 def test_mixing_matrix_is_the_semiseparable_matrix() -> None:
     M = mixing_matrix(checked(*MASKS["scalar_ss"], "MVA"), 3)
-    a = [sympy.Symbol(f"a_t{t}_d0", real=True) for t in range(3)]
-    C = sympy.Matrix(3, 2, lambda t, n: sympy.Symbol(f"C_t{t}_g0_n{n}", real=True))
-    B = sympy.Matrix(3, 2, lambda t, n: sympy.Symbol(f"B_t{t}_g0_n{n}", real=True))
+    a = [sympy.Symbol(f"a_d0_t{t}", real=True) for t in range(3)]
+    C = sympy.Matrix(3, 2, lambda t, n: sympy.Symbol(f"C_g0_t{t}_n{n}", real=True))
+    B = sympy.Matrix(3, 2, lambda t, n: sympy.Symbol(f"B_g0_t{t}_n{n}", real=True))
     L = sympy.Matrix([[1, 0, 0], [a[1], 1, 0], [a[1] * a[2], a[2], 1]])
     assert sympy.expand(M - L.multiply_elementwise(C * B.T)) == sympy.zeros(3, 3)
 
@@ -142,10 +181,21 @@ def test_const_decay_mask_is_a_power_of_gamma() -> None:
 
 def test_lti_kernel_entries_are_c_abar_power_bbar() -> None:
     M = mixing_matrix(checked(TOEPLITZ["lti_diagonal"], (Form.QUADRATIC,)), 4)
-    s = {n: sympy.Symbol(n, real=True) for n in
-         ("Abar_h0_n0", "Abar_h0_n1", "Bbar_h0_n0", "Bbar_h0_n1", "Cbar_h0_n0", "Cbar_h0_n1")}
-    k3 = (s["Cbar_h0_n0"] * s["Abar_h0_n0"] ** 3 * s["Bbar_h0_n0"]
-          + s["Cbar_h0_n1"] * s["Abar_h0_n1"] ** 3 * s["Bbar_h0_n1"])
+    s = {
+        n: sympy.Symbol(n, real=True)
+        for n in (
+            "Abar_h0_n0",
+            "Abar_h0_n1",
+            "Bbar_h0_n0",
+            "Bbar_h0_n1",
+            "Cbar_h0_n0",
+            "Cbar_h0_n1",
+        )
+    }
+    k3 = (
+        s["Cbar_h0_n0"] * s["Abar_h0_n0"] ** 3 * s["Bbar_h0_n0"]
+        + s["Cbar_h0_n1"] * s["Abar_h0_n1"] ** 3 * s["Bbar_h0_n1"]
+    )
     assert sympy.expand(M[3, 0] - k3) == 0
     assert M[2, 0] == M[3, 1] and M[0, 1] == 0
 
@@ -195,3 +245,62 @@ def test_every_example_spec_is_proved_quickly(path: Path) -> None:
     assert_proved(proof, spec.forms)
     # ≲ 2 s on a laptop core; the bound leaves room for a loaded CI machine.
     assert proof.seconds < 6
+
+
+def _reference_available() -> bool:
+    try:
+        import ssmc.reference  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_reference = pytest.mark.skipif(
+    not _reference_available(), reason="ssmc.reference (the PyTorch reference) is not written yet"
+)
+
+
+@needs_reference
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_the_reference_agrees_with_the_lambdified_m(path: Path) -> None:
+    pipeline = pytest.importorskip("ssmc.pipeline")
+    spec = pipeline.parse_file(path)
+    agreements = symbolic.numeric_check(spec)
+    assert {a.form for a in agreements} == set(spec.forms)
+    assert all(a.error <= 1e-10 for a in agreements)
+    if spec.spec.final_state:
+        assert "final_state" in {a.quantity for a in agreements}
+
+
+@needs_reference
+def test_a_wrong_reference_chunked_form_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ssmc import forms_torch
+
+    right = forms_torch.chunked
+
+    def slightly_wrong_state(x, log_a, *args, **kwargs):
+        # A final state off by 0.1 %: small, but far beyond fp64 rounding.
+        y, state = right(x, log_a, *args, **kwargs)
+        return y, state * 1.001
+
+    monkeypatch.setattr(forms_torch, "chunked", slightly_wrong_state)
+    spec = pytest.importorskip("ssmc.pipeline").parse_file(EXAMPLES[0].with_name("mamba2.ssm"))
+    with pytest.raises(ProofError, match=r"chunked Q=2 final_state"):
+        symbolic.numeric_check(spec)
+
+
+@needs_reference
+def test_a_wrong_lti_discretisation_in_the_reference_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ssmc.reference as ref
+
+    right = ref.lti_kernel
+
+    def zoh_always(A, B, C, dt, hippo, discretization, T):
+        return right(A, B, C, dt, hippo, ir.Discretization.ZOH, T)
+
+    monkeypatch.setattr(ref, "lti_kernel", zoh_always)
+    spec = pytest.importorskip("ssmc.pipeline").parse_file(EXAMPLES[0].with_name("lssl_hippo.ssm"))
+    with pytest.raises(ProofError, match=r"quadratic Q=None y"):
+        symbolic.numeric_check(spec)
