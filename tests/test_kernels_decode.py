@@ -29,6 +29,7 @@ def stage(decay: str):
 
 def oracle(x, s, log_a, B, C, heads, h0):
     """The fp64 recurrent reference over the whole sequence of steps, on X̄ = x * s."""
+
     def f64(t):
         return None if t is None else t.double()
 
@@ -120,8 +121,9 @@ def test_decode_steps_match_recurrent(case: Case) -> None:
         out = torch.full((batch, H, P), float("nan"))
         if case.noncontiguous:
             out = strided(out)
-        stage(case.decay).decode_fwd(*step_inputs(t, x, s, log_a, B, C, case.noncontiguous),
-                                     heads=H, state=state, out=out)
+        stage(case.decay).decode_fwd(
+            *step_inputs(t, x, s, log_a, B, C, case.noncontiguous), heads=H, state=state, out=out
+        )
         ys.append(out)
     y_ref, state_ref = oracle(x, s, log_a, B, C, H, h0)
     assert rel_err(torch.stack(ys, dim=1), y_ref) <= 1e-5
@@ -139,8 +141,13 @@ def test_decode_state_batch_indices(decay: str) -> None:
     ys = []
     for t in range(STEPS):
         out = torch.full((3, H, 16), float("nan"))
-        stage(decay).decode_fwd(*step_inputs(t, x, s, log_a, B, C, False), heads=H, state=pool,
-                                out=out, state_batch_indices=slots)
+        stage(decay).decode_fwd(
+            *step_inputs(t, x, s, log_a, B, C, False),
+            heads=H,
+            state=pool,
+            out=out,
+            state_batch_indices=slots,
+        )
         ys.append(out)
     y = torch.stack(ys, dim=1)
 
@@ -153,6 +160,11 @@ def test_decode_state_batch_indices(decay: str) -> None:
     assert rel_err(pool[[4, 1]], state_ref) <= 1e-5
     assert torch.equal(pool[[0, 2, 3, 5]], before[[0, 2, 3, 5]])
     # the padding row runs every step from a zero state: one-token sequences
-    pad = torch.cat([oracle(*(rows(u, [1])[:, t : t + 1] for u in (x, s, log_a, B, C)), H, None)[0]
-                     for t in range(STEPS)], dim=1)
+    pad = torch.cat(
+        [
+            oracle(*(rows(u, [1])[:, t : t + 1] for u in (x, s, log_a, B, C)), H, None)[0]
+            for t in range(STEPS)
+        ],
+        dim=1,
+    )
     assert rel_err(y[[1]], pad) <= 1e-5

@@ -28,12 +28,14 @@ def stage(decay: str):
 
 def oracle(x, s, log_a, B, C, heads, h0=None, cu_seqlens=None):
     """The fp64 recurrent reference on X̄ = x * s: y [b, T, H, P], final states."""
+
     def f64(t):
         return None if t is None else t.double()
 
     xbar = x.double() * s.double()[..., None] if s is not None else x.double()
-    return forms_torch.recurrent(xbar, f64(log_a), f64(B), f64(C), heads,
-                                 initial_state=f64(h0), cu_seqlens=cu_seqlens)
+    return forms_torch.recurrent(
+        xbar, f64(log_a), f64(B), f64(C), heads, initial_state=f64(h0), cu_seqlens=cu_seqlens
+    )
 
 
 def rel_err(out, ref):
@@ -94,8 +96,9 @@ def make_inputs(case: Case, seed: int):
     cu_seqlens = None
     if case.seqlens:
         batch, T = 1, sum(case.seqlens)
-        cu_seqlens = torch.tensor([0, *torch.tensor(case.seqlens).cumsum(0).tolist()],
-                                  dtype=torch.int32)
+        cu_seqlens = torch.tensor(
+            [0, *torch.tensor(case.seqlens).cumsum(0).tolist()], dtype=torch.int32
+        )
     states = len(case.seqlens) or batch
 
     def rand(*shape):
@@ -131,11 +134,28 @@ def test_recurrent_matches_oracle(case: Case) -> None:
     final = torch.full((states, H, N, P), float("nan")) if case.ht else None
 
     stage(case.decay).recurrent_fwd(
-        x, inputs["s"], inputs["log_a"], inputs["B"], inputs["C"], heads=H, out=out,
-        initial_state=h0, final_state=final, cu_seqlens=inputs["cu_seqlens"])
+        x,
+        inputs["s"],
+        inputs["log_a"],
+        inputs["B"],
+        inputs["C"],
+        heads=H,
+        out=out,
+        initial_state=h0,
+        final_state=final,
+        cu_seqlens=inputs["cu_seqlens"],
+    )
 
-    y_ref, final_ref = oracle(x, inputs["s"], inputs["log_a"], inputs["B"], inputs["C"], H,
-                              h0=h0, cu_seqlens=inputs["cu_seqlens"])
+    y_ref, final_ref = oracle(
+        x,
+        inputs["s"],
+        inputs["log_a"],
+        inputs["B"],
+        inputs["C"],
+        H,
+        h0=h0,
+        cu_seqlens=inputs["cu_seqlens"],
+    )
     assert rel_err(out, y_ref) <= 1e-5
     if case.ht:
         assert rel_err(final, final_ref) <= 1e-5

@@ -1,0 +1,149 @@
+"""The `chunked_diag` stages against the fp64 recurrent form, under TRITON_INTERPRET=1."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import functools  # noqa: E402
+import zlib  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from ssmc import forms_torch  # noqa: E402
+from ssmc.load import load_source  # noqa: E402
+from ssmc.render import render_stage  # noqa: E402
+
+# an overflow or inf·0 anywhere inside the kernels (numpy warns under the interpreter) fails
+pytestmark = [pytest.mark.interpret, pytest.mark.filterwarnings("error::RuntimeWarning")]
+
+HEADER = "import math\nimport torch\nimport triton\nimport triton.language as tl\n\n"
+
+
+@functools.cache
+def stage():
+    """The rendered `chunked_diag` stage (with its sub-stages), loaded as a module."""
+    return load_source(HEADER + render_stage("chunked_diag", decay="diagonal"), "chunked_diag")
+
+
+def oracle(x, s, log_a, B, C, heads, h0=None, cu_seqlens=None):
+    """The fp64 recurrent reference on X̄ = x * s: y [b, T, H, P], final states."""
+
+    def f64(t):
+        return None if t is None else t.double()
+
+    xbar = x.double() * s.double()[..., None] if s is not None else x.double()
+    return forms_torch.recurrent(
+        xbar, f64(log_a), f64(B), f64(C), heads, initial_state=f64(h0), cu_seqlens=cu_seqlens
+    )
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a non-contiguous layout (every other element of a wider buffer)."""
+    wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    T: int = 33
+    chunk: int = 16
+    groups: tuple[int, int, int, int] = (4, 4, 4, 4)  # (Gv, Gk, Gq, Gd)
+    P: int = 16
+    scale: bool = True
+    h0: bool = True
+    ht: bool = True
+    seqlens: tuple[int, ...] = ()
+    noncontiguous: bool = False
+    strongest: float = 1.0  # log a is drawn from [−strongest, −0.01]
+
+
+CASES = [
+    Case("mha-T33"),
+    Case("mha-T1", T=1),
+    Case("mha-T15", T=15),
+    Case("mha-T64", T=64),
+    Case("chunk32-T64", T=64, chunk=32),
+    Case("chunk64-T33", chunk=64),
+    Case("mqa-G1", groups=(1, 1, 4, 4)),
+    Case("mka-G2", groups=(2, 4, 2, 4)),
+    Case("mva-G1", groups=(4, 1, 1, 1)),
+    Case("mva-G2-shared-A", groups=(4, 2, 2, 2)),
+    Case("mixed-groups", groups=(2, 1, 4, 2)),
+    Case("bare", scale=False, h0=False, ht=False),
+    Case("no-h0", h0=False),
+    Case("mamba1-P1", P=1, groups=(4, 1, 1, 4)),
+    Case("varlen", seqlens=(5, 37, 11)),
+    Case("varlen-mva-empty-seq", seqlens=(17, 0, 16), groups=(4, 2, 2, 2)),
+    Case("noncontiguous", groups=(4, 2, 2, 4), noncontiguous=True),
+    Case("noncontiguous-varlen", seqlens=(20, 3, 9), noncontiguous=True),
+    Case("strong-decay", strongest=8.0, T=64),
+    Case("strong-decay-chunk64", strongest=8.0, T=64, chunk=64),
+    Case("extreme-decay", strongest=60.0, T=40),
+]
+
+
+def make_inputs(case: Case):
+    g = torch.Generator().manual_seed(zlib.crc32(case.id.encode()))
+    Gv, Gk, Gq, Gd = case.groups
+    batch, H, N, P, T = 2, 4, 16, case.P, case.T
+    cu_seqlens = None
+    if case.seqlens:
+        batch, T = 1, sum(case.seqlens)
+        cu_seqlens = torch.tensor(
+            [0, *torch.tensor(case.seqlens).cumsum(0).tolist()], dtype=torch.int32
+        )
+    states = len(case.seqlens) or batch
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g)
+
+    x, B, C = rand(batch, T, Gv, P), rand(batch, T, Gk, N), rand(batch, T, Gq, N)
+    s = 0.5 + torch.rand(batch, T, Gv, generator=g) if case.scale else None
+    log_a = -(0.01 + (case.strongest - 0.01) * torch.rand(batch, T, Gd, N, generator=g))
+    h0 = rand(states, H, N, P) if case.h0 else None
+    if case.noncontiguous:
+        x, B, C, log_a = strided(x), strided(B), strided(C), strided(log_a)
+        s = strided(s) if s is not None else None
+        h0 = strided(h0) if h0 is not None else None
+    return x, s, log_a, B, C, H, h0, cu_seqlens
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_chunked_diag_matches_recurrent(case: Case) -> None:
+    x, s, log_a, B, C, H, h0, cu_seqlens = make_inputs(case)
+    batch, T, _, P = x.shape
+    N = B.shape[-1]
+    states = len(case.seqlens) or batch
+    out = torch.full((batch, T, H, P), float("nan"))
+    if case.noncontiguous:
+        out = strided(out)
+    final = torch.full((states, H, N, P), float("nan")) if case.ht else None
+    if case.ht and case.noncontiguous:
+        final = strided(final)
+
+    stage().chunked_diag_fwd(
+        x,
+        s,
+        log_a,
+        B,
+        C,
+        heads=H,
+        out=out,
+        initial_state=h0,
+        final_state=final,
+        cu_seqlens=cu_seqlens,
+        chunk_size=case.chunk,
+    )
+
+    y_ref, final_ref = oracle(x, s, log_a, B, C, H, h0=h0, cu_seqlens=cu_seqlens)
+    assert rel_err(out, y_ref) <= 1e-5
+    if case.ht:
+        assert rel_err(final, final_ref) <= 1e-5
