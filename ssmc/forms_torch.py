@@ -199,8 +199,8 @@ def _segsum(la: Tensor) -> Tensor:
     long cumulative sums, so it keeps full precision for any length.
     """
     Q = la.shape[-1]
-    tril = torch.ones(Q, Q, dtype=torch.bool, device=la.device).tril()
-    strict = tril.tril(-1)
+    i = torch.arange(Q, device=la.device)
+    tril, strict = i[:, None] >= i, i[:, None] > i
     terms = la[..., :, None].expand(*la.shape, Q).masked_fill(~strict, 0)
     return terms.cumsum(dim=-2).masked_fill(~tril, float("-inf"))
 
