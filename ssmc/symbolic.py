@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import sympy
+from sympy import Matrix
 
 from ssmc.errors import SsmcError
 from ssmc.expr import refs
@@ -34,7 +35,6 @@ from ssmc.ir import (
     Toeplitz,
 )
 
-Matrix = sympy.Matrix
 Factors = tuple[sympy.Expr, ...]
 """One decay factor per state dim n (all equal unless the mask is diagonal)."""
 
@@ -144,13 +144,17 @@ class _Ledger:
         )
         if found is not None and old.equal:
             (i, j), diff = found
-            name = form.value + ("" if Q is None else f" (Q={Q})")
             self.failures.append(
-                f"{name} {quantity} differs at head {h}, [{i}, {j}] by {str(diff)[:200]}"
+                f"{_name(form, Q)} {quantity} differs at head {h}, [{i}, {j}] by {str(diff)[:200]}"
             )
         self.checks[key] = replace(
             old, equal=old.equal and found is None, seconds=old.seconds + time.perf_counter() - t0
         )
+
+
+def _name(form: Form, Q: int | None) -> str:
+    """A form as messages name it: `chunked (Q=2)`, `quadratic`."""
+    return form.value + ("" if Q is None else f" (Q={Q})")
 
 
 def _sym(role: str, **index: int) -> sympy.Symbol:
@@ -529,7 +533,7 @@ def numeric_check(
         y = y + roles.skip.numpy()
     if roles.gate is not None:
         y = y * roles.gate.numpy()
-    runs = [(f, None) for f in small.forms if f is not Form.CHUNKED]
+    runs: list[tuple[Form, int | None]] = [(f, None) for f in small.forms if f is not Form.CHUNKED]
     runs += [(Form.CHUNKED, Q) for Q in chunk_sizes if Form.CHUNKED in small.forms]
     out = []
     for form, Q in runs:
@@ -543,7 +547,7 @@ def numeric_check(
                     Agreement(form=form, chunk_size=Q, quantity=quantity, error=float(error))
                 )
     bad = [
-        f"{a.form.value} Q={a.chunk_size} {a.quantity} off by {a.error:.1e}"
+        f"{_name(a.form, a.chunk_size)} {a.quantity} off by {a.error:.1e}"
         for a in out
         if not a.error <= tol
     ]
@@ -582,8 +586,12 @@ def _lambdified(small: CheckedSpec, s: Sizes, roles: Any, tensors: Any, h0: Any)
     """(y [1, T, H, P], final state [1, H, N, P] or None) from M lambdified at the roles."""
     import numpy as np
 
-    mask, values = small.spec.mask, {}
-    by_group = lambda t: np.moveaxis(t[0].double().numpy(), 1, 0)  # noqa: E731
+    mask, values = small.spec.mask, dict[sympy.Symbol, float]()
+
+    def by_group(t: Any) -> Any:
+        """[1, T, G, ...] → [G, T, ...] in fp64, the order the symbols are named in."""
+        return np.moveaxis(t[0].double().numpy(), 1, 0)
+
     _fill(values, "x", by_group(roles.x), "gtp")
     if isinstance(mask, Toeplitz):
         if isinstance(mask.kernel, LearnedKernel):
@@ -628,7 +636,7 @@ def _lti_numbers(small: CheckedSpec, tensors: Any) -> tuple[Any, Any, Any]:
     head = small.heads.decay if isinstance(small.heads.decay, str) else "1.head"
     n_axis = small.state_size if isinstance(small.state_size, str) else "1.N"
     env = {t.name: squeeze_literals(t, tensors[t.name]) for t in spec.tensors}
-    dims = {d.name: d.value for d in spec.dims}
+    dims = {d.name: float(d.value) for d in spec.dims if d.value is not None}
     G, N = _value(spec, small.heads.decay) or 1, _value(spec, small.state_size) or 1
 
     def part(e: Any, n_axes: int) -> Any:
@@ -678,7 +686,8 @@ def _expm(m: Any) -> Any:
     """exp(m): scaled to 1-norm ≤ 1/2, a 20-term Taylor series, squared back."""
     import numpy as np
 
-    squarings = max(0, int(np.ceil(np.log2(max(np.linalg.norm(m, 1), 1e-300) * 2))))
+    norm = float(np.linalg.norm(m, 1))
+    squarings = max(0, int(np.ceil(np.log2(max(norm, 1e-300) * 2))))
     result, term = np.eye(len(m)), np.eye(len(m))
     for k in range(1, 21):
         term = term @ (m / 2**squarings) / k
