@@ -71,8 +71,8 @@ def evaluate_named(expr: Expr, env: Env, scalars: Mapping[str, float]) -> Named:
 
 def _eval(expr: Expr, env: Env, scalars: Mapping[str, float]) -> Named:
     match expr:
-        case Num(value=value):
-            return torch.tensor(value, dtype=torch.float64), ()
+        case Num(value=number):
+            return torch.tensor(number, dtype=torch.float64), ()
         case Ref(name=name):
             if name in env:
                 return env[name]
@@ -80,25 +80,27 @@ def _eval(expr: Expr, env: Env, scalars: Mapping[str, float]) -> Named:
                 return torch.tensor(float(scalars[name]), dtype=torch.float64), ()
             raise KeyError(f"no tensor or dim called {name!r}")
         case Neg(operand=operand):
-            value, axes = _eval(operand, env, scalars)
-            return -value, axes
+            inner, axes = _eval(operand, env, scalars)
+            return -inner, axes
         case BinOp(op=op, lhs=lhs, rhs=rhs):
             (a, b), axes = _align([_eval(lhs, env, scalars), _eval(rhs, env, scalars)])
             if op is Op.POW and isinstance(rhs, Num):
                 return torch.pow(a, rhs.value), axes
             return _BINARY[op](a, b), axes
-        case Call(func=Func.CLAMP, args=(x, lo, hi)) if isinstance(lo, Num) and isinstance(hi, Num):
-            value, axes = _eval(x, env, scalars)
-            return torch.clamp(value, min=_bound(lo.value), max=_bound(hi.value)), axes
+        case Call(func=Func.CLAMP, args=(arg, Num(value=lo), Num(value=hi))):
+            inner, axes = _eval(arg, env, scalars)
+            if lo == -math.inf and hi == math.inf:
+                return inner, axes
+            return torch.clamp(inner, min=_bound(lo), max=_bound(hi)), axes
         case Call(func=Func.CLAMP, args=args):
-            (x, lo, hi), axes = _align([_eval(a, env, scalars) for a in args])
-            return torch.clamp(x, min=lo, max=hi), axes
+            (inner, low, high), axes = _align([_eval(a, env, scalars) for a in args])
+            return torch.clamp(inner, min=low, max=high), axes
         case Call(func=Func.MIN | Func.MAX as func, args=args):
             (a, b), axes = _align([_eval(a, env, scalars) for a in args])
             return (torch.minimum if func is Func.MIN else torch.maximum)(a, b), axes
         case Call(func=func, args=(arg,)):
-            value, axes = _eval(arg, env, scalars)
-            return _UNARY[func](value), axes
+            inner, axes = _eval(arg, env, scalars)
+            return _UNARY[func](inner), axes
     raise TypeError(f"cannot evaluate {expr!r}")
 
 

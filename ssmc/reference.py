@@ -25,6 +25,16 @@ from ssmc.lti import lti_kernel
 
 Reference = Callable[..., tuple[Tensor, Tensor | None]]
 
+_SMA: dict[Form, Callable[..., tuple[Tensor, Tensor]]] = {
+    Form.RECURRENT: forms_torch.recurrent,
+    Form.QUADRATIC: forms_torch.quadratic,
+    Form.CHUNKED: forms_torch.chunked,
+}
+_TOEPLITZ: dict[Form, Callable[..., Tensor]] = {
+    Form.QUADRATIC: forms_torch.toeplitz_quadratic,
+    Form.CONVOLUTION: forms_torch.toeplitz_convolution,
+}
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Roles:
@@ -57,21 +67,20 @@ def reference(
         dims = bind(checked, tensors, initial_state=initial_state, cu_seqlens=cu_seqlens)
         roles = canonical_roles(checked, tensors, dims)
         if roles.kernel is not None:
-            toeplitz = {
-                Form.QUADRATIC: forms_torch.toeplitz_quadratic,
-                Form.CONVOLUTION: forms_torch.toeplitz_convolution,
-            }[chosen]
-            y, state = toeplitz(roles.x, roles.kernel, roles.H, cu_seqlens), None
+            y, state = _TOEPLITZ[chosen](roles.x, roles.kernel, roles.H, cu_seqlens), None
         else:
             assert roles.B is not None and roles.C is not None
-            core = (roles.x, roles.log_a, roles.B, roles.C, roles.H, initial_state, cu_seqlens)
-            if chosen is Form.CHUNKED:
-                y, state = forms_torch.chunked(*core, chunk_size=chunk_size)
-            else:
-                y, state = {
-                    Form.RECURRENT: forms_torch.recurrent,
-                    Form.QUADRATIC: forms_torch.quadratic,
-                }[chosen](*core)
+            options = {"chunk_size": chunk_size} if chosen is Form.CHUNKED else {}
+            y, state = _SMA[chosen](
+                roles.x,
+                roles.log_a,
+                roles.B,
+                roles.C,
+                roles.H,
+                initial_state,
+                cu_seqlens,
+                **options,
+            )
         if roles.skip is not None:
             y = y + roles.skip
         if roles.gate is not None:
@@ -175,13 +184,10 @@ def _kernel(
         value = evaluate(expr, env, dims, (head, *rest))
         return value.expand(Gd, *(N for _ in rest))
 
-    A = None
-    if k.A is not None:
-        dense = evaluate_named(k.A, env, dims)[1].count(N_axis) == 2
-        A = part(k.A, N_axis, N_axis) if dense else part(k.A, N_axis)
     C, dt = part(k.C, N_axis), part(k.dt)
     assert C is not None and dt is not None
-    return lti_kernel(A, part(k.B, N_axis), C, dt, k.hippo, k.discretization, T)
+    A, B = part(k.A, N_axis), part(k.B, N_axis)
+    return lti_kernel(A, B, C, dt, k.hippo, k.discretization, T)
 
 
 Interval = tuple[float, float] | None
@@ -229,13 +235,8 @@ def random_inputs(
         out[t.name] = _draw(shape, ranges.found.get(t.name), dtype, generator).to(device)
     if spec.initial_state and checked.state_size is not None:
         sdtype = torch.float64 if dtype == torch.float64 else torch.float32
-        shape = (
-            batch,
-            *(
-                size_of(s, sizes)
-                for s in (checked.heads.output, checked.state_size, checked.head_dim)
-            ),
-        )
+        state_dims = (checked.heads.output, checked.state_size, checked.head_dim)
+        shape = (batch, *(size_of(s, sizes) for s in state_dims))
         out["initial_state"] = _draw(shape, None, sdtype, generator).to(device)
     return out
 
