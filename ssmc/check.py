@@ -174,7 +174,8 @@ def _check_roles(c: _Checker, heads: frozenset[str], head_dim: ir.Size) -> dict[
         for role in ("query", "key"):
             if getattr(spec, role) is None:
                 c.error(f"the spec declares no `{role}`", spec.mask.span,
-                        f"a {type(spec.mask).__name__} mask needs `query C` and `key B`")
+                        "a semiseparable, diagonal, causal or const_decay mask needs "
+                        "`query C` and `key B`")
     state_axes: dict[str, str] = {}
     for role, value in _role_exprs(spec):
         axes = expr_axes(value, spec)
@@ -221,7 +222,14 @@ def _check_roles(c: _Checker, heads: frozenset[str], head_dim: ir.Size) -> dict[
                         f"{_axes_text(list(axes))}", _span_of(value),
                         "e.g. `param K : [H, L]`, `mask toeplitz(kernel = K)`")
         else:
-            counts["decay"] = count if counts.get("decay") in (None, 1) else counts["decay"]
+            earlier = counts.get("decay")
+            if earlier not in (None, 1) and count not in (1, earlier):
+                c.error(f"the {role} has heads {count} but another LTI part has {earlier}",
+                        _span_of(value), "A, B, C and dt of one LTI kernel share one head dim")
+            elif count != 1:
+                counts["decay"] = count
+            elif earlier is None:
+                counts["decay"] = 1
             _check_lti_part(c, role, value, per_token, rest, state_axes)
     if "query" in state_axes and "key" in state_axes and state_axes["query"] != state_axes["key"]:
         c.error(f"query and key have different state axes ({state_axes['query']} and "

@@ -19,12 +19,15 @@ from ssmc import expr as E
 from ssmc import ir
 from ssmc.errors import Diagnostic, LowerError
 from ssmc.expr import Span
+from ssmc.parse import KEYWORDS
 
 _EnumT = TypeVar("_EnumT", bound=enum.Enum)
 
 MAX_EXPR_DEPTH = 48
+MAX_EXPR_NODES = 4096
 MAX_DIM_VALUE = 1 << 24
-RESERVED_NAMES = frozenset({ir.BATCH, ir.SEQ, "inf"}) | frozenset(E.FUNC_NAMES)
+RESERVED_NAMES = (frozenset({ir.BATCH, ir.SEQ, "inf"}) | frozenset(E.FUNC_NAMES)
+                  | frozenset(KEYWORDS))
 
 MASK_KWARGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # mask name: (required-one-of groups joined by |, optional)
@@ -202,9 +205,38 @@ def _shape(state: _Lowering, node: lark.Tree) -> tuple[ir.Size, ...]:
 def _expr(state: _Lowering, node: lark.Tree | lark.Token) -> E.Expr:
     """Build an expression node, inlining lets; errors are recorded, a placeholder returned."""
     result = _build_expr(state, node)
-    if E.depth(result) > MAX_EXPR_DEPTH:
-        state.error(f"expression nested deeper than {MAX_EXPR_DEPTH} levels", span_of(node),
-                    "split it with `let`")
+    size, depth = _size_and_depth(result, {})
+    if size > MAX_EXPR_NODES:
+        state.error(f"expression has {size} terms once its lets are inlined; the limit is "
+                    f"{MAX_EXPR_NODES}", span_of(node), "simplify it: lets are expanded in place")
+        return E.Num(value=0.0, span=span_of(node))
+    if depth > MAX_EXPR_DEPTH:
+        state.error(f"expression nested deeper than {MAX_EXPR_DEPTH} levels once its lets are "
+                    "inlined", span_of(node), "simplify it: lets are expanded in place")
+        return E.Num(value=0.0, span=span_of(node))
+    return result
+
+
+def _size_and_depth(expr: E.Expr, memo: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    """Tree size and depth of an expression whose inlined lets share subtrees (memoised)."""
+    key = id(expr)
+    if key in memo:
+        return memo[key]
+    match expr:
+        case E.Num() | E.Ref():
+            result = (1, 1)
+        case E.Neg(operand=operand):
+            size, depth = _size_and_depth(operand, memo)
+            result = (size + 1, depth + 1)
+        case E.BinOp(lhs=lhs, rhs=rhs):
+            (ls, ld), (rs, rd) = _size_and_depth(lhs, memo), _size_and_depth(rhs, memo)
+            result = (ls + rs + 1, max(ld, rd) + 1)
+        case E.Call(args=args):
+            parts = [_size_and_depth(a, memo) for a in args]
+            result = (sum(p[0] for p in parts) + 1, max((p[1] for p in parts), default=0) + 1)
+        case _:
+            raise TypeError(f"not an expression node: {expr!r}")
+    memo[key] = result
     return result
 
 

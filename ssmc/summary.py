@@ -67,8 +67,8 @@ def summary(checked: ir.CheckedSpec) -> str:
         lines.append(f"  {tensor.kind.value:<8} {tensor.name} {shape_text(tensor.shape, spec)}")
     lines.append(f"  output   {spec.output.name} {shape_text(spec.output.shape, spec)}")
     lines.append("  forms    " + ", ".join(f.value for f in checked.forms))
-    if checked.state_size is None:
-        lines.append("  state    none (a learned Toeplitz kernel has no finite state)")
+    if isinstance(spec.mask, ir.Toeplitz):
+        lines.append("  state    none carried: Toeplitz forms (quadratic, convolution) keep no state")
     else:
         shape = ("batch", h.output, checked.state_size, checked.head_dim)
         lines.append(f"  state    {shape_text(shape, spec)} fp32 per sequence")
