@@ -10,9 +10,11 @@ processes never see half a file. `compile_to_file` writes a standalone module.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
+import pickle
 import sys
 import tempfile
 import types
@@ -42,27 +44,66 @@ def load(spec: CheckedSpec | str | os.PathLike[str], *, cache_dir: str | os.Path
     """Parse/check `spec` (a CheckedSpec, a `.ssm` path or spec text) and return its op."""
     from ssmc.ops import SsmcOp
 
-    checked = as_checked(spec)
+    checked = as_checked(spec, cache_dir=cache_dir)
     return SsmcOp(checked, load_module(checked, cache_dir=cache_dir))
 
 
-def as_checked(spec: CheckedSpec | str | os.PathLike[str]) -> CheckedSpec:
-    """A CheckedSpec from itself, a path to a `.ssm` file, or spec text."""
-    from ssmc import pipeline
+def as_checked(spec: CheckedSpec | str | os.PathLike[str], *,
+               cache_dir: str | os.PathLike[str] | None = None) -> CheckedSpec:
+    """A CheckedSpec from itself, spec text, or a `.ssm` path (its IR is cached on disk).
 
+    The IR of a file is kept beside the modules, keyed by the file's path and text and
+    ssmc's sources, so a later process skips parsing.
+    """
     if isinstance(spec, CheckedSpec):
         return spec
+    # The front end (lark) is imported only when a spec must really be parsed.
+    from ssmc import pipeline
+
     if isinstance(spec, str) and ("\n" in spec or spec.lstrip().startswith("ssm ")):
         return pipeline.parse(spec)
-    return pipeline.parse_file(spec)
+    try:
+        text = Path(spec).read_bytes()
+    except OSError:
+        return pipeline.parse_file(spec)
+    key = hashlib.sha256(b"\0".join([os.fsencode(os.path.abspath(spec)), text,
+                                      _build_id().encode()])).hexdigest()
+    path = _folder(cache_dir) / f"ir_{key[:32]}.pickle"
+    try:
+        payload = path.read_bytes()
+        body, digest = payload[:-64], payload[-64:].decode("ascii", "replace")
+        if hashlib.sha256(body).hexdigest() == digest:
+            checked = pickle.loads(body)
+            if isinstance(checked, CheckedSpec):
+                return checked
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError):
+        pass
+    checked = pipeline.parse_file(spec)
+    body = pickle.dumps(checked, protocol=pickle.HIGHEST_PROTOCOL)
+    _write_atomic(path, body + hashlib.sha256(body).hexdigest().encode())
+    return checked
+
+
+@functools.cache
+def _build_id() -> str:
+    """ssmc, Triton and torch versions and the digest of ssmc's own sources."""
+    versions = render.tool_versions()
+    return "\0".join([versions["ssmc"], versions["triton"], versions["torch"],
+                      render.build_digest()])
 
 
 def cache_key(checked: CheckedSpec) -> str:
-    """sha256 of what determines the generated text: IR (no spans), versions, templates."""
-    versions = render.tool_versions()
-    parts = [render.stable_repr(checked), versions["ssmc"], versions["triton"],
-             versions["torch"], render.templates_digest()]
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+    """sha256 of what determines the generated text: the IR without spans, versions, sources."""
+    return hashlib.sha256(f"{render.stable_repr(checked)}\0{_build_id()}".encode()).hexdigest()
+
+
+def _folder(cache_dir: str | os.PathLike[str] | None) -> Path:
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CacheError(f"cannot create the cache folder {folder}: {err}") from err
+    return folder
 
 
 def default_cache_dir() -> Path:
@@ -77,12 +118,7 @@ def load_module(checked: CheckedSpec, *, cache_dir: str | os.PathLike[str] | Non
     key = cache_key(checked)
     if key in _MODULES:
         return _MODULES[key]
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CacheError(f"cannot create the cache folder {folder}: {err}") from err
-    path = folder / f"{checked.spec.name}_{key[:24]}.py"
+    path = _folder(cache_dir) / f"{checked.spec.name}_{key[:24]}.py"
     if _read_sealed(path, warn=True) is None:
         with FileLock(str(path) + ".lock"):
             # Another process may have written it while this one waited for the lock.
@@ -123,13 +159,14 @@ def _read_sealed(path: Path, *, warn: bool) -> str | None:
     return body
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` all at once: temporary file, fsync, rename."""
+def _write_atomic(path: Path, data: str | bytes) -> None:
+    """Write `data` to `path` all at once: temporary file in the same folder, fsync, rename."""
+    payload = data.encode() if isinstance(data, str) else data
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)

@@ -23,7 +23,7 @@ from ssmc import expr as E
 from ssmc import ir
 from ssmc.axes import expr_axes
 from ssmc.expr_triton import Elementwise, Extra, Target, UnsafeNameError, elementwise, identifier
-from ssmc.resources import template_dir
+from ssmc.resources import data_dir, template_dir
 
 MARKER = "# ssmc-generated-module"
 """The first line of every generated module: how `compile_to_file` recognises its own files."""
@@ -118,13 +118,17 @@ def tool_versions() -> dict[str, str]:
     return {"ssmc": ssmc_version, "triton": triton.__version__, "torch": torch.__version__}
 
 
-def templates_digest() -> str:
-    """sha256 over every template file: a template edit changes every cache key."""
+def build_digest() -> str:
+    """sha256 over ssmc's sources, grammar and templates: any edit changes every cache key.
+
+    The version number alone misses edits made between releases (a checkout in development).
+    """
+    package = Path(__file__).parent
+    files = [*sorted(package.glob("*.py")), *sorted(template_dir().glob("*.jinja")),
+             *sorted(data_dir("grammar").glob("*.lark"))]
     digest = hashlib.sha256()
-    for path in sorted(template_dir().glob("*.jinja")):
+    for path in files:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    for module in ("render.py", "expr_triton.py"):
-        digest.update((Path(__file__).parent / module).read_bytes())
     return digest.hexdigest()
 
 
