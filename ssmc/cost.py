@@ -1,11 +1,13 @@
 """Forward cost of one call in one form: tensor-core and scalar FLOPs, bytes, launches.
 
-The planner weighs these against a device's rates (DESIGN §4). Counts are per call,
-summed over sequences and heads; a factor shared by a group of heads (C Bᵀ under
-MVA, a chunk state under MQA) is counted once per group, as the kernels compute it.
-Tensor-core work is counted as issued: every matmul dim padded to a multiple of 16.
-Bytes are the fewest a fused kernel can move: inputs read and output written once,
-plus what the form cannot avoid (chunk states, re-reads of key/value blocks).
+The planner weighs these against a device's rates (DESIGN §4). The counts follow the
+kernels as the stage templates build them (templates/*.jinja), launch by launch: a
+prologue computes the canonical core inputs (x, s, log_a, B, C of docs/semantics.md),
+the form's stages run on them, an epilogue applies skip and gate. Per head pattern:
+the chunked scan computes C Bᵀ once per (query, key) group and serves its heads (MVA:
+once per G); the quadratic kernel recomputes it per head. Tensor-core work is counted
+as issued (every matmul dim padded to 16); bytes are HBM traffic with each canonical
+row read once per launch that needs it (L2 serves the heads of a group).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from ssmc.errors import SsmcError
 from ssmc.expr import BinOp, Call, Expr, Neg, Ref, refs
 
 STATE_BYTES = 4
-"""States and cumulative sums are fp32."""
+"""States, cumulative sums, log a and s are fp32."""
 MMA = 16
 """Smallest tensor-core tile edge: matmul dims are padded to a multiple of it."""
+QUADRATIC_TILE = 64
+"""Largest query/key tile of the quadratic kernels (a BLOCK_I × BLOCK_J fp32 score tile)."""
 SizeOf = Callable[[ir.Size], int]
 
 
@@ -61,224 +65,351 @@ class Shape:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Cost:
-    """What one form costs for one call shape; `programs` is the narrowest launch's width."""
+class Launch:
+    """One kernel launch (or torch op): its work, its traffic and how parallel it is."""
 
-    matmul_flops: int
+    name: str
+    matmul_flops: int = 0
     """Tensor-core FLOPs, tiles padded as issued."""
-    scalar_flops: int
+    scalar_flops: int = 0
     """CUDA-core FLOPs: scans, exp of decays, masks, FFTs, pointwise roles."""
-    bytes: int
+    bytes: int = 0
     """HBM bytes read and written."""
+    programs: int = 1
+    """Independent programs: below the SM count the launch leaves the GPU idle."""
+    serial_steps: int = 0
+    """The longest chain of dependent loop steps inside one program (T for a scan)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Cost:
+    """What one form costs for one call: its launches in order, and the state it holds."""
+
+    launches: tuple[Launch, ...]
     state_bytes: int
     """fp32 state memory the form holds: the running state, or every chunk's state."""
-    kernels: int
-    programs: int
-    """Programs of the narrowest launch: below the SM count, compute slows down."""
-    serial_steps: int
-    """The longest chain of dependent loop steps inside one program (T for a scan)."""
+
+    @property
+    def kernels(self) -> int:
+        """Number of launches."""
+        return len(self.launches)
+
+    @property
+    def matmul_flops(self) -> int:
+        """Tensor-core FLOPs of all launches."""
+        return sum(k.matmul_flops for k in self.launches)
+
+    @property
+    def scalar_flops(self) -> int:
+        """CUDA-core FLOPs of all launches."""
+        return sum(k.scalar_flops for k in self.launches)
 
     @property
     def flops(self) -> int:
         """All forward FLOPs, tensor-core and scalar."""
         return self.matmul_flops + self.scalar_flops
 
+    @property
+    def bytes(self) -> int:
+        """HBM bytes of all launches."""
+        return sum(k.bytes for k in self.launches)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Sizes:
-    """One spec at one call shape, its sizes resolved; T is tokens per (mean) sequence."""
+    """One spec at one call shape, resolved; rows are bytes per token of the canonical core."""
 
     spec: ir.Spec
+    checked: ir.CheckedSpec
     shape: Shape
     size: SizeOf
     T: int
+    """Tokens per (mean) sequence."""
     seqs: int
     tokens: int
     H: int
     N: int
     P: int
-    q: int
-    k: int
-    v: int
-    d: int
+    qk: int
+    """Distinct (query, key) group pairs: the C Bᵀ blocks one chunk needs."""
+    q_row: int
+    k_row: int
+    x_row: int
+    a_row: int
+    y_row: int
+    state: int
+    """Bytes of every sequence's and head's fp32 state: seqs·H·N·P·4."""
 
 
 def cost(checked: ir.CheckedSpec, form: ir.Form, shape: Shape, *, chunk_size: int = 64) -> Cost:
-    """Forward cost of `checked` computed in `form` for `shape`; `chunk_size` is Q (or the tile)."""
+    """Forward cost of `checked` in `form` for `shape`; `chunk_size` is Q (quadratic: the tile)."""
     if form not in checked.forms:
         allowed = ", ".join(f.value for f in checked.forms)
         raise PlanError(f"form {form.value!r} is not allowed for this spec; allowed: {allowed}")
     s = _sizes(checked, shape)
-    mask = checked.spec.mask
+    mask = s.spec.mask
     if form is ir.Form.RECURRENT:
-        return _recurrent(checked, s)
-    if isinstance(mask, ir.Toeplitz):
-        if form is ir.Form.QUADRATIC:
-            base = _toeplitz_quadratic(s, shape.batch, chunk_size)
-        else:
-            base = _convolution(s)
-        kernel = _lti_kernel(mask, s)
-        return base if kernel is None else _then(kernel, base)
-    if form is ir.Form.QUADRATIC:
-        return _quadratic(checked, s, chunk_size)
-    return _chunked(checked, s, chunk_size)
+        core, held = _recurrent(s), s.state
+    elif form is ir.Form.CONVOLUTION:
+        core, held = _convolution(s), 0
+    elif isinstance(mask, ir.Toeplitz):
+        core, held = _toeplitz_quadratic(s, chunk_size), 0
+    elif form is ir.Form.QUADRATIC:
+        core = _quadratic(s, chunk_size)
+        held = s.state if s.spec.initial_state or s.spec.final_state else 0
+    else:
+        core, held = _chunked(s, chunk_size), _cdiv(s.T, chunk_size) * s.state
+    return Cost(launches=(*_prologue(s), *core, *_epilogue(s)), state_bytes=held)
 
 
-def _recurrent(checked: ir.CheckedSpec, s: _Sizes) -> Cost:
-    """h_t = a_t ⊙ h_{t-1} + B_t ⊗ x_t, y_t = C_tᵀ h_t: one step per token, state on chip."""
-    hs, ho = _distinct(s.H, s.k, s.d, s.v), _distinct(s.H, s.q, s.k, s.d, s.v)
-    NP = s.N * s.P
-    mask = checked.spec.mask
+def _recurrent(s: _Sizes) -> tuple[Launch, ...]:
+    """h_t = a_t ⊙ h_{t-1} + B_t ⊗ X̄_t, y_t = C_tᵀ h_t: one program per (sequence, head,
+    P tile) walks its tokens with the N × BLOCK_P state in registers."""
+    mask = s.spec.mask
     update = 2 if isinstance(mask, ir.Causal) else 3
-    decay_exps = s.N if isinstance(mask, ir.DiagonalSemiseparable) else 1
-    scalar = s.tokens * (update * NP * hs + 2 * NP * ho + 2 * decay_exps * s.d)
-    return Cost(
-        matmul_flops=0,
-        scalar_flops=scalar + _pointwise(s),
-        bytes=_io_bytes(s),
-        state_bytes=s.seqs * hs * NP * STATE_BYTES,
-        kernels=1,
-        programs=s.seqs * hs * _cdiv(s.P, 16),
-        serial_steps=s.T,
+    exps = s.N if isinstance(mask, ir.DiagonalSemiseparable) else 1
+    block_p = min(_pow2(s.P), max(1, 2048 // _pow2(s.N)))
+    return (
+        Launch(
+            name="recurrent",
+            scalar_flops=s.tokens * s.H * ((update + 2) * s.N * s.P + 2 * exps),
+            bytes=_core_io(s),
+            programs=s.seqs * s.H * _cdiv(s.P, block_p),
+            serial_steps=s.T,
+        ),
     )
 
 
-def _quadratic(checked: ir.CheckedSpec, s: _Sizes, chunk: int) -> Cost:
-    """Y = (L ∘ C Bᵀ) X by query blocks; each walks key blocks back from the diagonal.
-
-    Walking backwards accumulates cs_i − cs_j on the fly, so no cumsum pass: one launch,
-    and the final state (when returned) is one more chunk-state program per head.
-    """
-    spec = checked.spec
-    bt = _tile(s.T, chunk)
+def _quadratic(s: _Sizes, chunk: int) -> tuple[Launch, ...]:
+    """Y = (L ∘ C Bᵀ) X̄: a program per (query tile, head, P tile) walks the key tiles back
+    from the diagonal (suffix sums of log a, no cumsum pass); C Bᵀ per head and P tile.
+    A returned final state is one more launch that walks each sequence's key tiles."""
+    spec = s.spec
+    bt = quadratic_tile(s.T, chunk)
     nb = _cdiv(s.T, bt)
     pairs = _tile_pairs(nb, bt, s.T)
-    qk, qkd = _distinct(s.H, s.q, s.k), _distinct(s.H, s.q, s.k, s.d)
-    ho, hs = _distinct(s.H, s.q, s.k, s.d, s.v), _distinct(s.H, s.k, s.d, s.v)
-    mm = pairs * (_mm(bt, bt, s.N) * qk + _mm(bt, s.P, bt) * ho)
+    p_tiles = _cdiv(s.P, _clamp(s.P, MMA, 64))
+    per_head = pairs * (_mm(bt, bt, s.N) * p_tiles + _mm(bt, s.P, bt))
     if spec.initial_state:
-        mm += nb * _mm(bt, s.P, s.N) * ho
-    if spec.final_state:
-        mm += nb * _mm(s.N, s.P, bt) * hs
-    has_decay = not isinstance(spec.mask, ir.Causal)
-    mask_flops = pairs * bt * bt * (2 * s.d + qkd) if has_decay else 0
-    rereads = _key_value_rows(s) * s.tokens * (pairs - nb) // nb
-    keeps_state = spec.initial_state or spec.final_state
-    return Cost(
-        matmul_flops=s.seqs * mm,
-        scalar_flops=s.seqs * mask_flops + _pointwise(s),
-        bytes=_io_bytes(s) + rereads,
-        state_bytes=s.seqs * hs * s.N * s.P * STATE_BYTES if keeps_state else 0,
-        kernels=1,
-        programs=s.seqs * ho * nb,
+        per_head += nb * _mm(bt, s.P, s.N)
+    decay = not isinstance(spec.mask, ir.Causal)
+    key_rows = s.k_row + s.x_row + s.a_row
+    main = Launch(
+        name="quadratic",
+        matmul_flops=s.seqs * s.H * per_head,
+        scalar_flops=s.seqs * s.H * pairs * bt * bt * 3 * p_tiles if decay else 0,
+        bytes=_core_io(s) - s.state * spec.final_state + key_rows * s.tokens * (pairs - nb) // nb,
+        programs=s.seqs * s.H * nb * p_tiles,
         serial_steps=nb,
     )
-
-
-def _chunked(checked: ir.CheckedSpec, s: _Sizes, Q: int) -> Cost:
-    """SSD in two launches: chunk states with state passing (sequential over chunks), then
-    Y = Y_diag + Y_off per chunk. Chunk states are written once and read once (fp32)."""
-    mask = checked.spec.mask
-    nc = _cdiv(s.T, Q)
-    diagonal = isinstance(mask, ir.DiagonalSemiseparable)
-    has_decay = not isinstance(mask, ir.Causal)
-    qk = _distinct(s.H, s.q, s.k, s.d) if diagonal else _distinct(s.H, s.q, s.k)
-    qkd = _distinct(s.H, s.q, s.k, s.d)
-    ho, hs = _distinct(s.H, s.q, s.k, s.d, s.v), _distinct(s.H, s.k, s.d, s.v)
-    mm = _mm(Q, Q, s.N) * qk + _mm(Q, s.P, Q) * ho + _mm(s.N, s.P, Q) * hs + _mm(Q, s.P, s.N) * ho
-    scalar = 2 * s.N * s.P * hs
-    if has_decay:
-        scalar += Q * Q * (2 * s.d + qkd) + Q * s.N * (hs + ho)
-    if diagonal:
-        scalar += 4 * Q * s.N * qkd
-    chunk_states = s.seqs * nc * hs * s.N * s.P * STATE_BYTES
-    second_pass = _key_value_rows(s) * s.tokens
-    return Cost(
-        matmul_flops=s.seqs * nc * mm,
-        scalar_flops=s.seqs * nc * scalar + _pointwise(s),
-        bytes=_io_bytes(s) + second_pass + 2 * chunk_states,
-        state_bytes=chunk_states,
-        kernels=2,
-        programs=min(s.seqs * hs * _cdiv(s.N, 64) * _cdiv(s.P, 64), s.seqs * ho * nc),
-        serial_steps=nc,
+    if not spec.final_state:
+        return (main,)
+    final = Launch(
+        name="quadratic_state",
+        matmul_flops=s.seqs * s.H * nb * _mm(s.N, s.P, bt),
+        scalar_flops=s.seqs * s.H * nb * bt * s.N,
+        bytes=key_rows * s.tokens + s.state * (1 + spec.initial_state),
+        programs=s.seqs * s.H * _cdiv(s.N, 64) * p_tiles,
+        serial_steps=nb,
     )
+    return main, final
 
 
-def _toeplitz_quadratic(s: _Sizes, batch: int, chunk: int) -> Cost:
-    """Y_h = L_h X_h with L gathered from K per tile; L is shared by the batch, so X_h is
-    [T, batch·P] and a window of L taps visits only the tiles of the band."""
-    bt = _tile(s.T, chunk)
+def _chunked(s: _Sizes, Q: int) -> tuple[Launch, ...]:
+    """SSD as launched (DESIGN §1): cumsum of log a per chunk, chunk states S_r, state
+    passing (sequential over a sequence's chunks, in place), then the scan
+    Y = Y_diag + Y_off with C Bᵀ once per (query, key) group. States cross HBM 4 times."""
+    spec, mask = s.spec, s.spec.mask
+    nc = _cdiv(s.T, Q)
+    R = s.seqs * nc
+    diagonal = isinstance(mask, ir.DiagonalSemiseparable)
+    decay = not isinstance(mask, ir.Causal)
+    p_tiles = _cdiv(s.P, _clamp(s.P, MMA, 64))
+    tiles = _cdiv(s.N, _clamp(s.N, MMA, 64)) * p_tiles
+    states = R * s.H * s.N * s.P * STATE_BYTES
+    cs = R * Q * s.a_row
+    scores = s.H if diagonal else s.qk * p_tiles
+    weights = s.H * (3 * Q * Q + 2 * Q * s.N + (4 * Q * s.N if diagonal else 0)) if decay else 0
+    launches = [
+        Launch(
+            name="chunked_state",
+            matmul_flops=R * s.H * _mm(s.N, s.P, Q),
+            scalar_flops=R * s.H * Q * s.N if decay else 0,
+            bytes=(s.k_row + s.x_row) * s.tokens + cs + states,
+            programs=R * s.H * tiles,
+        ),
+        Launch(
+            name="chunked_passing",
+            scalar_flops=R * s.H * 2 * s.N * s.P,
+            bytes=2 * states + s.state * (spec.initial_state + spec.final_state),
+            programs=s.seqs * s.H * tiles,
+            serial_steps=nc,
+        ),
+        Launch(
+            name="chunked_scan",
+            matmul_flops=R * (_mm(Q, Q, s.N) * scores + s.H * (_mm(Q, s.P, Q) + _mm(Q, s.P, s.N))),
+            scalar_flops=R * weights,
+            bytes=(s.q_row + s.k_row + s.x_row + s.y_row) * s.tokens + cs + states,
+            programs=R * s.qk * p_tiles,
+        ),
+    ]
+    if decay:
+        cumsum = Launch(
+            name="chunked_cumsum",
+            scalar_flops=R * Q * s.a_row // STATE_BYTES,
+            bytes=s.a_row * s.tokens + cs,
+            programs=R,
+        )
+        launches.insert(0, cumsum)
+    return tuple(launches)
+
+
+def _toeplitz_quadratic(s: _Sizes, chunk: int) -> tuple[Launch, ...]:
+    """Y_h = L_h X̄_h over the band of a window of L taps: a program per (query tile, head,
+    batch row × P tile) gathers the Toeplitz block K[d, i − j] per key tile and dots it."""
+    bt = quadratic_tile(s.T, chunk)
     nb = _cdiv(s.T, bt)
     pairs = _tile_pairs(nb, bt, min(_window(s) or s.T, s.T))
-    hv = _distinct(s.H, s.d, s.v)
-    width = batch * s.P
-    groups = s.seqs // batch
-    rereads = _row(s, s.spec.value) * s.tokens * (pairs - nb) // nb
-    return Cost(
-        matmul_flops=groups * pairs * _mm(bt, width, bt) * hv,
-        scalar_flops=groups * pairs * bt * bt * s.d + _pointwise(s),
-        bytes=_io_bytes(s) + rereads,
-        state_bytes=0,
-        kernels=1,
-        programs=groups * hv * nb * _cdiv(width, 64),
-        serial_steps=_cdiv(pairs, nb),
+    p_tiles = _cdiv(s.P, _clamp(s.P, MMA, 64))
+    return (
+        Launch(
+            name="toeplitz",
+            matmul_flops=s.seqs * s.H * pairs * _mm(bt, s.P, bt),
+            scalar_flops=s.seqs * s.H * pairs * bt * bt * p_tiles,
+            bytes=_core_io(s) + s.x_row * s.tokens * (pairs - nb) // nb,
+            programs=s.seqs * s.H * nb * p_tiles,
+            serial_steps=_cdiv(pairs, nb),
+        ),
     )
 
 
-def _convolution(s: _Sizes) -> Cost:
-    """y = irfft(rfft(x, n) · rfft(K, n))[:T] per channel, n = 2T rounded up to a power of two.
-
-    Spectra and the product are written and read once; the n-long result is written, T read.
-    """
+def _convolution(s: _Sizes) -> tuple[Launch, ...]:
+    """y = irfft(rfft(X̄, n) · rfft(K, n))[:T] in torch ops, n = 2T rounded up to a power
+    of two; X̄ is formed in fp32 per output head first."""
     n = _pow2(2 * s.T)
     bins = n // 2 + 1
-    channels = s.seqs * _distinct(s.H, s.d, s.v) * s.P
+    channels = s.seqs * s.H * s.P
     rfft = 5 * n * (n.bit_length() - 1) // 2
-    spectrum_bytes = channels * (4 * bins * 8 + 2 * n * STATE_BYTES + s.T * STATE_BYTES)
-    return Cost(
-        matmul_flops=0,
-        scalar_flops=channels * (2 * rfft + 6 * bins) + s.d * rfft + _pointwise(s),
-        bytes=_io_bytes(s) + spectrum_bytes + 2 * s.d * bins * 8,
-        state_bytes=0,
-        kernels=5,
-        programs=channels,
-        serial_steps=0,
+    real, spectrum = channels * s.T * STATE_BYTES, channels * bins * 8
+    return (
+        Launch(name="xbar_fp32", bytes=s.x_row * s.tokens + real, programs=channels),
+        Launch(name="xbar_heads", bytes=2 * real, programs=channels),
+        Launch(
+            name="rfft_x", scalar_flops=channels * rfft, bytes=real + spectrum, programs=channels
+        ),
+        Launch(name="rfft_K", scalar_flops=s.H * rfft, bytes=s.H * (s.T * 4 + bins * 8)),
+        Launch(
+            name="multiply", scalar_flops=channels * bins * 6, bytes=3 * spectrum, programs=channels
+        ),
+        Launch(
+            name="irfft",
+            scalar_flops=channels * rfft,
+            bytes=spectrum + real * n // s.T,
+            programs=channels,
+        ),
+        Launch(name="copy_out", bytes=2 * real, programs=channels),
     )
 
 
-def _lti_kernel(mask: ir.Toeplitz, s: _Sizes) -> Cost | None:
-    """K_k = C Ā^k B̄ for k < T, once per call per head (None for a learned kernel).
+def _prologue(s: _Sizes) -> tuple[Launch, ...]:
+    """The roles computed into canonical core inputs (one launch per iteration space), and
+    the LTI kernel K: the same launches in every form."""
+    groups: dict[tuple[ir.Size, ...], list[tuple[Expr, int]]] = {}
+    for expr, shape, row in _computed(s):
+        groups.setdefault(shape, []).append((expr, row))
+    launches = []
+    for shape, targets in groups.items():
+        elements = math.prod(s.size(a) for a in shape[2:])
+        read = set[str]().union(*(refs(e) for e, _ in targets))
+        launches.append(
+            Launch(
+                name="prologue",
+                scalar_flops=s.tokens * elements * sum(_ops(e) for e, _ in targets),
+                bytes=s.tokens * (_raw_row(s, read) + sum(row for _, row in targets)),
+                programs=max(1, s.tokens * elements // 4096),
+            )
+        )
+    mask = s.spec.mask
+    if isinstance(mask, ir.Toeplitz) and isinstance(mask.kernel, ir.LtiKernel):
+        launches += _lti_kernel(s, mask.kernel)
+    return tuple(launches)
 
-    Diagonal A: a Vandermonde product. Dense A: Ā^k B̄ by doubling, log2 T steps of N³.
+
+def _epilogue(s: _Sizes) -> tuple[Launch, ...]:
+    """out = (y + skip) * gate from the core's fp32 y, when the spec has either role."""
+    roles = [e for e in (s.spec.skip, s.spec.gate) if e is not None]
+    if not roles:
+        return ()
+    read = set[str]().union(*(refs(e) for e in roles))
+    out = s.H * s.P * s.shape.dtype_bytes
+    return (
+        Launch(
+            name="epilogue",
+            scalar_flops=s.tokens * s.H * s.P * sum(_ops(e) + 1 for e in roles),
+            bytes=s.tokens * (s.y_row + _raw_row(s, read) + out),
+            programs=max(1, s.tokens * s.H * s.P // 4096),
+        ),
+    )
+
+
+def _computed(s: _Sizes) -> list[tuple[Expr, tuple[ir.Size, ...], int]]:
+    """Per-token core inputs the prologue computes: (expression, canonical shape, row bytes)."""
+    spec, heads, out = s.spec, s.checked.heads, []
+    N, P = s.checked.state_size, s.checked.head_dim
+    bt: tuple[ir.Size, ...] = (ir.BATCH, ir.SEQ)
+
+    def need(expr: Expr | None, shape: tuple[ir.Size, ...], row: int) -> None:
+        bare = isinstance(expr, Ref) and spec.tensor(expr.name).shape == shape
+        if expr is not None and not bare:
+            out.append((expr, shape, row))
+
+    mask = spec.mask
+    if isinstance(mask, ir.ScalarSemiseparable):
+        need(mask.log_a, (*bt, heads.decay or 1), s.a_row)
+    elif isinstance(mask, ir.DiagonalSemiseparable) and N is not None:
+        need(mask.log_a, (*bt, heads.decay or 1, N), s.a_row)
+    value_shape = (*bt, heads.value, P)
+    factors = s.checked.value_factors
+    if factors is not None and spec.tensor(factors.base).shape == value_shape:
+        need(factors.scale, value_shape[:3], STATE_BYTES * s.size(heads.value))
+    else:
+        need(spec.value, value_shape, s.x_row)
+    if N is not None and not isinstance(mask, ir.Toeplitz):
+        need(spec.key, (*bt, heads.key or 1, N), s.k_row)
+        need(spec.query, (*bt, heads.query or 1, N), s.q_row)
+    return out
+
+
+def _lti_kernel(s: _Sizes, lti: ir.LtiKernel) -> tuple[Launch, ...]:
+    """K_k = C Ā^k B̄ for k < T in torch ops (fp64), once per call per decay group.
+
+    Diagonal A: a Vandermonde product. Dense A: Ā^k B̄ by doubling, log2 T rounds.
     """
-    lti = mask.kernel
-    if not isinstance(lti, ir.LtiKernel):
-        return None
+    d = s.size(s.checked.heads.decay or 1)
+    if not _dense_A(s.spec, lti):
+        table = d * s.T * s.N * 16
+        return (
+            Launch(
+                name="lti_vandermonde", scalar_flops=d * s.T * s.N * 8, bytes=3 * table, programs=d
+            ),
+        )
     doublings = max(s.T - 1, 1).bit_length()
-    dense = _dense_A(s.spec, lti)
-    per_head = 2 * s.T * s.N * s.N + 2 * s.N**3 * doublings if dense else 4 * s.T * s.N
-    return Cost(
-        matmul_flops=0,
-        scalar_flops=s.d * per_head,
-        bytes=2 * s.d * s.T * STATE_BYTES,
-        state_bytes=0,
-        kernels=1,
-        programs=s.d,
-        serial_steps=doublings if dense else 0,
+    return tuple(
+        Launch(
+            name="lti_doubling",
+            scalar_flops=d * 2 * s.N * s.N * (2**r + s.N),
+            bytes=d * 2**r * s.N * 8 * 3,
+            programs=d,
+            serial_steps=1,
+        )
+        for r in range(doublings)
     )
 
 
-def _then(a: Cost, b: Cost) -> Cost:
-    """Two launch sequences run one after the other."""
-    return Cost(
-        matmul_flops=a.matmul_flops + b.matmul_flops,
-        scalar_flops=a.scalar_flops + b.scalar_flops,
-        bytes=a.bytes + b.bytes,
-        state_bytes=a.state_bytes + b.state_bytes,
-        kernels=a.kernels + b.kernels,
-        programs=min(a.programs, b.programs),
-        serial_steps=a.serial_steps + b.serial_steps,
-    )
+def _core_io(s: _Sizes) -> int:
+    """The canonical inputs read once, y written once, states read and written if declared."""
+    rows = s.q_row + s.k_row + s.x_row + s.a_row + s.y_row
+    return s.tokens * rows + s.state * (s.spec.initial_state + s.spec.final_state)
 
 
 def _sizes(checked: ir.CheckedSpec, shape: Shape) -> _Sizes:
@@ -289,20 +420,33 @@ def _sizes(checked: ir.CheckedSpec, shape: Shape) -> _Sizes:
     q, k, v, d = (
         size(g) if g is not None else 1 for g in (heads.query, heads.key, heads.value, heads.decay)
     )
+    H, P = size(heads.output), size(checked.head_dim)
+    N = size(checked.state_size) if checked.state_size is not None else 0
+    mask, dtype = spec.mask, shape.dtype_bytes
+    toeplitz = isinstance(mask, ir.Toeplitz)
+    decay_n = {ir.ScalarSemiseparable: 1, ir.DiagonalSemiseparable: N}.get(type(mask), 0)
+    factors = checked.value_factors
+    scaled = factors is not None and factors.scale is not None
+    epilogue = spec.skip is not None or spec.gate is not None
+    seqs = shape.batch * shape.num_seqs
     return _Sizes(
         spec=spec,
+        checked=checked,
         shape=shape,
         size=size,
         T=_cdiv(shape.seqlen, shape.num_seqs),
-        seqs=shape.batch * shape.num_seqs,
+        seqs=seqs,
         tokens=shape.batch * shape.seqlen,
-        H=size(heads.output),
-        N=size(checked.state_size) if checked.state_size is not None else 0,
-        P=size(checked.head_dim),
-        q=q,
-        k=k,
-        v=v,
-        d=d,
+        H=H,
+        N=N,
+        P=P,
+        qk=_distinct(H, q, k),
+        q_row=0 if toeplitz else q * N * dtype,
+        k_row=0 if toeplitz else k * N * dtype,
+        x_row=v * P * dtype + (v * STATE_BYTES if scaled else 0),
+        a_row=d * decay_n * STATE_BYTES,
+        y_row=H * P * (STATE_BYTES if epilogue else dtype),
+        state=0 if toeplitz else seqs * H * N * P * STATE_BYTES,
     )
 
 
@@ -326,51 +470,10 @@ def _resolver(spec: ir.Spec, shape: Shape) -> SizeOf:
     return size
 
 
-def _row(s: _Sizes, expr: Expr | None) -> int:
-    """Bytes of one token of the per-token inputs an expression reads."""
-    if expr is None:
-        return 0
-    inputs = (t for t in s.spec.tensors if t.kind is ir.TensorKind.INPUT and t.name in refs(expr))
+def _raw_row(s: _Sizes, names: set[str]) -> int:
+    """Bytes per token of the declared per-token inputs called `names`."""
+    inputs = (t for t in s.spec.tensors if t.kind is ir.TensorKind.INPUT and t.name in names)
     return sum(math.prod(s.size(a) for a in t.shape[2:]) for t in inputs) * s.shape.dtype_bytes
-
-
-def _key_value_rows(s: _Sizes) -> int:
-    """Bytes per token a second pass over keys, values and decay re-reads."""
-    mask = s.spec.mask
-    decay = (
-        mask.log_a if isinstance(mask, ir.ScalarSemiseparable | ir.DiagonalSemiseparable) else None
-    )
-    return _row(s, s.spec.key) + _row(s, s.spec.value) + _row(s, decay)
-
-
-def _io_bytes(s: _Sizes) -> int:
-    """Inputs read once, parameters read once, output written once, states in and out."""
-    params = sum(
-        math.prod(s.size(a) for a in t.shape) * STATE_BYTES
-        for t in s.spec.tensors
-        if t.kind is ir.TensorKind.PARAM
-    )
-    inputs = sum(_row(s, Ref(name=t.name)) for t in s.spec.tensors)
-    output = s.H * s.P * s.shape.dtype_bytes
-    state = s.seqs * s.H * s.N * s.P * STATE_BYTES
-    return (
-        s.tokens * (inputs + output) + params + state * (s.spec.initial_state + s.spec.final_state)
-    )
-
-
-def _pointwise(s: _Sizes) -> int:
-    """Evaluating the role expressions (scales, decay, skip, gate): the same in every form."""
-    spec, mask = s.spec, s.spec.mask
-    per_token = _ops(spec.query) * s.q * s.N + _ops(spec.key) * s.k * s.N
-    per_token += _ops(spec.value) * s.v * s.P
-    if isinstance(mask, ir.ScalarSemiseparable | ir.DiagonalSemiseparable):
-        per_token += (
-            _ops(mask.log_a) * s.d * (s.N if isinstance(mask, ir.DiagonalSemiseparable) else 1)
-        )
-    for epilogue in (spec.skip, spec.gate):
-        if epilogue is not None:
-            per_token += (_ops(epilogue) + 1) * s.H * s.P
-    return s.tokens * per_token
 
 
 def _ops(expr: Expr | None) -> int:
@@ -413,9 +516,9 @@ def _distinct(H: int, *groups: int) -> int:
     return len({tuple(h // (H // g) for g in groups) for h in range(H)})
 
 
-def _tile(T: int, chunk: int) -> int:
-    """The tile length along T: the chunk, or the power of two ≥ T (≥ 16) when T is short."""
-    return min(chunk, max(MMA, _pow2(T)))
+def quadratic_tile(T: int, chunk: int) -> int:
+    """The quadratic form's query/key tile: the chunk up to 64, less when T is short (≥ 16)."""
+    return min(chunk, QUADRATIC_TILE, max(MMA, _pow2(T)))
 
 
 def _tile_pairs(nb: int, bt: int, window: int) -> int:
@@ -429,6 +532,11 @@ def _tile_pairs(nb: int, bt: int, window: int) -> int:
 def _mm(m: int, n: int, k: int) -> int:
     """FLOPs of an m×k by k×n tensor-core product, each dim padded to the MMA tile."""
     return 2 * _pad(m) * _pad(n) * _pad(k)
+
+
+def _clamp(n: int, lo: int, hi: int) -> int:
+    """The power of two ≥ n, clamped to [lo, hi]: the launchers' default tile."""
+    return max(lo, min(hi, _pow2(n)))
 
 
 def _pad(n: int) -> int:

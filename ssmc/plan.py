@@ -1,8 +1,8 @@
 """plan: (checked spec, call shape, device) → the form, chunk and tiles to render, and why.
 
 The form is the allowed one the cost model (`ssmc.cost`) estimates fastest on the
-device; chunk size and tiles are heuristics until the autotuner's cached entry
-(`tuned`) overrides them (DESIGN §4).
+device, and the chunk the cheapest of a few; tiles are heuristics until the
+autotuner's cached entry (`tuned`) overrides them (DESIGN §4).
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from ssmc import devices, ir
-from ssmc.cost import Cost, PlanError, Shape, cost
+from ssmc.cost import Cost, PlanError, Shape, cost, quadratic_tile
 from ssmc.devices import Device
 
-DEFAULT_CHUNK = 64
+CHUNK_CANDIDATES = (64, 128, 256)
+"""Chunk lengths Q the planner costs for the chunked form when none is forced or tuned."""
 CHUNK_RANGE = (16, 256)
 TUNABLE = ("chunk_size", "block_t", "block_n", "block_p", "num_warps", "num_stages")
 """Keys an autotuner entry may set; anything else in `tuned` is an error."""
@@ -25,48 +26,52 @@ PREFERENCE = (ir.Form.RECURRENT, ir.Form.QUADRATIC, ir.Form.CHUNKED, ir.Form.CON
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Timing:
-    """A cost against a device: compute, memory and the serial chain overlap; launches add."""
+    """A cost against a device, summed over its launches (each one's sides overlap)."""
 
     compute_s: float
     memory_s: float
     chain_s: float
     launch_s: float
-
-    @property
-    def total_s(self) -> float:
-        """max(compute, memory, chain) + launches: the estimated wall time of the call."""
-        return max(self.compute_s, self.memory_s, self.chain_s) + self.launch_s
-
-    @property
-    def bound(self) -> str:
-        """What dominates: "compute", "memory", "latency" (a serial chain) or "launch"."""
-        sides = {
-            "compute": self.compute_s,
-            "memory": self.memory_s,
-            "latency": self.chain_s,
-            "launch": self.launch_s,
-        }
-        return max(sides, key=lambda k: sides[k])
+    total_s: float
+    """Σ over launches of max(compute, memory, chain) + launch overhead."""
+    bound: str
+    """What most of the time goes to: "compute", "memory", "latency" or "launch"."""
 
 
 def timing(cost: Cost, device: Device) -> Timing:
-    """Estimate one call; compute slows down when fewer programs than SMs are launched."""
-    occupancy = min(1.0, cost.programs / device.sm_count)
-    compute = cost.matmul_flops / device.matmul_flops + cost.scalar_flops / device.fp32_flops
+    """Estimate one call; a launch with fewer programs than SMs computes proportionally slower."""
+    spent = dict.fromkeys(("compute", "memory", "latency", "launch"), 0.0)
+    sides = dict.fromkeys(spent, 0.0)
+    for k in cost.launches:
+        occupancy = min(1.0, k.programs / device.sm_count)
+        work = k.matmul_flops / device.matmul_flops + k.scalar_flops / device.fp32_flops
+        side = {
+            "compute": work / occupancy,
+            "memory": k.bytes / device.mem_bandwidth,
+            "latency": k.serial_steps * device.step_latency_s,
+        }
+        slowest = max(side, key=lambda name: side[name])
+        spent[slowest] += side[slowest]
+        spent["launch"] += device.launch_overhead_s
+        for name, seconds in side.items():
+            sides[name] += seconds
     return Timing(
-        compute_s=compute / occupancy,
-        memory_s=cost.bytes / device.mem_bandwidth,
-        chain_s=cost.serial_steps * device.step_latency_s,
-        launch_s=cost.kernels * device.launch_overhead_s,
+        compute_s=sides["compute"],
+        memory_s=sides["memory"],
+        chain_s=sides["latency"],
+        launch_s=spent["launch"],
+        total_s=sum(spent.values()),
+        bound=max(spent, key=lambda name: spent[name]),
     )
 
 
 class Estimate(NamedTuple):
-    """One allowed form's cost and estimated seconds for the planned call."""
+    """One allowed form's cost and estimated seconds, at the chunk size it was costed with."""
 
     form: ir.Form
     cost: Cost
     time_s: float
+    chunk_size: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -101,26 +106,23 @@ def plan(
     chunk_size: int | None = None,
     tuned: Mapping[str, int] | None = None,
 ) -> Plan:
-    """Pick the form (forced, decode → recurrent, else cheapest allowed) and its tiles.
+    """Pick the form (forced, decode → recurrent, else cheapest allowed), its chunk and tiles.
 
-    `chunk_size` (forced) beats `tuned["chunk_size"]` (the autotuner's cache) beats 64;
-    `tuned` also overrides the tile heuristics.
+    The chunk is `chunk_size` (forced), else `tuned["chunk_size"]` (the autotuner's cache),
+    else the cheapest of 64, 128, 256 for the chunked form (64 for the others); `tuned`
+    also overrides the tile heuristics.
     """
     dev = devices.device(device) if isinstance(device, str) else device
     tuned = _check_tuned(tuned or {})
-    chunk = _check_chunk(chunk_size if chunk_size is not None else tuned.get("chunk_size"))
+    given = chunk_size if chunk_size is not None else tuned.get("chunk_size")
+    chunks = (_check_chunk(given),) if given is not None else CHUNK_CANDIDATES
     forced = _check_form(checked, form)
-    estimates = tuple(
-        Estimate(f, c, timing(c, dev).total_s)
-        for f in checked.forms
-        for c in (cost(checked, f, shape, chunk_size=chunk),)
-    )
+    estimates = tuple(_estimate(checked, f, shape, chunks, dev) for f in checked.forms)
     best = min(estimates, key=lambda e: (e.time_s, PREFERENCE.index(e.form)))
-    decode = _tokens_per_seq(shape) == 1 and ir.Form.RECURRENT in checked.forms
     if forced is not None:
         chosen = next(e for e in estimates if e.form is forced)
         reason = _forced_reason(chosen, best, dev)
-    elif decode:
+    elif _tokens_per_seq(shape) == 1 and ir.Form.RECURRENT in checked.forms:
         chosen = next(e for e in estimates if e.form is ir.Form.RECURRENT)
         reason = (
             "decode (one token per sequence): one recurrent step reads and writes the state "
@@ -129,13 +131,13 @@ def plan(
     else:
         chosen = best
         reason = _cheapest_reason(chosen, estimates, shape, dev)
-    tiles = _tiles(checked, chosen.form, chunk, shape, dev) | {
+    tiles = _tiles(checked, chosen.form, chosen.chunk_size, shape, dev) | {
         k: v for k, v in tuned.items() if k != "chunk_size"
     }
-    _check_block_t(chosen.form, tiles["block_t"], chunk)
+    _check_block_t(chosen.form, tiles["block_t"], chosen.chunk_size)
     return Plan(
         form=chosen.form,
-        chunk_size=chunk,
+        chunk_size=chosen.chunk_size,
         device=dev.name,
         reason=reason,
         estimates=estimates,
@@ -157,24 +159,24 @@ def explain(
     seqs = f"{shape.num_seqs} packed sequences" if shape.num_seqs > 1 else "1 sequence each"
     lines = [
         f"{checked.spec.name} on {dev.name}: batch {shape.batch} × seqlen {shape.seqlen} "
-        f"({seqs}), {shape.dtype_bytes}-byte inputs, chunk {p.chunk_size}",
+        f"({seqs}), {shape.dtype_bytes}-byte inputs",
     ]
     if dev.note:
         lines.append(f"note: {dev.note}")
     header = ("form", "matmul FLOP", "scalar FLOP", "bytes", "state", "launches", "time", "bound")
     rows = [header]
     for e in p.estimates:
-        t = timing(e.cost, dev)
+        label = e.form.value + (f" Q={e.chunk_size}" if e.form is ir.Form.CHUNKED else "")
         rows.append(
             (
-                ("→ " if e.form is p.form else "  ") + e.form.value,
+                ("→ " if e.form is p.form else "  ") + label,
                 _si(e.cost.matmul_flops),
                 _si(e.cost.scalar_flops),
                 _si(e.cost.bytes, "B"),
                 _si(e.cost.state_bytes, "B"),
                 str(e.cost.kernels),
                 _fmt_time(e.time_s),
-                t.bound,
+                timing(e.cost, dev).bound,
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -190,6 +192,18 @@ def explain(
     return "\n".join(lines)
 
 
+def _estimate(
+    checked: ir.CheckedSpec, form: ir.Form, shape: Shape, chunks: tuple[int, ...], dev: Device
+) -> Estimate:
+    """The form's estimate at its cheapest chunk (only the chunked form tries them all)."""
+    tried = chunks if form is ir.Form.CHUNKED else chunks[:1]
+    options = []
+    for chunk in tried:
+        c = cost(checked, form, shape, chunk_size=chunk)
+        options.append(Estimate(form, c, timing(c, dev).total_s, chunk))
+    return min(options, key=lambda e: e.time_s)
+
+
 def _tiles(
     checked: ir.CheckedSpec, form: ir.Form, chunk: int, shape: Shape, dev: Device
 ) -> dict[str, int]:
@@ -199,10 +213,11 @@ def _tiles(
     stages = 1 if dev.sm_count == 1 else (3 if dev.name in ("H100", "H200") else 2)
     T = _tokens_per_seq(shape)
     if form is ir.Form.RECURRENT:
+        block_n = _pow2(N)
         return dict(
             block_t=1,
-            block_n=_pow2(N),
-            block_p=min(_pow2(P), 16),
+            block_n=block_n,
+            block_p=min(_pow2(P), max(1, 2048 // block_n)),
             num_warps=4,
             num_stages=min(stages, 2),
         )
@@ -214,12 +229,12 @@ def _tiles(
             num_warps=4,
             num_stages=1,
         )
-    if isinstance(checked.spec.mask, ir.Toeplitz):
-        block_t, block_n, block_p = _clamp(T, 16, chunk), 16, _clamp(shape.batch * P, 16, top)
-    elif form is ir.Form.QUADRATIC:
-        block_t, block_n, block_p = _clamp(T, 16, chunk), _clamp(N, 16, 2 * top), _clamp(P, 16, top)
+    if form is ir.Form.QUADRATIC:
+        block_t = min(quadratic_tile(T, chunk), top)
+        block_n = 16 if isinstance(checked.spec.mask, ir.Toeplitz) else _clamp(N, 16, top)
     else:
-        block_t, block_n, block_p = min(chunk, top), _clamp(N, 16, top), _clamp(P, 16, top)
+        block_t, block_n = min(chunk, top), _clamp(N, 16, top)
+    block_p = _clamp(P, 16, top)
     warps = 8 if block_t * max(block_n, block_p) >= 64 * 128 else 4
     return dict(
         block_t=block_t, block_n=block_n, block_p=block_p, num_warps=warps, num_stages=stages
@@ -246,10 +261,8 @@ def _check_form(checked: ir.CheckedSpec, form: ir.Form | str | None) -> ir.Form 
     return form
 
 
-def _check_chunk(chunk: int | None) -> int:
-    """A chunk length Q: a power of two in 16..256 (64 when not given)."""
-    if chunk is None:
-        return DEFAULT_CHUNK
+def _check_chunk(chunk: int) -> int:
+    """A chunk length Q: a power of two in 16..256."""
     lo, hi = CHUNK_RANGE
     if not (_is_pow2(chunk) and lo <= chunk <= hi):
         raise PlanError(f"chunk_size must be a power of two in {lo}..{hi}, got {chunk}")
@@ -274,7 +287,7 @@ def _check_tuned(tuned: Mapping[str, int]) -> dict[str, int]:
 
 
 def _check_block_t(form: ir.Form, block_t: int, chunk: int) -> None:
-    """A chunked kernel tiles each chunk exactly: block_t must divide Q."""
+    """A chunked kernel tiles each chunk exactly: block_t must divide Q (powers of two: ≤)."""
     if form is ir.Form.CHUNKED and block_t > chunk:
         raise PlanError(f"block_t = {block_t} must divide chunk_size = {chunk}")
 
