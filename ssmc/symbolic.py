@@ -211,6 +211,13 @@ def _chunk_decay(a: tuple[Factors, ...], start: int, end: int) -> Factors:
     return _seg(a, end - 1, start - 1)
 
 
+def _mul(a: Matrix, b: Matrix) -> Matrix:
+    """a·b entry by entry, as sums of products (no conversion to a matrix domain)."""
+    return Matrix(
+        a.rows, b.cols, lambda i, j: sympy.Add(*(a[i, k] * b[k, j] for k in range(a.cols)))
+    )
+
+
 def _decay(f: Factors, h: Matrix) -> Matrix:
     """f ⊙ h: row n of h (N×P) times f_n, i.e. diag(f)·h without a symbolic matmul."""
     return Matrix(h.rows, h.cols, lambda n, p: f[n] * h[n, p])
@@ -278,7 +285,7 @@ def _recurrent(hd: _Head) -> tuple[Matrix, Matrix]:
     h, rows = hd.h0, []
     for t in range(hd.x.rows):
         h = _decay(hd.a[t], h) + _outer(hd.B[t, :], hd.x[t, :])
-        rows.append(hd.C[t, :] * h)
+        rows.append(_mul(hd.C[t, :], h))
     return Matrix.vstack(*rows), h
 
 
@@ -288,8 +295,8 @@ def _masked(hd: _Head, lo: int, hi: int) -> Matrix:
     y = sympy.zeros(Q, X.cols)
     for n in range(C.cols) if hd.diagonal else (0,):
         L = Matrix(Q, Q, lambda i, j, n=n: _seg(hd.a, lo + i, lo + j)[n] if i >= j else 0)
-        CB = C[:, n] * B[:, n].T if hd.diagonal else C * B.T
-        y += L.multiply_elementwise(CB) * X
+        CB = _mul(C[:, n], B[:, n].T) if hd.diagonal else _mul(C, B.T)
+        y += _mul(L.multiply_elementwise(CB), X)
     return y
 
 
@@ -300,7 +307,7 @@ def _chunked(hd: _Head, Q: int) -> tuple[Matrix, Matrix]:
         end = min(start + Q, T)
         y_diag = _masked(hd, start, end)
         for i, t in enumerate(range(start, end)):
-            y_off = hd.C[t, :] * _decay(_seg(hd.a, t, start - 1), H)
+            y_off = _mul(hd.C[t, :], _decay(_seg(hd.a, t, start - 1), H))
             rows.append(y_diag[i, :] + y_off)
         S = sympy.zeros(*H.shape)
         for t in range(start, end):
@@ -311,7 +318,9 @@ def _chunked(hd: _Head, Q: int) -> tuple[Matrix, Matrix]:
 
 def _initial_term(hd: _Head) -> Matrix:
     """What the initial state adds to y: C_tᵀ (seg(t, −1) ⊙ h0) per step."""
-    return Matrix.vstack(*(hd.C[t, :] * _decay(_seg(hd.a, t, -1), hd.h0) for t in range(hd.x.rows)))
+    return Matrix.vstack(
+        *(_mul(hd.C[t, :], _decay(_seg(hd.a, t, -1), hd.h0)) for t in range(hd.x.rows))
+    )
 
 
 def _state(hd: _Head) -> Matrix:
@@ -348,7 +357,7 @@ def _prove_sma(
 ) -> None:
     for h, hd in enumerate(_sma_heads(checked, s)):
         no_h0 = {e: sympy.Integer(0) for e in hd.h0}
-        Mx = _mixing(hd) * hd.x
+        Mx = _mul(_mixing(hd), hd.x)
         y_rec, h_rec = _recurrent(hd)
         ledger.compare(Form.RECURRENT, None, "y", h, y_rec.xreplace(no_h0), Mx)
         ledger.compare(Form.RECURRENT, None, "final_state", h, h_rec, _state(hd))
@@ -442,8 +451,8 @@ def _lti_recurrent(k: _Kernel) -> Matrix:
     A, B, C = k.lti
     h, rows = sympy.zeros(A.rows, k.x.cols), []
     for t in range(k.x.rows):
-        h = A * h + B * k.x[t, :]
-        rows.append(C.T * h)
+        h = _mul(A, h) + _mul(B, k.x[t, :])
+        rows.append(_mul(C.T, h))
     return Matrix.vstack(*rows)
 
 
