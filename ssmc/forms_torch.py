@@ -6,7 +6,8 @@ Outputs: y [b, T, H, P] in the dtype of x, final_state [b | S, H, N, P].
 
 Inside, every role is laid out head-first as [b, *hd, T, F]: the H output heads are
 written in mixed radix (`_Heads.digits`) so that each role's group index is a prefix of
-the digits, and a role with G < H heads has size-1 (broadcast) digits instead of copies.
+the digits, and a role with G < H heads has size-1 (broadcast) digits instead of copies
+(head counts that do not divide one another, e.g. 2 and 3 of 6, are gathered to H).
 Work is done in the dtype of x, promoted to fp32 for fp16/bf16; the state is fp32, or
 fp64 for fp64 inputs. Under `cu_seqlens` the recurrent form resets the state at each
 boundary in its loop; the other forms run each packed sequence on its own.
@@ -65,11 +66,10 @@ class _Heads:
         """[b, H, N, P] → [b, *hd, N, P] (a view)."""
         return s.unflatten(1, self.digits) if self.digits else s[:, 0]
 
-    def merge(self, t: Tensor, lead: int) -> Tensor:
-        """[*lead, *hd, *rest] → [*lead, H, *rest], broadcasting heads no role distinguished."""
-        k = len(self.digits)
-        full = (*t.shape[:lead], *self.digits, *t.shape[lead + k :])
-        return t.expand(full).reshape(*t.shape[:lead], self.H, *t.shape[lead + k :])
+    def merge(self, t: Tensor) -> Tensor:
+        """[b, *hd, *rest] → [b, H, *rest], broadcasting the digits no role distinguished."""
+        rest = t.shape[1 + len(self.digits) :]
+        return t.expand(t.shape[0], *self.digits, *rest).reshape(t.shape[0], self.H, *rest)
 
 
 def _dtypes(x: Tensor) -> tuple[torch.dtype, torch.dtype]:
@@ -110,7 +110,7 @@ def _state0(hd: _Heads, init: Tensor | None, b: int, N: int, P: int, x: Tensor) 
 
 def _y_out(hd: _Heads, y: Tensor, x: Tensor) -> Tensor:
     """y [b, *hd, T, P] → [b, T, H, P] in x's dtype."""
-    return hd.merge(y, 1).movedim(2, 1).to(x.dtype)
+    return hd.merge(y).movedim(2, 1).to(x.dtype)
 
 
 def _segments(cu_seqlens: Tensor) -> list[tuple[int, int]]:
@@ -189,7 +189,7 @@ def recurrent(
         if t in ends:
             finals[ends[t]] = h
     y = torch.stack(ys, dim=-2) if ys else xs.new_zeros(b, *hd.digits, 0, P)
-    return _y_out(hd, y, x), torch.cat([hd.merge(s, 1) for s in finals], dim=0)
+    return _y_out(hd, y, x), torch.cat([hd.merge(s) for s in finals], dim=0)
 
 
 def _segsum(la: Tensor) -> Tensor:
@@ -232,7 +232,7 @@ def quadratic(
     to_end = L[..., -1, :]
     Bx = torch.einsum("b...jn,b...jp->b...np", to_end[..., 1:, None] * Bs, xs)
     state = to_end[..., 0, None, None].to(sdtype) * h0 + Bx.to(sdtype)
-    return _y_out(hd, y, x), hd.merge(state, 1)
+    return _y_out(hd, y, x), hd.merge(state)
 
 
 def chunked(
@@ -280,7 +280,7 @@ def chunked(
     # 5. off-diagonal output: Y_off,l = exp(cs_l) C_lᵀ H_c
     y_off = torch.einsum("b...cln,b...cnp->b...clp", torch.exp(cs) * Cs, H_in)
     y = (y_diag + y_off).flatten(-3, -2)[..., :T, :]
-    return _y_out(hd, y, x), hd.merge(states[-1], 1)
+    return _y_out(hd, y, x), hd.merge(states[-1])
 
 
 def _toeplitz_matrix(kernel: Tensor, T: int) -> Tensor:
@@ -310,7 +310,7 @@ def _toeplitz(
     # The kernel [Gd, L] laid out as a role of a batch-1, length-L input: [1, *hd, L].
     K = hd.role(kernel.to(dtype).T[None, :, :, None])[..., 0]
     y = form(xs, K, hd)
-    return hd.merge(y, 1).movedim(2, 1).to(x.dtype)
+    return hd.merge(y).movedim(2, 1).to(x.dtype)
 
 
 def toeplitz_quadratic(
