@@ -325,6 +325,19 @@ def form_rule(checked: ir.CheckedSpec, forms: Sequence[ir.Form],
     return tuple(rule)
 
 
+def validate_names(spec: ir.Spec) -> None:
+    """Every declared name (spec, dims, tensors, axes, output) is a plain identifier."""
+    identifier(spec.name)
+    identifier(spec.output.name)
+    for d in spec.dims:
+        identifier(d.name)
+    for shape in (spec.output.shape, *(t.shape for t in spec.tensors)):
+        for axis in shape:
+            if isinstance(axis, str):
+                identifier(axis)
+    forward_params(spec)
+
+
 def forward_params(spec: ir.Spec) -> tuple[str, ...]:
     """The keyword parameters of `forward`: the declared names, checked to be usable."""
     names = []
@@ -342,7 +355,7 @@ def render_module(checked: ir.CheckedSpec, *, versions: Mapping[str, str] | None
     `versions` (ssmc, triton, torch) go into the header; the installed ones by default.
     """
     spec = checked.spec
-    identifier(spec.name)
+    validate_names(spec)
     forms = available_forms(checked)
     decay = decay_kind(checked)
     stage_ctx = {"decay": decay, "varlen": spec.varlen, "initial_state": spec.initial_state,
