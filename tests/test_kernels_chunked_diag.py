@@ -1,15 +1,19 @@
-"""The `chunked_diag` stages against the fp64 recurrent form, under TRITON_INTERPRET=1."""
+"""The `chunked_diag` stages against the fp64 recurrent form (interpreted without a GPU)."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Without a GPU the kernels run under the Triton interpreter; triton.jit reads the variable
+# when a kernel is decorated, so it is set before any generated module is loaded.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import functools  # noqa: E402
 import zlib  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from ssmc import forms_torch  # noqa: E402
 from ssmc.load import load_source  # noqa: E402
@@ -17,6 +21,9 @@ from ssmc.render import render_stage  # noqa: E402
 
 # an overflow or inf·0 anywhere inside the kernels (numpy warns under the interpreter) fails
 pytestmark = [pytest.mark.interpret, pytest.mark.filterwarnings("error::RuntimeWarning")]
+
+# On a GPU machine the same cases run compiled, on CUDA tensors.
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 HEADER = "import math\nimport torch\nimport triton\nimport triton.language as tl\n\n"
 
@@ -31,21 +38,26 @@ def oracle(x, s, log_a, B, C, heads, h0=None, cu_seqlens=None):
     """The fp64 recurrent reference on X̄ = x * s: y [b, T, H, P], final states."""
 
     def f64(t):
-        return None if t is None else t.double()
+        return None if t is None else t.double().cpu()
 
-    xbar = x.double() * s.double()[..., None] if s is not None else x.double()
+    xbar = f64(x) * f64(s)[..., None] if s is not None else f64(x)
     return forms_torch.recurrent(
         xbar, f64(log_a), f64(B), f64(C), heads, initial_state=f64(h0), cu_seqlens=cu_seqlens
     )
 
 
 def rel_err(out, ref):
-    return ((out.double() - ref).norm() / ref.norm()).item()
+    return ((out.double().cpu() - ref).norm() / ref.norm()).item()
+
+
+def to_device(*tensors):
+    """The tensors (None kept) on DEVICE: inputs are drawn on the CPU for every device alike."""
+    return tuple(None if t is None else t.to(DEVICE) for t in tensors)
 
 
 def strided(t: torch.Tensor) -> torch.Tensor:
     """The same values in a non-contiguous layout (every other element of a wider buffer)."""
-    wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+    wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
     wide[..., ::2] = t
     return wide[..., ::2]
 
@@ -109,6 +121,7 @@ def make_inputs(case: Case):
     s = 0.5 + torch.rand(batch, T, Gv, generator=g) if case.scale else None
     log_a = -(0.01 + (case.strongest - 0.01) * torch.rand(batch, T, Gd, N, generator=g))
     h0 = rand(states, H, N, P) if case.h0 else None
+    x, s, log_a, B, C, h0, cu_seqlens = to_device(x, s, log_a, B, C, h0, cu_seqlens)
     if case.noncontiguous:
         x, B, C, log_a = strided(x), strided(B), strided(C), strided(log_a)
         s = strided(s) if s is not None else None
@@ -122,10 +135,10 @@ def test_chunked_diag_matches_recurrent(case: Case) -> None:
     batch, T, _, P = x.shape
     N = B.shape[-1]
     states = len(case.seqlens) or batch
-    out = torch.full((batch, T, H, P), float("nan"))
+    out = torch.full((batch, T, H, P), float("nan"), device=DEVICE)
     if case.noncontiguous:
         out = strided(out)
-    final = torch.full((states, H, N, P), float("nan")) if case.ht else None
+    final = torch.full((states, H, N, P), float("nan"), device=DEVICE) if case.ht else None
     if case.ht and case.noncontiguous:
         final = strided(final)
 

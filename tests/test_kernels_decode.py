@@ -1,21 +1,28 @@
-"""The `decode` stage: consecutive steps equal the fp64 recurrent form, under TRITON_INTERPRET=1."""
+"""The `decode` stage: consecutive steps equal the fp64 recurrent form (interpreted without a GPU)."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Without a GPU the kernels run under the Triton interpreter; triton.jit reads the variable
+# when a kernel is decorated, so it is set before any generated module is loaded.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import functools  # noqa: E402
 import zlib  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from ssmc import forms_torch  # noqa: E402
 from ssmc.load import load_source  # noqa: E402
 from ssmc.render import render_stage  # noqa: E402
 
 pytestmark = pytest.mark.interpret
+
+# On a GPU machine the same cases run compiled, on CUDA tensors.
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 HEADER = "import math\nimport torch\nimport triton\nimport triton.language as tl\n\n"
 STEPS = 5
@@ -31,19 +38,24 @@ def oracle(x, s, log_a, B, C, heads, h0):
     """The fp64 recurrent reference over the whole sequence of steps, on X̄ = x * s."""
 
     def f64(t):
-        return None if t is None else t.double()
+        return None if t is None else t.double().cpu()
 
-    xbar = x.double() * s.double()[..., None] if s is not None else x.double()
+    xbar = f64(x) * f64(s)[..., None] if s is not None else f64(x)
     return forms_torch.recurrent(xbar, f64(log_a), f64(B), f64(C), heads, initial_state=f64(h0))
 
 
 def rel_err(out, ref):
-    return ((out.double() - ref).norm() / ref.norm()).item()
+    return ((out.double().cpu() - ref).norm() / ref.norm()).item()
+
+
+def to_device(*tensors):
+    """The tensors (None kept) on DEVICE: inputs are drawn on the CPU for every device alike."""
+    return tuple(None if t is None else t.to(DEVICE) for t in tensors)
 
 
 def strided(t: torch.Tensor) -> torch.Tensor:
     """The same values in a non-contiguous layout (every other element of a wider buffer)."""
-    wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+    wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
     wide[..., ::2] = t
     return wide[..., ::2]
 
@@ -98,7 +110,7 @@ def make_inputs(case: Case):
         "diagonal": -(0.01 + (low - 0.01) * torch.rand(batch, steps, Gd, N, generator=g)),
     }[case.decay]
     h0 = rand(batch, H, N, P)
-    return x, s, log_a, B, C, H, h0
+    return (*to_device(x, s, log_a, B, C), H, *to_device(h0))
 
 
 def step_inputs(t: int, x, s, log_a, B, C, noncontiguous: bool):
@@ -118,7 +130,7 @@ def test_decode_steps_match_recurrent(case: Case) -> None:
         state = strided(state)
     ys = []
     for t in range(case.steps):
-        out = torch.full((batch, H, P), float("nan"))
+        out = torch.full((batch, H, P), float("nan"), device=DEVICE)
         if case.noncontiguous:
             out = strided(out)
         stage(case.decay).decode_fwd(
@@ -135,12 +147,14 @@ def test_decode_state_batch_indices(decay: str) -> None:
     """Rows map to slots of a larger pool; a padding row (−1) leaves the pool untouched."""
     case = Case(f"{decay}-slots", decay=decay, batch=3, groups=(4, 2, 2, 4))
     x, s, log_a, B, C, H, _ = make_inputs(case)
-    slots = torch.tensor([4, -1, 1])
-    pool = torch.randn(6, H, 16, 16, generator=torch.Generator().manual_seed(7))
+    slots, pool = to_device(
+        torch.tensor([4, -1, 1]),
+        torch.randn(6, H, 16, 16, generator=torch.Generator().manual_seed(7)),
+    )
     before = pool.clone()
     ys = []
     for t in range(STEPS):
-        out = torch.full((3, H, 16), float("nan"))
+        out = torch.full((3, H, 16), float("nan"), device=DEVICE)
         stage(decay).decode_fwd(
             *step_inputs(t, x, s, log_a, B, C, False),
             heads=H,
