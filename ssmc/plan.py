@@ -297,9 +297,10 @@ def _cheapest_reason(
 ) -> str:
     others = [e for e in estimates if e.form is not chosen.form]
     bound = timing(chosen.cost, dev).bound
+    q = f" with Q = {chosen.chunk_size}" if chosen.form is ir.Form.CHUNKED else ""
     text = (
-        f"{chosen.form.value} is the fastest allowed form at T = {_tokens_per_seq(shape)} on "
-        f"{dev.name}: est. {_fmt_time(chosen.time_s)} ({bound}-bound)"
+        f"{chosen.form.value}{q} is the fastest allowed form at T = {_tokens_per_seq(shape)} "
+        f"on {dev.name}: est. {_fmt_time(chosen.time_s)} ({bound}-bound)"
     )
     if others:
         text += " vs " + ", ".join(f"{e.form.value} {_fmt_time(e.time_s)}" for e in others)

@@ -84,7 +84,7 @@ def test_long_mamba2_is_chunked() -> None:
     assert spec.pattern is ir.HeadPattern.MVA
     p = plan(spec, Shape(batch=1, seqlen=16384))
     assert p.form is ir.Form.CHUNKED
-    assert "chunked is the fastest" in p.reason and "recurrent" in p.reason
+    assert "chunked with Q = 256 is the fastest" in p.reason and "recurrent" in p.reason
 
 
 @pytest.mark.parametrize("name", ["toeplitz", "s4d", "lssl_hippo"])
