@@ -7,6 +7,7 @@ autotuner's cached entry (`tuned`) overrides them (DESIGN §4).
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -186,8 +187,11 @@ def explain(
         ]
         lines.append("  ".join(cells).rstrip())
     lines.append(
-        f"chose {p.form.value} (chunk {p.chunk_size}, tiles t{p.block_t} n{p.block_n} "
-        f"p{p.block_p}, warps {p.num_warps}, stages {p.num_stages}): {p.reason}"
+        f"chose {p.form.value}: chunk {p.chunk_size}, tiles t{p.block_t} n{p.block_n} "
+        f"p{p.block_p}, {p.num_warps} warps, {p.num_stages} stages"
+    )
+    lines += textwrap.wrap(
+        p.reason, width=96, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False
     )
     return "\n".join(lines)
 
