@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import sympy
 from sympy import Matrix
 
@@ -355,6 +356,7 @@ def _first_difference(lhs: Matrix, rhs: Matrix) -> tuple[tuple[int, int], sympy.
 def _prove_sma(
     checked: CheckedSpec, s: Sizes, chunk_sizes: tuple[int, ...], ledger: _Ledger
 ) -> None:
+    """Recurrent, quadratic and chunked (with and without h0) against M·x, head by head."""
     for h, hd in enumerate(_sma_heads(checked, s)):
         no_h0 = {e: sympy.Integer(0) for e in hd.h0}
         Mx = _mul(_mixing(hd), hd.x)
@@ -457,9 +459,10 @@ def _lti_recurrent(k: _Kernel) -> Matrix:
 
 
 def _prove_toeplitz(checked: CheckedSpec, s: Sizes, ledger: _Ledger) -> None:
+    """Quadratic and convolution (and the LTI recurrence) against M·x, head by head."""
     expansions = {Form.QUADRATIC: _toeplitz_quadratic, Form.CONVOLUTION: _convolution}
     for h, k in enumerate(_kernel_heads(checked, s)):
-        Mx = _toeplitz_matrix(k) * k.x
+        Mx = _mul(_toeplitz_matrix(k), k.x)
         if k.lti is not None:
             ledger.compare(Form.RECURRENT, None, "y", h, _lti_recurrent(k), Mx)
         for form in checked.forms:
@@ -473,8 +476,8 @@ def prove(
 
     H = `heads` output heads; ProofError naming every form whose expansion differs.
     """
-    if T < 1 or any(Q < 1 for Q in chunk_sizes):
-        raise ValueError(f"T and chunk sizes must be positive, got T={T}, {chunk_sizes}")
+    if T < 1 or heads < 1 or any(Q < 1 for Q in chunk_sizes):
+        raise ValueError(f"T, heads, chunk sizes must be positive: {T}, {heads}, {chunk_sizes}")
     t0 = time.perf_counter()
     mask, name = checked.spec.mask, checked.spec.name
     unknown = set(checked.forms) - FORMS[type(mask)]
@@ -524,7 +527,6 @@ def numeric_check(
     Runs at 4 heads (2 groups where the spec groups a role), N = P = 2, with skip, gate and
     the initial state; ProofError past `tol`; ImportError when the reference is absent.
     """
-    import numpy as np
     import torch
 
     from ssmc.bind import bind
@@ -584,8 +586,6 @@ def _shrunk(checked: CheckedSpec, s: Sizes) -> CheckedSpec:
 
 def _fill(values: dict[sympy.Symbol, float], role: str, array: Any, axes: str) -> None:
     """values[role_{axes}{index}] = array[index] for every index (as `_sym` names them)."""
-    import numpy as np
-
     for index in np.ndindex(array.shape):
         name = dict(zip(axes[: array.ndim], index, strict=True))
         values[_sym(role, **name)] = float(array[index])
@@ -593,8 +593,6 @@ def _fill(values: dict[sympy.Symbol, float], role: str, array: Any, axes: str) -
 
 def _lambdified(small: CheckedSpec, s: Sizes, roles: Any, tensors: Any, h0: Any) -> tuple[Any, Any]:
     """(y [1, T, H, P], final state [1, H, N, P] or None) from M lambdified at the roles."""
-    import numpy as np
-
     mask, values = small.spec.mask, dict[sympy.Symbol, float]()
 
     def by_group(t: Any) -> Any:
@@ -635,8 +633,6 @@ def _lti_numbers(small: CheckedSpec, tensors: Any) -> tuple[Any, Any, Any]:
     Written apart from `ssmc.lti` (HiPPO entry by entry, expm by scaling and squaring)
     so that the reference's kernel is checked, not restated.
     """
-    import numpy as np
-
     from ssmc.expr_torch import evaluate, squeeze_literals
 
     spec, mask = small.spec, small.spec.mask
@@ -676,7 +672,6 @@ def _lti_numbers(small: CheckedSpec, tensors: Any) -> tuple[Any, Any, Any]:
 
 def _hippo(measure: str, N: int) -> tuple[Any, Any]:
     """(A, B) of a HiPPO measure, entry by entry from docs/semantics.md."""
-    import numpy as np
 
     def entry(n: int, k: int) -> float:
         r = float(np.sqrt((2 * n + 1) * (2 * k + 1)))
@@ -693,8 +688,6 @@ def _hippo(measure: str, N: int) -> tuple[Any, Any]:
 
 def _expm(m: Any) -> Any:
     """exp(m): scaled to 1-norm ≤ 1/2, a 20-term Taylor series, squared back."""
-    import numpy as np
-
     norm = float(np.linalg.norm(m, 1))
     squarings = max(0, int(np.ceil(np.log2(max(norm, 1e-300) * 2))))
     result, term = np.eye(len(m)), np.eye(len(m))
