@@ -3,6 +3,7 @@ expansion is caught."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import FrozenInstanceError
 from pathlib import Path
 
@@ -229,6 +230,19 @@ def test_a_shifted_convolution_is_caught(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_a_form_without_expansion_is_refused() -> None:
     with pytest.raises(ProofError, match="no expansion of form chunked"):
         prove(checked(TOEPLITZ["toeplitz_learned"], (Form.CHUNKED,)))
+
+
+@pytest.mark.parametrize("structure", [*MASKS, *TOEPLITZ])
+def test_every_symbol_is_a_plain_identifier(structure: str) -> None:
+    # Only these names ever reach lambdify, which prints them into source.
+    mask, forms = MASKS.get(structure) or (TOEPLITZ[structure], (Form.QUADRATIC,))
+    names = {str(s) for s in mixing_matrix(checked(mask, forms, "MVA")).free_symbols}
+    assert names and all(re.fullmatch(r"[A-Za-z]+[0-9]?(_[a-z][0-9]+)+", n) for n in names)
+
+
+def test_sizes_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        prove(checked(*MASKS["causal"]), chunk_sizes=(0,))
 
 
 def test_proof_is_a_frozen_record() -> None:
