@@ -67,6 +67,7 @@ class Case:
     id: str
     T: int = 33
     chunk: int = 16
+    block_m: int | None = None  # rows of y per scan program (default min(chunk, 64))
     groups: tuple[int, int, int, int] = (4, 4, 4, 4)  # (Gv, Gk, Gq, Gd)
     P: int = 16
     scale: bool = True
@@ -84,6 +85,8 @@ CASES = [
     Case("mha-T64", T=64),
     Case("chunk32-T64", T=64, chunk=32),
     Case("chunk64-T33", chunk=64),
+    Case("chunk64-row-blocks16", chunk=64, block_m=16, T=70),
+    Case("chunk128-T150", chunk=128, T=150),
     Case("mqa-G1", groups=(1, 1, 4, 4)),
     Case("mka-G2", groups=(2, 4, 2, 4)),
     Case("mva-G1", groups=(4, 1, 1, 1)),
@@ -154,6 +157,7 @@ def test_chunked_diag_matches_recurrent(case: Case) -> None:
         final_state=final,
         cu_seqlens=cu_seqlens,
         chunk_size=case.chunk,
+        block_m=case.block_m,
     )
 
     y_ref, final_ref = oracle(x, s, log_a, B, C, H, h0=h0, cu_seqlens=cu_seqlens)
