@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import marshal
 import os
 import pickle
 import sys
@@ -124,7 +125,7 @@ def load_module(checked: CheckedSpec, *, cache_dir: str | os.PathLike[str] | Non
             # Another process may have written it while this one waited for the lock.
             if _read_sealed(path, warn=False) is None:
                 _write_atomic(path, seal(render.render_module(checked)))
-    module = _import_file(path, f"_ssmc_{checked.spec.name}_{key[:16]}")
+    module = _import_file(path, f"_ssmc_{checked.spec.name}_{key[:16]}", cache_code=True)
     _MODULES[key] = module
     return module
 
@@ -211,15 +212,41 @@ def load_source(source: str, name: str) -> types.ModuleType:
     return _import_file(path, f"_ssmc_src_{name}_{digest}")
 
 
-def _import_file(path: Path, module_name: str) -> types.ModuleType:
+def _import_file(path: Path, module_name: str, *, cache_code: bool = False) -> types.ModuleType:
+    """Import the file at `path`; with `cache_code`, its compiled code is kept beside it.
+
+    Python's own bytecode cache is often off (PYTHONDONTWRITEBYTECODE), and compiling a
+    generated module is most of a cached load, so the cache keeps `<entry>.code`: the
+    interpreter's magic number, the sha256 of the source, then the marshalled code.
+    """
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise CacheError(f"cannot import the generated module {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     try:
-        spec.loader.exec_module(module)
+        if cache_code:
+            exec(_compiled(path), module.__dict__)
+        else:
+            spec.loader.exec_module(module)
     except BaseException:
         del sys.modules[module_name]
         raise
     return module
+
+
+def _compiled(path: Path) -> types.CodeType:
+    source = path.read_bytes()
+    header = importlib.util.MAGIC_NUMBER + hashlib.sha256(source).digest()
+    code_path = path.with_name(path.name + ".code")
+    try:
+        data = code_path.read_bytes()
+        if data.startswith(header):
+            code = marshal.loads(data[len(header):])
+            if isinstance(code, types.CodeType):
+                return code
+    except (OSError, ValueError, EOFError, TypeError):
+        pass
+    code = compile(source, str(path), "exec", dont_inherit=True)
+    _write_atomic(code_path, header + marshal.dumps(code))
+    return code
