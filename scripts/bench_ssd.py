@@ -10,6 +10,7 @@ and of plain calls; ratios are peer / ssmc. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import sys
@@ -67,6 +68,38 @@ def bench(fn: Callable[[], object]) -> dict[str, float]:
     return {"graph_ms": float(graph), "plain_ms": float(plain)}
 
 
+def make_inputs(batch: int, T: int) -> dict[str, torch.Tensor]:
+    """Random Mamba-2 layer inputs (never zeros): bf16 x, z, B, C; fp32 dt, A, dt_bias, D."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    kw: dict[str, object] = {"device": "cuda", "generator": gen}
+    return {
+        "x": torch.randn(batch, T, H, P, dtype=torch.bfloat16, **kw),
+        "z": torch.randn(batch, T, H, P, dtype=torch.bfloat16, **kw),
+        "dt": torch.randn(batch, T, H, dtype=torch.float32, **kw) - 2.0,
+        "B": torch.randn(batch, T, G, N, dtype=torch.bfloat16, **kw),
+        "C": torch.randn(batch, T, G, N, dtype=torch.bfloat16, **kw),
+        "A": -torch.rand(H, dtype=torch.float32, **kw) * 4 - 0.5,
+        "dt_bias": torch.rand(H, dtype=torch.float32, **kw) * 0.5,
+        "D": torch.randn(H, dtype=torch.float32, **kw),
+    }
+
+
+def run_mamba(mamba: Callable[..., object], t: dict[str, torch.Tensor]) -> object:
+    """mamba_ssm's fused SSD with its recommended chunk 256."""
+    return mamba(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk_size=256, D=t["D"], z=t["z"],
+                 dt_bias=t["dt_bias"], dt_softplus=True, return_final_states=True)
+
+
+def run_fla(fla: Callable[..., object], t: dict[str, torch.Tensor]) -> object:
+    """FLA's chunk_simple_gla, with B and C expanded to every head as FLA needs."""
+    batch, T = t["x"].shape[:2]
+    delta = torch.nn.functional.softplus(t["dt"] + t["dt_bias"])
+    q = t["C"].expand(batch, T, H, N)
+    k = t["B"].expand(batch, T, H, N)
+    v = (t["x"] * delta[..., None]).to(t["x"].dtype)
+    return fla(q, k, v, g=delta * t["A"], scale=1.0, output_final_state=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mamba-src", default=None, help="unpacked mamba-ssm sdist folder")
@@ -79,36 +112,14 @@ def main() -> int:
     rows: list[dict[str, object]] = []
     table: list[tuple[int, int, dict[str, dict[str, float]]]] = []
     for batch, T in SHAPES:
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        kw = {"device": "cuda", "generator": gen}
-        x = torch.randn(batch, T, H, P, dtype=torch.bfloat16, **kw)
-        z = torch.randn(batch, T, H, P, dtype=torch.bfloat16, **kw)
-        dt = torch.randn(batch, T, H, dtype=torch.float32, **kw) - 2.0
-        B = torch.randn(batch, T, G, N, dtype=torch.bfloat16, **kw)
-        C = torch.randn(batch, T, G, N, dtype=torch.bfloat16, **kw)
-        A = -torch.rand(H, dtype=torch.float32, **kw) * 4 - 0.5
-        dt_bias = torch.rand(H, dtype=torch.float32, **kw) * 0.5
-        D = torch.randn(H, dtype=torch.float32, **kw)
+        inputs = make_inputs(batch, T)
         row: dict[str, object] = {"batch": batch, "T": T}
         times: dict[str, dict[str, float]] = {}
-
-        def ours() -> object:
-            return op(x=x, dt=dt, A=A, B=B, C=C, z=z, dt_bias=dt_bias, D=D, form="chunked")
-
-        times["ssmc"] = bench(ours)
+        times["ssmc"] = bench(functools.partial(op, **inputs, form="chunked"))
         if mamba is not None:
-            def peer() -> object:
-                return mamba(x, dt, A, B, C, chunk_size=256, D=D, z=z, dt_bias=dt_bias,
-                             dt_softplus=True, return_final_states=True)
-            times["mamba_ssm"] = bench(peer)
+            times["mamba_ssm"] = bench(functools.partial(run_mamba, mamba, inputs))
         if fla is not None:
-            def fla_call() -> object:
-                delta = torch.nn.functional.softplus(dt + dt_bias)
-                q = C.expand(batch, T, H, N)
-                k = B.expand(batch, T, H, N)
-                v = (x * delta[..., None]).to(x.dtype)
-                return fla(q, k, v, g=delta * A, scale=1.0, output_final_state=True)
-            times["fla_with_expansion"] = bench(fla_call)
+            times["fla_with_expansion"] = bench(functools.partial(run_fla, fla, inputs))
         row.update(times)
         rows.append(row)
         print(json.dumps(row))

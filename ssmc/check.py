@@ -49,7 +49,7 @@ def check(spec: ir.Spec, *, text: str | None = None) -> ir.CheckedSpec:
     if c.diagnostics:
         raise CheckError(c.diagnostics, source=spec.source, text=text)
     counts = ir.HeadCounts(output=output_heads, query=roles.get("query"), key=roles.get("key"),
-                           value=roles["value"] if roles.get("value") is not None else 1,
+                           value=roles.get("value") or 1,
                            decay=roles.get("decay"))
     _check_divides(c, counts)
     if c.diagnostics:
@@ -207,8 +207,8 @@ def _check_roles(c: _Checker, heads: frozenset[str], head_dim: ir.Size) -> dict[
             counts[role] = count
         elif role in ("skip", "gate"):
             output_heads = spec.output.shape[2]
-            want = {head_dim} if isinstance(head_dim, str) else set()
-            if count not in (1, output_heads) or not set(rest) <= want:
+            allowed = {head_dim} if isinstance(head_dim, str) else set()
+            if count not in (1, output_heads) or not set(rest) <= allowed:
                 c.error(f"the {role} must broadcast to the output [batch, seq, "
                         f"{output_heads}, {head_dim}]; it has axes {_axes_text(list(axes))}",
                         _span_of(value), f"e.g. `{role} {'D * x' if role == 'skip' else 'silu(z)'}`")

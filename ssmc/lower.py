@@ -7,11 +7,11 @@ consistency across statements (shapes, heads, names) is `check`'s job.
 from __future__ import annotations
 
 import difflib
-import keyword
 import enum
+import keyword
 import math
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import lark
 
@@ -81,8 +81,9 @@ class _Lowering:
 def lower(tree: lark.Tree, *, source: str = "<string>", text: str | None = None) -> ir.Spec:
     """Turn a parsed `.ssm` tree into a `Spec`; raise LowerError listing every problem."""
     state = _Lowering()
-    header, *statements = tree.children
-    name_token = header.children[0]
+    header, *statements = _kids(tree)
+    assert isinstance(header, lark.Tree)
+    name_token = _kids(header)[0]
     _declare_name(state, str(name_token), span_of(name_token), what="spec")
     for statement in statements:
         _statement(state, statement)
@@ -118,29 +119,35 @@ def lower(tree: lark.Tree, *, source: str = "<string>", text: str | None = None)
     )
 
 
+def _kids(node: lark.Tree | lark.Token) -> list[Any]:
+    """A syntax node's children; lark types them loosely, the grammar fixes what they are."""
+    assert isinstance(node, lark.Tree)
+    return list(node.children)
+
+
 def _statement(state: _Lowering, node: lark.Tree) -> None:
     kind = node.data
     if kind == "dim_stmt":
-        for item in node.children:
-            name_token, value_token = item.children
-            value = None
+        for item in _kids(node):
+            name_token, value_token = _kids(item)
+            size = None
             if value_token is not None:
-                value = int(value_token)
-                if not 1 <= value <= MAX_DIM_VALUE:
-                    state.error(f"dim {name_token} = {value} is out of range",
+                size = int(value_token)
+                if not 1 <= size <= MAX_DIM_VALUE:
+                    state.error(f"dim {name_token} = {size} is out of range",
                                 span_of(value_token), f"dims lie in 1 … {MAX_DIM_VALUE}")
             if _declare_name(state, str(name_token), span_of(name_token), what="dim"):
-                state.dims.append(ir.Dim(name=str(name_token), value=value,
+                state.dims.append(ir.Dim(name=str(name_token), value=size,
                                          span=span_of(item)))
     elif kind == "tensor_stmt":
-        kind_token, name_token, shape_node = node.children
+        kind_token, name_token, shape_node = _kids(node)
         shape = _shape(state, shape_node)
         if _declare_name(state, str(name_token), span_of(name_token), what="tensor"):
             state.tensors.append(ir.Tensor(name=str(name_token),
                                            kind=ir.TensorKind(str(kind_token)),
                                            shape=shape, span=span_of(node)))
     elif kind == "output_stmt":
-        name_token, shape_node = node.children
+        name_token, shape_node = _kids(node)
         shape = _shape(state, shape_node)
         if state.output is not None:
             state.error("the output is declared twice", span_of(node),
@@ -148,14 +155,14 @@ def _statement(state: _Lowering, node: lark.Tree) -> None:
         elif _declare_name(state, str(name_token), span_of(name_token), what="output"):
             state.output = ir.Output(name=str(name_token), shape=shape, span=span_of(node))
     elif kind == "let_stmt":
-        name_token, value_node = node.children
+        name_token, value_node = _kids(node)
         value = _expr(state, value_node)
         if _declare_name(state, str(name_token), span_of(name_token), what="let"):
             state.lets[str(name_token)] = value
     elif kind == "mask_stmt":
         _mask(state, node)
     elif kind == "role_stmt":
-        role_token, value_node = node.children
+        role_token, value_node = _kids(node)
         role = str(role_token)
         value = _expr(state, value_node)
         if role in state.roles:
@@ -165,7 +172,7 @@ def _statement(state: _Lowering, node: lark.Tree) -> None:
             state.roles[role] = value
             state.role_spans[role] = span_of(node)
     elif kind == "flag_stmt":
-        flag = str(node.children[0])
+        flag = str(_kids(node)[0])
         if flag in state.flags:
             state.error(f"`{flag}` is given twice", span_of(node), "keep one")
         state.flags.add(flag)
@@ -188,8 +195,8 @@ def _declare_name(state: _Lowering, name: str, span: Span | None, *, what: str) 
 
 def _shape(state: _Lowering, node: lark.Tree) -> tuple[ir.Size, ...]:
     axes: list[ir.Size] = []
-    for axis in node.children:
-        token = axis.children[0]
+    for axis in _kids(node):
+        token = _kids(axis)[0]
         if axis.data == "axis_int":
             value = int(token)
             if value != 1:
@@ -244,28 +251,28 @@ def _build_expr(state: _Lowering, node: lark.Tree | lark.Token) -> E.Expr:
     span = span_of(node)
     data = node.data if isinstance(node, lark.Tree) else None
     if data == "number":
-        value = float(node.children[0])
+        value = float(_kids(node)[0])
         if math.isinf(value):
             state.error("number too large", span, "numbers must be finite; write `inf` for ∞")
             value = 0.0
         return E.Num(value=value, span=span)
     if data == "ref":
-        name = str(node.children[0])
+        name = str(_kids(node)[0])
         if name == "inf":
             return E.Num(value=math.inf, span=span)
         if name in state.lets:
             return state.lets[name]
         return E.Ref(name=name, span=span)
     if data == "neg":
-        return E.Neg(operand=_build_expr(state, node.children[0]), span=span)
+        return E.Neg(operand=_build_expr(state, _kids(node)[0]), span=span)
     if data in ("add", "sub", "mul", "div", "pow"):
         op = {"add": E.Op.ADD, "sub": E.Op.SUB, "mul": E.Op.MUL, "div": E.Op.DIV,
               "pow": E.Op.POW}[data]
-        lhs, rhs = node.children
+        lhs, rhs = _kids(node)
         return E.BinOp(op=op, lhs=_build_expr(state, lhs), rhs=_build_expr(state, rhs),
                        span=span)
     if data == "call":
-        name_token, *arg_nodes = node.children
+        name_token, *arg_nodes = _kids(node)
         args = tuple(_build_expr(state, a) for a in arg_nodes if a is not None)
         name = str(name_token)
         try:
@@ -287,7 +294,7 @@ def _build_expr(state: _Lowering, node: lark.Tree | lark.Token) -> E.Expr:
 
 
 def _mask(state: _Lowering, node: lark.Tree) -> None:
-    name_token, args_node = node.children
+    name_token, args_node = _kids(node)
     name = str(name_token)
     span = span_of(node)
     errors_before = len(state.diagnostics)
@@ -304,10 +311,10 @@ def _mask(state: _Lowering, node: lark.Tree) -> None:
     kwargs: dict[str, E.Expr] = {}
     kwarg_spans: dict[str, Span | None] = {}
     raw: dict[str, lark.Tree] = {}
-    for kwarg in (args_node.children if args_node is not None else []):
-        if kwarg is None:
+    for kwarg in (_kids(args_node) if args_node is not None else []):
+        if not isinstance(kwarg, lark.Tree):
             continue
-        key_token, value_node = kwarg.children
+        key_token, value_node = _kids(kwarg)
         key = str(key_token)
         if key in kwargs:
             state.error(f"`{key}` is given twice", span_of(key_token), "keep one")
@@ -369,7 +376,7 @@ def _enum_arg(state: _Lowering, raw: dict[str, lark.Tree], key: str, enum_type: 
     node = raw[key]
     choices = [m.value for m in enum_type]
     if isinstance(node, lark.Tree) and node.data == "ref":
-        word = str(node.children[0])
+        word = str(_kids(node)[0])
         if word in choices:
             return enum_type(word)
         near = difflib.get_close_matches(word, choices, n=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+from collections.abc import Iterable
 
 import lark
 
@@ -114,7 +115,8 @@ def _check_limits(text: str, source: str) -> None:
 def _diagnose(err: lark.exceptions.UnexpectedInput, text: str) -> Diagnostic:
     line, column = max(err.line, 1), max(err.column, 1)
     if isinstance(err, lark.exceptions.UnexpectedCharacters):
-        char = text[err.pos_in_stream] if err.pos_in_stream < len(text) else ""
+        position = err.pos_in_stream or 0
+        char = text[position] if position < len(text) else ""
         span = Span(line=line, column=column, end_line=line, end_column=column + 1)
         return Diagnostic(
             message=f"unexpected character {char!r}",
@@ -152,8 +154,8 @@ def _describe(token: lark.Token) -> str:
     return f"`{token}`"
 
 
-def _hint_expected(expected: set[str] | frozenset[str] | list[str]) -> str:
-    words = sorted({_terminal_word(t) for t in expected})
+def _hint_expected(expected: Iterable[object]) -> str:
+    words = sorted({_terminal_word(str(t)) for t in expected})
     if not words:
         return "check the statement against docs/language.md"
     if len(words) > 8:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -70,14 +71,14 @@ def run_spec(path: str | Path, *, seqlen: int, batch: int, dims: Mapping[str, in
     inputs = {k: _cast(v, torch_dtype).to(device) for k, v in inputs64.items()}
 
     op = load(checked)
-    kwargs: dict[str, object] = {"form": form, "chunk_size": chunk_size}
+    call = functools.partial(op, **inputs, form=form, chunk_size=chunk_size)
     started = time.perf_counter()
-    y, state = op(**inputs, **kwargs)
+    y, state = call()
     if device == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
-    if device == "cuda":
-        seconds = _cuda_time(lambda: op(**inputs, **kwargs))
+        seconds = _cuda_time(call)
+    else:
+        seconds = time.perf_counter() - started
 
     y_ref, state_ref = reference(checked, None)(**inputs64)
     errors = {checked.spec.output.name: relative_error(y.cpu(), y_ref)}
@@ -112,7 +113,7 @@ def _path_taken(device: str) -> str:
     return "the PyTorch reference (no GPU; set TRITON_INTERPRET=1 to run the kernels)"
 
 
-def _cuda_time(call: object) -> float:
+def _cuda_time(call: Callable[[], object]) -> float:
     import triton.testing
 
     return float(triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median")) / 1e3

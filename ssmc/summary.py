@@ -70,7 +70,8 @@ def summary(checked: ir.CheckedSpec) -> str:
     if isinstance(spec.mask, ir.Toeplitz):
         lines.append("  state    none carried: Toeplitz forms (quadratic, convolution) keep no state")
     else:
-        shape = ("batch", h.output, checked.state_size, checked.head_dim)
+        shape: tuple[ir.Size, ...] = ("batch", h.output, checked.state_size or 1,
+                                      checked.head_dim)
         lines.append(f"  state    {shape_text(shape, spec)} fp32 per sequence")
     options = [flag for flag in ("initial_state", "final_state", "varlen") if getattr(spec, flag)]
     lines.append("  options  " + (", ".join(options) if options else "none"))
