@@ -1,0 +1,239 @@
+"""ops: every example end to end under the interpreter (every form, T ∈ {1, 33}, varlen,
+NaN-poisoned buffers) against the fp64 reference; the op schema, opcheck, torch.compile,
+gradients, tensor validation and the CPU reference fallback."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssmc import ir
+from ssmc.errors import TensorError
+from ssmc.expr_triton import UnsafeNameError
+from ssmc.load import load
+from ssmc.ops import SsmcOp, op_name, schema
+from ssmc.pipeline import parse_file, with_dims
+from ssmc.reference import random_inputs, reference
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted(p.stem for p in (ROOT / "examples").glob("*.ssm"))
+SMALL = {"mamba2": {"H": 4, "G": 2, "N": 8, "P": 4}, "mamba2_mha": {"H": 2, "N": 8, "P": 4},
+         "mka": {"H": 4, "G": 2, "N": 8, "P": 4}, "mqa": {"H": 4, "G": 2, "N": 8, "P": 4},
+         "retnet": {"H": 2, "N": 8, "P": 4}, "linear_attention": {"H": 2, "N": 8, "P": 4},
+         "gla": {"H": 2, "N": 8, "P": 4}, "mamba1": {"H": 4, "N": 8}, "s4d": {"H": 4, "N": 8},
+         "lssl_hippo": {"H": 4, "N": 8}, "toeplitz": {"H": 2, "L": 8, "P": 4}}
+BOUND = {torch.float32: 1e-5, torch.float16: 5e-3}
+
+
+def small(name: str) -> ir.CheckedSpec:
+    return with_dims(parse_file(ROOT / "examples" / f"{name}.ssm"), SMALL[name])
+
+
+class PoisonTorch(types.SimpleNamespace):
+    """torch, except that every float buffer a generated module allocates starts as NaN."""
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args: object, **kwargs: object) -> torch.Tensor:
+        out = torch.empty(*args, **kwargs)  # type: ignore[call-overload]
+        return out.fill_(math.nan) if out.is_floating_point() else out
+
+    @staticmethod
+    def empty_like(*args: object, **kwargs: object) -> torch.Tensor:
+        out = torch.empty_like(*args, **kwargs)  # type: ignore[arg-type]
+        return out.fill_(math.nan) if out.is_floating_point() else out
+
+
+@pytest.fixture
+def poisoned(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """Load a spec's op with NaN-filled allocations in its generated module."""
+
+    def make(checked: ir.CheckedSpec) -> SsmcOp:
+        op = load(checked)
+        monkeypatch.setattr(op.module, "torch", PoisonTorch())
+        return op
+
+    return make
+
+
+def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    assert got.shape == want.shape
+    assert not got.isnan().any(), "an element was never written"
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+def _cases() -> list[tuple[str, str, int]]:
+    cases = []
+    for name in EXAMPLES:
+        forms = ["auto", *(f.value for f in load(small(name)).forms)]
+        cases += [(name, form, T) for form in forms for T in (1, 33)]
+    return cases
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(("name", "form", "T"), _cases())
+def test_example_matches_reference(name: str, form: str, T: int, poisoned, gen) -> None:  # type: ignore[no-untyped-def]
+    checked = small(name)
+    op = poisoned(checked)
+    inputs = random_inputs(checked, batch=2, seqlen=T, dtype=torch.float64, generator=gen)
+    init = inputs.pop("initial_state", None)
+    want, want_state = reference(checked)(**inputs, initial_state=init)
+    y, state = op(**{k: v.float() for k, v in inputs.items()},
+                  initial_state=None if init is None else init.float(),
+                  form=None if form == "auto" else form)
+    assert y.dtype == torch.float32
+    assert rel(y, want) <= 1e-5
+    assert (state is None) == (not checked.spec.final_state)
+    if state is not None:
+        assert state.dtype == torch.float32 and rel(state, want_state) <= 1e-5
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("name", [n for n in EXAMPLES if small(n).spec.varlen])
+def test_varlen_matches_reference(name: str, poisoned, gen) -> None:  # type: ignore[no-untyped-def]
+    checked = small(name)
+    op = poisoned(checked)
+    lengths = [5, 1, 11, 16]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    inputs = random_inputs(checked, batch=1, seqlen=sum(lengths), dtype=torch.float64,
+                           generator=gen)
+    inputs.pop("initial_state", None)
+    state_shape = (len(lengths), *(SMALL[name][d] for d in ("H", "N", "P")))
+    init = (torch.randn(state_shape, generator=gen, dtype=torch.float64)
+            if checked.spec.initial_state else None)
+    want, want_state = reference(checked)(**inputs, initial_state=init, cu_seqlens=cu)
+    for form in op.forms:
+        y, state = op(**{k: v.float() for k, v in inputs.items()},
+                      initial_state=None if init is None else init.float(), cu_seqlens=cu,
+                      form=form)
+        assert rel(y, want) <= 1e-5, form
+        assert rel(state, want_state) <= 1e-5, form
+
+
+@pytest.mark.interpret
+def test_half_precision_inputs(poisoned, gen) -> None:  # type: ignore[no-untyped-def]
+    checked = small("mamba2")
+    op = poisoned(checked)
+    inputs = random_inputs(checked, batch=2, seqlen=33, dtype=torch.float16, generator=gen)
+    init = inputs.pop("initial_state").float()
+    want, _ = reference(checked)(**{k: v.double() for k, v in inputs.items()},
+                                 initial_state=init.double())
+    for form in op.forms:
+        y, state = op(**inputs, initial_state=init, form=form)
+        assert y.dtype == torch.float16 and state.dtype == torch.float32
+        assert rel(y, want) <= BOUND[torch.float16], form
+
+
+def test_op_names_and_schema_come_from_identifiers() -> None:
+    checked = parse_file(ROOT / "examples" / "mamba2.ssm")
+    assert op_name(checked).startswith("mamba2_") and len(op_name(checked)) == len("mamba2_") + 8
+    assert schema(checked).startswith("(Tensor x, Tensor dt, Tensor B, Tensor C, Tensor z, ")
+    assert schema(checked).endswith("-> (Tensor, Tensor)")
+    assert schema(parse_file(ROOT / "examples" / "s4d.ssm")).endswith("-> Tensor")
+    spec = checked.spec
+    bad = tuple(ir.Tensor(name="x) -> Tensor; (" if t.name == "z" else t.name, kind=t.kind,
+                          shape=t.shape) for t in spec.tensors)
+    hostile = ir.CheckedSpec(**{f: getattr(checked, f) for f in checked.__dataclass_fields__}
+                             | {"spec": ir.Spec(**{f: getattr(spec, f) for f in
+                                                   spec.__dataclass_fields__} | {"tensors": bad})})
+    with pytest.raises(UnsafeNameError):
+        schema(hostile)
+
+
+@pytest.mark.interpret
+def test_opcheck_and_compile_fullgraph(gen: torch.Generator) -> None:
+    checked = small("mamba2")
+    op = load(checked)
+    inputs = random_inputs(checked, batch=2, seqlen=5, dtype=torch.float32, generator=gen)
+    init = inputs.pop("initial_state")
+    args = (*(inputs[t.name] for t in checked.spec.tensors), init, None, "chunked", None)
+    results = torch.library.opcheck(op.op, args)
+    assert set(results.values()) == {"SUCCESS"}, results
+
+    def f(**tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return op(**tensors, initial_state=init, form="chunked")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    y, state = compiled(**inputs)
+    y0, state0 = f(**inputs)
+    assert torch.equal(y, y0) and state is not None and torch.equal(state, state0)
+
+
+@pytest.mark.interpret
+def test_gradients_match_reference(gen: torch.Generator) -> None:
+    checked = small("mamba2")
+    op = load(checked)
+    inputs = random_inputs(checked, batch=2, seqlen=9, dtype=torch.float64, generator=gen)
+    init = inputs.pop("initial_state")
+    leaves = {k: v.float().requires_grad_() for k, v in inputs.items()}
+    y, state = op(**leaves, initial_state=init.float(), form="chunked")
+    (y.square().sum() + state.sum()).backward()
+    ref = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    y64, state64 = reference(checked)(**ref, initial_state=init)
+    (y64.square().sum() + state64.sum()).backward()
+    for name, leaf in leaves.items():
+        assert leaf.grad is not None and rel(leaf.grad, ref[name].grad) <= 1e-4, name
+
+
+def test_tensors_are_validated_before_anything_runs(gen: torch.Generator) -> None:
+    checked = small("mamba2")
+    op = load(checked)
+    inputs = random_inputs(checked, batch=2, seqlen=4, dtype=torch.float32, generator=gen)
+    inputs.pop("initial_state")
+    with pytest.raises(TensorError, match="dt_bias"):
+        op(**(inputs | {"dt_bias": torch.zeros(5)}))
+    with pytest.raises(TensorError, match="z"):
+        op(**{k: v for k, v in inputs.items() if k != "z"})
+    with pytest.raises(TensorError, match="cu_seqlens"):
+        op(**inputs, cu_seqlens=torch.tensor([0, 2, 4]))
+
+
+def test_validation_is_cached_per_metadata(monkeypatch: pytest.MonkeyPatch,
+                                           gen: torch.Generator) -> None:
+    import ssmc.ops as ops
+
+    checked = small("mamba2")
+    op = load(checked)
+    calls = []
+    real = ops.bind
+    monkeypatch.setattr(ops, "bind", lambda *a, **k: calls.append(1) or real(*a, **k))
+    inputs = random_inputs(checked, batch=1, seqlen=1, dtype=torch.float32, generator=gen)
+    inputs.pop("initial_state")
+    for _ in range(3):
+        op._validate(inputs, None, None)
+    assert len(calls) == 1
+
+
+def test_cpu_without_interpreter_runs_the_reference(tmp_path: Path) -> None:
+    code = (
+        "import warnings, torch\n"
+        "from ssmc.load import load\n"
+        "from ssmc.pipeline import parse_file, with_dims\n"
+        "from ssmc.reference import random_inputs, reference\n"
+        f"c = with_dims(parse_file({str(ROOT / 'examples' / 'mamba2.ssm')!r}), {SMALL['mamba2']!r})\n"
+        "op = load(c)\n"
+        "x = random_inputs(c, batch=2, seqlen=7, dtype=torch.float32)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    y, s = op(**x)\n"
+        "    op(**x)\n"
+        "ref, _ = reference(c)(**x)\n"
+        "assert torch.allclose(y, ref), 'the reference ran'\n"
+        "print(sum('PyTorch reference' in str(m.message) for m in w))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env |= {"SSMC_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, text=True,
+                            capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "1", "said once"
