@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from ssmc import expr as E
 from ssmc import ir
 from ssmc.errors import SsmcError
+from ssmc.expr_torch import evaluate_named
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 TEMP_PREFIX = "t_"
@@ -62,80 +63,15 @@ def number(value: float) -> str:
 
 
 def fold(expr: E.Expr) -> float | None:
-    """The value of a constant expression (no tensor references), else None."""
-    match expr:
-        case E.Num(value=value):
-            return value
-        case E.Ref():
-            return None
-        case E.Neg(operand=operand):
-            inner = fold(operand)
-            return None if inner is None else -inner
-        case E.BinOp(op=op, lhs=lhs, rhs=rhs):
-            a, b = fold(lhs), fold(rhs)
-            return None if a is None or b is None else _fold_binary(op, a, b)
-        case E.Call(func=func, args=args):
-            values = [fold(a) for a in args]
-            if any(v is None for v in values):
-                return None
-            return _fold_call(func, [v for v in values if v is not None])
-    raise TypeError(f"not an expression node: {expr!r}")
+    """The value of a constant expression (it reads no tensor or dim), else None.
 
-
-def _fold_binary(op: E.Op, a: float, b: float) -> float:
-    try:
-        match op:
-            case E.Op.ADD:
-                return a + b
-            case E.Op.SUB:
-                return a - b
-            case E.Op.MUL:
-                return a * b
-            case E.Op.DIV:
-                return a / b if b != 0 else (math.copysign(math.inf, a) if a != 0 else math.nan)
-            case E.Op.POW:
-                return float(a**b) if not (a < 0 and not b.is_integer()) else math.nan
-    except OverflowError:
-        return math.inf
-    raise AssertionError(op)
-
-
-def _fold_call(func: E.Func, args: list[float]) -> float:
-    v = args[0]
-    try:
-        match func:
-            case E.Func.EXP:
-                return math.exp(v)
-            case E.Func.LOG:
-                return math.log(v) if v > 0 else (-math.inf if v == 0 else math.nan)
-            case E.Func.SQRT:
-                return math.sqrt(v) if v >= 0 else math.nan
-            case E.Func.SOFTPLUS:
-                return max(v, 0.0) + math.log1p(math.exp(-abs(v)))
-            case E.Func.LOGSIGMOID:
-                return min(v, 0.0) - math.log1p(math.exp(-abs(v)))
-            case E.Func.SIGMOID:
-                return _sigmoid(v)
-            case E.Func.SILU:
-                return v * _sigmoid(v)
-            case E.Func.TANH:
-                return math.tanh(v)
-            case E.Func.ABS:
-                return abs(v)
-            case E.Func.MIN:
-                return min(args[0], args[1])
-            case E.Func.MAX:
-                return max(args[0], args[1])
-            case E.Func.CLAMP:
-                return min(max(args[0], args[1]), args[2])
-    except OverflowError:
-        return math.inf
-    raise AssertionError(func)
-
-
-def _sigmoid(v: float) -> float:
-    e = math.exp(-abs(v))
-    return 1.0 / (1.0 + e) if v >= 0 else e / (1.0 + e)
+    Constants are evaluated by the torch evaluator in fp64, so a folded value is exactly
+    what the reference computes; Triton never sees an operation on two literals.
+    """
+    if E.refs(expr):
+        return None
+    value, _ = evaluate_named(expr, {}, {})
+    return float(value)
 
 
 class Emitter:
@@ -253,7 +189,9 @@ def _tanh(em: Emitter, args: list[str]) -> str:
     e = em.assign(f"tl.exp(-2.0 * {a})")
     big = em.assign(f"(1.0 - {e}) / (1.0 + {e})")
     v2 = em.assign(f"{v} * {v}")
-    small = em.assign(f"{a} * (1.0 + {v2} * (-1.0 / 3.0 + {v2} * (2.0 / 15.0 - {v2} * (17.0 / 315.0))))")
+    small = em.assign(
+        f"{a} * (1.0 + {v2} * (-1.0 / 3.0 + {v2} * (2.0 / 15.0 - {v2} * (17.0 / 315.0))))"
+    )
     magnitude = em.assign(f"tl.where({a} < {_TANH_SERIES!r}, {small}, {big})")
     return em.assign(f"tl.where({v} < 0, -{magnitude}, {magnitude})")
 
@@ -399,8 +337,9 @@ class Extra:
     shape: tuple[ir.Size, ...]
 
 
-def elementwise(name: str, spec: ir.Spec, targets: Sequence[Target],
-                extras: Sequence[Extra] = ()) -> Elementwise:
+def elementwise(
+    name: str, spec: ir.Spec, targets: Sequence[Target], extras: Sequence[Extra] = ()
+) -> Elementwise:
     """Lay out the kernel `<name>_fwd_kernel` computing every target over one iteration space."""
     identifier(name)
     axes = tuple(a for a in targets[0].shape if isinstance(a, str))
@@ -419,8 +358,10 @@ def elementwise(name: str, spec: ir.Spec, targets: Sequence[Target],
         index[axis] = f"{var}[None, :]"
 
     bound = {d.name: d.value for d in spec.dims}
-    exprs = [E.substitute(t.expr, {n: E.Num(value=float(v)) for n, v in bound.items()
-                                   if v is not None}) for t in targets]
+    exprs = [
+        E.substitute(t.expr, {n: E.Num(value=float(v)) for n, v in bound.items() if v is not None})
+        for t in targets
+    ]
     used = set().union(*(E.refs(x) for x in exprs))
     names: dict[str, str] = {}
     dims = []
@@ -432,35 +373,80 @@ def elementwise(name: str, spec: ir.Spec, targets: Sequence[Target],
     for position, tensor in enumerate(spec.tensors):
         if tensor.name in used:
             names[tensor.name] = prefixed("b_", tensor.name)
-            operands.append(_operand(
-                label=tensor.name, source=f"tensors[{position}]", ptr=prefixed("p_", tensor.name),
-                block=names[tensor.name], stride_prefix=prefixed("s_", tensor.name) + "_",
-                shape=tensor.shape, index=index))
+            operands.append(
+                _operand(
+                    label=tensor.name,
+                    source=f"tensors[{position}]",
+                    ptr=prefixed("p_", tensor.name),
+                    block=names[tensor.name],
+                    stride_prefix=prefixed("s_", tensor.name) + "_",
+                    shape=tensor.shape,
+                    index=index,
+                )
+            )
     for extra in extras:
         names[extra.key] = identifier(extra.block)
-        operands.append(_operand(
-            label=extra.source, source=extra.source, ptr=identifier(extra.ptr), block=extra.block,
-            stride_prefix=f"{extra.ptr}_s", shape=extra.shape, index=index))
+        operands.append(
+            _operand(
+                label=extra.source,
+                source=extra.source,
+                ptr=identifier(extra.ptr),
+                block=extra.block,
+                stride_prefix=f"{extra.ptr}_s",
+                shape=extra.shape,
+                index=index,
+            )
+        )
 
     emitter = Emitter(names)
     results = []
     for j, (target, value) in enumerate(zip(targets, exprs, strict=True)):
         ptr = f"out{j}"
-        strides = tuple((f"{ptr}_s{k}", k) for k, a in enumerate(target.shape) if isinstance(a, str))
-        offset = " + ".join(f"{index[a]} * {ptr}_s{k}" for k, a in enumerate(target.shape)
-                            if isinstance(a, str)) or "0"
-        results.append(Result(role=identifier(target.role), ptr=ptr, shape=target.shape,
-                              strides=strides, offset=offset, value=emitter.emit(value),
-                              constant=fold(value) is not None, dtype=target.dtype,
-                              text=E.show(target.expr).replace("@core", "y")))
-    return Elementwise(name=name, batch=ir.BATCH in axes, seq=ir.SEQ in axes,
-                       cols=tuple(col_axes), dims=tuple(dims), operands=tuple(operands),
-                       body=tuple(emitter.lines), results=tuple(results),
-                       extra_args=tuple(e.source for e in extras))
+        strides = tuple(
+            (f"{ptr}_s{k}", k) for k, a in enumerate(target.shape) if isinstance(a, str)
+        )
+        offset = (
+            " + ".join(
+                f"{index[a]} * {ptr}_s{k}" for k, a in enumerate(target.shape) if isinstance(a, str)
+            )
+            or "0"
+        )
+        results.append(
+            Result(
+                role=identifier(target.role),
+                ptr=ptr,
+                shape=target.shape,
+                strides=strides,
+                offset=offset,
+                value=emitter.emit(value),
+                constant=fold(value) is not None,
+                dtype=target.dtype,
+                text=E.show(target.expr).replace("@core", "y"),
+            )
+        )
+    return Elementwise(
+        name=name,
+        batch=ir.BATCH in axes,
+        seq=ir.SEQ in axes,
+        cols=tuple(col_axes),
+        dims=tuple(dims),
+        operands=tuple(operands),
+        body=tuple(emitter.lines),
+        results=tuple(results),
+        extra_args=tuple(e.source for e in extras),
+    )
 
 
-def _operand(*, label: str, source: str, ptr: str, block: str, stride_prefix: str,
-             shape: tuple[ir.Size, ...], index: Mapping[str, str]) -> Operand:
+def _operand(
+    *,
+    label: str,
+    source: str,
+    ptr: str,
+    block: str,
+    stride_prefix: str,
+    shape: tuple[ir.Size, ...],
+    index: Mapping[str, str],
+) -> Operand:
     terms, strides = [], []
     for k, axis in enumerate(shape):
         if not isinstance(axis, str):
@@ -473,9 +459,21 @@ def _operand(*, label: str, source: str, ptr: str, block: str, stride_prefix: st
     rows = ROW_INDEX in " ".join(terms)
     cols = "[None, :]" in " ".join(terms)
     mask = " & ".join(m for m, on in ((ROW_MASK, rows), (COL_MASK, cols)) if on) or None
-    tile = {(True, True): "[BLOCK_R, BLOCK_C]", (True, False): "[BLOCK_R, 1]",
-            (False, True): "[1, BLOCK_C]", (False, False): "[]"}[(rows, cols)]
+    tile = {
+        (True, True): "[BLOCK_R, BLOCK_C]",
+        (True, False): "[BLOCK_R, 1]",
+        (False, True): "[1, BLOCK_C]",
+        (False, False): "[]",
+    }[(rows, cols)]
     decl = "[" + ", ".join(str(a) for a in shape) + "]"
-    return Operand(label=label, source=source, ptr=ptr, block=identifier(block),
-                   strides=tuple(strides), offset=" + ".join(terms) or "0", mask=mask,
-                   tile=tile, decl=decl)
+    return Operand(
+        label=label,
+        source=source,
+        ptr=ptr,
+        block=identifier(block),
+        strides=tuple(strides),
+        offset=" + ".join(terms) or "0",
+        mask=mask,
+        tile=tile,
+        decl=decl,
+    )

@@ -40,8 +40,9 @@ class OverwriteError(SsmcError, FileExistsError):
     """`compile -o` would overwrite a file that ssmc did not write."""
 
 
-def load(spec: CheckedSpec | str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None
-         = None) -> SsmcOp:
+def load(
+    spec: CheckedSpec | str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None
+) -> SsmcOp:
     """Parse/check `spec` (a CheckedSpec, a `.ssm` path or spec text) and return its op."""
     from ssmc.ops import SsmcOp
 
@@ -49,8 +50,9 @@ def load(spec: CheckedSpec | str | os.PathLike[str], *, cache_dir: str | os.Path
     return SsmcOp(checked, load_module(checked, cache_dir=cache_dir))
 
 
-def as_checked(spec: CheckedSpec | str | os.PathLike[str], *,
-               cache_dir: str | os.PathLike[str] | None = None) -> CheckedSpec:
+def as_checked(
+    spec: CheckedSpec | str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None
+) -> CheckedSpec:
     """A CheckedSpec from itself, spec text, or a `.ssm` path (its IR is cached on disk).
 
     The IR of a file is kept beside the modules, keyed by the file's path and text and
@@ -66,9 +68,10 @@ def as_checked(spec: CheckedSpec | str | os.PathLike[str], *,
     try:
         text = Path(spec).read_bytes()
     except OSError:
-        return pipeline.parse_file(spec)
-    key = hashlib.sha256(b"\0".join([os.fsencode(os.path.abspath(spec)), text,
-                                      _build_id().encode()])).hexdigest()
+        return pipeline.parse_file(Path(spec))
+    key = hashlib.sha256(
+        b"\0".join([os.fsencode(os.path.abspath(spec)), text, _build_id().encode()])
+    ).hexdigest()
     path = _folder(cache_dir) / f"ir_{key[:32]}.pickle"
     try:
         payload = path.read_bytes()
@@ -79,7 +82,7 @@ def as_checked(spec: CheckedSpec | str | os.PathLike[str], *,
                 return checked
     except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError):
         pass
-    checked = pipeline.parse_file(spec)
+    checked = pipeline.parse_file(Path(spec))
     body = pickle.dumps(checked, protocol=pickle.HIGHEST_PROTOCOL)
     _write_atomic(path, body + hashlib.sha256(body).hexdigest().encode())
     return checked
@@ -89,8 +92,9 @@ def as_checked(spec: CheckedSpec | str | os.PathLike[str], *,
 def _build_id() -> str:
     """ssmc, Triton and torch versions and the digest of ssmc's own sources."""
     versions = render.tool_versions()
-    return "\0".join([versions["ssmc"], versions["triton"], versions["torch"],
-                      render.build_digest()])
+    return "\0".join(
+        [versions["ssmc"], versions["triton"], versions["torch"], render.build_digest()]
+    )
 
 
 def cache_key(checked: CheckedSpec) -> str:
@@ -113,8 +117,9 @@ def default_cache_dir() -> Path:
     return Path(configured) if configured else Path.home() / ".cache" / "ssmc"
 
 
-def load_module(checked: CheckedSpec, *, cache_dir: str | os.PathLike[str] | None = None
-                ) -> types.ModuleType:
+def load_module(
+    checked: CheckedSpec, *, cache_dir: str | os.PathLike[str] | None = None
+) -> types.ModuleType:
     """The generated module of `checked`: from this process, the disk cache, or rendered."""
     key = cache_key(checked)
     if key in _MODULES:
@@ -155,8 +160,11 @@ def _read_sealed(path: Path, *, warn: bool) -> str | None:
         text = ""
     body = unseal(text)
     if body is None and warn:
-        warnings.warn(f"ssmc: the cached module {path} is damaged; rebuilding it",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"ssmc: the cached module {path} is damaged; rebuilding it",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return body
 
 
@@ -178,8 +186,11 @@ def _write_atomic(path: Path, data: str | bytes) -> None:
         raise CacheError(f"cannot write {path}: {err}") from err
 
 
-def compile_to_file(spec: CheckedSpec | str | os.PathLike[str], out_path: str | os.PathLike[str],
-                    force: bool = False) -> Path:
+def compile_to_file(
+    spec: CheckedSpec | str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    force: bool = False,
+) -> Path:
     """Write the standalone module of `spec` to `out_path` (imports only torch and triton).
 
     Refuses to replace a file that ssmc did not write, unless `force`.
@@ -190,8 +201,9 @@ def compile_to_file(spec: CheckedSpec | str | os.PathLike[str], out_path: str | 
         with open(path, encoding="utf-8", errors="replace") as f:
             first = f.readline()
         if not first.startswith(render.MARKER):
-            raise OverwriteError(f"{path} exists and was not written by ssmc; "
-                                 "pass --force to replace it")
+            raise OverwriteError(
+                f"{path} exists and was not written by ssmc; pass --force to replace it"
+            )
     _write_atomic(path, seal(render.render_module(checked)))
     return path
 
@@ -242,7 +254,7 @@ def _compiled(path: Path) -> types.CodeType:
     try:
         data = code_path.read_bytes()
         if data.startswith(header):
-            code = marshal.loads(data[len(header):])
+            code = marshal.loads(data[len(header) :])
             if isinstance(code, types.CodeType):
                 return code
     except (OSError, ValueError, EOFError, TypeError):

@@ -29,8 +29,24 @@ from ssmc.render import spec_hash
 
 _LIBRARY = torch.library.Library("ssmc", "FRAGMENT")
 _OPS: dict[str, _Registered] = {}
-_SCHEMA_WORDS = frozenset({"self", "out", "input", "Tensor", "int", "float", "str", "bool",
-                           "Scalar", "None", "SymInt", "Device", "Layout", "ScalarType"})
+_SCHEMA_WORDS = frozenset(
+    {
+        "self",
+        "out",
+        "input",
+        "Tensor",
+        "int",
+        "float",
+        "str",
+        "bool",
+        "Scalar",
+        "None",
+        "SymInt",
+        "Device",
+        "Layout",
+        "ScalarType",
+    }
+)
 _warned_reference = False
 
 
@@ -69,8 +85,10 @@ def schema(checked: ir.CheckedSpec) -> str:
     """The op schema, built only from validated identifiers."""
     args = ", ".join(f"Tensor {n}" for n in schema_names(checked))
     returns = "(Tensor, Tensor)" if checked.spec.final_state else "Tensor"
-    return (f"({args}, Tensor? initial_state=None, Tensor? cu_seqlens=None, str? form=None, "
-            f"int? chunk_size=None) -> {returns}")
+    return (
+        f"({args}, Tensor? initial_state=None, Tensor? cu_seqlens=None, str? form=None, "
+        f"int? chunk_size=None) -> {returns}"
+    )
 
 
 def register(checked: ir.CheckedSpec) -> _Registered:
@@ -93,15 +111,19 @@ def register(checked: ir.CheckedSpec) -> _Registered:
 
     _LIBRARY.impl(name, impl, "CompositeExplicitAutograd")
     torch.library.register_fake(qualname, fake, lib=_LIBRARY)
-    torch.library.register_autograd(qualname, functools.partial(_backward, checked),
-                                    setup_context=functools.partial(_setup_context, checked),
-                                    lib=_LIBRARY)
+    torch.library.register_autograd(
+        qualname,
+        functools.partial(_backward, checked),
+        setup_context=functools.partial(_setup_context, checked),
+        lib=_LIBRARY,
+    )
     _OPS[qualname] = registered
     return registered
 
 
-def _empty_outputs(checked: ir.CheckedSpec, tensors: Sequence[Tensor],
-                   cu_seqlens: Tensor | None) -> Any:
+def _empty_outputs(
+    checked: ir.CheckedSpec, tensors: Sequence[Tensor], cu_seqlens: Tensor | None
+) -> Any:
     """Uninitialised outputs of the right shapes, dtypes and device (the meta kernel)."""
     spec = checked.spec
     by_name = {t.name: v for t, v in zip(spec.tensors, tensors, strict=True)}
@@ -119,20 +141,23 @@ def _empty_outputs(checked: ir.CheckedSpec, tensors: Sequence[Tensor],
 
 def output_dtype(checked: ir.CheckedSpec, tensors: Sequence[Tensor]) -> torch.dtype:
     """The promoted dtype of the per-token inputs: the dtype of y."""
-    dtypes = [t.dtype for d, t in zip(checked.spec.tensors, tensors, strict=True)
-              if d.kind is ir.TensorKind.INPUT]
+    dtypes = [
+        t.dtype
+        for d, t in zip(checked.spec.tensors, tensors, strict=True)
+        if d.kind is ir.TensorKind.INPUT
+    ]
     return functools.reduce(torch.promote_types, dtypes)
 
 
-def _setup_context(checked: ir.CheckedSpec, ctx: Any, inputs: tuple[Any, ...], output: Any
-                   ) -> None:
+def _setup_context(checked: ir.CheckedSpec, ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     n = len(checked.spec.tensors)
     inputs = (*inputs, *(None,) * (n + 4 - len(inputs)))
-    ctx.save_for_backward(*inputs[:n + 2])
+    ctx.save_for_backward(*inputs[: n + 2])
 
 
-def _backward(checked: ir.CheckedSpec, ctx: Any, grad_y: Tensor, grad_state: Tensor | None = None
-              ) -> tuple[Tensor | None, ...]:
+def _backward(
+    checked: ir.CheckedSpec, ctx: Any, grad_y: Tensor, grad_state: Tensor | None = None
+) -> tuple[Tensor | None, ...]:
     """Gradients of the PyTorch reference, recomputed from the saved inputs."""
     from ssmc.reference import reference
 
@@ -142,16 +167,20 @@ def _backward(checked: ir.CheckedSpec, ctx: Any, grad_y: Tensor, grad_state: Ten
     with torch.enable_grad():
         leaves = [_leaf(t) for t in tensors]
         init = None if initial_state is None else _leaf(initial_state)
-        y, final = reference(checked)(**{t.name: v for t, v in zip(spec.tensors, leaves)},
-                                      initial_state=init, cu_seqlens=cu_seqlens)
+        y, final = reference(checked)(
+            **{t.name: v for t, v in zip(spec.tensors, leaves, strict=True)},
+            initial_state=init,
+            cu_seqlens=cu_seqlens,
+        )
         outputs, grads = [y], [grad_y]
         if final is not None and grad_state is not None:
             outputs.append(final)
             grads.append(grad_state)
         wrt = leaves + ([init] if init is not None else [])
         found = torch.autograd.grad(outputs, wrt, grads, allow_unused=True)
-    result: list[Tensor | None] = [None if g is None else g.to(t.dtype)
-                                   for g, t in zip(found[:n], tensors, strict=True)]
+    result: list[Tensor | None] = [
+        None if g is None else g.to(t.dtype) for g, t in zip(found[:n], tensors, strict=True)
+    ]
     result.append(None if init is None or found[n] is None else found[n].to(initial_state.dtype))
     return (*result, None, None, None)
 
@@ -180,9 +209,15 @@ class SsmcOp:
         forms = ", ".join(f.value for f in self.forms) or "none yet"
         return f"SsmcOp({self.name}, forms: {forms}, op: {self._registered.qualname})"
 
-    def __call__(self, *, initial_state: Tensor | None = None, cu_seqlens: Tensor | None = None,
-                 form: ir.Form | str | None = None, chunk_size: int | None = None,
-                 **tensors: Tensor) -> tuple[Tensor, Tensor | None]:
+    def __call__(
+        self,
+        *,
+        initial_state: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+        form: ir.Form | str | None = None,
+        chunk_size: int | None = None,
+        **tensors: Tensor,
+    ) -> tuple[Tensor, Tensor | None]:
         """y [batch, seq, H, P] and the final state [batch | num_seqs, H, N, P] (or None)."""
         form_name = form.value if isinstance(form, ir.Form) else form
         if torch.compiler.is_compiling():
@@ -198,13 +233,17 @@ class SsmcOp:
             return y, state
         return result, None
 
-    def _validate(self, tensors: dict[str, Tensor], initial_state: Tensor | None,
-                  cu_seqlens: Tensor | None) -> list[Tensor]:
+    def _validate(
+        self, tensors: dict[str, Tensor], initial_state: Tensor | None, cu_seqlens: Tensor | None
+    ) -> list[Tensor]:
         """The tensors in declaration order; `bind` checks each new combination of metadata."""
         try:
             ordered = [tensors[n] for n in self._names]
             signature = tuple(_meta(t) for t in ordered) + (
-                _meta(initial_state), _meta(cu_seqlens), len(tensors))
+                _meta(initial_state),
+                _meta(cu_seqlens),
+                len(tensors),
+            )
         except (KeyError, AttributeError):
             signature = None
         if signature is None or signature not in self._seen:
@@ -213,26 +252,37 @@ class SsmcOp:
                 self._seen.add(signature)
         return [tensors[n] for n in self._names]
 
-    def _plan(self, ordered: list[Tensor], cu_seqlens: Tensor | None) -> tuple[str | None, int | None]:
+    def _plan(
+        self, ordered: list[Tensor], cu_seqlens: Tensor | None
+    ) -> tuple[str | None, int | None]:
         """The planner's form and chunk for this call shape (cached per shape)."""
-        key = (tuple(t.shape for t in ordered), ordered[0].dtype,
-               None if cu_seqlens is None else cu_seqlens.shape[0])
+        key = (
+            tuple(t.shape for t in ordered),
+            ordered[0].dtype,
+            None if cu_seqlens is None else cu_seqlens.shape[0],
+        )
         if key not in self._plans:
             self._plans[key] = self._plan_uncached(ordered, cu_seqlens)
         return self._plans[key]
 
-    def _plan_uncached(self, ordered: list[Tensor], cu_seqlens: Tensor | None
-                       ) -> tuple[str | None, int | None]:
+    def _plan_uncached(
+        self, ordered: list[Tensor], cu_seqlens: Tensor | None
+    ) -> tuple[str | None, int | None]:
         from ssmc.cost import Shape
         from ssmc.devices import detect
         from ssmc.plan import plan
 
-        dims = bind(self.checked, dict(zip(self._names, ordered)), cu_seqlens=cu_seqlens)
+        dims = bind(
+            self.checked, dict(zip(self._names, ordered, strict=True)), cu_seqlens=cu_seqlens
+        )
         declared = {d.name for d in self.checked.spec.dims}
-        shape = Shape(batch=dims[ir.BATCH], seqlen=max(dims[ir.SEQ], 1),
-                      dims={k: v for k, v in dims.items() if k in declared},
-                      dtype_bytes=ordered[0].element_size(),
-                      num_seqs=1 if cu_seqlens is None else max(cu_seqlens.shape[0] - 1, 1))
+        shape = Shape(
+            batch=dims[ir.BATCH],
+            seqlen=max(dims[ir.SEQ], 1),
+            dims={k: v for k, v in dims.items() if k in declared},
+            dtype_bytes=ordered[0].element_size(),
+            num_seqs=1 if cu_seqlens is None else max(cu_seqlens.shape[0] - 1, 1),
+        )
         chosen = plan(self.checked, shape, device=detect())
         if chosen.form not in self.forms:
             return None, None
@@ -244,25 +294,43 @@ class SsmcOp:
         tensors, (initial_state, cu_seqlens, form, chunk_size) = args[:n], args[n:]
         if tensors[0].device.type == "cpu" and not self.interpreted:
             return self._reference(tensors, initial_state, cu_seqlens, form)
-        y, state = self.module.forward(**dict(zip(self._names, tensors)),
-                                       initial_state=initial_state, cu_seqlens=cu_seqlens,
-                                       form=form, chunk_size=chunk_size)
+        y, state = self.module.forward(
+            **dict(zip(self._names, tensors, strict=True)),
+            initial_state=initial_state,
+            cu_seqlens=cu_seqlens,
+            form=form,
+            chunk_size=chunk_size,
+        )
         return (y, state) if self.checked.spec.final_state else y
 
-    def _reference(self, tensors: Sequence[Tensor], initial_state: Tensor | None,
-                   cu_seqlens: Tensor | None, form: str | None) -> Any:
+    def _reference(
+        self,
+        tensors: Sequence[Tensor],
+        initial_state: Tensor | None,
+        cu_seqlens: Tensor | None,
+        form: str | None,
+    ) -> Any:
         from ssmc.reference import reference
 
         global _warned_reference
         if not _warned_reference:
             _warned_reference = True
-            warnings.warn("ssmc: CPU tensors without TRITON_INTERPRET=1 run the PyTorch "
-                          "reference, not the generated kernels", RuntimeWarning, stacklevel=4)
-        y, state = reference(self.checked, form)(**dict(zip(self._names, tensors)),
-                                                 initial_state=initial_state,
-                                                 cu_seqlens=cu_seqlens)
+            warnings.warn(
+                "ssmc: CPU tensors without TRITON_INTERPRET=1 run the PyTorch "
+                "reference, not the generated kernels",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        y, state = reference(self.checked, form)(
+            **dict(zip(self._names, tensors, strict=True)),
+            initial_state=initial_state,
+            cu_seqlens=cu_seqlens,
+        )
         y = y.contiguous()
-        return (y, state.contiguous()) if self.checked.spec.final_state else y
+        if not self.checked.spec.final_state:
+            return y
+        assert state is not None
+        return y, state.contiguous()
 
 
 def _meta(t: Tensor | None) -> tuple[Any, ...] | None:

@@ -64,8 +64,9 @@ def py_literal(value: object) -> str:
 
 def py_shape(shape: Sequence[ir.Size]) -> str:
     """A launcher's Python tuple of sizes: `sizes["H"]` for a dim, the number for a literal."""
-    items = [f"sizes[{py_literal(identifier(a))}]" if isinstance(a, str) else str(int(a))
-             for a in shape]
+    items = [
+        f"sizes[{py_literal(identifier(a))}]" if isinstance(a, str) else str(int(a)) for a in shape
+    ]
     return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
 
 
@@ -87,8 +88,11 @@ def render_stage(name: str, /, **context: object) -> str:
 def stable_repr(value: object) -> str:
     """A deterministic text of IR values, spans and the source path left out."""
     if is_dataclass(value) and not isinstance(value, type):
-        parts = (f"{f.name}={stable_repr(getattr(value, f.name))}" for f in fields(value)
-                 if f.name not in _NOT_SPEC_FIELDS)
+        parts = (
+            f"{f.name}={stable_repr(getattr(value, f.name))}"
+            for f in fields(value)
+            if f.name not in _NOT_SPEC_FIELDS
+        )
         return f"{type(value).__name__}({', '.join(parts)})"
     if isinstance(value, Enum):
         return f"{type(value).__name__}.{value.name}"
@@ -124,8 +128,11 @@ def build_digest() -> str:
     The version number alone misses edits made between releases (a checkout in development).
     """
     package = Path(__file__).parent
-    files = [*sorted(package.glob("*.py")), *sorted(template_dir().glob("*.jinja")),
-             *sorted(data_dir("grammar").glob("*.lark"))]
+    files = [
+        *sorted(package.glob("*.py")),
+        *sorted(template_dir().glob("*.jinja")),
+        *sorted(data_dir("grammar").glob("*.lark")),
+    ]
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
@@ -179,12 +186,9 @@ def prologue(checked: ir.CheckedSpec) -> Prologue:
     elif isinstance(mask, ir.ConstDecay):
         take("log_gamma", mask.log_gamma, (_count(heads.decay),), "torch.float32")
         core["log_a"] = 'log_gamma.view(1, 1, -1).expand(sizes["batch"], sizes["seq"], -1)'
-    elif isinstance(mask, ir.ScalarSemiseparable):
-        shape = (ir.BATCH, ir.SEQ, _count(heads.decay))
-        core["log_a"] = take("log_a", mask.log_a, shape, "torch.float32")
-    elif isinstance(mask, ir.DiagonalSemiseparable):
-        assert N is not None
-        shape = (ir.BATCH, ir.SEQ, _count(heads.decay), N)
+    elif isinstance(mask, ir.ScalarSemiseparable | ir.DiagonalSemiseparable):
+        per_n: tuple[ir.Size, ...] = () if isinstance(mask, ir.ScalarSemiseparable) else (N or 1,)
+        shape = (ir.BATCH, ir.SEQ, _count(heads.decay), *per_n)
         core["log_a"] = take("log_a", mask.log_a, shape, "torch.float32")
     factors = checked.value_factors
     value_shape = (ir.BATCH, ir.SEQ, _count(heads.value), P)
@@ -207,16 +211,19 @@ def prologue(checked: ir.CheckedSpec) -> Prologue:
         core = {role: core[role] for role in ("x", "s", "kernel")}
         return Prologue(kernels=_group("prologue", spec, targets), core=core, lti=lti)
     assert spec.key is not None and spec.query is not None and N is not None
-    core["B"] = take("B", spec.key, (ir.BATCH, ir.SEQ, _count(heads.key), N),
-                     _dtype_of(spec, spec.key))
-    core["C"] = take("C", spec.query, (ir.BATCH, ir.SEQ, _count(heads.query), N),
-                     _dtype_of(spec, spec.query))
+    core["B"] = take(
+        "B", spec.key, (ir.BATCH, ir.SEQ, _count(heads.key), N), _dtype_of(spec, spec.key)
+    )
+    core["C"] = take(
+        "C", spec.query, (ir.BATCH, ir.SEQ, _count(heads.query), N), _dtype_of(spec, spec.query)
+    )
     core = {role: core[role] for role in ("x", "s", "log_a", "B", "C")}
     return Prologue(kernels=_group("prologue", spec, targets), core=core, lti=lti)
 
 
-def _lti_targets(checked: ir.CheckedSpec, kernel: ir.LtiKernel,
-                 targets: list[Target]) -> dict[str, str]:
+def _lti_targets(
+    checked: ir.CheckedSpec, kernel: ir.LtiKernel, targets: list[Target]
+) -> dict[str, str]:
     spec, N = checked.spec, checked.state_size
     assert N is not None
     for part in ("A", "B", "C", "dt"):
@@ -227,10 +234,12 @@ def _lti_targets(checked: ir.CheckedSpec, kernel: ir.LtiKernel,
         assert head is not None
         shape: tuple[ir.Size, ...] = (head,) if part == "dt" else (head, N)
         targets.append(Target(role=f"lti_{part}", expr=value, shape=shape))
-    return {"hippo": kernel.hippo.value if kernel.hippo else "",
-            "discretization": kernel.discretization.value,
-            "A": "lti_A" if kernel.A is not None else "None",
-            "B": "lti_B" if kernel.B is not None else "None"}
+    return {
+        "hippo": kernel.hippo.value if kernel.hippo else "",
+        "discretization": kernel.discretization.value,
+        "A": "lti_A" if kernel.A is not None else "None",
+        "B": "lti_B" if kernel.B is not None else "None",
+    }
 
 
 def epilogue(checked: ir.CheckedSpec) -> Elementwise | None:
@@ -254,8 +263,10 @@ def _group(stage: str, spec: ir.Spec, targets: Sequence[Target]) -> tuple[Elemen
     groups: dict[tuple[str, ...], list[Target]] = {}
     for t in targets:
         groups.setdefault(tuple(a for a in t.shape if isinstance(a, str)), []).append(t)
-    return tuple(elementwise("_".join([stage, *(t.role for t in group)]), spec, group)
-                 for group in groups.values())
+    return tuple(
+        elementwise("_".join([stage, *(t.role for t in group)]), spec, group)
+        for group in groups.values()
+    )
 
 
 def _count(size: ir.Size | None) -> ir.Size:
@@ -295,12 +306,14 @@ def form_stage(checked: ir.CheckedSpec, form: ir.Form) -> str | None:
 
 def available_forms(checked: ir.CheckedSpec) -> tuple[ir.Form, ...]:
     """The forms the structure allows whose stage templates exist, in the checker's order."""
-    return tuple(f for f in checked.forms
-                 if (stage := form_stage(checked, f)) is None or stage_exists(stage))
+    return tuple(
+        f for f in checked.forms if (stage := form_stage(checked, f)) is None or stage_exists(stage)
+    )
 
 
-def form_rule(checked: ir.CheckedSpec, forms: Sequence[ir.Form],
-              device: str = "H100") -> tuple[tuple[int | None, str, int], ...]:
+def form_rule(
+    checked: ir.CheckedSpec, forms: Sequence[ir.Form], device: str = "H100"
+) -> tuple[tuple[int | None, str, int], ...]:
     """(largest T, form, chunk size) intervals: the planner's cheapest available form per T.
 
     The planner is asked at powers of two (batch 4, 2-byte inputs, call-time dims at 64)
@@ -358,14 +371,22 @@ def render_module(checked: ir.CheckedSpec, *, versions: Mapping[str, str] | None
     validate_names(spec)
     forms = available_forms(checked)
     decay = decay_kind(checked)
-    stage_ctx = {"decay": decay, "varlen": spec.varlen, "initial_state": spec.initial_state,
-                 "final_state": spec.final_state, "pattern": checked.pattern.value}
+    stage_ctx = {
+        "decay": decay,
+        "varlen": spec.varlen,
+        "initial_state": spec.initial_state,
+        "final_state": spec.final_state,
+        "pattern": checked.pattern.value,
+    }
     pro = prologue(checked)
     epi = epilogue(checked)
     stages = [render_stage("prologue", kernels=pro.kernels, core=pro.core, lti=pro.lti)]
     if epi is not None:
-        stages.append(render_stage("epilogue", kernels=(epi,), skip=spec.skip is not None,
-                                   gate=spec.gate is not None))
+        stages.append(
+            render_stage(
+                "epilogue", kernels=(epi,), skip=spec.skip is not None, gate=spec.gate is not None
+            )
+        )
     tops = [s for f in forms if (s := form_stage(checked, f)) is not None]
     decode = decay != "toeplitz" and stage_exists("decode")
     # A top stage includes its own helpers (chunked → chunked_cumsum, seq_tiles...).

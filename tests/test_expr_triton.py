@@ -42,8 +42,24 @@ def binop(op: str, lhs: E.Expr, rhs: E.Expr) -> E.BinOp:
     return E.BinOp(op=E.Op(op), lhs=lhs, rhs=rhs)
 
 
-@pytest.mark.parametrize("name", ["", "1x", "x y", "x;import os", "x\nimport os", "a.b", "x-1",
-                                  "class", "lambda", "None", "ä", "x)", "__import__('os')"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "1x",
+        "x y",
+        "x;import os",
+        "x\nimport os",
+        "a.b",
+        "x-1",
+        "class",
+        "lambda",
+        "None",
+        "ä",
+        "x)",
+        "__import__('os')",
+    ],
+)
 def test_identifier_rejects_anything_but_plain_names(name: str) -> None:
     with pytest.raises(UnsafeNameError):
         identifier(name)
@@ -64,19 +80,30 @@ def test_emitter_rejects_unsafe_bound_names() -> None:
         to_triton(ref("y"), {"x": "b_x"})
 
 
-@pytest.mark.parametrize(("value", "text"), [
-    (0.125, "0.125"), (1e-05, "1e-05"), (3.0, "3.0"), (-0.5, "(-0.5)"), (1e300, "1e+300"),
-    (math.inf, 'float("inf")'), (-math.inf, '(-float("inf"))'), (math.nan, 'float("nan")'),
-    (0.1 + 0.2, "0.30000000000000004"),
-])
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (0.125, "0.125"),
+        (1e-05, "1e-05"),
+        (3.0, "3.0"),
+        (-0.5, "(-0.5)"),
+        (1e300, "1e+300"),
+        (math.inf, 'float("inf")'),
+        (-math.inf, '(-float("inf"))'),
+        (math.nan, 'float("nan")'),
+        (0.1 + 0.2, "0.30000000000000004"),
+    ],
+)
 def test_numbers_are_printed_from_the_float(value: float, text: str) -> None:
     assert number(value) == text
 
 
 def test_constant_subexpressions_fold_and_shared_ones_are_emitted_once() -> None:
     delta = call("SOFTPLUS", binop("+", ref("dt"), ref("dt_bias")))
-    lines, result = to_triton(binop("*", binop("*", delta, ref("A")), delta),
-                              {"dt": "b_dt", "dt_bias": "b_dt_bias", "A": "b_A"})
+    lines, result = to_triton(
+        binop("*", binop("*", delta, ref("A")), delta),
+        {"dt": "b_dt", "dt_bias": "b_dt_bias", "A": "b_A"},
+    )
     assert sum("b_dt + b_dt_bias" in line for line in lines) == 1
     assert sum("tl.log(" in line for line in lines) == 1
     assert result == lines[-1].split(" = ")[0]
@@ -89,22 +116,34 @@ def _evaluate_with_triton(expr: E.Expr, x: torch.Tensor, y: torch.Tensor) -> tor
     spec = ir.Spec(
         name="probe",
         dims=(),
-        tensors=(ir.Tensor(name="x", kind=ir.TensorKind.INPUT, shape=(ir.BATCH, ir.SEQ)),
-                 ir.Tensor(name="y", kind=ir.TensorKind.INPUT, shape=(ir.BATCH, ir.SEQ))),
+        tensors=(
+            ir.Tensor(name="x", kind=ir.TensorKind.INPUT, shape=(ir.BATCH, ir.SEQ)),
+            ir.Tensor(name="y", kind=ir.TensorKind.INPUT, shape=(ir.BATCH, ir.SEQ)),
+        ),
         output=ir.Output(name="out", shape=(ir.BATCH, ir.SEQ, 1, 1)),
-        mask=ir.Causal(), query=None, key=None, value=ref("x"),
+        mask=ir.Causal(),
+        query=None,
+        key=None,
+        value=ref("x"),
     )
     kernel = elementwise("probe", spec, [Target(role="r", expr=expr, shape=(ir.BATCH, ir.SEQ))])
     source = render_stage("prologue", kernels=(kernel,), core={"r": "r"}, lti=None)
-    module = load_source("import torch\nimport triton\nimport triton.language as tl\n" + source,
-                         "probe")
+    module = load_source(
+        "import torch\nimport triton\nimport triton.language as tl\n" + source, "probe"
+    )
     out = torch.full((1, x.numel()), math.nan)
     module.probe_launch((x[None], y[None]), {"batch": 1, "seq": x.numel()}, out)
     return out[0]
 
 
-WIDE = torch.cat([torch.linspace(-100, 100, 401), torch.logspace(-12, 1.5, 60),
-                  -torch.logspace(-12, 1.5, 60), torch.tensor([0.0, 20.0, -20.0, 88.0])])
+WIDE = torch.cat(
+    [
+        torch.linspace(-100, 100, 401),
+        torch.logspace(-12, 1.5, 60),
+        -torch.logspace(-12, 1.5, 60),
+        torch.tensor([0.0, 20.0, -20.0, 88.0]),
+    ]
+)
 POSITIVE = torch.rand(WIDE.shape, generator=torch.Generator().manual_seed(0)) * 3 + 0.25
 
 CASES = {
@@ -128,8 +167,16 @@ CASES = {
     "pow_zero": (binop("**", ref("x"), num(0.0)), None),
     "pow_tensor": (binop("**", ref("y"), ref("x")), 10.0),
     "constant": (call("SOFTPLUS", num(2.0)), None),
-    "mamba_delta": (binop("*", call("CLAMP", call("SOFTPLUS", binop("+", ref("x"), ref("y"))),
-                                    num(0.0), num(math.inf)), num(-0.5)), None),
+    "mamba_delta": (
+        binop(
+            "*",
+            call(
+                "CLAMP", call("SOFTPLUS", binop("+", ref("x"), ref("y"))), num(0.0), num(math.inf)
+            ),
+            num(-0.5),
+        ),
+        None,
+    ),
 }
 
 

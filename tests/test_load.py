@@ -3,6 +3,7 @@ fast second loads, and standalone modules from `compile_to_file`."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -12,8 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import importlib
 
 from ssmc import render
 from ssmc.pipeline import parse_file, with_dims
@@ -32,8 +31,14 @@ def _env(cache: Path) -> dict[str, str]:
 
 
 def _python(code: str, env: dict[str, str], *flags: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, *flags, "-c", code], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, *flags, "-c", code],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_seal_round_trips_and_detects_damage() -> None:
@@ -60,15 +65,21 @@ def test_cache_entry_is_written_once_and_sealed(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
-def test_damaged_entry_is_rebuilt_with_one_warning(tmp_path: Path, damage: str,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_damaged_entry_is_rebuilt_with_one_warning(
+    tmp_path: Path, damage: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     checked = parse_file(MAMBA2)
     monkeypatch.setattr(L, "_MODULES", {})
     L.load_module(checked, cache_dir=tmp_path)
     (entry,) = tmp_path.glob("mamba2_*.py")
     good = entry.read_text()
-    entry.write_bytes({"truncate": good[: len(good) // 3].encode(),
-                       "garbage": b"\xff\xfe\x00garbage" * 100, "empty": b""}[damage])
+    entry.write_bytes(
+        {
+            "truncate": good[: len(good) // 3].encode(),
+            "garbage": b"\xff\xfe\x00garbage" * 100,
+            "empty": b"",
+        }[damage]
+    )
     monkeypatch.setattr(L, "_MODULES", {})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -79,8 +90,9 @@ def test_damaged_entry_is_rebuilt_with_one_warning(tmp_path: Path, damage: str,
     assert callable(module.forward)
 
 
-def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_write_leaves_the_old_file_and_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     target = tmp_path / "entry.py"
     target.write_text("old\n")
 
@@ -95,12 +107,23 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path,
 
 
 def test_concurrent_loads_from_four_processes(tmp_path: Path) -> None:
-    code = ("from ssmc.load import load_module, as_checked\n"
-            f"m = load_module(as_checked({str(MAMBA2)!r}))\n"
-            "print(m.SPEC_HASH)")
+    code = (
+        "from ssmc.load import load_module, as_checked\n"
+        f"m = load_module(as_checked({str(MAMBA2)!r}))\n"
+        "print(m.SPEC_HASH)"
+    )
     env = _env(tmp_path)
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=env,
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(4)
+    ]
     results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
     assert [rc for rc, _, _ in results] == [0] * 4, [err[-2000:] for _, _, err in results]
     assert len({out.strip() for _, out, _ in results}) == 1
@@ -109,14 +132,17 @@ def test_concurrent_loads_from_four_processes(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_second_load_in_a_new_process_is_fast(tmp_path: Path,
-                                             record_property: pytest.RecordProperty) -> None:
-    code = ("import time, json, torch, triton\n"
-            "from ssmc.load import load, cache_key\n"
-            "t = time.perf_counter()\n"
-            f"op = load({str(MAMBA2)!r})\n"
-            "dt = time.perf_counter() - t\n"
-            "print(json.dumps({'s': dt, 'key': cache_key(op.checked)}))")
+def test_second_load_in_a_new_process_is_fast(
+    tmp_path: Path, record_property: pytest.RecordProperty
+) -> None:
+    code = (
+        "import time, json, torch, triton\n"
+        "from ssmc.load import load, cache_key\n"
+        "t = time.perf_counter()\n"
+        f"op = load({str(MAMBA2)!r})\n"
+        "dt = time.perf_counter() - t\n"
+        "print(json.dumps({'s': dt, 'key': cache_key(op.checked)}))"
+    )
     env = _env(tmp_path)
     for _ in range(3):
         first, second = (_python(code, env) for _ in range(2))

@@ -24,11 +24,19 @@ from ssmc.reference import random_inputs, reference
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted(p.stem for p in (ROOT / "examples").glob("*.ssm"))
-SMALL = {"mamba2": {"H": 4, "G": 2, "N": 8, "P": 4}, "mamba2_mha": {"H": 2, "N": 8, "P": 4},
-         "mka": {"H": 4, "G": 2, "N": 8, "P": 4}, "mqa": {"H": 4, "G": 2, "N": 8, "P": 4},
-         "retnet": {"H": 2, "N": 8, "P": 4}, "linear_attention": {"H": 2, "N": 8, "P": 4},
-         "gla": {"H": 2, "N": 8, "P": 4}, "mamba1": {"H": 4, "N": 8}, "s4d": {"H": 4, "N": 8},
-         "lssl_hippo": {"H": 4, "N": 8}, "toeplitz": {"H": 2, "L": 8, "P": 4}}
+SMALL = {
+    "mamba2": {"H": 4, "G": 2, "N": 8, "P": 4},
+    "mamba2_mha": {"H": 2, "N": 8, "P": 4},
+    "mka": {"H": 4, "G": 2, "N": 8, "P": 4},
+    "mqa": {"H": 4, "G": 2, "N": 8, "P": 4},
+    "retnet": {"H": 2, "N": 8, "P": 4},
+    "linear_attention": {"H": 2, "N": 8, "P": 4},
+    "gla": {"H": 2, "N": 8, "P": 4},
+    "mamba1": {"H": 4, "N": 8},
+    "s4d": {"H": 4, "N": 8},
+    "lssl_hippo": {"H": 4, "N": 8},
+    "toeplitz": {"H": 2, "L": 8, "P": 4},
+}
 BOUND = {torch.float32: 1e-5, torch.float16: 5e-3}
 
 
@@ -87,9 +95,11 @@ def test_example_matches_reference(name: str, form: str, T: int, poisoned, gen) 
     inputs = random_inputs(checked, batch=2, seqlen=T, dtype=torch.float64, generator=gen)
     init = inputs.pop("initial_state", None)
     want, want_state = reference(checked)(**inputs, initial_state=init)
-    y, state = op(**{k: v.float() for k, v in inputs.items()},
-                  initial_state=None if init is None else init.float(),
-                  form=None if form == "auto" else form)
+    y, state = op(
+        **{k: v.float() for k, v in inputs.items()},
+        initial_state=None if init is None else init.float(),
+        form=None if form == "auto" else form,
+    )
     assert y.dtype == torch.float32
     assert rel(y, want) <= 1e-5
     assert (state is None) == (not checked.spec.final_state)
@@ -104,17 +114,24 @@ def test_varlen_matches_reference(name: str, poisoned, gen) -> None:  # type: ig
     op = poisoned(checked)
     lengths = [5, 1, 11, 16]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    inputs = random_inputs(checked, batch=1, seqlen=sum(lengths), dtype=torch.float64,
-                           generator=gen)
+    inputs = random_inputs(
+        checked, batch=1, seqlen=sum(lengths), dtype=torch.float64, generator=gen
+    )
     inputs.pop("initial_state", None)
     state_shape = (len(lengths), *(SMALL[name][d] for d in ("H", "N", "P")))
-    init = (torch.randn(state_shape, generator=gen, dtype=torch.float64)
-            if checked.spec.initial_state else None)
+    init = (
+        torch.randn(state_shape, generator=gen, dtype=torch.float64)
+        if checked.spec.initial_state
+        else None
+    )
     want, want_state = reference(checked)(**inputs, initial_state=init, cu_seqlens=cu)
     for form in op.forms:
-        y, state = op(**{k: v.float() for k, v in inputs.items()},
-                      initial_state=None if init is None else init.float(), cu_seqlens=cu,
-                      form=form)
+        y, state = op(
+            **{k: v.float() for k, v in inputs.items()},
+            initial_state=None if init is None else init.float(),
+            cu_seqlens=cu,
+            form=form,
+        )
         assert rel(y, want) <= 1e-5, form
         assert rel(state, want_state) <= 1e-5, form
 
@@ -125,8 +142,9 @@ def test_half_precision_inputs(poisoned, gen) -> None:  # type: ignore[no-untype
     op = poisoned(checked)
     inputs = random_inputs(checked, batch=2, seqlen=33, dtype=torch.float16, generator=gen)
     init = inputs.pop("initial_state").float()
-    want, _ = reference(checked)(**{k: v.double() for k, v in inputs.items()},
-                                 initial_state=init.double())
+    want, _ = reference(checked)(
+        **{k: v.double() for k, v in inputs.items()}, initial_state=init.double()
+    )
     for form in op.forms:
         y, state = op(**inputs, initial_state=init, form=form)
         assert y.dtype == torch.float16 and state.dtype == torch.float32
@@ -140,11 +158,18 @@ def test_op_names_and_schema_come_from_identifiers() -> None:
     assert schema(checked).endswith("-> (Tensor, Tensor)")
     assert schema(parse_file(ROOT / "examples" / "s4d.ssm")).endswith("-> Tensor")
     spec = checked.spec
-    bad = tuple(ir.Tensor(name="x) -> Tensor; (" if t.name == "z" else t.name, kind=t.kind,
-                          shape=t.shape) for t in spec.tensors)
-    hostile = ir.CheckedSpec(**{f: getattr(checked, f) for f in checked.__dataclass_fields__}
-                             | {"spec": ir.Spec(**{f: getattr(spec, f) for f in
-                                                   spec.__dataclass_fields__} | {"tensors": bad})})
+    bad = tuple(
+        ir.Tensor(name="x) -> Tensor; (" if t.name == "z" else t.name, kind=t.kind, shape=t.shape)
+        for t in spec.tensors
+    )
+    hostile = ir.CheckedSpec(
+        **{f: getattr(checked, f) for f in checked.__dataclass_fields__}
+        | {
+            "spec": ir.Spec(
+                **{f: getattr(spec, f) for f in spec.__dataclass_fields__} | {"tensors": bad}
+            )
+        }
+    )
     with pytest.raises(UnsafeNameError):
         schema(hostile)
 
@@ -198,8 +223,9 @@ def test_tensors_are_validated_before_anything_runs(gen: torch.Generator) -> Non
         op(**inputs, cu_seqlens=torch.tensor([0, 2, 4]))
 
 
-def test_validation_is_cached_per_metadata(monkeypatch: pytest.MonkeyPatch,
-                                           gen: torch.Generator) -> None:
+def test_validation_is_cached_per_metadata(
+    monkeypatch: pytest.MonkeyPatch, gen: torch.Generator
+) -> None:
     import ssmc.ops as ops
 
     checked = small("mamba2")
@@ -233,7 +259,8 @@ def test_cpu_without_interpreter_runs_the_reference(tmp_path: Path) -> None:
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env |= {"SSMC_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, text=True,
-                            capture_output=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, text=True, capture_output=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "1", "said once"

@@ -23,11 +23,19 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted(p.stem for p in (ROOT / "examples").glob("*.ssm"))
 GOLDEN = Path(__file__).parent / "golden" / "mamba2_module.py"
 VERSIONS = {"ssmc": "0.0.0", "triton": "0.0.0", "torch": "0.0.0"}
-SMALL = {"mamba2": {"H": 4, "G": 2, "N": 8, "P": 4}, "mamba2_mha": {"H": 2, "N": 8, "P": 4},
-         "mka": {"H": 4, "G": 2, "N": 8, "P": 4}, "mqa": {"H": 4, "G": 2, "N": 8, "P": 4},
-         "retnet": {"H": 2, "N": 8, "P": 4}, "linear_attention": {"H": 2, "N": 8, "P": 4},
-         "gla": {"H": 2, "N": 8, "P": 4}, "mamba1": {"H": 4, "N": 8}, "s4d": {"H": 4, "N": 8},
-         "lssl_hippo": {"H": 4, "N": 8}, "toeplitz": {"H": 2, "L": 8, "P": 4}}
+SMALL = {
+    "mamba2": {"H": 4, "G": 2, "N": 8, "P": 4},
+    "mamba2_mha": {"H": 2, "N": 8, "P": 4},
+    "mka": {"H": 4, "G": 2, "N": 8, "P": 4},
+    "mqa": {"H": 4, "G": 2, "N": 8, "P": 4},
+    "retnet": {"H": 2, "N": 8, "P": 4},
+    "linear_attention": {"H": 2, "N": 8, "P": 4},
+    "gla": {"H": 2, "N": 8, "P": 4},
+    "mamba1": {"H": 4, "N": 8},
+    "s4d": {"H": 4, "N": 8},
+    "lssl_hippo": {"H": 4, "N": 8},
+    "toeplitz": {"H": 2, "L": 8, "P": 4},
+}
 
 
 def small(name: str) -> ir.CheckedSpec:
@@ -45,7 +53,8 @@ def test_mamba2_module_matches_golden(request: pytest.FixtureRequest) -> None:
         GOLDEN.write_text(text, encoding="utf-8")
     assert GOLDEN.exists(), "run pytest --update-golden once to create the golden file"
     assert text == GOLDEN.read_text(encoding="utf-8"), (
-        "the rendered mamba2 module changed; if intended, rerun with --update-golden")
+        "the rendered mamba2 module changed; if intended, rerun with --update-golden"
+    )
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
@@ -59,8 +68,9 @@ def test_render_is_deterministic_and_compiles(name: str) -> None:
 
 def test_hash_ignores_layout_but_not_meaning() -> None:
     text = (ROOT / "examples" / "mamba2.ssm").read_text()
-    moved = "# a comment that shifts every span\n\n" + text.replace("value x * delta",
-                                                                     "value   x*delta")
+    moved = "# a comment that shifts every span\n\n" + text.replace(
+        "value x * delta", "value   x*delta"
+    )
     a, b = parse(text, "one.ssm"), parse(moved, "two.ssm")
     assert a != b, "spans and source differ"
     assert render.spec_hash(a) == render.spec_hash(b)
@@ -71,13 +81,20 @@ def test_hash_ignores_layout_but_not_meaning() -> None:
 
 def _renamed_tensor(checked: ir.CheckedSpec, old: str, new: str) -> ir.CheckedSpec:
     spec = checked.spec
-    tensors = tuple(dataclasses.replace(t, name=new) if t.name == old else t
-                    for t in spec.tensors)
+    tensors = tuple(dataclasses.replace(t, name=new) if t.name == old else t for t in spec.tensors)
     return dataclasses.replace(checked, spec=dataclasses.replace(spec, tensors=tensors))
 
 
-HOSTILE = ['x"); import os; os.system("echo pwned"); ("', "x\nimport os", "lambda", "x y",
-           "initial_state", "form", "_ssmc_run", "a.b"]
+HOSTILE = [
+    'x"); import os; os.system("echo pwned"); ("',
+    "x\nimport os",
+    "lambda",
+    "x y",
+    "initial_state",
+    "form",
+    "_ssmc_run",
+    "a.b",
+]
 
 
 @pytest.mark.parametrize("name", HOSTILE)
@@ -95,8 +112,10 @@ def test_hostile_names_elsewhere_are_rejected(where: str) -> None:
     if where == "spec":
         spec = dataclasses.replace(spec, name="mamba2; import os")
     elif where == "dim":
-        tensors = tuple(dataclasses.replace(t, shape=tuple(bad if a == "H" else a for a in t.shape))
-                        for t in spec.tensors)
+        tensors = tuple(
+            dataclasses.replace(t, shape=tuple(bad if a == "H" else a for a in t.shape))
+            for t in spec.tensors
+        )
         spec = dataclasses.replace(spec, tensors=tensors)
     else:
         checked = _renamed_tensor(checked, "dt_bias", "dt_bias + 1")
@@ -175,7 +194,9 @@ def test_prologue_matches_reference_roles(name: str, T: int, gen: torch.Generato
     tensors = tuple(inputs[t.name].float() for t in checked.spec.tensors)
     sizes = module._bind(tensors)
     roles = canonical_roles(checked, inputs, sizes)
-    core = dict(zip(render.prologue(checked).core, module.prologue_fwd(tensors, sizes)))
+    core = dict(
+        zip(render.prologue(checked).core, module.prologue_fwd(tensors, sizes), strict=True)
+    )
     xbar = core["x"] if core["s"] is None else core["x"] * core["s"][..., None]
     assert rel(xbar, roles.x) <= 1e-5
     if roles.kernel is not None:
