@@ -205,6 +205,11 @@ class SsmcOp:
         self._registered.run = self._run
         self.op = self._registered.op
 
+    @property
+    def last_form(self) -> str | None:
+        """The form the latest eager call ran ("decode" for a one-token recurrent step)."""
+        return getattr(self.module, "LAST_FORM", None)
+
     def __repr__(self) -> str:
         forms = ", ".join(f.value for f in self.forms) or "none yet"
         return f"SsmcOp({self.name}, forms: {forms}, op: {self._registered.qualname})"

@@ -131,9 +131,11 @@ def _evaluate_with_triton(expr: E.Expr, x: torch.Tensor, y: torch.Tensor) -> tor
     module = load_source(
         "import torch\nimport triton\nimport triton.language as tl\n" + source, "probe"
     )
-    out = torch.full((1, x.numel()), math.nan)
-    module.probe_launch((x[None], y[None]), {"batch": 1, "seq": x.numel()}, out)
-    return out[0]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = torch.full((1, x.numel()), math.nan, device=device)
+    inputs = (x[None].to(device), y[None].to(device))
+    module.probe_launch(inputs, {"batch": 1, "seq": x.numel()}, out)
+    return out[0].cpu()
 
 
 WIDE = torch.cat(

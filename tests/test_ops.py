@@ -38,6 +38,8 @@ SMALL = {
     "toeplitz": {"H": 2, "L": 8, "P": 4},
 }
 BOUND = {torch.float32: 1e-5, torch.float16: 5e-3}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+"""Kernels run compiled on a GPU, else under the interpreter (conftest sets it)."""
 
 
 def small(name: str) -> ir.CheckedSpec:
@@ -74,6 +76,7 @@ def poisoned(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
 
 
 def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    got = got.cpu()
     assert got.shape == want.shape
     assert not got.isnan().any(), "an element was never written"
     return ((got.double() - want.double()).norm() / want.double().norm()).item()
@@ -96,8 +99,8 @@ def test_example_matches_reference(name: str, form: str, T: int, poisoned, gen) 
     init = inputs.pop("initial_state", None)
     want, want_state = reference(checked)(**inputs, initial_state=init)
     y, state = op(
-        **{k: v.float() for k, v in inputs.items()},
-        initial_state=None if init is None else init.float(),
+        **{k: v.float().to(DEVICE) for k, v in inputs.items()},
+        initial_state=None if init is None else init.float().to(DEVICE),
         form=None if form == "auto" else form,
     )
     assert y.dtype == torch.float32
@@ -127,9 +130,9 @@ def test_varlen_matches_reference(name: str, poisoned, gen) -> None:  # type: ig
     want, want_state = reference(checked)(**inputs, initial_state=init, cu_seqlens=cu)
     for form in op.forms:
         y, state = op(
-            **{k: v.float() for k, v in inputs.items()},
-            initial_state=None if init is None else init.float(),
-            cu_seqlens=cu,
+            **{k: v.float().to(DEVICE) for k, v in inputs.items()},
+            initial_state=None if init is None else init.float().to(DEVICE),
+            cu_seqlens=cu.to(DEVICE),
             form=form,
         )
         assert rel(y, want) <= 1e-5, form
@@ -146,7 +149,9 @@ def test_half_precision_inputs(poisoned, gen) -> None:  # type: ignore[no-untype
         **{k: v.double() for k, v in inputs.items()}, initial_state=init.double()
     )
     for form in op.forms:
-        y, state = op(**inputs, initial_state=init, form=form)
+        y, state = op(
+            **{k: v.to(DEVICE) for k, v in inputs.items()}, initial_state=init.to(DEVICE), form=form
+        )
         assert y.dtype == torch.float16 and state.dtype == torch.float32
         assert rel(y, want) <= BOUND[torch.float16], form
 
@@ -179,6 +184,7 @@ def test_opcheck_and_compile_fullgraph(gen: torch.Generator) -> None:
     checked = small("mamba2")
     op = load(checked)
     inputs = random_inputs(checked, batch=2, seqlen=5, dtype=torch.float32, generator=gen)
+    inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
     init = inputs.pop("initial_state")
     args = (*(inputs[t.name] for t in checked.spec.tensors), init, None, "chunked", None)
     results = torch.library.opcheck(op.op, args)
@@ -200,8 +206,8 @@ def test_gradients_match_reference(gen: torch.Generator) -> None:
     op = load(checked)
     inputs = random_inputs(checked, batch=2, seqlen=9, dtype=torch.float64, generator=gen)
     init = inputs.pop("initial_state")
-    leaves = {k: v.float().requires_grad_() for k, v in inputs.items()}
-    y, state = op(**leaves, initial_state=init.float(), form="chunked")
+    leaves = {k: v.float().to(DEVICE).requires_grad_() for k, v in inputs.items()}
+    y, state = op(**leaves, initial_state=init.float().to(DEVICE), form="chunked")
     (y.square().sum() + state.sum()).backward()
     ref = {k: v.clone().requires_grad_() for k, v in inputs.items()}
     y64, state64 = reference(checked)(**ref, initial_state=init)

@@ -38,6 +38,9 @@ SMALL = {
 }
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def small(name: str) -> ir.CheckedSpec:
     return with_dims(parse_file(ROOT / "examples" / f"{name}.ssm"), SMALL[name])
 
@@ -178,6 +181,7 @@ def generated(checked: ir.CheckedSpec) -> types.ModuleType:
 
 
 def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    got = got.cpu()
     assert not got.isnan().any(), "an output element was never written"
     want = want.double().expand(got.shape)
     return ((got.double() - want).norm() / want.norm().clamp(min=1e-300)).item()
@@ -191,7 +195,7 @@ def test_prologue_matches_reference_roles(name: str, T: int, gen: torch.Generato
     inputs = random_inputs(checked, batch=2, seqlen=T, dtype=torch.float64, generator=gen)
     inputs.pop("initial_state", None)
     module = generated(checked)
-    tensors = tuple(inputs[t.name].float() for t in checked.spec.tensors)
+    tensors = tuple(inputs[t.name].float().to(DEVICE) for t in checked.spec.tensors)
     sizes = module._bind(tensors)
     roles = canonical_roles(checked, inputs, sizes)
     core = dict(
@@ -219,12 +223,12 @@ def test_epilogue_matches_reference(name: str, dtype: torch.dtype, gen: torch.Ge
     inputs = random_inputs(checked, batch=2, seqlen=17, dtype=torch.float64, generator=gen)
     inputs.pop("initial_state", None)
     module = generated(checked)
-    tensors = tuple(inputs[t.name].to(dtype) for t in checked.spec.tensors)
+    tensors = tuple(inputs[t.name].to(dtype).to(DEVICE) for t in checked.spec.tensors)
     sizes = module._bind(tensors)
     roles = canonical_roles(checked, {k: v.to(dtype).double() for k, v in inputs.items()}, sizes)
     y = torch.randn(tuple(roles.x.shape[:2]) + (sizes["H"], roles.x.shape[3]), generator=gen)
-    out = torch.full(y.shape, math.nan, dtype=dtype)
-    module.epilogue_fwd(tensors, sizes, y, out)
+    out = torch.full(y.shape, math.nan, dtype=dtype, device=DEVICE)
+    module.epilogue_fwd(tensors, sizes, y.to(DEVICE), out)
     want = y.double()
     if roles.skip is not None:
         want = want + roles.skip
