@@ -172,3 +172,19 @@ def test_recurrent_matches_oracle(case: Case) -> None:
     assert rel_err(out, y_ref) <= 1e-5
     if case.ht:
         assert rel_err(final, final_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("h0", [True, False], ids=["h0", "no-h0"])
+def test_empty_sequence_passes_the_state(h0: bool) -> None:
+    """T = 0: nothing is written to out and the final state is the initial state (or 0)."""
+    g = torch.Generator().manual_seed(11)
+    x, B, C = torch.randn(2, 0, 4, 16), torch.randn(2, 0, 4, 16), torch.randn(2, 0, 4, 16)
+    log_a = -torch.rand(2, 0, 4, 16)
+    initial = torch.randn(2, 4, 16, 16, generator=g) if h0 else None
+    x, log_a, B, C, initial = to_device(x, log_a, B, C, initial)
+    out = torch.empty(2, 0, 4, 16, device=DEVICE)
+    final = torch.full((2, 4, 16, 16), float("nan"), device=DEVICE)
+    stage("diagonal").recurrent_fwd(
+        x, None, log_a, B, C, heads=4, out=out, initial_state=initial, final_state=final
+    )
+    assert torch.equal(final, initial if h0 else torch.zeros_like(final))
