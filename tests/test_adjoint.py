@@ -1,0 +1,403 @@
+"""The `adjoint` stage: the core backward from forward SMAs, against autograd of the reference.
+
+`core_backward` / `toeplitz_backward` are driven by the fp64 PyTorch forms (bound 1e-10)
+and by the generated Triton forward kernels under TRITON_INTERPRET=1 (fp32, bound 1e-4);
+the reference is torch.autograd.grad through `forms_torch.recurrent` (or the Toeplitz
+quadratic form) in fp64. Every gradient is checked, and every forward output buffer the
+Triton drivers allocate is NaN-poisoned first.
+"""
+
+import os
+
+import torch
+
+# triton.jit reads the variable when a kernel is decorated: set before any stage is loaded.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import functools  # noqa: E402
+import re  # noqa: E402
+import zlib  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import pytest  # noqa: E402
+
+from ssmc import forms_torch  # noqa: E402
+from ssmc.load import load_source  # noqa: E402
+from ssmc.render import render_stage  # noqa: E402
+
+HEADER = "import math\nimport torch\nimport triton\nimport triton.language as tl\n\n"
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+NAMES = ("dx", "dlog_a", "dB", "dC", "dh0")
+
+
+@functools.cache
+def stage(name: str, **context: str):
+    return load_source(
+        HEADER + render_stage(name, **context), f"{name}_{'_'.join(context.values())}"
+    )
+
+
+def adjoint():
+    return stage("adjoint")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖; ‖out‖ where the true gradient is exactly 0 (e.g. dlog a at T = 1
+    without an initial state, where the terms cancel only up to rounding)."""
+    diff = (out.double().cpu() - ref).norm().item()
+    scale = ref.norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+# ---------------------------------------------------------------------------------------
+# Forward drivers with the canonical signature core_backward takes.
+# ---------------------------------------------------------------------------------------
+
+
+def torch_form(form: str):
+    """A forms_torch form as a canonical forward (X̄ = x * s)."""
+
+    def forward(
+        x, s, log_a, B, C, *, heads, initial_state, want_final_state, cu_seqlens, chunk_size
+    ):
+        xbar = x if s is None else x * s[..., None]
+        options = {"chunk_size": chunk_size or 16} if form == "chunked" else {}
+        y, final = getattr(forms_torch, form)(
+            xbar,
+            log_a,
+            B,
+            C,
+            heads,
+            initial_state=initial_state,
+            cu_seqlens=cu_seqlens,
+            **options,
+        )
+        return y, (final if want_final_state else None)
+
+    return forward
+
+
+def triton_form(form: str):
+    """The generated launchers as a canonical forward: `recurrent_fwd`, or the chunked
+    stage of the decay (`chunked_fwd`, `chunked_diag_fwd`); outputs NaN-poisoned."""
+
+    def forward(
+        x, s, log_a, B, C, *, heads, initial_state, want_final_state, cu_seqlens, chunk_size
+    ):
+        decay = "none" if log_a is None else ("scalar" if log_a.dim() == 3 else "diagonal")
+        batch, T, _, P = x.shape
+        states = batch if cu_seqlens is None else cu_seqlens.numel() - 1
+        out = torch.full((batch, T, heads, P), float("nan"), device=x.device)
+        final = None
+        if want_final_state:
+            final = torch.full((states, heads, B.shape[-1], P), float("nan"), device=x.device)
+        args = dict(
+            heads=heads,
+            out=out,
+            initial_state=initial_state,
+            final_state=final,
+            cu_seqlens=cu_seqlens,
+        )
+        if form == "recurrent":
+            stage("recurrent", decay=decay).recurrent_fwd(x, s, log_a, B, C, **args)
+        elif decay == "diagonal":
+            stage("chunked_diag", decay=decay).chunked_diag_fwd(
+                x, s, log_a, B, C, chunk_size=chunk_size, **args
+            )
+        else:
+            stage("chunked", decay=decay).chunked_fwd(
+                x, s, log_a, B, C, chunk_size=chunk_size, block_n=16, block_p=16, **args
+            )
+        return out, final
+
+    return forward
+
+
+# ---------------------------------------------------------------------------------------
+# The core: cases, inputs, the autograd reference.
+# ---------------------------------------------------------------------------------------
+
+# (Gv, Gk, Gq, Gd) of DESIGN §2's patterns, G = 2 of H = 4 where a role is shared.
+PATTERNS = {
+    "mha": (4, 4, 4, 4),
+    "mqa": (2, 2, 4, 2),
+    "mka": (2, 4, 2, 1),
+    "mva": (4, 2, 2, 4),
+}
+STATES = {"h0-ht": (True, True), "h0": (True, False), "ht": (False, True), "bare": (False, False)}
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    decay: str
+    groups: tuple[int, int, int, int]
+    T: int = 7
+    h0: bool = True
+    ht: bool = True
+    seqlens: tuple[int, ...] = ()
+    N: int = 3
+    P: int = 5
+
+
+def inputs(case: Case, dtype: torch.dtype):
+    """Fresh random inputs (seeded by the case id), leaves of the reference graph."""
+    g = torch.Generator().manual_seed(zlib.crc32(case.id.encode()))
+    Gv, Gk, Gq, Gd = case.groups
+    batch, H, N, P, T = 2, 4, case.N, case.P, case.T
+    cu_seqlens = None
+    if case.seqlens:
+        batch, T = 1, sum(case.seqlens)
+        cu_seqlens = torch.tensor([0, *torch.tensor(case.seqlens).cumsum(0).tolist()])
+    states = len(case.seqlens) or batch
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    decay_shape = {"none": None, "scalar": (batch, T, Gd), "diagonal": (batch, T, Gd, N)}
+    shape = decay_shape[case.decay]
+    log_a = None if shape is None else -(0.01 + torch.rand(*shape, generator=g, dtype=dtype))
+    return dict(
+        x=rand(batch, T, Gv, P),
+        log_a=log_a,
+        B=rand(batch, T, Gk, N),
+        C=rand(batch, T, Gq, N),
+        h0=rand(states, H, N, P) if case.h0 else None,
+        dy=rand(batch, T, H, P),
+        dfinal=rand(states, H, N, P) if case.ht else None,
+        cu_seqlens=cu_seqlens,
+        heads=H,
+    )
+
+
+def reference(t: dict):
+    """Autograd of the fp64 recurrent form: the gradients in NAMES order (None kept)."""
+    leaves = [
+        None if t[k] is None else t[k].double().requires_grad_()
+        for k in ("x", "log_a", "B", "C", "h0")
+    ]
+    x, log_a, B, C, h0 = leaves
+    y, final = forms_torch.recurrent(
+        x, log_a, B, C, t["heads"], initial_state=h0, cu_seqlens=t["cu_seqlens"]
+    )
+    outputs, grads = [y], [t["dy"].double()]
+    if t["dfinal"] is not None:
+        outputs.append(final)
+        grads.append(t["dfinal"].double())
+    wanted = [leaf for leaf in leaves if leaf is not None]
+    found = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True))
+    return [None if leaf is None else next(found) for leaf in leaves]
+
+
+def check(case: Case, forward, dtype: torch.dtype, bound: float, chunk_size=None) -> None:
+    t = inputs(case, dtype)
+    ref = reference(t)
+
+    def dev(v):
+        return None if v is None else v.to(DEVICE)
+
+    got = adjoint().core_backward(
+        forward,
+        dev(t["x"]),
+        dev(t["log_a"]),
+        dev(t["B"]),
+        dev(t["C"]),
+        heads=t["heads"],
+        initial_state=dev(t["h0"]),
+        cu_seqlens=dev(t["cu_seqlens"]),
+        dy=dev(t["dy"]),
+        dfinal=dev(t["dfinal"]),
+        chunk_size=chunk_size,
+    )
+    for name, g, r in zip(NAMES, got, ref, strict=True):
+        assert (g is None) == (r is None), name
+        if r is not None:
+            assert g.shape == r.shape, name
+            assert g.dtype == (torch.float64 if dtype == torch.float64 else torch.float32), name
+            assert rel_err(g, r) <= bound, (name, rel_err(g, r))
+
+
+CORE = [
+    Case(f"{decay}-{pattern}-T{T}-{states}", decay, groups, T=T, h0=h0, ht=ht)
+    for decay in ("none", "scalar", "diagonal")
+    for pattern, groups in PATTERNS.items()
+    for T in (1, 7, 33)
+    for states, (h0, ht) in STATES.items()
+]
+VARLEN = [
+    Case(f"{decay}-{pattern}-varlen-{states}", decay, groups, h0=h0, ht=ht, seqlens=(5, 17, 11))
+    for decay in ("none", "scalar", "diagonal")
+    for pattern, groups in PATTERNS.items()
+    for states, (h0, ht) in STATES.items()
+] + [
+    Case(f"{decay}-varlen-empty-{seqlens}", decay, PATTERNS["mva"], seqlens=seqlens)
+    for decay in ("none", "scalar", "diagonal")
+    for seqlens in ((0, 6, 4), (6, 0, 4), (6, 4, 0))
+]
+
+
+@pytest.mark.parametrize("case", CORE + VARLEN, ids=lambda c: c.id)
+def test_core_backward_recurrent_form(case: Case) -> None:
+    check(case, torch_form("recurrent"), torch.float64, 1e-10)
+
+
+DRIVERS = [
+    ("chunked", Case("scalar-mva-chunked", "scalar", PATTERNS["mva"], T=33)),
+    ("chunked", Case("diagonal-mka-chunked", "diagonal", PATTERNS["mka"], T=33)),
+    ("chunked", Case("none-varlen-chunked", "none", PATTERNS["mqa"], seqlens=(5, 17, 11))),
+    ("quadratic", Case("scalar-mqa-quadratic", "scalar", PATTERNS["mqa"], T=33)),
+    ("quadratic", Case("none-varlen-quadratic", "none", PATTERNS["mva"], seqlens=(5, 17, 11))),
+]
+
+
+@pytest.mark.parametrize("form, case", DRIVERS, ids=lambda v: v if isinstance(v, str) else v.id)
+def test_core_backward_other_forms(form: str, case: Case) -> None:
+    """Any canonical forward drives it: the chunked (Q = 16) and quadratic forms too."""
+    check(case, torch_form(form), torch.float64, 1e-10, chunk_size=16)
+
+
+TRITON = [
+    ("recurrent", Case("tr-none-mva", "none", PATTERNS["mva"], T=9, N=16, P=16)),
+    ("recurrent", Case("tr-scalar-mka", "scalar", PATTERNS["mka"], T=9, N=16, P=16)),
+    ("recurrent", Case("tr-diagonal-mqa", "diagonal", PATTERNS["mqa"], T=9, N=4, P=16)),
+    (
+        "recurrent",
+        Case("tr-diagonal-varlen", "diagonal", PATTERNS["mva"], seqlens=(3, 6, 2), N=4, P=16),
+    ),
+    ("chunked", Case("tc-scalar-mva", "scalar", PATTERNS["mva"], T=20, N=16, P=16)),
+    (
+        "chunked",
+        Case("tc-none-mqa-bare", "none", PATTERNS["mqa"], T=20, h0=False, ht=False, N=16, P=16),
+    ),
+    (
+        "chunked",
+        Case("tc-scalar-varlen", "scalar", PATTERNS["mha"], seqlens=(5, 13, 4), N=16, P=16),
+    ),
+    ("chunked", Case("tc-diagonal-mha", "diagonal", PATTERNS["mha"], T=20, N=4, P=16)),
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("form, case", TRITON, ids=lambda v: v if isinstance(v, str) else v.id)
+def test_core_backward_triton_forwards(form: str, case: Case) -> None:
+    check(case, triton_form(form), torch.float32, 1e-4, chunk_size=16)
+
+
+def test_adjoint_stage_has_no_imports() -> None:
+    """The stage is plain Python over the module's own `torch`: no import of its own."""
+    assert not re.search(r"^\s*(import|from)\s", render_stage("adjoint"), re.M)
+
+
+# ---------------------------------------------------------------------------------------
+# Toeplitz masks.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ToeplitzCase:
+    id: str
+    T: int = 7
+    L: int = 5
+    groups: tuple[int, int] = (4, 4)  # (Gv, Gd)
+    seqlens: tuple[int, ...] = ()
+    P: int = 5
+
+
+def toeplitz_inputs(case: ToeplitzCase, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(zlib.crc32(case.id.encode()))
+    Gv, Gd = case.groups
+    batch, H, T = 2, 4, case.T
+    cu_seqlens = None
+    if case.seqlens:
+        batch, T = 1, sum(case.seqlens)
+        cu_seqlens = torch.tensor([0, *torch.tensor(case.seqlens).cumsum(0).tolist()])
+    return dict(
+        x=torch.randn(batch, T, Gv, case.P, generator=g, dtype=dtype),
+        kernel=torch.randn(Gd, case.L, generator=g, dtype=dtype),
+        dy=torch.randn(batch, T, H, case.P, generator=g, dtype=dtype),
+        cu_seqlens=cu_seqlens,
+        heads=H,
+    )
+
+
+def toeplitz_check(case: ToeplitzCase, forward, dtype: torch.dtype, bound: float) -> None:
+    t = toeplitz_inputs(case, dtype)
+    x, kernel = t["x"].double().requires_grad_(), t["kernel"].double().requires_grad_()
+    y = forms_torch.toeplitz_quadratic(x, kernel, t["heads"], cu_seqlens=t["cu_seqlens"])
+    ref = torch.autograd.grad(y, (x, kernel), t["dy"].double())
+
+    def dev(v):
+        return None if v is None else v.to(DEVICE)
+
+    got = adjoint().toeplitz_backward(
+        forward,
+        dev(t["x"]),
+        dev(t["kernel"]),
+        heads=t["heads"],
+        cu_seqlens=dev(t["cu_seqlens"]),
+        dy=dev(t["dy"]),
+    )
+    for name, g, r in zip(("dx", "dkernel"), got, ref, strict=True):
+        assert g.shape == r.shape, name
+        assert rel_err(g, r) <= bound, (name, rel_err(g, r))
+
+
+def toeplitz_torch(form: str):
+    def forward(x, s, kernel, *, heads, cu_seqlens):
+        xbar = x if s is None else x * s[..., None]
+        return getattr(forms_torch, form)(xbar, kernel, heads, cu_seqlens=cu_seqlens)
+
+    return forward
+
+
+def toeplitz_triton(x, s, kernel, *, heads, cu_seqlens):
+    out = torch.full((*x.shape[:2], heads, x.shape[3]), float("nan"), device=x.device)
+    stage("toeplitz").toeplitz_fwd(
+        x,
+        s,
+        kernel,
+        heads=heads,
+        out=out,
+        cu_seqlens=cu_seqlens,
+        block_i=16,
+        block_j=16,
+        block_p=16,
+    )
+    return out
+
+
+TOEPLITZ = [
+    ToeplitzCase(f"T{T}-L{L}-G{Gv}x{Gd}", T=T, L=L, groups=(Gv, Gd))
+    for T in (1, 7, 33)
+    for L in (1, 5, 40)
+    for Gv, Gd in ((4, 4), (1, 4), (4, 1), (2, 2))
+] + [
+    ToeplitzCase("varlen", L=6, seqlens=(5, 17, 11), groups=(2, 4)),
+    ToeplitzCase("varlen-long-kernel", L=40, seqlens=(5, 17, 11), groups=(4, 2)),
+]
+
+
+@pytest.mark.parametrize("form", ["toeplitz_quadratic", "toeplitz_convolution"])
+@pytest.mark.parametrize("case", TOEPLITZ, ids=lambda c: c.id)
+def test_toeplitz_backward(case: ToeplitzCase, form: str) -> None:
+    toeplitz_check(case, toeplitz_torch(form), torch.float64, 1e-10)
+
+
+def test_toeplitz_backward_empty_sequence() -> None:
+    """An empty packed sequence (quadratic form: forms_torch's FFT form refuses length 0)."""
+    case = ToeplitzCase("varlen-empty", L=6, seqlens=(6, 0, 4))
+    toeplitz_check(case, toeplitz_torch("toeplitz_quadratic"), torch.float64, 1e-10)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(
+    "case",
+    [
+        ToeplitzCase("tt-T20-L6", T=20, L=6, groups=(2, 4), P=16),
+        ToeplitzCase("tt-varlen", L=9, seqlens=(5, 13, 4), groups=(4, 2), P=16),
+    ],
+    ids=lambda c: c.id,
+)
+def test_toeplitz_backward_triton_forward(case: ToeplitzCase) -> None:
+    toeplitz_check(case, toeplitz_triton, torch.float32, 1e-4)
