@@ -185,18 +185,22 @@ def test_standalone_module_runs_without_ssmc(tmp_path: Path, gen: torch.Generato
     inputs = random_inputs(checked, batch=2, seqlen=9, dtype=torch.float64, generator=gen)
     want, state = reference(checked)(**inputs)
     torch.save({k: v.float() for k, v in inputs.items()}, tmp_path / "inputs.pt")
+    # Compiled kernels on a GPU; else the interpreter on the CPU.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     code = (
         "import sys, importlib.util, torch\n"
         "sys.modules['ssmc'] = None  # any `import ssmc` now fails\n"
         f"sys.path.insert(0, {str(tmp_path)!r})\n"
         "import mamba2_small as m\n"
-        f"inputs = torch.load({str(tmp_path / 'inputs.pt')!r})\n"
+        f"inputs = {{k: v.to({device!r}) for k, v in torch.load({str(tmp_path / 'inputs.pt')!r}).items()}}\n"
         "init = inputs.pop('initial_state')\n"
         "y, state = m.forward(**inputs, initial_state=init)\n"
-        f"torch.save((y, state), {str(tmp_path / 'out.pt')!r})\n"
+        f"torch.save((y.cpu(), state.cpu()), {str(tmp_path / 'out.pt')!r})\n"
         "print(sorted(n for n in sys.modules if n.split('.')[0] == 'ssmc'))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"TRITON_INTERPRET": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
     result = _python(code, env, "-I")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "['ssmc']", "only the blocked entry"
