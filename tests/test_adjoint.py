@@ -1,10 +1,10 @@
 """The `adjoint` stage: the core backward from forward SMAs, against autograd of the reference.
 
 `core_backward` / `toeplitz_backward` are driven by the fp64 PyTorch forms (bound 1e-10)
-and by the generated Triton forward kernels under TRITON_INTERPRET=1 (fp32, bound 1e-4);
-the reference is torch.autograd.grad through `forms_torch.recurrent` (or the Toeplitz
-quadratic form) in fp64. Every gradient is checked, and every forward output buffer the
-Triton drivers allocate is NaN-poisoned first.
+and by the generated Triton forward kernels under TRITON_INTERPRET=1 (fp32, bound 1e-5 as
+in DESIGN §5; the cases land near 1e-6). The reference is torch.autograd.grad through
+`forms_torch.recurrent` (or the Toeplitz quadratic form) in fp64. Every gradient is
+checked, and every forward output buffer the Triton drivers allocate is NaN-poisoned.
 """
 
 import os
@@ -281,7 +281,7 @@ TRITON = [
 @pytest.mark.interpret
 @pytest.mark.parametrize("form, case", TRITON, ids=lambda v: v if isinstance(v, str) else v.id)
 def test_core_backward_triton_forwards(form: str, case: Case) -> None:
-    check(case, triton_form(form), torch.float32, 1e-4, chunk_size=16)
+    check(case, triton_form(form), torch.float32, 1e-5, chunk_size=16)
 
 
 def test_adjoint_stage_has_no_imports() -> None:
@@ -400,4 +400,4 @@ def test_toeplitz_backward_empty_sequence() -> None:
     ids=lambda c: c.id,
 )
 def test_toeplitz_backward_triton_forward(case: ToeplitzCase) -> None:
-    toeplitz_check(case, toeplitz_triton, torch.float32, 1e-4)
+    toeplitz_check(case, toeplitz_triton, torch.float32, 1e-5)
