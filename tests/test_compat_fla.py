@@ -28,8 +28,8 @@ def reference_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """The shims' ops run the fp64 PyTorch reference, as on a CPU without the interpreter."""
     loaded = fla.op_for
 
-    def op_for(text: str):  # type: ignore[no-untyped-def]
-        op = loaded(text)
+    def op_for(spec):  # type: ignore[no-untyped-def]
+        op = loaded(spec)
         monkeypatch.setattr(op, "interpreted", False)
         return op
 

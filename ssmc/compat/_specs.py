@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 MAX_DIM = 1 << 24
 """The largest size a `dim` may take (docs/language.md, Limits)."""
 
-_OPS: dict[str, SsmcOp] = {}
+_OPS: dict[MambaSpec | LinearAttentionSpec, SsmcOp] = {}
 
 
 class CompatError(SsmcError, ValueError):
@@ -38,13 +38,16 @@ def size(name: str, value: object) -> int:
     return value
 
 
-def op_for(text: str) -> SsmcOp:
-    """The op of a rendered spec, loaded on first use and kept for the process."""
-    op = _OPS.get(text)
+def op_for(spec: MambaSpec | LinearAttentionSpec) -> SsmcOp:
+    """The op of a configuration: rendered and loaded on first use, then kept for the process.
+
+    Keyed by the configuration itself, so a call that hits the cache renders no text.
+    """
+    op = _OPS.get(spec)
     if op is None:
         from ssmc.load import load
 
-        op = _OPS[text] = load(text)
+        op = _OPS[spec] = load(spec.text())
     return op
 
 

@@ -189,7 +189,7 @@ class _Call:
             final_state=bool(self.output_final_state),
             varlen=self.cu_seqlens is not None,
         )
-        op = op_for(spec.text())
+        op = op_for(spec)
         tensors = {"q": q, "k": k, "v": v}
         if g is not None:
             tensors["g"] = g

@@ -96,7 +96,7 @@ def mamba_chunk_scan_combined(
         final_state=return_final_states or return_varlen_states,
         varlen=packing is not None,
     )
-    op = op_for(spec.text())
+    op = op_for(spec)
     per_token = {"x": x, "dt": dt, "B": B, "C": C, **({"z": z} if z is not None else {})}
     params = {"A": A, **({"dt_bias": dt_bias} if dt_bias is not None else {})}
     if D is not None:
@@ -229,7 +229,7 @@ def _scalar_step(
         initial_state=True,
         final_state=True,
     )
-    op = op_for(spec.text())
+    op = op_for(spec)
     tensors = {"x": x[:, None], "dt": dt[:, None, :, 0], "A": A[:, 0, 0], "B": B[:, None]}
     tensors["C"] = C[:, None]
     if D is not None:
@@ -271,7 +271,7 @@ def _channel_step(
         initial_state=True,
         final_state=True,
     )
-    op = op_for(spec.text())
+    op = op_for(spec)
     tensors = {
         "x": x.reshape(batch, 1, H * P, 1),
         "dt": dt.reshape(batch, 1, H * P),
