@@ -93,7 +93,7 @@ def mamba_chunk_scan_combined(
         softplus=bool(dt_softplus),
         limit=limit,
         initial_state=initial_states is not None,
-        final_state=return_final_states or return_varlen_states,
+        final_state=bool(return_final_states or return_varlen_states),
         varlen=packing is not None,
     )
     op = op_for(spec)
