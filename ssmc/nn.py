@@ -446,7 +446,8 @@ class SequenceMixer(nn.Module):
 
         def conv(xs: Tensor) -> Tensor:
             if cu_seqlens is None:
-                return self.conv1d(xs.transpose(1, 2))[..., :T].transpose(1, 2)
+                # Back to [batch, T, channels] in memory: the op reads each input's last axis.
+                return self.conv1d(xs.transpose(1, 2))[..., :T].transpose(1, 2).contiguous()
             # Packed sequences: the conv restarts at each boundary like the state does.
             bounds = cu_seqlens.tolist()
             return torch.cat(
@@ -454,7 +455,7 @@ class SequenceMixer(nn.Module):
             )
 
         def conv_one(xs: Tensor) -> Tensor:
-            return self.conv1d(xs.transpose(1, 2))[..., : xs.shape[1]].transpose(1, 2)
+            return self.conv1d(xs.transpose(1, 2))[..., : xs.shape[1]].transpose(1, 2).contiguous()
 
         tensors = self._tensors(u, conv) | self.spec_params()
         options: dict[str, Any] = {
