@@ -176,7 +176,15 @@ def build(name: str, args: argparse.Namespace) -> LM:
     dims |= {k: v for k, v in parse_dims(args.dims).items() if k in declared}
     dims |= parse_dims(extra)
     mixers = [
-        SequenceMixer(checked, args.d_model, expand=args.expand, dims=dims, d_conv=args.d_conv)
+        SequenceMixer(
+            checked,
+            args.d_model,
+            expand=args.expand,
+            dims=dims,
+            d_conv=args.d_conv,
+            form=args.form,
+            chunk_size=args.chunk_size,
+        )
         for _ in range(args.layers)
     ]
     return LM(mixers, args.d_model, args.vocab)
@@ -200,6 +208,8 @@ class Result:
     seconds: float
     compile_seconds: float
     detail: str
+    history: list[tuple[int, float, float, float]]
+    """(step, seconds, training loss, held-out accuracy) at each evaluation."""
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:
@@ -291,7 +301,7 @@ def train(name: str, args: argparse.Namespace, device: torch.device) -> Result:
     compile_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    accuracy, step = 0.0, 0
+    accuracy, step, history = 0.0, 0, []
     for step in range(1, args.steps + 1):
         elapsed = time.perf_counter() - started
         # The schedule runs to whichever ends first: the steps or the time budget.
@@ -306,7 +316,8 @@ def train(name: str, args: argparse.Namespace, device: torch.device) -> Result:
         last = step == args.steps or elapsed >= args.time_budget
         if step % args.eval_every == 0 or last:
             accuracy = evaluate(model, eval_set, autocast)
-            if args.verbose:
+            history.append((step, round(elapsed, 2), round(loss.item(), 4), accuracy))
+            if not args.quiet:
                 print(
                     f"  {label(name):<24} step {step:>6}  loss {loss.item():.3f}  "
                     f"acc {accuracy:.4f}  lr {lr:.2e}  {elapsed:.0f}s",
@@ -317,7 +328,9 @@ def train(name: str, args: argparse.Namespace, device: torch.device) -> Result:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    return Result(label(name), params, accuracy, step, seconds, compile_seconds, describe(model))
+    return Result(
+        label(name), params, accuracy, step, seconds, compile_seconds, describe(model), history
+    )
 
 
 def label(name: str) -> str:
@@ -379,13 +392,19 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--d-state", type=int, default=64)
     p.add_argument("--d-conv", type=int, default=4)
     p.add_argument("--dims", default="", help="K=V,... for every spec that declares K")
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument(
+        "--form",
+        choices=["recurrent", "quadratic", "chunked", "convolution"],
+        help="force the op's form (default: the planner's)",
+    )
+    p.add_argument("--chunk-size", type=int, help="force the chunk of the chunked form")
+    p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=20000)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--warmup", type=float, default=0.02, help="fraction of the schedule")
     p.add_argument("--mix", type=float, default=0.5, help="share of batches with fewer pairs")
-    p.add_argument("--time-budget", type=float, default=240.0, help="seconds per model")
+    p.add_argument("--time-budget", type=float, default=200.0, help="seconds per model")
     p.add_argument("--target", type=float, default=0.995, help="stop at this eval accuracy")
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--eval-size", type=int, default=1024)
@@ -393,7 +412,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-attention", action="store_true", help="skip the attention baseline")
     p.add_argument("--json", metavar="OUT", help="write the results here")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: a few steps at T = 32")
-    p.add_argument("-v", "--verbose", action="store_true", help="print every evaluation")
+    p.add_argument("-q", "--quiet", action="store_true", help="no line per evaluation")
     args = p.parse_args(argv)
     if args.tiny:
         args.seqlen, args.pairs, args.vocab, args.d_model = 32, 4, 64, 32

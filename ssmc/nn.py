@@ -250,62 +250,12 @@ def param_inits(
     """Initial value and storage of every param of a spec with all dims bound."""
     spec = checked.spec
     sizes = {d.name: d.value for d in spec.dims}
-    assert all(v is not None for v in sizes.values()), "bind every dim first"
+    if any(v is None for v in sizes.values()):
+        raise ValueError(f"{spec.name}: bind every dim before initialising params")
     decl = {t.name: t for t in spec.tensors if t.kind is ir.TensorKind.PARAM}
-    params = frozenset(decl)
     shapes = {n: tuple(size_of(s, sizes) for s in t.shape) for n, t in decl.items()}  # type: ignore[arg-type]
-
-    def along(name: str, axis: ir.Size | None, f: Callable[[Tensor], Tensor]) -> Tensor:
-        """f(index along `axis`) broadcast to the param's shape (index 0 without the axis)."""
-        shape, axes = shapes[name], decl[name].shape
-        if axis not in axes:
-            return f(torch.zeros(shape, dtype=torch.float64))
-        i = axes.index(axis)
-        idx = torch.arange(shape[i], dtype=torch.float64)
-        return f(idx.view(-1, *([1] * (len(shape) - i - 1)))).expand(shape).clone()
-
-    values: dict[str, Tensor] = {}
-    ranges = _TrainRanges(params, sizes, {})  # type: ignore[arg-type]
-    decays: list[Expr] = []
-    mask = spec.mask
-    match mask:
-        case ir.ConstDecay(log_gamma=e):
-            decays.append(e)
-            leaves = refs(e) & params
-            if len(leaves) == 1:
-                (leaf,) = leaves
-                retnet = along(leaf, checked.heads.decay, lambda h: torch.log1p(-(2.0 ** (-5 - h))))
-                found = _invert(e, retnet, sizes)  # type: ignore[arg-type]
-                if found is not None and torch.isfinite(found).all():
-                    values[leaf] = found
-            # Not invertible: the range of RetNet's γ for 8 heads.
-            ranges.push(e, LOG_GAMMA)
-        case ir.ScalarSemiseparable(log_a=e) | ir.DiagonalSemiseparable(log_a=e):
-            decays.append(e)
-            ranges.push(e, LOG_DECAY)
-        case ir.Toeplitz(kernel=ir.LtiKernel(A=A, B=B, dt=dt)):
-            ranges.push(dt, LTI_DT)
-            if A is not None and len(refs(A) & params) == 1:
-                (leaf,) = refs(A) & params
-                s4d = along(leaf, checked.state_size, lambda n: -(n + 1))
-                found = _invert(A, s4d, sizes)  # type: ignore[arg-type]
-                if found is not None and torch.isfinite(found).all():
-                    values[leaf] = found
-                decays.append(BinOp(op=Op.MUL, lhs=A, rhs=Ref(name="1.dt")))
-            if B is not None and _bare_name(B) in params:
-                values.setdefault(_bare_name(B), torch.ones(shapes[_bare_name(B)]))  # type: ignore[index,arg-type]
-    contexts = dict(ctx for e in decays for ctx in _bare(e, params))
-    for name, interval in ranges.found.items():
-        if name in params and name not in values and interval is not None:
-            lo, hi = interval
-            if contexts.get(name) == "factor" and checked.state_size in decl[name].shape:
-                magnitude = along(name, checked.state_size, lambda n: n + 1)
-                values[name] = math.copysign(1.0, hi) * magnitude
-            else:
-                u = torch.rand(shapes[name], dtype=torch.float64, generator=generator)
-                values[name] = lo + (hi - lo) * u
-    epilogue = refs(spec.skip) if spec.skip is not None else frozenset()
-    epilogue |= refs(spec.gate) if spec.gate is not None else frozenset()
+    values, contexts = _decay_values(checked, decl, shapes, generator)
+    epilogue = frozenset().union(*(refs(e) for e in (spec.skip, spec.gate) if e is not None))
     inits = {}
     for name in decl:
         value = values.get(name)
@@ -321,6 +271,69 @@ def param_inits(
             transform = "loglog"
         inits[name] = ParamInit(transform, sign, value.float())
     return inits
+
+
+def _decay_values(
+    checked: ir.CheckedSpec,
+    decl: Mapping[str, ir.Tensor],
+    shapes: Mapping[str, tuple[int, ...]],
+    generator: torch.Generator | None,
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Initial values of the params the mask reads, and how each is read bare (`_bare`)."""
+    sizes = {d.name: d.value for d in checked.spec.dims}
+    params = frozenset(decl)
+    ranges = _TrainRanges(params, sizes, {})  # type: ignore[arg-type]
+    values: dict[str, Tensor] = {}
+    contexts: dict[str, str] = {}
+
+    def along(name: str, axis: ir.Size | None, f: Callable[[Tensor], Tensor]) -> Tensor:
+        """f(index along `axis`) in the param's shape (index 0 where it lacks the axis)."""
+        shape, axes = shapes[name], decl[name].shape
+        if axis not in axes:
+            return f(torch.zeros(shape, dtype=torch.float64))
+        i = axes.index(axis)
+        idx = torch.arange(shape[i], dtype=torch.float64)
+        return f(idx.view(-1, *([1] * (len(shape) - i - 1)))).expand(shape).clone()
+
+    def solve(expr: Expr, target: Callable[[str], Tensor]) -> None:
+        """Give the one param of `expr` the value that makes `expr` equal target(param)."""
+        leaves = refs(expr) & params
+        if len(leaves) == 1 and not refs(expr) - params - set(sizes):
+            (leaf,) = leaves
+            found = _invert(expr, target(leaf), sizes)  # type: ignore[arg-type]
+            if found is not None and torch.isfinite(found).all():
+                values[leaf] = found
+
+    match checked.spec.mask:
+        case ir.ConstDecay(log_gamma=e):
+            contexts.update(_bare(e, params))
+            solve(
+                e,
+                lambda p: along(p, checked.heads.decay, lambda h: torch.log1p(-(2.0 ** (-5 - h)))),
+            )
+            ranges.push(e, LOG_GAMMA)  # when not invertible
+        case ir.ScalarSemiseparable(log_a=e) | ir.DiagonalSemiseparable(log_a=e):
+            contexts.update(_bare(e, params))
+            ranges.push(e, LOG_DECAY)
+        case ir.Toeplitz(kernel=ir.LtiKernel(A=A, B=B, dt=dt)):
+            ranges.push(dt, LTI_DT)
+            if A is not None:
+                solve(A, lambda p: along(p, checked.state_size, lambda n: -(n + 1)))
+                if _bare_name(A) in params:
+                    contexts[_bare_name(A)] = "factor"  # type: ignore[index]
+            if B is not None and _bare_name(B) in params:
+                values[_bare_name(B)] = torch.ones(shapes[_bare_name(B)], dtype=torch.float64)  # type: ignore[index]
+    for name, interval in ranges.found.items():
+        if name not in params or name in values or interval is None:
+            continue
+        lo, hi = interval
+        if contexts.get(name) == "factor" and checked.state_size in decl[name].shape:
+            # S4D-real magnitudes along the state axis (Mamba-1's A).
+            values[name] = math.copysign(1.0, hi) * along(name, checked.state_size, lambda n: n + 1)
+        else:
+            u = torch.rand(shapes[name], dtype=torch.float64, generator=generator)
+            values[name] = lo + (hi - lo) * u
+    return values, contexts
 
 
 # ---------------------------------------------------------------- layers
