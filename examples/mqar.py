@@ -72,7 +72,7 @@ def mqar_batch(
     keys = 1 + torch.rand(batch, half - 1, **g).topk(pairs, -1).indices
     values = half + torch.rand(batch, vocab - half, **g).topk(pairs, -1).indices
     weights = torch.arange(1, space + 1, device=device, dtype=torch.float32) ** (power_a - 1)
-    gaps = torch.multinomial(weights.expand(batch, space), pairs, generator=generator)
+    gaps = torch.multinomial(weights.expand(batch, space).contiguous(), pairs, generator=generator)
     tokens = torch.randint(vocab, (batch, seqlen), **g)
     tokens[:, 0:context:2], tokens[:, 1:context:2] = keys, values
     where = context + 2 * gaps
@@ -425,23 +425,24 @@ def main(argv: list[str] | None = None) -> int:
     args = arguments(argv)
     device = torch.device(args.device)
     warnings.filterwarnings("ignore", message="ssmc: CPU tensors")
-    names = ([] if args.no_attention else [ATTENTION]) + list(args.specs)
-    results = []
+    # The specs first, the baseline last; the JSON is rewritten after each model, so a run
+    # cut short still leaves what it finished.
+    names = list(args.specs) + ([] if args.no_attention else [ATTENTION])
+    results: list[Result] = []
     for name in names:
         results.append(train(name, args, device))
+        r = results[-1]
         print(
-            f"{results[-1].spec}: {100 * results[-1].accuracy:.2f}% after "
-            f"{results[-1].steps} steps, {results[-1].seconds:.1f}s",
-            flush=True,
+            f"{r.spec}: {100 * r.accuracy:.2f}% after {r.steps} steps, {r.seconds:.1f}s", flush=True
         )
-    if args.json:
-        config = {k: v for k, v in vars(args).items() if k not in ("json", "specs")}
-        payload = {
-            "config": config,
-            "device": describe_device(device),
-            "results": [asdict(r) for r in results],
-        }
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+        if args.json:
+            config = {k: v for k, v in vars(args).items() if k not in ("json", "specs")}
+            payload = {
+                "config": config,
+                "device": describe_device(device),
+                "results": [asdict(r) for r in results],
+            }
+            Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
     print(table(results))
     return 0
 

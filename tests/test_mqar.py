@@ -92,8 +92,8 @@ def test_tiny_run_prints_the_table_last(tmp_path: Path) -> None:
     header, rule, *rows = lines[-4:]
     assert header.split()[:4] == ["spec", "dims", "params", "accuracy"]
     assert set(rule) <= {"-", " "}
-    assert [r.split()[0] for r in rows] == ["attention", "mamba2:H=2"]
+    assert [r.split()[0] for r in rows] == ["mamba2:H=2", "attention"]
     results = json.loads(out.read_text())["results"]
-    assert [r["spec"] for r in results] == ["attention", "mamba2:H=2"]
+    assert [r["spec"] for r in results] == ["mamba2:H=2", "attention"]
     assert all(r["steps"] == 4 and 0 <= r["accuracy"] <= 1 for r in results)
-    assert "H=2" in results[1]["detail"]
+    assert "H=2" in results[0]["detail"]
