@@ -434,11 +434,19 @@ class SequenceMixer(nn.Module):
             for n, v in parts.items()
         }
 
-    def _run(self, tensors: dict[str, Tensor], **options: Any) -> tuple[Tensor, Tensor | None]:
+    def _run(
+        self,
+        tensors: dict[str, Any],
+        *,
+        form: str | None = None,
+        chunk_size: int | None = None,
+        **options: Tensor,
+    ) -> tuple[Tensor, Tensor | None]:
+        """The op (or the reference) on the spec's tensors; options: initial_state, cu_seqlens."""
         if self.op is not None:
-            return self.op(**tensors, **options)
-        form, chunk = options.pop("form", None), options.pop("chunk_size", None)
-        return reference(self.checked, form, chunk_size=chunk or 64)(**tensors, **options)
+            return self.op(**tensors, **options, form=form, chunk_size=chunk_size)
+        run = reference(self.checked, form, chunk_size=chunk_size or 64)
+        return run(**tensors, **options)
 
     def _out(self, y: Tensor) -> Tensor:
         y = y.flatten(-2)
@@ -471,15 +479,13 @@ class SequenceMixer(nn.Module):
             return self.conv1d(xs.transpose(1, 2))[..., : xs.shape[1]].transpose(1, 2).contiguous()
 
         tensors = self._tensors(u, conv) | self.spec_params()
-        options: dict[str, Any] = {
-            "form": form or self.form,
-            "chunk_size": chunk_size or self.chunk_size,
-        }
-        if initial_state is not None:
-            options["initial_state"] = initial_state
-        if cu_seqlens is not None:
-            options["cu_seqlens"] = cu_seqlens
-        y, state = self._run(tensors, **options)
+        options = {"initial_state": initial_state, "cu_seqlens": cu_seqlens}
+        y, state = self._run(
+            tensors,
+            form=form or self.form,
+            chunk_size=chunk_size or self.chunk_size,
+            **{k: v for k, v in options.items() if v is not None},
+        )
         out = self._out(y)
         return (out, state) if return_state else out
 
@@ -517,8 +523,9 @@ class SequenceMixer(nn.Module):
         def conv(xs: Tensor) -> Tensor:
             nonlocal new_conv
             new_conv = torch.cat([conv_state[..., 1:], xs[:, 0, :, None].to(conv_state.dtype)], -1)
-            w = self.conv1d.weight[:, 0, :]
-            out = (new_conv * w).sum(-1) + self.conv1d.bias
+            w, bias = self.conv1d.weight[:, 0, :], self.conv1d.bias
+            assert bias is not None
+            out = (new_conv * w).sum(-1) + bias
             return out[:, None].to(xs.dtype)
 
         tensors = self._tensors(hidden[:, None], conv) | self.spec_params()
