@@ -10,11 +10,14 @@ import argparse
 import logging
 import os
 import sys
-import time
 import traceback
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from ssmc.errors import SsmcError
+
+if TYPE_CHECKING:
+    from ssmc.symbolic import Proof
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 3
@@ -31,22 +34,22 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return 0
     from ssmc.symbolic import prove
 
-    started = time.perf_counter()
     proof = prove(checked, T=args.proof_T)
-    elapsed = time.perf_counter() - started
-    print(f"  proof    {_proof_text(proof)} at T={args.proof_T} ({elapsed:.2f} s)")
+    print(f"  proof    {_proof_text(proof)}, {proof.seconds:.2f} s")
     return 0
 
 
-def _proof_text(proof: object) -> str:
-    results = getattr(proof, "results", ())
-    parts = []
-    for result in results:
-        form = getattr(result, "form", "?")
-        name = form.value if hasattr(form, "value") else str(form)
-        chunk = getattr(result, "chunk_size", None)
-        parts.append(f"{name}(Q={chunk})" if chunk else name)
-    return " = ".join(parts + ["M"]) if parts else "proved"
+def _proof_text(proof: Proof) -> str:
+    """`recurrent = quadratic = chunked(Q=2) = chunked(Q=3) = M` and what was compared."""
+    forms: list[str] = []
+    for check in proof.checks:
+        name = check.form.value + (f"(Q={check.chunk_size})" if check.chunk_size else "")
+        if name not in forms:
+            forms.append(name)
+    quantities = sorted({c.quantity for c in proof.checks})
+    s = proof.sizes
+    return (" = ".join([*forms, "M"]) + f" for {', '.join(quantities)} "
+            f"(T={s.T}, N={s.N}, P={s.P}, H={s.H})")
 
 
 def _shape_dims(args: argparse.Namespace) -> dict[str, int]:

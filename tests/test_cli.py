@@ -48,3 +48,18 @@ def test_every_subcommand_has_help() -> None:
         assert command in text
         sub = parser._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
         assert sub.description and len(sub.format_help()) > 100
+
+
+@pytest.mark.parametrize("name", ["mamba2", "gla", "lssl_hippo", "toeplitz"])
+def test_check_runs_the_symbolic_proof(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", str(ROOT / "examples" / f"{name}.ssm")]) == 0
+    proof = [line for line in capsys.readouterr().out.splitlines() if "proof" in line]
+    assert len(proof) == 1 and "= M for" in proof[0] and "y" in proof[0]
+
+
+def test_explain_shows_every_allowed_form(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", str(ROOT / "examples" / "mamba2.ssm"), "--seqlen", "16384"]) == 0
+    out = capsys.readouterr().out
+    for form in ("recurrent", "quadratic", "chunked"):
+        assert form in out
+    assert "chose chunked" in out
