@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from ssmc.errors import SpecError, SsmcError, TensorError
 from ssmc.ir import CheckedSpec, Form
+from ssmc.load import load
 from ssmc.pipeline import parse, parse_file
+from ssmc.reference import reference
 
 __version__ = "0.1.0"
 
@@ -23,16 +23,5 @@ __all__ = [
     "reference",
 ]
 
-
-def reference(spec: CheckedSpec, form: Form | str | None = None, **options: Any) -> Any:
-    """The PyTorch reference of a checked spec in one form (see ssmc.reference)."""
-    from ssmc.reference import reference as build
-
-    return build(spec, form, **options)
-
-
-def load(spec: Any, **options: Any) -> Any:
-    """Compile a spec (path, text or CheckedSpec) into a callable op (see ssmc.load)."""
-    from ssmc.load import load as build
-
-    return build(spec, **options)
+# `load` and `reference` are imported eagerly: their submodules share their names, and a
+# lazy wrapper would be replaced by the submodule as soon as anything imported it.
