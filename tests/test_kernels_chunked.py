@@ -62,6 +62,7 @@ class Case:
     P: int = 16
     chunk: int = 16
     block_t: int | None = None  # tokens per step of the state walk: default min(chunk, 64)
+    block_m: int | None = None  # rows per scan program: default min(chunk, 64)
     heads_per_program: int | None = None  # scan programs per C Bᵀ block: default (1 here)
     scale: bool = True
     h0: bool = True
@@ -97,7 +98,12 @@ CASES = [
     Case("scalar-chunk32", chunk=32, T=64),
     Case("scalar-chunk32-walk16", chunk=32, block_t=16, T=75, groups=MVA_G1),
     Case("none-chunk64-walk16-varlen", decay="none", chunk=64, block_t=16, seqlens=(70, 3, 40)),
-    Case("scalar-fp16", dtype=torch.float16, T=50, groups=MVA_G2),
+    Case("scalar-chunk64-rows16", chunk=64, block_m=16, T=75, groups=MVA_G1, heads_per_program=4),
+    Case("none-chunk32-rows16-varlen", decay="none", chunk=32, block_m=16, seqlens=(40, 7, 33)),
+    Case("scalar-strong-rows16", strong=True, chunk=64, block_m=16, T=64),
+    Case("scalar-chunk128-varlen-noncontiguous", chunk=128, seqlens=(130, 5, 60), noncontiguous=True),
+    Case("scalar-chunk256-mva", chunk=256, T=300, groups=MVA_G1, heads_per_program=2),
+    Case("scalar-fp16", dtype=torch.float16, chunk=32, block_m=16, T=50, groups=MVA_G2),
     Case("scalar-ragged-dims", N=24, P=20),
     Case("scalar-varlen", seqlens=(5, 37, 11)),
     Case("scalar-varlen-mva", seqlens=(17, 1, 30), groups=MVA_G1, heads_per_program=4),
@@ -166,6 +172,7 @@ def test_chunked_matches_oracle(case: Case) -> None:
         cu_seqlens=inputs["cu_seqlens"],
         chunk_size=case.chunk,
         block_t=case.block_t,
+        block_m=case.block_m,
         block_n=16,
         block_p=16,
         heads_per_program=case.heads_per_program,
