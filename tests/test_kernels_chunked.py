@@ -101,7 +101,9 @@ CASES = [
     Case("scalar-chunk64-rows16", chunk=64, block_m=16, T=75, groups=MVA_G1, heads_per_program=4),
     Case("none-chunk32-rows16-varlen", decay="none", chunk=32, block_m=16, seqlens=(40, 7, 33)),
     Case("scalar-strong-rows16", strong=True, chunk=64, block_m=16, T=64),
-    Case("scalar-chunk128-varlen-noncontiguous", chunk=128, seqlens=(130, 5, 60), noncontiguous=True),
+    Case(
+        "scalar-chunk128-varlen-noncontiguous", chunk=128, seqlens=(130, 5, 60), noncontiguous=True
+    ),
     Case("scalar-chunk256-mva", chunk=256, T=300, groups=MVA_G1, heads_per_program=2),
     Case("scalar-fp16", dtype=torch.float16, chunk=32, block_m=16, T=50, groups=MVA_G2),
     Case("scalar-ragged-dims", N=24, P=20),
