@@ -5,11 +5,14 @@
 A sequence holds `pairs` key-value pairs, then queries: each key again, at power-law
 distributed gaps, amid random tokens; at a query the model must output the key's value.
 Per spec, a small LM (embedding → 2 × [RMSNorm → SequenceMixer(spec) → residual →
-RMSNorm → MLP → residual] → RMSNorm → head) trains on freshly drawn batches; a softmax-
-attention baseline (SDPA, causal, rotary) trains beside them. Each model stops when its
-held-out accuracy reaches --target, after --steps, or after --time-budget seconds (the
-warmup + cosine schedule runs over whichever of steps or time ends first). The table of
-spec, parameters, held-out accuracy, steps and wall time is printed last.
+RMSNorm → MLP → residual] → RMSNorm → head) trains with AdamW on freshly drawn batches
+(a share --mix of them with fewer pairs: Zoology's mixture of easier settings, a soft
+curriculum), bf16 autocast on CUDA; a softmax-attention baseline (SDPA, causal, rotary)
+trains after them. Each model stops when its accuracy on a fixed held-out set reaches
+--target, after --steps, or after --time-budget seconds (--baseline-budget for attention);
+the warmup + cosine schedule runs over whichever of steps or time ends first. One untimed
+forward/backward first compiles the kernels (reported apart). The table of spec, dims,
+parameters, held-out accuracy, steps and seconds is printed last.
 
 Each spec's dims are rebound to the model width: head dim P = --headdim, state N =
 --d-state, H = expand·d_model / P, other head groups kept if they divide H (else 1);
@@ -300,12 +303,13 @@ def train(name: str, args: argparse.Namespace, device: torch.device) -> Result:
         torch.cuda.synchronize()
     compile_seconds = time.perf_counter() - started
 
+    budget = args.baseline_budget if name == ATTENTION else args.time_budget
     started = time.perf_counter()
     accuracy, step, history = 0.0, 0, []
     for step in range(1, args.steps + 1):
         elapsed = time.perf_counter() - started
         # The schedule runs to whichever ends first: the steps or the time budget.
-        lr = learning_rate(args, max(step / args.steps, elapsed / args.time_budget))
+        lr = learning_rate(args, max(step / args.steps, elapsed / budget))
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = loss_of(*next(data))
@@ -313,7 +317,7 @@ def train(name: str, args: argparse.Namespace, device: torch.device) -> Result:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        last = step == args.steps or elapsed >= args.time_budget
+        last = step == args.steps or elapsed >= budget
         if step % args.eval_every == 0 or last:
             accuracy = evaluate(model, eval_set, autocast)
             history.append((step, round(elapsed, 2), round(loss.item(), 4), accuracy))
@@ -404,7 +408,8 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--warmup", type=float, default=0.02, help="fraction of the schedule")
     p.add_argument("--mix", type=float, default=0.5, help="share of batches with fewer pairs")
-    p.add_argument("--time-budget", type=float, default=200.0, help="seconds per model")
+    p.add_argument("--time-budget", type=float, default=360.0, help="seconds per spec's model")
+    p.add_argument("--baseline-budget", type=float, default=90.0, help="seconds for attention")
     p.add_argument("--target", type=float, default=0.995, help="stop at this eval accuracy")
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--eval-size", type=int, default=1024)

@@ -55,6 +55,16 @@ def test_shapes_and_gradients_reach_every_parameter(name: str) -> None:
         assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, pname
 
 
+@pytest.mark.parametrize("name", ["mamba2", "gla", "toeplitz"])
+def test_causal(name: str) -> None:
+    torch.manual_seed(0)
+    m = mixer(name, use_reference=True).double()
+    u = torch.randn(1, 9, D_MODEL, dtype=torch.float64, requires_grad=True)
+    m(u)[0, 4].sum().backward()
+    assert u.grad is not None
+    assert (u.grad[0, 5:] == 0).all() and (u.grad[0, :5].abs().sum(-1) > 0).all()
+
+
 def test_mamba2_init_ranges_and_signs_survive_training() -> None:
     torch.manual_seed(0)
     m = Mamba2Block(64, d_state=16, headdim=8, use_reference=True)
