@@ -408,7 +408,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--warmup", type=float, default=0.02, help="fraction of the schedule")
     p.add_argument("--mix", type=float, default=0.5, help="share of batches with fewer pairs")
-    p.add_argument("--time-budget", type=float, default=360.0, help="seconds per spec's model")
+    p.add_argument("--time-budget", type=float, default=330.0, help="seconds per spec's model")
     p.add_argument("--baseline-budget", type=float, default=90.0, help="seconds for attention")
     p.add_argument("--target", type=float, default=0.995, help="stop at this eval accuracy")
     p.add_argument("--eval-every", type=int, default=200)
