@@ -1,23 +1,37 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: install the carried wheels, run the kernel tests compiled on
-# the GPU, validate every example at real sizes against fp64, and benchmark SSD vs peers.
-# Usage (device tool, carry .whl): bash scripts/gpu_check.sh [--quick]
-# Everything it prints also lands under $OUT (or ./out) for docs/gpu-runs.md.
+# GPU machine, one call per stage: install the carried wheels, then
+#   tests     the kernel tests (marked interpret/gpu) compiled on the GPU
+#   validate  every example at real sizes against fp64 (scripts/gpu_validate.py)
+#   bench     SSD forward vs mamba_ssm and FLA (scripts/bench_ssd.py)
+#   all       the three in order
+# Usage (device tool, carry .whl): bash scripts/gpu_check.sh STAGE [extra args]
+# Output is printed and kept under $OUT (or ./out) for docs/gpu-runs.md.
 set -uo pipefail
+stage=${1:-all}
+shift || true
 out=${OUT:-out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
     .whl/*.whl >"$out/pip.log" 2>&1 || { cat "$out/pip.log"; exit 1; }
 export PYTHONPATH="$PWD:/tmp/site"
-mamba_src=$(ls -d .whl/mamba/mamba_ssm-*/ 2>/dev/null | head -n 1)
 export SSMC_CACHE_DIR=/tmp/ssmc-cache
+mamba_src=$(ls -d .whl/mamba/mamba_ssm-*/ 2>/dev/null | head -n 1)
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
   date -u +%Y-%m-%dT%H:%MZ; } | tee "$out/env.txt"
 
 status=0
-python3 -m pytest -q -x -m "interpret or gpu" tests -p no:cacheprovider 2>&1 | tee "$out/pytest.log" | tail -n 15 || status=1
-python3 scripts/gpu_validate.py --json "$out/validate.json" "$@" 2>&1 | tee "$out/validate.log" || status=1
-python3 scripts/bench_ssd.py --mamba-src "$mamba_src" --json "$out/bench_ssd.json" 2>&1 | tee "$out/bench.log" || status=1
+if [[ $stage == tests || $stage == all ]]; then
+    python3 -m pytest -q -m "interpret or gpu" tests -p no:cacheprovider "$@" 2>&1 \
+        | tee "$out/pytest.log" | tail -n 25 || status=1
+fi
+if [[ $stage == validate || $stage == all ]]; then
+    python3 scripts/gpu_validate.py --json "$out/validate.json" "$@" 2>&1 \
+        | tee "$out/validate.log" || status=1
+fi
+if [[ $stage == bench || $stage == all ]]; then
+    python3 scripts/bench_ssd.py --mamba-src "$mamba_src" --json "$out/bench_ssd.json" 2>&1 \
+        | tee "$out/bench.log" || status=1
+fi
 exit $status
