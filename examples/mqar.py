@@ -393,7 +393,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--expand", type=int, default=2)
     p.add_argument("--headdim", type=int, default=32)
-    p.add_argument("--d-state", type=int, default=64)
+    p.add_argument("--d-state", type=int, default=128)
     p.add_argument("--d-conv", type=int, default=4)
     p.add_argument("--dims", default="", help="K=V,... for every spec that declares K")
     p.add_argument(
