@@ -15,11 +15,10 @@ import keyword
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 from ssmc import expr as E
-from ssmc import ir
 from ssmc.errors import SsmcError
+from ssmc.expr_grad import Step
 from ssmc.expr_torch import evaluate_named
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -78,17 +77,20 @@ class Emitter:
     """Turns expressions into assignments; shared subexpressions are emitted once.
 
     `names` maps each referenced name (tensor or dim) to the identifier that holds its
-    value in the kernel. `emit` returns the source atom holding the result: a
-    temporary, a bound identifier or a number literal.
+    value in the kernel; `steps` define the indicator names (`@step<k>`) of derivatives
+    (ssmc.expr_grad), each computed where it is first used. `emit` returns the source
+    atom holding the result: a temporary, a bound identifier or a number literal.
     """
 
-    def __init__(self, names: Mapping[str, str]) -> None:
+    def __init__(self, names: Mapping[str, str], steps: Sequence[Step] = ()) -> None:
         for bound in names.values():
             identifier(bound)
             if bound.startswith(TEMP_PREFIX):
                 raise UnsafeNameError(f"{bound!r} collides with the temporaries {TEMP_PREFIX}*")
         self._names = dict(names)
+        self._steps = {step.name: step for step in steps}
         self._memo: dict[E.Expr, str] = {}
+        self._codes: dict[str, str] = {}
         self.lines: list[str] = []
 
     def emit(self, expr: E.Expr) -> str:
@@ -100,6 +102,8 @@ class Emitter:
         if constant is not None:
             return number(constant)
         if isinstance(expr, E.Ref):
+            if expr.name not in self._names and expr.name in self._steps:
+                self._names[expr.name] = self._step(self._steps[expr.name])
             if expr.name not in self._names:
                 raise UnsafeNameError(f"no kernel value is bound to the name {expr.name!r}")
             return self._names[expr.name]
@@ -107,10 +111,16 @@ class Emitter:
             self._memo[expr] = self._compute(expr)
         return self._memo[expr]
 
+    def _step(self, step: Step) -> str:
+        lhs, rhs = self._emit(step.lhs), self._emit(step.rhs)
+        return self.assign(f"tl.where({lhs} {'>' if step.strict else '>='} {rhs}, 1.0, 0.0)")
+
     def assign(self, code: str) -> str:
-        name = f"{TEMP_PREFIX}{len(self.lines)}"
-        self.lines.append(f"{name} = {code}")
-        return name
+        """A temporary holding `code`; the same code (a pure function of atoms) is reused."""
+        if code not in self._codes:
+            self._codes[code] = f"{TEMP_PREFIX}{len(self.lines)}"
+            self.lines.append(f"{self._codes[code]} = {code}")
+        return self._codes[code]
 
     def _compute(self, expr: E.Expr) -> str:
         match expr:
@@ -229,251 +239,10 @@ _FUNCS: dict[E.Func, Callable[[Emitter, list[str]], str]] = {
 assert set(_FUNCS) == set(E.Func), "every function of the language has a Triton expansion"
 
 
-def to_triton(expr: E.Expr, names: Mapping[str, str]) -> tuple[list[str], str]:
+def to_triton(
+    expr: E.Expr, names: Mapping[str, str], steps: Sequence[Step] = ()
+) -> tuple[list[str], str]:
     """Straight-line Triton code for one expression: (assignments, result atom)."""
-    em = Emitter(names)
+    em = Emitter(names, steps)
     result = em.emit(expr)
     return em.lines, result
-
-
-# ---------------------------------------------------------------------------------------
-# Elementwise kernels: expressions evaluated over a named iteration space.
-#
-# The iteration space of a kernel is the set of named axes of its results. `batch` comes
-# from the program id, `seq` is the row axis of a [BLOCK_R, BLOCK_C] tile, and every other
-# axis is flattened (last fastest) into the column axis. A declared tensor is loaded with
-# the index of each of its named axes; its literal-1 axes are broadcast (index 0).
-# ---------------------------------------------------------------------------------------
-
-ROW_INDEX = "o_r[:, None]"
-BATCH_INDEX = "i_b"
-ROW_MASK = "m_r[:, None]"
-COL_MASK = "m_c[None, :]"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Operand:
-    """A tensor an elementwise kernel reads: where it comes from and how it is loaded."""
-
-    label: str
-    """What the source comment calls it: the declared name, or `y` for the core output."""
-    source: str
-    """The launcher's Python expression for the tensor (`tensors[2]`, `y`)."""
-    ptr: str
-    block: str
-    strides: tuple[tuple[str, int], ...]
-    """(kernel argument, dimension of the tensor) for each named axis."""
-    offset: str
-    mask: str | None
-    tile: str
-    """The loaded block's shape, for the source comment."""
-    decl: str
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Result:
-    """One output tensor of an elementwise kernel, allocated by the launcher."""
-
-    role: str
-    ptr: str
-    shape: tuple[ir.Size, ...]
-    strides: tuple[tuple[str, int], ...]
-    offset: str
-    value: str
-    """The atom holding the result: an identifier, or a literal when `constant`."""
-    constant: bool
-    dtype: str
-    """The launcher's Python expression for the result's torch dtype."""
-    text: str
-    """The expression in the spec's notation, for the source comment (names validated)."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ColAxis:
-    """One axis flattened into the column index: its size argument and index variable."""
-
-    name: str
-    size: str
-    index: str
-    decompose: str
-    """How the axis index is recovered from the flat column index `o_c`."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Elementwise:
-    """Everything a template needs to write one elementwise kernel and its launcher."""
-
-    name: str
-    batch: bool
-    seq: bool
-    cols: tuple[ColAxis, ...]
-    dims: tuple[tuple[str, str], ...]
-    """(kernel argument, dim name) for each call-time dim the expressions read, as floats."""
-    operands: tuple[Operand, ...]
-    body: tuple[str, ...]
-    results: tuple[Result, ...]
-    extra_args: tuple[str, ...] = ()
-    """Launcher arguments besides `tensors` and `sizes` (the core output `y` for the epilogue)."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Target:
-    """A result to compute: `role` ← `expr` laid out as `shape` (canonical, literal 1s kept)."""
-
-    role: str
-    expr: E.Expr
-    shape: tuple[ir.Size, ...]
-    dtype: str = "torch.float32"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Extra:
-    """A tensor that is not declared in the spec (the core output read by the epilogue)."""
-
-    key: str
-    source: str
-    ptr: str
-    block: str
-    shape: tuple[ir.Size, ...]
-
-
-def elementwise(
-    name: str, spec: ir.Spec, targets: Sequence[Target], extras: Sequence[Extra] = ()
-) -> Elementwise:
-    """Lay out the kernel `<name>_fwd_kernel` computing every target over one iteration space."""
-    identifier(name)
-    axes = tuple(a for a in targets[0].shape if isinstance(a, str))
-    for t in targets:
-        if tuple(a for a in t.shape if isinstance(a, str)) != axes:
-            raise ValueError(f"targets of one elementwise kernel share axes: {t.role} differs")
-    cols = tuple(a for a in axes if a not in (ir.BATCH, ir.SEQ))
-    index = {ir.BATCH: BATCH_INDEX, ir.SEQ: ROW_INDEX}
-    col_axes = []
-    for k, axis in enumerate(cols):
-        size, var = f"n_{k}", f"o_{k}"
-        inner = " * ".join(f"n_{j}" for j in range(k + 1, len(cols)))
-        flat = f"(o_c // ({inner}))" if inner else "o_c"
-        decompose = flat if k == 0 else f"{flat} % {size}"
-        col_axes.append(ColAxis(name=identifier(axis), size=size, index=var, decompose=decompose))
-        index[axis] = f"{var}[None, :]"
-
-    bound = {d.name: d.value for d in spec.dims}
-    exprs = [
-        E.substitute(t.expr, {n: E.Num(value=float(v)) for n, v in bound.items() if v is not None})
-        for t in targets
-    ]
-    used = set().union(*(E.refs(x) for x in exprs))
-    names: dict[str, str] = {}
-    dims = []
-    for d in spec.dims:
-        if d.name in used:
-            names[d.name] = prefixed("d_", d.name)
-            dims.append((names[d.name], d.name))
-    operands = []
-    for position, tensor in enumerate(spec.tensors):
-        if tensor.name in used:
-            names[tensor.name] = prefixed("b_", tensor.name)
-            operands.append(
-                _operand(
-                    label=tensor.name,
-                    source=f"tensors[{position}]",
-                    ptr=prefixed("p_", tensor.name),
-                    block=names[tensor.name],
-                    stride_prefix=prefixed("s_", tensor.name) + "_",
-                    shape=tensor.shape,
-                    index=index,
-                )
-            )
-    for extra in extras:
-        names[extra.key] = identifier(extra.block)
-        operands.append(
-            _operand(
-                label=extra.source,
-                source=extra.source,
-                ptr=identifier(extra.ptr),
-                block=extra.block,
-                stride_prefix=f"{extra.ptr}_s",
-                shape=extra.shape,
-                index=index,
-            )
-        )
-
-    emitter = Emitter(names)
-    results = []
-    for j, (target, value) in enumerate(zip(targets, exprs, strict=True)):
-        ptr = f"out{j}"
-        strides = tuple(
-            (f"{ptr}_s{k}", k) for k, a in enumerate(target.shape) if isinstance(a, str)
-        )
-        offset = (
-            " + ".join(
-                f"{index[a]} * {ptr}_s{k}" for k, a in enumerate(target.shape) if isinstance(a, str)
-            )
-            or "0"
-        )
-        results.append(
-            Result(
-                role=identifier(target.role),
-                ptr=ptr,
-                shape=target.shape,
-                strides=strides,
-                offset=offset,
-                value=emitter.emit(value),
-                constant=fold(value) is not None,
-                dtype=target.dtype,
-                text=E.show(target.expr).replace("@core", "y"),
-            )
-        )
-    return Elementwise(
-        name=name,
-        batch=ir.BATCH in axes,
-        seq=ir.SEQ in axes,
-        cols=tuple(col_axes),
-        dims=tuple(dims),
-        operands=tuple(operands),
-        body=tuple(emitter.lines),
-        results=tuple(results),
-        extra_args=tuple(e.source for e in extras),
-    )
-
-
-def _operand(
-    *,
-    label: str,
-    source: str,
-    ptr: str,
-    block: str,
-    stride_prefix: str,
-    shape: tuple[ir.Size, ...],
-    index: Mapping[str, str],
-) -> Operand:
-    terms, strides = [], []
-    for k, axis in enumerate(shape):
-        if not isinstance(axis, str):
-            continue
-        if axis not in index:
-            raise ValueError(f"{label} has the axis {axis}, which the kernel does not iterate")
-        stride = identifier(f"{stride_prefix}{k}")
-        strides.append((stride, k))
-        terms.append(f"{index[axis]} * {stride}")
-    rows = ROW_INDEX in " ".join(terms)
-    cols = "[None, :]" in " ".join(terms)
-    mask = " & ".join(m for m, on in ((ROW_MASK, rows), (COL_MASK, cols)) if on) or None
-    tile = {
-        (True, True): "[BLOCK_R, BLOCK_C]",
-        (True, False): "[BLOCK_R, 1]",
-        (False, True): "[1, BLOCK_C]",
-        (False, False): "[]",
-    }[(rows, cols)]
-    decl = "[" + ", ".join(str(a) for a in shape) + "]"
-    return Operand(
-        label=label,
-        source=source,
-        ptr=ptr,
-        block=identifier(block),
-        strides=tuple(strides),
-        offset=" + ".join(terms) or "0",
-        mask=mask,
-        tile=tile,
-        decl=decl,
-    )

@@ -6,8 +6,11 @@ validates the tensors (ssmc.bind), asks the planner for the form on CUDA, and ca
 op. On CPU the generated kernels run under the Triton interpreter when TRITON_INTERPRET=1;
 otherwise the PyTorch reference runs (said once with a warning).
 
-Backward: there are no backward kernels yet, so the gradient is that of the PyTorch
-reference, recomputed in fp32 (or fp64 for fp64 inputs) from the saved inputs.
+Backward: the autograd formula saves the op's inputs only (no intermediate, nothing
+O(T²)) and calls a second custom op, `ssmc::<name>_backward`, with its own fake kernel (so
+AOTAutograd traces the backward graph without running it). Its implementation is the
+generated module's `backward` (the Triton kernels: docs/backward.md), or, where the
+reference runs the forward, autograd of the PyTorch reference in fp32 (fp64 for fp64 inputs).
 """
 
 from __future__ import annotations
@@ -45,18 +48,22 @@ _SCHEMA_WORDS = frozenset(
         "Device",
         "Layout",
         "ScalarType",
+        "grad_y",
+        "grad_final_state",
     }
 )
 _warned_reference = False
 
 
 class _Registered:
-    """A registered op and the current implementation it dispatches to."""
+    """A registered op, its backward op, and the implementations they dispatch to."""
 
-    def __init__(self, qualname: str, op: Any) -> None:
+    def __init__(self, qualname: str, op: Any, backward_op: Any) -> None:
         self.qualname = qualname
         self.op = op
+        self.backward_op = backward_op
         self.run: Callable[..., Any] = _unset
+        self.run_backward: Callable[..., Any] = _unset
 
 
 def _unset(*args: Any) -> Any:
@@ -81,14 +88,23 @@ def schema_names(checked: ir.CheckedSpec) -> tuple[str, ...]:
     return tuple(names)
 
 
+_OPTIONS = (
+    "Tensor? initial_state=None, Tensor? cu_seqlens=None, str? form=None, int? chunk_size=None"
+)
+
+
 def schema(checked: ir.CheckedSpec) -> str:
     """The op schema, built only from validated identifiers."""
     args = ", ".join(f"Tensor {n}" for n in schema_names(checked))
     returns = "(Tensor, Tensor)" if checked.spec.final_state else "Tensor"
-    return (
-        f"({args}, Tensor? initial_state=None, Tensor? cu_seqlens=None, str? form=None, "
-        f"int? chunk_size=None) -> {returns}"
-    )
+    return f"({args}, {_OPTIONS}) -> {returns}"
+
+
+def backward_schema(checked: ir.CheckedSpec) -> str:
+    """The backward op's schema: the gradients of the outputs, then the forward's arguments;
+    it returns one gradient per tensor, then that of initial_state when one was given."""
+    args = ", ".join(f"Tensor {n}" for n in schema_names(checked))
+    return f"(Tensor grad_y, Tensor? grad_final_state, {args}, {_OPTIONS}) -> Tensor[]"
 
 
 def register(checked: ir.CheckedSpec) -> _Registered:
@@ -98,7 +114,12 @@ def register(checked: ir.CheckedSpec) -> _Registered:
     if qualname in _OPS:
         return _OPS[qualname]
     _LIBRARY.define(name + schema(checked))
-    registered = _Registered(qualname, getattr(torch.ops.ssmc, name).default)
+    _LIBRARY.define(f"{name}_backward" + backward_schema(checked))
+    registered = _Registered(
+        qualname,
+        getattr(torch.ops.ssmc, name).default,
+        getattr(torch.ops.ssmc, f"{name}_backward").default,
+    )
     n = len(checked.spec.tensors)
 
     # Boxed calls drop trailing arguments left at their default (None): pad them back.
@@ -109,12 +130,22 @@ def register(checked: ir.CheckedSpec) -> _Registered:
         args = (*args, *(None,) * (n + 4 - len(args)))
         return _empty_outputs(checked, args[:n], args[n + 1])
 
+    def backward_impl(*args: Any) -> Any:
+        return registered.run_backward(*args, *(None,) * (n + 6 - len(args)))
+
+    def backward_fake(*args: Any) -> Any:
+        tensors, initial_state = args[2 : n + 2], args[n + 2] if len(args) > n + 2 else None
+        grads = [torch.empty_like(t) for t in tensors]
+        return grads + ([] if initial_state is None else [torch.empty_like(initial_state)])
+
     _LIBRARY.impl(name, impl, "CompositeExplicitAutograd")
+    _LIBRARY.impl(f"{name}_backward", backward_impl, "CompositeExplicitAutograd")
     torch.library.register_fake(qualname, fake, lib=_LIBRARY)
+    torch.library.register_fake(f"{qualname}_backward", backward_fake, lib=_LIBRARY)
     torch.library.register_autograd(
         qualname,
-        functools.partial(_backward, checked),
-        setup_context=functools.partial(_setup_context, checked),
+        functools.partial(_backward, registered, n),
+        setup_context=functools.partial(_setup_context, n),
         lib=_LIBRARY,
     )
     _OPS[qualname] = registered
@@ -149,21 +180,40 @@ def output_dtype(checked: ir.CheckedSpec, tensors: Sequence[Tensor]) -> torch.dt
     return functools.reduce(torch.promote_types, dtypes)
 
 
-def _setup_context(checked: ir.CheckedSpec, ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    n = len(checked.spec.tensors)
+def _setup_context(n: int, ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    """Keep the inputs (tensors, initial_state, cu_seqlens), the form and the chunk size."""
     inputs = (*inputs, *(None,) * (n + 4 - len(inputs)))
     ctx.save_for_backward(*inputs[: n + 2])
+    ctx.form, ctx.chunk_size = inputs[n + 2], inputs[n + 3]
 
 
 def _backward(
-    checked: ir.CheckedSpec, ctx: Any, grad_y: Tensor, grad_state: Tensor | None = None
+    registered: _Registered, n: int, ctx: Any, grad_y: Tensor, grad_state: Tensor | None = None
 ) -> tuple[Tensor | None, ...]:
-    """Gradients of the PyTorch reference, recomputed from the saved inputs."""
+    """The autograd formula: the backward op on the saved inputs; None where none is needed."""
+    *tensors, initial_state, cu_seqlens = ctx.saved_tensors
+    grads = registered.backward_op(
+        grad_y, grad_state, *tensors, initial_state, cu_seqlens, ctx.form, ctx.chunk_size
+    )
+    needs = ctx.needs_input_grad
+    result: list[Tensor | None] = [g if needs[i] else None for i, g in enumerate(grads[:n])]
+    result.append(grads[n] if initial_state is not None and needs[n] else None)
+    return (*result, None, None, None)
+
+
+def reference_gradients(
+    checked: ir.CheckedSpec,
+    tensors: Sequence[Tensor],
+    initial_state: Tensor | None,
+    cu_seqlens: Tensor | None,
+    grad_y: Tensor,
+    grad_state: Tensor | None,
+) -> tuple[list[Tensor | None], Tensor | None]:
+    """Gradients of the PyTorch reference (fp32, fp64 for fp64 inputs), in the inputs' dtypes."""
     from ssmc.reference import reference
 
     spec = checked.spec
     n = len(spec.tensors)
-    *tensors, initial_state, cu_seqlens = ctx.saved_tensors
     with torch.enable_grad():
         leaves = [_leaf(t) for t in tensors]
         init = None if initial_state is None else _leaf(initial_state)
@@ -181,8 +231,10 @@ def _backward(
     result: list[Tensor | None] = [
         None if g is None else g.to(t.dtype) for g, t in zip(found[:n], tensors, strict=True)
     ]
-    result.append(None if init is None or found[n] is None else found[n].to(initial_state.dtype))
-    return (*result, None, None, None)
+    d_init = None
+    if init is not None and initial_state is not None and found[n] is not None:
+        d_init = found[n].to(initial_state.dtype)
+    return result, d_init
 
 
 def _leaf(t: Tensor) -> Tensor:
@@ -203,6 +255,7 @@ class SsmcOp:
         self._plans: dict[tuple[Any, ...], tuple[str | None, int | None]] = {}
         self._registered = register(checked)
         self._registered.run = self._run
+        self._registered.run_backward = self._run_backward
         self.op = self._registered.op
 
     @property
@@ -314,6 +367,33 @@ class SsmcOp:
             chunk_size=chunk_size,
         )
         return (y, state) if self.checked.spec.final_state else y
+
+    def _run_backward(self, grad_y: Tensor, grad_state: Tensor | None, *args: Any) -> list[Tensor]:
+        """The backward op's implementation: gradients of every tensor (then of initial_state,
+        when given) from the generated backward, or from the reference where it ran."""
+        n = len(self._names)
+        tensors, (initial_state, cu_seqlens, form, chunk_size) = args[:n], args[n:]
+        reference_path = tensors[0].device.type == "cpu" and not self.interpreted
+        if reference_path or not hasattr(self.module, "backward"):
+            grads, d_init = reference_gradients(
+                self.checked, tensors, initial_state, cu_seqlens, grad_y, grad_state
+            )
+        else:
+            grads, d_init = self.module.backward(
+                **dict(zip(self._names, tensors, strict=True)),
+                initial_state=initial_state,
+                cu_seqlens=cu_seqlens,
+                form=form,
+                chunk_size=chunk_size,
+                grad_y=grad_y,
+                grad_final_state=grad_state,
+            )
+        result = [
+            torch.zeros_like(t) if g is None else g for g, t in zip(grads, tensors, strict=True)
+        ]
+        if initial_state is not None:
+            result.append(torch.zeros_like(initial_state) if d_init is None else d_init)
+        return result
 
     def _reference(
         self,

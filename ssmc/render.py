@@ -2,9 +2,11 @@
 
 `render_stage(name, **context)` renders one stage, `templates/<name>.py.jinja`;
 `render_module(checked)` renders the whole generated module of a checked spec: the
-prologue, the core stages of every form whose templates exist, the epilogue and a
-`forward(**tensors)` entry point. Templates see only typed values derived from the
-checked IR (through the helpers below and ssmc.expr_triton), never spec text.
+prologue, the core stages of every form whose templates exist, the epilogue, a
+`forward(**tensors)` entry point, and the backward (the elementwise gradient stages, the
+adjoint of the core, `backward(**tensors, grad_y, grad_final_state)`). Templates see only
+typed values derived from the checked IR (through the helpers below, ssmc.roles and
+ssmc.elementwise), never spec text.
 """
 
 from __future__ import annotations
@@ -13,21 +15,28 @@ import functools
 import hashlib
 import importlib.metadata
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import fields, is_dataclass
 from enum import Enum
 from pathlib import Path
 
 import jinja2
 
-from ssmc import expr as E
 from ssmc import ir
-from ssmc.axes import expr_axes
-from ssmc.expr_triton import Elementwise, Extra, Target, UnsafeNameError, elementwise, identifier
+from ssmc.elementwise import Backward
+from ssmc.expr_triton import UnsafeNameError, identifier
 from ssmc.resources import data_dir, template_dir
+from ssmc.roles import Prologue, epilogue, epilogue_backward, prologue, prologue_backward
 
 MARKER = "# ssmc-generated-module"
 """The first line of every generated module: how `compile_to_file` recognises its own files."""
-FORWARD_KEYWORDS = ("initial_state", "cu_seqlens", "form", "chunk_size")
+FORWARD_KEYWORDS = (
+    "initial_state",
+    "cu_seqlens",
+    "form",
+    "chunk_size",
+    "grad_y",
+    "grad_final_state",
+)
 _NOT_SPEC_FIELDS = frozenset({"span", "source"})
 
 
@@ -140,18 +149,8 @@ def build_digest() -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# The prologue and epilogue: which core inputs come from which expression.
+# The module: stages of every available form, and the form rule.
 # ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Prologue:
-    """The elementwise kernels of the prologue and how each core input is obtained."""
-
-    kernels: tuple[Elementwise, ...]
-    core: dict[str, str]
-    """Core input role → the launcher's Python expression for it."""
-    lti: dict[str, str] | None
 
 
 def decay_kind(checked: ir.CheckedSpec) -> str:
@@ -164,132 +163,6 @@ def decay_kind(checked: ir.CheckedSpec) -> str:
     if isinstance(mask, ir.Toeplitz):
         return "toeplitz"
     return "scalar"
-
-
-def prologue(checked: ir.CheckedSpec) -> Prologue:
-    """Targets of the prologue grouped into kernels by iteration space, and the core inputs."""
-    spec, heads = checked.spec, checked.heads
-    N, P = checked.state_size, checked.head_dim
-    targets: list[Target] = []
-    core: dict[str, str] = {}
-    lti = None
-
-    def take(role: str, expr: E.Expr, shape: tuple[ir.Size, ...], dtype: str) -> str:
-        if isinstance(expr, E.Ref) and spec.tensor(expr.name).shape == shape:
-            return f"tensors[{_position(spec, expr.name)}]"
-        targets.append(Target(role=role, expr=expr, shape=shape, dtype=dtype))
-        return role
-
-    mask = spec.mask
-    if isinstance(mask, ir.Causal):
-        core["log_a"] = "None"
-    elif isinstance(mask, ir.ConstDecay):
-        take("log_gamma", mask.log_gamma, (_count(heads.decay),), "torch.float32")
-        core["log_a"] = 'log_gamma.view(1, 1, -1).expand(sizes["batch"], sizes["seq"], -1)'
-    elif isinstance(mask, ir.ScalarSemiseparable | ir.DiagonalSemiseparable):
-        per_n: tuple[ir.Size, ...] = () if isinstance(mask, ir.ScalarSemiseparable) else (N or 1,)
-        shape = (ir.BATCH, ir.SEQ, _count(heads.decay), *per_n)
-        core["log_a"] = take("log_a", mask.log_a, shape, "torch.float32")
-    factors = checked.value_factors
-    value_shape = (ir.BATCH, ir.SEQ, _count(heads.value), P)
-    if factors is not None and spec.tensor(factors.base).shape == value_shape:
-        core["x"] = f"tensors[{_position(spec, factors.base)}]"
-        core["s"] = "None"
-        if factors.scale is not None:
-            core["s"] = take("s", factors.scale, value_shape[:3], "torch.float32")
-    else:
-        core["x"] = take("x", spec.value, value_shape, _dtype_of(spec, spec.value))
-        core["s"] = "None"
-    if isinstance(mask, ir.Toeplitz):
-        if isinstance(mask.kernel, ir.LearnedKernel):
-            head = _count(heads.decay)
-            lag = [a for a in expr_axes(mask.kernel.kernel, spec) if a != head]
-            core["kernel"] = take("kernel", mask.kernel.kernel, (head, lag[0]), "torch.float32")
-        else:
-            lti = _lti_targets(checked, mask.kernel, targets)
-            core["kernel"] = "kernel"
-        core = {role: core[role] for role in ("x", "s", "kernel")}
-        return Prologue(kernels=_group("prologue", spec, targets), core=core, lti=lti)
-    assert spec.key is not None and spec.query is not None and N is not None
-    core["B"] = take(
-        "B", spec.key, (ir.BATCH, ir.SEQ, _count(heads.key), N), _dtype_of(spec, spec.key)
-    )
-    core["C"] = take(
-        "C", spec.query, (ir.BATCH, ir.SEQ, _count(heads.query), N), _dtype_of(spec, spec.query)
-    )
-    core = {role: core[role] for role in ("x", "s", "log_a", "B", "C")}
-    return Prologue(kernels=_group("prologue", spec, targets), core=core, lti=lti)
-
-
-def _lti_targets(
-    checked: ir.CheckedSpec, kernel: ir.LtiKernel, targets: list[Target]
-) -> dict[str, str]:
-    spec, N = checked.spec, checked.state_size
-    assert N is not None
-    for part in ("A", "B", "C", "dt"):
-        value = getattr(kernel, part)
-        if value is None:
-            continue
-        head = checked.heads.decay if checked.heads.decay in expr_axes(value, spec) else 1
-        assert head is not None
-        shape: tuple[ir.Size, ...] = (head,) if part == "dt" else (head, N)
-        targets.append(Target(role=f"lti_{part}", expr=value, shape=shape))
-    return {
-        "hippo": kernel.hippo.value if kernel.hippo else "",
-        "discretization": kernel.discretization.value,
-        "A": "lti_A" if kernel.A is not None else "None",
-        "B": "lti_B" if kernel.B is not None else "None",
-    }
-
-
-def epilogue(checked: ir.CheckedSpec) -> Elementwise | None:
-    """The kernel of out = (y + skip) * gate, or None when the spec has neither role."""
-    spec = checked.spec
-    if spec.skip is None and spec.gate is None:
-        return None
-    out: E.Expr = E.Ref(name="@core")
-    if spec.skip is not None:
-        out = E.BinOp(op=E.Op.ADD, lhs=out, rhs=spec.skip)
-    if spec.gate is not None:
-        out = E.BinOp(op=E.Op.MUL, lhs=out, rhs=spec.gate)
-    shape = spec.output.shape
-    core = Extra(key="@core", source="y", ptr="y", block="y_blk", shape=shape)
-    target = Target(role="out", expr=out, shape=shape, dtype="out.dtype")
-    return elementwise("epilogue", spec, [target], [core])
-
-
-def _group(stage: str, spec: ir.Spec, targets: Sequence[Target]) -> tuple[Elementwise, ...]:
-    """One kernel per distinct iteration space, named after the roles it computes."""
-    groups: dict[tuple[str, ...], list[Target]] = {}
-    for t in targets:
-        groups.setdefault(tuple(a for a in t.shape if isinstance(a, str)), []).append(t)
-    return tuple(
-        elementwise("_".join([stage, *(t.role for t in group)]), spec, group)
-        for group in groups.values()
-    )
-
-
-def _count(size: ir.Size | None) -> ir.Size:
-    """A role's head count as a shape entry: a dim name, or the literal 1."""
-    return 1 if size is None else size
-
-
-def _position(spec: ir.Spec, name: str) -> int:
-    return [t.name for t in spec.tensors].index(name)
-
-
-def _dtype_of(spec: ir.Spec, value: E.Expr) -> str:
-    """The dtype a materialised role keeps: that of the first input it reads, else fp32."""
-    used = E.refs(value)
-    for position, tensor in enumerate(spec.tensors):
-        if tensor.name in used and tensor.kind is ir.TensorKind.INPUT:
-            return f"tensors[{position}].dtype"
-    return "torch.float32"
-
-
-# ---------------------------------------------------------------------------------------
-# The module: stages of every available form, and the form rule.
-# ---------------------------------------------------------------------------------------
 
 
 def form_stage(checked: ir.CheckedSpec, form: ir.Form) -> str | None:
@@ -393,6 +266,11 @@ def render_module(checked: ir.CheckedSpec, *, versions: Mapping[str, str] | None
     stages += [render_stage(top, **stage_ctx) for top in dict.fromkeys(tops)]
     if decode:
         stages.append(render_stage("decode", **stage_ctx))
+    # The backward: SMAs 2 and 3 of a diagonal decay need a scalar-decay forward.
+    trains = bool(forms) and (decay != "diagonal" or stage_exists("chunked"))
+    epi_bwd = epilogue_backward(checked) if trains else None
+    if trains:
+        stages += _backward_stages(checked, pro, epi_bwd, stage_ctx)
     return render_stage(
         "module",
         marker=MARKER,
@@ -417,4 +295,41 @@ def render_module(checked: ir.CheckedSpec, *, versions: Mapping[str, str] | None
         inputs=[i for i, t in enumerate(spec.tensors) if t.kind is ir.TensorKind.INPUT],
         core=list(pro.core),
         stages=stages,
+        trains=trains,
+        decay=decay,
+        const_decay=isinstance(spec.mask, ir.ConstDecay),
+        lti=pro.lti is not None,
+        passthrough=pro.passthrough,
+        epilogue_reads_y=epi_bwd is not None and "y" in epi_bwd.kernel.extra_args,
     )
+
+
+def _backward_stages(
+    checked: ir.CheckedSpec,
+    pro: Prologue,
+    epi_bwd: Backward | None,
+    stage_ctx: Mapping[str, object],
+) -> list[str]:
+    """The stages only the backward uses: elementwise gradients, the adjoint, and the
+    scalar-decay chunked forward of a diagonal spec."""
+    spec = checked.spec
+    pro_bwd = prologue_backward(checked, pro)
+    stages = [
+        render_stage(
+            "prologue_bwd", kernels=[b.kernel for b in pro_bwd], backward=pro_bwd, lti=pro.lti
+        )
+    ]
+    if spec.skip is not None or spec.gate is not None:
+        stages.append(
+            render_stage(
+                "epilogue_bwd",
+                kernels=[] if epi_bwd is None else [epi_bwd.kernel],
+                backward=epi_bwd,
+                skip=spec.skip is not None,
+                gate=spec.gate is not None,
+            )
+        )
+    stages.append(render_stage("adjoint"))
+    if stage_ctx["decay"] == "diagonal":
+        stages.append(render_stage("chunked", **{**stage_ctx, "decay": "scalar"}))
+    return stages

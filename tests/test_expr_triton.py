@@ -10,12 +10,11 @@ import torch
 
 from ssmc import expr as E
 from ssmc import ir
+from ssmc.elementwise import Target, elementwise
 from ssmc.expr_torch import evaluate
 from ssmc.expr_triton import (
     Emitter,
-    Target,
     UnsafeNameError,
-    elementwise,
     fold,
     identifier,
     number,

@@ -180,11 +180,16 @@ def test_compile_to_file_refuses_foreign_files(tmp_path: Path) -> None:
 
 @pytest.mark.interpret
 def test_standalone_module_runs_without_ssmc(tmp_path: Path, gen: torch.Generator) -> None:
+    """`ssmc compile` output runs forward and backward with only torch and triton."""
     checked = with_dims(parse_file(MAMBA2), SMALL)
     module = L.compile_to_file(checked, tmp_path / "mamba2_small.py")
     inputs = random_inputs(checked, batch=2, seqlen=9, dtype=torch.float64, generator=gen)
-    want, state = reference(checked)(**inputs)
-    torch.save({k: v.float() for k, v in inputs.items()}, tmp_path / "inputs.pt")
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    want, state = reference(checked)(**leaves)
+    dy, dstate = torch.randn(want.shape, generator=gen), torch.randn(state.shape, generator=gen)
+    ((want * dy).sum() + (state * dstate).sum()).backward()
+    payload = {k: v.float() for k, v in inputs.items()} | {"dy": dy, "dstate": dstate}
+    torch.save(payload, tmp_path / "inputs.pt")
     # Compiled kernels on a GPU; else the interpreter on the CPU.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     code = (
@@ -193,9 +198,12 @@ def test_standalone_module_runs_without_ssmc(tmp_path: Path, gen: torch.Generato
         f"sys.path.insert(0, {str(tmp_path)!r})\n"
         "import mamba2_small as m\n"
         f"inputs = {{k: v.to({device!r}) for k, v in torch.load({str(tmp_path / 'inputs.pt')!r}).items()}}\n"
+        "dy, dstate = inputs.pop('dy'), inputs.pop('dstate')\n"
         "init = inputs.pop('initial_state')\n"
         "y, state = m.forward(**inputs, initial_state=init)\n"
-        f"torch.save((y.cpu(), state.cpu()), {str(tmp_path / 'out.pt')!r})\n"
+        "grads, dinit = m.backward(**inputs, initial_state=init, grad_y=dy, grad_final_state=dstate)\n"
+        "out = (y.cpu(), state.cpu(), [g.cpu() for g in grads], dinit.cpu())\n"
+        f"torch.save(out, {str(tmp_path / 'out.pt')!r})\n"
         "print(sorted(n for n in sys.modules if n.split('.')[0] == 'ssmc'))\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
@@ -204,8 +212,15 @@ def test_standalone_module_runs_without_ssmc(tmp_path: Path, gen: torch.Generato
     result = _python(code, env, "-I")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "['ssmc']", "only the blocked entry"
-    y, got_state = torch.load(tmp_path / "out.pt")
+    y, got_state, grads, dinit = torch.load(tmp_path / "out.pt")
     assert module.name == "mamba2_small.py"
-    for got, ref in ((y, want), (got_state, state)):
+    wanted = [
+        want,
+        state,
+        *(leaves[t.name].grad for t in checked.spec.tensors),
+        leaves["initial_state"].grad,
+    ]
+    # the gradients through the decay (A, dt, dt_bias) get tests/test_backward.py's 1e-4
+    for got, ref in zip([y, got_state, *grads, dinit], wanted, strict=True):
         assert not got.isnan().any()
-        assert ((got.double() - ref).norm() / ref.norm()).item() <= 1e-5
+        assert ((got.double() - ref).norm() / ref.norm()).item() <= 1e-4

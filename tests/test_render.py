@@ -67,6 +67,51 @@ def test_render_is_deterministic_and_compiles(name: str) -> None:
     assert first == render.render_module(checked, versions=VERSIONS)
     assert first.startswith(render.MARKER)
     compile(first, f"<{name}>", "exec")
+    # every example trains: the backward is rendered into the module
+    assert "\ndef backward(*, " in first and "\ndef prologue_bwd(" in first
+
+
+def test_a_diagonal_decay_also_renders_a_scalar_decay_forward() -> None:
+    """SMAs 2 and 3 of a diagonal decay's backward run a head per (h, n) with a scalar decay:
+    the scalar chunked stage is rendered beside chunked_diag (different names)."""
+    text = render.render_module(parse_file(ROOT / "examples" / "mamba1.ssm"), versions=VERSIONS)
+    assert "\ndef chunked_diag_fwd(" in text and "\ndef chunked_fwd(" in text
+    assert text.count("\ndef recurrent_fwd(") == 1
+    scalar = render.render_module(parse_file(ROOT / "examples" / "mamba2.ssm"), versions=VERSIONS)
+    assert scalar.count("\ndef chunked_fwd(") == 1
+
+
+def test_without_a_scalar_forward_a_diagonal_spec_does_not_train(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    exists = render.stage_exists
+    monkeypatch.setattr(render, "stage_exists", lambda name: name != "chunked" and exists(name))
+    text = render.render_module(parse_file(ROOT / "examples" / "gla.ssm"), versions=VERSIONS)
+    assert "\ndef forward(*, " in text and "def backward(" not in text
+    compile(text, "<gla>", "exec")
+
+
+def test_prologue_passes_bare_tensors_through() -> None:
+    pro = render.prologue(parse_file(ROOT / "examples" / "mamba2.ssm"))
+    assert pro.passthrough == {"x": 0, "B": 2, "C": 3}
+    assert [t.role for t in pro.targets] == ["log_a", "s"]
+    gla = render.prologue(parse_file(ROOT / "examples" / "gla.ssm"))
+    assert gla.passthrough == {"x": 2, "B": 1} and {t.role for t in gla.targets} == {"log_a", "C"}
+
+
+def test_a_bare_log_gamma_parameter_is_passed_through() -> None:
+    text = (ROOT / "examples" / "retnet.ssm").read_text()
+    checked = parse(text.replace("const_decay(gamma = gamma)", "const_decay(log_gamma = gamma)"))
+    pro = render.prologue(checked)
+    assert pro.passthrough["log_gamma"] == 3 and pro.core["log_a"].startswith("tensors[3].view(")
+    compile(render.render_module(checked, versions=VERSIONS), "<retnet>", "exec")
+
+
+@pytest.mark.parametrize("name", ["grad_y", "grad_final_state"])
+def test_backward_keywords_are_reserved(name: str) -> None:
+    checked = _renamed_tensor(parse_file(ROOT / "examples" / "mamba2.ssm"), "z", name)
+    with pytest.raises(UnsafeNameError):
+        render.render_module(checked, versions=VERSIONS)
 
 
 def test_hash_ignores_layout_but_not_meaning() -> None:

@@ -118,12 +118,21 @@ def prologue_log_a_s_launch(tensors, sizes, out0, out1):
     )
 
 
-def prologue_fwd(tensors, sizes):
-    """The core inputs (x, s, log_a, B, C) of one call."""
+def prologue_roles(tensors, sizes):
+    """The roles the prologue computes from the spec's expressions, by name (fp32 unless noted)."""
     device = tensors[0].device
     log_a = torch.empty((sizes["batch"], sizes["seq"], sizes["H"]), device=device, dtype=torch.float32)
     s = torch.empty((sizes["batch"], sizes["seq"], sizes["H"]), device=device, dtype=torch.float32)
     prologue_log_a_s_launch(tensors, sizes, log_a, s)
+    return {"log_a": log_a, "s": s}
+
+
+def prologue_fwd(tensors, sizes, roles=None):
+    """The core inputs (x, s, log_a, B, C) of one call (`roles`: prologue_roles' result, if at hand)."""
+    if roles is None:
+        roles = prologue_roles(tensors, sizes)
+    log_a = roles["log_a"]
+    s = roles["s"]
     return tensors[0], s, log_a, tensors[2], tensors[3]
 
 
@@ -679,19 +688,21 @@ def quadratic_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_st
 #     h_t = a_t h_{t−1} + B_t ⊗ X̄_t,  y_t = C_tᵀ h_t          (per head, h is N × P)
 #
 # computed chunk by chunk (chunk length Q = chunk_size) from the five steps of DESIGN §1,
-# in two launches:
-#   chunked_state  steps 3 + 4: H_r, the state entering each chunk, by one walk per
-#                  sequence with H in registers (the chunk states S_r never reach memory)
-#   chunked_scan   steps 1, 2, 5: y = (L ∘ C Bᵀ) X̄ + exp(cs) C H_r per chunk, the
-#                  in-chunk cumsum cs recomputed from log a
+# in three launches:
+#   chunked_state    steps 3 + 4: H_r, the state entering each chunk, by one walk per
+#                    sequence with H in registers (the chunk states S_r never reach memory)
+#   chunked_scan_cb  C Bᵀ of each chunk, once per (query, key) group
+#   chunked_scan     steps 1, 2, 5: y = (L ∘ C Bᵀ) X̄ + exp(cs) C H_r per chunk, the
+#                    in-chunk cumsum cs recomputed from log a
 # Cost O(T Q (N + P) + T N P), matmul-shaped. The chunks come from a tile table
 # (seq_tiles) in which no chunk straddles two sequences of a packed (cu_seqlens) batch,
 # so the only cross-chunk path is the state walk, which runs per sequence.
-# The one buffer between the launches is states [R, H, N, P] (C's dtype when C is 16-bit,
-# else fp32), written once and read once, where R is the number of chunks (an upper
-# bound with cu_seqlens, known without a device sync). Bytes per call: x twice, B, C,
-# log a, s, y once, and R·H·N·P states twice; a larger Q divides the state bytes and
-# grows the in-chunk work (docs/perf-notes.md).
+# Buffers between the launches: states [R, H, N, P] (C's dtype when C is 16-bit, else
+# fp32), written once and read once, and C Bᵀ [R, Gqk, Q, Q] (x's dtype when 16-bit),
+# where R is the number of chunks (an upper bound with cu_seqlens, known without a
+# device sync). Bytes per call: x twice, B, C, log a, s, y once, R·H·N·P states twice
+# and R·Gqk·Q² C Bᵀ once; a larger Q divides the state bytes and grows the in-chunk work
+# (docs/perf-notes.md).
 # =======================================================================================
 
 # ---------------------------------------------------------------------------------------
@@ -865,21 +876,31 @@ def chunked_state_fwd_kernel(
 
 
 def chunked_state_fwd(x, s, log_a, B, C, *, tiles, first, heads, initial_state, final_state,
-                      chunk_size, block_t, block_n, block_p, dot_precision, num_warps=4,
-                      num_stages=None):
+                      chunk_size, dot_precision, block_t=None, block_n=None, block_p=None,
+                      num_warps=None, num_stages=None):
     """states [R, H, N, P]: the state entering each chunk of `tiles` (C's dtype when C is
-    16-bit, else fp32); the final state of each sequence into `final_state` (fp32)."""
+    16-bit, else fp32); the final state of each sequence into `final_state` (fp32).
+
+    Default tiles: 64 × 64 of the N × P state. Each program is a serial walk whose steps
+    are latency-bound: when sequences × heads × tiles give many programs (≥ 512, several
+    waves) the step is 64 tokens (more programs resident per SM); when they are few (long
+    sequences, small batch) the step is 128 tokens, half the steps of the walk.
+    """
     _, _, Gv, P = x.shape
     Gk, N = B.shape[2], B.shape[3]
     Gd = log_a.shape[2] if log_a is not None else 1
+    n_seqs = first.numel() - 1
+    block_n = block_n or max(16, min(64, triton.next_power_of_2(N)))
+    block_p = block_p or max(16, min(64, triton.next_power_of_2(P)))
+    n_programs = n_seqs * heads * triton.cdiv(N, block_n) * triton.cdiv(P, block_p)
+    block_t = block_t or min(chunk_size, 64 if n_programs >= 512 else 128)
     dtype = C.dtype if C.dtype in (torch.float16, torch.bfloat16) else torch.float32
     states = torch.empty(tiles.shape[0], heads, N, P, device=x.device, dtype=dtype)
     s_arg, s_strides = (s, s.stride()) if s is not None else (x, (0, 0, 0))
     a_arg, a_strides = (log_a, log_a.stride()) if log_a is not None else (x, (0, 0, 0))
     h0_strides = initial_state.stride() if initial_state is not None else (0, 0, 0, 0)
     hT_strides = final_state.stride() if final_state is not None else (0, 0, 0, 0)
-    n_seqs = first.numel() - 1
-    grid = (n_seqs * heads * triton.cdiv(N, block_n) * triton.cdiv(P, block_p),)
+    grid = (n_programs,)
     extra = {} if num_stages is None else {"num_stages": num_stages}
     chunked_state_fwd_kernel[grid](
         x, s_arg, a_arg, B, states, tiles, first,
@@ -890,7 +911,7 @@ def chunked_state_fwd(x, s, log_a, B, C, *, tiles, first, heads, initial_state, 
         HAS_S=s is not None, HAS_INITIAL=initial_state is not None,
         HAS_FINAL=final_state is not None, DOT_PRECISION=dot_precision,
         CHUNK=chunk_size, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_P=block_p,
-        num_warps=num_warps, **extra,
+        num_warps=num_warps or 4, **extra,
     )
     return states
 
@@ -898,63 +919,104 @@ def chunked_state_fwd(x, s, log_a, B, C, *, tiles, first, heads, initial_state, 
 # ---------------------------------------------------------------------------------------
 # chunked_scan: steps 1, 2 and 5 of the chunked (SSD) form, the output of each chunk.
 #
-# A program owns a row block of BLOCK_M rows i ∈ [m0, m0 + BLOCK_M) of one chunk r and
-# splits each row's output three ways, by where the contribution comes from:
+# Two kernels. chunked_scan_cb computes the C Bᵀ blocks of each chunk once per (query,
+# key) group and stores them (in x's dtype when 16-bit, else fp32): C Bᵀ depends on
+# h // (H / Gqk) only, Gqk = lcm(Gq, Gk) (every count divides H), so one copy serves the
+# H / Gqk heads of a group (MVA/Mamba-2: all 80 heads read one block from L2); it is
+# never expanded per head. Then chunked_scan, per row block of BLOCK_M rows
+# i ∈ [m0, m0 + BLOCK_M) of a chunk r and head h, splits each row's output by where the
+# contribution comes from:
 #
-#     y_i = Σ_{m0 ≤ j ≤ i} C_iᵀB_j exp(cs_i − cs_j) s_j x_j        this row block (diagonal)
-#         + u_i Σ_{j < m0} C_iᵀB_j v_j x_j                          earlier rows of the chunk
-#         + u_i exp(c0) C_iᵀ H_r                                    the state entering chunk r
+#     y_i = Σ_{m0 ≤ j ≤ i} (C Bᵀ)_ij exp(cs_i − cs_j) s_j x_j     this row block (diagonal)
+#         + u_i Σ_{j < m0} (C Bᵀ)_ij v_j x_j                         earlier blocks of the chunk
+#         + u_i exp(c0) C_iᵀ H_r                                     the state entering chunk r
 #
 #     cs_i = Σ_{k = m0..i} log a_k,  u_i = exp(cs_i),  c0 = Σ_{k < m0} log a_k
 #     v_j  = exp(Σ_{k = j+1..m0−1} log a_k) s_j
 #
-# (step 1, the cumsum, is recomputed here from log a: ≤ Q values per head). The decay
-# from an earlier row j to row i factors through the row block's start, u_i · v_j, with
-# each factor a sum over its own range only (never a difference of long prefixes, never
-# exp(−cs) of a long range; for log a ≤ 0 both factors are ≤ 1). So the C Bᵀ block of
-# the earlier columns carries no per-head factor: it is computed once per program and
-# shared by its heads unchanged, and per head only the rows of x are scaled by v. Only
-# the BLOCK_M × BLOCK_M diagonal block needs per-head exps, L_ij = exp(cs_i − cs_j),
-# masked before the exp.
-# H_r comes from chunked_state, in its dtype (C's dtype when C is 16-bit). The earlier
-# rows' dot runs over the chunk's full width Q with the columns ≥ m0 zero (static shapes);
-# the first row block skips it per head. X̄ = x s is never materialised: s scales L's columns
-# or v.
+# (step 1, the cumsum, is recomputed here from log a: no cs buffer). The decay from an
+# earlier row j to row i factors through the row block's start, u_i · v_j, each factor a
+# sum over its own range (never a difference of long prefixes, never exp(−cs) of a long
+# range; for log a ≤ 0 both are ≤ 1). So the earlier blocks' C Bᵀ tiles go to the tensor
+# cores untouched, and only the rows of x are scaled (by v); the earlier blocks are
+# walked back from the diagonal, so the sums in v accumulate block by block. Only the
+# diagonal block takes per-element exps, L_ij = exp(cs_i − cs_j) masked before the exp.
+# H_r comes from chunked_state, in its dtype (C's dtype when C is 16-bit). X̄ = x s is
+# never materialised: s scales L's columns or v.
 #
-# Head groups: C Bᵀ depends on the query group and the key group only, i.e. on
-# h // (H / Gqk) with Gqk = lcm(Gq, Gk) (every count divides H). A program computes its
-# C Bᵀ blocks (tensor-core dots over N tiles, fp32) once and loops over
-# `heads_per_program` heads of the group, each with its own decay, value and state
-# (MVA/Mamba-2: one C Bᵀ serves many of the H / G heads). The heads of a group are split
-# over several programs only to fill the GPU: the default keeps about 1024 programs, so
-# C Bᵀ is recomputed ⌈(H / Gqk) / heads_per_program⌉ times per row block and group,
-# never stored, never expanded per head.
-#
-# Parallelisation: a 1-D grid of (chunk r; qk group, head split, row block, P tile), the
-# programs of one chunk adjacent (they share its x, B, C in L2). N is contracted in
-# BLOCK_N tiles. Rows past a chunk's length return at once.
+# Parallelisation: chunked_scan_cb, a program per (chunk, qk group, row block, column
+# block ≤ row block), one [BLOCK_M, BLOCK_M] tile contracted over N. chunked_scan, a 1-D
+# grid of (chunk; qk group, head split, row block, P tile), the programs of one chunk
+# adjacent (they share its x, B, C and C Bᵀ in L2); a program serves `heads_per_program`
+# heads of its group in turn (default 1: many small programs, small register tiles) and
+# walks its earlier blocks (≤ Q / BLOCK_M − 1, a pipelined loop). Rows past a chunk's
+# length return at once.
 # ---------------------------------------------------------------------------------------
 
 
 @triton.jit
+def chunked_scan_cb_fwd_kernel(
+    B, C, cb, tiles,
+    stride_B_b, stride_B_t, stride_B_g, stride_B_n,
+    stride_C_b, stride_C_t, stride_C_g, stride_C_n,
+    H, N, Hqk, Hq, Hk,
+    DOT_PRECISION: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    i_pid = tl.program_id(0).to(tl.int64)
+    n_m = CHUNK // BLOCK_M
+    Gqk = H // Hqk
+    i_k = i_pid % n_m
+    i_m = i_pid // n_m % n_m
+    i_c = i_pid // (n_m * n_m) % Gqk
+    i_r = i_pid // (n_m * n_m * Gqk)
+    n_t = tl.load(tiles + i_r * 5 + 2)
+    if (i_k > i_m) | (i_m * BLOCK_M >= n_t):
+        return
+    i_b = tl.load(tiles + i_r * 5)
+    t0 = tl.load(tiles + i_r * 5 + 1)
+    i_q = i_c * Hqk // Hq
+    i_g = i_c * Hqk // Hk
+
+    o_i = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_j = i_k * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_i = o_i < n_t
+    m_j = o_j < n_t
+    p_C0 = C + i_b * stride_C_b + (t0 + o_i[:, None]) * stride_C_t + i_q * stride_C_g
+    p_B0 = B + i_b * stride_B_b + (t0 + o_j[:, None]) * stride_B_t + i_g * stride_B_g
+    b_cb = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N)
+        m_n = o_n < N
+        b_C = tl.load(p_C0 + o_n[None, :] * stride_C_n, mask=m_i[:, None] & m_n[None, :],
+                      other=0.0)  # [BLOCK_M, BLOCK_N]
+        b_B = tl.load(p_B0 + o_n[None, :] * stride_B_n, mask=m_j[:, None] & m_n[None, :],
+                      other=0.0)  # [BLOCK_M, BLOCK_N]
+        # [BLOCK_M, BLOCK_M]
+        b_cb = tl.dot(b_C, tl.trans(b_B.to(b_C.dtype)), acc=b_cb, input_precision=DOT_PRECISION)
+    p_cb = cb + ((i_r * Gqk + i_c) * CHUNK + o_i[:, None]) * CHUNK + o_j[None, :]
+    tl.store(p_cb, b_cb.to(cb.dtype.element_ty))
+
+
+@triton.jit
 def chunked_scan_fwd_kernel(
-    x, s, log_a, B, C, states, out, tiles,
+    x, s, log_a, C, cb, states, out, tiles,
     stride_x_b, stride_x_t, stride_x_g, stride_x_p,
     stride_s_b, stride_s_t, stride_s_g,
     stride_a_b, stride_a_t, stride_a_g,
-    stride_B_b, stride_B_t, stride_B_g, stride_B_n,
     stride_C_b, stride_C_t, stride_C_g, stride_C_n,
     stride_o_b, stride_o_t, stride_o_h, stride_o_p,
-    H, P, Hqk, Hq, Hk, Hv, Hd, heads_per_program,
-    N: tl.constexpr, HAS_S: tl.constexpr,
+    H, P, Hqk, Hq, Hv, Hd,
+    N: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr, HAS_S: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     i_pid = tl.program_id(0).to(tl.int64)
     n_p = tl.cdiv(P, BLOCK_P)
     n_m = CHUNK // BLOCK_M
-    n_split = tl.cdiv(Hqk, heads_per_program)
-    n_inner = (H // Hqk) * n_split * n_m * n_p
+    Gqk = H // Hqk
+    n_split = tl.cdiv(Hqk, HEADS_PER_PROGRAM)
+    n_inner = Gqk * n_split * n_m * n_p
     i_r = i_pid // n_inner
     i_p = i_pid % n_p
     i_m = i_pid // n_p % n_m
@@ -968,139 +1030,146 @@ def chunked_scan_fwd_kernel(
         return
     i_h0 = i_c * Hqk
     i_q = i_h0 // Hq
-    i_k = i_h0 // Hk
 
     o_i = m0 + tl.arange(0, BLOCK_M)
+    o_k = tl.arange(0, BLOCK_M)
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
     m_i = o_i < n_t
     m_p = o_p < P
     m_ij = (o_i[:, None] >= o_i[None, :]) & m_i[None, :]
     p_C0 = C + i_b * stride_C_b + (t0 + o_i[:, None]) * stride_C_t + i_q * stride_C_g
-    p_B0 = B + i_b * stride_B_b + (t0 + o_i[:, None]) * stride_B_t + i_k * stride_B_g
-    # Earlier rows of the chunk (j < m0), for the row blocks after the first.
-    o_j = tl.arange(0, CHUNK)
-    m_j = o_j < m0
-    p_Bj0 = B + i_b * stride_B_b + (t0 + o_j[:, None]) * stride_B_t + i_k * stride_B_g
+    p_cb0 = cb + ((i_r * Gqk + i_c) * CHUNK + o_i[:, None]) * CHUNK
 
-    b_CB = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
-    b_CBj = tl.zeros([BLOCK_M, CHUNK], dtype=tl.float32)
-    for n0 in tl.static_range(0, N, BLOCK_N):
-        o_n = n0 + tl.arange(0, BLOCK_N)
-        m_n = o_n < N
-        m_in = m_i[:, None] & m_n[None, :]
-        b_C = tl.load(p_C0 + o_n[None, :] * stride_C_n, mask=m_in, other=0.0)  # [BLOCK_M, BLOCK_N]
-        b_B = tl.load(p_B0 + o_n[None, :] * stride_B_n, mask=m_in, other=0.0)  # [BLOCK_M, BLOCK_N]
-        # [BLOCK_M, BLOCK_M]
-        b_CB += tl.dot(b_C, tl.trans(b_B.to(b_C.dtype)), input_precision=DOT_PRECISION)
-        if CHUNK > BLOCK_M:
-            b_Bj = tl.load(p_Bj0 + o_n[None, :] * stride_B_n, mask=m_j[:, None] & m_n[None, :],
-                           other=0.0)  # [CHUNK, BLOCK_N]
-            # [BLOCK_M, CHUNK]
-            b_CBj += tl.dot(b_C, tl.trans(b_Bj.to(b_C.dtype)), input_precision=DOT_PRECISION)
-    b_CBj = b_CBj.to(x.dtype.element_ty)
+    # The heads of the program, unrolled (a run-time loop around the block loop below
+    # costs registers); the last split of a group may have fewer.
+    for i_jj in tl.static_range(HEADS_PER_PROGRAM):
+        i_jh = i_split * HEADS_PER_PROGRAM + i_jj
+        if i_jh < Hqk:
+            i_h = i_h0 + i_jh
+            i_v = i_h // Hv
+            p_x0 = x + i_b * stride_x_b + i_v * stride_x_g + o_p[None, :] * stride_x_p
+            p_s0 = s + i_b * stride_s_b + i_v * stride_s_g
+            p_a0 = log_a + i_b * stride_a_b + (i_h // Hd) * stride_a_g
 
-    j_end = tl.minimum((i_split + 1) * heads_per_program, Hqk)
-    for i_jh in range(i_split * heads_per_program, j_end):
-        i_h = i_h0 + i_jh
-        i_v = i_h // Hv
-        p_x0 = x + i_b * stride_x_b + i_v * stride_x_g + o_p[None, :] * stride_x_p
-        p_s0 = s + i_b * stride_s_b + i_v * stride_s_g
-        p_a0 = log_a + i_b * stride_a_b + (i_h // Hd) * stride_a_g
-        b_a = tl.load(p_a0 + (t0 + o_i) * stride_a_t, mask=m_i, other=0.0)  # [BLOCK_M]
-        b_cs = tl.cumsum(b_a, axis=0)  # [BLOCK_M]
-        b_L = tl.exp(tl.where(m_ij, b_cs[:, None] - b_cs[None, :], float("-inf")))
-        b_L *= b_CB  # [BLOCK_M, BLOCK_M]
-        if HAS_S:
-            b_L *= tl.load(p_s0 + (t0 + o_i) * stride_s_t, mask=m_i, other=0.0).to(tl.float32)[None, :]
-        b_x = tl.load(p_x0 + (t0 + o_i[:, None]) * stride_x_t, mask=m_i[:, None] & m_p[None, :],
-                      other=0.0)  # [BLOCK_M, BLOCK_P]
-        # [BLOCK_M, BLOCK_P]
-        b_y = tl.dot(b_L.to(b_x.dtype), b_x, input_precision=DOT_PRECISION)
-
-        # The state entering the chunk, decayed to the row block's start.
-        b_acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
-        for n0 in tl.static_range(0, N, BLOCK_N):
-            o_n = n0 + tl.arange(0, BLOCK_N)
-            m_n = o_n < N
-            b_C = tl.load(p_C0 + o_n[None, :] * stride_C_n, mask=m_i[:, None] & m_n[None, :],
-                          other=0.0)  # [BLOCK_M, BLOCK_N]
-            p_H = states + ((i_r * H + i_h) * N + o_n[:, None]) * P + o_p[None, :]
-            b_H = tl.load(p_H, mask=m_n[:, None] & m_p[None, :], other=0.0)  # [BLOCK_N, BLOCK_P]
-            # [BLOCK_M, BLOCK_P]
-            b_acc = tl.dot(b_C, b_H.to(b_C.dtype), acc=b_acc, input_precision=DOT_PRECISION)
-        if CHUNK > BLOCK_M:
-            if m0 > 0:
-                b_aj = tl.load(p_a0 + (t0 + o_j) * stride_a_t, mask=m_j, other=0.0)  # [CHUNK]
-                b_acc *= tl.exp(tl.sum(b_aj, axis=0))
-                # Σ_{k > j} log a_k up to the row block's start: a reversed cumsum less the term.
-                b_v = tl.where(m_j, tl.exp(tl.cumsum(b_aj, axis=0, reverse=True) - b_aj), 0.0)
+            # Earlier blocks k = m − 1, …, 0, walked back from the diagonal; b_c0 is the log
+            # decay from the end of block k to the row block's start.
+            b_off = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+            b_c0 = 0.0
+            for i_kk in range(0, i_m):
+                k0 = m0 - (i_kk + 1) * BLOCK_M
+                o_tk = t0 + k0 + o_k
+                b_ak = tl.load(p_a0 + o_tk * stride_a_t).to(tl.float32)  # [BLOCK_M]
+                # Σ_{k' > k in the block} log a_k' (a reversed cumsum less the term) + the rest.
+                b_v = tl.exp(tl.cumsum(b_ak, axis=0, reverse=True) - b_ak + b_c0)
+                b_c0 += tl.sum(b_ak, axis=0)
                 if HAS_S:
-                    b_v *= tl.load(p_s0 + (t0 + o_j) * stride_s_t, mask=m_j, other=0.0).to(tl.float32)
-                b_xj = tl.load(p_x0 + (t0 + o_j[:, None]) * stride_x_t,
-                               mask=m_j[:, None] & m_p[None, :], other=0.0)  # [CHUNK, BLOCK_P]
-                b_xj = (b_xj.to(tl.float32) * b_v[:, None]).to(b_xj.dtype)
+                    b_v *= tl.load(p_s0 + o_tk * stride_s_t).to(tl.float32)
+                b_xk = tl.load(p_x0 + o_tk[:, None] * stride_x_t, mask=m_p[None, :],
+                               other=0.0)  # [BLOCK_M, BLOCK_P]
+                b_xk = (b_xk.to(tl.float32) * b_v[:, None]).to(b_xk.dtype)
+                b_cbk = tl.load(p_cb0 + k0 + o_k[None, :])  # [BLOCK_M, BLOCK_M]
                 # [BLOCK_M, BLOCK_P]
-                b_acc = tl.dot(b_CBj, b_xj, acc=b_acc, input_precision=DOT_PRECISION)
-        b_y += b_acc * tl.exp(b_cs)[:, None]
+                b_off = tl.dot(b_cbk.to(b_xk.dtype), b_xk, acc=b_off, input_precision=DOT_PRECISION)
 
-        p_o = (out + i_b * stride_o_b + (t0 + o_i[:, None]) * stride_o_t + i_h * stride_o_h
-               + o_p[None, :] * stride_o_p)
-        tl.store(p_o, b_y.to(out.dtype.element_ty), mask=m_i[:, None] & m_p[None, :])
+            # The state entering the chunk: C_i H_r, decayed to the row block's start.
+            b_acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+            for n0 in tl.static_range(0, N, BLOCK_N):
+                o_n = n0 + tl.arange(0, BLOCK_N)
+                m_n = o_n < N
+                b_C = tl.load(p_C0 + o_n[None, :] * stride_C_n, mask=m_i[:, None] & m_n[None, :],
+                              other=0.0)  # [BLOCK_M, BLOCK_N]
+                p_H = states + ((i_r * H + i_h) * N + o_n[:, None]) * P + o_p[None, :]
+                # [BLOCK_N, BLOCK_P]
+                b_H = tl.load(p_H, mask=m_n[:, None] & m_p[None, :], other=0.0)
+                # [BLOCK_M, BLOCK_P]
+                b_acc = tl.dot(b_C, b_H.to(b_C.dtype), acc=b_acc, input_precision=DOT_PRECISION)
+            b_acc = b_acc * tl.exp(b_c0) + b_off
+
+            # This row block: the diagonal tile of C Bᵀ, masked and decayed per element.
+            b_cb = tl.load(p_cb0 + o_i[None, :], mask=m_ij, other=0.0).to(tl.float32)
+            b_a = tl.load(p_a0 + (t0 + o_i) * stride_a_t, mask=m_i, other=0.0)  # [BLOCK_M]
+            b_cs = tl.cumsum(b_a, axis=0)  # [BLOCK_M]
+            b_L = tl.exp(tl.where(m_ij, b_cs[:, None] - b_cs[None, :], float("-inf"))) * b_cb
+            if HAS_S:
+                b_s = tl.load(p_s0 + (t0 + o_i) * stride_s_t, mask=m_i, other=0.0)  # [BLOCK_M]
+                b_L *= b_s.to(tl.float32)[None, :]
+            b_x = tl.load(p_x0 + (t0 + o_i[:, None]) * stride_x_t, mask=m_i[:, None] & m_p[None, :],
+                          other=0.0)  # [BLOCK_M, BLOCK_P]
+            # [BLOCK_M, BLOCK_P]
+            b_y = tl.dot(b_L.to(b_x.dtype), b_x, input_precision=DOT_PRECISION)
+            b_y += b_acc * tl.exp(b_cs)[:, None]
+
+            p_o = (out + i_b * stride_o_b + (t0 + o_i[:, None]) * stride_o_t + i_h * stride_o_h
+                   + o_p[None, :] * stride_o_p)
+            tl.store(p_o, b_y.to(out.dtype.element_ty), mask=m_i[:, None] & m_p[None, :])
 
 
-def chunked_scan_fwd(x, s, log_a, B, C, *, states, tiles, heads, out, chunk_size, block_m,
-                     block_n, block_p, dot_precision, heads_per_program=None, num_warps=4,
-                     num_stages=None):
-    """Write out [b, T, H, P] = y of every chunk of `tiles`, given the entering `states`."""
+def chunked_scan_fwd(x, s, log_a, B, C, *, states, tiles, heads, out, chunk_size,
+                     dot_precision, block_m=None, block_n=None, block_p=None,
+                     heads_per_program=None, num_warps=None, num_stages=None):
+    """Write out [b, T, H, P] = y of every chunk of `tiles`, given the entering `states`.
+
+    Defaults: row blocks of min(Q, 64), N and P tiles of 64, one head per program (the
+    C Bᵀ tiles are shared through L2, so more heads per program only save the reload of
+    C), 4 warps.
+    """
     _, _, Gv, P = x.shape
     Gk, N = B.shape[2], B.shape[3]
     Gq = C.shape[2]
     Gd = log_a.shape[2] if log_a is not None else 1
     Gqk = math.lcm(Gq, Gk)
+    R = tiles.shape[0]
+    block_m = block_m or min(chunk_size, 64)
+    block_n = block_n or max(16, min(64, triton.next_power_of_2(N)))
+    block_p = block_p or max(16, min(64, triton.next_power_of_2(P)))
+    num_warps = num_warps or 4
+    extra = {} if num_stages is None else {"num_stages": num_stages}
+    n_m = chunk_size // block_m
+    cb_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    cb = torch.empty(R, Gqk, chunk_size, chunk_size, device=x.device, dtype=cb_dtype)
+    chunked_scan_cb_fwd_kernel[(R * Gqk * n_m * n_m,)](
+        B, C, cb, tiles, *B.stride(), *C.stride(),
+        heads, N, heads // Gqk, heads // Gq, heads // Gk,
+        DOT_PRECISION=dot_precision, CHUNK=chunk_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps, **extra,
+    )
     s_arg, s_strides = (s, s.stride()) if s is not None else (x, (0, 0, 0))
     a_arg, a_strides = (log_a, log_a.stride()) if log_a is not None else (x, (0, 0, 0))
     n_p = triton.cdiv(P, block_p)
-    n_m = chunk_size // block_m
-    if heads_per_program is None:
-        heads_per_program = (tiles.shape[0] * n_m * n_p * heads) // 1024
-    heads_per_program = max(1, min(heads // Gqk, heads_per_program))
+    heads_per_program = max(1, min(heads // Gqk, heads_per_program or 1))
     n_split = triton.cdiv(heads // Gqk, heads_per_program)
-    grid = (tiles.shape[0] * Gqk * n_split * n_m * n_p,)
-    extra = {} if num_stages is None else {"num_stages": num_stages}
+    grid = (R * Gqk * n_split * n_m * n_p,)
     chunked_scan_fwd_kernel[grid](
-        x, s_arg, a_arg, B, C, states, out, tiles,
-        *x.stride(), *s_strides, *a_strides, *B.stride(), *C.stride(), *out.stride(),
-        heads, P, heads // Gqk, heads // Gq, heads // Gk, heads // Gv, heads // Gd,
-        heads_per_program,
-        N=N, HAS_S=s is not None, DOT_PRECISION=dot_precision,
+        x, s_arg, a_arg, C, cb, states, out, tiles,
+        *x.stride(), *s_strides, *a_strides, *C.stride(), *out.stride(),
+        heads, P, heads // Gqk, heads // Gq, heads // Gv, heads // Gd,
+        N=N, HEADS_PER_PROGRAM=heads_per_program, HAS_S=s is not None, DOT_PRECISION=dot_precision,
         CHUNK=chunk_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=block_p,
         num_warps=num_warps, **extra,
     )
 
 
 def chunked_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_state=None,
-                cu_seqlens=None, chunk_size=64, block_n=None, block_p=None, block_t=None,
-                block_m=None, heads_per_program=None, dot_precision=None, num_warps=4,
+                cu_seqlens=None, chunk_size=128, block_n=None, block_p=None, block_t=None,
+                block_m=None, heads_per_program=None, dot_precision=None, num_warps=None,
                 num_stages=None):
     """y [b, T, H, P] into `out` (and the final state into `final_state`) by the SSD chunks.
 
     x [b, T, Gv, P], s [b, T, Gv] or None, log_a [b, T, Gd] fp32,
     B [b, T, Gk, N], C [b, T, Gq, N]; states [b | num_seqs, H, N, P] fp32.
-    chunk_size (16 ≤ Q ≤ 256), block_n, block_p, block_t, block_m: powers of two ≥ 16;
-    block_t (tokens per step of the state walk) and block_m (rows per scan program) divide
-    chunk_size, default min(Q, 64). dot_precision: "ieee" (default for fp32 inputs) or
-    "tf32"; 16-bit inputs use their own tensor-core type either way.
-    heads_per_program: heads of a C Bᵀ group served by one scan program (default: fill
-    the GPU with about 1024 programs).
+    chunk_size: Q, a power of two in 16..256 (default 128: see docs/perf-notes.md for the
+    trade-off between state bytes and in-chunk work). block_n, block_p, block_t, block_m:
+    powers of two ≥ 16; block_t (tokens per step of the state walk) and block_m (rows per
+    scan program) divide Q. dot_precision: "ieee" (default for fp32 inputs) or "tf32";
+    16-bit inputs use their own tensor-core type either way. heads_per_program: heads of
+    a C Bᵀ group served in turn by one scan program (default 1). Tiles, num_warps and
+    num_stages left None get per-stage defaults (chunked_state_fwd, chunked_scan_fwd).
     """
     if log_a is None:
         raise ValueError("chunked_fwd was generated for a scalar decay: log_a is required")
-    batch, seqlen, _, P = x.shape
-    N = B.shape[3]
+    batch, seqlen = x.shape[:2]
     if cu_seqlens is not None and batch != 1:
         raise ValueError("cu_seqlens packs the sequences along seq: batch must be 1")
-    block_n = block_n or max(16, min(64, triton.next_power_of_2(N)))
-    block_p = block_p or max(16, min(64, triton.next_power_of_2(P)))
     if dot_precision is None:
         dot_precision = "ieee" if x.dtype == torch.float32 else "tf32"
     tiles, first = seq_tiles(cu_seqlens, batch, seqlen, chunk_size, x.device)
@@ -1108,10 +1177,9 @@ def chunked_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_stat
                      dot_precision=dot_precision, num_warps=num_warps, num_stages=num_stages)
     states = chunked_state_fwd(x, s, log_a, B, C, tiles=tiles, first=first, heads=heads,
                                initial_state=initial_state, final_state=final_state,
-                               block_t=block_t or min(chunk_size, 64), **tile_args)
+                               block_t=block_t, **tile_args)
     chunked_scan_fwd(x, s, log_a, B, C, states=states, tiles=tiles, heads=heads, out=out,
-                     block_m=block_m or min(chunk_size, 64),
-                     heads_per_program=heads_per_program, **tile_args)
+                     block_m=block_m, heads_per_program=heads_per_program, **tile_args)
     return out
 
 
@@ -1257,6 +1325,495 @@ def decode_fwd(x, s, log_a, B, C, *, heads, state, out, state_batch_indices=None
     return out
 
 
+# ---------------------------------------------------------------------------------------
+# Stage `prologue_bwd`: the chain rule through the prologue's expressions.
+#
+# Each role r = f_r(inputs) the prologue computes gets its gradient d_r from the core's
+# backward; every tensor v that f_r reads gets Σ_r d_r · ∂f_r/∂v, the derivative taken
+# on the expression AST (ssmc.expr_grad) and printed like the forward:
+#
+#     d_dt [batch, seq, H] = (d_log_a * ((step0 * sigmoid(dt + dt_bias)) * A)) + (d_s * (step0 * sigmoid(dt + dt_bias)))
+#     d_A [batch, seq, H] = d_log_a * clamp(softplus(dt + dt_bias), 0, inf)
+#     d_dt_bias [batch, seq, H] = (d_log_a * ((step0 * sigmoid(dt + dt_bias)) * A)) + (d_s * (step0 * sigmoid(dt + dt_bias)))
+#
+# (stepK is an indicator [lhs ≥ rhs] of a non-smooth function: clamp, abs, min, max.)
+# Each gradient is written per element of the role's iteration space, fp32, then summed
+# by torch over the axes v lacks: A [H] under log_a [batch, seq, H] sums over batch, seq.
+#
+# Parallelisation: elementwise, as the prologue.
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def prologue_log_a_s_bwd_kernel(
+    out0, out0_s0, out0_s1, out0_s2,  # d_dt [batch, seq, H]
+    out1, out1_s0, out1_s1, out1_s2,  # d_A [batch, seq, H]
+    out2, out2_s0, out2_s1, out2_s2,  # d_dt_bias [batch, seq, H]
+    p_dt, s_dt_0, s_dt_1, s_dt_2,  # dt [batch, seq, H]
+    p_A, s_A_0,  # A [H]
+    p_dt_bias, s_dt_bias_0,  # dt_bias [H]
+    u0, u0_s0, u0_s1, u0_s2,  # u0 [batch, seq, H]
+    u1, u1_s0, u1_s1, u1_s2,  # u1 [batch, seq, H]
+    n_rows, n_cols, n_0,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    i_p = tl.program_id(0).to(tl.int64)
+    n_rt = tl.cdiv(n_rows, BLOCK_R)
+    n_ct = tl.cdiv(n_cols, BLOCK_C)
+    i_c = i_p % n_ct
+    i_r = (i_p // n_ct) % n_rt
+    i_b = i_p // (n_ct * n_rt)
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] tokens
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C] flattened H
+    m_r = o_r < n_rows
+    m_c = o_c < n_cols
+    o_0 = o_c  # [BLOCK_C] H
+    b_dt = tl.load(p_dt + i_b * s_dt_0 + o_r[:, None] * s_dt_1 + o_0[None, :] * s_dt_2, mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
+    b_A = tl.load(p_A + o_0[None, :] * s_A_0, mask=m_c[None, :], other=1.0).to(tl.float32)  # [1, BLOCK_C]
+    b_dt_bias = tl.load(p_dt_bias + o_0[None, :] * s_dt_bias_0, mask=m_c[None, :], other=1.0).to(tl.float32)  # [1, BLOCK_C]
+    u0_blk = tl.load(u0 + i_b * u0_s0 + o_r[:, None] * u0_s1 + o_0[None, :] * u0_s2, mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
+    u1_blk = tl.load(u1 + i_b * u1_s0 + o_r[:, None] * u1_s1 + o_0[None, :] * u1_s2, mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
+    t_0 = b_dt + b_dt_bias
+    t_1 = tl.exp(-tl.abs(t_0))
+    t_2 = 1.0 + t_1
+    t_3 = t_1 / tl.where(t_2 == 1.0, 1.0, t_2 - 1.0)
+    t_4 = tl.where(t_2 == 1.0, t_1, tl.log(t_2) * t_3)
+    t_5 = tl.maximum(t_0, 0.0) + t_4
+    t_6 = tl.where(t_5 >= 0.0, 1.0, 0.0)
+    t_7 = tl.where(t_0 >= 0, 1.0 / (1.0 + t_1), t_1 / (1.0 + t_1))
+    t_8 = t_6 * t_7
+    t_9 = t_8 * b_A
+    t_10 = u0_blk * t_9
+    t_11 = u1_blk * t_8
+    t_12 = t_10 + t_11
+    t_13 = tl.maximum(t_5, 0.0)
+    t_14 = u0_blk * t_13
+    out0_blk = tl.broadcast_to(t_12, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
+    tl.store(out0 + i_b * out0_s0 + o_r[:, None] * out0_s1 + o_0[None, :] * out0_s2, out0_blk.to(out0.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+    out1_blk = tl.broadcast_to(t_14, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
+    tl.store(out1 + i_b * out1_s0 + o_r[:, None] * out1_s1 + o_0[None, :] * out1_s2, out1_blk.to(out1.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+    out2_blk = tl.broadcast_to(t_12, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
+    tl.store(out2 + i_b * out2_s0 + o_r[:, None] * out2_s1 + o_0[None, :] * out2_s2, out2_blk.to(out2.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+
+
+def prologue_log_a_s_bwd_launch(tensors, sizes, u0, u1, out0, out1, out2):
+    """Launch `prologue_log_a_s_bwd_kernel`: d_dt, d_A, d_dt_bias ← gradients through the expressions, per element."""
+    n_rows = sizes["seq"]
+    n_cols = sizes["H"]
+    n_batch = sizes["batch"]
+    if n_rows == 0 or n_cols == 0 or n_batch == 0:
+        return
+    BLOCK_C = min(triton.next_power_of_2(n_cols), 1024)
+    BLOCK_R = min(triton.next_power_of_2(n_rows), max(1, 4096 // BLOCK_C))
+    grid = (n_batch * triton.cdiv(n_rows, BLOCK_R) * triton.cdiv(n_cols, BLOCK_C),)
+    prologue_log_a_s_bwd_kernel[grid](
+        out0, out0.stride(0), out0.stride(1), out0.stride(2),
+        out1, out1.stride(0), out1.stride(1), out1.stride(2),
+        out2, out2.stride(0), out2.stride(1), out2.stride(2),
+        tensors[1], tensors[1].stride(0), tensors[1].stride(1), tensors[1].stride(2),
+        tensors[5], tensors[5].stride(0),
+        tensors[6], tensors[6].stride(0),
+        u0, u0.stride(0), u0.stride(1), u0.stride(2),
+        u1, u1.stride(0), u1.stride(1), u1.stride(2),
+        n_rows, n_cols, sizes["H"],
+        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+    )
+
+
+def _grad_add(grads, position, g):
+    """grads[position] += g (the first contribution is kept as it is)."""
+    grads[position] = g if grads[position] is None else grads[position] + g
+
+
+def _grad_sum(g, dims, perm, shape):
+    """A per-element gradient summed over `dims`, the rest permuted by `perm`, viewed as `shape`."""
+    if dims:
+        g = g.sum(dim=dims)
+    return g.permute(perm).reshape(shape)
+
+
+def prologue_bwd(tensors, sizes, grads, upstream):
+    """grads[i] += the gradient of tensor i through the prologue, from upstream[role] = d_role."""
+    device = tensors[0].device
+    parts = [
+        torch.empty((sizes["batch"], sizes["seq"], sizes["H"]), device=device, dtype=torch.float32),  # d_dt
+        torch.empty((sizes["batch"], sizes["seq"], sizes["H"]), device=device, dtype=torch.float32),  # d_A
+        torch.empty((sizes["batch"], sizes["seq"], sizes["H"]), device=device, dtype=torch.float32),  # d_dt_bias
+    ]
+    prologue_log_a_s_bwd_launch(tensors, sizes, upstream["log_a"], upstream["s"], *parts)
+    _grad_add(grads, 1, _grad_sum(parts[0], (), (0, 1, 2), (sizes["batch"], sizes["seq"], sizes["H"])))
+    _grad_add(grads, 5, _grad_sum(parts[1], (0, 1), (0,), (sizes["H"],)))
+    _grad_add(grads, 6, _grad_sum(parts[2], (0, 1), (0,), (sizes["H"],)))
+    return grads
+
+
+# ---------------------------------------------------------------------------------------
+# Stage `epilogue_bwd`: the gradients of out = (y + skip) * gate from dout.
+#
+#     dy = dout · gate,   d v = dout · (gate · ∂skip/∂v + (y + skip) · ∂gate/∂v)   for every tensor v read
+#
+#     d_x [batch, seq, H, P] = d_out * (D * silu(z))
+#     d_z [batch, seq, H, P] = d_out * ((y + (D * x)) * (sigmoid(z) * (1 + (z * sigmoid(-z)))))
+#     d_D [batch, seq, H, P] = d_out * (x * silu(z))
+#     d_core [batch, seq, H, P] = d_out * silu(z)
+#
+# with the derivatives taken on the expression AST (ssmc.expr_grad). Gradients are written
+# per output element, fp32; torch sums them over the axes v lacks (D [H]: batch, seq, P).
+# y is the core's output before the epilogue (recomputed by the caller).
+#
+# Parallelisation: elementwise, as the epilogue.
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def epilogue_bwd_kernel(
+    out0, out0_s0, out0_s1, out0_s2, out0_s3,  # d_x [batch, seq, H, P]
+    out1, out1_s0, out1_s1, out1_s2, out1_s3,  # d_z [batch, seq, H, P]
+    out2, out2_s0, out2_s1, out2_s2, out2_s3,  # d_D [batch, seq, H, P]
+    out3, out3_s0, out3_s1, out3_s2, out3_s3,  # d_core [batch, seq, H, P]
+    p_x, s_x_0, s_x_1, s_x_2, s_x_3,  # x [batch, seq, H, P]
+    p_z, s_z_0, s_z_1, s_z_2, s_z_3,  # z [batch, seq, H, P]
+    p_D, s_D_0,  # D [H]
+    u0, u0_s0, u0_s1, u0_s2, u0_s3,  # u0 [batch, seq, H, P]
+    y, y_s0, y_s1, y_s2, y_s3,  # y [batch, seq, H, P]
+    n_rows, n_cols, n_0, n_1,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    i_p = tl.program_id(0).to(tl.int64)
+    n_rt = tl.cdiv(n_rows, BLOCK_R)
+    n_ct = tl.cdiv(n_cols, BLOCK_C)
+    i_c = i_p % n_ct
+    i_r = (i_p // n_ct) % n_rt
+    i_b = i_p // (n_ct * n_rt)
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] tokens
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C] flattened H × P
+    m_r = o_r < n_rows
+    m_c = o_c < n_cols
+    o_0 = (o_c // (n_1))  # [BLOCK_C] H
+    o_1 = o_c % n_1  # [BLOCK_C] P
+    b_x = tl.load(p_x + i_b * s_x_0 + o_r[:, None] * s_x_1 + o_0[None, :] * s_x_2 + o_1[None, :] * s_x_3, mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
+    b_z = tl.load(p_z + i_b * s_z_0 + o_r[:, None] * s_z_1 + o_0[None, :] * s_z_2 + o_1[None, :] * s_z_3, mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
+    b_D = tl.load(p_D + o_0[None, :] * s_D_0, mask=m_c[None, :], other=1.0).to(tl.float32)  # [1, BLOCK_C]
+    u0_blk = tl.load(u0 + i_b * u0_s0 + o_r[:, None] * u0_s1 + o_0[None, :] * u0_s2 + o_1[None, :] * u0_s3, mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
+    y_blk = tl.load(y + i_b * y_s0 + o_r[:, None] * y_s1 + o_0[None, :] * y_s2 + o_1[None, :] * y_s3, mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
+    t_0 = tl.exp(-tl.abs(b_z))
+    t_1 = tl.where(b_z >= 0, 1.0 / (1.0 + t_0), t_0 / (1.0 + t_0))
+    t_2 = b_z * t_1
+    t_3 = b_D * t_2
+    t_4 = u0_blk * t_3
+    t_5 = b_D * b_x
+    t_6 = y_blk + t_5
+    t_7 = -b_z
+    t_8 = tl.exp(-tl.abs(t_7))
+    t_9 = tl.where(t_7 >= 0, 1.0 / (1.0 + t_8), t_8 / (1.0 + t_8))
+    t_10 = b_z * t_9
+    t_11 = 1.0 + t_10
+    t_12 = t_1 * t_11
+    t_13 = t_6 * t_12
+    t_14 = u0_blk * t_13
+    t_15 = b_x * t_2
+    t_16 = u0_blk * t_15
+    t_17 = u0_blk * t_2
+    out0_blk = tl.broadcast_to(t_4, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
+    tl.store(out0 + i_b * out0_s0 + o_r[:, None] * out0_s1 + o_0[None, :] * out0_s2 + o_1[None, :] * out0_s3, out0_blk.to(out0.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+    out1_blk = tl.broadcast_to(t_14, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
+    tl.store(out1 + i_b * out1_s0 + o_r[:, None] * out1_s1 + o_0[None, :] * out1_s2 + o_1[None, :] * out1_s3, out1_blk.to(out1.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+    out2_blk = tl.broadcast_to(t_16, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
+    tl.store(out2 + i_b * out2_s0 + o_r[:, None] * out2_s1 + o_0[None, :] * out2_s2 + o_1[None, :] * out2_s3, out2_blk.to(out2.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+    out3_blk = tl.broadcast_to(t_17, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
+    tl.store(out3 + i_b * out3_s0 + o_r[:, None] * out3_s1 + o_0[None, :] * out3_s2 + o_1[None, :] * out3_s3, out3_blk.to(out3.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+
+
+def epilogue_bwd_launch(tensors, sizes, u0, y, out0, out1, out2, out3):
+    """Launch `epilogue_bwd_kernel`: d_x, d_z, d_D, d_core ← gradients through the expressions, per element."""
+    n_rows = sizes["seq"]
+    n_cols = sizes["H"] * sizes["P"]
+    n_batch = sizes["batch"]
+    if n_rows == 0 or n_cols == 0 or n_batch == 0:
+        return
+    BLOCK_C = min(triton.next_power_of_2(n_cols), 1024)
+    BLOCK_R = min(triton.next_power_of_2(n_rows), max(1, 4096 // BLOCK_C))
+    grid = (n_batch * triton.cdiv(n_rows, BLOCK_R) * triton.cdiv(n_cols, BLOCK_C),)
+    epilogue_bwd_kernel[grid](
+        out0, out0.stride(0), out0.stride(1), out0.stride(2), out0.stride(3),
+        out1, out1.stride(0), out1.stride(1), out1.stride(2), out1.stride(3),
+        out2, out2.stride(0), out2.stride(1), out2.stride(2), out2.stride(3),
+        out3, out3.stride(0), out3.stride(1), out3.stride(2), out3.stride(3),
+        tensors[0], tensors[0].stride(0), tensors[0].stride(1), tensors[0].stride(2), tensors[0].stride(3),
+        tensors[4], tensors[4].stride(0), tensors[4].stride(1), tensors[4].stride(2), tensors[4].stride(3),
+        tensors[7], tensors[7].stride(0),
+        u0, u0.stride(0), u0.stride(1), u0.stride(2), u0.stride(3),
+        y, y.stride(0), y.stride(1), y.stride(2), y.stride(3),
+        n_rows, n_cols, sizes["H"], sizes["P"],
+        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+    )
+
+
+def epilogue_bwd(tensors, sizes, grads, y, dout):
+    """dy [batch, seq, H, P] of the core from dout; grads[i] += the gradients of the skip and
+    gate tensors. y: the core's output (fp32), None when no gradient reads it."""
+    device = tensors[0].device
+    parts = [
+        torch.empty((sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]), device=device, dtype=torch.float32),  # d_x
+        torch.empty((sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]), device=device, dtype=torch.float32),  # d_z
+        torch.empty((sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]), device=device, dtype=torch.float32),  # d_D
+        torch.empty((sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]), device=device, dtype=torch.float32),  # d_core
+    ]
+    epilogue_bwd_launch(tensors, sizes, dout, y, *parts)
+    _grad_add(grads, 0, _grad_sum(parts[0], (), (0, 1, 2, 3), (sizes["batch"], sizes["seq"], sizes["H"], sizes["P"])))
+    _grad_add(grads, 4, _grad_sum(parts[1], (), (0, 1, 2, 3), (sizes["batch"], sizes["seq"], sizes["H"], sizes["P"])))
+    _grad_add(grads, 7, _grad_sum(parts[2], (0, 1, 3), (0,), (sizes["H"],)))
+    return parts[3]
+
+
+# =======================================================================================
+# adjoint: the backward of the canonical core, built from forward SMAs.
+#
+# Per head h and sequence (tokens 1..T), with cs_t = Σ_{k≤t} log a_k and
+# L_ij = exp(cs_i − cs_j) for i ≥ j (per state dim n for a diagonal decay):
+#
+#     y_i = Σ_{j≤i} L_ij (C_i·B_j) X̄_j + exp(cs_i) C_iᵀ h0,   h_T = exp(cs_T) h0 + Σ_j L_Tj B_j ⊗ X̄_j
+#
+# Given dY and dh_T (docs/backward.md has the algebra):
+#   dX̄_j = Σ_{i≥j} L_ij (B_j·C_i) dY_i + exp(cs_T − cs_j) dh_Tᵀ B_j
+#         = forward SMA on the time-reversed sequence: query B, key C, value dY,
+#           decay log a' = reversed log a shifted one token later (0 at each reversed
+#           start), initial state dh_T; its final state λ_1 gives dh0 = exp(log a_1) ⊙ λ_1.
+#   dC_i = Σ_{j≤i} L_ij (dY_i·X̄_j) B_j + exp(cs_i) h0 dY_i
+#         = forward SMA: query dY, key X̄, value B (N and P swap), initial state h0ᵀ;
+#           its final state is h_Tᵀ.
+#   dB_j = Σ_{i≥j} L_ij (X̄_j·dY_i) C_i + exp(cs_T − cs_j) dh_T X̄_j
+#         = reversed SMA: query X̄, key dY, value C, decay log a', initial state dh_Tᵀ.
+#   dcs_t = C_t ⊙ dC_t − B_t ⊙ dB_t (+ dh_T ⊙ h_T summed over p at the last token),
+#           summed over n for a scalar decay; dlog a_t = Σ_{k≥t, same sequence} dcs_k.
+# A diagonal decay is per n, which in the dC/dB SMAs is a value dim: each (h, n) becomes
+# a head of its own (H·N heads, value dim 1, scalar decay), a per-head copy of B, C and
+# log a. Every SMA runs per output head; a role shared by a group of heads gets the sum
+# of its heads' gradients (per-head buffers [b, T, H, P|N], then summed over the group).
+# Varlen: flipping the packed seq axis reverses every sequence in place under the
+# mirrored offsets T − flip(cu_seqlens); the states then come in reverse sequence order.
+# Toeplitz: dX̄ = the same Toeplitz product on reversed sequences; dK[h, d] = Σ_i dY_i·X̄_{i−d}.
+# Everything runs in fp32 (fp64 for fp64 inputs); gradients come back in that dtype.
+# =======================================================================================
+
+
+class _AdjointSequences:
+    """Where the sequences of a [b, T, ...] call lie: rows, starts, ends; the reversal.
+
+    Without cu_seqlens each batch row is one sequence; with it (b = 1) sequence s is
+    tokens cu[s]..cu[s+1]. Nothing here syncs with the device.
+    """
+
+    def __init__(self, cu_seqlens, batch, T, device):
+        self.T = T
+        self.varlen = cu_seqlens is not None
+        if self.varlen:
+            cu = cu_seqlens.to(device=device, dtype=torch.int64)
+            self.starts, self.ends = cu[:-1], cu[1:]
+            self.rows = torch.zeros_like(self.starts)
+            self.reversed_cu = T - cu.flip(0)
+            tokens = torch.arange(T, device=device)
+            # end of each token's sequence (exclusive)
+            self.token_end = cu[
+                torch.searchsorted(cu, tokens, right=True).clamp(max=cu.numel() - 1)
+            ]
+        else:
+            self.rows = torch.arange(batch, device=device)
+            self.starts = torch.zeros(batch, dtype=torch.int64, device=device)
+            self.ends = torch.full((batch,), T, dtype=torch.int64, device=device)
+            self.reversed_cu = None
+            self.token_end = None
+        self.nonempty = self.ends > self.starts
+
+    def states(self, state):
+        """States [S, ...] in the order of the reversed layout (and back)."""
+        if state is None or not self.varlen:
+            return state
+        return state.flip(0)
+
+    def shifted_reversed(self, log_a):
+        """log a' [b, T, ...]: log a reversed, shifted one token later, 0 at each reversed start."""
+        r = log_a.flip(1)
+        out = torch.zeros_like(r)
+        out[:, 1:] = r[:, :-1]
+        if self.varlen:
+            starts = torch.zeros(self.T + 1, dtype=torch.bool, device=r.device)
+            starts[self.reversed_cu] = True
+            out = out.masked_fill(starts[: self.T].view(1, self.T, *(1,) * (r.dim() - 2)), 0)
+        return out
+
+    def first(self, t):
+        """t at the first token of each sequence, [S, ...] (0 for an empty sequence)."""
+        picked = t[self.rows, self.starts.clamp(max=self.T - 1)]
+        keep = self.nonempty.view(-1, *(1,) * (picked.dim() - 1))
+        return torch.where(keep, picked, torch.zeros_like(picked))
+
+    def add_last(self, t, term):
+        """t[row_s, last token of s] += term[s] for every non-empty sequence s (in place)."""
+        keep = self.nonempty.view(-1, *(1,) * (term.dim() - 1))
+        term = torch.where(keep, term, torch.zeros_like(term))
+        t.index_put_((self.rows, (self.ends - 1).clamp(min=0)), term, accumulate=True)
+
+    def reverse_cumsum(self, t):
+        """Σ_{k ≥ t, same sequence} t_k along seq; the running sums in fp64."""
+        wide = t.double()
+        total = wide.flip(1).cumsum(1).flip(1)
+        if not self.varlen:
+            return total.to(t.dtype)
+        # Σ_{k ≥ t} − Σ_{k ≥ end(t)}, with Σ_{k ≥ T} = 0
+        padded = torch.cat([total, torch.zeros_like(total[:, :1])], dim=1)
+        return (total - padded[:, self.token_end]).to(t.dtype)
+
+
+def _adjoint_group_sum(t, groups):
+    """Per-head [b, T, H, F] → per-group [b, T, G, F]: head h adds to group h // (H / G)."""
+    return t.unflatten(2, (groups, t.shape[2] // groups)).sum(3)
+
+
+def _adjoint_per_head(t, heads):
+    """Per-group [b, T, G, ...] → per-head [b, T, H, ...] (a copy: each head its group's row)."""
+    return t.repeat_interleave(heads // t.shape[2], dim=2)
+
+
+def _adjoint_head_mul(role, grad):
+    """role ⊙ grad per head: role [b, T, G, N] (group of each head), grad [b, T, H, N]."""
+    return (grad.unflatten(2, (role.shape[2], -1)) * role[:, :, :, None]).flatten(2, 3)
+
+
+def core_backward(
+    forward, x, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfinal, chunk_size=None
+):
+    """(dx, dlog_a, dB, dC, dh0) of the canonical core from three forward SMAs.
+
+    forward(x, s, log_a, B, C, *, heads, initial_state, want_final_state, cu_seqlens,
+    chunk_size) -> (y [b, T, H, P], final_state [b | S, H, N, P] or None) is any canonical
+    forward. x = X̄ [b, T, Gv, P], log_a [b, T, Gd] | [b, T, Gd, N] | None, B [b, T, Gk, N],
+    C [b, T, Gq, N], initial_state [b | S, H, N, P] or None, dy [b, T, H, P], dfinal
+    [b | S, H, N, P] or None. Returns gradients shaped like their inputs (dlog_a None when
+    causal, dh0 None without an initial state), fp32 (fp64 for fp64 inputs).
+    """
+    H = heads
+    batch, T, Gv, P = x.shape
+    N = B.shape[-1]
+    wide = torch.float64 in (x.dtype, B.dtype, C.dtype, dy.dtype)
+    dtype = torch.float64 if wide else torch.float32
+    x, B, C, dy = (t.to(dtype) for t in (x, B, C, dy))
+    log_a = None if log_a is None else log_a.to(dtype)
+    h0 = None if initial_state is None else initial_state.to(dtype)
+    dhT = None if dfinal is None else dfinal.to(dtype)
+    diagonal = log_a is not None and log_a.dim() == 4
+    seqs = _AdjointSequences(cu_seqlens, batch, T, x.device)
+    S = seqs.rows.numel()
+    if T == 0:
+        dh0 = None if h0 is None else (torch.zeros_like(h0) if dhT is None else dhT.clone())
+        dla = None if log_a is None else torch.zeros_like(log_a)
+        return torch.zeros_like(x), dla, torch.zeros_like(B), torch.zeros_like(C), dh0
+
+    def sma(query, key, value, decay, state, *, heads=H, want_final=False, reverse=False):
+        """y per head [b, T, heads, F] and the final state of one forward SMA; `reverse` runs
+        it on the time-reversed sequences with the shifted decay (states in sequence order)."""
+        if reverse:
+            query, key, value = query.flip(1), key.flip(1), value.flip(1)
+            decay = None if decay is None else seqs.shifted_reversed(decay)
+            state = seqs.states(state)
+        y, final = forward(
+            value, None, decay, key, query, heads=heads, initial_state=state,
+            want_final_state=want_final, chunk_size=chunk_size,
+            cu_seqlens=seqs.reversed_cu if reverse else cu_seqlens,
+        )  # fmt: skip
+        if want_final:
+            final = (seqs.states(final) if reverse else final).to(dtype)
+        return (y.flip(1) if reverse else y).to(dtype), final
+
+    # dX̄ per head; λ_1, the adjoint state at each sequence's first token, gives dh0
+    dx_h, lam1 = sma(B, C, dy, log_a, dhT, want_final=h0 is not None, reverse=True)
+    dh0 = None
+    if h0 is not None:
+        dh0 = lam1
+        if log_a is not None:
+            # × a at each sequence's first token, per head [S, H] or [S, H, N]
+            a1 = torch.exp(_adjoint_per_head(seqs.first(log_a)[:, None], H)[:, 0])
+            dh0 = lam1 * (a1[..., None] if diagonal else a1[..., None, None])
+
+    # dC per head (and h_T, the final state of that SMA) and dB per head: N and P swap roles
+    want_hT = log_a is not None and dhT is not None
+    if not diagonal:
+        h0_t = None if h0 is None else h0.transpose(-1, -2)
+        dhT_t = None if dhT is None else dhT.transpose(-1, -2)
+        dC_h, hT = sma(dy, x, B, log_a, h0_t, want_final=want_hT)
+        dB_h, _ = sma(x, dy, C, log_a, dhT_t, reverse=True)
+        hT = None if hT is None else hT.transpose(-1, -2)
+    else:
+        # the decay is per n, a value dim here: one head per (h, n) with value dim 1
+        HN = H * N
+        decay_hn = _adjoint_per_head(log_a, H).reshape(batch, T, HN)
+        B_hn = _adjoint_per_head(B, H).reshape(batch, T, HN, 1)
+        C_hn = _adjoint_per_head(C, H).reshape(batch, T, HN, 1)
+        h0_hn = None if h0 is None else h0.reshape(S, HN, P, 1)
+        dhT_hn = None if dhT is None else dhT.reshape(S, HN, P, 1)
+        dC_h, hT = sma(dy, x, B_hn, decay_hn, h0_hn, heads=HN, want_final=want_hT)
+        dB_h, _ = sma(x, dy, C_hn, decay_hn, dhT_hn, heads=HN, reverse=True)
+        dC_h, dB_h = dC_h.reshape(batch, T, H, N), dB_h.reshape(batch, T, H, N)
+        hT = None if hT is None else hT.reshape(S, H, N, P)
+
+    # dcs_t = C_t ⊙ dC_t − B_t ⊙ dB_t (+ dh_T ⊙ h_T at the last token); dlog a = its suffix sum
+    dla = None
+    if log_a is not None:
+        dcs = _adjoint_head_mul(C, dC_h) - _adjoint_head_mul(B, dB_h)  # [b, T, H, N]
+        if want_hT:
+            seqs.add_last(dcs, (dhT * hT).sum(-1))
+        if not diagonal:
+            dcs = dcs.sum(-1)
+        dla = seqs.reverse_cumsum(_adjoint_group_sum(dcs, log_a.shape[2]))
+    dx = _adjoint_group_sum(dx_h, Gv)
+    dB = _adjoint_group_sum(dB_h, B.shape[2])
+    dC = _adjoint_group_sum(dC_h, C.shape[2])
+    return dx, dla, dB, dC, dh0
+
+
+def toeplitz_backward(forward, x, kernel, *, heads, cu_seqlens, dy):
+    """(dx, dkernel) of y_i = Σ_{0 ≤ i−j < L} K[h, i−j] X̄_j.
+
+    forward(x, s, kernel, *, heads, cu_seqlens) -> y [b, T, H, P] is any Toeplitz forward.
+    x = X̄ [b, T, Gv, P], kernel [Gd, L], dy [b, T, H, P]. dx [b, T, Gv, P] is the same
+    product on reversed sequences; dK[h, d] = Σ_i dY_i·X̄_{i−d} (same sequence) by FFT.
+    """
+    H = heads
+    batch, T, Gv, P = x.shape
+    Gd, L = kernel.shape
+    wide = torch.float64 in (x.dtype, kernel.dtype, dy.dtype)
+    dtype = torch.float64 if wide else torch.float32
+    x, kernel, dy = x.to(dtype), kernel.to(dtype), dy.to(dtype)
+    seqs = _AdjointSequences(cu_seqlens, batch, T, x.device)
+    if T == 0:
+        return torch.zeros_like(x), torch.zeros_like(kernel)
+    dx_h = forward(dy.flip(1), None, kernel, heads=H, cu_seqlens=seqs.reversed_cu)
+    dx = _adjoint_group_sum(dx_h.to(dtype).flip(1), Gv)
+    if cu_seqlens is None:
+        lags = _adjoint_correlate(dy, x, L)
+    else:
+        bounds = cu_seqlens.tolist()
+        lags = torch.zeros(1, H, L, dtype=dtype, device=x.device)
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            if end > start:
+                lags += _adjoint_correlate(dy[:, start:end], x[:, start:end], L)
+    dK = lags.sum(0).unflatten(0, (Gd, H // Gd)).sum(1)
+    return dx, dK
+
+
+def _adjoint_correlate(dy, x, L):
+    """[b, H, L]: Σ_i dY_{i,h}·X̄_{i−d} for lags d < L (0 past T), by FFT of length ≥ 2T."""
+    T, Gv = x.shape[1], x.shape[2]
+    n = 2 * T
+    fy = torch.fft.rfft(dy, n=n, dim=1).unflatten(2, (Gv, -1))  # [b, f, Gv, H/Gv, P]
+    fx = torch.fft.rfft(x, n=n, dim=1)[:, :, :, None]  # [b, f, Gv, 1, P]
+    spectrum = (fy * fx.conj()).sum(-1).flatten(2)  # [b, f, H]
+    lags = torch.fft.irfft(spectrum, n=n, dim=1)[:, : min(L, T)]  # [b, L', H]
+    out = torch.zeros(x.shape[0], L, dy.shape[2], dtype=x.dtype, device=x.device)
+    out[:, : lags.shape[1]] = lags
+    return out.transpose(1, 2)
+
+
 def _bind(tensors):
     """Dim sizes of one call (batch, seq and every dim), checking each tensor against its declaration."""
     sizes = dict(_BOUND)
@@ -1291,8 +1848,8 @@ def _choose_form(T):
     raise ValueError("no form of this spec has kernels in this module")
 
 
-def _ssmc_run(tensors, initial_state, cu_seqlens, form, chunk_size):
-    global LAST_FORM
+def _ssmc_setup(tensors, initial_state, cu_seqlens, form, chunk_size):
+    """Sizes of one call, checked against cu_seqlens and initial_state, and its form and chunk."""
     sizes = _bind(tensors)
     batch, T = sizes["batch"], sizes["seq"]
     H, P = sizes["H"], sizes["P"]
@@ -1315,11 +1872,35 @@ def _ssmc_run(tensors, initial_state, cu_seqlens, form, chunk_size):
         if initial_state.device != device:
             raise ValueError(f"initial_state is on {initial_state.device}, the inputs on {device}")
     auto_form, auto_chunk = _choose_form(T)
-    requested = form
     if form is None:
         form = auto_form
     elif form not in FORMS:
         raise ValueError(f"form {form!r} is not available; this module has {', '.join(FORMS)}")
+    return sizes, num_states, form, chunk_size or auto_chunk
+
+
+def _core_fwd(form, chunk, x, s, log_a, B, C, *, heads, out, initial_state, final_state, cu_seqlens):
+    """The core in `form`: out [b, T, heads, P] ← y (and final_state ← h_T when given)."""
+    if form == "recurrent":
+        recurrent_fwd(x, s, log_a, B, C, heads=heads, out=out, initial_state=initial_state,
+            final_state=final_state, cu_seqlens=cu_seqlens)
+    elif form == "quadratic":
+        quadratic_fwd(x, s, log_a, B, C, heads=heads, out=out, initial_state=initial_state,
+            final_state=final_state, cu_seqlens=cu_seqlens)
+    elif form == "chunked":
+        chunked_fwd(x, s, log_a, B, C, heads=heads, out=out, initial_state=initial_state,
+            final_state=final_state, cu_seqlens=cu_seqlens, chunk_size=chunk)
+    return out
+
+
+def _ssmc_run(tensors, initial_state, cu_seqlens, form, chunk_size):
+    global LAST_FORM
+    requested = form
+    sizes, num_states, form, chunk = _ssmc_setup(tensors, initial_state, cu_seqlens, form, chunk_size)
+    batch, T = sizes["batch"], sizes["seq"]
+    H, P = sizes["H"], sizes["P"]
+    N = sizes["N"]
+    device = tensors[0].device
     # y has the promoted dtype of the per-token inputs.
     out_dtype = tensors[0].dtype
     out_dtype = torch.promote_types(out_dtype, tensors[1].dtype)
@@ -1336,20 +1917,65 @@ def _ssmc_run(tensors, initial_state, cu_seqlens, form, chunk_size):
         decode_fwd(x[:, 0], None if s is None else s[:, 0], None if log_a is None else log_a[:, 0],
                    B[:, 0], C[:, 0], heads=H, state=state, out=out[:, 0])
         final_state = state
-        form = "decode"
-    LAST_FORM = form
-    if form == "recurrent":
-        recurrent_fwd(x, s, log_a, B, C, heads=H, out=out, initial_state=initial_state,
-            final_state=final_state, cu_seqlens=cu_seqlens)
-    elif form == "quadratic":
-        quadratic_fwd(x, s, log_a, B, C, heads=H, out=out, initial_state=initial_state,
-            final_state=final_state, cu_seqlens=cu_seqlens)
-    elif form == "chunked":
-        chunked_fwd(x, s, log_a, B, C, heads=H, out=out, initial_state=initial_state,
-            final_state=final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size or auto_chunk)
+        LAST_FORM = "decode"
+    else:
+        LAST_FORM = form
+        _core_fwd(form, chunk, x, s, log_a, B, C, heads=H, out=out, initial_state=initial_state,
+                  final_state=final_state, cu_seqlens=cu_seqlens)
     y = out if out_dtype == torch.float32 else torch.empty_like(out, dtype=out_dtype)
     epilogue_fwd(tensors, sizes, out, y)
     return y, final_state
+
+
+def _adjoint_forward(form, chunk):
+    """The canonical forward core_backward runs its three SMAs with: the module's own in `form`."""
+
+    def run(x, s, log_a, B, C, *, heads, initial_state, want_final_state, cu_seqlens, chunk_size):
+        batch, T, _, P = x.shape
+        num_states = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        out = torch.empty((batch, T, heads, P), device=x.device, dtype=torch.float32)
+        final_state = None
+        if want_final_state:
+            final_state = torch.empty((num_states, heads, B.shape[3], P), device=x.device,
+                                      dtype=torch.float32)
+        args = dict(heads=heads, out=out, initial_state=initial_state, final_state=final_state,
+                    cu_seqlens=cu_seqlens)
+        _core_fwd(form, chunk, x, s, log_a, B, C, **args)
+        return out, final_state
+
+    return run
+
+
+def _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y, grad_final_state):
+    """Gradients of every tensor (and of initial_state): epilogue, core, prologue backward.
+
+    Nothing of the forward is kept: the prologue runs again, and so does the core for the y that the gate's gradient reads.
+    """
+    sizes, num_states, form, chunk = _ssmc_setup(tensors, initial_state, cu_seqlens, form, chunk_size)
+    H = sizes["H"]
+    grads = [None] * len(tensors)
+    roles = prologue_roles(tensors, sizes)
+    x, s, log_a, B, C = prologue_fwd(tensors, sizes, roles)
+    dout = grad_y.contiguous()
+    y = torch.empty(dout.shape, device=dout.device, dtype=torch.float32)
+    _core_fwd(form, chunk, x, s, log_a, B, C, heads=H, out=y, initial_state=initial_state,
+              final_state=None, cu_seqlens=cu_seqlens)
+    d_y = epilogue_bwd(tensors, sizes, grads, y, dout)
+    xbar = x.float() if s is None else x.float() * s[..., None]
+    d_xbar, d_log_a, d_B, d_C, d_initial_state = core_backward(
+        _adjoint_forward(form, chunk), xbar, log_a, B, C, heads=H, initial_state=initial_state,
+        cu_seqlens=cu_seqlens, dy=d_y, dfinal=grad_final_state, chunk_size=chunk)
+    upstream = {"log_a": d_log_a, "B": d_B, "C": d_C}
+    # X̄ = x · s: dx = dX̄ · s, ds = Σ_p dX̄ · x
+    upstream["x"] = d_xbar if s is None else d_xbar * s[..., None]
+    if s is not None:
+        upstream["s"] = (d_xbar * x.float()).sum(-1)
+    _grad_add(grads, 0, upstream["x"])
+    _grad_add(grads, 2, upstream["B"])
+    _grad_add(grads, 3, upstream["C"])
+    prologue_bwd(tensors, sizes, grads, upstream)
+    grads = tuple(torch.zeros_like(t) if g is None else g.to(t.dtype) for t, g in zip(tensors, grads))
+    return grads, d_initial_state
 
 
 def forward(*, x, dt, B, C, z, A, dt_bias, D, initial_state=None, cu_seqlens=None, form=None, chunk_size=None):
@@ -1368,3 +1994,15 @@ def forward(*, x, dt, B, C, z, A, dt_bias, D, initial_state=None, cu_seqlens=Non
     form: one of FORMS, or None for the planner's rule; chunk_size: Q of the chunked form.
     """
     return _ssmc_run((x, dt, B, C, z, A, dt_bias, D,), initial_state, cu_seqlens, form, chunk_size)
+
+
+def backward(*, x, dt, B, C, z, A, dt_bias, D, initial_state=None, cu_seqlens=None, form=None, chunk_size=None,
+             grad_y, grad_final_state=None):
+    """Gradients of `mamba2` for the call forward(same arguments): ((one per tensor, in
+    TENSORS order, each in its tensor's dtype), gradient of initial_state or None).
+
+    grad_y [batch, seq, H, P]: the gradient of y; grad_final_state
+    [batch or num_seqs, H, N, P] or None: the gradient of the final state.
+    """
+    return _ssmc_backward((x, dt, B, C, z, A, dt_bias, D,), initial_state, cu_seqlens, form, chunk_size,
+                          grad_y, grad_final_state)

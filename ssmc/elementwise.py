@@ -1,0 +1,386 @@
+"""Elementwise kernels: expressions evaluated over a named iteration space (their layout).
+
+The iteration space of a kernel is the set of named axes of its results. `batch` comes
+from the program id, `seq` is the row axis of a [BLOCK_R, BLOCK_C] tile, and every other
+axis is flattened (last fastest) into the column axis. A declared tensor is loaded with
+the index of each of its named axes; its literal-1 axes are broadcast (index 0).
+`elementwise` lays out one kernel (operands, body printed by ssmc.expr_triton, results);
+the prologue/epilogue templates write it, forward (`_fwd_kernel`) or backward (`_bwd_kernel`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from ssmc import expr as E
+from ssmc import ir
+from ssmc.expr_grad import ZERO, Gradients, Step, add, mul
+from ssmc.expr_triton import Emitter, fold, identifier, prefixed
+
+ROW_INDEX = "o_r[:, None]"
+BATCH_INDEX = "i_b"
+ROW_MASK = "m_r[:, None]"
+COL_MASK = "m_c[None, :]"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Operand:
+    """A tensor an elementwise kernel reads: where it comes from and how it is loaded."""
+
+    label: str
+    """What the source comment calls it: the declared name, or `y` for the core output."""
+    source: str
+    """The launcher's Python expression for the tensor (`tensors[2]`, `y`)."""
+    ptr: str
+    block: str
+    strides: tuple[tuple[str, int], ...]
+    """(kernel argument, dimension of the tensor) for each named axis."""
+    offset: str
+    mask: str | None
+    tile: str
+    """The loaded block's shape, for the source comment."""
+    decl: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Result:
+    """One output tensor of an elementwise kernel, allocated by the launcher."""
+
+    role: str
+    ptr: str
+    shape: tuple[ir.Size, ...]
+    strides: tuple[tuple[str, int], ...]
+    offset: str
+    value: str
+    """The atom holding the result: an identifier, or a literal when `constant`."""
+    constant: bool
+    dtype: str
+    """The launcher's Python expression for the result's torch dtype."""
+    text: str
+    """The expression in the spec's notation, for the source comment (names validated)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ColAxis:
+    """One axis flattened into the column index: its size argument and index variable."""
+
+    name: str
+    size: str
+    index: str
+    decompose: str
+    """How the axis index is recovered from the flat column index `o_c`."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Elementwise:
+    """Everything a template needs to write one elementwise kernel and its launcher."""
+
+    name: str
+    batch: bool
+    seq: bool
+    cols: tuple[ColAxis, ...]
+    dims: tuple[tuple[str, str], ...]
+    """(kernel argument, dim name) for each call-time dim the expressions read, as floats."""
+    operands: tuple[Operand, ...]
+    body: tuple[str, ...]
+    results: tuple[Result, ...]
+    extra_args: tuple[str, ...] = ()
+    """Launcher arguments besides `tensors` and `sizes` (the core output `y` for the epilogue)."""
+    direction: str = "fwd"
+    """"fwd", or "bwd" for a gradient kernel (named `<name>_bwd_kernel`, `<name>_bwd_launch`)."""
+
+    @property
+    def kernel(self) -> str:
+        """The `@triton.jit` function's name."""
+        return f"{self.name}_{self.direction}_kernel"
+
+    @property
+    def launcher(self) -> str:
+        """The Python function that allocates nothing and launches the kernel."""
+        return f"{self.name}_launch" if self.direction == "fwd" else f"{self.name}_bwd_launch"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Target:
+    """A result to compute: `role` ← `expr` laid out as `shape` (canonical, literal 1s kept)."""
+
+    role: str
+    expr: E.Expr
+    shape: tuple[ir.Size, ...]
+    dtype: str = "torch.float32"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Extra:
+    """A tensor that is not declared in the spec: the core output read by the epilogue, or
+    an upstream gradient read by a backward kernel."""
+
+    key: str
+    """The internal name expressions refer to it by (`@core`, `@dout`, `@d_log_a`)."""
+    source: str
+    """The launcher's parameter holding it (also its kernel pointer's comment label)."""
+    ptr: str
+    block: str
+    shape: tuple[ir.Size, ...]
+
+
+def elementwise(
+    name: str,
+    spec: ir.Spec,
+    targets: Sequence[Target],
+    extras: Sequence[Extra] = (),
+    *,
+    steps: Sequence[Step] = (),
+    direction: str = "fwd",
+) -> Elementwise:
+    """Lay out the kernel `<name>_<direction>_kernel` computing every target over one
+    iteration space; `steps` define the indicators that derivatives (ssmc.expr_grad) use."""
+    identifier(name)
+    if direction not in ("fwd", "bwd"):
+        raise ValueError(f"direction is fwd or bwd, not {direction!r}")
+    axes = tuple(a for a in targets[0].shape if isinstance(a, str))
+    for t in targets:
+        if tuple(a for a in t.shape if isinstance(a, str)) != axes:
+            raise ValueError(f"targets of one elementwise kernel share axes: {t.role} differs")
+    cols = tuple(a for a in axes if a not in (ir.BATCH, ir.SEQ))
+    index = {ir.BATCH: BATCH_INDEX, ir.SEQ: ROW_INDEX}
+    col_axes = []
+    for k, axis in enumerate(cols):
+        size, var = f"n_{k}", f"o_{k}"
+        inner = " * ".join(f"n_{j}" for j in range(k + 1, len(cols)))
+        flat = f"(o_c // ({inner}))" if inner else "o_c"
+        decompose = flat if k == 0 else f"{flat} % {size}"
+        col_axes.append(ColAxis(name=identifier(axis), size=size, index=var, decompose=decompose))
+        index[axis] = f"{var}[None, :]"
+
+    bound = {d.name: d.value for d in spec.dims}
+    exprs = [
+        E.substitute(t.expr, {n: E.Num(value=float(v)) for n, v in bound.items() if v is not None})
+        for t in targets
+    ]
+    used = set().union(*(E.refs(x) for x in exprs), *(E.refs(s.lhs) | E.refs(s.rhs) for s in steps))
+    names: dict[str, str] = {}
+    dims = []
+    for d in spec.dims:
+        if d.name in used:
+            names[d.name] = prefixed("d_", d.name)
+            dims.append((names[d.name], d.name))
+    operands = []
+    for position, tensor in enumerate(spec.tensors):
+        if tensor.name in used:
+            names[tensor.name] = prefixed("b_", tensor.name)
+            operands.append(
+                _operand(
+                    label=tensor.name,
+                    source=f"tensors[{position}]",
+                    ptr=prefixed("p_", tensor.name),
+                    block=names[tensor.name],
+                    stride_prefix=prefixed("s_", tensor.name) + "_",
+                    shape=tensor.shape,
+                    index=index,
+                )
+            )
+    # an extra the expressions do not read is neither loaded nor a launcher argument
+    extras = [extra for extra in extras if extra.key in used]
+    for extra in extras:
+        names[extra.key] = identifier(extra.block)
+        operands.append(
+            _operand(
+                label=extra.source,
+                source=extra.source,
+                ptr=identifier(extra.ptr),
+                block=extra.block,
+                stride_prefix=f"{extra.ptr}_s",
+                shape=extra.shape,
+                index=index,
+            )
+        )
+
+    emitter = Emitter(names, steps)
+    results = []
+    for j, (target, value) in enumerate(zip(targets, exprs, strict=True)):
+        ptr = f"out{j}"
+        strides = tuple(
+            (f"{ptr}_s{k}", k) for k, a in enumerate(target.shape) if isinstance(a, str)
+        )
+        offset = (
+            " + ".join(
+                f"{index[a]} * {ptr}_s{k}" for k, a in enumerate(target.shape) if isinstance(a, str)
+            )
+            or "0"
+        )
+        results.append(
+            Result(
+                role=identifier(target.role),
+                ptr=ptr,
+                shape=target.shape,
+                strides=strides,
+                offset=offset,
+                value=emitter.emit(value),
+                constant=fold(value) is not None,
+                dtype=target.dtype,
+                text=E.show(target.expr).replace("@core", "y").replace("@", ""),
+            )
+        )
+    return Elementwise(
+        name=name,
+        batch=ir.BATCH in axes,
+        seq=ir.SEQ in axes,
+        cols=tuple(col_axes),
+        dims=tuple(dims),
+        operands=tuple(operands),
+        body=tuple(emitter.lines),
+        results=tuple(results),
+        extra_args=tuple(e.source for e in extras),
+        direction=direction,
+    )
+
+
+def _operand(
+    *,
+    label: str,
+    source: str,
+    ptr: str,
+    block: str,
+    stride_prefix: str,
+    shape: tuple[ir.Size, ...],
+    index: Mapping[str, str],
+) -> Operand:
+    terms, strides = [], []
+    for k, axis in enumerate(shape):
+        if not isinstance(axis, str):
+            continue
+        if axis not in index:
+            raise ValueError(f"{label} has the axis {axis}, which the kernel does not iterate")
+        stride = identifier(f"{stride_prefix}{k}")
+        strides.append((stride, k))
+        terms.append(f"{index[axis]} * {stride}")
+    rows = ROW_INDEX in " ".join(terms)
+    cols = "[None, :]" in " ".join(terms)
+    mask = " & ".join(m for m, on in ((ROW_MASK, rows), (COL_MASK, cols)) if on) or None
+    tile = {
+        (True, True): "[BLOCK_R, BLOCK_C]",
+        (True, False): "[BLOCK_R, 1]",
+        (False, True): "[1, BLOCK_C]",
+        (False, False): "[]",
+    }[(rows, cols)]
+    decl = "[" + ", ".join(str(a) for a in shape) + "]"
+    return Operand(
+        label=label,
+        source=source,
+        ptr=ptr,
+        block=identifier(block),
+        strides=tuple(strides),
+        offset=" + ".join(terms) or "0",
+        mask=mask,
+        tile=tile,
+        decl=decl,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Backward kernels: the gradients of a forward kernel's inputs from its outputs' gradients.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GradientSum:
+    """How a per-element gradient (a result of a backward kernel) becomes a tensor's gradient:
+    summed over the iteration axes the tensor lacks (its broadcast axes), the rest permuted
+    into the tensor's order and viewed with its literal-1 axes."""
+
+    result: int
+    position: int
+    """The tensor's position among the spec's declared tensors."""
+    dims: tuple[int, ...]
+    perm: tuple[int, ...]
+    shape: tuple[ir.Size, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Backward:
+    """A backward elementwise kernel, what its launcher is given and where its results go."""
+
+    kernel: Elementwise
+    args: tuple[str, ...]
+    """The launcher's Python expression for each of `kernel.extra_args`."""
+    sums: tuple[GradientSum, ...]
+    extras: dict[str, int]
+    """Internal input (`@core`) → index of its gradient among the results; absent when that
+    gradient is the upstream gradient itself (∂out/∂input = 1)."""
+
+
+def backward_kernel(
+    name: str,
+    spec: ir.Spec,
+    targets: Sequence[Target],
+    upstream: Sequence[tuple[Extra, str]],
+    inputs: Sequence[tuple[Extra, str]] = (),
+) -> Backward | None:
+    """The kernel `<name>_bwd_kernel`: for every float tensor v the targets read (and every
+    input extra), the per-element Σ_r d_r · ∂target_r/∂v over the targets' iteration space.
+
+    `upstream[r]` is (the extra holding d_r, keyed `@d_<role>`, the launcher's expression for
+    it), one per target; `inputs` are further extras the targets read (`@core`).
+    None when every gradient is 0 (the targets read no tensor).
+    """
+    bound = {d.name: E.Num(value=float(d.value)) for d in spec.dims if d.value is not None}
+    exprs = [E.substitute(t.expr, dict(bound)) for t in targets]
+    grads = Gradients()
+    used = set().union(*(E.refs(x) for x in exprs))
+    tensors = [(p, t) for p, t in enumerate(spec.tensors) if t.name in used]
+    names = [t.name for _, t in tensors] + [extra.key for extra, _ in inputs]
+    results: list[Target] = []
+    extras: dict[str, int] = {}
+    sums: list[GradientSum] = []
+    shape = targets[0].shape
+    for v in names:
+        total: E.Expr = ZERO
+        for expr, (d_r, _) in zip(exprs, upstream, strict=True):
+            total = add(total, mul(E.Ref(name=d_r.key), grads.derivative(expr, v)))
+        if total == ZERO:
+            continue
+        if v.startswith("@"):
+            if len(upstream) == 1 and total == E.Ref(name=upstream[0][0].key):
+                continue  # the upstream gradient passes through unchanged
+            extras[v] = len(results)
+            results.append(Target(role="d_" + v[1:], expr=total, shape=shape))
+            continue
+        position, tensor = next((p, t) for p, t in tensors if t.name == v)
+        dims, perm = _reduction(shape, tensor.shape)
+        sums.append(
+            GradientSum(
+                result=len(results), position=position, dims=dims, perm=perm, shape=tensor.shape
+            )
+        )
+        results.append(Target(role="d_" + v, expr=total, shape=shape))
+    if not results:
+        return None
+    pairs = [*upstream, *inputs]
+    kernel = elementwise(
+        name, spec, results, [e for e, _ in pairs], steps=grads.steps, direction="bwd"
+    )
+    source = {e.source: arg for e, arg in pairs}
+    return Backward(
+        kernel=kernel,
+        args=tuple(source[a] for a in kernel.extra_args),
+        sums=tuple(sums),
+        extras=extras,
+    )
+
+
+def _reduction(
+    space: tuple[ir.Size, ...], shape: tuple[ir.Size, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(axes of `space` to sum, permutation of the rest) that bring a gradient over `space`
+    to a tensor of `shape`: named axes match by name; literal-1 axes are summed (size 1)."""
+    named = [a for a in shape if isinstance(a, str)]
+    if len(set(named)) != len(named):
+        raise ValueError(f"no gradient for a tensor with a repeated axis: {list(shape)}")
+    keep = [i for i, a in enumerate(space) if isinstance(a, str) and a in named]
+    kept = [space[i] for i in keep]
+    if sorted(map(str, kept)) != sorted(named):
+        raise ValueError(f"the axes {named} are not all in the iteration space {list(space)}")
+    dims = tuple(i for i in range(len(space)) if i not in keep)
+    return dims, tuple(kept.index(a) for a in named)

@@ -1,0 +1,215 @@
+"""The elementwise stages of a spec: which core input comes from which role expression.
+
+`prologue(checked)` lays out the kernels that compute the core's inputs (log a, X̄'s scale
+s, materialised X̄, B, C, a Toeplitz or LTI kernel) from the spec's expressions, and says
+which core inputs are declared tensors passed through unchanged; `epilogue(checked)` is
+the kernel of out = (y + skip) * gate. `prologue_backward` / `epilogue_backward` are their
+gradients: per forward kernel, one backward kernel over the same iteration space
+(ssmc.elementwise.backward_kernel). ssmc.render hands all of them to the templates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ssmc import expr as E
+from ssmc import ir
+from ssmc.axes import expr_axes
+from ssmc.elementwise import Backward, Elementwise, Extra, Target, backward_kernel, elementwise
+from ssmc.expr_triton import identifier
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Prologue:
+    """The elementwise kernels of the prologue and how each core input is obtained."""
+
+    kernels: tuple[Elementwise, ...]
+    core: dict[str, str]
+    """Core input role → the launcher's Python expression for it."""
+    lti: dict[str, str] | None
+    targets: tuple[Target, ...] = ()
+    """The roles computed from expressions (materialised), in kernel order."""
+    passthrough: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Role that is a declared tensor passed through unchanged → the tensor's position."""
+
+
+def prologue(checked: ir.CheckedSpec) -> Prologue:
+    """Targets of the prologue grouped into kernels by iteration space, and the core inputs."""
+    spec, heads = checked.spec, checked.heads
+    N, P = checked.state_size, checked.head_dim
+    targets: list[Target] = []
+    core: dict[str, str] = {}
+    passthrough: dict[str, int] = {}
+    lti = None
+
+    def take(role: str, expr: E.Expr, shape: tuple[ir.Size, ...], dtype: str) -> str:
+        if isinstance(expr, E.Ref) and spec.tensor(expr.name).shape == shape:
+            passthrough[role] = _position(spec, expr.name)
+            return f"tensors[{passthrough[role]}]"
+        targets.append(Target(role=role, expr=expr, shape=shape, dtype=dtype))
+        return role
+
+    mask = spec.mask
+    if isinstance(mask, ir.Causal):
+        core["log_a"] = "None"
+    elif isinstance(mask, ir.ConstDecay):
+        log_gamma = take("log_gamma", mask.log_gamma, (_count(heads.decay),), "torch.float32")
+        core["log_a"] = f'{log_gamma}.view(1, 1, -1).expand(sizes["batch"], sizes["seq"], -1)'
+    elif isinstance(mask, ir.ScalarSemiseparable | ir.DiagonalSemiseparable):
+        per_n: tuple[ir.Size, ...] = () if isinstance(mask, ir.ScalarSemiseparable) else (N or 1,)
+        shape = (ir.BATCH, ir.SEQ, _count(heads.decay), *per_n)
+        core["log_a"] = take("log_a", mask.log_a, shape, "torch.float32")
+    factors = checked.value_factors
+    value_shape = (ir.BATCH, ir.SEQ, _count(heads.value), P)
+    if factors is not None and spec.tensor(factors.base).shape == value_shape:
+        passthrough["x"] = _position(spec, factors.base)
+        core["x"] = f"tensors[{passthrough['x']}]"
+        core["s"] = "None"
+        if factors.scale is not None:
+            core["s"] = take("s", factors.scale, value_shape[:3], "torch.float32")
+    else:
+        core["x"] = take("x", spec.value, value_shape, _dtype_of(spec, spec.value))
+        core["s"] = "None"
+    if isinstance(mask, ir.Toeplitz):
+        if isinstance(mask.kernel, ir.LearnedKernel):
+            head = _count(heads.decay)
+            lag = [a for a in expr_axes(mask.kernel.kernel, spec) if a != head]
+            core["kernel"] = take("kernel", mask.kernel.kernel, (head, lag[0]), "torch.float32")
+        else:
+            lti = _lti_targets(checked, mask.kernel, targets)
+            core["kernel"] = "kernel"
+        core = {role: core[role] for role in ("x", "s", "kernel")}
+        return _prologue(spec, targets, core, lti, passthrough)
+    assert spec.key is not None and spec.query is not None and N is not None
+    core["B"] = take(
+        "B", spec.key, (ir.BATCH, ir.SEQ, _count(heads.key), N), _dtype_of(spec, spec.key)
+    )
+    core["C"] = take(
+        "C", spec.query, (ir.BATCH, ir.SEQ, _count(heads.query), N), _dtype_of(spec, spec.query)
+    )
+    core = {role: core[role] for role in ("x", "s", "log_a", "B", "C")}
+    return _prologue(spec, targets, core, lti, passthrough)
+
+
+def _prologue(
+    spec: ir.Spec,
+    targets: Sequence[Target],
+    core: dict[str, str],
+    lti: dict[str, str] | None,
+    passthrough: dict[str, int],
+) -> Prologue:
+    kernels = _group("prologue", spec, targets)
+    ordered = tuple(t for k in kernels for t in targets if t.role in {r.role for r in k.results})
+    return Prologue(kernels=kernels, core=core, lti=lti, targets=ordered, passthrough=passthrough)
+
+
+def _lti_targets(
+    checked: ir.CheckedSpec, kernel: ir.LtiKernel, targets: list[Target]
+) -> dict[str, str]:
+    spec, N = checked.spec, checked.state_size
+    assert N is not None
+    for part in ("A", "B", "C", "dt"):
+        value = getattr(kernel, part)
+        if value is None:
+            continue
+        head = checked.heads.decay if checked.heads.decay in expr_axes(value, spec) else 1
+        assert head is not None
+        shape: tuple[ir.Size, ...] = (head,) if part == "dt" else (head, N)
+        targets.append(Target(role=f"lti_{part}", expr=value, shape=shape))
+    return {
+        "hippo": kernel.hippo.value if kernel.hippo else "",
+        "discretization": kernel.discretization.value,
+        "A": "lti_A" if kernel.A is not None else "None",
+        "B": "lti_B" if kernel.B is not None else "None",
+    }
+
+
+def epilogue(checked: ir.CheckedSpec) -> Elementwise | None:
+    """The kernel of out = (y + skip) * gate, or None when the spec has neither role."""
+    spec = checked.spec
+    if spec.skip is None and spec.gate is None:
+        return None
+    shape = spec.output.shape
+    core = Extra(key="@core", source="y", ptr="y", block="y_blk", shape=shape)
+    target = Target(role="out", expr=_epilogue_expr(spec), shape=shape, dtype="out.dtype")
+    return elementwise("epilogue", spec, [target], [core])
+
+
+def _epilogue_expr(spec: ir.Spec) -> E.Expr:
+    """(@core + skip) * gate, with the absent roles left out."""
+    out: E.Expr = E.Ref(name="@core")
+    if spec.skip is not None:
+        out = E.BinOp(op=E.Op.ADD, lhs=out, rhs=spec.skip)
+    if spec.gate is not None:
+        out = E.BinOp(op=E.Op.MUL, lhs=out, rhs=spec.gate)
+    return out
+
+
+def prologue_backward(checked: ir.CheckedSpec, pro: Prologue) -> tuple[Backward, ...]:
+    """One backward kernel per prologue kernel that reads a tensor: its inputs' gradients
+    from `upstream[role]`, the gradient of each role it computes."""
+    result = []
+    for k in pro.kernels:
+        roles = {r.role for r in k.results}
+        group = [t for t in pro.targets if t.role in roles]
+        upstream = [
+            (_upstream(f"@d_{t.role}", f"u{j}", t.shape), f'upstream["{identifier(t.role)}"]')
+            for j, t in enumerate(group)
+        ]
+        b = backward_kernel(k.name, checked.spec, group, upstream)
+        if b is not None:
+            result.append(b)
+    return tuple(result)
+
+
+def epilogue_backward(checked: ir.CheckedSpec) -> Backward | None:
+    """The backward kernel of out = (y + skip) * gate: dy and the skip/gate tensors' gradients."""
+    spec = checked.spec
+    if spec.skip is None and spec.gate is None:
+        return None
+    shape = spec.output.shape
+    target = Target(role="out", expr=_epilogue_expr(spec), shape=shape)
+    core = Extra(key="@core", source="y", ptr="y", block="y_blk", shape=shape)
+    return backward_kernel(
+        "epilogue",
+        spec,
+        [target],
+        [(_upstream("@d_out", "u0", shape), "dout")],
+        [(core, "y")],
+    )
+
+
+def _upstream(key: str, name: str, shape: tuple[ir.Size, ...]) -> Extra:
+    """The extra holding an upstream gradient: launcher argument and kernel pointer `name`."""
+    return Extra(key=key, source=name, ptr=name, block=f"{name}_blk", shape=shape)
+
+
+def _group(stage: str, spec: ir.Spec, targets: Sequence[Target]) -> tuple[Elementwise, ...]:
+    """One kernel per distinct iteration space, named after the roles it computes."""
+    groups: dict[tuple[str, ...], list[Target]] = {}
+    for t in targets:
+        groups.setdefault(tuple(a for a in t.shape if isinstance(a, str)), []).append(t)
+    return tuple(
+        elementwise("_".join([stage, *(t.role for t in group)]), spec, group)
+        for group in groups.values()
+    )
+
+
+def _count(size: ir.Size | None) -> ir.Size:
+    """A role's head count as a shape entry: a dim name, or the literal 1."""
+    return 1 if size is None else size
+
+
+def _position(spec: ir.Spec, name: str) -> int:
+    return [t.name for t in spec.tensors].index(name)
+
+
+def _dtype_of(spec: ir.Spec, value: E.Expr) -> str:
+    """The dtype a materialised role keeps: that of the first input it reads, else fp32."""
+    used = E.refs(value)
+    for position, tensor in enumerate(spec.tensors):
+        if tensor.name in used and tensor.kind is ir.TensorKind.INPUT:
+            return f"tensors[{position}].dtype"
+    return "torch.float32"

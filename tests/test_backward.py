@@ -1,0 +1,249 @@
+"""The generated backward: every example, every form its structure allows, against autograd
+of the fp64 reference (under TRITON_INTERPRET=1 on a CPU, compiled on a GPU).
+
+Each case draws fresh inputs (seeded by the test id), an initial state where the spec takes
+one, and random upstream gradients of y and of the final state, so every path to every
+input is exercised; the generated module allocates every buffer NaN-poisoned. The bound is
+DESIGN §5's fp32 1e-5 per gradient, times a factor for the gradients that reach a tensor
+through the decay (see DECAY_FACTOR).
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssmc import ir
+from ssmc.load import load
+from ssmc.ops import SsmcOp
+from ssmc.pipeline import parse_file, with_dims
+from ssmc.reference import random_inputs, reference
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted(p.stem for p in (ROOT / "examples").glob("*.ssm"))
+# H ≤ 4, N, P ≤ 16; a diagonal decay runs SMAs 2 and 3 of its backward with H·N heads, so
+# its N stays small on the interpreter.
+SMALL = {
+    "mamba2": {"H": 4, "G": 2, "N": 8, "P": 4},
+    "mamba2_mha": {"H": 2, "N": 8, "P": 4},
+    "mka": {"H": 4, "G": 2, "N": 8, "P": 4},
+    "mqa": {"H": 4, "G": 2, "N": 8, "P": 4},
+    "retnet": {"H": 2, "N": 8, "P": 4},
+    "linear_attention": {"H": 2, "N": 8, "P": 4},
+    "gla": {"H": 2, "N": 4, "P": 4},
+    "mamba1": {"H": 2, "N": 4},
+    "s4d": {"H": 4, "N": 8},
+    "lssl_hippo": {"H": 4, "N": 8},
+    "toeplitz": {"H": 2, "L": 8, "P": 4},
+}
+BOUND = 1e-5
+DECAY_FACTOR = 10
+"""Gradients through log a are differences: dcs = C ⊙ dC − B ⊙ dB (+ dh_T ⊙ h_T) cancels where
+the decay barely matters (docs/backward.md: ~1e-6 in fp32 at these sizes), and a decay
+parameter's gradient (A [H], dt_bias [H]) is a signed sum of these over batch · seq tokens,
+which cancels again. Each cancellation costs digits that fp32 kernels cannot have, so those
+gradients get 10 × the fp32 bound (the cases land at ≲ 1e-6)."""
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def small(name: str) -> ir.CheckedSpec:
+    return with_dims(parse_file(ROOT / "examples" / f"{name}.ssm"), SMALL[name])
+
+
+class PoisonTorch(types.SimpleNamespace):
+    """torch, except that every float buffer a generated module allocates starts as NaN."""
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args: object, **kwargs: object) -> torch.Tensor:
+        out = torch.empty(*args, **kwargs)  # type: ignore[call-overload]
+        return out.fill_(math.nan) if out.is_floating_point() else out
+
+    @staticmethod
+    def empty_like(*args: object, **kwargs: object) -> torch.Tensor:
+        out = torch.empty_like(*args, **kwargs)  # type: ignore[arg-type]
+        return out.fill_(math.nan) if out.is_floating_point() else out
+
+
+@pytest.fixture
+def poisoned(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    def make(checked: ir.CheckedSpec) -> SsmcOp:
+        op = load(checked)
+        monkeypatch.setattr(op.module, "torch", PoisonTorch())
+        return op
+
+    return make
+
+
+def decay_inputs(checked: ir.CheckedSpec) -> set[str]:
+    """The tensors the decay (or a Toeplitz kernel) reads: their gradients pass through log a."""
+    from ssmc.expr import refs
+
+    mask = checked.spec.mask
+    exprs = [getattr(mask, f, None) for f in ("log_a", "log_gamma")]
+    if isinstance(mask, ir.Toeplitz) and isinstance(mask.kernel, ir.LtiKernel):
+        exprs += [mask.kernel.A, mask.kernel.B, mask.kernel.C, mask.kernel.dt]
+    return set().union(*(refs(e) for e in exprs if e is not None))
+
+
+def error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """‖got − want‖ / ‖want‖; ‖got − want‖ where the exact gradient is 0 (a decay at T = 1
+    without an initial state: the terms cancel only up to rounding)."""
+    got = got.cpu()
+    assert got.shape == want.shape and not got.isnan().any(), "every element is written"
+    diff = (got.double() - want).norm().item()
+    scale = want.norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+def check_gradients(
+    op: SsmcOp,
+    checked: ir.CheckedSpec,
+    inputs: dict[str, torch.Tensor],
+    gen: torch.Generator,
+    *,
+    form: str | None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> None:
+    """Backward of `op` against autograd of the fp64 reference, every gradient, one bound each."""
+    init = inputs.pop("initial_state", None)
+    want_leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    want_init = None if init is None else init.clone().requires_grad_()
+    y64, state64 = reference(checked)(**want_leaves, initial_state=want_init, cu_seqlens=cu_seqlens)
+    dy = torch.randn(y64.shape, generator=gen, dtype=torch.float64)
+    dstate = None if state64 is None else torch.randn(state64.shape, generator=gen).double()
+    loss64 = (y64 * dy).sum() + (0.0 if dstate is None else (state64 * dstate).sum())
+    loss64.backward()
+
+    leaves = {k: v.float().to(DEVICE).requires_grad_() for k, v in inputs.items()}
+    leaf_init = None if init is None else init.float().to(DEVICE).requires_grad_()
+    cu = None if cu_seqlens is None else cu_seqlens.to(DEVICE)
+    y, state = op(**leaves, initial_state=leaf_init, cu_seqlens=cu, form=form)
+    loss = (y * dy.float().to(DEVICE)).sum()
+    if dstate is not None:
+        loss = loss + (state * dstate.float().to(DEVICE)).sum()
+    loss.backward()
+
+    through_decay = decay_inputs(checked)
+    got = {k: v.grad for k, v in leaves.items()}
+    want = {k: v.grad for k, v in want_leaves.items()}
+    if init is not None:
+        got["initial_state"], want["initial_state"] = leaf_init.grad, want_init.grad
+    for name, g in got.items():
+        assert g is not None and g.dtype == torch.float32, name
+        bound = BOUND * (DECAY_FACTOR if name in through_decay else 1)
+        assert error(g, want[name]) <= bound, (name, error(g, want[name]))
+
+
+def _cases() -> list[object]:
+    cases = []
+    for name in EXAMPLES:
+        forms = [f.value for f in load(small(name)).forms]
+        cases += [pytest.param(name, form, 17, id=f"{name}-{form}-T17") for form in forms]
+        cases.append(pytest.param(name, None, 1, id=f"{name}-auto-T1"))
+    return cases
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(("name", "form", "T"), _cases())
+def test_gradients_match_reference(name: str, form: str | None, T: int, poisoned, gen) -> None:  # type: ignore[no-untyped-def]
+    checked = small(name)
+    inputs = random_inputs(checked, batch=2, seqlen=T, dtype=torch.float64, generator=gen)
+    check_gradients(poisoned(checked), checked, inputs, gen, form=form)
+
+
+VARLEN = [
+    pytest.param(name, form, id=f"{name}-{form}")
+    for name in ("gla", "mamba2")
+    for form in ("recurrent", "chunked")
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(("name", "form"), VARLEN)
+def test_varlen_gradients(name: str, form: str, poisoned, gen) -> None:  # type: ignore[no-untyped-def]
+    """Packed sequences (one empty) with an initial state each: nothing leaks across them."""
+    checked = small(name)
+    lengths = [5, 0, 11, 1]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    inputs = random_inputs(
+        checked, batch=1, seqlen=sum(lengths), dtype=torch.float64, generator=gen
+    )
+    dims = SMALL[name]
+    state = (len(lengths), dims["H"], dims["N"], dims["P"])
+    inputs["initial_state"] = torch.randn(state, generator=gen, dtype=torch.float64)
+    check_gradients(poisoned(checked), checked, inputs, gen, form=form, cu_seqlens=cu)
+
+
+@pytest.mark.interpret
+def test_half_precision_gradients(poisoned, gen) -> None:  # type: ignore[no-untyped-def]
+    """fp16 inputs: gradients come back in fp16, computed in fp32 (bound of DESIGN §5's fp16)."""
+    checked = small("mamba2")
+    op = poisoned(checked)
+    inputs = random_inputs(checked, batch=2, seqlen=17, dtype=torch.float16, generator=gen)
+    init = inputs.pop("initial_state").float()
+    leaves = {k: v.to(DEVICE).requires_grad_() for k, v in inputs.items()}
+    y, state = op(**leaves, initial_state=init.to(DEVICE), form="chunked")
+    (y.float().square().sum() + state.sum()).backward()
+    ref = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+    y64, state64 = reference(checked)(**ref, initial_state=init.double())
+    (y64.square().sum() + state64.sum()).backward()
+    for name, leaf in leaves.items():
+        assert leaf.grad is not None and leaf.grad.dtype == torch.float16, name
+        assert error(leaf.grad.float(), ref[name].grad) <= 1e-2, name
+
+
+# ---------------------------------------------------------------------------------------
+# The LTI kernel's vector-Jacobian product (written out: no autograd inside the op).
+# ---------------------------------------------------------------------------------------
+
+LTI = {
+    "diag-zoh": "A = A, B = Bp, C = Cp, dt = exp(log_dt), discretize = zoh",
+    "diag-bilinear": "A = A, B = Bp, C = Cp, dt = exp(log_dt), discretize = bilinear",
+    "legs-bilinear": "hippo = legs, C = Cp, dt = exp(log_dt), discretize = bilinear",
+    "legt-zoh": "hippo = legt, C = Cp, dt = exp(log_dt), discretize = zoh",
+    "lagt-zoh": "hippo = lagt, C = Cp, dt = exp(log_dt), discretize = zoh",
+}
+
+
+@pytest.mark.parametrize("case", sorted(LTI))
+@pytest.mark.parametrize("T", [1, 6, 37])
+def test_lti_kernel_vjp_matches_autograd(case: str, T: int) -> None:
+    """Against torch autograd of the module's own `_lti_kernel`, in fp64; B [N] is shared
+    by every head (its gradient sums over them)."""
+    from ssmc.load import load_source
+    from ssmc.pipeline import parse
+    from ssmc.render import render_module
+
+    text = (
+        "ssm lti_probe\ndim H = 3, N = 5\ninput x : [batch, seq, H, 1]\n"
+        "param A : [H, N]\nparam Bp : [N]\nparam Cp : [H, N]\nparam log_dt : [H]\n"
+        f"output y : [batch, seq, H, 1]\nmask lti({LTI[case]})\nvalue x\n"
+    )
+    if case.startswith(("legs", "legt", "lagt")):
+        text = text.replace("param A : [H, N]\nparam Bp : [N]\n", "")
+    module = load_source(render_module(parse(text)), f"lti_{case.replace('-', '_')}")
+    g = torch.Generator().manual_seed(T)
+    hippo = not case.startswith("diag")
+    A = None if hippo else -(0.2 + torch.rand(3, 5, generator=g, dtype=torch.float64))
+    B = None if hippo else torch.randn(1, 5, generator=g, dtype=torch.float64)
+    C = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    dt = 0.05 + 0.2 * torch.rand(3, generator=g, dtype=torch.float64)
+    leaves = [None if t is None else t.clone().requires_grad_() for t in (A, B, C, dt)]
+    kernel = module._lti_kernel(*leaves, T)
+    dK = torch.randn(kernel.shape, generator=g).to(kernel.dtype)
+    wanted = [t for t in leaves if t is not None]
+    want = iter(torch.autograd.grad(kernel, wanted, dK))
+    got = module._lti_kernel_vjp(A, B, C, dt, T, dK)
+    for name, leaf, grad in zip(("A", "B", "C", "dt"), leaves, got, strict=True):
+        assert (leaf is None) == (grad is None), name
+        if leaf is not None:
+            w = next(want)
+            assert grad.shape == leaf.shape and grad.dtype == torch.float64, name
+            assert ((grad - w).norm() / w.norm()).item() <= 1e-10, name
