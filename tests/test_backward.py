@@ -145,7 +145,10 @@ def _cases() -> list[object]:
     cases = []
     for name in EXAMPLES:
         forms = [f.value for f in load(small(name)).forms]
-        cases += [pytest.param(name, form, 17, id=f"{name}-{form}-T17") for form in forms]
+        cases += [
+            pytest.param(name, form, T, id=f"{name}-{form}-T{T}") for form in forms for T in (1, 17)
+        ]
+        # the planner's form: the one-token forward is the decode step, its backward is not
         cases.append(pytest.param(name, None, 1, id=f"{name}-auto-T1"))
     return cases
 
@@ -179,6 +182,20 @@ def test_varlen_gradients(name: str, form: str, poisoned, gen) -> None:  # type:
     state = (len(lengths), dims["H"], dims["N"], dims["P"])
     inputs["initial_state"] = torch.randn(state, generator=gen, dtype=torch.float64)
     check_gradients(poisoned(checked), checked, inputs, gen, form=form, cu_seqlens=cu)
+
+
+@pytest.mark.interpret
+def test_bare_log_gamma_parameter(poisoned, gen) -> None:  # type: ignore[no-untyped-def]
+    """const_decay(log_gamma = g) with a bare [H] parameter: passed through, gradient summed
+    over batch and seq."""
+    from ssmc.pipeline import parse
+
+    text = (ROOT / "examples" / "retnet.ssm").read_text()
+    text = text.replace("const_decay(gamma = gamma)", "const_decay(log_gamma = gamma)")
+    checked = with_dims(parse(text), SMALL["retnet"])
+    inputs = random_inputs(checked, batch=2, seqlen=17, dtype=torch.float64, generator=gen)
+    inputs["gamma"] = -inputs["gamma"].abs() - 0.05
+    check_gradients(poisoned(checked), checked, inputs, gen, form="chunked")
 
 
 @pytest.mark.interpret

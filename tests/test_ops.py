@@ -232,7 +232,7 @@ def test_opcheck_and_compile_with_gradients(name: str, gen: torch.Generator) -> 
     dy = torch.randn(y.shape, generator=gen).to(DEVICE)
     dstate = None if state is None else torch.randn(state.shape, generator=gen).to(DEVICE)
     detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-    utils = BACKWARD_OPCHECK if checked.spec.mask.__class__ is not ir.Toeplitz else TOEPLITZ_OPCHECK
+    utils = TOEPLITZ_OPCHECK if isinstance(checked.spec.mask, ir.Toeplitz) else BACKWARD_OPCHECK
     results = torch.library.opcheck(
         op._registered.backward_op, (dy, dstate, *detached), test_utils=utils
     )
