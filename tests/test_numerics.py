@@ -67,6 +67,8 @@ A_RANGE = (-1e3, -1e-3)
 BATCH = 3
 SEED = 20240611
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CACHE = tempfile.TemporaryDirectory(prefix="ssmc-numerics-")
+"""One cache folder for the ops of this file, removed when the session ends."""
 
 
 @functools.cache
@@ -79,8 +81,7 @@ def op_and_spec(pattern: str):
             text += f"\n{flag}\n"
     checked = with_dims(parse(text, file), dims)
     assert checked.pattern is ir.HeadPattern[pattern], checked.pattern
-    cache = Path(tempfile.mkdtemp(prefix="ssmc-numerics-"))
-    return load(checked, cache_dir=cache), checked
+    return load(checked, cache_dir=CACHE.name), checked
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ from ssmc.reference import random_inputs  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 B, T = 1, 10
 CU = torch.tensor([0, 4, 10], dtype=torch.int32)
+CACHE = tempfile.TemporaryDirectory(prefix="ssmc-validation-")
+"""One cache folder for the ops of this file, removed when the session ends."""
 
 # Every dim bound at call time: head counts are only known when the op is called.
 OPEN_DIMS = """\
@@ -63,12 +65,12 @@ def mamba2() -> SsmcOp:
     checked = with_dims(
         parse_file(ROOT / "examples" / "mamba2.ssm"), {"H": 4, "G": 2, "N": 8, "P": 4}
     )
-    return ssmc.load(checked, cache_dir=tempfile.mkdtemp(prefix="ssmc-validation-"))
+    return ssmc.load(checked, cache_dir=CACHE.name)
 
 
 @functools.cache
 def open_dims() -> SsmcOp:
-    return ssmc.load(parse(OPEN_DIMS), cache_dir=tempfile.mkdtemp(prefix="ssmc-validation-"))
+    return ssmc.load(parse(OPEN_DIMS), cache_dir=CACHE.name)
 
 
 def good_inputs(op: SsmcOp, **dims: int) -> dict[str, torch.Tensor]:
@@ -80,7 +82,7 @@ def good_inputs(op: SsmcOp, **dims: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def initial_state(op: SsmcOp, count: int = B) -> torch.Tensor:
+def initial_state(count: int = B) -> torch.Tensor:
     """A valid fp32 initial state of mamba2() for `count` sequences."""
     return torch.randn(count, 4, 8, 4)
 
@@ -112,7 +114,7 @@ def refused(op: SsmcOp, *patterns: str, **kwargs: Any) -> str:
 def test_the_good_call_runs() -> None:
     op = mamba2()
     inputs = good_inputs(op)
-    y, state = op(**inputs, initial_state=initial_state(op, 2), cu_seqlens=CU)
+    y, state = op(**inputs, initial_state=initial_state(2), cu_seqlens=CU)
     assert y.shape == (B, T, 4, 4) and state is not None and state.shape == (2, 4, 8, 4)
     assert torch.isfinite(y).all()
 
@@ -169,6 +171,17 @@ def test_head_counts_must_divide_at_call_time(H: int, G: int, guarded) -> None: 
     refused(op, rf"heads: G={G} does not divide the output head count H={H}", **inputs)
 
 
+@pytest.mark.xfail(
+    reason="ssmc/bind.py _check_heads names the role and the dims ('query heads: G=3 does "
+    "not divide the output head count H=4') but not the tensors whose shapes gave the "
+    "counts (C and B here, x for the value)",
+    strict=True,
+)
+def test_head_count_error_names_the_tensors(guarded) -> None:  # type: ignore[no-untyped-def]
+    op = guarded(open_dims())
+    refused(op, r"\bC\b.*G=3", r"\bB\b.*G=3", **good_inputs(op, H=4, G=3, N=8, P=4))
+
+
 def test_head_counts_that_divide_run() -> None:
     op = open_dims()
     y, state = op(**good_inputs(op, H=6, G=3, N=8, P=4))
@@ -215,7 +228,7 @@ def test_initial_state_on_another_device(guarded) -> None:  # type: ignore[no-un
         "one device",
         "initial_state on meta",
         **good_inputs(op),
-        initial_state=initial_state(op).to("meta"),
+        initial_state=initial_state().to("meta"),
     )
 
 
@@ -365,7 +378,7 @@ def test_initial_state_per_sequence_with_cu_seqlens(guarded) -> None:  # type: i
         r"initial_state: expected shape \[num_seqs, H=4, N=8, P=4\] = \[2, 4, 8, 4\]",
         r"got \[1, 4, 8, 4\]",
         **good_inputs(op),
-        initial_state=initial_state(op),
+        initial_state=initial_state(),
         cu_seqlens=CU,
     )
 
@@ -377,7 +390,7 @@ def test_initial_state_wrong_dtype(dtype: torch.dtype, guarded) -> None:  # type
         op,
         rf"initial_state: expected dtype .*, got {dtype}",
         **good_inputs(op),
-        initial_state=initial_state(op).to(dtype),
+        initial_state=initial_state().to(dtype),
     )
 
 
@@ -392,12 +405,12 @@ def test_initial_state_must_be_float32(dtype: torch.dtype) -> None:
     op = mamba2()
     inputs = good_inputs(op)
     with pytest.raises(TensorError, match="initial_state"):
-        op(**inputs, initial_state=initial_state(op).to(dtype))
+        op(**inputs, initial_state=initial_state().to(dtype))
 
 
 def test_initial_state_without_the_flag(guarded) -> None:  # type: ignore[no-untyped-def]
     checked = with_dims(parse_file(ROOT / "examples" / "mqa.ssm"), {"H": 4, "G": 2, "N": 8, "P": 4})
-    op = guarded(ssmc.load(checked, cache_dir=tempfile.mkdtemp(prefix="ssmc-validation-")))
+    op = guarded(ssmc.load(checked, cache_dir=CACHE.name))
     refused(
         op,
         r"initial_state: spec mqa_ssd does not declare `initial_state`",
