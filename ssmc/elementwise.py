@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ssmc import expr as E
 from ssmc import ir
-from ssmc.expr_grad import ZERO, Gradients, Step, add, mul
+from ssmc.expr_grad import ZERO, Gradients, Step, add
 from ssmc.expr_triton import Emitter, fold, identifier, prefixed
 
 ROW_INDEX = "o_r[:, None]"
@@ -335,10 +335,13 @@ def backward_kernel(
     extras: dict[str, int] = {}
     sums: list[GradientSum] = []
     shape = targets[0].shape
+    # reverse accumulation: one walk per target gives the gradients of everything it reads
+    totals: dict[str, E.Expr] = {}
+    for expr, (d_r, _) in zip(exprs, upstream, strict=True):
+        for v, g in grads.gradients(expr, E.Ref(name=d_r.key)).items():
+            totals[v] = add(totals.get(v, ZERO), g)
     for v in names:
-        total: E.Expr = ZERO
-        for expr, (d_r, _) in zip(exprs, upstream, strict=True):
-            total = add(total, mul(E.Ref(name=d_r.key), grads.derivative(expr, v)))
+        total = totals.get(v, ZERO)
         if total == ZERO:
             continue
         if v.startswith("@"):

@@ -1,15 +1,18 @@
 """Derivatives of the expression AST, as expression AST: what backward kernels print.
 
-`Gradients.derivative(expr, name)` is ∂expr/∂name built node by node by the chain rule, in
-the same closed AST (so the Triton, torch and SymPy printers all apply), with products by
-the literals 0 and 1 dropped so that a gradient kernel does no dead work. The smooth
-functions differentiate into functions of the language (softplus′ = sigmoid, tanh′ =
-4 σ(2u) σ(−2u), silu′ = σ(u)(1 + u σ(−u)), ...), each stable in fp32. The non-smooth ones
-(abs, clamp, min, max) differentiate into indicators `[lhs ≥ rhs]` / `[lhs > rhs]`, which the
-language has no function for: each becomes a `Ref` to an internal name `@step<k>` defined in
-`Gradients.steps`, and a printer binds that name to the indicator's value. The conventions
-at ties are torch's: clamp passes the gradient on its closed interval, abs′(0) = 0, and
-min/max split a tie in half.
+`Gradients.gradients(expr, upstream)` is {name: upstream · ∂expr/∂name} for every name
+`expr` reads, built by reverse accumulation: one walk from the root hands each node its
+adjoint (an expression) and each leaf sums what reaches it, so a kernel's gradients cost
+one pass over its expression however many tensors it reads. `derivative(expr, name)` is the
+same with upstream 1. Results are in the same closed AST (so the Triton, torch and SymPy
+printers all apply), with products by the literals 0 and 1 dropped so that a gradient
+kernel does no dead work. The smooth functions differentiate into functions of the
+language (softplus′ = sigmoid, tanh′ = 4 σ(2u) σ(−2u), silu′ = σ(u)(1 + u σ(−u)), ...),
+each stable in fp32. The non-smooth ones (abs, clamp, min, max) differentiate into
+indicators `[lhs ≥ rhs]` / `[lhs > rhs]`, which the language has no function for: each
+becomes a `Ref` to an internal name `@step<k>` defined in `Gradients.steps`, and a printer
+binds that name to the indicator's value. The conventions at ties are torch's: clamp
+passes the gradient on its closed interval, abs′(0) = 0, and min/max split a tie in half.
 """
 
 from __future__ import annotations
@@ -47,9 +50,16 @@ class Gradients:
         """Every indicator the derivatives built so far refer to, in order of creation."""
         return tuple(self._steps.values())
 
+    def gradients(self, expr: E.Expr, upstream: E.Expr) -> dict[str, E.Expr]:
+        """{name: upstream · ∂expr/∂name} for the names `expr` reads (spans dropped), in order
+        of first appearance; names whose gradient is 0 are left out."""
+        found: dict[str, E.Expr] = {}
+        self._back(E.strip_spans(expr), upstream, found)
+        return {name: g for name, g in found.items() if g != ZERO}
+
     def derivative(self, expr: E.Expr, name: str) -> E.Expr:
-        """∂expr/∂name (spans dropped); names other than `name` are constants."""
-        return self._d(E.strip_spans(expr), name)
+        """∂expr/∂name; names other than `name` are constants."""
+        return self.gradients(expr, ONE).get(name, ZERO)
 
     def step(self, lhs: E.Expr, rhs: E.Expr, *, strict: bool) -> E.Expr:
         """[lhs > rhs] or [lhs ≥ rhs]: a number when both sides are, else a `@step` Ref."""
@@ -61,52 +71,64 @@ class Gradients:
             self._steps[key] = Step(name=name, lhs=lhs, rhs=rhs, strict=strict)
         return E.Ref(name=self._steps[key].name)
 
-    def _d(self, expr: E.Expr, name: str) -> E.Expr:
+    def _back(self, expr: E.Expr, adjoint: E.Expr, found: dict[str, E.Expr]) -> None:
+        """Hand `adjoint` (∂ℓ/∂expr) down to the leaves of `expr`; literals absorb theirs."""
         match expr:
             case E.Num():
-                return ZERO
-            case E.Ref(name=ref):
-                return ONE if ref == name else ZERO
+                return
+            case E.Ref(name=name):
+                found[name] = add(found.get(name, ZERO), adjoint)
             case E.Neg(operand=u):
-                return neg(self._d(u, name))
+                self._back(u, neg(adjoint), found)
             case E.BinOp(op=op, lhs=u, rhs=v):
-                return self._binop(op, u, v, self._d(u, name), self._d(v, name))
+                self._binop(op, u, v, adjoint, found)
             case E.Call(func=E.Func.CLAMP, args=(u, lo, hi)):
-                return self._clamp(u, lo, hi, *(self._d(a, name) for a in (u, lo, hi)))
+                self._clamp(u, lo, hi, adjoint, found)
             case E.Call(func=E.Func.MIN | E.Func.MAX as func, args=(u, v)):
                 # ∂max/∂u = [u > v] + ½[u = v] = ½([u > v] + [u ≥ v]); min with the sides swapped
-                total: E.Expr = ZERO
                 for arg, other in ((u, v), (v, u)):
-                    d_arg = self._d(arg, name)
-                    if d_arg != ZERO:
+                    if not isinstance(arg, E.Num):
                         first, second = (arg, other) if func is E.Func.MAX else (other, arg)
                         wins = add(
                             self.step(first, second, strict=True),
                             self.step(first, second, strict=False),
                         )
-                        total = add(total, mul(wins, d_arg))
-                return mul(num(0.5), total)
+                        self._back(arg, mul(adjoint, mul(num(0.5), wins)), found)
             case E.Call(func=func, args=(u,)):
-                du = self._d(u, name)
-                return ZERO if du == ZERO else mul(self._unary(func, u), du)
-        raise TypeError(f"cannot differentiate {expr!r}")
+                if not isinstance(u, E.Num):
+                    self._back(u, mul(adjoint, self._unary(func, u)), found)
+            case _:
+                raise TypeError(f"cannot differentiate {expr!r}")
 
-    def _binop(self, op: E.Op, u: E.Expr, v: E.Expr, du: E.Expr, dv: E.Expr) -> E.Expr:
+    def _binop(
+        self, op: E.Op, u: E.Expr, v: E.Expr, adjoint: E.Expr, found: dict[str, E.Expr]
+    ) -> None:
+        constant_u, constant_v = isinstance(u, E.Num), isinstance(v, E.Num)
         match op:
             case E.Op.ADD:
-                return add(du, dv)
+                self._back(u, adjoint, found)
+                self._back(v, adjoint, found)
             case E.Op.SUB:
-                return sub(du, dv)
+                self._back(u, adjoint, found)
+                self._back(v, neg(adjoint), found)
             case E.Op.MUL:
-                return add(mul(du, v), mul(u, dv))
+                self._back(u, mul(adjoint, v), found)
+                self._back(v, mul(adjoint, u), found)
             case E.Op.DIV:
-                # u′/v − (u/v)·v′/v: u/v is the forward's own node (shared when printed)
-                return sub(div(du, v), mul(div(u, v), div(dv, v)))
+                # ∂/∂u = 1/v, ∂/∂v = −(u/v)/v: u/v is the forward's own node (shared when printed)
+                if not constant_u:
+                    self._back(u, div(adjoint, v), found)
+                if not constant_v:
+                    self._back(v, neg(mul(adjoint, div(div(u, v), v))), found)
             case E.Op.POW:
-                # v·u^(v−1)·u′ + u^v·log(u)·v′
-                base = mul(mul(v, power(u, sub(v, ONE))), du)
-                return add(base, mul(mul(power(u, v), call(E.Func.LOG, u)), dv))
-        raise TypeError(f"not an operator: {op!r}")
+                # ∂/∂u = v·u^(v−1), ∂/∂v = u^v·log(u)
+                if not constant_u:
+                    self._back(u, mul(adjoint, mul(v, power(u, sub(v, ONE)))), found)
+                if not constant_v:
+                    log_u = call(E.Func.LOG, u)
+                    self._back(v, mul(adjoint, mul(power(u, v), log_u)), found)
+            case _:
+                raise TypeError(f"not an operator: {op!r}")
 
     def _unary(self, func: E.Func, u: E.Expr) -> E.Expr:
         """f′(u) of a one-argument function."""
@@ -136,24 +158,23 @@ class Gradients:
         raise TypeError(f"{func.value} is not a one-argument function")
 
     def _clamp(
-        self, u: E.Expr, lo: E.Expr, hi: E.Expr, du: E.Expr, dlo: E.Expr, dhi: E.Expr
-    ) -> E.Expr:
+        self, u: E.Expr, lo: E.Expr, hi: E.Expr, adjoint: E.Expr, found: dict[str, E.Expr]
+    ) -> None:
         """clamp(u, lo, hi) = min(max(u, lo), hi): u on [lo, hi], lo below it (when lo < hi),
         hi otherwise; infinite bounds drop out."""
-        if du == dlo == dhi == ZERO:
-            return ZERO
         inside: E.Expr = ONE
         if _constant(lo) != -math.inf:
             inside = mul(inside, self.step(u, lo, strict=False))
         if _constant(hi) != math.inf:
             inside = mul(inside, self.step(hi, u, strict=False))
-        result = mul(inside, du)
-        if dlo != ZERO or dhi != ZERO:
+        if not isinstance(u, E.Num):
+            self._back(u, mul(adjoint, inside), found)
+        if _constant(lo) is None or _constant(hi) is None:
             below = mul(self.step(lo, u, strict=True), self.step(hi, lo, strict=True))
-            result = add(result, mul(below, dlo))
-            if dhi != ZERO:
-                result = add(result, mul(sub(sub(ONE, inside), below), dhi))
-        return result
+            if _constant(lo) is None:
+                self._back(lo, mul(adjoint, below), found)
+            if _constant(hi) is None:
+                self._back(hi, mul(adjoint, sub(sub(ONE, inside), below)), found)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1332,9 +1332,9 @@ def decode_fwd(x, s, log_a, B, C, *, heads, state, out, state_batch_indices=None
 # backward; every tensor v that f_r reads gets Σ_r d_r · ∂f_r/∂v, the derivative taken
 # on the expression AST (ssmc.expr_grad) and printed like the forward:
 #
-#     d_dt [batch, seq, H] = (d_log_a * ((step0 * sigmoid(dt + dt_bias)) * A)) + (d_s * (step0 * sigmoid(dt + dt_bias)))
+#     d_dt [batch, seq, H] = (((d_log_a * A) * step0) * sigmoid(dt + dt_bias)) + ((d_s * step0) * sigmoid(dt + dt_bias))
 #     d_A [batch, seq, H] = d_log_a * clamp(softplus(dt + dt_bias), 0, inf)
-#     d_dt_bias [batch, seq, H] = (d_log_a * ((step0 * sigmoid(dt + dt_bias)) * A)) + (d_s * (step0 * sigmoid(dt + dt_bias)))
+#     d_dt_bias [batch, seq, H] = (((d_log_a * A) * step0) * sigmoid(dt + dt_bias)) + ((d_s * step0) * sigmoid(dt + dt_bias))
 #
 # (stepK is an indicator [lhs ≥ rhs] of a non-smooth function: clamp, abs, min, max.)
 # Each gradient is written per element of the role's iteration space, fp32, then summed
@@ -1373,26 +1373,27 @@ def prologue_log_a_s_bwd_kernel(
     b_dt_bias = tl.load(p_dt_bias + o_0[None, :] * s_dt_bias_0, mask=m_c[None, :], other=1.0).to(tl.float32)  # [1, BLOCK_C]
     u0_blk = tl.load(u0 + i_b * u0_s0 + o_r[:, None] * u0_s1 + o_0[None, :] * u0_s2, mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
     u1_blk = tl.load(u1 + i_b * u1_s0 + o_r[:, None] * u1_s1 + o_0[None, :] * u1_s2, mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
-    t_0 = b_dt + b_dt_bias
-    t_1 = tl.exp(-tl.abs(t_0))
-    t_2 = 1.0 + t_1
-    t_3 = t_1 / tl.where(t_2 == 1.0, 1.0, t_2 - 1.0)
-    t_4 = tl.where(t_2 == 1.0, t_1, tl.log(t_2) * t_3)
-    t_5 = tl.maximum(t_0, 0.0) + t_4
-    t_6 = tl.where(t_5 >= 0.0, 1.0, 0.0)
-    t_7 = tl.where(t_0 >= 0, 1.0 / (1.0 + t_1), t_1 / (1.0 + t_1))
-    t_8 = t_6 * t_7
-    t_9 = t_8 * b_A
-    t_10 = u0_blk * t_9
-    t_11 = u1_blk * t_8
-    t_12 = t_10 + t_11
-    t_13 = tl.maximum(t_5, 0.0)
-    t_14 = u0_blk * t_13
-    out0_blk = tl.broadcast_to(t_12, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
+    t_0 = u0_blk * b_A
+    t_1 = b_dt + b_dt_bias
+    t_2 = tl.exp(-tl.abs(t_1))
+    t_3 = 1.0 + t_2
+    t_4 = t_2 / tl.where(t_3 == 1.0, 1.0, t_3 - 1.0)
+    t_5 = tl.where(t_3 == 1.0, t_2, tl.log(t_3) * t_4)
+    t_6 = tl.maximum(t_1, 0.0) + t_5
+    t_7 = tl.where(t_6 >= 0.0, 1.0, 0.0)
+    t_8 = t_0 * t_7
+    t_9 = tl.where(t_1 >= 0, 1.0 / (1.0 + t_2), t_2 / (1.0 + t_2))
+    t_10 = t_8 * t_9
+    t_11 = u1_blk * t_7
+    t_12 = t_11 * t_9
+    t_13 = t_10 + t_12
+    t_14 = tl.maximum(t_6, 0.0)
+    t_15 = u0_blk * t_14
+    out0_blk = tl.broadcast_to(t_13, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
     tl.store(out0 + i_b * out0_s0 + o_r[:, None] * out0_s1 + o_0[None, :] * out0_s2, out0_blk.to(out0.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
-    out1_blk = tl.broadcast_to(t_14, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
+    out1_blk = tl.broadcast_to(t_15, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
     tl.store(out1 + i_b * out1_s0 + o_r[:, None] * out1_s1 + o_0[None, :] * out1_s2, out1_blk.to(out1.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
-    out2_blk = tl.broadcast_to(t_12, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
+    out2_blk = tl.broadcast_to(t_13, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
     tl.store(out2 + i_b * out2_s0 + o_r[:, None] * out2_s1 + o_0[None, :] * out2_s2, out2_blk.to(out2.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
 
 
@@ -1452,9 +1453,9 @@ def prologue_bwd(tensors, sizes, grads, upstream):
 #
 #     dy = dout · gate,   d v = dout · (gate · ∂skip/∂v + (y + skip) · ∂gate/∂v)   for every tensor v read
 #
-#     d_x [batch, seq, H, P] = d_out * (D * silu(z))
-#     d_z [batch, seq, H, P] = d_out * ((y + (D * x)) * (sigmoid(z) * (1 + (z * sigmoid(-z)))))
-#     d_D [batch, seq, H, P] = d_out * (x * silu(z))
+#     d_x [batch, seq, H, P] = (d_out * silu(z)) * D
+#     d_z [batch, seq, H, P] = (d_out * (y + (D * x))) * (sigmoid(z) * (1 + (z * sigmoid(-z))))
+#     d_D [batch, seq, H, P] = (d_out * silu(z)) * x
 #     d_core [batch, seq, H, P] = d_out * silu(z)
 #
 # with the derivatives taken on the expression AST (ssmc.expr_grad). Gradients are written
@@ -1499,28 +1500,26 @@ def epilogue_bwd_kernel(
     t_0 = tl.exp(-tl.abs(b_z))
     t_1 = tl.where(b_z >= 0, 1.0 / (1.0 + t_0), t_0 / (1.0 + t_0))
     t_2 = b_z * t_1
-    t_3 = b_D * t_2
-    t_4 = u0_blk * t_3
+    t_3 = u0_blk * t_2
+    t_4 = t_3 * b_D
     t_5 = b_D * b_x
     t_6 = y_blk + t_5
-    t_7 = -b_z
-    t_8 = tl.exp(-tl.abs(t_7))
-    t_9 = tl.where(t_7 >= 0, 1.0 / (1.0 + t_8), t_8 / (1.0 + t_8))
-    t_10 = b_z * t_9
-    t_11 = 1.0 + t_10
-    t_12 = t_1 * t_11
-    t_13 = t_6 * t_12
-    t_14 = u0_blk * t_13
-    t_15 = b_x * t_2
-    t_16 = u0_blk * t_15
-    t_17 = u0_blk * t_2
+    t_7 = u0_blk * t_6
+    t_8 = -b_z
+    t_9 = tl.exp(-tl.abs(t_8))
+    t_10 = tl.where(t_8 >= 0, 1.0 / (1.0 + t_9), t_9 / (1.0 + t_9))
+    t_11 = b_z * t_10
+    t_12 = 1.0 + t_11
+    t_13 = t_1 * t_12
+    t_14 = t_7 * t_13
+    t_15 = t_3 * b_x
     out0_blk = tl.broadcast_to(t_4, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
     tl.store(out0 + i_b * out0_s0 + o_r[:, None] * out0_s1 + o_0[None, :] * out0_s2 + o_1[None, :] * out0_s3, out0_blk.to(out0.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
     out1_blk = tl.broadcast_to(t_14, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
     tl.store(out1 + i_b * out1_s0 + o_r[:, None] * out1_s1 + o_0[None, :] * out1_s2 + o_1[None, :] * out1_s3, out1_blk.to(out1.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
-    out2_blk = tl.broadcast_to(t_16, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
+    out2_blk = tl.broadcast_to(t_15, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
     tl.store(out2 + i_b * out2_s0 + o_r[:, None] * out2_s1 + o_0[None, :] * out2_s2 + o_1[None, :] * out2_s3, out2_blk.to(out2.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
-    out3_blk = tl.broadcast_to(t_17, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
+    out3_blk = tl.broadcast_to(t_3, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
     tl.store(out3 + i_b * out3_s0 + o_r[:, None] * out3_s1 + o_0[None, :] * out3_s2 + o_1[None, :] * out3_s3, out3_blk.to(out3.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
 
 
