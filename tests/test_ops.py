@@ -251,13 +251,6 @@ def test_opcheck_and_compile_with_gradients(name: str, gen: torch.Generator) -> 
 
 
 @pytest.mark.interpret
-@pytest.mark.xfail(
-    strict=True,
-    reason="templates/adjoint.py.jinja _adjoint_correlate multiplies by the lazy `x.conj()`; "
-    "where a caller's dispatch state excludes the Conjugate key (AOTDispatcher running the "
-    "backward op as a forward graph, as opcheck does) the conj bit is ignored and dK is "
-    "wrong; `conj_physical()` fixes it",
-)
 def test_toeplitz_backward_op_under_aot_dispatch(gen: torch.Generator) -> None:
     checked = small("toeplitz")
     op = load(checked)

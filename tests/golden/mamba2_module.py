@@ -1806,7 +1806,7 @@ def _adjoint_correlate(dy, x, L):
     n = 2 * T
     fy = torch.fft.rfft(dy, n=n, dim=1).unflatten(2, (Gv, -1))  # [b, f, Gv, H/Gv, P]
     fx = torch.fft.rfft(x, n=n, dim=1)[:, :, :, None]  # [b, f, Gv, 1, P]
-    spectrum = (fy * fx.conj()).sum(-1).flatten(2)  # [b, f, H]
+    spectrum = (fy * fx.conj_physical()).sum(-1).flatten(2)  # [b, f, H]
     lags = torch.fft.irfft(spectrum, n=n, dim=1)[:, : min(L, T)]  # [b, L', H]
     out = torch.zeros(x.shape[0], L, dy.shape[2], dtype=x.dtype, device=x.device)
     out[:, : lags.shape[1]] = lags
