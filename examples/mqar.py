@@ -6,9 +6,9 @@ A sequence holds `pairs` key-value pairs, then queries: each key again, at power
 distributed gaps, amid random tokens; at a query the model must output the key's value.
 Per spec, a small LM (embedding → 2 × [RMSNorm → SequenceMixer(spec) → residual →
 RMSNorm → MLP → residual] → RMSNorm → head) trains with AdamW on freshly drawn batches
-(a share --mix of them with fewer pairs: Zoology's mixture of easier settings, a soft
-curriculum), bf16 autocast on CUDA; a softmax-attention baseline (SDPA, causal, rotary)
-trains after them. Each model stops when its accuracy on a fixed held-out set reaches
+(with --curriculum zoology, the default, also from Zoology's mixture of shorter and
+easier settings, the full one's share growing to half by the end), bf16 autocast on CUDA;
+a softmax-attention baseline (SDPA, causal, rotary) trains after them. Each model stops when its accuracy on a fixed held-out set reaches
 --target, after --steps, or after --time-budget seconds (--baseline-budget for attention);
 the warmup + cosine schedule runs over whichever of steps or time ends first. One untimed
 forward/backward first compiles the kernels (reported apart). The table of spec, dims,
@@ -29,7 +29,6 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -187,6 +186,7 @@ def build(name: str, args: argparse.Namespace) -> LM:
             d_conv=args.d_conv,
             form=args.form,
             chunk_size=args.chunk_size,
+            use_reference=args.reference,
         )
         for _ in range(args.layers)
     ]
@@ -211,8 +211,8 @@ class Result:
     seconds: float
     compile_seconds: float
     detail: str
-    history: list[tuple[int, float, float, float]]
-    """(step, seconds, training loss, held-out accuracy) at each evaluation."""
+    history: list[tuple[int, float, float, float, float]]
+    """(step, seconds, training loss, held-out accuracy, easiest setting's) per evaluation."""
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:
@@ -239,20 +239,57 @@ def evaluate(
     return right / max(total, 1)
 
 
-def batches(
-    args: argparse.Namespace, seed: int, device: torch.device
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Fresh training batches; with probability --mix a batch has fewer pairs (pairs/2,
-    pairs/4, ... down to 4, uniformly), Zoology's mixture of easier configurations."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    easier = [args.pairs >> k for k in range(1, 5) if args.pairs >> k >= 4]
-    choice = random.Random(seed)
-    while True:
-        pairs = args.pairs
-        if easier and choice.random() < args.mix:
-            pairs = choice.choice(easier)
-        yield mqar_batch(
-            args.batch, args.seqlen, pairs, args.vocab, generator=generator, device=device
+@dataclass(frozen=True)
+class Level:
+    """One training setting of the curriculum and its base weight."""
+
+    weight: float
+    batch: int
+    seqlen: int
+    pairs: int
+
+
+ZOOLOGY = ((5.0, 4, 16), (1.0, 2, 8), (1.0, 1, 4), (1.0, 1, 2), (1.0, 1, 1))
+"""Zoology's MQAR training mixture (arxiv24_based_figure2) as (examples weight, T divisor,
+pairs divisor): 100k of (64, 4), 20k each of (128, 8), (256, 16), (256, 32), (256, 64)."""
+
+
+def curriculum(args: argparse.Namespace) -> list[Level]:
+    """The mixture scaled to (--seqlen, --pairs), the full setting last; shorter settings get
+    a larger batch so every step sees about the same number of tokens."""
+    if args.curriculum == "none":
+        return [Level(1.0, args.batch, args.seqlen, args.pairs)]
+    found: dict[tuple[int, int], Level] = {}
+    for weight, t_div, p_div in ZOOLOGY:
+        T, pairs = args.seqlen // t_div, args.pairs // p_div
+        if pairs >= 1 and T >= 4 * pairs and (T, pairs) not in found:
+            found[(T, pairs)] = Level(weight, args.batch * args.seqlen // T, T, pairs)
+    found.pop((args.seqlen, args.pairs), None)
+    return [*found.values(), Level(1.0, args.batch, args.seqlen, args.pairs)]
+
+
+class Sampler:
+    """Fresh training batches from the curriculum. The full setting's weight grows with
+    training progress from its base to half of all batches (the easy settings start the
+    recall circuit; the full one is what is measured)."""
+
+    def __init__(self, args: argparse.Namespace, seed: int, device: torch.device) -> None:
+        self.levels, self.vocab, self.device = curriculum(args), args.vocab, device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.choice = random.Random(seed)
+
+    def __call__(self, progress: float) -> tuple[Tensor, Tensor]:
+        easy = sum(level.weight for level in self.levels[:-1])
+        weights = [level.weight for level in self.levels[:-1]]
+        weights.append(self.levels[-1].weight + min(1.0, progress) * max(0.0, easy - 1.0))
+        level = self.choice.choices(self.levels, weights)[0]
+        return mqar_batch(
+            level.batch,
+            level.seqlen,
+            level.pairs,
+            self.vocab,
+            generator=self.generator,
+            device=self.device,
         )
 
 
@@ -287,17 +324,26 @@ def train(name: str, args: argparse.Namespace, device: torch.device) -> Result:
         if device.type == "cuda"
         else contextlib.nullcontext()
     )
-    data = batches(args, args.seed, device)
+    sample = Sampler(args, args.seed, device)
+    easiest = sample.levels[0]
+    # The easiest setting's accuracy too: it shows the recall circuit forming.
+    easy_set = [
+        mqar_batch(
+            eval_batch, easiest.seqlen, easiest.pairs, args.vocab, generator=eval_gen, device=device
+        )
+    ]
 
     def loss_of(tokens: Tensor, labels: Tensor) -> Tensor:
         with autocast:
             logits, want = model(tokens, labels)
             return F.cross_entropy(logits.float(), want)
 
-    # One untimed forward/backward first: kernels compile (and autotune) for this shape.
+    # One untimed forward/backward per shape first: kernels compile (and autotune).
     started = time.perf_counter()
-    loss_of(*eval_set[0]).backward()
-    evaluate(model, eval_set[:1], autocast)
+    for level in sample.levels:
+        warm = mqar_batch(level.batch, level.seqlen, level.pairs, args.vocab, device=device)
+        loss_of(*warm).backward()
+    evaluate(model, eval_set[:1] + easy_set, autocast)
     optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -309,10 +355,11 @@ def train(name: str, args: argparse.Namespace, device: torch.device) -> Result:
     for step in range(1, args.steps + 1):
         elapsed = time.perf_counter() - started
         # The schedule runs to whichever ends first: the steps or the time budget.
-        lr = learning_rate(args, max(step / args.steps, elapsed / budget))
+        progress = max(step / args.steps, elapsed / budget)
+        lr = learning_rate(args, progress)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = loss_of(*next(data))
+        loss = loss_of(*sample(progress))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -320,11 +367,12 @@ def train(name: str, args: argparse.Namespace, device: torch.device) -> Result:
         last = step == args.steps or elapsed >= budget
         if step % args.eval_every == 0 or last:
             accuracy = evaluate(model, eval_set, autocast)
-            history.append((step, round(elapsed, 2), round(loss.item(), 4), accuracy))
+            easy = evaluate(model, easy_set, autocast)
+            history.append((step, round(elapsed, 2), round(loss.item(), 4), accuracy, easy))
             if not args.quiet:
                 print(
                     f"  {label(name):<24} step {step:>6}  loss {loss.item():.3f}  "
-                    f"acc {accuracy:.4f}  lr {lr:.2e}  {elapsed:.0f}s",
+                    f"acc {accuracy:.4f}  easiest {easy:.4f}  lr {lr:.2e}  {elapsed:.0f}s",
                     flush=True,
                 )
             if accuracy >= args.target or last:
@@ -407,7 +455,17 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--warmup", type=float, default=0.02, help="fraction of the schedule")
-    p.add_argument("--mix", type=float, default=0.5, help="share of batches with fewer pairs")
+    p.add_argument(
+        "--curriculum",
+        choices=["zoology", "none"],
+        default="zoology",
+        help="train on Zoology's mixture of easier settings too, or only the full one",
+    )
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="run the PyTorch reference instead of the op (faster CPU experiments)",
+    )
     p.add_argument("--time-budget", type=float, default=330.0, help="seconds per spec's model")
     p.add_argument("--baseline-budget", type=float, default=90.0, help="seconds for attention")
     p.add_argument("--target", type=float, default=0.995, help="stop at this eval accuracy")

@@ -74,6 +74,19 @@ def test_dims_are_rebound_to_the_model_width(mqar: ModuleType) -> None:
     assert mqar.mixer_dims(mamba1, 64, 2, 32, 16) == {"H": 128, "N": 16}
 
 
+def test_curriculum_is_zoologys_mixture(mqar: ModuleType) -> None:
+    levels = mqar.curriculum(mqar.arguments(["--batch", "256"]))
+    settings = [(lv.seqlen, lv.pairs) for lv in levels]
+    assert settings == [(64, 4), (128, 8), (256, 16), (256, 32), (256, 64)]
+    assert [lv.batch * lv.seqlen for lv in levels] == [256 * 256] * 5  # tokens per step
+    assert [lv.weight for lv in levels] == [5, 1, 1, 1, 1]
+    only = mqar.curriculum(mqar.arguments(["--curriculum", "none"]))
+    assert [(lv.seqlen, lv.pairs) for lv in only] == [(256, 64)]
+    sample = mqar.Sampler(mqar.arguments(["--tiny"]), 0, torch.device("cpu"))
+    shapes = {sample(1.0)[0].shape for _ in range(40)}
+    assert shapes == {(8, 32)}
+
+
 def test_tiny_run_prints_the_table_last(tmp_path: Path) -> None:
     out = tmp_path / "mqar.json"
     # The PyTorch reference path (no interpreter): a smoke run of the script, kept fast.
@@ -96,4 +109,5 @@ def test_tiny_run_prints_the_table_last(tmp_path: Path) -> None:
     results = json.loads(out.read_text())["results"]
     assert [r["spec"] for r in results] == ["mamba2:H=2", "attention"]
     assert all(r["steps"] == 4 and 0 <= r["accuracy"] <= 1 for r in results)
+    assert all(len(r["history"]) == 2 for r in results)
     assert "H=2" in results[0]["detail"]
