@@ -182,6 +182,27 @@ def test_head_count_error_names_the_tensors(guarded) -> None:  # type: ignore[no
     refused(op, r"\bC\b.*G=3", r"\bB\b.*G=3", **good_inputs(op, H=4, G=3, N=8, P=4))
 
 
+@pytest.mark.xfail(
+    reason="ssmc/bind.py binds call-time dims of size 0 without complaint (spec dims must lie "
+    "in 1 … 2^24); with N = 0 or P = 0 the recurrent form then fails inside "
+    "templates/recurrent.py.jinja (recurrent_fwd: 1024 // BLOCK_N, ZeroDivisionError)",
+    strict=True,
+)
+@pytest.mark.parametrize("dim", ["N", "P"])
+def test_empty_call_time_dims(dim: str) -> None:
+    """A call-time dim of size 0: a TensorError, or outputs of the right shape in every form."""
+    op = open_dims()
+    sizes = {"H": 4, "G": 2, "N": 8, "P": 4} | {dim: 0}
+    inputs = good_inputs(op, **sizes)
+    for form in ("recurrent", "quadratic", "chunked"):
+        try:
+            y, _ = op(**inputs, form=form)
+        except TensorError as err:
+            assert f"{dim}" in str(err)
+            return
+        assert y.shape == (B, T, 4, sizes["P"]), form
+
+
 def test_head_counts_that_divide_run() -> None:
     op = open_dims()
     y, state = op(**good_inputs(op, H=6, G=3, N=8, P=4))
