@@ -296,11 +296,20 @@ def render_module(checked: ir.CheckedSpec, *, versions: Mapping[str, str] | None
         core=list(pro.core),
         stages=stages,
         trains=trains,
+        fused_bwd=trains and fused_backward(checked),
         decay=decay,
         const_decay=isinstance(spec.mask, ir.ConstDecay),
         lti=pro.lti is not None,
         passthrough=pro.passthrough,
         epilogue_reads_y=epi_bwd is not None and "y" in epi_bwd.kernel.extra_args,
+    )
+
+
+def fused_backward(checked: ir.CheckedSpec) -> bool:
+    """Whether the module's backward is the fused chunked one (chunked_bwd): a scalar or no
+    decay with the chunked form; otherwise the three-SMA adjoint."""
+    return decay_kind(checked) in ("scalar", "none") and ir.Form.CHUNKED in available_forms(
+        checked
     )
 
 
@@ -330,6 +339,8 @@ def _backward_stages(
             )
         )
     stages.append(render_stage("adjoint"))
+    if fused_backward(checked):
+        stages.append(render_stage("chunked_bwd", decay=stage_ctx["decay"]))
     if stage_ctx["decay"] == "diagonal":
         stages.append(render_stage("chunked", **{**stage_ctx, "decay": "scalar"}))
     return stages
