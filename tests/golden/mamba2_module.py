@@ -1813,6 +1813,440 @@ def _adjoint_correlate(dy, x, L):
     return out.transpose(1, 2)
 
 
+# =======================================================================================
+# chunked_bwd: the fused chunked backward of the core, decay = scalar, for every head
+# pattern; shared roles get their gradients summed over their heads inside the kernels.
+#
+# Per head h, chunk r (tokens of one sequence) and, in the chunk, cc_t = Σ_{k=start..t}
+# log a_k, cc_e its value at the chunk end, L_ij = exp(cc_i − cc_j) for i ≥ j:
+#
+#     H_r  state entering chunk r      H_{r+1} = exp(cc_e) H_r + Σ_l exp(cc_e − cc_l) B_l ⊗ X̄_l
+#     Λ_r  adjoint leaving chunk r     Λ_{r−1} = exp(cc_e) Λ_r + Σ_i exp(cc_i) C_i ⊗ dY_i
+#          (Λ_last = dh_T of the sequence; Λ before its first chunk is dh_0, no extra factor)
+#     dC_i = Σ_{j ≤ i} L_ij (dY_i·X̄_j) B_j + exp(cc_i) H_r dY_i
+#     dB_j = Σ_{i ≥ j} L_ij (X̄_j·dY_i) C_i + exp(cc_e − cc_j) Λ_r X̄_j
+#     dX̄_j = Σ_{i ≥ j} L_ij (B_j·C_i) dY_i + exp(cc_e − cc_j) Λ_rᵀ B_j
+#     dcs_t = C_t·dC_t − B_t·dB_t (per head, before any group sum); dlog a = its suffix sum
+#
+# (docs/backward.md derives these; the sums over i, j stay inside the chunk.) Three launches:
+#   chunked_bwd_walk   H_r forward and Λ_r backward along each sequence, one state in
+#                      registers per (sequence, head, N tile × P tile); final H = h_T, final Λ = dh_0
+#   chunked_bwd_dbc    dC, dB and the dcs rows of a row block, per (chunk, row block, loop
+#                      group, N tile); the program visits the heads of its loop group in
+#                      turn and accumulates dC over a query group, dB over a key group and
+#                      dcs over a decay group in registers, storing each sum once when
+#                      its group ends: no per-head [b, T, H, N] buffer exists
+#   chunked_bwd_dx     dX̄ per (chunk, row block, value group, P tile), summed over the value
+#                      group's heads in registers, written as dx = dX̄ s and ds = Σ_p dX̄ x
+#                      (X̄ = x s is never materialised, neither is dX̄)
+# A loop group is gcd(Gq, Gk, Gd) heads' worth of groups: every role's group is a run of
+# consecutive heads inside it. Buffers: H_r and Λ_r [R, H, N, P] (x's dtype when 16-bit,
+# else fp32); gradients fp32: dB, dC per group, dx per value group, dcs and ds per N / P
+# tile (tiny, [b, T, G]). Nothing O(T²) is stored; C Bᵀ and dY X̄ᵀ are recomputed per
+# [BLOCK_M, BLOCK_M] tile.
+# =======================================================================================
+
+
+@triton.jit
+def chunked_bwd_walk_kernel(
+    key, value, s, log_a, states, tiles, first, initial, final,
+    stride_k_b, stride_k_t, stride_k_g, stride_k_n,
+    stride_v_b, stride_v_t, stride_v_g, stride_v_p,
+    stride_s_b, stride_s_t, stride_s_g,
+    stride_a_b, stride_a_t, stride_a_g,
+    stride_i_s, stride_i_h, stride_i_n, stride_i_p,
+    stride_f_s, stride_f_h, stride_f_n, stride_f_p,
+    H, N, P, Hkey, Hval, Hd,
+    REVERSE: tl.constexpr, HAS_S: tl.constexpr, HAS_DECAY: tl.constexpr,
+    HAS_INITIAL: tl.constexpr, HAS_FINAL: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    i_pid = tl.program_id(0).to(tl.int64)
+    n_p = tl.cdiv(P, BLOCK_P)
+    n_np = tl.cdiv(N, BLOCK_N) * n_p
+    i_n = i_pid % n_np // n_p
+    i_p = i_pid % n_p
+    i_h = i_pid // n_np % H
+    i_s = i_pid // (n_np * H)
+    o_t = tl.arange(0, CHUNK)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    m_n = o_n < N
+    m_p = o_p < P
+    m_np = m_n[:, None] & m_p[None, :]
+    if HAS_INITIAL:
+        b_h = tl.load(initial + i_s * stride_i_s + i_h * stride_i_h + o_n[:, None] * stride_i_n
+                      + o_p[None, :] * stride_i_p, mask=m_np, other=0.0).to(tl.float32)
+    else:
+        b_h = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
+    r_first = tl.load(first + i_s)
+    n_rows = tl.load(first + i_s + 1) - r_first
+    p_k0 = key + (i_h // Hkey) * stride_k_g + o_n[None, :] * stride_k_n
+    p_v0 = value + (i_h // Hval) * stride_v_g + o_p[None, :] * stride_v_p
+    p_H0 = states + (i_h * N + o_n[:, None]) * P + o_p[None, :]
+    for i_k in range(0, n_rows):
+        if REVERSE:
+            i_r = r_first + n_rows - 1 - i_k
+        else:
+            i_r = r_first + i_k
+        tl.store(p_H0 + i_r * H * N * P, b_h.to(states.dtype.element_ty), mask=m_np)
+        i_b = tl.load(tiles + i_r * 5)
+        t0 = tl.load(tiles + i_r * 5 + 1)
+        n_t = tl.load(tiles + i_r * 5 + 2)
+        m_t = o_t < n_t
+        o_tt = t0 + o_t
+        if HAS_DECAY:
+            b_a = tl.load(log_a + i_b * stride_a_b + o_tt * stride_a_t + (i_h // Hd) * stride_a_g,
+                          mask=m_t, other=0.0).to(tl.float32)
+            b_cc = tl.cumsum(b_a, axis=0)
+            b_e = tl.sum(b_a, axis=0)
+            if REVERSE:
+                b_w = tl.where(m_t, tl.exp(b_cc), 0.0)
+            else:
+                b_w = tl.where(m_t, tl.exp(b_e - b_cc), 0.0)
+            b_h *= tl.exp(b_e)
+        else:
+            b_w = tl.where(m_t, 1.0, 0.0)
+        if HAS_S:
+            b_w *= tl.load(s + i_b * stride_s_b + o_tt * stride_s_t + (i_h // Hval) * stride_s_g,
+                           mask=m_t, other=0.0).to(tl.float32)
+        b_k = tl.load(p_k0 + i_b * stride_k_b + o_tt[:, None] * stride_k_t,
+                      mask=m_t[:, None] & m_n[None, :], other=0.0)  # [CHUNK, BLOCK_N]
+        b_v = tl.load(p_v0 + i_b * stride_v_b + o_tt[:, None] * stride_v_t,
+                      mask=m_t[:, None] & m_p[None, :], other=0.0)  # [CHUNK, BLOCK_P]
+        b_vw = (b_v.to(tl.float32) * b_w[:, None]).to(DOT_DTYPE)
+        b_h = tl.dot(tl.trans(b_k.to(DOT_DTYPE)), b_vw, acc=b_h, input_precision=DOT_PRECISION)
+    if HAS_FINAL:
+        tl.store(final + i_s * stride_f_s + i_h * stride_f_h + o_n[:, None] * stride_f_n
+                 + o_p[None, :] * stride_f_p, b_h, mask=m_np)
+
+
+@triton.jit
+def _chunked_bwd_cc(log_a, i_b, t0, n_t, g, o_rows, stride_a_b, stride_a_t, stride_a_g,
+                    HAS_DECAY: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """cc at the rows o_rows (chunk-relative, a BLOCK_M run) and cc_e, of decay group g."""
+    if HAS_DECAY:
+        o_q = tl.arange(0, CHUNK)
+        p_a = log_a + i_b * stride_a_b + g * stride_a_g
+        b_all = tl.load(p_a + (t0 + o_q) * stride_a_t, mask=o_q < n_t, other=0.0).to(tl.float32)
+        row0 = tl.min(o_rows, axis=0)
+        b_pre = tl.sum(tl.where(o_q < row0, b_all, 0.0), axis=0)
+        b_a = tl.load(p_a + (t0 + o_rows) * stride_a_t, mask=o_rows < n_t, other=0.0).to(tl.float32)
+        return b_pre + tl.cumsum(b_a, axis=0), tl.sum(b_all, axis=0)
+    else:
+        return tl.zeros([BLOCK_M], dtype=tl.float32), 0.0
+
+
+@triton.jit
+def chunked_bwd_dbc_kernel(
+    x, s, log_a, B, C, dy, fwd_states, adj_states, tiles, dB, dC, dcs,
+    stride_x_b, stride_x_t, stride_x_g, stride_x_p,
+    stride_s_b, stride_s_t, stride_s_g,
+    stride_a_b, stride_a_t, stride_a_g,
+    stride_B_b, stride_B_t, stride_B_g, stride_B_n,
+    stride_C_b, stride_C_t, stride_C_g, stride_C_n,
+    stride_y_b, stride_y_t, stride_y_h, stride_y_p,
+    stride_dB_b, stride_dB_t, stride_dB_g, stride_dB_n,
+    stride_dC_b, stride_dC_t, stride_dC_g, stride_dC_n,
+    stride_c_k, stride_c_b, stride_c_t, stride_c_g,
+    H, N, P, Hl, Hv, Hk, Hq, Hd,
+    HAS_S: tl.constexpr, HAS_DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    n_m = CHUNK // BLOCK_M
+    i_r = tl.program_id(0).to(tl.int64) // n_m
+    i_m = tl.program_id(0) % n_m
+    i_l = tl.program_id(1).to(tl.int64)
+    i_n = tl.program_id(2)
+    n_t = tl.load(tiles + i_r * 5 + 2)
+    if i_m * BLOCK_M >= n_t:
+        return
+    i_b = tl.load(tiles + i_r * 5)
+    t0 = tl.load(tiles + i_r * 5 + 1)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_j = tl.arange(0, BLOCK_M)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_p = tl.arange(0, BLOCK_P)
+    m_m = o_m < n_t
+    m_n = o_n < N
+    m_p = o_p < P
+    m_mn = m_m[:, None] & m_n[None, :]
+    m_mp = m_m[:, None] & m_p[None, :]
+
+    acc_dC = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_dB = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_dcs = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for i_hl in range(0, Hl):
+        i_h = i_l * Hl + i_hl
+        i_v = i_h // Hv
+        i_k = i_h // Hk
+        i_q = i_h // Hq
+        p_x = x + i_b * stride_x_b + i_v * stride_x_g
+        p_s = s + i_b * stride_s_b + i_v * stride_s_g
+        p_y = dy + i_b * stride_y_b + i_h * stride_y_h
+        p_B = B + i_b * stride_B_b + i_k * stride_B_g
+        p_C = C + i_b * stride_C_b + i_q * stride_C_g
+        b_cc, b_e = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_m, stride_a_b, stride_a_t,
+                                    stride_a_g, HAS_DECAY, CHUNK, BLOCK_M)
+        # the rows of this block: x̄ (X̄ = x s), dY, B, C
+        b_x = tl.load(p_x + (t0 + o_m)[:, None] * stride_x_t + o_p[None, :] * stride_x_p,
+                      mask=m_mp, other=0.0).to(tl.float32)
+        if HAS_S:
+            b_x *= tl.load(p_s + (t0 + o_m) * stride_s_t, mask=m_m, other=0.0).to(tl.float32)[:, None]
+        b_x = b_x.to(DOT_DTYPE)
+        b_y = tl.load(p_y + (t0 + o_m)[:, None] * stride_y_t + o_p[None, :] * stride_y_p,
+                      mask=m_mp, other=0.0).to(DOT_DTYPE)
+        b_B = tl.load(p_B + (t0 + o_m)[:, None] * stride_B_t + o_n[None, :] * stride_B_n,
+                      mask=m_mn, other=0.0).to(tl.float32)
+        b_C = tl.load(p_C + (t0 + o_m)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
+                      mask=m_mn, other=0.0).to(tl.float32)
+        # the states of the chunk, read as [P, BLOCK_N] (transposed)
+        p_st = (i_r * H + i_h) * N * P + o_n[None, :] * P + o_p[:, None]
+        m_st = m_p[:, None] & m_n[None, :]
+        b_H = tl.load(fwd_states + p_st, mask=m_st, other=0.0).to(DOT_DTYPE)
+        b_L = tl.load(adj_states + p_st, mask=m_st, other=0.0).to(DOT_DTYPE)
+        # inter-chunk terms: exp(cc_i) dY_i H_rᵀ and exp(cc_e − cc_j) X̄_j Λ_rᵀ
+        b_dC = tl.dot(b_y, b_H, input_precision=DOT_PRECISION) * tl.exp(b_cc)[:, None]
+        b_dB = tl.dot(b_x, b_L, input_precision=DOT_PRECISION) * tl.exp(b_e - b_cc)[:, None]
+        # dC: key blocks up to this one; dB: query blocks from this one on
+        for i_o in range(0, n_m):
+            o_o = i_o * BLOCK_M + o_j
+            m_o = o_o < n_t
+            m_op = m_o[:, None] & m_p[None, :]
+            m_on = m_o[:, None] & m_n[None, :]
+            b_co, b_unused = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_o, stride_a_b,
+                                             stride_a_t, stride_a_g, HAS_DECAY, CHUNK, BLOCK_M)
+            if i_o <= i_m:
+                # G_ij = L_ij (dY_i·X̄_j), i in this block, j in block i_o
+                b_xo = tl.load(p_x + (t0 + o_o)[:, None] * stride_x_t + o_p[None, :] * stride_x_p,
+                               mask=m_op, other=0.0).to(tl.float32)
+                if HAS_S:
+                    b_xo *= tl.load(p_s + (t0 + o_o) * stride_s_t, mask=m_o,
+                                    other=0.0).to(tl.float32)[:, None]
+                b_g = tl.dot(b_y, tl.trans(b_xo.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+                keep = (o_m[:, None] >= o_o[None, :]) & m_m[:, None] & m_o[None, :]
+                b_g = b_g * tl.exp(tl.where(keep, b_cc[:, None] - b_co[None, :], float("-inf")))
+                b_Bo = tl.load(p_B + (t0 + o_o)[:, None] * stride_B_t + o_n[None, :] * stride_B_n,
+                               mask=m_on, other=0.0).to(DOT_DTYPE)
+                b_dC = tl.dot(b_g.to(DOT_DTYPE), b_Bo, acc=b_dC, input_precision=DOT_PRECISION)
+            if i_o >= i_m:
+                # G_ij = L_ij (X̄_j·dY_i), j in this block, i in block i_o
+                b_yo = tl.load(p_y + (t0 + o_o)[:, None] * stride_y_t + o_p[None, :] * stride_y_p,
+                               mask=m_op, other=0.0).to(DOT_DTYPE)
+                b_g = tl.dot(b_x, tl.trans(b_yo), input_precision=DOT_PRECISION)  # [j, i]
+                keep = (o_o[None, :] >= o_m[:, None]) & m_m[:, None] & m_o[None, :]
+                b_g = b_g * tl.exp(tl.where(keep, b_co[None, :] - b_cc[:, None], float("-inf")))
+                b_Co = tl.load(p_C + (t0 + o_o)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
+                               mask=m_on, other=0.0).to(DOT_DTYPE)
+                b_dB = tl.dot(b_g.to(DOT_DTYPE), b_Co, acc=b_dB, input_precision=DOT_PRECISION)
+        acc_dC += b_dC
+        acc_dB += b_dB
+        acc_dcs += tl.sum(b_C * b_dC - b_B * b_dB, axis=1)
+        # a group's sum is complete at its last head: store it once, start the next
+        if (i_h + 1) % Hq == 0:
+            tl.store(dC + i_b * stride_dC_b + (t0 + o_m)[:, None] * stride_dC_t + i_q * stride_dC_g
+                     + o_n[None, :] * stride_dC_n, acc_dC, mask=m_mn)
+            acc_dC = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if (i_h + 1) % Hk == 0:
+            tl.store(dB + i_b * stride_dB_b + (t0 + o_m)[:, None] * stride_dB_t + i_k * stride_dB_g
+                     + o_n[None, :] * stride_dB_n, acc_dB, mask=m_mn)
+            acc_dB = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if HAS_DECAY & ((i_h + 1) % Hd == 0):
+            tl.store(dcs + i_n * stride_c_k + i_b * stride_c_b + (t0 + o_m) * stride_c_t
+                     + (i_h // Hd) * stride_c_g, acc_dcs, mask=m_m)
+            acc_dcs = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+
+@triton.jit
+def chunked_bwd_dx_kernel(
+    x, s, log_a, B, C, dy, adj_states, tiles, dx, ds,
+    stride_x_b, stride_x_t, stride_x_g, stride_x_p,
+    stride_s_b, stride_s_t, stride_s_g,
+    stride_a_b, stride_a_t, stride_a_g,
+    stride_B_b, stride_B_t, stride_B_g, stride_B_n,
+    stride_C_b, stride_C_t, stride_C_g, stride_C_n,
+    stride_y_b, stride_y_t, stride_y_h, stride_y_p,
+    stride_dx_b, stride_dx_t, stride_dx_g, stride_dx_p,
+    stride_ds_k, stride_ds_b, stride_ds_t, stride_ds_g,
+    H, N, P, Hv, Hk, Hq, Hd,
+    HAS_S: tl.constexpr, HAS_DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    n_m = CHUNK // BLOCK_M
+    i_r = tl.program_id(0).to(tl.int64) // n_m
+    i_m = tl.program_id(0) % n_m
+    i_v = tl.program_id(1).to(tl.int64)
+    i_p = tl.program_id(2)
+    n_t = tl.load(tiles + i_r * 5 + 2)
+    if i_m * BLOCK_M >= n_t:
+        return
+    i_b = tl.load(tiles + i_r * 5)
+    t0 = tl.load(tiles + i_r * 5 + 1)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_j = tl.arange(0, BLOCK_M)
+    o_n = tl.arange(0, BLOCK_N)
+    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    m_m = o_m < n_t
+    m_n = o_n < N
+    m_p = o_p < P
+    m_mn = m_m[:, None] & m_n[None, :]
+    m_mp = m_m[:, None] & m_p[None, :]
+
+    acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+    for i_hv in range(0, Hv):
+        i_h = i_v * Hv + i_hv
+        p_y = dy + i_b * stride_y_b + i_h * stride_y_h
+        p_C = C + i_b * stride_C_b + (i_h // Hq) * stride_C_g
+        b_cc, b_e = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_m, stride_a_b, stride_a_t,
+                                    stride_a_g, HAS_DECAY, CHUNK, BLOCK_M)
+        b_B = tl.load(B + i_b * stride_B_b + (i_h // Hk) * stride_B_g
+                      + (t0 + o_m)[:, None] * stride_B_t + o_n[None, :] * stride_B_n,
+                      mask=m_mn, other=0.0).to(DOT_DTYPE)
+        # inter-chunk: exp(cc_e − cc_j) B_j Λ_r
+        b_L = tl.load(adj_states + (i_r * H + i_h) * N * P + o_n[:, None] * P + o_p[None, :],
+                      mask=m_n[:, None] & m_p[None, :], other=0.0).to(DOT_DTYPE)
+        b_d = tl.dot(b_B, b_L, input_precision=DOT_PRECISION) * tl.exp(b_e - b_cc)[:, None]
+        # intra-chunk: Σ_{i ≥ j} L_ij (B_j·C_i) dY_i over query blocks from this one on
+        for i_o in range(i_m, n_m):
+            o_o = i_o * BLOCK_M + o_j
+            m_o = o_o < n_t
+            b_co, b_unused = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_o, stride_a_b,
+                                             stride_a_t, stride_a_g, HAS_DECAY, CHUNK, BLOCK_M)
+            b_Co = tl.load(p_C + (t0 + o_o)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
+                           mask=m_o[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
+            b_g = tl.dot(b_B, tl.trans(b_Co), input_precision=DOT_PRECISION)  # [j, i]
+            keep = (o_o[None, :] >= o_m[:, None]) & m_m[:, None] & m_o[None, :]
+            b_g = b_g * tl.exp(tl.where(keep, b_co[None, :] - b_cc[:, None], float("-inf")))
+            b_yo = tl.load(p_y + (t0 + o_o)[:, None] * stride_y_t + o_p[None, :] * stride_y_p,
+                           mask=m_o[:, None] & m_p[None, :], other=0.0).to(DOT_DTYPE)
+            b_d = tl.dot(b_g.to(DOT_DTYPE), b_yo, acc=b_d, input_precision=DOT_PRECISION)
+        acc += b_d
+    # dx = dX̄ s, ds = Σ_p dX̄ x (this P tile's part)
+    p_rows = i_b * stride_x_b + (t0 + o_m)[:, None] * stride_x_t + i_v * stride_x_g
+    if HAS_S:
+        b_s = tl.load(s + i_b * stride_s_b + (t0 + o_m) * stride_s_t + i_v * stride_s_g,
+                      mask=m_m, other=0.0).to(tl.float32)
+        b_x = tl.load(x + p_rows + o_p[None, :] * stride_x_p, mask=m_mp, other=0.0).to(tl.float32)
+        tl.store(ds + i_p * stride_ds_k + i_b * stride_ds_b + (t0 + o_m) * stride_ds_t
+                 + i_v * stride_ds_g, tl.sum(acc * b_x, axis=1), mask=m_m)
+        acc = acc * b_s[:, None]
+    tl.store(dx + i_b * stride_dx_b + (t0 + o_m)[:, None] * stride_dx_t + i_v * stride_dx_g
+             + o_p[None, :] * stride_dx_p, acc, mask=m_mp)
+
+
+_CHUNKED_BWD_DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfinal,
+                chunk_size=None, block_m=None, block_n=None, block_p=None, num_warps=None):
+    """(dx, ds, dlog_a, dB, dC, dh0) of the core by the fused chunked backward.
+
+    x [b, T, Gv, P], s [b, T, Gv] or None (X̄ = x s), log_a [b, T, Gd] or None (causal),
+    B [b, T, Gk, N], C [b, T, Gq, N], dy [b, T, H, P], initial_state and dfinal
+    [b | S, H, N, P] or None. Returns fp32 gradients shaped like their inputs; ds, dlog_a,
+    dh0 are None without s, decay, initial state. Dots run in x's dtype when it is 16-bit
+    (fp32 accumulation), else in fp32 (ieee).
+    """
+    H = heads
+    batch, T, Gv, P = x.shape
+    Gk, N = B.shape[2], B.shape[3]
+    Gq = C.shape[2]
+    Gd = log_a.shape[2] if log_a is not None else H
+    device = x.device
+    f32 = dict(device=device, dtype=torch.float32)
+    S = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    if T == 0:
+        zeros = [torch.zeros(t.shape, **f32) for t in (x, B, C)]
+        dh0 = None
+        if initial_state is not None:
+            dh0 = torch.zeros(initial_state.shape, **f32) if dfinal is None else dfinal.float().clone()
+        return (zeros[0], None if s is None else torch.zeros(s.shape, **f32),
+                None if log_a is None else torch.zeros(log_a.shape, **f32), zeros[1], zeros[2], dh0)
+    dot_dtype = _CHUNKED_BWD_DOT.get(x.dtype, tl.float32)
+    precision = "ieee"
+    Q = chunk_size or (64 if T <= 64 else 128)
+    Q = max(16, min(256, triton.next_power_of_2(Q)))
+    block_m = block_m or min(Q, 64)
+    block_n = block_n or max(16, min(64, triton.next_power_of_2(N)))
+    block_p = block_p or max(16, min(64, triton.next_power_of_2(P)))
+    full_n = max(16, triton.next_power_of_2(N))
+    full_p = max(16, triton.next_power_of_2(P))
+    tiles, first = seq_tiles(cu_seqlens, batch, T, Q, device)
+    R = tiles.shape[0]
+    state_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    dy = dy if dy.dtype in (torch.float32, x.dtype) else dy.float()
+    want_hT = log_a is not None and dfinal is not None
+    hT = torch.empty((S, H, N, P), **f32) if want_hT else None
+    dh0 = torch.empty((S, H, N, P), **f32) if initial_state is not None else None
+    zero4 = (0, 0, 0, 0)
+    s_arg, s_str = (s, s.stride()) if s is not None else (x, (0, 0, 0))
+    a_arg, a_str = (log_a, log_a.stride()) if log_a is not None else (x, (0, 0, 0))
+    consts = dict(HAS_DECAY=log_a is not None, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+                  CHUNK=Q)
+    warps = num_warps or 4
+
+    def walk(key, value, ratios, init, fin, reverse):
+        states = torch.empty((R, H, N, P), device=device, dtype=state_dtype)
+        grid = (S * H * triton.cdiv(N, block_n) * triton.cdiv(P, block_p),)
+        chunked_bwd_walk_kernel[grid](
+            key, value, s_arg, a_arg, states, tiles, first,
+            init if init is not None else states, fin if fin is not None else states,
+            *key.stride(), *value.stride(), *(zero4[:3] if reverse else s_str), *a_str,
+            *(init.stride() if init is not None else zero4),
+            *(fin.stride() if fin is not None else zero4),
+            H, N, P, *ratios, H // Gd,
+            REVERSE=reverse, HAS_S=s is not None and not reverse,
+            HAS_INITIAL=init is not None, HAS_FINAL=fin is not None,
+            BLOCK_N=block_n, BLOCK_P=block_p, num_warps=warps, **consts,
+        )
+        return states
+
+    fwd_states = walk(B, x, (H // Gk, H // Gv), initial_state, hT, False)
+    adj_states = walk(C, dy, (H // Gq, 1), dfinal, dh0, True)
+
+    common = (*x.stride(), *s_str, *a_str, *B.stride(), *C.stride(), *dy.stride())
+    n_m = Q // block_m
+    Gl = math.gcd(math.gcd(Gq, Gk), Gd)
+    n_nt = triton.cdiv(N, block_n)
+    dB = torch.empty((batch, T, Gk, N), **f32)
+    dC = torch.empty((batch, T, Gq, N), **f32)
+    dcs = torch.empty((n_nt, batch, T, Gd), **f32) if log_a is not None else None
+    chunked_bwd_dbc_kernel[(R * n_m, Gl, n_nt)](
+        x, s_arg, a_arg, B, C, dy, fwd_states, adj_states, tiles, dB, dC,
+        dcs if dcs is not None else dB, *common, *dB.stride(), *dC.stride(),
+        *(dcs.stride() if dcs is not None else zero4),
+        H, N, P, H // Gl, H // Gv, H // Gk, H // Gq, H // Gd,
+        HAS_S=s is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=full_p,
+        num_warps=warps, **consts,
+    )
+    del fwd_states
+    n_pt = triton.cdiv(P, block_p)
+    dx = torch.empty((batch, T, Gv, P), **f32)
+    ds = torch.empty((n_pt, batch, T, Gv), **f32) if s is not None else None
+    chunked_bwd_dx_kernel[(R * n_m, Gv, n_pt)](
+        x, s_arg, a_arg, B, C, dy, adj_states, tiles, dx, ds if ds is not None else dx,
+        *common, *dx.stride(), *(ds.stride() if ds is not None else zero4),
+        H, N, P, H // Gv, H // Gk, H // Gq, H // Gd,
+        HAS_S=s is not None, BLOCK_M=block_m, BLOCK_N=full_n, BLOCK_P=block_p,
+        num_warps=warps, **consts,
+    )
+    del adj_states
+    ds = None if ds is None else (ds[0] if n_pt == 1 else ds.sum(0))
+    dla = None
+    if log_a is not None:
+        dcs = dcs[0] if n_nt == 1 else dcs.sum(0)
+        seqs = _AdjointSequences(cu_seqlens, batch, T, device)
+        if want_hT:
+            # + Σ_{n, p} dh_T ⊙ h_T at each sequence's last token, per decay group
+            term = (dfinal * hT).sum((-1, -2)).unflatten(1, (Gd, H // Gd)).sum(2)
+            seqs.add_last(dcs, term)
+        dla = seqs.reverse_cumsum(dcs)
+    return dx, ds, dla, dB, dC, dh0
+
+
 def _bind(tensors):
     """Dim sizes of one call (batch, seq and every dim), checking each tensor against its declaration."""
     sizes = dict(_BOUND)
@@ -1960,15 +2394,24 @@ def _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y,
     _core_fwd(form, chunk, x, s, log_a, B, C, heads=H, out=y, initial_state=initial_state,
               final_state=None, cu_seqlens=cu_seqlens)
     d_y = epilogue_bwd(tensors, sizes, grads, y, dout)
-    xbar = x.float() if s is None else x.float() * s[..., None]
-    d_xbar, d_log_a, d_B, d_C, d_initial_state = core_backward(
-        _adjoint_forward(form, chunk), xbar, log_a, B, C, heads=H, initial_state=initial_state,
-        cu_seqlens=cu_seqlens, dy=d_y, dfinal=grad_final_state, chunk_size=chunk)
-    upstream = {"log_a": d_log_a, "B": d_B, "C": d_C}
-    # X̄ = x · s: dx = dX̄ · s, ds = Σ_p dX̄ · x
-    upstream["x"] = d_xbar if s is None else d_xbar * s[..., None]
-    if s is not None:
-        upstream["s"] = (d_xbar * x.float()).sum(-1)
+    upstream = {}
+    if torch.float64 not in (x.dtype, B.dtype, C.dtype, d_y.dtype):
+        # the fused chunked backward (chunked_bwd): dx and ds directly, group sums in the kernels
+        d_x, d_s, d_log_a, d_B, d_C, d_initial_state = chunked_bwd(
+            x, s, log_a, B, C, heads=H, initial_state=initial_state, cu_seqlens=cu_seqlens,
+            dy=d_y, dfinal=grad_final_state, chunk_size=chunk)
+        upstream["x"] = d_x
+        if s is not None:
+            upstream["s"] = d_s
+    else:
+        xbar = x.float() if s is None else x.float() * s[..., None]
+        d_xbar, d_log_a, d_B, d_C, d_initial_state = core_backward(
+            _adjoint_forward(form, chunk), xbar, log_a, B, C, heads=H, initial_state=initial_state,
+            cu_seqlens=cu_seqlens, dy=d_y, dfinal=grad_final_state, chunk_size=chunk)
+        upstream.update(x=d_xbar if s is None else d_xbar * s[..., None])
+        if s is not None:
+            upstream["s"] = (d_xbar * x.float()).sum(-1)
+    upstream.update({"log_a": d_log_a, "B": d_B, "C": d_C})
     _grad_add(grads, 0, upstream["x"])
     _grad_add(grads, 2, upstream["B"])
     _grad_add(grads, 3, upstream["C"])
