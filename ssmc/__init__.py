@@ -5,10 +5,13 @@ from __future__ import annotations
 from ssmc.errors import SpecError, SsmcError, TensorError
 from ssmc.ir import CheckedSpec, Form
 from ssmc.load import load
+from ssmc.log import configure as _configure_logging
 from ssmc.pipeline import parse, parse_file
 from ssmc.reference import reference
 
 __version__ = "0.1.0"
+
+_configure_logging()  # the `ssmc` logger's level from $SSMC_LOG (default WARNING)
 
 __all__ = [
     "CheckedSpec",

@@ -7,14 +7,13 @@ is reported as an internal error (a bug in ssmc) and exits 3, never as a bare tr
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ssmc.errors import SsmcError
+from ssmc.log import configure as configure_logging
 
 if TYPE_CHECKING:
     from ssmc.symbolic import Proof
@@ -114,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compile structured masked attention / state-space specs (.ssm) into "
         "Triton kernels and PyTorch ops.",
     )
-    parser.add_argument("--log", default=os.environ.get("SSMC_LOG", "WARNING"),
-                        help="logging level (default: $SSMC_LOG or WARNING)")
+    parser.add_argument("--log", default=None, metavar="LEVEL",
+                        help="logging level: debug, info, warning, error "
+                        "(default: $SSMC_LOG or warning)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     check = sub.add_parser("check", help="parse, validate and symbolically prove a spec",
@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `ssmc` and `python -m ssmc`."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=str(args.log).upper(), format="ssmc: %(levelname)s: %(message)s")
+    configure_logging(args.log)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import logging
 import marshal
 import os
 import pickle
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from ssmc.ops import SsmcOp
 
 TRAILER = "# ssmc-sha256: "
+_log = logging.getLogger(__name__)
 _MODULES: dict[str, types.ModuleType] = {}
 
 
@@ -129,7 +131,10 @@ def load_module(
         with FileLock(str(path) + ".lock"):
             # Another process may have written it while this one waited for the lock.
             if _read_sealed(path, warn=False) is None:
+                _log.info("cache miss: rendering %s into %s", checked.spec.name, path)
                 _write_atomic(path, seal(render.render_module(checked)))
+    else:
+        _log.info("cache hit: %s from %s", checked.spec.name, path)
     module = _import_file(path, f"_ssmc_{checked.spec.name}_{key[:16]}", cache_code=True)
     _MODULES[key] = module
     return module

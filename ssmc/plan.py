@@ -7,6 +7,7 @@ autotuner's cached entry (`tuned`) overrides them (DESIGN §4).
 
 from __future__ import annotations
 
+import logging
 import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from ssmc import devices, ir
 from ssmc.cost import Cost, PlanError, Shape, cost, quadratic_tile
 from ssmc.devices import Device
 
+_log = logging.getLogger(__name__)
 CHUNK_CANDIDATES = (64, 128, 256)
 """Chunk lengths Q the planner costs for the chunked form when none is forced or tuned."""
 CHUNK_RANGE = (16, 256)
@@ -136,6 +138,8 @@ def plan(
         k: v for k, v in tuned.items() if k != "chunk_size"
     }
     _check_block_t(chosen.form, tiles["block_t"], chosen.chunk_size)
+    _log.debug("plan %s, batch %d × T %d: %s, chunk %d; %s", checked.spec.name, shape.batch,
+               shape.seqlen, chosen.form.value, chosen.chunk_size, reason)
     return Plan(
         form=chosen.form,
         chunk_size=chosen.chunk_size,
