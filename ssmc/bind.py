@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ssmc import ir
 from ssmc.errors import TensorError
+from ssmc.expr import refs
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -31,28 +32,41 @@ def bind(
     *,
     initial_state: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
+    check_values: bool = True,
 ) -> dict[str, int]:
-    """Every dim symbol (and `batch`, `seq`) bound to its size; TensorError listing all problems."""
+    """Every dim symbol (and `batch`, `seq`) bound to its size; TensorError listing all problems.
+
+    `check_values=False` leaves out the values of `cu_seqlens` (fake tensors carry none).
+    """
     spec = checked.spec
-    problems: list[str] = []
     declared = {t.name: t for t in spec.tensors}
-    for name in tensors:
-        if name not in declared:
-            problems.append(f"{name}: not a tensor of spec {spec.name} (it has {_names(spec)})")
+    problems = [
+        f"{name}: not a tensor of spec {spec.name} (it has {_names(spec)})"
+        for name in tensors
+        if name not in declared
+    ]
+    optional = {"initial_state": initial_state, "cu_seqlens": cu_seqlens}
+    given = {**tensors, **{k: v for k, v in optional.items() if v is not None}}
+    wrong = {k for k, v in given.items() if not isinstance(v, Tensor)}
+    problems += [f"{k}: expected a torch.Tensor, got {_type_name(given[k])}" for k in wrong]
+    tensors = {k: v for k, v in tensors.items() if k not in wrong}
+    initial_state = None if "initial_state" in wrong else initial_state
+    cu_seqlens = None if "cu_seqlens" in wrong else cu_seqlens
     present = [t for t in spec.tensors if t.name in tensors]
     dims = _bind_dims(spec, [(t, tensors[t.name]) for t in present])
     for t in spec.tensors:
-        if t.name not in tensors:
+        if t.name not in tensors and t.name not in wrong:
             problems.append(f"{t.name}: missing, expected shape {_shape_text(t.shape, dims)}")
     for t in present:
         problems += _check_tensor(t, tensors[t.name], dims)
     problems += _check_unbound(spec, dims)
+    problems += _check_positive(spec, present, tensors, dims)
     if not problems:
-        problems += _check_heads(checked, dims)
+        problems += _check_heads(checked, dims, tensors)
     problems += _check_dtypes_devices(
         spec, tensors, initial_state=initial_state, cu_seqlens=cu_seqlens
     )
-    problems += _check_varlen(spec, dims, cu_seqlens)
+    problems += _check_varlen(spec, dims, cu_seqlens, check_values=check_values)
     if not problems:
         problems += _check_initial_state(checked, dims, initial_state, cu_seqlens)
     if problems:
@@ -61,6 +75,30 @@ def bind(
             + "\n  ".join(problems)
         )
     return dims
+
+
+def offsets_problems(offsets: list[int], seq: int | None) -> list[str]:
+    """The values of `cu_seqlens`: from 0, non-decreasing, to seq (O(num_seqs), host ints)."""
+    problems = []
+    if offsets[0] != 0:
+        problems.append(f"cu_seqlens: expected to start at 0, got {offsets[0]}")
+    if any(b < a for a, b in zip(offsets, offsets[1:], strict=False)):
+        problems.append(f"cu_seqlens: expected non-decreasing offsets, got {_short(offsets)}")
+    if seq is not None and offsets[-1] != seq:
+        problems.append(f"cu_seqlens: expected to end at seq = {seq}, got {offsets[-1]}")
+    return problems
+
+
+def _short(values: list[int]) -> str:
+    """A list as text, its middle elided past 32 values (num_seqs may be large)."""
+    if len(values) <= 32:
+        return str(values)
+    return f"[{', '.join(map(str, values[:16]))}, …, {', '.join(map(str, values[-16:]))}]"
+
+
+def _type_name(value: object) -> str:
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
 
 
 def _names(spec: ir.Spec) -> str:
@@ -123,10 +161,39 @@ def _check_unbound(spec: ir.Spec, dims: Mapping[str, int]) -> list[str]:
     ]
 
 
-def _check_heads(checked: ir.CheckedSpec, dims: Mapping[str, int]) -> list[str]:
-    """Every role's head count divides the output head count H."""
-    counts = checked.heads
+def _check_positive(
+    spec: ir.Spec, present: list[ir.Tensor], tensors: Mapping[str, Tensor], dims: Mapping[str, int]
+) -> list[str]:
+    """Dims bound at call time are at least 1, like every dim a spec binds."""
+    problems = []
+    for d in spec.dims:
+        size = dims.get(d.name)
+        if d.value is None and size is not None and size < 1:
+            for name in _carriers(d.name, present, tensors)[:1]:
+                shape = list(tensors[name].shape)
+                problems.append(
+                    f"{name}: expected {d.name} of at least 1, got {d.name}={size} (shape {shape})"
+                )
+    return problems
+
+
+def _carriers(
+    symbol: ir.Size, present: list[ir.Tensor], tensors: Mapping[str, Tensor]
+) -> list[str]:
+    """The given tensors (of the declared rank) whose shape carries the dim `symbol`."""
+    if not isinstance(symbol, str):
+        return []
+    return [t.name for t in present if symbol in t.shape and tensors[t.name].dim() == len(t.shape)]
+
+
+def _check_heads(
+    checked: ir.CheckedSpec, dims: Mapping[str, int], tensors: Mapping[str, Tensor]
+) -> list[str]:
+    """Every role's head count divides the output head count H; names the tensors that gave them."""
+    spec, counts = checked.spec, checked.heads
+    present = [t for t in spec.tensors if t.name in tensors]
     H = size_of(counts.output, dims)
+    exprs = {"query": spec.query, "key": spec.key, "value": spec.value, "decay": None}
     problems = []
     for role in ("query", "key", "value", "decay"):
         count = getattr(counts, role)
@@ -134,9 +201,16 @@ def _check_heads(checked: ir.CheckedSpec, dims: Mapping[str, int]) -> list[str]:
             continue
         G = size_of(count, dims)
         if G < 1 or H % G:
+            expr = exprs[role]
+            used = refs(expr) if expr is not None else frozenset()
+            carriers = _carriers(count, present, tensors)
+            named = [n for n in carriers if n in used] or carriers
+            by = ", ".join(named) + ": " if named else ""
+            h_by = _carriers(counts.output, present, tensors)
+            h_text = f" (from {', '.join(h_by)})" if h_by else ""
             problems.append(
-                f"{role} heads: {count}={G} does not divide the output head count "
-                f"{counts.output}={H}"
+                f"{by}{role} heads: {count}={G} does not divide the output head count "
+                f"{counts.output}={H}{h_text}"
             )
     return problems
 
@@ -170,7 +244,9 @@ def _check_dtypes_devices(
     return problems
 
 
-def _check_varlen(spec: ir.Spec, dims: Mapping[str, int], cu_seqlens: Tensor | None) -> list[str]:
+def _check_varlen(
+    spec: ir.Spec, dims: Mapping[str, int], cu_seqlens: Tensor | None, *, check_values: bool
+) -> list[str]:
     """cu_seqlens: 1-D int32/int64 offsets from 0 to seq, non-decreasing, with batch 1."""
     if cu_seqlens is None or not spec.varlen:
         return []
@@ -183,14 +259,9 @@ def _check_varlen(spec: ir.Spec, dims: Mapping[str, int], cu_seqlens: Tensor | N
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
         shape = list(cu_seqlens.shape)
         return problems + [f"cu_seqlens: expected shape [num_seqs + 1] (at least 2), got {shape}"]
-    offsets = cu_seqlens.tolist()
-    seq = dims.get(ir.SEQ)
-    if offsets[0] != 0:
-        problems.append(f"cu_seqlens: expected to start at 0, got {offsets[0]}")
-    if any(b < a for a, b in zip(offsets, offsets[1:], strict=False)):
-        problems.append(f"cu_seqlens: expected non-decreasing offsets, got {offsets}")
-    if seq is not None and offsets[-1] != seq:
-        problems.append(f"cu_seqlens: expected to end at seq = {seq}, got {offsets[-1]}")
+    # The values are read on the host (one small copy); a meta tensor has none.
+    if check_values and cu_seqlens.dtype in INDEX_DTYPES and cu_seqlens.device.type != "meta":
+        problems += offsets_problems(cu_seqlens.tolist(), dims.get(ir.SEQ))
     return problems
 
 

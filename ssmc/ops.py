@@ -19,6 +19,7 @@ import functools
 import os
 import types
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,7 +27,8 @@ import torch
 from torch import Tensor
 
 from ssmc import ir
-from ssmc.bind import bind, size_of
+from ssmc.bind import bind, offsets_problems, size_of
+from ssmc.errors import TensorError
 from ssmc.expr_triton import UnsafeNameError, identifier
 from ssmc.render import spec_hash
 
@@ -76,13 +78,17 @@ def op_name(checked: ir.CheckedSpec) -> str:
 
 
 def schema_names(checked: ir.CheckedSpec) -> tuple[str, ...]:
-    """Argument names of the op schema: the tensor names, renamed where the schema reserves them."""
-    names = []
-    for t in checked.spec.tensors:
-        name = identifier(t.name)
-        if name in _SCHEMA_WORDS or name in ("initial_state", "cu_seqlens", "form", "chunk_size"):
-            name = f"arg_{name}"
-        names.append(name)
+    """Argument names of the op schema: the tensor names, a reserved one prefixed with `arg_`
+    (again, until it is free: `out` beside a tensor `arg_out` becomes `arg_arg_out`)."""
+    reserved = _SCHEMA_WORDS | {"initial_state", "cu_seqlens", "form", "chunk_size"}
+    names = [identifier(t.name) for t in checked.spec.tensors]
+    taken = set(names)
+    for i, name in enumerate(names):
+        if name in reserved:
+            while name in taken or name in reserved:
+                name = f"arg_{name}"
+            taken.add(name)
+            names[i] = name
     if len(set(names)) != len(names):
         raise UnsafeNameError(f"tensor names collide in the op schema: {names}")
     return tuple(names)
@@ -158,7 +164,7 @@ def _empty_outputs(
     """Uninitialised outputs of the right shapes, dtypes and device (the meta kernel)."""
     spec = checked.spec
     by_name = {t.name: v for t, v in zip(spec.tensors, tensors, strict=True)}
-    dims = bind(checked, by_name, cu_seqlens=cu_seqlens)
+    dims = bind(checked, by_name, cu_seqlens=cu_seqlens, check_values=False)
     H, P = size_of(spec.output.shape[2], dims), size_of(spec.output.shape[3], dims)
     first = tensors[0]
     y = first.new_empty((dims[ir.BATCH], dims[ir.SEQ], H, P), dtype=output_dtype(checked, tensors))
@@ -252,6 +258,9 @@ class SsmcOp:
         self.interpreted = os.environ.get("TRITON_INTERPRET") == "1"
         self._names = tuple(t.name for t in checked.spec.tensors)
         self._seen: set[tuple[Any, ...]] = set()
+        self._seq_from = next(
+            i for i, t in enumerate(checked.spec.tensors) if t.kind is ir.TensorKind.INPUT
+        )
         self._plans: dict[tuple[Any, ...], tuple[str | None, int | None]] = {}
         self._registered = register(checked)
         self._registered.run = self._run
@@ -269,6 +278,7 @@ class SsmcOp:
 
     def __call__(
         self,
+        /,
         *,
         initial_state: Tensor | None = None,
         cu_seqlens: Tensor | None = None,
@@ -312,9 +322,11 @@ class SsmcOp:
         except (KeyError, AttributeError):
             signature = None
         if signature is None or signature not in self._seen:
-            bind(self.checked, tensors, initial_state=initial_state, cu_seqlens=cu_seqlens)
+            dims = bind(self.checked, tensors, initial_state=initial_state, cu_seqlens=cu_seqlens)
             if signature is not None:
                 self._seen.add(signature)
+            if cu_seqlens is not None:
+                _offsets_passed(cu_seqlens, dims[ir.SEQ])
         return [tensors[n] for n in self._names]
 
     def _plan(
@@ -357,8 +369,14 @@ class SsmcOp:
         """The op's implementation: generated kernels, or the reference on a plain CPU."""
         n = len(self._names)
         tensors, (initial_state, cu_seqlens, form, chunk_size) = args[:n], args[n:]
+        if cu_seqlens is not None:
+            # Validation is cached per metadata: the values are checked here, on every call
+            # (eager or compiled), before anything reads them.
+            check_offsets(self.checked, cu_seqlens, tensors[self._seq_from].shape[1])
         if tensors[0].device.type == "cpu" and not self.interpreted:
             return self._reference(tensors, initial_state, cu_seqlens, form)
+        if initial_state is not None and initial_state.dtype != torch.float32:
+            initial_state = initial_state.float()  # the kernels carry the state in fp32
         y, state = self.module.forward(
             **dict(zip(self._names, tensors, strict=True)),
             initial_state=initial_state,
@@ -381,7 +399,7 @@ class SsmcOp:
         else:
             grads, d_init = self.module.backward(
                 **dict(zip(self._names, tensors, strict=True)),
-                initial_state=initial_state,
+                initial_state=None if initial_state is None else initial_state.float(),
                 cu_seqlens=cu_seqlens,
                 form=form,
                 chunk_size=chunk_size,
@@ -392,7 +410,10 @@ class SsmcOp:
             torch.zeros_like(t) if g is None else g for g, t in zip(grads, tensors, strict=True)
         ]
         if initial_state is not None:
-            result.append(torch.zeros_like(initial_state) if d_init is None else d_init)
+            zero = d_init is None
+            result.append(
+                torch.zeros_like(initial_state) if zero else d_init.to(initial_state.dtype)
+            )
         return result
 
     def _reference(
@@ -427,3 +448,42 @@ class SsmcOp:
 
 def _meta(t: Tensor | None) -> tuple[Any, ...] | None:
     return None if t is None else (t.shape, t.dtype, t.device, t.stride())
+
+
+_PASSED: tuple[weakref.ref[Tensor], int, int] | None = None
+"""The latest cu_seqlens whose values passed, its version counter and seq: the layers of a
+model called with the same offsets read them from the device once, not once per layer."""
+
+
+def check_offsets(checked: ir.CheckedSpec, cu_seqlens: Tensor, seq: int) -> None:
+    """TensorError unless cu_seqlens runs from 0 to seq, non-decreasing (its values: one small
+    copy to the host, which waits for the device, unless this very tensor, unchanged since,
+    passed last; nothing while a CUDA graph is being captured)."""
+    last, version = _PASSED, _version(cu_seqlens)
+    if last is not None and last[0]() is cu_seqlens and last[1:] == (version, seq):
+        return
+    if cu_seqlens.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
+    problems = offsets_problems(cu_seqlens.tolist(), seq)
+    if problems:
+        raise TensorError(
+            f"{len(problems)} problem(s) with the tensors for {checked.spec.name}:\n  "
+            + "\n  ".join(problems)
+        )
+    _offsets_passed(cu_seqlens, seq)
+
+
+def _offsets_passed(cu_seqlens: Tensor, seq: int) -> None:
+    global _PASSED
+    version = _version(cu_seqlens)
+    if version >= 0:
+        _PASSED = (weakref.ref(cu_seqlens), version, seq)
+
+
+def _version(t: Tensor) -> int:
+    """The tensor's version counter (bumped by every in-place write); −1 where it has none
+    (inference tensors), so that such offsets are read on every call."""
+    try:
+        return int(t._version)
+    except RuntimeError:
+        return -1

@@ -76,10 +76,6 @@ KNOWN_BUGS = {
     "raises UnsafeNameError",
     "any_tensor_named_ssmc_prefix": "check accepts a tensor named `_ssmc_run`; render_module "
     "raises UnsafeNameError",
-    "any_tensor_named_self": "ssmc/ops.py SsmcOp.__call__(self, *, ..., **tensors): a tensor "
-    "named `self` raises TypeError 'got multiple values for argument self'",
-    "any_schema_rename_collision": "ssmc/ops.py schema_names renames `out` to `arg_out`, which "
-    "collides with a tensor named `arg_out`: load raises UnsafeNameError",
     "any_spec_name_250_chars": "ssmc/load.py load_module names the cache entry after the spec "
     "(`<name>_<key24>.py`, plus `.lock`, `.code` and `.<name>...tmp`): a long spec name gives "
     "OSError 'File name too long' after a spurious 'damaged' warning",

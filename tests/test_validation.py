@@ -14,6 +14,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import functools  # noqa: E402
+import importlib  # noqa: E402
 import re  # noqa: E402
 import tempfile  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
@@ -171,36 +172,18 @@ def test_head_counts_must_divide_at_call_time(H: int, G: int, guarded) -> None: 
     refused(op, rf"heads: G={G} does not divide the output head count H={H}", **inputs)
 
 
-@pytest.mark.xfail(
-    reason="ssmc/bind.py _check_heads names the role and the dims ('query heads: G=3 does "
-    "not divide the output head count H=4') but not the tensors whose shapes gave the "
-    "counts (C and B here, x for the value)",
-    strict=True,
-)
 def test_head_count_error_names_the_tensors(guarded) -> None:  # type: ignore[no-untyped-def]
     op = guarded(open_dims())
     refused(op, r"\bC\b.*G=3", r"\bB\b.*G=3", **good_inputs(op, H=4, G=3, N=8, P=4))
 
 
-@pytest.mark.xfail(
-    reason="ssmc/bind.py binds call-time dims of size 0 without complaint (spec dims must lie "
-    "in 1 … 2^24); with N = 0 or P = 0 the recurrent form then fails inside "
-    "templates/recurrent.py.jinja (recurrent_fwd: 1024 // BLOCK_N, ZeroDivisionError)",
-    strict=True,
-)
-@pytest.mark.parametrize("dim", ["N", "P"])
-def test_empty_call_time_dims(dim: str) -> None:
-    """A call-time dim of size 0: a TensorError, or outputs of the right shape in every form."""
-    op = open_dims()
-    sizes = {"H": 4, "G": 2, "N": 8, "P": 4} | {dim: 0}
-    inputs = good_inputs(op, **sizes)
-    for form in ("recurrent", "quadratic", "chunked"):
-        try:
-            y, _ = op(**inputs, form=form)
-        except TensorError as err:
-            assert f"{dim}" in str(err)
-            return
-        assert y.shape == (B, T, 4, sizes["P"]), form
+@pytest.mark.parametrize(("dim", "carrier"), [("N", "B"), ("P", "x"), ("H", "x"), ("G", "B")])
+def test_empty_call_time_dims(dim: str, carrier: str, guarded) -> None:  # type: ignore[no-untyped-def]
+    """A call-time dim of size 0 is refused like a spec dim of 0 (dims lie in 1 … 2^24); it
+    made the recurrent form divide by zero."""
+    op = guarded(open_dims())
+    inputs = good_inputs(op, **({"H": 4, "G": 2, "N": 8, "P": 4} | {dim: 0}))
+    refused(op, rf"\b{carrier}: expected {dim} of at least 1, got {dim}=0 \(shape \[", **inputs)
 
 
 def test_head_counts_that_divide_run() -> None:
@@ -332,14 +315,6 @@ def test_cu_seqlens_without_varlen(guarded) -> None:  # type: ignore[no-untyped-
     )
 
 
-@pytest.mark.xfail(
-    reason="ssmc/ops.py SsmcOp._validate caches validation per tensor metadata (_meta: shape, "
-    "dtype, device, stride), which leaves out the *values* of cu_seqlens: after one good call, "
-    "a cu_seqlens of the same shape with offsets past seq or decreasing is never checked and "
-    "the kernels run on it (under TRITON_INTERPRET=1: heap corruption, 'corrupted size vs. "
-    "prev_size', abort)",
-    strict=True,
-)
 @pytest.mark.parametrize(
     "bad", [[0, 7, 5], [0, 4, 1000], [3, 4, 10]], ids=["decreasing", "past-seq", "start-3"]
 )
@@ -358,12 +333,36 @@ def test_cu_seqlens_values_are_checked_on_every_call(
         op(**inputs, cu_seqlens=torch.tensor(bad, dtype=CU.dtype))
 
 
-@pytest.mark.xfail(
-    reason="ssmc/bind.py _check_varlen calls cu_seqlens.tolist() even when the device check "
-    "already failed: cu_seqlens on the meta device raises NotImplementedError ('Cannot copy out "
-    "of meta tensor') instead of a TensorError",
-    strict=True,
-)
+def test_cu_seqlens_written_in_place_is_checked_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The values of the very tensor that passed last are not read again unless it changed
+    (its version counter): an in-place write is caught."""
+    op = mamba2()
+    inputs = good_inputs(op)
+    cu = CU.clone()
+    op(**inputs, cu_seqlens=cu)
+    op(**inputs, cu_seqlens=cu)  # unchanged: still runs
+    monkeypatch.setattr(op.module, "forward", lambda **kwargs: pytest.fail("launched"))
+    cu[1] = 11
+    with pytest.raises(TensorError, match=r"cu_seqlens: expected non-decreasing offsets"):
+        op(**inputs, cu_seqlens=cu)
+    cu[1] = 4
+    cu[2:] += 990  # through a view: the version counter is shared
+    with pytest.raises(TensorError, match=r"expected to end at seq = 10, got 1000"):
+        op(**inputs, cu_seqlens=cu)
+
+
+def test_cu_seqlens_values_checked_under_inference_mode(guarded) -> None:  # type: ignore[no-untyped-def]
+    """Inference tensors have no version counter: their values are read on every call."""
+    op = mamba2()
+    inputs = good_inputs(op)
+    with torch.inference_mode():
+        op(**inputs, cu_seqlens=CU.clone())
+        bad = torch.tensor([0, 4, 1000], dtype=CU.dtype)
+        guarded(op)
+        refused(op, r"got 1000", **inputs, cu_seqlens=bad)
+        refused(op, r"got 1000", **inputs, cu_seqlens=bad)
+
+
 def test_cu_seqlens_on_another_device(guarded) -> None:  # type: ignore[no-untyped-def]
     op = guarded(mamba2())
     refused(op, "one device", "cu_seqlens on meta", **good_inputs(op), cu_seqlens=CU.to("meta"))
@@ -415,18 +414,29 @@ def test_initial_state_wrong_dtype(dtype: torch.dtype, guarded) -> None:  # type
     )
 
 
-@pytest.mark.xfail(
-    reason="ssmc/bind.py accepts an fp16/bf16/fp64 initial_state (FLOAT_DTYPES), but the "
-    "generated module requires float32 (templates/module.py.jinja: 'initial_state must be "
-    "float32') and raises a plain ValueError after validation",
-    strict=True,
-)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
-def test_initial_state_must_be_float32(dtype: torch.dtype) -> None:
+def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.detach().double() - want.detach()).norm() / want.detach().norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_initial_state_of_any_float_dtype(dtype: torch.dtype) -> None:
+    """Like mamba_ssm's initial_states, any float dtype is taken (the kernels carry the state in
+    fp32); y, the final state and the state's gradient (in its own dtype) match fp64."""
     op = mamba2()
     inputs = good_inputs(op)
-    with pytest.raises(TensorError, match="initial_state"):
-        op(**inputs, initial_state=initial_state().to(dtype))
+    h0 = initial_state(2).to(dtype).requires_grad_()
+    y, state = op(**inputs, initial_state=h0, cu_seqlens=CU)
+    reference = importlib.import_module("ssmc.reference").reference(op.checked)
+    leaf = h0.detach().double().requires_grad_()
+    want_y, want_state = reference(
+        **{k: v.double() for k, v in inputs.items()}, initial_state=leaf, cu_seqlens=CU
+    )
+    assert state is not None and want_state is not None and state.dtype == torch.float32
+    assert rel(y, want_y) < 1e-5 and rel(state, want_state) < 1e-5
+    y.sum().backward()
+    want_y.sum().backward()
+    assert h0.grad is not None and leaf.grad is not None and h0.grad.dtype == dtype
+    assert rel(h0.grad, leaf.grad) < {torch.float16: 2e-3, torch.bfloat16: 1e-2}.get(dtype, 1e-5)
 
 
 def test_initial_state_without_the_flag(guarded) -> None:  # type: ignore[no-untyped-def]
@@ -482,17 +492,18 @@ def test_every_problem_reported_at_once(guarded) -> None:  # type: ignore[no-unt
     assert message.startswith("3 problem(s) with the tensors for mamba2")
 
 
-@pytest.mark.xfail(
-    reason="ssmc/bind.py _bind_dims/_check_tensor call .dim() on whatever was passed: a list, "
-    "None or a numpy array raises AttributeError instead of a TensorError naming the argument",
-    strict=True,
-)
 @pytest.mark.parametrize(
     "value", [[1.0, 2.0], None, np.zeros((1, 10, 4, 4))], ids=["list", "None", "numpy"]
 )
 def test_not_a_tensor(value: object, guarded) -> None:  # type: ignore[no-untyped-def]
     op = guarded(mamba2())
-    refused(op, "x", **(good_inputs(op) | {"x": value}))
+    got = r"got (list|NoneType|numpy\.ndarray)"
+    refused(op, rf"x: expected a torch\.Tensor, {got}", **(good_inputs(op) | {"x": value}))
+    if value is not None:
+        for name in ("initial_state", "cu_seqlens"):
+            refused(
+                op, rf"{name}: expected a torch\.Tensor, {got}", **good_inputs(op), **{name: value}
+            )
 
 
 def test_validation_runs_again_when_metadata_changes(guarded) -> None:  # type: ignore[no-untyped-def]
