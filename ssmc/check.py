@@ -10,8 +10,8 @@ import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ssmc import algebra, ir
 from ssmc import expr as E
-from ssmc import ir
 from ssmc.axes import expr_axes, head_dims, tensor_axes
 from ssmc.errors import CheckError, Diagnostic
 from ssmc.expr import Span
@@ -36,6 +36,8 @@ class _Checker:
 
 def check(spec: ir.Spec, *, text: str | None = None) -> ir.CheckedSpec:
     """Validate a lowered spec and derive its facts; raise CheckError with all problems."""
+    if algebra.needs_algebra(spec):  # mask algebra, quasiseparable (docs/variants.md)
+        return algebra.check_algebra(spec, text=text)
     c = _Checker(spec)
     _check_shapes(c)
     if not c.diagnostics:

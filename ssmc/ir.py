@@ -122,10 +122,15 @@ class DiagonalSemiseparable:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LearnedKernel:
-    """A Toeplitz kernel given directly: axes {head, L}; L is the window length."""
+    """A Toeplitz kernel given directly: axes {head, L}; L is the window length.
+
+    `log_decay` (a decay times the window, mask algebra): the taps are
+    kernel[h, d] · exp(d · log_decay[h]); it has at most a head axis.
+    """
 
     kernel: Expr
     span: Span | None = None
+    log_decay: Expr | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -154,6 +159,60 @@ class Toeplitz:
 
 
 Mask = Causal | ConstDecay | ScalarSemiseparable | DiagonalSemiseparable | Toeplitz
+"""The mask kinds every form, kernel and reference handles directly."""
+
+
+# Mask algebra (docs/variants.md): what `mask A * B`, `mask c * A`, `mask A + B` and
+# `mask quasiseparable(...)` lower to. The checker (ssmc.algebra) rewrites products and
+# scales into one of the kinds above; sums and bidirectional masks stay composite and
+# run as several ops of those kinds (ssmc.algebra_ops).
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MaskScale:
+    """A constant factor c per head (a number or an expression of params): L_ij = c_h."""
+
+    value: Expr
+    span: Span | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MaskProduct:
+    """The Hadamard product L = L_1 ∘ L_2 ∘ … of its factors (masks or scales)."""
+
+    factors: tuple[MaskExpr, ...]
+    span: Span | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MaskSum:
+    """L = L_1 + L_2 + …: two 1-semiseparable terms give a 2-semiseparable mask.
+
+    After `check` every term is a `Mask` and carries its own state [batch, H, N, P].
+    """
+
+    terms: tuple[MaskExpr, ...]
+    span: Span | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Quasiseparable:
+    """A bidirectional (Hydra) mask: the causal `forward` below and on the diagonal, and
+    above it the causal `backward` mask of the reversed sequence:
+    L_ij = ∏_{k=j+1..i} a_k (i ≥ j), ∏_{k=i..j-1} b_k (i < j).
+
+    `forward` and `backward` are Causal, ConstDecay or ScalarSemiseparable.
+    """
+
+    forward: Mask
+    backward: Mask
+    span: Span | None = None
+
+
+Composite = MaskSum | Quasiseparable
+"""Masks that run as several ops of the basic kinds (ssmc.algebra_ops)."""
+MaskExpr = Mask | MaskScale | MaskProduct | MaskSum | Quasiseparable
+"""A mask as written: an algebra of basic masks, before the checker rewrites it."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -167,7 +226,7 @@ class Spec:
     dims: tuple[Dim, ...]
     tensors: tuple[Tensor, ...]
     output: Output
-    mask: Mask
+    mask: MaskExpr
     query: Expr | None
     key: Expr | None
     value: Expr
@@ -178,6 +237,8 @@ class Spec:
     varlen: bool = False
     source: str = "<string>"
     span: Span | None = None
+    composition: MaskExpr | None = None
+    """The mask as written when `check` rewrote it (mask algebra), else None."""
 
     def tensor(self, name: str) -> Tensor:
         """The declared tensor called `name` (KeyError if none)."""
@@ -230,3 +291,8 @@ class CheckedSpec:
     """P, the value/output dimension per head."""
     value_factors: ValueFactors | None
     """The value split as base tensor × P-free scale, when it has that shape."""
+    derivation: tuple[str, ...] = ()
+    """The rewrites `check` applied to the mask as written, one line each (mask algebra)."""
+    pieces: tuple[CheckedSpec, ...] = ()
+    """For a composite mask (sum, quasiseparable, decayed Toeplitz window): the checked
+    spec of each op it runs (no skip or gate; ssmc.algebra_ops), else ()."""

@@ -49,6 +49,10 @@ def load(
     from ssmc.ops import SsmcOp
 
     checked = as_checked(spec, cache_dir=cache_dir)
+    if checked.pieces:  # a composite mask (docs/variants.md): one op per piece
+        from ssmc.algebra_ops import CompositeOp
+
+        return CompositeOp(checked, cache_dir=cache_dir)  # type: ignore[return-value]
     return SsmcOp(checked, load_module(checked, cache_dir=cache_dir))
 
 

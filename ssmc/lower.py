@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 
 import lark
 
+from ssmc import algebra_lower, ir
 from ssmc import expr as E
-from ssmc import ir
 from ssmc.errors import Diagnostic, LowerError
 from ssmc.expr import Span
 from ssmc.parse import KEYWORDS
@@ -159,6 +159,8 @@ def _statement(state: _Lowering, node: lark.Tree) -> None:
         value = _expr(state, value_node)
         if _declare_name(state, str(name_token), span_of(name_token), what="let"):
             state.lets[str(name_token)] = value
+    elif kind == "mask_algebra_stmt" or kind == "mask_stmt" and algebra_lower.handles(node):
+        algebra_lower.lower_mask(state, node)  # mask algebra, quasiseparable (docs/variants.md)
     elif kind == "mask_stmt":
         _mask(state, node)
     elif kind == "role_stmt":

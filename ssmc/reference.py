@@ -59,6 +59,10 @@ def reference(
     checked: CheckedSpec, form: Form | str | None = None, *, chunk_size: int = 64
 ) -> Reference:
     """A callable computing the spec in `form` (default chunked where allowed, else quadratic)."""
+    if checked.pieces:  # a composite mask (mask algebra): ssmc.algebra_reference
+        from ssmc import algebra_reference
+
+        return algebra_reference.reference(checked, form, chunk_size)
     chosen = choose_form(checked, form)
 
     def run(
@@ -237,6 +241,8 @@ def random_inputs(
         sdtype = torch.float64 if dtype == torch.float64 else torch.float32
         state_dims = (checked.heads.output, checked.state_size, checked.head_dim)
         shape = (batch, *(size_of(s, sizes) for s in state_dims))
+        if checked.pieces:  # a sum of masks: the terms' states stacked along N
+            shape = (batch, shape[1], shape[2] * len(checked.pieces), shape[3])
         out["initial_state"] = _draw(shape, None, sdtype, generator).to(device)
     return out
 
@@ -262,9 +268,15 @@ def _sizes(spec: ir.Spec, batch: int, seqlen: int, given: Mapping[str, int]) -> 
     return sizes
 
 
-def _decay_targets(mask: ir.Mask) -> list[tuple[Expr, tuple[float, float]]]:
+def _decay_targets(mask: ir.MaskExpr) -> list[tuple[Expr, tuple[float, float]]]:
     """Each decay expression of a mask with the range its value should take."""
     match mask:
+        case ir.MaskSum() | ir.MaskProduct() | ir.Quasiseparable():  # mask algebra
+            from ssmc.algebra import atoms
+
+            return [t for m in atoms(mask) for t in _decay_targets(m)]
+        case ir.Toeplitz(kernel=ir.LearnedKernel(log_decay=g)) if g is not None:
+            return [(g, LOG_GAMMA)]
         case ir.ConstDecay(log_gamma=e):
             return [(e, LOG_GAMMA)]
         case ir.ScalarSemiseparable(log_a=e) | ir.DiagonalSemiseparable(log_a=e):

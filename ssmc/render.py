@@ -240,6 +240,12 @@ def render_module(checked: ir.CheckedSpec, *, versions: Mapping[str, str] | None
 
     `versions` (ssmc, triton, torch) go into the header; the installed ones by default.
     """
+    if checked.pieces:  # mask algebra: each piece has its own module (ssmc.algebra_ops)
+        from ssmc.errors import SsmcError
+
+        raise SsmcError(f"{checked.spec.name} has a composite mask: it runs as "
+                        f"{len(checked.pieces)} ops ({', '.join(p.spec.name for p in checked.pieces)}); "
+                        "render or compile each of `checked.pieces`")
     spec = checked.spec
     validate_names(spec)
     forms = available_forms(checked)
