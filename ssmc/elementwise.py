@@ -246,6 +246,8 @@ def _operand(
     stride_prefix: str,
     shape: tuple[ir.Size, ...],
     index: Mapping[str, str],
+    row_index: str = ROW_INDEX,
+    masks: tuple[str, str] = (ROW_MASK, COL_MASK),
 ) -> Operand:
     terms, strides = [], []
     for k, axis in enumerate(shape):
@@ -256,9 +258,9 @@ def _operand(
         stride = identifier(f"{stride_prefix}{k}")
         strides.append((stride, k))
         terms.append(f"{index[axis]} * {stride}")
-    rows = ROW_INDEX in " ".join(terms)
+    rows = row_index in " ".join(terms)
     cols = "[None, :]" in " ".join(terms)
-    mask = " & ".join(m for m, on in ((ROW_MASK, rows), (COL_MASK, cols)) if on) or None
+    mask = " & ".join(m for m, on in zip(masks, (rows, cols), strict=True) if on) or None
     tile = {
         (True, True): "[BLOCK_R, BLOCK_C]",
         (True, False): "[BLOCK_R, 1]",
@@ -276,6 +278,94 @@ def _operand(
         mask=mask,
         tile=tile,
         decl=decl,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Tile epilogues: an expression applied to a core kernel's output tile before its store.
+# ---------------------------------------------------------------------------------------
+
+TILE_ROWS = "o_t[:, None]"
+"""The token index of a tile's rows in the core kernel (absolute, [BLOCK_M, 1])."""
+TILE_COLS = "o_p[None, :]"
+"""The feature index of a tile's columns in the core kernel ([1, BLOCK_P])."""
+TILE_MASKS = ("m_i[:, None]", "m_p[None, :]")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TileEpilogue:
+    """`value` ← an expression of the core output tile `e_y` and declared tensors, written
+    into a core kernel that holds an output tile [BLOCK_M rows, BLOCK_P features] of one
+    (batch row `i_b`, head `i_h`); every name it binds starts with `e` (no kernel local
+    does)."""
+
+    params: tuple[str, ...]
+    """The kernel parameters it adds: pointers, strides, call-time dims (floats)."""
+    args: tuple[str, ...]
+    """The launcher's Python expression for each parameter (of `tensors`, `sizes`)."""
+    dummies: tuple[str, ...]
+    """A placeholder for each parameter when the epilogue is off (`x`, 0 or 1.0)."""
+    loads: tuple[str, ...]
+    body: tuple[str, ...]
+    value: str
+    text: str
+
+
+def tile_epilogue(
+    spec: ir.Spec, target: Target, *, core: str, head: ir.Size, feature: ir.Size
+) -> TileEpilogue:
+    """The expression `target` (reading the core output as `core`) over a core kernel's output
+    tile: batch → `i_b`, seq → rows `o_t`, the axis `head` → `i_h`, `feature` → columns `o_p`."""
+    index = {ir.BATCH: BATCH_INDEX, ir.SEQ: TILE_ROWS}
+    if isinstance(head, str):
+        index[head] = "i_h"
+    if isinstance(feature, str):
+        index[feature] = TILE_COLS
+    bound = {d.name: E.Num(value=float(d.value)) for d in spec.dims if d.value is not None}
+    expr = E.substitute(target.expr, dict(bound))
+    used = E.refs(expr)
+    names: dict[str, str] = {core: "e_y"}
+    params: list[str] = []
+    args: list[str] = []
+    dummies: list[str] = []
+    loads: list[str] = []
+    for position, tensor in enumerate(spec.tensors):
+        if tensor.name not in used:
+            continue
+        o = _operand(
+            label=tensor.name,
+            source=f"tensors[{position}]",
+            ptr=prefixed("ep_", tensor.name),
+            block=prefixed("eb_", tensor.name),
+            stride_prefix=prefixed("es_", tensor.name) + "_",
+            shape=tensor.shape,
+            index=index,
+            row_index=TILE_ROWS,
+            masks=TILE_MASKS,
+        )
+        names[tensor.name] = o.block
+        params += [o.ptr, *(name for name, _ in o.strides)]
+        args += [o.source, *(f"{o.source}.stride({d})" for _, d in o.strides)]
+        dummies += ["x", *("0" for _ in o.strides)]
+        mask = f", mask={o.mask}, other=1.0" if o.mask else ""
+        tile = o.tile.replace("BLOCK_R", "BLOCK_M").replace("BLOCK_C", "BLOCK_P")
+        loads.append(f"{o.block} = tl.load({o.ptr} + {o.offset}{mask}).to(tl.float32)  # {tile}")
+    for d in spec.dims:
+        if d.name in used:
+            names[d.name] = prefixed("ed_", d.name)
+            params.append(names[d.name])
+            args.append(f'float(sizes["{identifier(d.name)}"])')
+            dummies.append("1.0")
+    emitter = Emitter(names)
+    value = emitter.emit(expr)
+    return TileEpilogue(
+        params=tuple(params),
+        args=tuple(args),
+        dummies=tuple(dummies),
+        loads=tuple(loads),
+        body=tuple(emitter.lines),
+        value=value,
+        text=E.show(target.expr).replace(core, "y").replace("@", ""),
     )
 
 

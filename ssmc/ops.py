@@ -31,6 +31,7 @@ from ssmc.bind import bind, offsets_problems, size_of
 from ssmc.errors import TensorError
 from ssmc.expr_triton import UnsafeNameError, identifier
 from ssmc.render import spec_hash
+from ssmc.roles import output_inputs
 
 _LIBRARY = torch.library.Library("ssmc", "FRAGMENT")
 _OPS: dict[str, _Registered] = {}
@@ -177,13 +178,10 @@ def _empty_outputs(
 
 
 def output_dtype(checked: ir.CheckedSpec, tensors: Sequence[Tensor]) -> torch.dtype:
-    """The promoted dtype of the per-token inputs: the dtype of y."""
-    dtypes = [
-        t.dtype
-        for d, t in zip(checked.spec.tensors, tensors, strict=True)
-        if d.kind is ir.TensorKind.INPUT
-    ]
-    return functools.reduce(torch.promote_types, dtypes)
+    """The dtype of y: the promoted dtype of the per-token inputs carrying its feature axis."""
+    return functools.reduce(
+        torch.promote_types, [tensors[i].dtype for i in output_inputs(checked.spec)]
+    )
 
 
 def _setup_context(n: int, ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:

@@ -17,7 +17,16 @@ from dataclasses import dataclass
 from ssmc import expr as E
 from ssmc import ir
 from ssmc.axes import expr_axes
-from ssmc.elementwise import Backward, Elementwise, Extra, Target, backward_kernel, elementwise
+from ssmc.elementwise import (
+    Backward,
+    Elementwise,
+    Extra,
+    Target,
+    TileEpilogue,
+    backward_kernel,
+    elementwise,
+    tile_epilogue,
+)
 from ssmc.expr_triton import identifier
 
 
@@ -135,6 +144,35 @@ def epilogue(checked: ir.CheckedSpec) -> Elementwise | None:
     core = Extra(key="@core", source="y", ptr="y", block="y_blk", shape=shape)
     target = Target(role="out", expr=_epilogue_expr(spec), shape=shape, dtype="out.dtype")
     return elementwise("epilogue", spec, [target], [core])
+
+
+def fused_epilogue(checked: ir.CheckedSpec) -> TileEpilogue | None:
+    """out = (y + skip) * gate as a tile epilogue of the chunked scan (applied to its fp32 y
+    tile before the store, so y never round-trips through memory), or None when the spec
+    has neither role or its output's head and feature axes are one dim."""
+    spec = checked.spec
+    if spec.skip is None and spec.gate is None:
+        return None
+    head, feature = spec.output.shape[2], spec.output.shape[3]
+    if isinstance(head, str) and head == feature:
+        return None
+    target = Target(role="out", expr=_epilogue_expr(spec), shape=spec.output.shape)
+    return tile_epilogue(spec, target, core="@core", head=head, feature=feature)
+
+
+def output_inputs(spec: ir.Spec) -> tuple[int, ...]:
+    """Positions of the tensors whose promoted dtype is y's: the per-token inputs that carry
+    the output's feature axis (x, z of Mamba-2; not dt, B, C), else every per-token input.
+
+    So bf16 activations with an fp32 dt give bf16 y, as mamba_ssm and FLA return.
+    """
+    inputs = [i for i, t in enumerate(spec.tensors) if t.kind is ir.TensorKind.INPUT]
+    feature = spec.output.shape[3]
+    if isinstance(feature, str):
+        carrying = [i for i in inputs if feature in spec.tensors[i].shape]
+        if carrying:
+            return tuple(carrying)
+    return tuple(inputs)
 
 
 def _epilogue_expr(spec: ir.Spec) -> E.Expr:

@@ -104,9 +104,10 @@ def prologue_log_a_s_launch(tensors, sizes, out0, out1):
     n_batch = sizes["batch"]
     if n_rows == 0 or n_cols == 0 or n_batch == 0:
         return
-    BLOCK_C = min(triton.next_power_of_2(n_cols), 1024)
-    BLOCK_R = min(triton.next_power_of_2(n_rows), max(1, 4096 // BLOCK_C))
-    grid = (n_batch * triton.cdiv(n_rows, BLOCK_R) * triton.cdiv(n_cols, BLOCK_C),)
+    # plain int arithmetic: triton.cdiv / next_power_of_2 cost microseconds a call on the host
+    BLOCK_C = min(1 << (n_cols - 1).bit_length(), 1024)
+    BLOCK_R = min(1 << (n_rows - 1).bit_length(), max(1, 4096 // BLOCK_C))
+    grid = (n_batch * -(-n_rows // BLOCK_R) * -(-n_cols // BLOCK_C),)
     prologue_log_a_s_fwd_kernel[grid](
         out0, out0.stride(0), out0.stride(1), out0.stride(2),
         out1, out1.stride(0), out1.stride(1), out1.stride(2),
@@ -190,9 +191,10 @@ def epilogue_launch(tensors, sizes, y, out0):
     n_batch = sizes["batch"]
     if n_rows == 0 or n_cols == 0 or n_batch == 0:
         return
-    BLOCK_C = min(triton.next_power_of_2(n_cols), 1024)
-    BLOCK_R = min(triton.next_power_of_2(n_rows), max(1, 4096 // BLOCK_C))
-    grid = (n_batch * triton.cdiv(n_rows, BLOCK_R) * triton.cdiv(n_cols, BLOCK_C),)
+    # plain int arithmetic: triton.cdiv / next_power_of_2 cost microseconds a call on the host
+    BLOCK_C = min(1 << (n_cols - 1).bit_length(), 1024)
+    BLOCK_R = min(1 << (n_rows - 1).bit_length(), max(1, 4096 // BLOCK_C))
+    grid = (n_batch * -(-n_rows // BLOCK_R) * -(-n_cols // BLOCK_C),)
     epilogue_fwd_kernel[grid](
         out0, out0.stride(0), out0.stride(1), out0.stride(2), out0.stride(3),
         tensors[0], tensors[0].stride(0), tensors[0].stride(1), tensors[0].stride(2), tensors[0].stride(3),
@@ -430,6 +432,16 @@ def recurrent_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_st
 _SEQ_TILES_CACHE = {}
 
 
+def _cdiv(a, b):
+    """⌈a / b⌉ for ints (plain Python: triton.cdiv costs microseconds a call on the host)."""
+    return -(-a // b)
+
+
+def _pow2(n):
+    """The least power of two ≥ n ≥ 1 (plain Python, as _cdiv)."""
+    return 1 << (n - 1).bit_length()
+
+
 def seq_tiles(cu_seqlens, batch, seqlen, tile, device):
     """Tiles of at most `tile` tokens inside one sequence each.
 
@@ -447,7 +459,7 @@ def seq_tiles(cu_seqlens, batch, seqlen, tile, device):
     num_seqs = cu.numel() - 1
     counts = (cu[1:] - cu[:-1] + tile - 1) // tile
     first = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
-    rows = torch.arange(triton.cdiv(seqlen, tile) + num_seqs, device=cu.device)
+    rows = torch.arange(_cdiv(seqlen, tile) + num_seqs, device=cu.device)
     seq = torch.searchsorted(first[1:], rows, right=True)
     valid = seq < num_seqs
     seq_c = seq.clamp(max=num_seqs - 1)
@@ -460,7 +472,7 @@ def seq_tiles(cu_seqlens, batch, seqlen, tile, device):
 
 def _seq_tiles_dense(batch, seqlen, tile, device):
     """seq_tiles without cu_seqlens: sequence s is batch row s."""
-    per_seq = triton.cdiv(seqlen, tile)
+    per_seq = _cdiv(seqlen, tile)
     rows = torch.arange(batch * per_seq, dtype=torch.int64, device=device)
     seq = rows // per_seq
     first_token = (rows % per_seq) * tile
@@ -725,6 +737,16 @@ def quadratic_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_st
 _SEQ_TILES_CACHE = {}
 
 
+def _cdiv(a, b):
+    """⌈a / b⌉ for ints (plain Python: triton.cdiv costs microseconds a call on the host)."""
+    return -(-a // b)
+
+
+def _pow2(n):
+    """The least power of two ≥ n ≥ 1 (plain Python, as _cdiv)."""
+    return 1 << (n - 1).bit_length()
+
+
 def seq_tiles(cu_seqlens, batch, seqlen, tile, device):
     """Tiles of at most `tile` tokens inside one sequence each.
 
@@ -742,7 +764,7 @@ def seq_tiles(cu_seqlens, batch, seqlen, tile, device):
     num_seqs = cu.numel() - 1
     counts = (cu[1:] - cu[:-1] + tile - 1) // tile
     first = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
-    rows = torch.arange(triton.cdiv(seqlen, tile) + num_seqs, device=cu.device)
+    rows = torch.arange(_cdiv(seqlen, tile) + num_seqs, device=cu.device)
     seq = torch.searchsorted(first[1:], rows, right=True)
     valid = seq < num_seqs
     seq_c = seq.clamp(max=num_seqs - 1)
@@ -755,7 +777,7 @@ def seq_tiles(cu_seqlens, batch, seqlen, tile, device):
 
 def _seq_tiles_dense(batch, seqlen, tile, device):
     """seq_tiles without cu_seqlens: sequence s is batch row s."""
-    per_seq = triton.cdiv(seqlen, tile)
+    per_seq = _cdiv(seqlen, tile)
     rows = torch.arange(batch * per_seq, dtype=torch.int64, device=device)
     seq = rows // per_seq
     first_token = (rows % per_seq) * tile
@@ -890,9 +912,9 @@ def chunked_state_fwd(x, s, log_a, B, C, *, tiles, first, heads, initial_state, 
     Gk, N = B.shape[2], B.shape[3]
     Gd = log_a.shape[2] if log_a is not None else 1
     n_seqs = first.numel() - 1
-    block_n = block_n or max(16, min(64, triton.next_power_of_2(N)))
-    block_p = block_p or max(16, min(64, triton.next_power_of_2(P)))
-    n_programs = n_seqs * heads * triton.cdiv(N, block_n) * triton.cdiv(P, block_p)
+    block_n = block_n or max(16, min(64, _pow2(N)))
+    block_p = block_p or max(16, min(64, _pow2(P)))
+    n_programs = n_seqs * heads * _cdiv(N, block_n) * _cdiv(P, block_p)
     block_t = block_t or min(chunk_size, 64 if n_programs >= 512 else 128)
     dtype = C.dtype if C.dtype in (torch.float16, torch.bfloat16) else torch.float32
     states = torch.empty(tiles.shape[0], heads, N, P, device=x.device, dtype=dtype)
@@ -943,6 +965,11 @@ def chunked_state_fwd(x, s, log_a, B, C, *, tiles, first, heads, initial_state, 
 # diagonal block takes per-element exps, L_ij = exp(cs_i − cs_j) masked before the exp.
 # H_r comes from chunked_state, in its dtype (C's dtype when C is 16-bit). X̄ = x s is
 # never materialised: s scales L's columns or v.
+# With EPILOGUE, the spec's output roles are applied to the fp32 y tile before its store,
+#
+#     out = (y + (D * x)) * silu(z)
+#
+# so y never reaches memory and `out` is written once, in its own dtype (x's when 16-bit).
 #
 # Parallelisation: chunked_scan_cb, a program per (chunk, qk group, row block, column
 # block ≤ row block), one [BLOCK_M, BLOCK_M] tile contracted over N. chunked_scan, a 1-D
@@ -1007,6 +1034,8 @@ def chunked_scan_fwd_kernel(
     stride_C_b, stride_C_t, stride_C_g, stride_C_n,
     stride_o_b, stride_o_t, stride_o_h, stride_o_p,
     H, P, Hqk, Hq, Hv, Hd,
+    ep_x, es_x_0, es_x_1, es_x_2, es_x_3, ep_z, es_z_0, es_z_1, es_z_2, es_z_3, ep_D, es_D_0,  # the epilogue's tensors and dims
+    EPILOGUE: tl.constexpr,
     N: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr, HAS_S: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -1098,16 +1127,41 @@ def chunked_scan_fwd_kernel(
             # [BLOCK_M, BLOCK_P]
             b_y = tl.dot(b_L.to(b_x.dtype), b_x, input_precision=DOT_PRECISION)
             b_y += b_acc * tl.exp(b_cs)[:, None]
+            if EPILOGUE:
+                # out = (y + (D * x)) * silu(z), in fp32 on the tile
+                o_t = t0 + o_i
+                e_y = b_y
+                eb_x = tl.load(ep_x + i_b * es_x_0 + o_t[:, None] * es_x_1 + i_h * es_x_2 + o_p[None, :] * es_x_3, mask=m_i[:, None] & m_p[None, :], other=1.0).to(tl.float32)  # [BLOCK_M, BLOCK_P]
+                eb_z = tl.load(ep_z + i_b * es_z_0 + o_t[:, None] * es_z_1 + i_h * es_z_2 + o_p[None, :] * es_z_3, mask=m_i[:, None] & m_p[None, :], other=1.0).to(tl.float32)  # [BLOCK_M, BLOCK_P]
+                eb_D = tl.load(ep_D + i_h * es_D_0).to(tl.float32)  # []
+                t_0 = eb_D * eb_x
+                t_1 = e_y + t_0
+                t_2 = tl.exp(-tl.abs(eb_z))
+                t_3 = tl.where(eb_z >= 0, 1.0 / (1.0 + t_2), t_2 / (1.0 + t_2))
+                t_4 = eb_z * t_3
+                t_5 = t_1 * t_4
+                b_y = tl.broadcast_to(t_5, (BLOCK_M, BLOCK_P))
 
             p_o = (out + i_b * stride_o_b + (t0 + o_i[:, None]) * stride_o_t + i_h * stride_o_h
                    + o_p[None, :] * stride_o_p)
             tl.store(p_o, b_y.to(out.dtype.element_ty), mask=m_i[:, None] & m_p[None, :])
 
 
+def chunked_scan_epilogue_args(epilogue, x):
+    """The scan kernel's epilogue arguments for `epilogue` = (tensors, sizes) of the call,
+    or placeholders (EPILOGUE off) when it is None."""
+    if epilogue is None:
+        return (x, 0, 0, 0, 0, x, 0, 0, 0, 0, x, 0,)
+    tensors, sizes = epilogue
+    return (tensors[0], tensors[0].stride(0), tensors[0].stride(1), tensors[0].stride(2), tensors[0].stride(3), tensors[4], tensors[4].stride(0), tensors[4].stride(1), tensors[4].stride(2), tensors[4].stride(3), tensors[7], tensors[7].stride(0),)
+
+
 def chunked_scan_fwd(x, s, log_a, B, C, *, states, tiles, heads, out, chunk_size,
                      dot_precision, block_m=None, block_n=None, block_p=None,
-                     heads_per_program=None, num_warps=None, num_stages=None):
+                     heads_per_program=None, num_warps=None, num_stages=None, epilogue=None):
     """Write out [b, T, H, P] = y of every chunk of `tiles`, given the entering `states`.
+
+    With `epilogue` = (tensors, sizes) of the call: out = (y + (D * x)) * silu(z) instead.
 
     Defaults: row blocks of min(Q, 64), N and P tiles of 64, one head per program (the
     C Bᵀ tiles are shared through L2, so more heads per program only save the reload of
@@ -1120,8 +1174,8 @@ def chunked_scan_fwd(x, s, log_a, B, C, *, states, tiles, heads, out, chunk_size
     Gqk = math.lcm(Gq, Gk)
     R = tiles.shape[0]
     block_m = block_m or min(chunk_size, 64)
-    block_n = block_n or max(16, min(64, triton.next_power_of_2(N)))
-    block_p = block_p or max(16, min(64, triton.next_power_of_2(P)))
+    block_n = block_n or max(16, min(64, _pow2(N)))
+    block_p = block_p or max(16, min(64, _pow2(P)))
     num_warps = num_warps or 4
     extra = {} if num_stages is None else {"num_stages": num_stages}
     n_m = chunk_size // block_m
@@ -1135,14 +1189,15 @@ def chunked_scan_fwd(x, s, log_a, B, C, *, states, tiles, heads, out, chunk_size
     )
     s_arg, s_strides = (s, s.stride()) if s is not None else (x, (0, 0, 0))
     a_arg, a_strides = (log_a, log_a.stride()) if log_a is not None else (x, (0, 0, 0))
-    n_p = triton.cdiv(P, block_p)
+    n_p = _cdiv(P, block_p)
     heads_per_program = max(1, min(heads // Gqk, heads_per_program or 1))
-    n_split = triton.cdiv(heads // Gqk, heads_per_program)
+    n_split = _cdiv(heads // Gqk, heads_per_program)
     grid = (R * Gqk * n_split * n_m * n_p,)
     chunked_scan_fwd_kernel[grid](
         x, s_arg, a_arg, C, cb, states, out, tiles,
         *x.stride(), *s_strides, *a_strides, *C.stride(), *out.stride(),
         heads, P, heads // Gqk, heads // Gq, heads // Gv, heads // Gd,
+        *chunked_scan_epilogue_args(epilogue, x), EPILOGUE=epilogue is not None,
         N=N, HEADS_PER_PROGRAM=heads_per_program, HAS_S=s is not None, DOT_PRECISION=dot_precision,
         CHUNK=chunk_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=block_p,
         num_warps=num_warps, **extra,
@@ -1152,7 +1207,7 @@ def chunked_scan_fwd(x, s, log_a, B, C, *, states, tiles, heads, out, chunk_size
 def chunked_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_state=None,
                 cu_seqlens=None, chunk_size=128, block_n=None, block_p=None, block_t=None,
                 block_m=None, heads_per_program=None, dot_precision=None, num_warps=None,
-                num_stages=None):
+                num_stages=None, epilogue=None):
     """y [b, T, H, P] into `out` (and the final state into `final_state`) by the SSD chunks.
 
     x [b, T, Gv, P], s [b, T, Gv] or None, log_a [b, T, Gd] fp32,
@@ -1164,6 +1219,8 @@ def chunked_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_stat
     16-bit inputs use their own tensor-core type either way. heads_per_program: heads of
     a C Bᵀ group served in turn by one scan program (default 1). Tiles, num_warps and
     num_stages left None get per-stage defaults (chunked_state_fwd, chunked_scan_fwd).
+    epilogue: (tensors, sizes) of the call to apply the spec's output roles in the scan's
+    store (chunked_scan_fwd), or None for y itself.
     """
     if log_a is None:
         raise ValueError("chunked_fwd was generated for a scalar decay: log_a is required")
@@ -1179,7 +1236,8 @@ def chunked_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_stat
                                initial_state=initial_state, final_state=final_state,
                                block_t=block_t, **tile_args)
     chunked_scan_fwd(x, s, log_a, B, C, states=states, tiles=tiles, heads=heads, out=out,
-                     block_m=block_m, heads_per_program=heads_per_program, **tile_args)
+                     block_m=block_m, heads_per_program=heads_per_program, epilogue=epilogue,
+                     **tile_args)
     return out
 
 
@@ -1404,9 +1462,10 @@ def prologue_log_a_s_bwd_launch(tensors, sizes, u0, u1, out0, out1, out2):
     n_batch = sizes["batch"]
     if n_rows == 0 or n_cols == 0 or n_batch == 0:
         return
-    BLOCK_C = min(triton.next_power_of_2(n_cols), 1024)
-    BLOCK_R = min(triton.next_power_of_2(n_rows), max(1, 4096 // BLOCK_C))
-    grid = (n_batch * triton.cdiv(n_rows, BLOCK_R) * triton.cdiv(n_cols, BLOCK_C),)
+    # plain int arithmetic: triton.cdiv / next_power_of_2 cost microseconds a call on the host
+    BLOCK_C = min(1 << (n_cols - 1).bit_length(), 1024)
+    BLOCK_R = min(1 << (n_rows - 1).bit_length(), max(1, 4096 // BLOCK_C))
+    grid = (n_batch * -(-n_rows // BLOCK_R) * -(-n_cols // BLOCK_C),)
     prologue_log_a_s_bwd_kernel[grid](
         out0, out0.stride(0), out0.stride(1), out0.stride(2),
         out1, out1.stride(0), out1.stride(1), out1.stride(2),
@@ -1530,9 +1589,10 @@ def epilogue_bwd_launch(tensors, sizes, u0, y, out0, out1, out2, out3):
     n_batch = sizes["batch"]
     if n_rows == 0 or n_cols == 0 or n_batch == 0:
         return
-    BLOCK_C = min(triton.next_power_of_2(n_cols), 1024)
-    BLOCK_R = min(triton.next_power_of_2(n_rows), max(1, 4096 // BLOCK_C))
-    grid = (n_batch * triton.cdiv(n_rows, BLOCK_R) * triton.cdiv(n_cols, BLOCK_C),)
+    # plain int arithmetic: triton.cdiv / next_power_of_2 cost microseconds a call on the host
+    BLOCK_C = min(1 << (n_cols - 1).bit_length(), 1024)
+    BLOCK_R = min(1 << (n_rows - 1).bit_length(), max(1, 4096 // BLOCK_C))
+    grid = (n_batch * -(-n_rows // BLOCK_R) * -(-n_cols // BLOCK_C),)
     epilogue_bwd_kernel[grid](
         out0, out0.stride(0), out0.stride(1), out0.stride(2), out0.stride(3),
         out1, out1.stride(0), out1.stride(1), out1.stride(2), out1.stride(3),
@@ -2312,8 +2372,10 @@ def _ssmc_setup(tensors, initial_state, cu_seqlens, form, chunk_size):
     return sizes, num_states, form, chunk_size or auto_chunk
 
 
-def _core_fwd(form, chunk, x, s, log_a, B, C, *, heads, out, initial_state, final_state, cu_seqlens):
-    """The core in `form`: out [b, T, heads, P] ← y (and final_state ← h_T when given)."""
+def _core_fwd(form, chunk, x, s, log_a, B, C, *, heads, out, initial_state, final_state, cu_seqlens,
+              epilogue=None):
+    """The core in `form`: out [b, T, heads, P] ← y (and final_state ← h_T when given);
+    `epilogue` = (tensors, sizes): out ← the output roles of y instead (the chunked scan's store)."""
     if form == "recurrent":
         recurrent_fwd(x, s, log_a, B, C, heads=heads, out=out, initial_state=initial_state,
             final_state=final_state, cu_seqlens=cu_seqlens)
@@ -2322,7 +2384,7 @@ def _core_fwd(form, chunk, x, s, log_a, B, C, *, heads, out, initial_state, fina
             final_state=final_state, cu_seqlens=cu_seqlens)
     elif form == "chunked":
         chunked_fwd(x, s, log_a, B, C, heads=heads, out=out, initial_state=initial_state,
-            final_state=final_state, cu_seqlens=cu_seqlens, chunk_size=chunk)
+            final_state=final_state, cu_seqlens=cu_seqlens, chunk_size=chunk, epilogue=epilogue)
     return out
 
 
@@ -2334,14 +2396,13 @@ def _ssmc_run(tensors, initial_state, cu_seqlens, form, chunk_size):
     H, P = sizes["H"], sizes["P"]
     N = sizes["N"]
     device = tensors[0].device
-    # y has the promoted dtype of the per-token inputs.
+    # y has the promoted dtype of the per-token inputs carrying its feature axis (ssmc.roles.output_inputs).
     out_dtype = tensors[0].dtype
-    out_dtype = torch.promote_types(out_dtype, tensors[1].dtype)
-    out_dtype = torch.promote_types(out_dtype, tensors[2].dtype)
-    out_dtype = torch.promote_types(out_dtype, tensors[3].dtype)
     out_dtype = torch.promote_types(out_dtype, tensors[4].dtype)
     x, s, log_a, B, C = prologue_fwd(tensors, sizes)
-    out = torch.empty((batch, T, H, P), device=device, dtype=torch.float32)
+    # The chunked scan applies the output roles in its store: out is written once, in out_dtype.
+    fused = form == "chunked" and not (T == 1 and cu_seqlens is None and requested in (None, "recurrent"))
+    out = torch.empty((batch, T, H, P), device=device, dtype=out_dtype if fused else torch.float32)
     final_state = torch.empty((num_states, H, N, P), device=device, dtype=torch.float32)
     # One token per sequence: the recurrent step (decode), unless another form was asked for.
     if T == 1 and cu_seqlens is None and requested in (None, "recurrent"):
@@ -2354,7 +2415,10 @@ def _ssmc_run(tensors, initial_state, cu_seqlens, form, chunk_size):
     else:
         LAST_FORM = form
         _core_fwd(form, chunk, x, s, log_a, B, C, heads=H, out=out, initial_state=initial_state,
-                  final_state=final_state, cu_seqlens=cu_seqlens)
+                  final_state=final_state, cu_seqlens=cu_seqlens,
+                  epilogue=(tensors, sizes) if fused else None)
+    if fused:
+        return out, final_state
     y = out if out_dtype == torch.float32 else torch.empty_like(out, dtype=out_dtype)
     epilogue_fwd(tensors, sizes, out, y)
     return y, final_state
