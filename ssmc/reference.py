@@ -22,6 +22,7 @@ from ssmc.expr import BinOp, Call, Expr, Func, Neg, Op, Ref, refs
 from ssmc.expr_torch import evaluate, evaluate_named, squeeze_literals
 from ssmc.ir import BATCH, SEQ, CheckedSpec, Form
 from ssmc.lti import lti_kernel
+from ssmc.roles import output_inputs
 
 Reference = Callable[..., tuple[Tensor, Tensor | None]]
 
@@ -111,8 +112,10 @@ def choose_form(checked: CheckedSpec, form: Form | str | None) -> Form:
 
 
 def _output_dtype(checked: CheckedSpec, tensors: Mapping[str, Tensor]) -> torch.dtype:
-    """The promoted dtype of the per-token inputs (what the op returns)."""
-    inputs = [tensors[t.name].dtype for t in checked.spec.tensors if t.kind is ir.TensorKind.INPUT]
+    """The promoted dtype of the per-token inputs carrying y's feature axis (what the op
+    returns; ssmc.roles.output_inputs)."""
+    spec = checked.spec
+    inputs = [tensors[spec.tensors[i].name].dtype for i in output_inputs(spec)]
     return functools.reduce(torch.promote_types, inputs)
 
 

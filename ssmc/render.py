@@ -25,7 +25,15 @@ from ssmc import ir
 from ssmc.elementwise import Backward
 from ssmc.expr_triton import UnsafeNameError, identifier
 from ssmc.resources import data_dir, template_dir
-from ssmc.roles import Prologue, epilogue, epilogue_backward, prologue, prologue_backward
+from ssmc.roles import (
+    Prologue,
+    epilogue,
+    epilogue_backward,
+    fused_epilogue,
+    output_inputs,
+    prologue,
+    prologue_backward,
+)
 
 MARKER = "# ssmc-generated-module"
 """The first line of every generated module: how `compile_to_file` recognises its own files."""
@@ -269,7 +277,12 @@ def render_module(checked: ir.CheckedSpec, *, versions: Mapping[str, str] | None
     tops = [s for f in forms if (s := form_stage(checked, f)) is not None]
     decode = decay != "toeplitz" and stage_exists("decode")
     # A top stage includes its own helpers (chunked → chunked_cumsum, seq_tiles...).
-    stages += [render_stage(top, **stage_ctx) for top in dict.fromkeys(tops)]
+    # The chunked scan applies the output roles in its store (out written once, no y).
+    tile_epi = fused_epilogue(checked) if "chunked" in tops else None
+    stages += [
+        render_stage(top, **stage_ctx, **({"tile_epilogue": tile_epi} if top == "chunked" else {}))
+        for top in dict.fromkeys(tops)
+    ]
     if decode:
         stages.append(render_stage("decode", **stage_ctx))
     # The backward: SMAs 2 and 3 of a diagonal decay need a scalar-decay forward.
@@ -298,7 +311,8 @@ def render_module(checked: ir.CheckedSpec, *, versions: Mapping[str, str] | None
         final_state=spec.final_state,
         varlen=spec.varlen,
         epilogue=epi is not None,
-        inputs=[i for i, t in enumerate(spec.tensors) if t.kind is ir.TensorKind.INPUT],
+        inputs=list(output_inputs(spec)),
+        fused_epilogue=tile_epi is not None,
         core=list(pro.core),
         stages=stages,
         trains=trains,
