@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import functools  # noqa: E402
+import math  # noqa: E402
 import re  # noqa: E402
 import zlib  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -139,13 +140,14 @@ class Case:
     seqlens: tuple[int, ...] = ()
     N: int = 3
     P: int = 5
+    H: int = 4
 
 
 def inputs(case: Case, dtype: torch.dtype):
     """Fresh random inputs (seeded by the case id), leaves of the reference graph."""
     g = torch.Generator().manual_seed(zlib.crc32(case.id.encode()))
     Gv, Gk, Gq, Gd = case.groups
-    batch, H, N, P, T = 2, 4, case.N, case.P, case.T
+    batch, H, N, P, T = 2, case.H, case.N, case.P, case.T
     cu_seqlens = None
     if case.seqlens:
         batch, T = 1, sum(case.seqlens)
@@ -401,3 +403,132 @@ def test_toeplitz_backward_empty_sequence() -> None:
 )
 def test_toeplitz_backward_triton_forward(case: ToeplitzCase) -> None:
     toeplitz_check(case, toeplitz_triton, torch.float32, 1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# The fused chunked backward (stage chunked_bwd): group sums inside the kernels.
+# ---------------------------------------------------------------------------------------
+
+
+class RecordingTorch:
+    """torch for a stage module: float buffers it allocates start as NaN, and their shapes
+    are recorded (to show that no per-head gradient buffer exists)."""
+
+    def __init__(self) -> None:
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(torch, name)
+
+    def _poison(self, out: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(tuple(out.shape))
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    def empty(self, *args, **kwargs) -> torch.Tensor:
+        return self._poison(torch.empty(*args, **kwargs))
+
+    def empty_like(self, *args, **kwargs) -> torch.Tensor:
+        return self._poison(torch.empty_like(*args, **kwargs))
+
+
+@functools.cache
+def fused_stage(decay: str):
+    source = "\n\n".join(
+        render_stage(name, **ctx)
+        for name, ctx in (("seq_tiles", {}), ("adjoint", {}), ("chunked_bwd", {"decay": decay}))
+    )
+    return load_source(HEADER + source, f"chunked_bwd_{decay}")
+
+
+FUSED = [
+    Case("f-scalar-mva", "scalar", PATTERNS["mva"], T=37, N=16, P=16),
+    Case("f-scalar-mqa", "scalar", PATTERNS["mqa"], T=37, N=16, P=16),
+    Case("f-scalar-mka-bare", "scalar", PATTERNS["mka"], T=37, h0=False, ht=False, N=16, P=16),
+    Case("f-scalar-mha-T1", "scalar", PATTERNS["mha"], T=1, N=16, P=16),
+    Case("f-none-mva-ht", "none", PATTERNS["mva"], T=37, h0=False, N=16, P=16),
+    Case("f-none-mqa", "none", PATTERNS["mqa"], T=20, N=16, P=16),
+    # H = 6 with groups of 3 (x, dt) and of 2 (B, C): the runs are not nested, the loop
+    # group is all six heads and each role's sum is stored at its own boundaries
+    Case("f-scalar-grouped", "scalar", (2, 3, 3, 2), T=37, N=16, P=16, H=6),
+    Case("f-scalar-varlen", "scalar", PATTERNS["mva"], seqlens=(5, 0, 23, 1), N=16, P=16),
+    Case("f-none-varlen", "none", PATTERNS["mka"], seqlens=(17, 4, 0), N=16, P=16),
+]
+
+
+def fused_check(case: Case, dtype: torch.dtype, bound: float, monkeypatch) -> RecordingTorch:
+    """chunked_bwd (Q = 16, 16-row blocks: several chunks and row blocks per sequence, a
+    partial last chunk) against autograd of the fp64 recurrent form, X̄ = x s."""
+    t = inputs(case, torch.float64)
+    g = torch.Generator().manual_seed(zlib.crc32(case.id.encode()) + 1)
+    s = 0.5 + torch.rand(t["x"].shape[:3], generator=g, dtype=torch.float64)
+    for k in ("B", "C", "dy"):  # the kernel's inputs, exactly
+        t[k] = t[k].to(dtype).double()
+    x = t["x"].to(dtype)
+    t["x"] = x.double() * s[..., None]
+    dxbar, dla, dB, dC, dh0 = reference(t)
+    want = {
+        "dx": dxbar * s[..., None],
+        "ds": (dxbar * x.double()).sum(-1),
+        "dlog_a": dla,
+        "dB": dB,
+        "dC": dC,
+        "dh0": dh0,
+    }
+    module = fused_stage(case.decay)
+    recorder = RecordingTorch()
+    monkeypatch.setattr(module, "torch", recorder)
+
+    def dev(v, cast=True):
+        return None if v is None else v.to(DEVICE, dtype if cast else None)
+
+    got = module.chunked_bwd(
+        dev(x),
+        dev(s, cast=False).float(),
+        None if t["log_a"] is None else dev(t["log_a"], cast=False).float(),
+        dev(t["B"]),
+        dev(t["C"]),
+        heads=t["heads"],
+        initial_state=None if t["h0"] is None else dev(t["h0"], cast=False).float(),
+        cu_seqlens=dev(t["cu_seqlens"], cast=False),
+        dy=dev(t["dy"]),
+        dfinal=None if t["dfinal"] is None else dev(t["dfinal"], cast=False).float(),
+        chunk_size=16,
+        block_m=16,
+        block_n=16,
+        block_p=16,
+    )
+    for (name, w), gr in zip(want.items(), got, strict=True):
+        assert (gr is None) == (w is None), name
+        if w is not None:
+            assert gr.shape == w.shape and gr.dtype == torch.float32, name
+            assert not gr.isnan().any(), f"{name}: every element is written"
+            limit = bound * (10 if name == "dlog_a" else 1)
+            assert rel_err(gr, w) <= limit, (name, rel_err(gr, w))
+    return recorder
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("case", FUSED, ids=lambda c: c.id)
+def test_fused_chunked_backward(case: Case, monkeypatch) -> None:
+    """fp32, every gradient within DESIGN §5's 1e-5 (dlog a, a suffix sum of differences,
+    10×); no buffer of b·T·H·N elements or more exists but the two chunk-state buffers."""
+    recorder = fused_check(case, torch.float32, 1e-5, monkeypatch)
+    batch = 1 if case.seqlens else 2
+    T = sum(case.seqlens) or case.T
+    Gv, Gk, Gq, _ = case.groups
+    S = len(case.seqlens) or batch
+    grads = {(batch, T, Gv, case.P), (batch, T, Gk, case.N), (batch, T, Gq, case.N)}
+    grads.add((S, case.H, case.N, case.P))  # h_T and dh0
+    per_head = batch * T * case.H * min(case.N, case.P)
+    big = [s for s in recorder.shapes if math.prod(s) >= per_head and s not in grads]
+    assert all(len(s) == 4 and s[1:] == (case.H, case.N, case.P) for s in big), big
+    assert len(big) <= 2, big
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fused_chunked_backward_half(dtype: torch.dtype, monkeypatch) -> None:
+    """16-bit x, B, C, dY (dots in that type with fp32 accumulation on a GPU; the CPU
+    interpreter's bf16 dot is broken, so bf16 dots run in fp32 there): DESIGN §5's bound."""
+    case = Case(f"f-{dtype}-mva", "scalar", PATTERNS["mva"], T=37, N=16, P=16)
+    fused_check(case, dtype, 1e-2 if dtype == torch.bfloat16 else 1e-3, monkeypatch)
