@@ -1,0 +1,160 @@
+"""Context parallelism: one long sequence split across ranks, exchanging only states.
+
+Each rank holds a contiguous part of the sequence (rank 0 the first) and runs the op on
+it from a zero state, which gives its output y⁰ and the state S⁰ its part leaves behind.
+The state entering rank r is then a short scan over the earlier parts,
+
+    h_0 = 0,   h_{r+1} = Λ_r ⊙ h_r + S⁰_r,   Λ_r = exp(Σ_{t ∈ part r} log a_t),
+
+so the ranks exchange only (S⁰, Λ) — O(batch·H·N·P) per rank, never O(T) — and each rank
+corrects its output by the contribution of its entering state,
+
+    y_t = y⁰_t + gate_t ⊙ exp(Σ_{s ≤ t} log a_s) ⊙ (C_t · h_r),
+
+which is the linearity of the state recurrence (docs/semantics.md). The all-gather is
+differentiable (torch.distributed.nn), so gradients flow back across ranks the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ssmc import ir
+from ssmc.bind import bind
+from ssmc.ir import CheckedSpec
+
+Op = Callable[..., tuple[Tensor, Tensor | None]]
+
+
+class ContextParallelError(ValueError):
+    """A spec or call that context parallelism cannot split."""
+
+
+def check_splittable(checked: CheckedSpec) -> None:
+    """Raise unless the spec has a state to hand on (not Toeplitz) and returns it."""
+    spec = checked.spec
+    if isinstance(spec.mask, ir.Toeplitz):
+        raise ContextParallelError(
+            f"{spec.name}: a Toeplitz mask has no recurrent state to hand between ranks"
+        )
+    if not spec.final_state:
+        raise ContextParallelError(
+            f"{spec.name}: context parallelism needs the spec's final_state flag "
+            "(each rank hands its part's final state on)"
+        )
+
+
+class ContextParallel:
+    """Run `op` (an ssmc op or reference of `checked`) on this rank's part of the sequence."""
+
+    def __init__(
+        self, checked: CheckedSpec, op: Op, group: dist.ProcessGroup | None = None
+    ) -> None:
+        check_splittable(checked)
+        self.checked = checked
+        self.op = op
+        self.group = group
+
+    def __call__(
+        self, *, initial_state: Tensor | None = None, **tensors: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """This rank's y and the state after its part (the last rank's is the global one).
+
+        `tensors` hold this rank's slice of the sequence axis; `initial_state` is read
+        on rank 0 only (the state entering the whole sequence).
+        """
+        if "cu_seqlens" in tensors:
+            raise ContextParallelError("context parallelism does not take cu_seqlens")
+        rank = dist.get_rank(self.group)
+        init = initial_state if rank == 0 else None
+        if init is not None and not self.checked.spec.initial_state:
+            raise ContextParallelError(
+                f"{self.checked.spec.name} takes no initial_state (the spec lacks the flag)"
+            )
+        y0, s0 = self.op(initial_state=init, **tensors)
+        assert s0 is not None
+        decay = _roles(self.checked, tensors)
+        log_a = decay.log_a  # [b, T, H, N] (N broadcast for a scalar decay), fp32+
+        total = log_a.sum(dim=1)  # [b, H, N]
+        # One collective carrying both (state, total decay): [b, H, N, P + 1] per rank.
+        state32 = s0.to(torch.promote_types(s0.dtype, torch.float32))
+        packed = torch.cat([state32, total.to(state32.dtype).unsqueeze(-1)], dim=-1)
+        gathered = _AllGather.apply(packed, self.group)
+        states, totals = gathered[..., :-1], gathered[..., -1]
+        # Every rank's result must depend on the gathered tensor, or a rank would skip the
+        # gather's backward collective and the others would wait for it forever: rank 0
+        # enters with a zero that is still connected to the gather (by a zero derivative).
+        h = states[0] * 0
+        for j in range(rank):
+            h = totals[j].unsqueeze(-1).exp() * h + states[j]
+        correction = _entering_state_output(decay, log_a, h)
+        y = (y0.to(correction.dtype) + correction).to(y0.dtype)
+        final = s0 + (total.unsqueeze(-1).exp() * h).to(s0.dtype)
+        return y, final
+
+
+class _Decay:
+    """The roles the correction needs, broadcast to output heads: log a, C, gate."""
+
+    def __init__(self, log_a: Tensor, C: Tensor, gate: Tensor | None) -> None:
+        self.log_a, self.C, self.gate = log_a, C, gate
+
+
+def _roles(checked: CheckedSpec, tensors: Mapping[str, Tensor]) -> _Decay:
+    """log a [b, T, H, N], C [b, T, H, N] and the gate, from the spec's expressions."""
+    # Imported here: ssmc.reference pulls in the whole torch reference, not needed otherwise.
+    from ssmc.reference import canonical_roles
+
+    dims = bind(checked, tensors)
+    roles = canonical_roles(checked, tensors, dims)
+    assert roles.C is not None
+    C = _to_heads(roles.C, roles.H)
+    dtype = torch.promote_types(C.dtype, torch.float32)
+    C = C.to(dtype)
+    b, T, H, N = C.shape
+    if roles.log_a is None:  # causal: no decay
+        log_a = torch.zeros(b, T, H, N, dtype=dtype, device=C.device)
+    elif roles.log_a.dim() == 3:  # scalar decay per head
+        log_a = _to_heads(roles.log_a.unsqueeze(-1), H).to(dtype).expand(b, T, H, N)
+    else:  # diagonal decay per state channel
+        log_a = _to_heads(roles.log_a, H).to(dtype)
+    return _Decay(log_a, C, roles.gate)
+
+
+def _to_heads(t: Tensor, H: int) -> Tensor:
+    """[b, T, G, ...] → [b, T, H, ...]: head h reads group h // (H / G)."""
+    G = t.shape[2]
+    return t if G == H else t.repeat_interleave(H // G, dim=2)
+
+
+def _entering_state_output(decay: _Decay, log_a: Tensor, h: Tensor) -> Tensor:
+    """gate ⊙ Σ_n exp(cumsum log a)_n C_n h_{n,:}: what the entering state adds to y."""
+    reach = log_a.cumsum(dim=1).exp() * decay.C  # [b, T, H, N]
+    out = torch.einsum("bthn,bhnp->bthp", reach, h.to(reach.dtype))
+    if decay.gate is not None:
+        out = out * decay.gate.to(out.dtype)
+    return out
+
+
+class _AllGather(torch.autograd.Function):
+    """[world, *shape] of every rank's tensor; backward sums each slot's gradient to its sender."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        ctx.rank = dist.get_rank(group)
+        world = dist.get_world_size(group)
+        out = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(out, t.contiguous(), group=group)
+        return torch.stack(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad[ctx.rank], None

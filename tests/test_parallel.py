@@ -1,0 +1,120 @@
+"""Context parallelism (ssmc.parallel) equals the single-process op, forward and backward.
+
+Two gloo processes each run half of the sequence (tests/parallel_worker.py); their outputs,
+the last rank's final state and every gradient (per-token tensors concatenated, parameter
+gradients summed over ranks) must match one process running the whole sequence.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssmc.parallel import ContextParallel, ContextParallelError
+from ssmc.pipeline import parse, parse_file, with_dims
+from ssmc.reference import random_inputs, reference
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).with_name("parallel_worker.py")
+CASES = {
+    "mamba2": ("mamba2.ssm", "H=4,G=2,N=4,P=4"),
+    "gla": ("gla.ssm", "H=2,N=4,P=4"),
+    "retnet": ("retnet.ssm", "H=2,N=4,P=4"),
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_ranks(spec: Path, dims: str, mode: str, dtype: str, out: Path, world: int = 2) -> None:
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "WORLD_SIZE": str(world),
+        "PYTHONPATH": str(ROOT),
+    }
+    cmd = [sys.executable, str(WORKER), str(spec), "--dims", dims, "--mode", mode]
+    cmd += ["--dtype", dtype, "--out", str(out)]
+    procs = [
+        subprocess.Popen(cmd, env={**env, "RANK": str(r)}, stderr=subprocess.PIPE, text=True)
+        for r in range(world)
+    ]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    failed = [
+        f"rank {r} failed:\n{err[-2000:]}"
+        for r, (p, err) in enumerate(zip(procs, errors, strict=True))
+        if p.returncode != 0
+    ]
+    assert not failed, "\n".join(failed)
+
+
+def _single(spec: Path, dims: str, batch: int = 2, seqlen: int = 16) -> dict:
+    """The whole sequence in one process (fp64 reference), same inputs and loss as the worker."""
+    parsed = dict((k, int(v)) for k, v in (kv.split("=") for kv in dims.split(",")))
+    checked = with_dims(parse_file(spec), parsed)
+    gen = torch.Generator().manual_seed(0)
+    full = random_inputs(checked, batch=batch, seqlen=seqlen, generator=gen)
+    leaves = {k: v.clone().requires_grad_() for k, v in full.items()}
+    y, state = reference(checked, "recurrent")(**leaves)
+    w_y = torch.randn(batch, seqlen, *y.shape[2:], generator=gen, dtype=torch.float64)
+    w_s = torch.randn(*state.shape, generator=gen, dtype=torch.float64)
+    ((y * w_y).sum() + (state * w_s).sum()).backward()
+    per_token = {t.name for t in checked.spec.tensors if "seq" in t.shape}
+    grads = {k: v.grad for k, v in leaves.items() if v.grad is not None}
+    return {"y": y.detach(), "state": state.detach(), "grads": grads, "per_token": per_token}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+def _compare(out: Path, want: dict, bound: float, world: int = 2) -> None:
+    ranks = [torch.load(out / f"rank{r}.pt") for r in range(world)]
+    y = torch.cat([r["y"] for r in ranks], dim=1)
+    assert _rel(y, want["y"]) < bound, f"y: {_rel(y, want['y']):.2e}"
+    assert _rel(ranks[-1]["state"], want["state"]) < bound
+    for name, g in want["grads"].items():
+        if name in want["per_token"]:
+            got = torch.cat([r["grads"][name] for r in ranks], dim=1)
+        elif name == "initial_state":  # read on rank 0 only
+            got = ranks[0]["grads"][name]
+        else:
+            got = sum(r["grads"][name] for r in ranks)
+        assert _rel(got, g) < bound, f"grad of {name}: {_rel(got, g):.2e}"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_two_ranks_match_one_reference(case: str, tmp_path: Path) -> None:
+    spec, dims = CASES[case]
+    _run_ranks(ROOT / "examples" / spec, dims, "reference", "float64", tmp_path)
+    _compare(tmp_path, _single(ROOT / "examples" / spec, dims), 1e-10)
+
+
+@pytest.mark.interpret
+def test_two_ranks_of_generated_kernels(tmp_path: Path) -> None:
+    spec, dims = CASES["mamba2"]
+    _run_ranks(ROOT / "examples" / spec, dims, "op", "float32", tmp_path)
+    _compare(tmp_path, _single(ROOT / "examples" / spec, dims), 1e-4)
+
+
+def test_toeplitz_is_refused() -> None:
+    checked = parse_file(ROOT / "examples" / "s4d.ssm")
+    with pytest.raises(ContextParallelError, match="Toeplitz"):
+        ContextParallel(checked, reference(checked))
+
+
+def test_spec_without_final_state_is_refused() -> None:
+    text = (ROOT / "examples" / "mamba2.ssm").read_text().replace("final_state\n", "")
+    checked = parse(text)
+    with pytest.raises(ContextParallelError, match="final_state"):
+        ContextParallel(checked, reference(checked))
