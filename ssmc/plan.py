@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 from ssmc import devices, ir
 from ssmc.cost import Cost, PlanError, Shape, cost, quadratic_tile
+from ssmc.cost_time import timing
 from ssmc.devices import Device
 
 _log = logging.getLogger(__name__)
@@ -25,47 +26,6 @@ TUNABLE = ("chunk_size", "block_t", "block_n", "block_p", "num_warps", "num_stag
 """Keys an autotuner entry may set; anything else in `tuned` is an error."""
 PREFERENCE = (ir.Form.RECURRENT, ir.Form.QUADRATIC, ir.Form.CHUNKED, ir.Form.CONVOLUTION)
 """Tie-break between equal estimates: the simpler form first."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Timing:
-    """A cost against a device, summed over its launches (each one's sides overlap)."""
-
-    compute_s: float
-    memory_s: float
-    chain_s: float
-    launch_s: float
-    total_s: float
-    """Σ over launches of max(compute, memory, chain) + launch overhead."""
-    bound: str
-    """What most of the time goes to: "compute", "memory", "latency" or "launch"."""
-
-
-def timing(cost: Cost, device: Device) -> Timing:
-    """Estimate one call; a launch with fewer programs than SMs computes proportionally slower."""
-    spent = dict.fromkeys(("compute", "memory", "latency", "launch"), 0.0)
-    sides = dict.fromkeys(spent, 0.0)
-    for k in cost.launches:
-        occupancy = min(1.0, k.programs / device.sm_count)
-        work = k.matmul_flops / device.matmul_flops + k.scalar_flops / device.fp32_flops
-        side = {
-            "compute": work / occupancy,
-            "memory": k.bytes / device.mem_bandwidth,
-            "latency": k.serial_steps * device.step_latency_s,
-        }
-        slowest = max(side, key=lambda name: side[name])
-        spent[slowest] += side[slowest]
-        spent["launch"] += device.launch_overhead_s
-        for name, seconds in side.items():
-            sides[name] += seconds
-    return Timing(
-        compute_s=sides["compute"],
-        memory_s=sides["memory"],
-        chain_s=sides["latency"],
-        launch_s=spent["launch"],
-        total_s=sum(spent.values()),
-        bound=max(spent, key=lambda name: spent[name]),
-    )
 
 
 class Estimate(NamedTuple):
@@ -139,7 +99,7 @@ def plan(
     }
     _check_block_t(chosen.form, tiles["block_t"], chosen.chunk_size)
     _log.debug("plan %s, batch %d × T %d: %s, chunk %d; %s", checked.spec.name, shape.batch,
-               shape.seqlen, chosen.form.value, chosen.chunk_size, reason)
+              shape.seqlen, chosen.form.value, chosen.chunk_size, reason)
     return Plan(
         form=chosen.form,
         chunk_size=chosen.chunk_size,

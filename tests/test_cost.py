@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from ssmc import ir
-from ssmc.cost import PlanError, Shape, _tile_pairs, cost
+from ssmc import cost_forms, ir
+from ssmc.cost import PlanError, Shape, cost
+from ssmc.cost_terms import sizes, tile_pairs
 from ssmc.expr import BinOp, Op, Ref
+from ssmc.pipeline import parse_file
 
+EXAMPLES = Path(__file__).parent.parent / "examples"
 SSD_FORMS = (ir.Form.RECURRENT, ir.Form.QUADRATIC, ir.Form.CHUNKED)
 TOEPLITZ_FORMS = (ir.Form.QUADRATIC, ir.Form.CONVOLUTION)
 
@@ -129,12 +134,65 @@ def test_quadratic_is_quadratic_in_T() -> None:
     assert 3 < long.bytes / short.bytes < 4.5
 
 
-def test_chunk_states_are_written_and_read_once() -> None:
+@pytest.mark.parametrize("dtype_bytes", [2, 4])
+def test_chunk_states_are_written_and_read_once(dtype_bytes: int) -> None:
     T, Q, H, N, P = 1024, 64, 8, 64, 64
-    c = cost(ssd(H=H, N=N), ir.Form.CHUNKED, shape(T), chunk_size=Q)
-    states = (T // Q) * H * N * P * 4
+    c = cost(ssd(H=H, N=N), ir.Form.CHUNKED, shape(T, dtype_bytes=dtype_bytes), chunk_size=Q)
+    # The state entering each chunk is stored in C's dtype when 16-bit, else fp32.
+    states = (T // Q) * H * N * P * dtype_bytes
     assert c.state_bytes == states
-    assert c.bytes - cost(ssd(H=H, N=N), ir.Form.RECURRENT, shape(T)).bytes > 2 * states
+    walk, cb, scan = c.launches[1:]
+    rows = T * (N * dtype_bytes + H * P * dtype_bytes + H * 4)  # B, x, log a
+    assert walk.bytes == rows + states
+    cb_bytes = (T // Q) * Q * Q * dtype_bytes
+    assert cb.bytes == T * 2 * N * dtype_bytes + cb_bytes
+    assert scan.bytes == T * (N + 2 * H * P) * dtype_bytes + T * H * 4 + cb_bytes + states
+
+
+def test_the_scalar_chunked_form_is_three_launches() -> None:
+    c = cost(ssd(), ir.Form.CHUNKED, shape(4096), chunk_size=128)
+    assert [k.name for k in c.launches] == [
+        "prologue",
+        "chunked_state",
+        "chunked_scan_cb",
+        "chunked_scan",
+    ]
+    walk = c.launches[1]
+    # One walker per (sequence, head, N × P tile); 128-token steps when they are few.
+    assert (walk.programs, walk.serial_steps, walk.step_round_trips) == (8, 4096 // 128, 1)
+    many = cost(ssd(H=64), ir.Form.CHUNKED, shape(4096, batch=8), chunk_size=128).launches[1]
+    assert (many.programs, many.serial_steps) == (512, 4096 // 64)
+
+
+def test_the_diagonal_chunked_form_is_five_launches() -> None:
+    spec = parse_file(EXAMPLES / "mamba1.ssm")
+    c = cost(spec, ir.Form.CHUNKED, Shape(batch=2, seqlen=4096), chunk_size=64)
+    core = [k.name for k in c.launches if k.name.startswith("chunked")]
+    assert core == [
+        "chunked_diag_cumsum",
+        "chunked_diag_state",
+        "chunked_diag_passing",
+        "chunked_diag_intra",
+        "chunked_diag_scan",
+    ]
+    assert c.launches[-1].name == "epilogue"
+    # Every chunk's fp32 state: 2 · 64 chunks · 64 heads · N = 16 · P = 1.
+    assert c.state_bytes == 2 * 64 * 64 * 16 * 1 * 4
+
+
+def test_the_chunked_scan_applies_skip_and_gate_in_its_store() -> None:
+    spec = parse_file(EXAMPLES / "mamba2.ssm")
+    s = Shape(batch=2, seqlen=1024)
+    chunked = cost(spec, ir.Form.CHUNKED, s, chunk_size=128)
+    recurrent = cost(spec, ir.Form.RECURRENT, s)
+    assert "epilogue" not in [k.name for k in chunked.launches]
+    assert recurrent.launches[-1].name == "epilogue"
+    # y (fp32, H·P per token) is neither written by the scan nor read back; the scan
+    # reads what the epilogue read (x, z) and writes out instead.
+    epilogue = recurrent.launches[-1]
+    unfused = cost_forms.chunked(sizes(spec, s), 128)[-1]
+    y_bytes = 2 * 1024 * 80 * 64 * 4
+    assert chunked.launches[-1].bytes == unfused.bytes + epilogue.bytes - 2 * y_bytes
 
 
 def test_mva_computes_c_bt_once_per_group() -> None:
@@ -218,4 +276,4 @@ def test_tile_pairs_match_a_direct_count(nb: int, window: int) -> None:
         for j in range(i + 1)
         if (i - j) * bt - (bt - 1) <= window - 1  # some (row, column) of the tile is in the band
     )
-    assert _tile_pairs(nb, bt, window) == direct
+    assert tile_pairs(nb, bt, window) == direct

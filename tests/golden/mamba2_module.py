@@ -37,8 +37,7 @@ LAST_FORM = None
 # (largest seq length, form, chunk size): the planner's cheapest form per length.
 _FORM_RULE = (
     (64, "recurrent", 64),
-    (1024, "quadratic", 64),
-    (None, "chunked", 256),
+    (None, "chunked", 128),
 )
 
 
