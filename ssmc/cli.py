@@ -106,6 +106,41 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_show(args: argparse.Namespace) -> int:
+    from ssmc.pipeline import parse_file, with_dims
+    from ssmc.show import matrices, png, text
+
+    checked = with_dims(parse_file(args.file), _shape_dims(args))
+    drawn = matrices(checked, seqlen=args.seqlen, chunk_size=args.chunk_size, seed=args.seed)
+    if args.png:
+        print(f"wrote {png(drawn, args.png, heads=args.heads or 2)}")
+    else:
+        print(text(drawn, heads=args.heads or 1))
+    return 0
+
+
+def _add_show(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    show = sub.add_parser(
+        "show", help="draw the mask L and the matrix M = L ∘ C Bᵀ for a small T",
+        description="Compute the mask L and the full matrix M = L ∘ C Bᵀ of every head from "
+        "random fp64 inputs (ssmc's reference) at a small T, with the chunks outlined and the "
+        "rank of each off-diagonal block (the semiseparable structure): as text, or as a PNG "
+        "with --png (needs matplotlib: pip install 'ssmc[plot]').",
+        epilog="examples:\n  ssmc show examples/mamba2.ssm --seqlen 12 --dim N=2\n"
+        "  ssmc show examples/gla.ssm --png gla.png --seqlen 24 --chunk-size 8 --dim N=3")
+    show.add_argument("file", help="a .ssm spec")
+    show.add_argument("--png", metavar="PATH", help="draw a PNG here instead of printing text")
+    show.add_argument("--seqlen", "-T", type=int, default=16, help="sequence length T (default 16)")
+    show.add_argument("--chunk-size", "-Q", type=int,
+                      help="chunk length Q of the outlined blocks (default T/4, at least 2)")
+    show.add_argument("--heads", type=int,
+                      help="how many heads to show (default: 1 as text, 2 in a PNG)")
+    show.add_argument("--dim", action="append", metavar="NAME=INT",
+                      help="rebind a dim (e.g. N=2 to see rank-2 blocks); repeatable")
+    show.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    show.set_defaults(handler=_cmd_show)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command (also used to test `--help`)."""
     parser = argparse.ArgumentParser(
@@ -152,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--form", choices=["recurrent", "quadratic", "chunked", "convolution"],
                      help="force a form")
     run.add_argument("--chunk-size", type=int, help="force a chunk size")
-    run.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    run.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                     help="dtype of the inputs (default float32; bfloat16 needs a GPU)")
     run.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     run.set_defaults(handler=_cmd_run)
 
@@ -164,7 +200,51 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--force", action="store_true",
                       help="replace an existing file that ssmc did not write")
     comp.set_defaults(handler=_cmd_compile)
+    _add_show(sub)
+    _finish_help(parser, sub)
     return parser
+
+
+EXAMPLES = {
+    "check": "ssmc check examples/mamba2.ssm\n  ssmc check --no-proof examples/gla.ssm",
+    "explain": "ssmc explain examples/mamba2.ssm --seqlen 16384 --batch 1",
+    "run": "TRITON_INTERPRET=1 ssmc run examples/mamba2.ssm --seqlen 64 --dim H=4 --dim P=16 "
+    "--dim N=16\n  ssmc run examples/gla.ssm --seqlen 4096 --dtype bfloat16   # on a GPU",
+    "compile": "ssmc compile examples/mamba2.ssm -o mamba2_op.py",
+}
+"""One or two command lines per sub-command, shown under its --help."""
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Fills each paragraph of a description or epilog; indented lines (examples) stay as is."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out: list[str] = []
+        paragraph: list[str] = []
+        for line in [*text.splitlines(), None]:
+            if line and not line.startswith(" "):
+                paragraph.append(line.strip())
+                continue
+            if paragraph:
+                out.append(super()._fill_text(" ".join(paragraph), width, indent))
+                paragraph = []
+            if line is not None:
+                out.append(indent + line if line.strip() else "")
+        return "\n".join(out)
+
+
+def _finish_help(parser: argparse.ArgumentParser,
+                 sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Every parser fills its text and keeps its examples; a sub-command without an
+    epilog of its own gets its EXAMPLES entry."""
+    parser.formatter_class = _HelpFormatter
+    parser.epilog = parser.epilog or ("example:\n  ssmc check examples/mamba2.ssm\n\n"
+                                      "Run `ssmc COMMAND --help` for a command's options. "
+                                      "$SSMC_LOG=info logs compiles, cache hits and plans.")
+    for name, command in sub.choices.items():
+        command.formatter_class = _HelpFormatter
+        if not command.epilog and name in EXAMPLES:
+            command.epilog = "example:\n  " + EXAMPLES[name]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

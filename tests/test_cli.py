@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +66,37 @@ def test_explain_shows_every_allowed_form(capsys: pytest.CaptureFixture[str]) ->
     for form in ("recurrent", "quadratic", "chunked"):
         assert form in out
     assert "chose chunked" in out
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return {"ssmc": parser, **sub.choices}
+
+
+@pytest.mark.parametrize("name", sorted(_commands()))
+def test_every_option_has_help_and_every_command_an_example(name: str) -> None:
+    command = _commands()[name]
+    assert command.description and len(command.description) > 40, name
+    assert command.epilog and "\n  ssmc " in "\n" + command.epilog.replace("example:\n", ""), name
+    for action in command._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            assert all(a.help for a in action._choices_actions)
+            continue
+        assert action.help and action.help != argparse.SUPPRESS, f"{name}: {action.dest}"
+    text = command.format_help()
+    assert "example" in text and "ssmc " in text.split("example", 1)[1]
+
+
+@pytest.mark.parametrize("name", sorted(_commands()))
+def test_examples_in_help_parse(name: str) -> None:
+    """Every example line under --help is a valid command line for the parser."""
+    command = _commands()[name]
+    lines = [line.strip() for line in (command.epilog or "").splitlines() if line.startswith("  ")]
+    assert lines
+    for line in lines:
+        words = shlex.split(line.split("#", 1)[0])
+        while re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # an environment variable before it
+            words.pop(0)
+        assert words[0] == "ssmc", line
+        build_parser().parse_args(words[1:])
