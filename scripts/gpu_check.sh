@@ -3,6 +3,7 @@
 #   tests     the kernel tests (marked interpret/gpu) compiled on the GPU
 #   validate  every example at real sizes against fp64 (scripts/gpu_validate.py)
 #   bench     SSD forward vs mamba_ssm and FLA (scripts/bench_ssd.py)
+#   parallel  context parallelism over every GPU vs one (scripts/gpu_parallel.py)
 #   mqar      the MQAR training example (examples/mqar.py SPEC... [flags])
 #   all       the three in order
 # Usage (device tool, carry .whl): bash scripts/gpu_check.sh STAGE [extra args]
@@ -34,6 +35,11 @@ fi
 if [[ $stage == bench || $stage == all ]]; then
     python3 scripts/bench_ssd.py --mamba-src "$mamba_src" --json "$out/bench_ssd.json" 2>&1 \
         | tee "$out/bench.log" || status=1
+fi
+if [[ $stage == parallel ]]; then
+    gpus=$(nvidia-smi -L | wc -l)
+    python3 -m torch.distributed.run --nproc_per_node="$gpus" scripts/gpu_parallel.py \
+        --json "$out/parallel.json" "$@" 2>&1 | tee "$out/parallel.log" || status=1
 fi
 if [[ $stage == mqar ]]; then
     python3 examples/mqar.py "$@" --json "$out/mqar.json" 2>&1 | tee "$out/mqar.log" || status=1

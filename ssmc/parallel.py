@@ -25,8 +25,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ssmc import ir
-from ssmc.bind import bind
-from ssmc.ir import CheckedSpec
+from ssmc.bind import bind, size_of
+from ssmc.expr import Expr
+from ssmc.expr_torch import evaluate, squeeze_literals
+from ssmc.ir import BATCH, SEQ, CheckedSpec
 
 Op = Callable[..., tuple[Tensor, Tensor | None]]
 
@@ -106,24 +108,49 @@ class _Decay:
 
 
 def _roles(checked: CheckedSpec, tensors: Mapping[str, Tensor]) -> _Decay:
-    """log a [b, T, H, N], C [b, T, H, N] and the gate, from the spec's expressions."""
-    # Imported here: ssmc.reference pulls in the whole torch reference, not needed otherwise.
-    from ssmc.reference import canonical_roles
+    """log a [b, T, H, N], C [b, T, H, N] and the gate, evaluated from the spec's expressions.
 
+    Only the three roles the correction reads are evaluated (not x, the skip or B), so the
+    extra work per rank is O(T·H·N) plus the gate.
+    """
+    spec, heads = checked.spec, checked.heads
     dims = bind(checked, tensors)
-    roles = canonical_roles(checked, tensors, dims)
-    assert roles.C is not None
-    C = _to_heads(roles.C, roles.H)
+    env = {t.name: squeeze_literals(t, tensors[t.name]) for t in spec.tensors}
+    b, T, H = dims[BATCH], dims[SEQ], size_of(heads.output, dims)
+    N = size_of(checked.state_size, dims) if checked.state_size is not None else 1
+    n_axis = _axis(checked.state_size, "N")
+
+    def role(expr: Expr, count: ir.Size | None, *rest: str) -> Tensor:
+        G = 1 if count is None else size_of(count, dims)
+        value = evaluate(expr, env, dims, (BATCH, SEQ, _axis(count, "head"), *rest))
+        return _to_heads(value.expand(b, T, G, *(N for _ in rest)), H)
+
+    assert spec.query is not None
+    C = role(spec.query, heads.query, n_axis)
     dtype = torch.promote_types(C.dtype, torch.float32)
     C = C.to(dtype)
-    b, T, H, N = C.shape
-    if roles.log_a is None:  # causal: no decay
-        log_a = torch.zeros(b, T, H, N, dtype=dtype, device=C.device)
-    elif roles.log_a.dim() == 3:  # scalar decay per head
-        log_a = _to_heads(roles.log_a.unsqueeze(-1), H).to(dtype).expand(b, T, H, N)
-    else:  # diagonal decay per state channel
-        log_a = _to_heads(roles.log_a, H).to(dtype)
-    return _Decay(log_a, C, roles.gate)
+    match spec.mask:
+        case ir.ConstDecay(log_gamma=e):
+            count = heads.decay
+            per_head = evaluate(e, env, dims, (_axis(count, "head"),)).to(dtype)
+            G = 1 if count is None else size_of(count, dims)
+            log_a = _to_heads(per_head.expand(G)[None, None, :, None], H).expand(b, T, H, N)
+        case ir.ScalarSemiseparable(log_a=e):
+            log_a = role(e, heads.decay).to(dtype).unsqueeze(-1).expand(b, T, H, N)
+        case ir.DiagonalSemiseparable(log_a=e):
+            log_a = role(e, heads.decay, n_axis).to(dtype)
+        case _:  # causal: no decay
+            log_a = torch.zeros(b, T, H, N, dtype=dtype, device=C.device)
+    gate = None
+    if spec.gate is not None:
+        y_axes = (BATCH, SEQ, _axis(heads.output, "head"), _axis(checked.head_dim, "P"))
+        gate = evaluate(spec.gate, env, dims, y_axes)
+    return _Decay(log_a, C, gate)
+
+
+def _axis(size: ir.Size | None, role: str) -> str:
+    """The axis name of a size: a dim's name, or a private name for a literal (size 1)."""
+    return size if isinstance(size, str) else f"1.{role}"
 
 
 def _to_heads(t: Tensor, H: int) -> Tensor:
