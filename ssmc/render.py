@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import fields, is_dataclass
 from enum import Enum
@@ -197,15 +198,15 @@ def form_rule(
 ) -> tuple[tuple[int | None, str, int], ...]:
     """(largest T, form, chunk size) intervals: the planner's cheapest available form per T.
 
-    The planner is asked at powers of two (batch 4, 2-byte inputs, call-time dims at 64)
-    on `device`; the last interval is open (None).
+    The planner is asked at powers of two (batch 4, 2-byte inputs, call-time dims from
+    `planning_dims`) on `device`; the last interval is open (None).
     """
     if not forms:
         return ()
     from ssmc.cost import Shape
     from ssmc.plan import plan
 
-    dims = {d.name: 64 for d in checked.spec.dims if d.value is None}
+    dims = planning_dims(checked)
     rule: list[tuple[int | None, str, int]] = []
     for k in range(21):
         p = plan(checked, Shape(batch=4, seqlen=2**k, dims=dims), device=device)
@@ -217,6 +218,30 @@ def form_rule(
             rule.append((2**k, best.value, p.chunk_size))
     rule[-1] = (None, rule[-1][1], rule[-1][2])
     return tuple(rule)
+
+
+def planning_dims(checked: ir.CheckedSpec) -> dict[str, int]:
+    """Values for the dims bound at call time that a call could have: 64, except head counts,
+    which must divide H as the bound ones do (a call-time H is the least multiple of 64 that
+    the bound group counts divide; a call-time group count the largest divisor of H ≤ 64)."""
+    spec = checked.spec
+    dims = {d.name: 64 for d in spec.dims if d.value is None}
+    known = {d.name: d.value for d in spec.dims if d.value is not None}
+    counts = checked.heads
+    groups = {
+        g
+        for g in (counts.query, counts.key, counts.value, counts.decay)
+        if g is not None and g != counts.output
+    }
+    fixed = [g if isinstance(g, int) else known[g] for g in groups if g not in dims]
+    H = counts.output
+    if isinstance(H, str) and H in dims:
+        dims[H] = math.lcm(64, *fixed)
+    heads = H if isinstance(H, int) else dims.get(H, known.get(H, 64))
+    for g in groups:
+        if isinstance(g, str) and g in dims:
+            dims[g] = max(d for d in range(1, min(heads, 64) + 1) if heads % d == 0)
+    return dims
 
 
 def validate_names(spec: ir.Spec) -> None:

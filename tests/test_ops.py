@@ -19,8 +19,8 @@ from ssmc import ir
 from ssmc.errors import TensorError
 from ssmc.expr_triton import UnsafeNameError
 from ssmc.load import load
-from ssmc.ops import SsmcOp, op_name, schema
-from ssmc.pipeline import parse_file, with_dims
+from ssmc.ops import SsmcOp, op_name, schema, schema_names
+from ssmc.pipeline import parse, parse_file, with_dims
 from ssmc.reference import random_inputs, reference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,6 +178,63 @@ def test_op_names_and_schema_come_from_identifiers() -> None:
     )
     with pytest.raises(UnsafeNameError):
         schema(hostile)
+
+
+def _renamed(checked: ir.CheckedSpec, names: dict[str, str]) -> ir.CheckedSpec:
+    """`checked` with its tensors renamed (the IR only: what schema_names sees)."""
+    spec = checked.spec
+    tensors = tuple(
+        ir.Tensor(name=names.get(t.name, t.name), kind=t.kind, shape=t.shape) for t in spec.tensors
+    )
+    fields = {f: getattr(spec, f) for f in spec.__dataclass_fields__} | {"tensors": tensors}
+    return ir.CheckedSpec(
+        **{f: getattr(checked, f) for f in checked.__dataclass_fields__}
+        | {"spec": ir.Spec(**fields)}
+    )
+
+
+def test_schema_renames_never_collide() -> None:
+    """A name the schema reserves takes `arg_` prefixes until it is free (`out` beside a
+    tensor `arg_out` was a collision, UnsafeNameError at load)."""
+    checked = parse_file(ROOT / "examples" / "mamba2.ssm")
+    names = {"x": "out", "dt": "arg_out", "B": "self", "C": "arg_self", "z": "arg_arg_out"}
+    renamed = schema_names(_renamed(checked, names))
+    assert renamed[:5] == ("arg_arg_arg_out", "arg_out", "arg_arg_self", "arg_self", "arg_arg_out")
+    assert len(set(renamed)) == len(renamed)
+    assert schema(_renamed(checked, names)).startswith("(Tensor arg_arg_arg_out, Tensor arg_out")
+
+
+CALL_TIME_GROUP = """\
+ssm call_time_group
+dim H = 4, G, N = 8, P = 8
+input x : [batch, seq, H, P]
+input B : [batch, seq, G, N]
+input C : [batch, seq, G, N]
+output y : [batch, seq, H, P]
+mask causal
+query C
+key   B
+value x
+"""
+"""The fuzzer's reproducer of bug 11: H bound below 64, the group count G at call time (the
+form rule was planned with G = 64: division by zero, the spec could not be rendered)."""
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("G", [1, 2, 4])
+def test_call_time_group_count_below_64_heads(G: int, poisoned, gen) -> None:  # type: ignore[no-untyped-def]
+    checked = parse(CALL_TIME_GROUP)
+    op = poisoned(checked)
+    inputs = random_inputs(
+        checked, batch=2, seqlen=9, dims={"G": G}, dtype=torch.float64, generator=gen
+    )
+    want, _ = reference(checked)(**inputs)
+    for form in ("auto", *(f.value for f in op.forms)):
+        y, _ = op(
+            **{k: v.float().to(DEVICE) for k, v in inputs.items()},
+            form=None if form == "auto" else form,
+        )
+        assert rel(y, want) <= 1e-5, form
 
 
 @pytest.mark.interpret
