@@ -2374,22 +2374,23 @@ def _ssmc_setup(tensors, initial_state, cu_seqlens, form, chunk_size):
 
 
 def _core_fwd(form, chunk, x, s, log_a, B, C, *, heads, out, initial_state, final_state, cu_seqlens,
-              epilogue=None):
+              epilogue=None, launch=None):
     """The core in `form`: out [b, T, heads, P] ← y (and final_state ← h_T when given);
-    `epilogue` = (tensors, sizes): out ← the output roles of y instead (the chunked scan's store)."""
+    `epilogue` = (tensors, sizes): out ← the output roles of y instead (the chunked scan's store);
+    `launch`: keyword options of the form's stage launcher (tiles, warps: ssmc.autotune)."""
     if form == "recurrent":
         recurrent_fwd(x, s, log_a, B, C, heads=heads, out=out, initial_state=initial_state,
-            final_state=final_state, cu_seqlens=cu_seqlens)
+            final_state=final_state, cu_seqlens=cu_seqlens, **(launch or {}))
     elif form == "quadratic":
         quadratic_fwd(x, s, log_a, B, C, heads=heads, out=out, initial_state=initial_state,
-            final_state=final_state, cu_seqlens=cu_seqlens)
+            final_state=final_state, cu_seqlens=cu_seqlens, **(launch or {}))
     elif form == "chunked":
         chunked_fwd(x, s, log_a, B, C, heads=heads, out=out, initial_state=initial_state,
-            final_state=final_state, cu_seqlens=cu_seqlens, chunk_size=chunk, epilogue=epilogue)
+            final_state=final_state, cu_seqlens=cu_seqlens, chunk_size=chunk, epilogue=epilogue, **(launch or {}))
     return out
 
 
-def _ssmc_run(tensors, initial_state, cu_seqlens, form, chunk_size):
+def _ssmc_run(tensors, initial_state, cu_seqlens, form, chunk_size, launch=None):
     global LAST_FORM
     requested = form
     sizes, num_states, form, chunk = _ssmc_setup(tensors, initial_state, cu_seqlens, form, chunk_size)
@@ -2417,7 +2418,7 @@ def _ssmc_run(tensors, initial_state, cu_seqlens, form, chunk_size):
         LAST_FORM = form
         _core_fwd(form, chunk, x, s, log_a, B, C, heads=H, out=out, initial_state=initial_state,
                   final_state=final_state, cu_seqlens=cu_seqlens,
-                  epilogue=(tensors, sizes) if fused else None)
+                  epilogue=(tensors, sizes) if fused else None, launch=launch)
     if fused:
         return out, final_state
     y = out if out_dtype == torch.float32 else torch.empty_like(out, dtype=out_dtype)
@@ -2485,7 +2486,8 @@ def _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y,
     return grads, d_initial_state
 
 
-def forward(*, x, dt, B, C, z, A, dt_bias, D, initial_state=None, cu_seqlens=None, form=None, chunk_size=None):
+def forward(*, x, dt, B, C, z, A, dt_bias, D, initial_state=None, cu_seqlens=None, form=None, chunk_size=None,
+            launch=None):
     """y, final_state of `mamba2`.
 
     x: [batch, seq, H, P]
@@ -2499,8 +2501,10 @@ def forward(*, x, dt, B, C, z, A, dt_bias, D, initial_state=None, cu_seqlens=Non
     initial_state: [batch or num_seqs, H, N, P] float32, optional
     cu_seqlens: [num_seqs + 1] int32/int64 offsets of packed sequences (batch = 1), optional
     form: one of FORMS, or None for the planner's rule; chunk_size: Q of the chunked form.
+    launch: keyword options of the form's stage launcher (tiles, num_warps, num_stages), as
+    the autotuner stores them; None for the launcher's defaults.
     """
-    return _ssmc_run((x, dt, B, C, z, A, dt_bias, D,), initial_state, cu_seqlens, form, chunk_size)
+    return _ssmc_run((x, dt, B, C, z, A, dt_bias, D,), initial_state, cu_seqlens, form, chunk_size, launch)
 
 
 def backward(*, x, dt, B, C, z, A, dt_bias, D, initial_state=None, cu_seqlens=None, form=None, chunk_size=None,
