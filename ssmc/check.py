@@ -10,8 +10,8 @@ import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ssmc import algebra, ir
 from ssmc import expr as E
+from ssmc import algebra, ir
 from ssmc.axes import expr_axes, head_dims, tensor_axes
 from ssmc.errors import CheckError, Diagnostic
 from ssmc.expr import Span

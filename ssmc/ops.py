@@ -259,7 +259,7 @@ class SsmcOp:
         self._seq_from = next(
             i for i, t in enumerate(checked.spec.tensors) if t.kind is ir.TensorKind.INPUT
         )
-        self._plans: dict[tuple[Any, ...], tuple[str | None, int | None]] = {}
+        self._plans: dict[tuple[Any, ...], tuple[str | None, int | None, Any]] = {}
         self._registered = register(checked)
         self._registered.run = self._run
         self._registered.run_backward = self._run_backward
@@ -292,15 +292,18 @@ class SsmcOp:
             result = self.op(*args)
         else:
             ordered = self._validate(tensors, initial_state, cu_seqlens)
+            launch = None
             if form_name is None and ordered[0].device.type == "cuda":
-                form_name, planned_chunk = self._plan(ordered, cu_seqlens)
+                form_name, planned_chunk, launch = self._plan(ordered, cu_seqlens)
+                if chunk_size is not None and chunk_size != planned_chunk:
+                    launch = None  # tuned tiles belong to the tuned chunk
                 chunk_size = chunk_size if chunk_size is not None else planned_chunk
             args = (*ordered, initial_state, cu_seqlens, form_name, chunk_size)
             # Without autograd the dispatcher adds only overhead (~70 µs a call): run directly.
             needs_grad = torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (*ordered, initial_state)
             )
-            result = self.op(*args) if needs_grad else self._run(*args)
+            result = self.op(*args) if needs_grad else self._run(*args, launch=launch)
         if self.checked.spec.final_state:
             y, state = result
             return y, state
@@ -329,8 +332,9 @@ class SsmcOp:
 
     def _plan(
         self, ordered: list[Tensor], cu_seqlens: Tensor | None
-    ) -> tuple[str | None, int | None]:
-        """The planner's form and chunk for this call shape (cached per shape)."""
+    ) -> tuple[str | None, int | None, Any]:
+        """The autotuned (else the planner's) form, chunk and launch options for this call
+        shape (cached per shape)."""
         key = (
             tuple(t.shape for t in ordered),
             ordered[0].dtype,
@@ -342,7 +346,8 @@ class SsmcOp:
 
     def _plan_uncached(
         self, ordered: list[Tensor], cu_seqlens: Tensor | None
-    ) -> tuple[str | None, int | None]:
+    ) -> tuple[str | None, int | None, Any]:
+        from ssmc.autotune_cache import tuned
         from ssmc.cost import Shape
         from ssmc.devices import detect
         from ssmc.plan import plan
@@ -358,13 +363,19 @@ class SsmcOp:
             dtype_bytes=ordered[0].element_size(),
             num_seqs=1 if cu_seqlens is None else max(cu_seqlens.shape[0] - 1, 1),
         )
+        forms = tuple(f.value for f in self.forms)
+        dtype = str(ordered[self._seq_from].dtype).removeprefix("torch.")
+        winner = tuned(self.checked, shape, dtype=dtype, varlen=cu_seqlens is not None, forms=forms)
+        if winner is not None:  # measured on this GPU for this shape bucket (ssmc.autotune)
+            return winner.form, winner.chunk_size, dict(winner.launch) or None
         chosen = plan(self.checked, shape, device=detect())
         if chosen.form not in self.forms:
-            return None, None
-        return chosen.form.value, chosen.chunk_size
+            return None, None, None
+        return chosen.form.value, chosen.chunk_size, None
 
-    def _run(self, *args: Any) -> Any:
-        """The op's implementation: generated kernels, or the reference on a plain CPU."""
+    def _run(self, *args: Any, launch: dict[str, Any] | None = None) -> Any:
+        """The op's implementation: generated kernels, or the reference on a plain CPU;
+        `launch`: tuned options of the form's stage launcher (eager calls without autograd)."""
         n = len(self._names)
         tensors, (initial_state, cu_seqlens, form, chunk_size) = args[:n], args[n:]
         if cu_seqlens is not None:
@@ -381,6 +392,7 @@ class SsmcOp:
             cu_seqlens=cu_seqlens,
             form=form,
             chunk_size=chunk_size,
+            launch=launch,
         )
         return (y, state) if self.checked.spec.final_state else y
 

@@ -1,0 +1,446 @@
+"""autotune: time the forms, chunks and launch options of a spec on this device; keep the best.
+
+`autotune(spec, batch=, seqlen=, dims=)` loads the spec's op, draws random inputs, computes
+the fp64 reference once, then tries candidates (ssmc.autotune_space): every form the
+module has at its default tiles (the chunked form at Q = 64, 128, 256), then, from the
+fastest of each form, one launch option at a time (coordinate search), keeping a change
+only when it is faster. Every candidate first runs once on outputs poisoned with NaN and
+is compared with the reference: one beyond its dtype's bound (DESIGN §5), or one that
+fails to compile or launch, is rejected and cannot win. The winner is stored in the
+autotune cache (ssmc.autotune_cache), where the op finds it for every call in the same
+shape bucket. On the CPU (TRITON_INTERPRET=1) the same path runs on tiny shapes with the
+default tiles only, so CI can test it end to end.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+import types
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssmc import ir
+from ssmc.autotune_cache import Key, Winner, make_key, record
+from ssmc.autotune_space import CHUNKS, Candidate, base_candidates, knob_values
+from ssmc.cost_terms import Shape
+from ssmc.errors import SsmcError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+BOUNDS = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 1e-2}
+"""‖out − ref‖/‖ref‖ bounds per input dtype (DESIGN §5; fp32 dots run in IEEE precision)."""
+Timer = Callable[[Candidate, Callable[[], object]], float]
+
+
+class AutotuneError(SsmcError, ValueError):
+    """Autotuning cannot run here (no GPU nor interpreter, bad shape) or found no candidate."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Trial:
+    """One candidate's outcome: its time when it agreed with the reference, else why not."""
+
+    candidate: Candidate
+    time_s: float | None
+    error: float | None
+    rejected: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Result:
+    """The winner, the planner's choice measured beside it, and every trial."""
+
+    key: Key
+    winner: Winner
+    planner: Candidate
+    trials: tuple[Trial, ...]
+    path: Path | None
+    """The cache file the winner was stored in (None when not stored)."""
+    shape: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        """Planner's measured time / best measured time (1.0 when the planner picked best)."""
+        if self.winner.planner_time_s is None:
+            return None
+        return self.winner.planner_time_s / self.winner.time_s
+
+    def table(self) -> str:
+        """One line per trial, fastest first, then the winner against the planner."""
+        lines = []
+        ok = sorted((t for t in self.trials if t.time_s is not None), key=lambda t: t.time_s or 0)
+        for t in ok:
+            mark = "→" if t.candidate == _candidate_of(self.winner) else " "
+            lines.append(f"{mark} {_fmt(t.time_s)}  err {t.error:.1e}  {t.candidate}")
+        for t in self.trials:
+            if t.time_s is None:
+                lines.append(f"✗ rejected  {t.candidate}: {t.rejected}")
+        ratio = self.ratio
+        planner = f"planner's {self.planner}: " + (
+            "not measured" if ratio is None else f"{_fmt(self.winner.planner_time_s)}"
+        )
+        best = f"best {_candidate_of(self.winner)}: {_fmt(self.winner.time_s)}"
+        lines.append(best + "; " + planner + ("" if ratio is None else f" ({ratio:.2f}×)"))
+        return "\n".join(lines)
+
+
+def autotune(
+    spec: ir.CheckedSpec | str | os.PathLike[str],
+    *,
+    batch: int,
+    seqlen: int,
+    dims: Mapping[str, int] | None = None,
+    num_seqs: int = 1,
+    dtype: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    candidates: Iterable[Candidate] | None = None,
+    search: bool | None = None,
+    store: bool = True,
+    progress: bool = True,
+    timer: Timer | None = None,
+    seed: int = 0,
+) -> Result:
+    """Tune `spec` at one call shape on the present device and store the winner.
+
+    dims: call-time dims (and rebound spec dims); num_seqs > 1 packs that many uneven
+    sequences with cu_seqlens (batch 1). dtype: of the per-token inputs (default bf16 on
+    a GPU, fp32 under the interpreter). candidates: try exactly these (default: every form
+    at default tiles, chunked at 64/128/256, or 16/32 under the interpreter); search: vary
+    launch options one at a time from each form's best (default: on a GPU only).
+    timer(candidate, call) → seconds replaces the CUDA-event timing (tests).
+    """
+    from ssmc.devices import detect
+    from ssmc.plan import plan
+
+    device = _device()
+    dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
+    if dtype not in DTYPES:
+        raise AutotuneError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if device == "cpu" and dtype == "bfloat16":
+        raise AutotuneError("bf16 needs a GPU: the Triton interpreter has no bf16")
+    checked, call_dims = _checked(spec, dims or {}, cache_dir)
+    if checked.pieces:
+        raise AutotuneError("composite masks (mask algebra) run several ops: tune each piece")
+    shape = Shape(
+        batch=batch,
+        seqlen=seqlen,
+        dims=call_dims,
+        dtype_bytes=DTYPES[dtype].itemsize,
+        num_seqs=num_seqs,
+    )
+    module = _module(checked, cache_dir)
+    forms = tuple(module.FORMS)
+    if not forms:
+        raise AutotuneError(f"spec {checked.spec.name!r} has no form with kernels yet")
+    bench = _Bench(checked, module, shape, dtype, device, seed)
+    planned = plan(checked, shape, device=detect())
+    planner = _planner_candidate(planned.form.value, planned.chunk_size, forms)
+    chunks = CHUNKS if device == "cuda" else (16, 32)
+    todo = list(candidates) if candidates is not None else base_candidates(forms, chunks)
+    if planner is not None and planner not in todo and candidates is None:
+        todo.append(planner)
+    tune = _Tuner(bench, timer or _timer(device), progress, len(todo))
+    for c in todo:
+        tune.trial(c)
+    if search if search is not None else (device == "cuda" and candidates is None):
+        for c in tune.best_per_form():
+            tune.search(c, knob_values(checked, module, c, bench.sizes))
+    tune.close()
+    best = tune.best()
+    if best is None:
+        reasons = "; ".join(f"{t.candidate}: {t.rejected}" for t in tune.trials)
+        raise AutotuneError(f"no candidate agreed with the fp64 reference ({reasons})")
+    planner_trial = tune.done.get(planner) if planner is not None else None
+    winner = Winner(
+        form=best.candidate.form,
+        chunk_size=best.candidate.chunk_size,
+        launch=best.candidate.options,
+        time_s=best.time_s or 0.0,
+        planner_form=planned.form.value,
+        planner_chunk=planned.chunk_size,
+        planner_time_s=None if planner_trial is None else planner_trial.time_s,
+        error=best.error or 0.0,
+    )
+    key = make_key(checked, shape, dtype=dtype, varlen=num_seqs > 1)
+    path = record(key, winner, cache_dir) if store else None
+    return Result(
+        key=key,
+        winner=winner,
+        planner=planner or Candidate(form=planned.form.value),
+        trials=tuple(tune.trials),
+        path=path,
+        shape={"batch": batch, "seqlen": seqlen, "num_seqs": num_seqs, "dims": dict(call_dims)},
+    )
+
+
+class _Bench:
+    """Inputs, the fp64 reference and the call of one candidate at one shape."""
+
+    def __init__(
+        self,
+        checked: ir.CheckedSpec,
+        module: types.ModuleType,
+        shape: Shape,
+        dtype: str,
+        device: str,
+        seed: int,
+    ) -> None:
+        from ssmc.reference import random_inputs, reference
+
+        self.module, self.dtype, self.device = module, dtype, device
+        generator = torch.Generator().manual_seed(seed)
+        inputs64 = random_inputs(
+            checked,
+            batch=shape.batch,
+            seqlen=shape.seqlen,
+            dims=dict(shape.dims),
+            generator=generator,
+        )
+        kinds = {t.name: t.kind for t in checked.spec.tensors}
+        self.tensors = {
+            k: v.to(device=device, dtype=_dtype_of(kinds.get(k), dtype))
+            for k, v in inputs64.items()
+        }
+        self.cu_seqlens = _uneven_offsets(shape, device) if shape.num_seqs > 1 else None
+        if self.cu_seqlens is not None and "initial_state" in self.tensors:
+            state = self.tensors["initial_state"]
+            self.tensors["initial_state"] = state[:1].expand(shape.num_seqs, *state.shape[1:])
+            self.tensors["initial_state"] = self.tensors["initial_state"].contiguous()
+        exact = {k: v.double() for k, v in self.tensors.items()}
+        y, state = reference(checked, None)(**exact, cu_seqlens=self.cu_seqlens)
+        self.ref = (y, state)
+        self.bound = BOUNDS[dtype]
+        H = checked.heads.output
+        self.sizes = {
+            "T": -(-shape.seqlen // shape.num_seqs),
+            "P": int(y.shape[3]),
+            "N": int(state.shape[2]) if state is not None else _dim(checked, shape, "N"),
+            "H": int(y.shape[2]) if isinstance(H, str) else H,
+        }
+        self.out_numel = y.numel()
+
+    def call(self, c: Candidate) -> Callable[[], Any]:
+        """A no-argument call of the module's forward for candidate `c`."""
+        options = c.options
+
+        def run() -> Any:
+            return self.module.forward(
+                **self.tensors,
+                cu_seqlens=self.cu_seqlens,
+                form=c.form,
+                chunk_size=c.chunk_size,
+                launch=options or None,
+            )
+
+        return run
+
+    def error(self, c: Candidate) -> float:
+        """max over outputs of ‖out − ref‖/‖ref‖, the outputs' memory NaN-poisoned first."""
+        from ssmc.run import relative_error
+
+        self._poison()
+        y, state = self.call(c)()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        errors = [relative_error(y, self.ref[0])]
+        if state is not None and self.ref[1] is not None:
+            errors.append(relative_error(state, self.ref[1]))
+        return max(errors)
+
+    def _poison(self) -> None:
+        """Fill freed memory with NaN, so that an output the kernels never write is NaN
+        (the caching allocator hands the same blocks back to the next allocations)."""
+        if self.device == "cuda":
+            torch.empty(4 * self.out_numel + (1 << 20), device="cuda").fill_(float("nan"))
+
+
+class _Tuner:
+    """Runs trials once each (cached by candidate), with a progress bar."""
+
+    def __init__(self, bench: _Bench, timer: Timer, progress: bool, total: int) -> None:
+        from tqdm import tqdm
+
+        self.bench, self.timer = bench, timer
+        self.trials: list[Trial] = []
+        self.done: dict[Candidate, Trial] = {}
+        self.bar = tqdm(total=total, disable=not progress, unit="cfg", desc="autotune")
+
+    def trial(self, c: Candidate) -> Trial:
+        if c in self.done:
+            return self.done[c]
+        self.bar.set_postfix_str(str(c)[:60])
+        try:
+            err = self.bench.error(c)
+            if not err <= self.bench.bound:
+                result = Trial(
+                    candidate=c,
+                    time_s=None,
+                    error=err,
+                    rejected=f"error {err:.2e} > bound {self.bench.bound:.0e}",
+                )
+            else:
+                result = Trial(candidate=c, time_s=self.timer(c, self.bench.call(c)), error=err)
+        except Exception as exc:  # a candidate that does not compile or launch loses
+            message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            result = Trial(candidate=c, time_s=None, error=None, rejected=message[:200])
+        self.done[c] = result
+        self.trials.append(result)
+        self.bar.update(1)
+        return result
+
+    def search(self, start: Candidate, knobs: Mapping[str, tuple[Any, ...]]) -> None:
+        """From `start`, one option at a time: keep each value that is faster."""
+        self.bar.total += sum(len(v) for v in knobs.values())
+        self.bar.refresh()
+        best = self.done[start]
+        for name, values in knobs.items():
+            for value in values:
+                trial = self.trial(best.candidate.with_option(name, value))
+                if trial.time_s is not None and trial.time_s < (best.time_s or float("inf")):
+                    best = trial
+
+    def best_per_form(self) -> list[Candidate]:
+        forms: dict[str, Trial] = {}
+        for t in self.trials:
+            if t.time_s is None:
+                continue
+            held = forms.get(t.candidate.form)
+            if held is None or t.time_s < (held.time_s or float("inf")):
+                forms[t.candidate.form] = t
+        return [t.candidate for t in forms.values()]
+
+    def best(self) -> Trial | None:
+        ok = [t for t in self.trials if t.time_s is not None]
+        return min(ok, key=lambda t: t.time_s or 0.0) if ok else None
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _timer(device: str) -> Timer:
+    """CUDA events around each call after warm-up (median); perf_counter on the CPU."""
+    if device != "cuda":
+
+        def cpu(_: Candidate, call: Callable[[], object]) -> float:
+            started = time.perf_counter()
+            call()
+            return time.perf_counter() - started
+
+        return cpu
+
+    def cuda(_: Candidate, call: Callable[[], object]) -> float:
+        for _i in range(3):
+            call()
+        torch.cuda.synchronize()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        once = max(start.elapsed_time(end) / 1e3, 1e-6)
+        reps = max(5, min(100, int(0.05 / once)))
+        times = []
+        for _i in range(reps):
+            start.record()
+            call()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return statistics.median(times)
+
+    return cuda
+
+
+def _device() -> str:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    raise AutotuneError(
+        "autotune times the generated kernels: it needs a GPU, or TRITON_INTERPRET=1 to run "
+        "them on the CPU (tiny shapes only)"
+    )
+
+
+def _checked(
+    spec: ir.CheckedSpec | str | os.PathLike[str],
+    dims: Mapping[str, int],
+    cache_dir: str | os.PathLike[str] | None,
+) -> tuple[ir.CheckedSpec, dict[str, int]]:
+    """The checked spec with its bound dims rebound where `dims` says, and the call-time dims."""
+    from ssmc.load import as_checked
+    from ssmc.pipeline import with_dims
+
+    checked = as_checked(spec, cache_dir=cache_dir)
+    declared = {d.name: d.value for d in checked.spec.dims}
+    unknown = sorted(set(dims) - set(declared))
+    if unknown:
+        raise AutotuneError(
+            f"no dim named {', '.join(unknown)}; dims of {checked.spec.name}: "
+            + ", ".join(declared)
+        )
+    rebound = {k: v for k, v in dims.items() if declared[k] is not None and declared[k] != v}
+    call_time = {k: v for k, v in dims.items() if declared[k] is None}
+    missing = sorted(k for k, v in declared.items() if v is None and k not in call_time)
+    if missing:
+        raise AutotuneError("dims bound at call time need values: " + ", ".join(missing))
+    return with_dims(checked, rebound), call_time
+
+
+def _module(checked: ir.CheckedSpec, cache_dir: str | os.PathLike[str] | None) -> Any:
+    from ssmc.load import load
+
+    return load(checked, cache_dir=cache_dir).module
+
+
+def _planner_candidate(form: str, chunk: int, forms: tuple[str, ...]) -> Candidate | None:
+    if form not in forms:
+        return None
+    return Candidate(form=form, chunk_size=chunk if form == "chunked" else None)
+
+
+def _candidate_of(w: Winner) -> Candidate:
+    return Candidate(form=w.form, chunk_size=w.chunk_size, launch=tuple(sorted(w.launch.items())))
+
+
+def _dtype_of(kind: ir.TensorKind | None, dtype: str) -> torch.dtype:
+    """Per-token inputs in `dtype`; parameters and the initial state in fp32."""
+    return DTYPES[dtype] if kind is ir.TensorKind.INPUT else torch.float32
+
+
+def _uneven_offsets(shape: Shape, device: str) -> torch.Tensor:
+    """cu_seqlens of num_seqs sequences of lengths ∝ 1, 2, 3, ... filling seqlen tokens."""
+    n = shape.num_seqs
+    weights = list(range(1, n + 1))
+    lengths = [max(1, shape.seqlen * w // sum(weights)) for w in weights]
+    lengths[-1] += shape.seqlen - sum(lengths)
+    if lengths[-1] < 1:
+        raise AutotuneError(f"{n} sequences do not fit in {shape.seqlen} tokens")
+    offsets = [0]
+    for length in lengths:
+        offsets.append(offsets[-1] + length)
+    return torch.tensor(offsets, dtype=torch.int32, device=device)
+
+
+def _dim(checked: ir.CheckedSpec, shape: Shape, name: str) -> int:
+    size = checked.state_size
+    if isinstance(size, int):
+        return size
+    if size is None:
+        return 16
+    bound = checked.spec.dim(size).value
+    return bound if bound is not None else shape.dims.get(size, 16)
+
+
+def _fmt(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:8.3f} ms"
+    return f"{seconds * 1e6:8.1f} µs"
