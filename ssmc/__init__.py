@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ssmc.autotune import autotune
 from ssmc.errors import SpecError, SsmcError, TensorError
 from ssmc.ir import CheckedSpec, Form
 from ssmc.load import load
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 _configure_logging()  # the `ssmc` logger's level from $SSMC_LOG (default WARNING)
 
 __all__ = [
+    "autotune",
     "CheckedSpec",
     "Form",
     "SpecError",
@@ -26,5 +28,5 @@ __all__ = [
     "reference",
 ]
 
-# `load` and `reference` are imported eagerly: their submodules share their names, and a
-# lazy wrapper would be replaced by the submodule as soon as anything imported it.
+# `autotune`, `load` and `reference` are imported eagerly: their submodules share their names,
+# and a lazy wrapper would be replaced by the submodule as soon as anything imported it.
