@@ -82,9 +82,9 @@ class Result:
                 lines.append(f"✗ rejected  {t.candidate}: {t.rejected}")
         ratio = self.ratio
         planner = f"planner's {self.planner}: " + (
-            "not measured" if ratio is None else f"{_fmt(self.winner.planner_time_s)}"
+            "not measured" if ratio is None else _fmt(self.winner.planner_time_s).strip()
         )
-        best = f"best {_candidate_of(self.winner)}: {_fmt(self.winner.time_s)}"
+        best = f"best {_candidate_of(self.winner)}: {_fmt(self.winner.time_s).strip()}"
         lines.append(best + "; " + planner + ("" if ratio is None else f" ({ratio:.2f}×)"))
         return "\n".join(lines)
 
