@@ -75,11 +75,14 @@ HOSTILE_NAMES = (
     "out", "device", "grid", "o_r", "m_r", "i_b", "BLOCK_R", "n_rows", "t_0", "b_x", "p_x",
     "s_x_0", "forward", "prologue_fwd", "SPEC_NAME", "FORMS", "_bind", "Tensor", "int", "str",
     "float", "complex", "match", "case", "type", "_", "lambda_", "x__", "gamma", "a", "log_a",
-    "kernel", "hippo", "legs", "zoh", "N" * 300, "H" + "_" * 50,
+    "kernel", "hippo", "legs", "zoh", "N" * 300, "H" + "_" * 50, "self", "arg_out", "n" * 250,
 )
-# Triggers of the known bugs (tests/test_injection.py KNOWN_BUGS): only with --known.
-KNOWN_BUG_NAMES = ("form", "chunk_size", "cu_seqlens", "_ssmc_run", "self", "arg_out", "n" * 250)
-RESERVED = ("batch", "seq", "inf", "exp", "lambda", "None", "class", "__x", "__class__", "mask")
+# Triggers of the known bugs (docs/hardening.md "Open bugs"): only with --known. None open.
+KNOWN_BUG_NAMES: tuple[str, ...] = ()
+RESERVED = (
+    "batch", "seq", "inf", "exp", "lambda", "None", "class", "__x", "__class__", "mask",
+    "form", "chunk_size", "cu_seqlens", "grad_y", "_ssmc_run",
+)
 HOSTILE_TEXT = (
     "__import__('os').system('touch /tmp/ssmc_fuzz_pwned')", "{{ 7*7 }}", "{% if 1 %}", "{#",
     '"""', "'", "\\", ";", "\x00", "\r", "\f", "\x0b", "\x1b[2J", "\u202e", "\u200d", "\ufeff",
@@ -88,9 +91,9 @@ HOSTILE_TEXT = (
 EXTREME_NUMBERS = (
     "0", "1", "1e308", "1.7976931348623157e308", "1e400", "4.9e-324", "1e-400",
     "99999999999999999999999", "0.000000000000000000001", ".5", "5.", "1E+1", "2e-0",
-    "16777217", "0000008", "65535",
+    "16777217", "0000008", "65535", "1" + "0" * 4400,
 )
-KNOWN_NUMBERS = ("1" + "0" * 4400, "16777216", "1048576")
+KNOWN_NUMBERS = ("16777216", "1048576")
 # fmt: on
 
 
@@ -451,12 +454,7 @@ def hostile_spec(draw: st.DrawFn, pool: Pools | None = None) -> str:
 ABSENT = ("the spec is empty", "declares no", "characters long; the limit")
 KNOWN = {
     # needle in the exception or its traceback: tally key (bugs listed in docs/hardening.md)
-    "reserved in generated modules": "known:reserved-tensor-name",
-    "collide in the op schema": "known:schema-collision",
-    "integer string conversion": "known:int-digits",
-    "maximum recursion depth": "known:recursion",
     "in _distinct": "known:call-time-group-above-64",
-    "File name too long": "known:long-spec-name",
 }
 SLOW_HEADS = re.compile(r"\b\d{5,}\b")
 """A dim value of 10⁴ or more: the planner loops over every head (known:slow-plan)."""

@@ -10,11 +10,12 @@ import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ssmc import expr as E
 from ssmc import algebra, ir
+from ssmc import expr as E
 from ssmc.axes import expr_axes, head_dims, tensor_axes
 from ssmc.errors import CheckError, Diagnostic
 from ssmc.expr import Span
+from ssmc.reserved import CALL_KEYWORDS, is_reserved_tensor_name
 
 FORMS_BY_MASK: dict[type, tuple[ir.Form, ...]] = {
     ir.Causal: (ir.Form.RECURRENT, ir.Form.QUADRATIC, ir.Form.CHUNKED),
@@ -39,6 +40,7 @@ def check(spec: ir.Spec, *, text: str | None = None) -> ir.CheckedSpec:
     if algebra.needs_algebra(spec):  # mask algebra, quasiseparable (docs/variants.md)
         return algebra.check_algebra(spec, text=text)
     c = _Checker(spec)
+    _check_reserved(c)
     _check_shapes(c)
     if not c.diagnostics:
         _check_names(c)
@@ -65,6 +67,15 @@ def check(spec: ir.Spec, *, text: str | None = None) -> ir.CheckedSpec:
         head_dim=head_dim,
         value_factors=_value_factors(spec, head_dim),
     )
+
+
+def _check_reserved(c: _Checker) -> None:
+    """Tensors become keyword arguments of the op and `forward`: theirs are taken."""
+    for tensor in c.spec.tensors:
+        if is_reserved_tensor_name(tensor.name):
+            c.error(f"`{tensor.name}` cannot name a tensor", tensor.span,
+                    "the generated op and module use it (" + ", ".join(CALL_KEYWORDS)
+                    + ", grad_y, grad_final_state, names starting with _ssmc); pick another name")
 
 
 def _check_shapes(c: _Checker) -> None:

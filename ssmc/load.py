@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from ssmc.ops import SsmcOp
 
 TRAILER = "# ssmc-sha256: "
+ENTRY_NAME_CHARS = 64
+"""How much of the spec name a cache entry's file names keep (the key makes them unique)."""
 _log = logging.getLogger(__name__)
 _MODULES: dict[str, types.ModuleType] = {}
 
@@ -130,7 +132,10 @@ def load_module(
     key = cache_key(checked)
     if key in _MODULES:
         return _MODULES[key]
-    path = _folder(cache_dir) / f"{checked.spec.name}_{key[:24]}.py"
+    # The key tells entries apart; the name is for people, cut so that every file of the
+    # entry (`.py`, `.lock`, `.code`, `.<entry>.<random>.tmp`) stays well under 255 bytes.
+    name = checked.spec.name[:ENTRY_NAME_CHARS]
+    path = _folder(cache_dir) / f"{name}_{key[:24]}.py"
     if _read_sealed(path, warn=True) is None:
         with FileLock(str(path) + ".lock"):
             # Another process may have written it while this one waited for the lock.
@@ -139,7 +144,7 @@ def load_module(
                 _write_atomic(path, seal(render.render_module(checked)))
     else:
         _log.info("cache hit: %s from %s", checked.spec.name, path)
-    module = _import_file(path, f"_ssmc_{checked.spec.name}_{key[:16]}", cache_code=True)
+    module = _import_file(path, f"_ssmc_{name}_{key[:16]}", cache_code=True)
     _MODULES[key] = module
     return module
 

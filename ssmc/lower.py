@@ -26,6 +26,7 @@ _EnumT = TypeVar("_EnumT", bound=enum.Enum)
 MAX_EXPR_DEPTH = 48
 MAX_EXPR_NODES = 4096
 MAX_DIM_VALUE = 1 << 24
+MAX_INT_DIGITS = 18
 RESERVED_NAMES = (frozenset({ir.BATCH, ir.SEQ, "inf"}) | frozenset(E.FUNC_NAMES)
                   | frozenset(KEYWORDS))
 
@@ -132,10 +133,12 @@ def _statement(state: _Lowering, node: lark.Tree) -> None:
             name_token, value_token = _kids(item)
             size = None
             if value_token is not None:
-                size = int(value_token)
-                if not 1 <= size <= MAX_DIM_VALUE:
-                    state.error(f"dim {name_token} = {size} is out of range",
-                                span_of(value_token), f"dims lie in 1 … {MAX_DIM_VALUE}")
+                size = _small_int(value_token)
+                if size is None or not 1 <= size <= MAX_DIM_VALUE:
+                    state.error(f"dim {name_token} = {_int_text(value_token)} is out of range",
+                                span_of(value_token), f"dims lie in 1 … {MAX_DIM_VALUE}"
+                                + ("" if size is not None else
+                                   f", written with at most {MAX_INT_DIGITS} digits"))
             if _declare_name(state, str(name_token), span_of(name_token), what="dim"):
                 state.dims.append(ir.Dim(name=str(name_token), value=size,
                                          span=span_of(item)))
@@ -200,8 +203,12 @@ def _shape(state: _Lowering, node: lark.Tree) -> tuple[ir.Size, ...]:
     for axis in _kids(node):
         token = _kids(axis)[0]
         if axis.data == "axis_int":
-            value = int(token)
-            if value != 1:
+            value = _small_int(token)
+            if value is None:
+                state.error(f"literal size {_int_text(token)} in a shape", span_of(token),
+                            f"only 1 may be written as a number, with at most "
+                            f"{MAX_INT_DIGITS} digits; declare a dim and use its name")
+            elif value != 1:
                 state.error(f"literal size {value} in a shape", span_of(token),
                             f"only 1 may be written as a number; declare `dim X = {value}` "
                             "and use X")
@@ -213,6 +220,12 @@ def _shape(state: _Lowering, node: lark.Tree) -> tuple[ir.Size, ...]:
 
 def _expr(state: _Lowering, node: lark.Tree | lark.Token) -> E.Expr:
     """Build an expression node, inlining lets; errors are recorded, a placeholder returned."""
+    if _syntax_deeper_than(node, MAX_EXPR_DEPTH):
+        # Checked on the syntax tree first, without recursion: building (and every later
+        # pass) recurses once per level. Each syntax level is one expression level or more.
+        state.error(f"expression nested deeper than {MAX_EXPR_DEPTH} levels once its lets are "
+                    "inlined", span_of(node), "simplify it: lets are expanded in place")
+        return E.Num(value=0.0, span=span_of(node))
     result = _build_expr(state, node)
     size, depth = _size_and_depth(result, {})
     if size > MAX_EXPR_NODES:
@@ -224,6 +237,32 @@ def _expr(state: _Lowering, node: lark.Tree | lark.Token) -> E.Expr:
                     "inlined", span_of(node), "simplify it: lets are expanded in place")
         return E.Num(value=0.0, span=span_of(node))
     return result
+
+
+def _syntax_deeper_than(node: lark.Tree | lark.Token, limit: int) -> bool:
+    """Whether an expression's syntax tree has more than `limit` levels (iterative walk)."""
+    stack: list[tuple[lark.Tree | lark.Token, int]] = [(node, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, lark.Tree) and item.data not in ("number", "ref"):
+            start = 1 if item.data == "call" else 0
+            stack.extend((kid, depth + 1) for kid in item.children[start:] if kid is not None)
+    return False
+
+
+def _small_int(token: lark.Token) -> int | None:
+    """The value of an INT token, or None when it is written with more than MAX_INT_DIGITS
+    digits (leading zeros count: nobody writes 5000 of them; keeps `int()` away from
+    Python's limit on digits)."""
+    return int(token) if len(token) <= MAX_INT_DIGITS else None
+
+
+def _int_text(token: lark.Token) -> str:
+    """An INT token for a message: long ones cut, with their length."""
+    text = str(token)
+    return text if len(text) <= 24 else f"{text[:12]}…{text[-4:]} ({len(text)} digits)"
 
 
 def _size_and_depth(expr: E.Expr, memo: dict[int, tuple[int, int]]) -> tuple[int, int]:

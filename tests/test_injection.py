@@ -8,7 +8,7 @@ what must happen:
 
 - `ok_*`: a valid spec; it checks, renders, loads and runs on CPU;
 - `err_*`: a clean `SpecError` whose diagnostics carry a location;
-- `any_*`: either of the two (names whose fix may go either way).
+- `any_*`: either of the two (names whose fix may go either way; none at present).
 
 Payloads write a marker file (`touch @MARKER@`, the placeholder replaced by a fresh
 path per test): the marker must be absent after parse, check, render, load and a call.
@@ -17,7 +17,7 @@ writes outside the cache and temp folders: there must be none. For `ok_*` specs 
 rendered module is the same as that of the spec with its comments removed, holds no
 control, bidi or zero-width character, no payload substring, and every identifier in
 it comes from the templates or is a declared name (possibly with its `b_`, `p_`, `s_`,
-`d_`, `arg_` prefix). Static checks at the end pin the ownership rules of CONVENTIONS:
+`d_`, `arg_` prefix, or `eb_`, `ep_`, `es_`, `ed_` in the tile epilogue). Static checks at the end pin the ownership rules of CONVENTIONS:
 only render.py imports jinja2, and no eval/exec/compile/sympify/parse_expr/pickle
 outside load.py.
 """
@@ -45,11 +45,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from ssmc import ir, render  # noqa: E402
-from ssmc.errors import SpecError  # noqa: E402
+from ssmc.errors import SpecError, visible  # noqa: E402
 from ssmc.load import load  # noqa: E402
 from ssmc.lower import RESERVED_NAMES  # noqa: E402
-from ssmc.pipeline import parse, parse_file  # noqa: E402
+from ssmc.pipeline import normalize_newlines, parse, parse_file  # noqa: E402
 from ssmc.reference import random_inputs  # noqa: E402
+from ssmc.reserved import RESERVED_PREFIX, RESERVED_TENSOR_NAMES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS_DIR = ROOT / "tests" / "specs" / "hostile"
@@ -57,59 +58,8 @@ CORPUS = sorted(CORPUS_DIR.glob("*.ssm"))
 STEMS = [p.stem for p in CORPUS]
 PLACEHOLDER = b"@MARKER@"
 
-KNOWN_BUGS = {
-    "err_add_chain_1000": "ssmc/lower.py _build_expr recurses once per operator before the "
-    "depth limit is measured: ~1000 chained operators raise RecursionError, not a SpecError",
-    "err_neg_chain_1000": "ssmc/lower.py _build_expr: 1000 unary minus signs raise RecursionError",
-    "err_pow_chain_1000": "ssmc/lower.py _build_expr: 1000 chained `**` raise RecursionError",
-    "err_dim_digits_5000": "ssmc/lower.py _statement: int() of a dim value with more than "
-    "4300 digits raises ValueError (Python's int max str digits), not a SpecError",
-    "err_shape_digits_5000": "ssmc/lower.py _shape: int() of a shape literal with more than "
-    "4300 digits raises ValueError, not a SpecError",
-    "err_invalid_utf8": "ssmc/pipeline.py parse_file: a file that is not UTF-8 gives a "
-    "diagnostic without a location (no line:col of the first bad byte)",
-    "any_tensor_named_form": "check accepts a tensor named `form`, render_module refuses it "
-    "(UnsafeNameError from render.forward_params, no SpecError, no location)",
-    "any_tensor_named_chunk_size": "check accepts a tensor named `chunk_size`; render_module "
-    "raises UnsafeNameError",
-    "any_tensor_named_cu_seqlens": "check accepts a tensor named `cu_seqlens`; render_module "
-    "raises UnsafeNameError",
-    "any_tensor_named_ssmc_prefix": "check accepts a tensor named `_ssmc_run`; render_module "
-    "raises UnsafeNameError",
-    "any_spec_name_250_chars": "ssmc/load.py load_module names the cache entry after the spec "
-    "(`<name>_<key24>.py`, plus `.lock`, `.code` and `.<name>...tmp`): a long spec name gives "
-    "OSError 'File name too long' after a spurious 'damaged' warning",
-    "any_spec_name_300_chars": "ssmc/load.py load_module: OSError 'File name too long'",
-}
-# Diagnostics echo the source line verbatim (ssmc/errors.py Diagnostic.render).
-ECHOES_CONTROLS = (
-    "ssmc/errors.py Diagnostic.render prints the offending source line as it is: NUL, ESC "
-    "sequences, a carriage return or a bidi override in it reach the terminal"
-)
-CONTROL_ECHO_BUGS = {
-    "err_nul_in_name",
-    "err_nul_alone",
-    "err_rtl_override",
-    "err_bidi_isolate",
-    "err_escape_sequence_on_error_line",
-}
-WRONG_LINE = (
-    "ssmc/errors.py Diagnostic.render looks the line up in text.splitlines(), which also "
-    "breaks at \\f, \\v, \\x1c-\\x1e, \\x85, U+2028 and U+2029, while lark counts only \\n: "
-    "after such a character the diagnostic shows the wrong source line under the right line:col"
-)
-WRONG_LINE_BUGS = {
-    "err_line_separator_before_error",
-    "err_formfeed_line_before_error",
-    "err_cr_splits_name",
-    "err_escape_sequence_on_error_line",
-}
-DISAGREE = (
-    "ssmc.parse_file reads with universal newlines (a lone \\r ends a line) but ssmc.parse(text) "
-    "treats \\r as blank: after `# comment\\r` the next statement is code for one and a comment "
-    "for the other, so the same file gives two different specs"
-)
-DISAGREE_BUGS = {"ok_lone_cr_in_comment", "err_cr_splits_name"}
+KNOWN_BUGS: dict[str, str] = {}
+"""Open bugs (docs/hardening.md), by corpus file: strict xfails until fixed (none open)."""
 
 # Problems that have no place in the text (something is missing): no location needed.
 UNLOCATED_OK = ("the spec is empty", "declares no", "characters long; the limit")
@@ -269,8 +219,10 @@ def example_vocabulary() -> frozenset[str]:
     """Identifiers of the modules rendered from examples/ (trusted specs, plain names)."""
     words: set[str] = set()
     for path in sorted((ROOT / "examples").glob("*.ssm")):
-        source = render.render_module(parse_file(path))
-        words.update(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", source))
+        checked = parse_file(path)
+        for module in checked.pieces or (checked,):  # a composite mask: one module per piece
+            source = render.render_module(module)
+            words.update(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", source))
     return frozenset(words)
 
 
@@ -291,10 +243,10 @@ def identifier_from(word: str, names: set[str]) -> bool:
     """`word` is a declared name, or one with the prefixes/suffixes the generator adds."""
     if word in names:
         return True
-    for prefix in ("b_", "p_", "d_", "arg_"):
+    for prefix in ("b_", "p_", "d_", "arg_", "eb_", "ep_", "ed_"):
         if word.startswith(prefix) and word[len(prefix) :] in names:
             return True
-    match = re.fullmatch(r"s_(.+)_\d+", word)
+    match = re.fullmatch(r"e?s_(.+)_\d+", word)
     return bool(match and match.group(1) in names)
 
 
@@ -348,10 +300,10 @@ def corpus_params(stems: list[str], bugs: dict[str, str]) -> list[object]:
 def test_corpus_is_large_and_covers_both_outcomes() -> None:
     assert len(CORPUS) >= 50
     kinds = {s.split("_")[0] for s in STEMS}
-    assert kinds == {"ok", "err", "any"}, kinds
+    assert {"ok", "err"} <= kinds <= {"ok", "err", "any"}, kinds
     assert sum(s.startswith("ok_") for s in STEMS) >= 20
     assert sum(s.startswith("err_") for s in STEMS) >= 50
-    assert set(KNOWN_BUGS) | CONTROL_ECHO_BUGS | WRONG_LINE_BUGS | DISAGREE_BUGS <= set(STEMS)
+    assert set(KNOWN_BUGS) <= set(STEMS)
     payloads = sum(PLACEHOLDER in p.read_bytes() for p in CORPUS)
     assert payloads >= 10
 
@@ -395,14 +347,10 @@ def test_hostile_spec(stem: str, tmp_path: Path, cache_dir: Path) -> None:
     assert not events, f"unexpected side effects: {events}"
 
 
-@pytest.mark.parametrize(
-    "stem",
-    corpus_params(
-        [s for s in STEMS if s != "err_invalid_utf8"], dict.fromkeys(DISAGREE_BUGS, DISAGREE)
-    ),
-)
+@pytest.mark.parametrize("stem", [s for s in STEMS if s != "err_invalid_utf8"])
 def test_string_and_file_apis_agree(stem: str, tmp_path: Path) -> None:
-    """ssmc.parse(text) and ssmc.parse_file(path) give the same spec or the same errors."""
+    """ssmc.parse(text) and ssmc.parse_file(path) give the same spec or the same errors
+    (both end lines at \\n, \\r\\n and a lone \\r: docs/language.md)."""
     path = armed(CORPUS_DIR / f"{stem}.ssm", tmp_path, marker_path(tmp_path))
     text = path.read_bytes().decode("utf-8")
 
@@ -411,7 +359,7 @@ def test_string_and_file_apis_agree(stem: str, tmp_path: Path) -> None:
             checked = run()  # type: ignore[operator]
         except SpecError as err:
             return [(d.message, d.span) for d in err.diagnostics]
-        except Exception as err:  # noqa: BLE001 - the known bugs above raise other errors
+        except Exception as err:  # noqa: BLE001 - a disagreement shows whatever was raised
             return type(err).__name__
         return render.spec_hash(checked)
 
@@ -422,29 +370,28 @@ ERR_STEMS = [s for s in STEMS if s.startswith("err_") and s not in KNOWN_BUGS]
 
 
 def _diagnostics(stem: str, tmp_path: Path) -> tuple[SpecError, str]:
+    """The error of a corpus file and its text (bytes that are not UTF-8 shown as U+FFFD)."""
     path = armed(CORPUS_DIR / f"{stem}.ssm", tmp_path, marker_path(tmp_path))
     with pytest.raises(SpecError) as info:
-        parse(path.read_bytes().decode("utf-8"), "hostile.ssm")
-    return info.value, path.read_bytes().decode("utf-8")
+        parse_file(path)
+    return info.value, path.read_bytes().decode("utf-8", errors="replace")
 
 
-@pytest.mark.parametrize(
-    "stem", corpus_params(ERR_STEMS, dict.fromkeys(WRONG_LINE_BUGS, WRONG_LINE))
-)
+@pytest.mark.parametrize("stem", ERR_STEMS)
 def test_diagnostics_show_the_line_they_name(stem: str, tmp_path: Path) -> None:
+    """The line under a diagnostic is the one lark counted to (lines end at \\n only, once
+    \\r\\n and \\r are normalised), shown with its hidden characters escaped."""
     err, text = _diagnostics(stem, tmp_path)
-    lines = text.split("\n")
+    lines = normalize_newlines(text).split("\n")
     for d in err.diagnostics:
         if d.span is None or d.span.line > len(lines):
             continue
         shown = d.render("hostile.ssm", text).split("\n")
         assert len(shown) >= 2
-        assert shown[1] == "    " + lines[d.span.line - 1].expandtabs(1), (shown[1], d.span)
+        assert shown[1] == "    " + visible(lines[d.span.line - 1]), (shown[1], d.span)
 
 
-@pytest.mark.parametrize(
-    "stem", corpus_params(ERR_STEMS, dict.fromkeys(CONTROL_ECHO_BUGS, ECHOES_CONTROLS))
-)
+@pytest.mark.parametrize("stem", ERR_STEMS)
 def test_diagnostics_are_safe_to_print(stem: str, tmp_path: Path) -> None:
     """No control or bidi character of the spec reaches the terminal through a diagnostic."""
     err, _ = _diagnostics(stem, tmp_path)
@@ -477,8 +424,8 @@ TEMPLATE = (
     "skip  {D} * {x} * (" + " + ".join(f"{{w{i}}}" for i in range(EXTRA)) + ")\n"
     "gate  silu({z})\n"
 )
-RESERVED_BY_DESIGN = {*render.FORWARD_KEYWORDS, "initial_state", "self"}
-"""Refused by render or the op (see KNOWN_BUGS: any_tensor_named_*); tested there."""
+RESERVED_BY_DESIGN = RESERVED_TENSOR_NAMES
+"""Refused by check (tests/specs/hostile/err_tensor_named_*); tested there."""
 TAKEN = {"H", "N", "P", "y"}
 """Declared by TEMPLATE itself."""
 
@@ -486,8 +433,10 @@ TAKEN = {"H", "N", "P", "y"}
 def code_identifiers() -> set[str]:
     """Identifiers the code (not the comments) of the example modules uses."""
     words: set[str] = set()
-    for path in sorted((ROOT / "examples").glob("*.ssm")):
-        tree = ast.parse(render.render_module(parse_file(path)))
+    modules = [m for p in sorted((ROOT / "examples").glob("*.ssm"))
+               for m in (parse_file(p).pieces or (parse_file(p),))]  # composite: its pieces
+    for module in modules:
+        tree = ast.parse(render.render_module(module))
         for node in ast.walk(tree):
             if isinstance(node, ast.Name):
                 words.add(node.id)
@@ -511,7 +460,7 @@ def hostile_names() -> list[str]:
         and not w.startswith("__")
         and w not in RESERVED_NAMES
         and w not in RESERVED_BY_DESIGN | TAKEN
-        and not w.startswith("_ssmc")
+        and not w.startswith(RESERVED_PREFIX)
     }
     return sorted(words)
 
@@ -539,6 +488,30 @@ def test_names_cover_builtins_and_kernel_locals() -> None:
     } <= names
     assert {"o_r", "m_r", "i_b", "BLOCK_R", "n_rows"} <= names
     assert len(names) > 300
+
+
+def test_reserved_names_cover_what_render_and_the_op_take() -> None:
+    """ssmc/reserved.py is the one list: every name the renderer refuses and every argument
+    of the op's call and schemas (besides the tensors) is in it, so check refuses them all."""
+    import inspect
+
+    from ssmc import ops
+
+    assert set(render.FORWARD_KEYWORDS) <= RESERVED_TENSOR_NAMES
+    call = inspect.signature(ops.SsmcOp.__call__).parameters
+    free = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.POSITIONAL_ONLY)
+    taken = {n for n, p in call.items() if p.kind not in free}
+    assert taken <= RESERVED_TENSOR_NAMES, taken - RESERVED_TENSOR_NAMES
+    checked = parse(TEMPLATE.format(name="s", **dict(zip(SLOTS, SLOTS, strict=True))))
+    schemas = ops.schema(checked) + ops.backward_schema(checked)
+    arguments = set(re.findall(r"(\w+)(?=[=,)])", schemas)) - {"None", "Tensor"}
+    arguments -= set(ops.schema_names(checked))
+    assert arguments and arguments <= RESERVED_TENSOR_NAMES, arguments - RESERVED_TENSOR_NAMES
+    for name in sorted(RESERVED_TENSOR_NAMES) + [RESERVED_PREFIX + "_x"]:
+        text = TEMPLATE.format(name="s", **dict(zip(SLOTS, [name, *SLOTS[1:]], strict=True)))
+        with pytest.raises(SpecError, match=f"`{name}` cannot name a tensor") as info:
+            parse(text, "reserved.ssm")
+        assert_clean_spec_error(info.value)
 
 
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda b: b[0])
