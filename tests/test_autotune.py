@@ -1,0 +1,211 @@
+"""autotune under the Triton interpreter: every form timed and checked against fp64, a wrong or
+failing candidate never wins, the winner is stored and the op runs it; the CLI."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import ssmc
+from ssmc.autotune_cache import Winner, lookup, make_key, record
+from ssmc.autotune_space import Candidate
+from ssmc.cli import main
+from ssmc.cost import Shape
+from ssmc.pipeline import parse_file, with_dims
+
+AT = importlib.import_module("ssmc.autotune")
+EXAMPLES = Path(__file__).parent.parent / "examples"
+SMALL = {"H": 2, "G": 1, "N": 16, "P": 16}
+
+pytestmark = pytest.mark.interpret
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache folder per file: the module is rendered and loaded once."""
+    return tmp_path_factory.mktemp("autotune")
+
+
+@pytest.fixture(scope="module")
+def mamba2() -> ssmc.CheckedSpec:
+    return with_dims(parse_file(EXAMPLES / "mamba2.ssm"), SMALL)
+
+
+def fake_timer(times: dict[Candidate, float]) -> Callable[[Candidate, Callable[[], object]], float]:
+    """Seconds by candidate (1.0 for the rest), after running the call once."""
+
+    def timer(c: Candidate, call: Callable[[], object]) -> float:
+        call()
+        return times.get(c, 1.0)
+
+    return timer
+
+
+def test_every_form_is_timed_checked_and_the_fastest_stored(
+    mamba2: ssmc.CheckedSpec, cache: Path
+) -> None:
+    result = ssmc.autotune(mamba2, batch=1, seqlen=32, cache_dir=cache, progress=False)
+    tried = {(t.candidate.form, t.candidate.chunk_size) for t in result.trials}
+    assert tried >= {("recurrent", None), ("quadratic", None), ("chunked", 16), ("chunked", 32)}
+    assert all(t.time_s is not None and t.error is not None for t in result.trials)
+    assert all(t.error < 1e-5 for t in result.trials if t.error is not None)
+    fastest = min(result.trials, key=lambda t: t.time_s or 0.0)
+    assert result.winner.time_s == fastest.time_s
+    assert (result.winner.form, result.winner.chunk_size) == (
+        fastest.candidate.form,
+        fastest.candidate.chunk_size,
+    )
+    # The planner's choice was measured beside it, and the entry is found again by its key.
+    assert result.winner.planner_time_s is not None and result.ratio is not None
+    assert result.ratio >= 1.0
+    assert lookup(result.key, cache) == result.winner
+    assert "best " in result.table() and "planner's" in result.table()
+
+
+def test_a_wrong_candidate_cannot_win(
+    mamba2: ssmc.CheckedSpec, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = ssmc.load(mamba2, cache_dir=cache).module
+    real = module.recurrent_fwd
+
+    def broken(*args: Any, **kw: Any) -> Any:
+        out = real(*args, **kw)
+        if kw.get("num_warps") == 2:  # the deliberately broken configuration
+            kw["out"][:, -1] += 1.0
+        return out
+
+    monkeypatch.setattr(module, "recurrent_fwd", broken)
+    good = Candidate(form="recurrent")
+    wrong = good.with_option("num_warps", 2)
+    crashing = good.with_option("no_such_option", 1)
+    result = ssmc.autotune(
+        mamba2,
+        batch=1,
+        seqlen=32,
+        cache_dir=cache,
+        candidates=[good, wrong, crashing],
+        timer=fake_timer({wrong: 1e-9, crashing: 1e-9, good: 0.5}),
+        progress=False,
+        store=False,
+    )
+    assert result.winner.form == "recurrent" and dict(result.winner.launch) == {}
+    outcome = {t.candidate: t for t in result.trials}
+    assert outcome[wrong].time_s is None and "> bound" in outcome[wrong].rejected
+    assert outcome[crashing].time_s is None and "no_such_option" in outcome[crashing].rejected
+    assert result.path is None
+
+
+def test_no_correct_candidate_is_an_error(
+    mamba2: ssmc.CheckedSpec, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = ssmc.load(mamba2, cache_dir=cache).module
+
+    def nan(*args: Any, **kw: Any) -> Any:
+        kw["out"].fill_(float("nan"))
+        return kw["out"]
+
+    monkeypatch.setattr(module, "recurrent_fwd", nan)
+    with pytest.raises(AT.AutotuneError, match="no candidate agreed"):
+        ssmc.autotune(
+            mamba2,
+            batch=1,
+            seqlen=16,
+            cache_dir=cache,
+            candidates=[Candidate(form="recurrent")],
+            progress=False,
+        )
+
+
+def test_packed_uneven_sequences(mamba2: ssmc.CheckedSpec, cache: Path) -> None:
+    result = ssmc.autotune(
+        mamba2,
+        batch=1,
+        seqlen=40,
+        num_seqs=3,
+        cache_dir=cache,
+        candidates=[Candidate(form="chunked", chunk_size=16), Candidate(form="recurrent")],
+        progress=False,
+    )
+    assert all(t.time_s is not None for t in result.trials), result.table()
+    assert result.key.varlen and result.key.seqs == 4 and result.key.tokens == 64
+
+
+@pytest.fixture
+def op_and_tensors(
+    mamba2: ssmc.CheckedSpec, cache: Path
+) -> Iterator[tuple[Any, list[torch.Tensor], Shape]]:
+    from ssmc.reference import random_inputs
+
+    op = ssmc.load(mamba2, cache_dir=cache)
+    inputs = random_inputs(mamba2, batch=2, seqlen=24, generator=torch.Generator().manual_seed(1))
+    ordered = [inputs[t.name].float() for t in mamba2.spec.tensors]
+    yield op, ordered, Shape(batch=2, seqlen=24, dtype_bytes=4)
+
+
+def test_the_op_runs_a_stored_winner_else_the_planner(
+    mamba2: ssmc.CheckedSpec,
+    cache: Path,
+    op_and_tensors: tuple[Any, list[torch.Tensor], Shape],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    op, ordered, shape = op_and_tensors
+    monkeypatch.setenv("SSMC_CACHE_DIR", str(cache / "op"))
+    planned = op._plan_uncached(ordered, None)
+    assert planned[2] is None and planned[0] in ("recurrent", "quadratic", "chunked")
+    stored = Winner(form="chunked", chunk_size=16, launch={"block_m": 16}, time_s=1e-3)
+    record(make_key(mamba2, shape, dtype="float32", varlen=False), stored, cache / "op")
+    assert op._plan_uncached(ordered, None) == ("chunked", 16, {"block_m": 16})
+    # The launch options reach the stage launcher, and the result is still right.
+    y, _ = op._run(*ordered, None, None, "chunked", 16, launch={"block_m": 16})
+    y_ref, _ = op._run(*ordered, None, None, "recurrent", None)
+    assert float((y - y_ref).norm() / y_ref.norm()) < 1e-5
+
+
+def test_cli_autotune_writes_json(
+    tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "tuned.json"
+    dims = [a for k, v in SMALL.items() for a in ("--dim", f"{k}={v}")]
+    argv = ["autotune", str(EXAMPLES / "mamba2.ssm"), "--shape", "1x16", *dims]
+    argv += ["--cache-dir", str(cache), "--no-progress", "--json", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "best " in printed and "stored in" in printed
+    (report,) = json.loads(out.read_text())
+    assert report["batch"] == 1 and report["winner"]["form"] in (
+        "recurrent",
+        "quadratic",
+        "chunked",
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--shape", "8"], "--shape expects BATCHxSEQLEN"),
+        (["--shape", "0x16"], "--shape expects BATCHxSEQLEN"),
+        (["--dim", "Q=3"], "no dim named Q"),
+        (["--dtype", "bfloat16"], "bf16 needs a GPU"),
+    ],
+)
+def test_cli_errors_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["autotune", str(EXAMPLES / "mamba2.ssm"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_without_gpu_or_interpreter_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["autotune", str(EXAMPLES / "mamba2.ssm"), "--shape", "1x16"]) == 2
+    assert "needs a GPU, or TRITON_INTERPRET=1" in capsys.readouterr().err
