@@ -280,6 +280,8 @@ def _check_initial_state(
         lead, count = ir.BATCH, dims[ir.BATCH]
     shape: tuple[ir.Size, ...] = (checked.heads.output, checked.state_size, checked.head_dim)
     want = [count, *(size_of(s, dims) for s in shape)]
+    if isinstance(checked.spec.mask, ir.MaskSum):  # a sum's terms' states, stacked along N
+        want[2] *= len(checked.pieces)
     if list(initial_state.shape) != want:
         text = ", ".join(f"{s}={size_of(s, dims)}" if isinstance(s, str) else str(s) for s in shape)
         return [

@@ -39,6 +39,10 @@ SMALL = {
     "s4d": {"H": 4, "N": 8},
     "lssl_hippo": {"H": 4, "N": 8},
     "toeplitz": {"H": 2, "L": 8, "P": 4},
+    # mask algebra (docs/variants.md): composite ops of the pieces above
+    "mamba2_2ss": {"H": 2, "G": 1, "N": 8, "P": 4},
+    "hydra": {"H": 2, "G": 1, "N": 8, "P": 4},
+    "decay_window": {"H": 2, "L": 8, "P": 4},
 }
 BOUND = 1e-5
 DECAY_FACTOR = 10

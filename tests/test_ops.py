@@ -37,6 +37,10 @@ SMALL = {
     "s4d": {"H": 4, "N": 8},
     "lssl_hippo": {"H": 4, "N": 8},
     "toeplitz": {"H": 2, "L": 8, "P": 4},
+    # mask algebra (docs/variants.md): composite ops of the pieces above
+    "mamba2_2ss": {"H": 2, "G": 1, "N": 8, "P": 4},
+    "hydra": {"H": 2, "G": 1, "N": 8, "P": 4},
+    "decay_window": {"H": 2, "L": 8, "P": 4},
 }
 BOUND = {torch.float32: 1e-5, torch.float16: 5e-3}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -20,7 +20,10 @@ from ssmc.pipeline import parse, parse_file, with_dims
 from ssmc.reference import canonical_roles, random_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted(p.stem for p in (ROOT / "examples").glob("*.ssm"))
+COMPOSITE = ("decay_window", "hydra", "mamba2_2ss")
+"""Composite masks (mask algebra, docs/variants.md): one module per piece, rendered by
+tests/test_algebra.py."""
+EXAMPLES = sorted(p.stem for p in (ROOT / "examples").glob("*.ssm") if p.stem not in COMPOSITE)
 GOLDEN = Path(__file__).parent / "golden" / "mamba2_module.py"
 VERSIONS = {"ssmc": "0.0.0", "triton": "0.0.0", "torch": "0.0.0"}
 SMALL = {
