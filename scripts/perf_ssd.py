@@ -10,7 +10,7 @@
    of a plain call, and a cProfile of plain calls (top functions by own time).
 
 Usage (GPU machine, same environment as scripts/gpu_check.sh):
-    python3 scripts/perf_ssd.py [--sweep] [--json PATH]
+    python3 scripts/perf_ssd.py [--sweep JSON] [--shapes 8x2048,1x16384] [--no-host] [--json PATH]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def check(op, spec, batch: int, T: int, seed: int) -> dict[str, object]:  # type
     return {"batch": batch, "T": T, "dtype": str(y.dtype), "err_y": err, "err_state": err_s, "ok": ok}
 
 
-def stages(m, op, batch: int, T: int, sweep: bool) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def stages(m, op, batch: int, T: int, sweep: dict) -> dict[str, float]:  # type: ignore[no-untyped-def]
     """Per-stage CUDA-graph medians (µs)."""
     t = b.make_inputs(batch, T)
     tensors = tuple(t[k] for k in KEYS)
@@ -71,31 +71,27 @@ def stages(m, op, batch: int, T: int, sweep: bool) -> dict[str, float]:  # type:
         kw = {"chunk_size": Q, "dot_precision": "tf32"}
 
         def state(**knobs):  # type: ignore[no-untyped-def]
-            return m.chunked_state_fwd(x, s, la, B, C, tiles=tiles, first=first, heads=b.H,
-                                       initial_state=None, final_state=fin, **kw, **knobs)
+            return m.chunked_state_fwd(x, s, la, B, C, tiles=tiles, first=first, heads=b.H,  # noqa: B023
+                                       initial_state=None, final_state=fin, **kw, **knobs)  # noqa: B023
 
         H_r = state()
 
         def scan(**knobs):  # type: ignore[no-untyped-def]
-            return m.chunked_scan_fwd(x, s, la, B, C, states=H_r, tiles=tiles, heads=b.H, out=out,
-                                      epilogue=(tensors, sizes), **kw, **knobs)
+            return m.chunked_scan_fwd(x, s, la, B, C, states=H_r, tiles=tiles, heads=b.H, out=out,  # noqa: B023
+                                      epilogue=(tensors, sizes), **kw, **knobs)  # noqa: B023
 
         row[f"state Q{Q}"], row[f"scan Q{Q}"] = ms(state), ms(scan)
         row[f"op Q{Q}"] = ms(lambda Q=Q: op(**t, form="chunked", chunk_size=Q))
-        if sweep and Q >= 128:
-            for knobs in ({"num_warps": 8}, {"num_stages": 2}, {"num_stages": 3},
-                          {"block_m": 128, "num_warps": 8}, {"block_p": 32},
-                          {"heads_per_program": 2}, {"block_n": 128}):
-                try:
-                    row[f"scan Q{Q} {knobs}"] = ms(lambda k=knobs: scan(**k))
-                except Exception as err:  # a variant that does not compile is a row, not the end
-                    print(f"scan Q{Q} {knobs}: {type(err).__name__}: {str(err)[:200]}")
-            for knobs in ({"num_warps": 8}, {"block_t": 64}, {"block_t": 128}, {"num_stages": 2},
-                          {"block_n": 128, "num_warps": 8}, {"block_p": 32}):
-                try:
-                    row[f"state Q{Q} {knobs}"] = ms(lambda k=knobs: state(**k))
-                except Exception as err:
-                    print(f"state Q{Q} {knobs}: {type(err).__name__}: {str(err)[:200]}")
+        for knobs in sweep.get(f"scan{Q}", []):
+            try:
+                row[f"scan Q{Q} {knobs}"] = ms(lambda k=knobs: scan(**k))
+            except Exception as err:  # a variant that does not compile is a row, not the end
+                print(f"scan Q{Q} {knobs}: {type(err).__name__}: {str(err)[:200]}")
+        for knobs in sweep.get(f"state{Q}", []):
+            try:
+                row[f"state Q{Q} {knobs}"] = ms(lambda k=knobs: state(**k))
+            except Exception as err:
+                print(f"state Q{Q} {knobs}: {type(err).__name__}: {str(err)[:200]}")
     return row
 
 
@@ -131,7 +127,10 @@ def host(op, batch: int, T: int) -> dict[str, object]:  # type: ignore[no-untype
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep", default="{}",
+                        help='JSON {"scan64": [knobs, ...], "state128": [...], ...}: variants to time')
+    parser.add_argument("--shapes", default="8x2048,1x16384")
+    parser.add_argument("--no-host", action="store_true")
     parser.add_argument("--json", default="perf_ssd.json")
     args = parser.parse_args()
     spec = with_dims(parse_file(b.ROOT / "examples" / "mamba2.ssm"),
@@ -142,13 +141,14 @@ def main() -> int:
     for r in report["check"]:
         print("check", r)
     report["stages"] = {}
-    for batch, T in ((8, 2048), (1, 16384)):
-        row = stages(m, op, batch, T, args.sweep)
+    for shape in args.shapes.split(","):
+        batch, T = map(int, shape.split("x"))
+        row = stages(m, op, batch, T, json.loads(args.sweep))
         report["stages"][f"{batch}x{T}"] = row
         print(f"stages batch {batch} T {T}:")
         for k, v in row.items():
             print(f"  {k:<44}{v:8.0f} us")
-    report["host"] = [host(op, 8, 2048), host(op, 1, 64)]
+    report["host"] = [] if args.no_host else [host(op, 8, 2048), host(op, 1, 64)]
     for r in report["host"]:
         print(r.pop("profile") if r["T"] == 2048 else "", end="")
         print("host", r)

@@ -306,7 +306,9 @@ class TileEpilogue:
     dummies: tuple[str, ...]
     """A placeholder for each parameter when the epilogue is off (`x`, 0 or 1.0)."""
     loads: tuple[str, ...]
+    """The tensors' tiles, in their own dtypes (a kernel may issue them early)."""
     body: tuple[str, ...]
+    """fp32 conversions of the tiles, then the expression's assignments."""
     value: str
     text: str
 
@@ -329,6 +331,7 @@ def tile_epilogue(
     args: list[str] = []
     dummies: list[str] = []
     loads: list[str] = []
+    converts: list[str] = []
     for position, tensor in enumerate(spec.tensors):
         if tensor.name not in used:
             continue
@@ -349,7 +352,8 @@ def tile_epilogue(
         dummies += ["x", *("0" for _ in o.strides)]
         mask = f", mask={o.mask}, other=1.0" if o.mask else ""
         tile = o.tile.replace("BLOCK_R", "BLOCK_M").replace("BLOCK_C", "BLOCK_P")
-        loads.append(f"{o.block} = tl.load({o.ptr} + {o.offset}{mask}).to(tl.float32)  # {tile}")
+        loads.append(f"{o.block} = tl.load({o.ptr} + {o.offset}{mask})  # {tile}")
+        converts.append(f"{o.block} = {o.block}.to(tl.float32)")
     for d in spec.dims:
         if d.name in used:
             names[d.name] = prefixed("ed_", d.name)
@@ -363,7 +367,7 @@ def tile_epilogue(
         args=tuple(args),
         dummies=tuple(dummies),
         loads=tuple(loads),
-        body=tuple(emitter.lines),
+        body=(*converts, *emitter.lines),
         value=value,
         text=E.show(target.expr).replace(core, "y").replace("@", ""),
     )

@@ -71,6 +71,7 @@ class Case:
     noncontiguous: bool = False
     strong: bool = False
     dtype: torch.dtype = torch.float32  # of x, B, C (and of the stored chunk states if 16-bit)
+    prefetch: bool = False  # the scan issues its loads before its dots
 
 
 # (Gv, Gk, Gq, Gd) of DESIGN §2's patterns with G groups, decay per head.
@@ -113,6 +114,9 @@ CASES = [
     Case("scalar-noncontiguous", noncontiguous=True, groups=MVA_G2, heads_per_program=2),
     Case("scalar-noncontiguous-varlen", seqlens=(4, 19, 3), noncontiguous=True),
     Case("scalar-strong-decay", strong=True, T=64),
+    Case("scalar-prefetch-rows16", chunk=64, block_m=16, T=75, groups=MVA_G2, prefetch=True),
+    Case("none-prefetch-varlen", decay="none", chunk=32, seqlens=(40, 7, 33), prefetch=True),
+    Case("scalar-prefetch-bare-fp16", scale=False, dtype=torch.float16, prefetch=True),
 ]
 
 
@@ -178,6 +182,7 @@ def test_chunked_matches_oracle(case: Case) -> None:
         block_n=16,
         block_p=16,
         heads_per_program=case.heads_per_program,
+        prefetch=case.prefetch,
     )
 
     y_ref, final_ref = oracle(

@@ -1036,7 +1036,7 @@ def chunked_scan_fwd_kernel(
     ep_x, es_x_0, es_x_1, es_x_2, es_x_3, ep_z, es_z_0, es_z_1, es_z_2, es_z_3, ep_D, es_D_0,  # the epilogue's tensors and dims
     EPILOGUE: tl.constexpr,
     N: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr, HAS_S: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     i_pid = tl.program_id(0).to(tl.int64)
@@ -1060,6 +1060,7 @@ def chunked_scan_fwd_kernel(
     i_q = i_h0 // Hq
 
     o_i = m0 + tl.arange(0, BLOCK_M)
+    o_t = t0 + o_i  # [BLOCK_M] tokens of the row block
     o_k = tl.arange(0, BLOCK_M)
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
     m_i = o_i < n_t
@@ -1078,6 +1079,19 @@ def chunked_scan_fwd_kernel(
             p_x0 = x + i_b * stride_x_b + i_v * stride_x_g + o_p[None, :] * stride_x_p
             p_s0 = s + i_b * stride_s_b + i_v * stride_s_g
             p_a0 = log_a + i_b * stride_a_b + (i_h // Hd) * stride_a_g
+            if PREFETCH:
+                # The loads no dot waits on, issued first: their latency overlaps the dots.
+                b_cb = tl.load(p_cb0 + o_i[None, :], mask=m_ij, other=0.0)  # [BLOCK_M, BLOCK_M]
+                b_a = tl.load(p_a0 + o_t * stride_a_t, mask=m_i, other=0.0)  # [BLOCK_M]
+                if HAS_S:
+                    b_s = tl.load(p_s0 + o_t * stride_s_t, mask=m_i, other=0.0)  # [BLOCK_M]
+                b_x = tl.load(p_x0 + o_t[:, None] * stride_x_t, mask=m_i[:, None] & m_p[None, :],
+                              other=0.0)  # [BLOCK_M, BLOCK_P]
+                if EPILOGUE:
+                    eb_x = tl.load(ep_x + i_b * es_x_0 + o_t[:, None] * es_x_1 + i_h * es_x_2 + o_p[None, :] * es_x_3, mask=m_i[:, None] & m_p[None, :], other=1.0)  # [BLOCK_M, BLOCK_P]
+                    eb_z = tl.load(ep_z + i_b * es_z_0 + o_t[:, None] * es_z_1 + i_h * es_z_2 + o_p[None, :] * es_z_3, mask=m_i[:, None] & m_p[None, :], other=1.0)  # [BLOCK_M, BLOCK_P]
+                    eb_D = tl.load(ep_D + i_h * es_D_0)  # []
+
 
             # Earlier blocks k = m − 1, …, 0, walked back from the diagonal; b_c0 is the log
             # decay from the end of block k to the row block's start.
@@ -1114,25 +1128,32 @@ def chunked_scan_fwd_kernel(
             b_acc = b_acc * tl.exp(b_c0) + b_off
 
             # This row block: the diagonal tile of C Bᵀ, masked and decayed per element.
-            b_cb = tl.load(p_cb0 + o_i[None, :], mask=m_ij, other=0.0).to(tl.float32)
-            b_a = tl.load(p_a0 + (t0 + o_i) * stride_a_t, mask=m_i, other=0.0)  # [BLOCK_M]
+            if not PREFETCH:
+                b_cb = tl.load(p_cb0 + o_i[None, :], mask=m_ij, other=0.0)  # [BLOCK_M, BLOCK_M]
+                b_a = tl.load(p_a0 + o_t * stride_a_t, mask=m_i, other=0.0)  # [BLOCK_M]
+                if HAS_S:
+                    b_s = tl.load(p_s0 + o_t * stride_s_t, mask=m_i, other=0.0)  # [BLOCK_M]
+                b_x = tl.load(p_x0 + o_t[:, None] * stride_x_t, mask=m_i[:, None] & m_p[None, :],
+                              other=0.0)  # [BLOCK_M, BLOCK_P]
+            b_cb = b_cb.to(tl.float32)
             b_cs = tl.cumsum(b_a, axis=0)  # [BLOCK_M]
             b_L = tl.exp(tl.where(m_ij, b_cs[:, None] - b_cs[None, :], float("-inf"))) * b_cb
             if HAS_S:
-                b_s = tl.load(p_s0 + (t0 + o_i) * stride_s_t, mask=m_i, other=0.0)  # [BLOCK_M]
                 b_L *= b_s.to(tl.float32)[None, :]
-            b_x = tl.load(p_x0 + (t0 + o_i[:, None]) * stride_x_t, mask=m_i[:, None] & m_p[None, :],
-                          other=0.0)  # [BLOCK_M, BLOCK_P]
             # [BLOCK_M, BLOCK_P]
             b_y = tl.dot(b_L.to(b_x.dtype), b_x, input_precision=DOT_PRECISION)
             b_y += b_acc * tl.exp(b_cs)[:, None]
             if EPILOGUE:
                 # out = (y + (D * x)) * silu(z), in fp32 on the tile
-                o_t = t0 + o_i
                 e_y = b_y
-                eb_x = tl.load(ep_x + i_b * es_x_0 + o_t[:, None] * es_x_1 + i_h * es_x_2 + o_p[None, :] * es_x_3, mask=m_i[:, None] & m_p[None, :], other=1.0).to(tl.float32)  # [BLOCK_M, BLOCK_P]
-                eb_z = tl.load(ep_z + i_b * es_z_0 + o_t[:, None] * es_z_1 + i_h * es_z_2 + o_p[None, :] * es_z_3, mask=m_i[:, None] & m_p[None, :], other=1.0).to(tl.float32)  # [BLOCK_M, BLOCK_P]
-                eb_D = tl.load(ep_D + i_h * es_D_0).to(tl.float32)  # []
+                if not PREFETCH:
+                    eb_x = tl.load(ep_x + i_b * es_x_0 + o_t[:, None] * es_x_1 + i_h * es_x_2 + o_p[None, :] * es_x_3, mask=m_i[:, None] & m_p[None, :], other=1.0)  # [BLOCK_M, BLOCK_P]
+                    eb_z = tl.load(ep_z + i_b * es_z_0 + o_t[:, None] * es_z_1 + i_h * es_z_2 + o_p[None, :] * es_z_3, mask=m_i[:, None] & m_p[None, :], other=1.0)  # [BLOCK_M, BLOCK_P]
+                    eb_D = tl.load(ep_D + i_h * es_D_0)  # []
+
+                eb_x = eb_x.to(tl.float32)
+                eb_z = eb_z.to(tl.float32)
+                eb_D = eb_D.to(tl.float32)
                 t_0 = eb_D * eb_x
                 t_1 = e_y + t_0
                 t_2 = tl.exp(-tl.abs(eb_z))
@@ -1157,7 +1178,8 @@ def chunked_scan_epilogue_args(epilogue, x):
 
 def chunked_scan_fwd(x, s, log_a, B, C, *, states, tiles, heads, out, chunk_size,
                      dot_precision, block_m=None, block_n=None, block_p=None,
-                     heads_per_program=None, num_warps=None, num_stages=None, epilogue=None):
+                     heads_per_program=None, num_warps=None, num_stages=None, epilogue=None,
+                     prefetch=None):
     """Write out [b, T, H, P] = y of every chunk of `tiles`, given the entering `states`.
 
     With `epilogue` = (tensors, sizes) of the call: out = (y + (D * x)) * silu(z) instead.
@@ -1198,6 +1220,7 @@ def chunked_scan_fwd(x, s, log_a, B, C, *, states, tiles, heads, out, chunk_size
         heads, P, heads // Gqk, heads // Gq, heads // Gv, heads // Gd,
         *chunked_scan_epilogue_args(epilogue, x), EPILOGUE=epilogue is not None,
         N=N, HEADS_PER_PROGRAM=heads_per_program, HAS_S=s is not None, DOT_PRECISION=dot_precision,
+        PREFETCH=bool(prefetch),
         CHUNK=chunk_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=block_p,
         num_warps=num_warps, **extra,
     )
@@ -1206,7 +1229,7 @@ def chunked_scan_fwd(x, s, log_a, B, C, *, states, tiles, heads, out, chunk_size
 def chunked_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_state=None,
                 cu_seqlens=None, chunk_size=128, block_n=None, block_p=None, block_t=None,
                 block_m=None, heads_per_program=None, dot_precision=None, num_warps=None,
-                num_stages=None, epilogue=None):
+                num_stages=None, epilogue=None, prefetch=None):
     """y [b, T, H, P] into `out` (and the final state into `final_state`) by the SSD chunks.
 
     x [b, T, Gv, P], s [b, T, Gv] or None, log_a [b, T, Gd] fp32,
@@ -1219,7 +1242,8 @@ def chunked_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_stat
     a C Bᵀ group served in turn by one scan program (default 1). Tiles, num_warps and
     num_stages left None get per-stage defaults (chunked_state_fwd, chunked_scan_fwd).
     epilogue: (tensors, sizes) of the call to apply the spec's output roles in the scan's
-    store (chunked_scan_fwd), or None for y itself.
+    store (chunked_scan_fwd), or None for y itself. prefetch: the scan issues its loads
+    before its dots (chunked_scan_fwd).
     """
     if log_a is None:
         raise ValueError("chunked_fwd was generated for a scalar decay: log_a is required")
@@ -1236,7 +1260,7 @@ def chunked_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_stat
                                block_t=block_t, **tile_args)
     chunked_scan_fwd(x, s, log_a, B, C, states=states, tiles=tiles, heads=heads, out=out,
                      block_m=block_m, heads_per_program=heads_per_program, epilogue=epilogue,
-                     **tile_args)
+                     prefetch=prefetch, **tile_args)
     return out
 
 
