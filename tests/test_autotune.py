@@ -209,3 +209,22 @@ def test_cli_without_gpu_or_interpreter_exits_2(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["autotune", str(EXAMPLES / "mamba2.ssm"), "--shape", "1x16"]) == 2
     assert "needs a GPU, or TRITON_INTERPRET=1" in capsys.readouterr().err
+
+
+def test_gpu_script_runs_its_cpu_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "scripts" / "gpu_autotune.py"
+    spec = importlib.util.spec_from_file_location("gpu_autotune", path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--tiny", "--only", "mamba1", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "autotune.json").read_text())
+    (row,) = report["rows"]
+    assert row["spec"] == "mamba1" and row["planner"]["measured_s"] > 0
+    assert row["best_default"]["time_s"] <= row["planner"]["measured_s"]
+    assert row["ratio_default"] >= 1.0
+    assert {k.split("/")[0] for k in row["estimated_s"]} == {"recurrent", "chunked"}
+    assert report["environment"]["device"] == "cpu-interpreter"
+    assert "planner recurrent" in capsys.readouterr().out
