@@ -5,6 +5,7 @@
 #   bench     SSD forward vs mamba_ssm and FLA (scripts/bench_ssd.py)
 #   parallel  context parallelism over every GPU vs one (scripts/gpu_parallel.py)
 #   mqar      the MQAR training example (examples/mqar.py SPEC... [flags])
+#   autotune  Mamba-2 2.7B / Mamba-1 shapes: planner vs best measured (scripts/gpu_autotune.py)
 #   all       the three in order
 # Usage (device tool, carry .whl): bash scripts/gpu_check.sh STAGE [extra args]
 # Output is printed and kept under $OUT (or ./out) for docs/gpu-runs.md.
@@ -45,3 +46,6 @@ if [[ $stage == mqar ]]; then
     python3 examples/mqar.py "$@" --json "$out/mqar.json" 2>&1 | tee "$out/mqar.log" || status=1
 fi
 exit $status
+if [[ $stage == autotune ]]; then
+    python3 scripts/gpu_autotune.py --out "$out" "$@" 2>&1 | tee "$out/autotune.log" || status=1
+fi
