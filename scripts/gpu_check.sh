@@ -42,10 +42,10 @@ if [[ $stage == parallel ]]; then
     python3 -m torch.distributed.run --nproc_per_node="$gpus" scripts/gpu_parallel.py \
         --json "$out/parallel.json" "$@" 2>&1 | tee "$out/parallel.log" || status=1
 fi
+if [[ $stage == autotune ]]; then
+    python3 scripts/gpu_autotune.py --out "$out" "$@" 2>&1 | tee "$out/autotune.log" || status=1
+fi
 if [[ $stage == mqar ]]; then
     python3 examples/mqar.py "$@" --json "$out/mqar.json" 2>&1 | tee "$out/mqar.log" || status=1
 fi
 exit $status
-if [[ $stage == autotune ]]; then
-    python3 scripts/gpu_autotune.py --out "$out" "$@" 2>&1 | tee "$out/autotune.log" || status=1
-fi
