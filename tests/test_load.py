@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ssmc import render
-from ssmc.pipeline import parse_file, with_dims
+from ssmc.pipeline import parse, parse_file, with_dims
 from ssmc.reference import random_inputs, reference
 
 L = importlib.import_module("ssmc.load")  # `ssmc.load` is also the function of that name
@@ -224,3 +224,20 @@ def test_standalone_module_runs_without_ssmc(tmp_path: Path, gen: torch.Generato
     for got, ref in zip([y, got_state, *grads, dinit], wanted, strict=True):
         assert not got.isnan().any()
         assert ((got.double() - ref).norm() / ref.norm()).item() <= 1e-4
+
+
+def test_long_spec_names_give_short_entry_names(tmp_path: Path) -> None:
+    """A 300-character spec name: the entry's files keep the first ENTRY_NAME_CHARS of it
+    (was `OSError: File name too long` after a spurious "damaged" warning)."""
+    name = "n" * 300
+    text = MAMBA2.read_text().replace("ssm mamba2", f"ssm {name}", 1)
+    checked = with_dims(parse(text), SMALL)
+    assert checked.spec.name == name
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module = L.load_module(checked, cache_dir=tmp_path)
+        L._MODULES.clear()
+        assert L.load_module(checked, cache_dir=tmp_path).__file__ == module.__file__
+    names = [p.name for p in tmp_path.iterdir()]
+    assert names and max(len(n) for n in names) < 128, names
+    assert any(n.startswith("n" * L.ENTRY_NAME_CHARS + "_") for n in names)

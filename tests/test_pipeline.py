@@ -51,3 +51,31 @@ def test_err_specs_have_location_and_hint(path: Path) -> None:
     located = [d for d in info.value.diagnostics if d.span is not None]
     missing_statement = path.stem.startswith(("missing_", "empty_"))
     assert located or missing_statement, "a problem in the text points at the text"
+
+
+def test_line_ends_are_the_same_for_text_and_file(tmp_path: Path) -> None:
+    """\\n, \\r\\n and a lone \\r end a line for ssmc.parse and ssmc.parse_file alike."""
+    text = EXAMPLES[0].read_text()
+    lines = text.split("\n")
+    mixed = "\r".join(lines[:8]) + "\r\n" + "\n".join(lines[8:]) + "\r# trailing\rvalue x"
+    path = tmp_path / "mixed.ssm"
+    path.write_bytes(mixed.encode())
+    errors = []
+    for run in (lambda: ssmc.parse(mixed, str(path)), lambda: ssmc.parse_file(path)):
+        with pytest.raises(SpecError) as info:
+            run()
+        errors.append([(d.message, d.span) for d in info.value.diagnostics])
+    assert errors[0] == errors[1]
+    assert errors[0][0][1] is not None and errors[0][0][1].line == len(lines) + 2
+
+
+def test_not_utf8_is_located_at_the_first_bad_byte(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.ssm"
+    path.write_bytes(b"ssm a\r\n# caf\xc3\xa9\n# na\xefve\nmask causal\n")
+    with pytest.raises(SpecError) as info:
+        ssmc.parse_file(path)
+    (diagnostic,) = info.value.diagnostics
+    assert diagnostic.span is not None
+    assert (diagnostic.span.line, diagnostic.span.column) == (3, 5)
+    assert "0xef" in diagnostic.message
+    assert f"{path}:3:5: error: not UTF-8" in info.value.render()
