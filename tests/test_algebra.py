@@ -66,7 +66,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
      "log(0.5) + (-c)"),
     (f"diagonal(log_a = -softplus(dt) * exp(D)) * {SS}", "D", ir.DiagonalSemiseparable,
      "((-softplus(dt)) * exp(D)) + (softplus(dt) * A)"),
-    (f"causal * quasiseparable(log_a = softplus(dt) * A, log_a_backward = dt)", "",
+    ("causal * quasiseparable(log_a = softplus(dt) * A, log_a_backward = dt)", "",
      ir.ScalarSemiseparable, "softplus(dt) * A"),
 ])
 def test_products_are_rewritten_to_a_basic_mask(mask: str, used: str, kind: type,
