@@ -2,7 +2,7 @@
 # GPU machine, one call per stage: install the carried wheels, then
 #   tests     the kernel tests (marked interpret/gpu) compiled on the GPU
 #   validate  every example at real sizes against fp64 (scripts/gpu_validate.py)
-#   bench     SSD forward vs mamba_ssm and FLA (scripts/bench_ssd.py)
+#   bench     SSD forward vs mamba_ssm and FLA (scripts/bench_ssd.py), then `ssmc bench`
 #   parallel  context parallelism over every GPU vs one (scripts/gpu_parallel.py)
 #   mqar      the MQAR training example (examples/mqar.py SPEC... [flags])
 #   autotune  Mamba-2 2.7B / Mamba-1 shapes: planner vs best measured (scripts/gpu_autotune.py)
@@ -36,6 +36,15 @@ fi
 if [[ $stage == bench || $stage == all ]]; then
     python3 scripts/bench_ssd.py --mamba-src "$mamba_src" --json "$out/bench_ssd.json" 2>&1 \
         | tee "$out/bench.log" || status=1
+    # Every form and peer versus T, forward and forward+backward (docs/benchmarks.md);
+    # plot the JSON elsewhere with `ssmc bench FILE.json --png FILE.png` if matplotlib is absent.
+    png() { python3 -c 'import matplotlib' 2>/dev/null && echo --png "$out/$1.png"; }
+    python3 -m ssmc bench examples/mamba2.ssm --backward --mamba-src "$mamba_src" --no-progress \
+        --json "$out/bench_mamba2.json" $(png bench_mamba2) 2>&1 \
+        | tee "$out/bench_mamba2.log" || status=1
+    python3 -m ssmc bench examples/gla.ssm --backward --seqlen 2048 --batch 8 --dim H=16 \
+        --dim N=128 --dim P=128 --no-progress --json "$out/bench_gla.json" $(png bench_gla) 2>&1 \
+        | tee "$out/bench_gla.log" || status=1
 fi
 if [[ $stage == parallel ]]; then
     gpus=$(nvidia-smi -L | wc -l)
