@@ -5,6 +5,7 @@
 #   bench     SSD forward vs mamba_ssm and FLA (scripts/bench_ssd.py), then `ssmc bench`
 #   parallel  context parallelism over every GPU vs one (scripts/gpu_parallel.py)
 #   mqar      the MQAR training example (examples/mqar.py SPEC... [flags])
+#   backward  gradients vs fp64 at real sizes, fwd+bwd memory/time vs mamba_ssm (scripts/gpu_backward.py)
 #   autotune  Mamba-2 2.7B / Mamba-1 shapes: planner vs best measured (scripts/gpu_autotune.py)
 #   all       the three in order
 # Usage (device tool, carry .whl): bash scripts/gpu_check.sh STAGE [extra args]
@@ -53,6 +54,10 @@ if [[ $stage == parallel ]]; then
 fi
 if [[ $stage == autotune ]]; then
     python3 scripts/gpu_autotune.py --out "$out" "$@" 2>&1 | tee "$out/autotune.log" || status=1
+fi
+if [[ $stage == backward ]]; then
+    python3 scripts/gpu_backward.py --mamba-src "$mamba_src" --json "$out/backward.json" "$@" 2>&1 \
+        | tee "$out/backward.log" || status=1
 fi
 if [[ $stage == mqar ]]; then
     python3 examples/mqar.py "$@" --json "$out/mqar.json" 2>&1 | tee "$out/mqar.log" || status=1

@@ -268,3 +268,26 @@ def test_lti_kernel_vjp_matches_autograd(case: str, T: int) -> None:
             w = next(want)
             assert grad.shape == leaf.shape and grad.dtype == torch.float64, name
             assert ((grad - w).norm() / w.norm()).item() <= 1e-10, name
+
+
+@pytest.mark.interpret
+def test_gpu_backward_script_cpu_path(tmp_path: Path) -> None:
+    """scripts/gpu_backward.py --cpu (the GPU script's code at tiny sizes) runs and passes:
+    the gradient rows of one example and the memory rows, written as JSON."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_backward", ROOT / "scripts" / "gpu_backward.py"
+    )
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "backward.json"
+    assert script.main(["--cpu", "--specs", "mqa", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {r["form"] for r in report["gradients"]} == {"recurrent", "quadratic", "chunked"}
+    assert all(r["ok"] and r["errors"] for r in report["gradients"])
+    (row,) = report["memory"]
+    # forward + backward at least holds y, dx and dz (each |x|): the tracker sees allocations
+    assert row["impl"] == "ssmc" and row["fwd_bwd_peak_mib"] >= 3 * row["x_mib"]
