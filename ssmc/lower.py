@@ -162,6 +162,11 @@ def _statement(state: _Lowering, node: lark.Tree) -> None:
         value = _expr(state, value_node)
         if _declare_name(state, str(name_token), span_of(name_token), what="let"):
             state.lets[str(name_token)] = value
+    elif kind == "mask_algebra_stmt" and _syntax_deeper_than(node.children[0], MAX_EXPR_DEPTH):
+        # algebra_lower recurses once per `+`/`*`: measure first, as for expressions.
+        state.mask_seen = True
+        state.error(f"mask expression nested deeper than {MAX_EXPR_DEPTH} levels",
+                    span_of(node), "a mask combines a few basic masks")
     elif kind == "mask_algebra_stmt" or kind == "mask_stmt" and algebra_lower.handles(node):
         algebra_lower.lower_mask(state, node)  # mask algebra, quasiseparable (docs/variants.md)
     elif kind == "mask_stmt":
@@ -239,14 +244,20 @@ def _expr(state: _Lowering, node: lark.Tree | lark.Token) -> E.Expr:
     return result
 
 
+_NESTING = frozenset({"neg", "add", "sub", "mul", "div", "pow", "call", "mask_add", "mask_mul"})
+"""Syntax nodes one level above their children (leaves, mask atoms and their arguments,
+measured on their own, are not)."""
+
+
 def _syntax_deeper_than(node: lark.Tree | lark.Token, limit: int) -> bool:
-    """Whether an expression's syntax tree has more than `limit` levels (iterative walk)."""
+    """Whether an expression's (or a mask algebra's) syntax tree has more than `limit`
+    levels (iterative walk)."""
     stack: list[tuple[lark.Tree | lark.Token, int]] = [(node, 1)]
     while stack:
         item, depth = stack.pop()
         if depth > limit:
             return True
-        if isinstance(item, lark.Tree) and item.data not in ("number", "ref"):
+        if isinstance(item, lark.Tree) and item.data in _NESTING:
             start = 1 if item.data == "call" else 0
             stack.extend((kid, depth + 1) for kid in item.children[start:] if kid is not None)
     return False
