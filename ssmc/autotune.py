@@ -147,7 +147,9 @@ def autotune(
     tune = _Tuner(bench, timer or _timer(device), progress, len(todo))
     for c in todo:
         tune.trial(c)
-    if search if search is not None else (device == "cuda" and candidates is None):
+    if search is None:
+        search = device == "cuda" and candidates is None
+    if search:
         for c in tune.best_per_form():
             tune.search(c, knob_values(checked, module, c, bench.sizes))
     tune.close()

@@ -1,8 +1,10 @@
 """plan: (checked spec, call shape, device) → the form, chunk and tiles to render, and why.
 
-The form is the allowed one the cost model (`ssmc.cost`) estimates fastest on the
-device, and the chunk the cheapest of a few; tiles are heuristics until the
-autotuner's cached entry (`tuned`) overrides them (DESIGN §4).
+The form is the allowed one the cost model (`ssmc.cost`, timed by `ssmc.cost_time`)
+estimates fastest on the device, and the chunk the cheapest of a few. The op asks the
+autotune cache first (`ssmc.autotune_cache`: the form, chunk and launch options measured
+on this GPU for the shape's bucket) and the planner only on a miss (docs/autotune.md).
+The tiles here are heuristics that `ssmc explain` shows; `tuned` overrides them.
 """
 
 from __future__ import annotations
