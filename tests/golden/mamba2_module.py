@@ -902,19 +902,22 @@ def chunked_state_fwd(x, s, log_a, B, C, *, tiles, first, heads, initial_state, 
     """states [R, H, N, P]: the state entering each chunk of `tiles` (C's dtype when C is
     16-bit, else fp32); the final state of each sequence into `final_state` (fp32).
 
-    Default tiles: 64 × 64 of the N × P state. Each program is a serial walk whose steps
-    are latency-bound: when sequences × heads × tiles give many programs (≥ 512, several
-    waves) the step is 64 tokens (more programs resident per SM); when they are few (long
-    sequences, small batch) the step is 128 tokens, half the steps of the walk.
+    Default tiles: N up to 128 (the whole state of a Mamba-2 head) × P up to 64, 8 warps
+    for a 128 × 64 tile (4 below), steps of min(Q, 128) tokens. Each program is a serial
+    walk whose steps are latency-bound, so fewer, longer steps and fewer programs each
+    reading x once win: on the H100 at the Mamba-2 2.7B shape this measured 256 µs
+    against 309 µs for 64 × 64 tiles at Q = 64, and 203 against 225 at Q = 256
+    (docs/perf-notes.md, change 5).
     """
     _, _, Gv, P = x.shape
     Gk, N = B.shape[2], B.shape[3]
     Gd = log_a.shape[2] if log_a is not None else 1
     n_seqs = first.numel() - 1
-    block_n = block_n or max(16, min(64, _pow2(N)))
+    block_n = block_n or max(16, min(128, _pow2(N)))
     block_p = block_p or max(16, min(64, _pow2(P)))
     n_programs = n_seqs * heads * _cdiv(N, block_n) * _cdiv(P, block_p)
-    block_t = block_t or min(chunk_size, 64 if n_programs >= 512 else 128)
+    block_t = block_t or min(chunk_size, 128)
+    num_warps = num_warps or (8 if block_n * block_p >= 8192 else 4)
     dtype = C.dtype if C.dtype in (torch.float16, torch.bfloat16) else torch.float32
     states = torch.empty(tiles.shape[0], heads, N, P, device=x.device, dtype=dtype)
     s_arg, s_strides = (s, s.stride()) if s is not None else (x, (0, 0, 0))
@@ -932,7 +935,7 @@ def chunked_state_fwd(x, s, log_a, B, C, *, tiles, first, heads, initial_state, 
         HAS_S=s is not None, HAS_INITIAL=initial_state is not None,
         HAS_FINAL=final_state is not None, DOT_PRECISION=dot_precision,
         CHUNK=chunk_size, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_P=block_p,
-        num_warps=num_warps or 4, **extra,
+        num_warps=num_warps, **extra,
     )
     return states
 
@@ -1184,9 +1187,11 @@ def chunked_scan_fwd(x, s, log_a, B, C, *, states, tiles, heads, out, chunk_size
 
     With `epilogue` = (tensors, sizes) of the call: out = (y + (D * x)) * silu(z) instead.
 
-    Defaults: row blocks of min(Q, 64), N and P tiles of 64, one head per program (the
-    C Bᵀ tiles are shared through L2, so more heads per program only save the reload of
-    C), 4 warps.
+    Defaults: row blocks of min(Q, 64), N tiles up to 128 (one step for Mamba-2's N),
+    P tiles of 64, one head per program (the C Bᵀ tiles are shared through L2, so more
+    heads per program only save the reload of C), 4 warps; with two row blocks a chunk
+    (Q = 128) the loads go before the dots and the pipeline is 2 stages deep (measured on
+    the H100: 555 µs against 647, docs/perf-notes.md change 5).
     """
     _, _, Gv, P = x.shape
     Gk, N = B.shape[2], B.shape[3]
@@ -1195,11 +1200,14 @@ def chunked_scan_fwd(x, s, log_a, B, C, *, states, tiles, heads, out, chunk_size
     Gqk = math.lcm(Gq, Gk)
     R = tiles.shape[0]
     block_m = block_m or min(chunk_size, 64)
-    block_n = block_n or max(16, min(64, _pow2(N)))
+    block_n = block_n or max(16, min(128, _pow2(N)))
     block_p = block_p or max(16, min(64, _pow2(P)))
     num_warps = num_warps or 4
-    extra = {} if num_stages is None else {"num_stages": num_stages}
     n_m = chunk_size // block_m
+    if n_m == 2:
+        prefetch = True if prefetch is None else prefetch
+        num_stages = num_stages or 2
+    extra = {} if num_stages is None else {"num_stages": num_stages}
     cb_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
     cb = torch.empty(R, Gqk, chunk_size, chunk_size, device=x.device, dtype=cb_dtype)
     chunked_scan_cb_fwd_kernel[(R * Gqk * n_m * n_m,)](
