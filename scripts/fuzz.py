@@ -486,9 +486,10 @@ def outcome(text: str, compile_source: bool = True) -> str:
         return f"error:{type(err).__name__}"
     key = render.spec_hash(checked)
     if key not in _RENDERED:
-        source = render.render_module(checked)
-        if compile_source:
-            compile(source, "module.py", "exec", dont_inherit=True)
+        for module in checked.pieces or (checked,):  # a composite mask: one module per piece
+            source = render.render_module(module)
+            if compile_source:
+                compile(source, "module.py", "exec", dont_inherit=True)
         _RENDERED.add(key)
     return "ok"
 
