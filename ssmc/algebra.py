@@ -252,8 +252,10 @@ def check_algebra(spec: ir.Spec, *, text: str | None = None) -> ir.CheckedSpec:
     if len(terms) == 1 and isinstance(first.mask, BASIC) and not _decayed(first.mask):
         if spec.composition is None:  # first check: fold the scale into the spec
             spec, line = fold_scale(dataclasses.replace(spec, mask=first.mask), first.scale)
-            if line:
-                steps.append(line)
+        else:  # re-checked (e.g. `with_dims`): folded already, only the step is written
+            line = _folded_text(spec, first.scale)
+        if line:
+            steps.append(line)
         checked = check(dataclasses.replace(spec, composition=None), text=text)
         return dataclasses.replace(
             checked, spec=dataclasses.replace(checked.spec, composition=source),
@@ -292,6 +294,19 @@ def fold_scale(spec: ir.Spec, scale: E.Expr | None) -> tuple[ir.Spec, str]:
     assert value is not None
     line = f"{_scale_text(scale)} · M → M with the value scaled: value = {show(value)}"
     return dataclasses.replace(spec, value=value), line
+
+
+def _folded_text(spec: ir.Spec, scale: E.Expr | None) -> str:
+    """The step `fold_scale` wrote for a spec it already folded."""
+    if scale is None:
+        return ""
+    mask = spec.mask
+    if isinstance(mask, ir.Toeplitz):
+        k = mask.kernel
+        if isinstance(k, ir.LearnedKernel):
+            return f"{_scale_text(scale)} · toeplitz → toeplitz(kernel = {show(k.kernel)})"
+        return f"{_scale_text(scale)} · lti → lti(C = {show(k.C)})"
+    return f"{_scale_text(scale)} · M → M with the value scaled: value = {show(spec.value)}"
 
 
 def fold_kernel_scale(mask: ir.Toeplitz, scale: E.Expr | None) -> tuple[ir.Toeplitz, str]:

@@ -138,6 +138,10 @@ def _diagnose(err: lark.exceptions.UnexpectedInput, text: str) -> Diagnostic:
     width = max(len(str(token)), 1)
     span = Span(line=line, column=column, end_line=line, end_column=column + width)
     expected = set(err.expected) | set(getattr(err, "accepts", None) or ())
+    if "$END" in expected and "MINUS" not in expected:
+        # After a whole mask statement: `*`, `+` (mask algebra) and a `)` that LALR state
+        # merging brings in would only crowd the statement keywords out of the hint.
+        expected -= {"RPAR", "STAR", "PLUS"}
     message = f"unexpected {_describe(token)}"
     hint = _hint_expected(expected)
     suggestion = _suggest_keyword(str(token), expected) if token.type == "NAME" else None

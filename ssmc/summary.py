@@ -29,8 +29,12 @@ def shape_text(shape: tuple[ir.Size, ...], spec: ir.Spec) -> str:
     return "[" + ", ".join(size_text(a, spec) for a in shape) + "]"
 
 
-def mask_text(mask: ir.Mask) -> str:
+def mask_text(mask: ir.MaskExpr) -> str:
     """The mask's structure and its defining expression."""
+    if type(mask) not in MASK_WORDS or _decayed(mask):  # mask algebra
+        from ssmc.algebra import mask_text as algebra_text
+
+        return _ALGEBRA_WORDS.get(type(mask), "composite") + ": " + algebra_text(mask)
     words = MASK_WORDS[type(mask)]
     match mask:
         case ir.ConstDecay(log_gamma=e):
@@ -47,12 +51,45 @@ def mask_text(mask: ir.Mask) -> str:
     return words
 
 
+_ALGEBRA_WORDS = {
+    ir.MaskSum: "sum of masks, one state recurrence per term (2-semiseparable for two 1-SS)",
+    ir.Quasiseparable: "bidirectional (quasiseparable, Hydra): forward + backward pass",
+    ir.MaskProduct: "scaled",
+    ir.Toeplitz: "Toeplitz window times a decay",
+}
+
+
+def _decayed(mask: ir.MaskExpr) -> bool:
+    return isinstance(mask, ir.Toeplitz) and isinstance(mask.kernel, ir.LearnedKernel) \
+        and mask.kernel.log_decay is not None
+
+
+def derivation_lines(checked: ir.CheckedSpec, indent: str) -> list[str]:
+    """How the mask as written became the mask that runs (mask algebra), one line each."""
+    spec = checked.spec
+    if spec.composition is None:
+        return []
+    from ssmc.algebra import mask_text as algebra_text
+
+    lines = [f"{indent}written  {algebra_text(spec.composition)}"]
+    lines += [f"{indent}rewrite  {step}" for step in checked.derivation]
+    for piece in checked.pieces:
+        forms = ", ".join(f.value for f in piece.forms)
+        lines.append(f"{indent}piece    {piece.spec.name}: {algebra_text(piece.spec.mask)}, "
+                     f"value {show(piece.spec.value)} ({forms})")
+    if checked.pieces:
+        lines.append(f"{indent}plan     each piece is planned on its own (one op each); a cost "
+                     f"table is that of one piece, the call costs about {len(checked.pieces)}×")
+    return lines
+
+
 def summary(checked: ir.CheckedSpec) -> str:
     """The one-screen summary `ssmc check` prints."""
     spec = checked.spec
     h = checked.heads
     lines = [f"{spec.name} ({spec.source})"]
     lines.append(f"  mask     {mask_text(spec.mask)}")
+    lines += derivation_lines(checked, "  ")
     heads = [f"output {size_text(h.output, spec)}"]
     for label, count in (("query C", h.query), ("key B", h.key), ("value X", h.value),
                          ("decay", h.decay)):
@@ -67,7 +104,14 @@ def summary(checked: ir.CheckedSpec) -> str:
         lines.append(f"  {tensor.kind.value:<8} {tensor.name} {shape_text(tensor.shape, spec)}")
     lines.append(f"  output   {spec.output.name} {shape_text(spec.output.shape, spec)}")
     lines.append("  forms    " + ", ".join(f.value for f in checked.forms))
-    if isinstance(spec.mask, ir.Toeplitz):
+    if isinstance(spec.mask, ir.Quasiseparable):
+        lines.append("  state    none carried: a bidirectional mask reads the whole sequence")
+    elif isinstance(spec.mask, ir.MaskSum) and checked.state_size is not None:
+        shape = ("batch", h.output, f"{len(checked.pieces)}·{size_text(checked.state_size, spec)}",
+                 checked.head_dim)
+        lines.append(f"  state    {shape_text(shape, spec)} fp32 per sequence (the terms' "
+                     "states stacked along N)")
+    elif isinstance(spec.mask, ir.Toeplitz):
         lines.append("  state    none carried: Toeplitz forms (quadratic, convolution) keep no state")
     else:
         shape: tuple[ir.Size, ...] = ("batch", h.output, checked.state_size or 1,
@@ -88,6 +132,7 @@ def dump(checked: ir.CheckedSpec) -> str:
         lines.append(f"  Tensor {t.name}: {t.kind.value} {shape_text(t.shape, spec)}")
     lines.append(f"  Output {spec.output.name}: {shape_text(spec.output.shape, spec)}")
     lines.append(f"  Mask {type(spec.mask).__name__}: {mask_text(spec.mask)}")
+    lines += derivation_lines(checked, "    ")
     for role in ("query", "key", "value", "skip", "gate"):
         value = getattr(spec, role)
         if value is not None:

@@ -475,6 +475,10 @@ def prove(
     """
     if T < 1 or heads < 1 or any(Q < 1 for Q in chunk_sizes):
         raise ValueError(f"T, heads, chunk sizes must be positive: {T}, {heads}, {chunk_sizes}")
+    if checked.pieces or checked.spec.composition is not None:  # mask algebra
+        from ssmc.algebra_symbolic import prove_algebra
+
+        return prove_algebra(checked, T=T, chunk_sizes=chunk_sizes, heads=heads)  # type: ignore[return-value]
     t0 = time.perf_counter()
     mask, name = checked.spec.mask, checked.spec.name
     unknown = set(checked.forms) - FORMS[type(mask)]

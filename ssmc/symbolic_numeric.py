@@ -55,6 +55,11 @@ def numeric_check(
     Runs at 4 heads (2 groups where the spec groups a role), N = P = 2, with skip, gate and
     the initial state; ProofError past `tol`; ImportError when the reference is absent.
     """
+    if checked.pieces or checked.spec.composition is not None:  # mask algebra
+        from ssmc.algebra_symbolic import numeric_check_algebra
+
+        return numeric_check_algebra(  # type: ignore[return-value]
+            checked, T=T, chunk_sizes=chunk_sizes, seed=seed, tol=tol)
     import torch
 
     from ssmc.bind import bind
