@@ -73,7 +73,7 @@ def cost(checked: ir.CheckedSpec, form: ir.Form, shape: Shape, *, chunk_size: in
         core = cost_forms.chunked(s, chunk_size)
         held = cost_forms.chunk_states_bytes(s, chunk_size)
         epilogue = cost_roles.epilogue(s)
-        if epilogue and _fused_epilogue(checked):
+        if epilogue and fused_epilogue(checked):
             return Cost(
                 launches=(*cost_roles.prologue(s), *_fuse(core, epilogue[0], s)), state_bytes=held
             )
@@ -81,11 +81,17 @@ def cost(checked: ir.CheckedSpec, form: ir.Form, shape: Shape, *, chunk_size: in
     return Cost(launches=launches, state_bytes=held)
 
 
-def _fused_epilogue(checked: ir.CheckedSpec) -> bool:
-    """Whether the chunked scan applies skip and gate in its store (no epilogue launch)."""
-    from ssmc.roles import fused_epilogue
+def fused_epilogue(checked: ir.CheckedSpec) -> bool:
+    """Whether the chunked scan applies skip and gate in its store (no epilogue launch).
 
-    return fused_epilogue(checked) is not None
+    The rule of `ssmc.roles.fused_epilogue`, without building the tile epilogue (the
+    planner costs ~60 shapes per render; tests/test_cost.py keeps the two in step).
+    """
+    spec = checked.spec
+    if spec.skip is None and spec.gate is None:
+        return False
+    head, feature = spec.output.shape[2], spec.output.shape[3]
+    return not (isinstance(head, str) and head == feature)
 
 
 def _fuse(core: tuple[Launch, ...], epilogue: Launch, s: Sizes) -> tuple[Launch, ...]:

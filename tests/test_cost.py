@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ssmc import cost_forms, ir
-from ssmc.cost import PlanError, Shape, cost
+from ssmc.cost import PlanError, Shape, cost, fused_epilogue
 from ssmc.cost_terms import sizes, tile_pairs
 from ssmc.expr import BinOp, Op, Ref
 from ssmc.pipeline import parse_file
@@ -277,3 +277,11 @@ def test_tile_pairs_match_a_direct_count(nb: int, window: int) -> None:
         if (i - j) * bt - (bt - 1) <= window - 1  # some (row, column) of the tile is in the band
     )
     assert tile_pairs(nb, bt, window) == direct
+
+
+def test_the_fused_epilogue_rule_is_the_renderers() -> None:
+    from ssmc import roles
+
+    for path in sorted(EXAMPLES.glob("*.ssm")):
+        checked = parse_file(path)
+        assert fused_epilogue(checked) == (roles.fused_epilogue(checked) is not None), path
