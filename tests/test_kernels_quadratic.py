@@ -62,6 +62,9 @@ class Case:
     seqlens: tuple[int, ...] = ()
     noncontiguous: bool = False
     strong: bool = False
+    barriers: bool = False
+    """log a = −1e4 at a third of the tokens, ≥ −0.01 elsewhere: decays of both extremes in
+    one tile (differences of prefix sums lost ulp(1e4) ≈ 1e-3 to cancellation there)."""
 
 
 # (Gv, Gk, Gq, Gd) of DESIGN §2's patterns with G groups, decay per head.
@@ -93,6 +96,9 @@ CASES = [
     Case("scalar-noncontiguous", noncontiguous=True, groups=MVA_G2),
     Case("scalar-noncontiguous-varlen", seqlens=(4, 19, 3), noncontiguous=True),
     Case("scalar-strong-decay", strong=True, T=40),
+    Case("scalar-barriers", barriers=True, T=64),
+    Case("scalar-barriers-tiles-32x16", barriers=True, T=64, tiles=(32, 16), groups=MVA_G2),
+    Case("scalar-barriers-varlen", barriers=True, seqlens=(21, 30, 13), tiles=(16, 32)),
 ]
 
 
@@ -117,6 +123,9 @@ def make_inputs(case: Case, seed: int):
     log_a = None
     if case.decay == "scalar":
         log_a = -(0.01 + (low - 0.01) * torch.rand(batch, T, Gd, generator=g))
+        if case.barriers:
+            strong = torch.rand(batch, T, Gd, generator=g) < 1 / 3
+            log_a = torch.where(strong, -1e4, log_a / (100 * low))
     h0 = rand(states, H, N, P) if case.h0 else None
     if case.noncontiguous:
         x, B, C = transposed(x), transposed(B), transposed(C)

@@ -186,6 +186,16 @@ def test_empty_call_time_dims(dim: str, carrier: str, guarded) -> None:  # type:
     refused(op, rf"\b{carrier}: expected {dim} of at least 1, got {dim}=0 \(shape \[", **inputs)
 
 
+@pytest.mark.parametrize("dim", ["N", "P"])
+def test_generated_module_refuses_empty_dims(dim: str) -> None:
+    """The generated `forward` on its own (as `ssmc compile` writes it) refuses a 0 dim too:
+    the recurrent launcher divided by it."""
+    op = open_dims()
+    inputs = good_inputs(op, **({"H": 4, "G": 2, "N": 8, "P": 4} | {dim: 0}))
+    with pytest.raises(ValueError, match=rf"the dim {dim} is 0 .*: dims are at least 1"):
+        op.module.forward(**inputs, form="recurrent")
+
+
 def test_head_counts_that_divide_run() -> None:
     op = open_dims()
     y, state = op(**good_inputs(op, H=6, G=3, N=8, P=4))

@@ -392,17 +392,20 @@ def recurrent_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_st
 #
 # Flash-attention-like tiling: a program owns one query tile (BLOCK_I tokens of one
 # sequence, from the seq_tiles table, so tiles never straddle sequences) of one head
-# and one P tile, and walks the key tiles j ≤ i of its sequence from the diagonal
-# backwards: S = C_i B_jᵀ (tensor-core dots over N tiles, fp32), masked by L, times s_j,
-# accumulated as acc += (L ∘ S) X_j. Key tiles before the sequence start are masked,
-# so pairs from different sequences never meet and nothing leaks between them.
+# and one P tile: first the diagonal tile (the query tokens as keys), then the key
+# tiles before it, walking back: S = C_i B_jᵀ (tensor-core dots over N tiles, fp32),
+# masked by L, times s_j, accumulated as acc += (L ∘ S) X_j. Key tiles before the
+# sequence start are masked, so pairs from different sequences never meet.
 #
-# The form is meant for short T, but cs is still never a long prefix sum: cs is
-# measured from an anchor a, the last token of the query tile, as backward suffix sums
-#     c_k = cs_a − cs_k = Σ_{k < m ≤ a} log a_m       (built tile by tile going back)
-# so L_ij = exp(c_j − c_i) subtracts two sums that differ only by the span (j, i], and
-# exp(cs_i) = exp(c_start − c_i) where c_start = cs_a after the walk reached the start.
-# The final state uses the same backward suffix sums from the sequence end.
+# L_ij = exp(Σ_{j < m ≤ i} log a_m) is never a difference of two prefix sums (which
+# loses ulp(|cs|) to cancellation once decays are strong, and leaves L_ii ≠ 1): every
+# exponent is a sum of log a terms of one sign. On the diagonal tile it is the segment
+# sum itself, a cumsum down the rows of [log a_i' if i' > j] (L_ii = exp(0) = 1 exactly);
+# for an earlier key tile it is p_i + d_j, with p_i = Σ_{i0 ≤ m ≤ i} log a_m (a prefix
+# sum in the query tile) and d_j = Σ_{j < m < i0} log a_m (the sum of the tiles walked
+# so far plus a cumsum, in reversed token order, of log a_{j+1} in the key tile), and
+# exp(cs_i) = exp(p_i + Σ_{start ≤ m < i0} log a_m). The final state's weights
+# exp(Σ_{j < m ≤ end} log a_m) are built the same way going back from the sequence end.
 #
 # Parallelisation: quadratic_fwd_kernel on grid (query tile, head, P tile);
 # quadratic_state_fwd_kernel on grid (sequence, head, N tile × P tile), a loop over the
@@ -482,6 +485,30 @@ def _seq_tiles_dense(batch, seqlen, tile, device):
 
 
 @triton.jit
+def quadratic_key_tile(
+    b_acc, b_L, p_C0, m_i, p_B0, p_x0, o_j, m_j, m_p, N,
+    stride_B_t, stride_B_n, stride_C_n, stride_x_t,
+    DOT_PRECISION: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """b_acc + (L ∘ C_i B_jᵀ) X_j for the key tokens o_j; the scores over N tiles, in fp32."""
+    b_S = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N)
+        m_n = o_n < N
+        b_C = tl.load(p_C0 + o_n[None, :] * stride_C_n, mask=m_i[:, None] & m_n[None, :],
+                      other=0.0)  # [BLOCK_I, BLOCK_N]
+        p_B = p_B0 + o_j[:, None] * stride_B_t + o_n[None, :] * stride_B_n
+        b_B = tl.load(p_B, mask=m_j[:, None] & m_n[None, :], other=0.0)  # [BLOCK_J, BLOCK_N]
+        # [BLOCK_I, BLOCK_J]
+        b_S += tl.dot(b_C, tl.trans(b_B.to(b_C.dtype)), input_precision=DOT_PRECISION)
+    b_x = tl.load(p_x0 + o_j[:, None] * stride_x_t, mask=m_j[:, None] & m_p[None, :],
+                  other=0.0)  # [BLOCK_J, BLOCK_P]
+    # [BLOCK_I, BLOCK_P]
+    return b_acc + tl.dot((b_S * b_L).to(b_x.dtype), b_x, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def quadratic_fwd_kernel(
     x, s, log_a, B, C, initial_state, out, tiles,
     stride_x_b, stride_x_t, stride_x_g, stride_x_p,
@@ -513,42 +540,48 @@ def quadratic_fwd_kernel(
     m_i = o_i < i_end
     m_p = o_p < P
     p_C0 = C + i_b * stride_C_b + o_i[:, None] * stride_C_t + i_q * stride_C_g
-    p_ai = log_a + i_b * stride_a_b + o_i * stride_a_t + i_d * stride_a_d
-    b_ai = tl.load(p_ai, mask=m_i, other=0.0).to(tl.float32)  # [BLOCK_I]
-    b_ci = tl.sum(b_ai, axis=0) - tl.cumsum(b_ai, axis=0)  # [BLOCK_I]  c_i = cs_a − cs_i
-    b_carry = tl.full([], 0.0, dtype=tl.float32)
+    p_B0 = B + i_b * stride_B_b + i_k * stride_B_g
+    p_x0 = x + i_b * stride_x_b + i_v * stride_x_g + o_p[None, :] * stride_x_p  # [1, BLOCK_P]
+    p_s0 = s + i_b * stride_s_b + i_v * stride_s_g
+    p_a0 = log_a + i_b * stride_a_b + i_d * stride_a_d
 
+    # The diagonal tile: the query tokens are the keys.
+    m_ii = (o_i[:, None] >= o_i[None, :]) & m_i[None, :]  # [BLOCK_I, BLOCK_I]
+    b_ai = tl.load(p_a0 + o_i * stride_a_t, mask=m_i, other=0.0).to(tl.float32)  # [BLOCK_I]
+    b_pi = tl.cumsum(b_ai, axis=0)  # [BLOCK_I]  p_i = Σ_{i0 ≤ m ≤ i} log a_m
+    # [BLOCK_I, BLOCK_I]  Σ_{j < m ≤ i} log a_m: a cumsum down the rows, no cancellation
+    b_seg = tl.cumsum(tl.where(o_i[:, None] > o_i[None, :], b_ai[:, None], 0.0), axis=0)
+    b_L = tl.exp(tl.where(m_ii, b_seg, float("-inf")))
+    if HAS_S:
+        b_L *= tl.load(p_s0 + o_i * stride_s_t, mask=m_i, other=0.0).to(tl.float32)[None, :]
     b_acc = tl.zeros([BLOCK_I, BLOCK_P], dtype=tl.float32)
-    for i_j in range(0, tl.cdiv(i_end - t_start, BLOCK_J)):
-        o_j = i_end - (i_j + 1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    b_acc = quadratic_key_tile(
+        b_acc, b_L, p_C0, m_i, p_B0, p_x0, o_i, m_i, m_p, N,
+        stride_B_t, stride_B_n, stride_C_n, stride_x_t,
+        DOT_PRECISION, BLOCK_I, BLOCK_I, BLOCK_N,
+    )
+
+    # The key tiles before the query tile, walking back; tokens in reversed order.
+    b_carry = tl.full([], 0.0, dtype=tl.float32)  # Σ_{j_hi ≤ m < i0} log a_m
+    for i_j in range(0, tl.cdiv(i0 - t_start, BLOCK_J)):
+        j_hi = i0 - i_j * BLOCK_J
+        o_j = j_hi - 1 - tl.arange(0, BLOCK_J)
         m_j = o_j >= t_start
-        b_S = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            o_n = n0 + tl.arange(0, BLOCK_N)
-            m_n = o_n < N
-            b_C = tl.load(p_C0 + o_n[None, :] * stride_C_n, mask=m_i[:, None] & m_n[None, :],
-                          other=0.0)  # [BLOCK_I, BLOCK_N]
-            p_B = (B + i_b * stride_B_b + o_j[:, None] * stride_B_t + i_k * stride_B_g
-                   + o_n[None, :] * stride_B_n)
-            b_B = tl.load(p_B, mask=m_j[:, None] & m_n[None, :], other=0.0)  # [BLOCK_J, BLOCK_N]
-            # [BLOCK_I, BLOCK_J]
-            b_S += tl.dot(b_C, tl.trans(b_B.to(b_C.dtype)), input_precision=DOT_PRECISION)
-
-        m_ij = (o_i[:, None] >= o_j[None, :]) & m_j[None, :]
-        p_aj = log_a + i_b * stride_a_b + o_j * stride_a_t + i_d * stride_a_d
-        b_aj = tl.load(p_aj, mask=m_j, other=0.0).to(tl.float32)  # [BLOCK_J]
-        b_cj = b_carry + tl.sum(b_aj, axis=0) - tl.cumsum(b_aj, axis=0)  # [BLOCK_J]
+        # log a_{j+1} inside the tile: its reversed cumsum is Σ_{j < m < j_hi} log a_m
+        b_an = tl.load(p_a0 + (o_j + 1) * stride_a_t, mask=m_j & (o_j + 1 < j_hi),
+                       other=0.0).to(tl.float32)  # [BLOCK_J]
+        b_dj = b_carry + tl.cumsum(b_an, axis=0)  # [BLOCK_J]  d_j = Σ_{j < m < i0} log a_m
+        b_aj = tl.load(p_a0 + o_j * stride_a_t, mask=m_j, other=0.0).to(tl.float32)
         b_carry += tl.sum(b_aj, axis=0)
-        b_L = tl.exp(tl.where(m_ij, b_cj[None, :] - b_ci[:, None], float("-inf")))
+        # [BLOCK_I, BLOCK_J]
+        b_L = tl.exp(tl.where(m_j[None, :], b_pi[:, None] + b_dj[None, :], float("-inf")))
         if HAS_S:
-            p_s = s + i_b * stride_s_b + o_j * stride_s_t + i_v * stride_s_g
-            b_L *= tl.load(p_s, mask=m_j, other=0.0).to(tl.float32)[None, :]  # [BLOCK_J]
-
-        p_x = (x + i_b * stride_x_b + o_j[:, None] * stride_x_t + i_v * stride_x_g
-               + o_p[None, :] * stride_x_p)
-        b_x = tl.load(p_x, mask=m_j[:, None] & m_p[None, :], other=0.0)  # [BLOCK_J, BLOCK_P]
-        # [BLOCK_I, BLOCK_P]
-        b_acc += tl.dot((b_S * b_L).to(b_x.dtype), b_x, input_precision=DOT_PRECISION)
+            b_L *= tl.load(p_s0 + o_j * stride_s_t, mask=m_j, other=0.0).to(tl.float32)[None, :]
+        b_acc = quadratic_key_tile(
+            b_acc, b_L, p_C0, m_i, p_B0, p_x0, o_j, m_j, m_p, N,
+            stride_B_t, stride_B_n, stride_C_n, stride_x_t,
+            DOT_PRECISION, BLOCK_I, BLOCK_J, BLOCK_N,
+        )
 
     if HAS_INITIAL:
         b_y0 = tl.zeros([BLOCK_I, BLOCK_P], dtype=tl.float32)
@@ -562,8 +595,8 @@ def quadratic_fwd_kernel(
             b_h0 = tl.load(p_h0, mask=m_n[:, None] & m_p[None, :], other=0.0)  # [BLOCK_N, BLOCK_P]
             # [BLOCK_I, BLOCK_P]
             b_y0 += tl.dot(b_C, b_h0.to(b_C.dtype), input_precision=DOT_PRECISION)
-        # exp(cs_i) with cs_i = Σ_{start ≤ k ≤ i} log a_k = c_start − c_i
-        b_y0 *= tl.exp(b_carry - b_ci)[:, None]
+        # exp(cs_i), cs_i = Σ_{start ≤ m ≤ i} log a_m = Σ_{start ≤ m < i0} log a_m + p_i
+        b_y0 *= tl.exp(b_carry + b_pi)[:, None]
         b_acc += b_y0
 
     p_o = (out + i_b * stride_o_b + o_i[:, None] * stride_o_t + i_h * stride_o_h
@@ -604,15 +637,19 @@ def quadratic_state_fwd_kernel(
     m_n = o_n < N
     m_p = o_p < P
 
-    b_carry = tl.full([], 0.0, dtype=tl.float32)
+    b_carry = tl.full([], 0.0, dtype=tl.float32)  # Σ_{j_hi ≤ m < t_end} log a_m
     b_state = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
     for i_j in range(0, tl.cdiv(t_end - t_start, BLOCK_J)):
-        o_j = t_end - (i_j + 1) * BLOCK_J + tl.arange(0, BLOCK_J)
+        # The tokens of the tile in reversed order, the last first.
+        j_hi = t_end - i_j * BLOCK_J
+        o_j = j_hi - 1 - tl.arange(0, BLOCK_J)
         m_j = o_j >= t_start
         p_a = log_a + i_b * stride_a_b + o_j * stride_a_t + i_d * stride_a_d
         b_a = tl.load(p_a, mask=m_j, other=0.0).to(tl.float32)  # [BLOCK_J]
-        # exp(cs_end − cs_j): the suffix sum past j, to the sequence end
-        b_w = tl.exp(b_carry + tl.sum(b_a, axis=0) - tl.cumsum(b_a, axis=0))  # [BLOCK_J]
+        # log a_{j+1} inside the tile: its reversed cumsum is Σ_{j < m < j_hi} log a_m
+        b_an = tl.load(p_a + stride_a_t, mask=m_j & (o_j + 1 < j_hi), other=0.0).to(tl.float32)
+        # exp(cs_end − cs_j) = exp(Σ_{j < m < t_end} log a_m): a sum of one sign
+        b_w = tl.exp(b_carry + tl.cumsum(b_an, axis=0))  # [BLOCK_J]
         b_carry += tl.sum(b_a, axis=0)
         b_w = tl.where(m_j, b_w, 0.0)
         if HAS_S:
@@ -2357,6 +2394,10 @@ def _bind(tensors):
             want = sizes.setdefault(axis, n) if type(axis) is str else axis
             if n != want:
                 raise ValueError(f"{name} has {n} on axis {axis} of {list(shape)}, expected {want}")
+    if not all(sizes.values()):
+        for axis, n in sizes.items():
+            if n == 0 and axis not in ("batch", "seq"):
+                raise ValueError(f"the dim {axis} is 0 (given by a tensor's shape): dims are at least 1")
     if "H" not in sizes:
         raise ValueError("the dim H is neither bound in the spec nor given by a tensor")
     if "P" not in sizes:
@@ -2488,10 +2529,13 @@ def _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y,
     roles = prologue_roles(tensors, sizes)
     x, s, log_a, B, C = prologue_fwd(tensors, sizes, roles)
     dout = grad_y.contiguous()
-    y = torch.empty(dout.shape, device=dout.device, dtype=torch.float32)
+    # y again, in dout's dtype when 16-bit (the gate's gradient reads it once)
+    y_dtype = dout.dtype if dout.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    y = torch.empty(dout.shape, device=dout.device, dtype=y_dtype)
     _core_fwd(form, chunk, x, s, log_a, B, C, heads=H, out=y, initial_state=initial_state,
               final_state=None, cu_seqlens=cu_seqlens)
     d_y = epilogue_bwd(tensors, sizes, grads, y, dout)
+    del y, dout
     upstream = {}
     if torch.float64 not in (x.dtype, B.dtype, C.dtype, d_y.dtype):
         # the fused chunked backward (chunked_bwd): dx and ds directly, group sums in the kernels
@@ -2516,6 +2560,39 @@ def _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y,
     prologue_bwd(tensors, sizes, grads, upstream)
     grads = tuple(torch.zeros_like(t) if g is None else g.to(t.dtype) for t, g in zip(tensors, grads))
     return grads, d_initial_state
+
+
+_BACKWARD_SLICE = 1 << 24
+"""Elements of y a backward pass handles at once: a longer batch (without cu_seqlens) is cut
+into slices of rows run in turn, so every temporary of the backward shrinks with the slice."""
+
+
+def _ssmc_backward_sliced(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y,
+                          grad_final_state):
+    """_ssmc_backward over slices of batch rows: gradients of per-row tensors are written into
+    their rows, those of other tensors summed (fp32); one call when small or packed."""
+    batch = grad_y.shape[0]
+    rows = max(1, _BACKWARD_SLICE // max(grad_y[:1].numel(), 1))
+    if cu_seqlens is not None or batch <= rows:
+        return _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y,
+                              grad_final_state)
+    per_row = [shape[0] == "batch" for shape in _SHAPES]
+    grads = [torch.empty_like(t) if r else None for t, r in zip(tensors, per_row)]
+    d_init = None if initial_state is None else torch.empty_like(initial_state)
+    for start in range(0, batch, rows):
+        part = slice(start, start + rows)
+        got, d = _ssmc_backward(
+            tuple(t[part] if r else t for t, r in zip(tensors, per_row)),
+            None if initial_state is None else initial_state[part], None, form, chunk_size,
+            grad_y[part], None if grad_final_state is None else grad_final_state[part])
+        for i, g in enumerate(got):
+            if per_row[i]:
+                grads[i][part] = g
+            else:
+                grads[i] = g.float() if grads[i] is None else grads[i] + g.float()
+        if d_init is not None:
+            d_init[part] = d
+    return tuple(g.to(t.dtype) for g, t in zip(grads, tensors)), d_init
 
 
 def forward(*, x, dt, B, C, z, A, dt_bias, D, initial_state=None, cu_seqlens=None, form=None, chunk_size=None,
@@ -2547,5 +2624,5 @@ def backward(*, x, dt, B, C, z, A, dt_bias, D, initial_state=None, cu_seqlens=No
     grad_y [batch, seq, H, P]: the gradient of y; grad_final_state
     [batch or num_seqs, H, N, P] or None: the gradient of the final state.
     """
-    return _ssmc_backward((x, dt, B, C, z, A, dt_bias, D,), initial_state, cu_seqlens, form, chunk_size,
-                          grad_y, grad_final_state)
+    return _ssmc_backward_sliced((x, dt, B, C, z, A, dt_bias, D,), initial_state, cu_seqlens, form,
+                                 chunk_size, grad_y, grad_final_state)
