@@ -210,9 +210,8 @@ class _Bench:
         }
         self.cu_seqlens = _uneven_offsets(shape, device) if shape.num_seqs > 1 else None
         if self.cu_seqlens is not None and "initial_state" in self.tensors:
-            state = self.tensors["initial_state"]
-            self.tensors["initial_state"] = state[:1].expand(shape.num_seqs, *state.shape[1:])
-            self.tensors["initial_state"] = self.tensors["initial_state"].contiguous()
+            h0 = self.tensors["initial_state"]
+            self.tensors["initial_state"] = h0[:1].expand(shape.num_seqs, *h0.shape[1:]).clone()
         exact = {k: v.double() for k, v in self.tensors.items()}
         # The recurrent reference holds one state per head (the chunked one holds a
         # [Q, Q, N] mask per chunk and head for a diagonal decay: tens of GB at real sizes).
