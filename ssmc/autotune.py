@@ -15,10 +15,7 @@ default tiles only, so CI can test it end to end.
 from __future__ import annotations
 
 import os
-import statistics
-import time
-import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,15 +23,12 @@ from typing import Any
 import torch
 
 from ssmc import ir
+from ssmc.autotune_bench import DTYPES, Bench, Timer
+from ssmc.autotune_bench import timer as bench_timer
 from ssmc.autotune_cache import Key, Winner, make_key, record
 from ssmc.autotune_space import CHUNKS, Candidate, base_candidates, knob_values
 from ssmc.cost_terms import Shape
 from ssmc.errors import SsmcError
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-BOUNDS = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 1e-2}
-"""‖out − ref‖/‖ref‖ bounds per input dtype (DESIGN §5; fp32 dots run in IEEE precision)."""
-Timer = Callable[[Candidate, Callable[[], object]], float]
 
 
 class AutotuneError(SsmcError, ValueError):
@@ -137,14 +131,14 @@ def autotune(
     forms = tuple(module.FORMS)
     if not forms:
         raise AutotuneError(f"spec {checked.spec.name!r} has no form with kernels yet")
-    bench = _Bench(checked, module, shape, dtype, device, seed)
+    bench = Bench(checked, module, shape, dtype, device, seed)
     planned = plan(checked, shape, device=detect())
     planner = _planner_candidate(planned.form.value, planned.chunk_size, forms)
     chunks = CHUNKS if device == "cuda" else (16, 32)
     todo = list(candidates) if candidates is not None else base_candidates(forms, chunks)
     if planner is not None and planner not in todo and candidates is None:
         todo.append(planner)
-    tune = _Tuner(bench, timer or _timer(device), progress, len(todo))
+    tune = _Tuner(bench, timer or bench_timer(device), progress, len(todo))
     for c in todo:
         tune.trial(c)
     if search is None:
@@ -180,93 +174,10 @@ def autotune(
     )
 
 
-class _Bench:
-    """Inputs, the fp64 reference and the call of one candidate at one shape."""
-
-    def __init__(
-        self,
-        checked: ir.CheckedSpec,
-        module: types.ModuleType,
-        shape: Shape,
-        dtype: str,
-        device: str,
-        seed: int,
-    ) -> None:
-        from ssmc.reference import random_inputs, reference
-
-        self.module, self.dtype, self.device = module, dtype, device
-        generator = torch.Generator().manual_seed(seed)
-        inputs64 = random_inputs(
-            checked,
-            batch=shape.batch,
-            seqlen=shape.seqlen,
-            dims=dict(shape.dims),
-            generator=generator,
-        )
-        kinds = {t.name: t.kind for t in checked.spec.tensors}
-        self.tensors = {
-            k: v.to(device=device, dtype=_dtype_of(kinds.get(k), dtype))
-            for k, v in inputs64.items()
-        }
-        self.cu_seqlens = _uneven_offsets(shape, device) if shape.num_seqs > 1 else None
-        if self.cu_seqlens is not None and "initial_state" in self.tensors:
-            h0 = self.tensors["initial_state"]
-            self.tensors["initial_state"] = h0[:1].expand(shape.num_seqs, *h0.shape[1:]).clone()
-        exact = {k: v.double() for k, v in self.tensors.items()}
-        # The recurrent reference holds one state per head (the chunked one holds a
-        # [Q, Q, N] mask per chunk and head for a diagonal decay: tens of GB at real sizes).
-        form = ir.Form.RECURRENT if ir.Form.RECURRENT in checked.forms else None
-        y, state = reference(checked, form)(**exact, cu_seqlens=self.cu_seqlens)
-        self.ref = (y, state)
-        self.bound = BOUNDS[dtype]
-        H = checked.heads.output
-        self.sizes = {
-            "T": -(-shape.seqlen // shape.num_seqs),
-            "P": int(y.shape[3]),
-            "N": int(state.shape[2]) if state is not None else _dim(checked, shape, "N"),
-            "H": int(y.shape[2]) if isinstance(H, str) else H,
-        }
-        self.out_numel = y.numel()
-
-    def call(self, c: Candidate) -> Callable[[], Any]:
-        """A no-argument call of the module's forward for candidate `c`."""
-        options = c.options
-
-        def run() -> Any:
-            return self.module.forward(
-                **self.tensors,
-                cu_seqlens=self.cu_seqlens,
-                form=c.form,
-                chunk_size=c.chunk_size,
-                launch=options or None,
-            )
-
-        return run
-
-    def error(self, c: Candidate) -> float:
-        """max over outputs of ‖out − ref‖/‖ref‖, the outputs' memory NaN-poisoned first."""
-        from ssmc.run import relative_error
-
-        self._poison()
-        y, state = self.call(c)()
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-        errors = [relative_error(y, self.ref[0])]
-        if state is not None and self.ref[1] is not None:
-            errors.append(relative_error(state, self.ref[1]))
-        return max(errors)
-
-    def _poison(self) -> None:
-        """Fill freed memory with NaN, so that an output the kernels never write is NaN
-        (the caching allocator hands the same blocks back to the next allocations)."""
-        if self.device == "cuda":
-            torch.empty(4 * self.out_numel + (1 << 20), device="cuda").fill_(float("nan"))
-
-
 class _Tuner:
     """Runs trials once each (cached by candidate), with a progress bar."""
 
-    def __init__(self, bench: _Bench, timer: Timer, progress: bool, total: int) -> None:
+    def __init__(self, bench: Bench, timer: Timer, progress: bool, total: int) -> None:
         from tqdm import tqdm
 
         self.bench, self.timer = bench, timer
@@ -326,41 +237,6 @@ class _Tuner:
         self.bar.close()
 
 
-def _timer(device: str) -> Timer:
-    """CUDA events around each call after warm-up (median); perf_counter on the CPU."""
-    if device != "cuda":
-
-        def cpu(_: Candidate, call: Callable[[], object]) -> float:
-            started = time.perf_counter()
-            call()
-            return time.perf_counter() - started
-
-        return cpu
-
-    def cuda(_: Candidate, call: Callable[[], object]) -> float:
-        for _i in range(3):
-            call()
-        torch.cuda.synchronize()
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        call()
-        end.record()
-        end.synchronize()
-        once = max(start.elapsed_time(end) / 1e3, 1e-6)
-        reps = max(5, min(100, int(0.05 / once)))
-        times = []
-        for _i in range(reps):
-            start.record()
-            call()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return statistics.median(times)
-
-    return cuda
-
-
 def _device() -> str:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return "cpu"
@@ -411,35 +287,6 @@ def _planner_candidate(form: str, chunk: int, forms: tuple[str, ...]) -> Candida
 
 def _candidate_of(w: Winner) -> Candidate:
     return Candidate(form=w.form, chunk_size=w.chunk_size, launch=tuple(sorted(w.launch.items())))
-
-
-def _dtype_of(kind: ir.TensorKind | None, dtype: str) -> torch.dtype:
-    """Per-token inputs in `dtype`; parameters and the initial state in fp32."""
-    return DTYPES[dtype] if kind is ir.TensorKind.INPUT else torch.float32
-
-
-def _uneven_offsets(shape: Shape, device: str) -> torch.Tensor:
-    """cu_seqlens of num_seqs sequences of lengths ∝ 1, 2, 3, ... filling seqlen tokens."""
-    n = shape.num_seqs
-    weights = list(range(1, n + 1))
-    lengths = [max(1, shape.seqlen * w // sum(weights)) for w in weights]
-    lengths[-1] += shape.seqlen - sum(lengths)
-    if lengths[-1] < 1:
-        raise AutotuneError(f"{n} sequences do not fit in {shape.seqlen} tokens")
-    offsets = [0]
-    for length in lengths:
-        offsets.append(offsets[-1] + length)
-    return torch.tensor(offsets, dtype=torch.int32, device=device)
-
-
-def _dim(checked: ir.CheckedSpec, shape: Shape, name: str) -> int:
-    size = checked.state_size
-    if isinstance(size, int):
-        return size
-    if size is None:
-        return 16
-    bound = checked.spec.dim(size).value
-    return bound if bound is not None else shape.dims.get(size, 16)
 
 
 def _fmt(seconds: float | None) -> str:
