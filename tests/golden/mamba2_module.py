@@ -2529,13 +2529,10 @@ def _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y,
     roles = prologue_roles(tensors, sizes)
     x, s, log_a, B, C = prologue_fwd(tensors, sizes, roles)
     dout = grad_y.contiguous()
-    # y again, in dout's dtype when 16-bit (the gate's gradient reads it once)
-    y_dtype = dout.dtype if dout.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    y = torch.empty(dout.shape, device=dout.device, dtype=y_dtype)
+    y = torch.empty(dout.shape, device=dout.device, dtype=torch.float32)
     _core_fwd(form, chunk, x, s, log_a, B, C, heads=H, out=y, initial_state=initial_state,
               final_state=None, cu_seqlens=cu_seqlens)
     d_y = epilogue_bwd(tensors, sizes, grads, y, dout)
-    del y, dout
     upstream = {}
     if torch.float64 not in (x.dtype, B.dtype, C.dtype, d_y.dtype):
         # the fused chunked backward (chunked_bwd): dx and ds directly, group sums in the kernels
@@ -2560,39 +2557,6 @@ def _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y,
     prologue_bwd(tensors, sizes, grads, upstream)
     grads = tuple(torch.zeros_like(t) if g is None else g.to(t.dtype) for t, g in zip(tensors, grads))
     return grads, d_initial_state
-
-
-_BACKWARD_SLICE = 1 << 24
-"""Elements of y a backward pass handles at once: a longer batch (without cu_seqlens) is cut
-into slices of rows run in turn, so every temporary of the backward shrinks with the slice."""
-
-
-def _ssmc_backward_sliced(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y,
-                          grad_final_state):
-    """_ssmc_backward over slices of batch rows: gradients of per-row tensors are written into
-    their rows, those of other tensors summed (fp32); one call when small or packed."""
-    batch = grad_y.shape[0]
-    rows = max(1, _BACKWARD_SLICE // max(grad_y[:1].numel(), 1))
-    if cu_seqlens is not None or batch <= rows:
-        return _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y,
-                              grad_final_state)
-    per_row = [shape[0] == "batch" for shape in _SHAPES]
-    grads = [torch.empty_like(t) if r else None for t, r in zip(tensors, per_row)]
-    d_init = None if initial_state is None else torch.empty_like(initial_state)
-    for start in range(0, batch, rows):
-        part = slice(start, start + rows)
-        got, d = _ssmc_backward(
-            tuple(t[part] if r else t for t, r in zip(tensors, per_row)),
-            None if initial_state is None else initial_state[part], None, form, chunk_size,
-            grad_y[part], None if grad_final_state is None else grad_final_state[part])
-        for i, g in enumerate(got):
-            if per_row[i]:
-                grads[i][part] = g
-            else:
-                grads[i] = g.float() if grads[i] is None else grads[i] + g.float()
-        if d_init is not None:
-            d_init[part] = d
-    return tuple(g.to(t.dtype) for g, t in zip(grads, tensors)), d_init
 
 
 def forward(*, x, dt, B, C, z, A, dt_bias, D, initial_state=None, cu_seqlens=None, form=None, chunk_size=None,
@@ -2624,5 +2588,5 @@ def backward(*, x, dt, B, C, z, A, dt_bias, D, initial_state=None, cu_seqlens=No
     grad_y [batch, seq, H, P]: the gradient of y; grad_final_state
     [batch or num_seqs, H, N, P] or None: the gradient of the final state.
     """
-    return _ssmc_backward_sliced((x, dt, B, C, z, A, dt_bias, D,), initial_state, cu_seqlens, form,
-                                 chunk_size, grad_y, grad_final_state)
+    return _ssmc_backward((x, dt, B, C, z, A, dt_bias, D,), initial_state, cu_seqlens, form, chunk_size,
+                          grad_y, grad_final_state)
