@@ -81,7 +81,7 @@ HOSTILE_NAMES = (
 KNOWN_BUG_NAMES: tuple[str, ...] = ()
 RESERVED = (
     "batch", "seq", "inf", "exp", "lambda", "None", "class", "__x", "__class__", "mask",
-    "form", "chunk_size", "cu_seqlens", "grad_y", "_ssmc_run",
+    "form", "chunk_size", "cu_seqlens", "grad_y", "launch", "_ssmc_run",
 )
 HOSTILE_TEXT = (
     "__import__('os').system('touch /tmp/ssmc_fuzz_pwned')", "{{ 7*7 }}", "{% if 1 %}", "{#",

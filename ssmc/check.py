@@ -75,7 +75,8 @@ def _check_reserved(c: _Checker) -> None:
         if is_reserved_tensor_name(tensor.name):
             c.error(f"`{tensor.name}` cannot name a tensor", tensor.span,
                     "the generated op and module use it (" + ", ".join(CALL_KEYWORDS)
-                    + ", grad_y, grad_final_state, names starting with _ssmc); pick another name")
+                    + ", grad_y, grad_final_state, launch, names starting with _ssmc); "
+                    "pick another name")
 
 
 def _check_shapes(c: _Checker) -> None:

@@ -12,7 +12,9 @@ CALL_KEYWORDS = ("initial_state", "cu_seqlens", "form", "chunk_size")
 """Keyword arguments of every op call and of `forward`."""
 GRADIENT_KEYWORDS = ("grad_y", "grad_final_state")
 """Arguments of the backward op and of the generated backward."""
-RESERVED_TENSOR_NAMES = frozenset({*CALL_KEYWORDS, *GRADIENT_KEYWORDS})
+MODULE_KEYWORDS = ("launch",)
+"""Further keyword arguments of the generated `forward` (launch options: tiles, warps)."""
+RESERVED_TENSOR_NAMES = frozenset({*CALL_KEYWORDS, *GRADIENT_KEYWORDS, *MODULE_KEYWORDS})
 """(`self` is free: the op's own is positional-only.)"""
 RESERVED_PREFIX = "_ssmc"
 """Prefix of the generated module's private names."""

@@ -503,6 +503,14 @@ def test_reserved_names_cover_what_render_and_the_op_take() -> None:
     taken = {n for n, p in call.items() if p.kind not in free}
     assert taken <= RESERVED_TENSOR_NAMES, taken - RESERVED_TENSOR_NAMES
     checked = parse(TEMPLATE.format(name="s", **dict(zip(SLOTS, SLOTS, strict=True))))
+    tree = ast.parse(render.render_module(checked))
+    tensors = {t.name for t in checked.spec.tensors}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name in ("forward", "backward"):
+            args = node.args
+            words = {a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)}
+            assert tensors <= words and words - tensors <= RESERVED_TENSOR_NAMES, (
+                node.name, words - tensors - RESERVED_TENSOR_NAMES)
     schemas = ops.schema(checked) + ops.backward_schema(checked)
     arguments = set(re.findall(r"(\w+)(?=[=,)])", schemas)) - {"None", "Tensor"}
     arguments -= set(ops.schema_names(checked))
