@@ -293,7 +293,7 @@ class SsmcOp:
         else:
             ordered = self._validate(tensors, initial_state, cu_seqlens)
             launch = None
-            if form_name is None and ordered[0].device.type == "cuda":
+            if form_name is None and (ordered[0].device.type == "cuda" or self.interpreted):
                 form_name, planned_chunk, launch = self._plan(ordered, cu_seqlens)
                 if chunk_size is not None and chunk_size != planned_chunk:
                     launch = None  # tuned tiles belong to the tuned chunk
@@ -368,6 +368,8 @@ class SsmcOp:
         winner = tuned(self.checked, shape, dtype=dtype, varlen=cu_seqlens is not None, forms=forms)
         if winner is not None:  # measured on this GPU for this shape bucket (ssmc.autotune)
             return winner.form, winner.chunk_size, dict(winner.launch) or None
+        if ordered[0].device.type != "cuda":
+            return None, None, None  # the interpreter keeps the module's rule
         chosen = plan(self.checked, shape, device=detect())
         if chosen.form not in self.forms:
             return None, None, None

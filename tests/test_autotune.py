@@ -228,3 +228,25 @@ def test_gpu_script_runs_its_cpu_path(tmp_path: Path, capsys: pytest.CaptureFixt
     assert {k.split("/")[0] for k in row["estimated_s"]} == {"recurrent", "chunked"}
     assert report["environment"]["device"] == "cpu-interpreter"
     assert "planner recurrent" in capsys.readouterr().out
+
+
+def test_the_interpreted_op_runs_what_autotune_stored(
+    mamba2: ssmc.CheckedSpec, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ssmc.reference import random_inputs
+
+    monkeypatch.setenv("SSMC_CACHE_DIR", str(cache))
+    op = ssmc.load(mamba2)
+    ruled = op.module._choose_form(20)[0]
+    other = next(f for f in ("quadratic", "recurrent") if f != ruled)
+    ssmc.autotune(mamba2, batch=3, seqlen=20, candidates=[Candidate(form=other)], progress=False)
+    inputs = random_inputs(mamba2, batch=3, seqlen=20, generator=torch.Generator().manual_seed(2))
+    tensors = {k: v.float() for k, v in inputs.items()}
+    y, _ = ssmc.load(mamba2)(**tensors)  # a new op: its plans are not cached yet
+    assert op.last_form == other
+    y_ref, _ = ssmc.reference(mamba2)(**inputs)
+    assert float((y.double() - y_ref).norm() / y_ref.norm()) < 1e-5
+    # Another bucket has no entry: the module's rule decides.
+    inputs = random_inputs(mamba2, batch=1, seqlen=20, generator=torch.Generator().manual_seed(3))
+    ssmc.load(mamba2)(**{k: v.float() for k, v in inputs.items()})
+    assert op.last_form == ruled
