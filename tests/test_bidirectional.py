@@ -37,7 +37,8 @@ def test_reference_is_the_quasiseparable_definition(gen) -> None:  # type: ignor
     y, state = ref.reference(checked)(**t)
     assert state is None
     delta = F.softplus(t["dt"] + t["dt_bias"])[0]       # [T, H]
-    a, b = (delta * t["A"]).exp(), (delta * t["A_back"]).exp()
+    a = (-delta * t["A_log"].exp()).exp()
+    b = (-delta * t["A_log_back"].exp()).exp()
     x, B, C = t["x"][0], t["B"][0, :, 0], t["C"][0, :, 0]
     want = torch.zeros_like(x)
     T = x.shape[0]
@@ -94,8 +95,8 @@ def test_state_flags_are_refused_where_the_mask_is(flag: str) -> None:
 
 def test_default_backward_decay_and_scale() -> None:
     text = (ROOT / "examples" / "hydra.ssm").read_text()
-    text = text.replace(", log_a_backward = delta * A_back)", ")").replace(
-        "param A_back  : [H]\n", "")
+    text = text.replace(", log_a_backward = -delta * exp(A_log_back))", ")").replace(
+        "param A_log_back : [H]\n", "")
     checked = parse(text.replace("mask quasiseparable", "mask 2 * quasiseparable"))
     fwd, bwd = checked.pieces
     assert fwd.spec.mask == bwd.spec.mask
