@@ -193,3 +193,20 @@ def test_sequence_mixer_runs_a_sum_mask(gen) -> None:  # type: ignore[no-untyped
     out.square().sum().backward()
     assert out.shape == u.shape and torch.isfinite(out).all()
     assert all(p.grad is not None for p in mixer.parameters() if p.requires_grad)
+
+
+@pytest.mark.interpret
+def test_sum_with_packed_sequences(gen) -> None:  # type: ignore[no-untyped-def]
+    """varlen: each term resets at the boundaries; states are [num_seqs, H, 2·N, P]."""
+    checked = spec(f"mask {SS} + {SS2}", extra="varlen\ninitial_state\nfinal_state")
+    op = load(checked)
+    lengths = [5, 1, 7]
+    cu = torch.tensor([0, 5, 6, 13], dtype=torch.int32)
+    inputs = ref.random_inputs(checked, batch=1, seqlen=sum(lengths), generator=gen)
+    inputs.pop("initial_state")
+    init = torch.randn(len(lengths), 2, 8, 4, generator=gen, dtype=torch.float64)
+    want, want_state = ref.reference(checked)(**inputs, initial_state=init, cu_seqlens=cu)
+    y, state = op(**{k: v.float() for k, v in inputs.items()}, initial_state=init.float(),
+                  cu_seqlens=cu)
+    assert state.shape == (3, 2, 8, 4)
+    assert rel(y, want) <= 1e-5 and rel(state, want_state) <= 1e-5
