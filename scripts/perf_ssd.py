@@ -28,14 +28,35 @@ from pathlib import Path
 import torch
 import triton.testing
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_ssd as b  # noqa: E402
-
-from ssmc.load import load, load_module  # noqa: E402
-from ssmc.pipeline import parse_file, with_dims  # noqa: E402
-from ssmc.reference import reference  # noqa: E402
+from ssmc.load import load, load_module
+from ssmc.pipeline import parse_file, with_dims
+from ssmc.reference import reference
 
 KEYS = ("x", "dt", "B", "C", "z", "A", "dt_bias", "D")
+
+
+class b:  # noqa: N801 - the bench's shape constants and inputs, as scripts/bench_ssd.py had them
+    """The Mamba-2 2.7B layer: H = 80, P = 64, N = 128, G = 1."""
+
+    ROOT = Path(__file__).resolve().parent.parent
+    H, P, N, G = 80, 64, 128, 1
+
+    @staticmethod
+    def make_inputs(batch: int, T: int) -> dict[str, torch.Tensor]:
+        """Random inputs (never zeros): bf16 x, z, B, C; fp32 dt, A, dt_bias, D."""
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        kw: dict[str, object] = {"device": "cuda", "generator": gen}
+        H, P, N, G = b.H, b.P, b.N, b.G
+        return {
+            "x": torch.randn(batch, T, H, P, dtype=torch.bfloat16, **kw),
+            "z": torch.randn(batch, T, H, P, dtype=torch.bfloat16, **kw),
+            "dt": torch.randn(batch, T, H, dtype=torch.float32, **kw) - 2.0,
+            "B": torch.randn(batch, T, G, N, dtype=torch.bfloat16, **kw),
+            "C": torch.randn(batch, T, G, N, dtype=torch.bfloat16, **kw),
+            "A": -torch.rand(H, dtype=torch.float32, **kw) * 4 - 0.5,
+            "dt_bias": torch.rand(H, dtype=torch.float32, **kw) * 0.5,
+            "D": torch.randn(H, dtype=torch.float32, **kw),
+        }
 
 
 def ms(fn) -> float:  # type: ignore[no-untyped-def]
