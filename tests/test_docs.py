@@ -1,21 +1,28 @@
-"""docs/language.md: every spec it shows checks, every error it shows is the real one.
+"""The docs run: language.md's specs and errors are the real ones; tutorial.md runs as written.
 
-Blocks fenced as ```ssm whose first code line is `ssm NAME` are complete specs and must
-pass `ssmc.parse`; other ```ssm blocks are statement fragments and must follow the
-grammar. Blocks fenced as ```ssm-error must raise SpecError with exactly the diagnostics
-of the ```text block after them (whose file name is used as the source name); one copied
-from tests/specs/err/ must still match that spec and its .expected file.
+docs/language.md: blocks fenced as ```ssm whose first code line is `ssm NAME` are complete
+specs and must pass `ssmc.parse`; other ```ssm blocks are statement fragments and must
+follow the grammar. Blocks fenced as ```ssm-error must raise SpecError with exactly the
+diagnostics of the ```text block after them (whose file name is used as the source name);
+one copied from tests/specs/err/ must still match that spec and its .expected file.
+
+docs/tutorial.md: in a scratch folder, a block preceded by `<!-- file: NAME -->` is written
+to NAME (a spec must parse), the ```python blocks run in order in one namespace (a line
+`steps = N  # tests/test_docs.py runs M` runs M steps), and each `$ ssmc ...` line of a
+```console block must exit 0.
 """
 
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 import ssmc
+from ssmc.cli import main
 from ssmc.errors import SpecError
 from ssmc.parse import parse_tree
 
@@ -27,29 +34,34 @@ FENCE = re.compile(r"^```([\w-]*)\s*$")
 
 @dataclass(frozen=True)
 class Block:
-    """One fenced block of the page: its info string, text and first line number."""
+    """One fenced block of the page: its info string, text, first line number, and the line
+    just above its opening fence."""
 
     lang: str
     text: str
     line: int
+    before: str = ""
 
 
-def _blocks(markdown: str) -> list[Block]:
+def _blocks(markdown: str, page: str = "docs/language.md") -> list[Block]:
     blocks: list[Block] = []
     lang: str | None = None
     body: list[str] = []
     start = 0
+    previous = ""
+    above = ""
     for number, line in enumerate(markdown.splitlines(), start=1):
         match = FENCE.match(line)
         if lang is None:
             if match:
-                lang, body, start = match.group(1), [], number + 1
+                lang, body, start, above = match.group(1), [], number + 1, previous
         elif line.rstrip() == "```":
-            blocks.append(Block(lang=lang, text="\n".join(body) + "\n", line=start))
+            blocks.append(Block(lang=lang, text="\n".join(body) + "\n", line=start, before=above))
             lang = None
         else:
             body.append(line)
-    assert lang is None, f"docs/language.md: the block opened on line {start - 1} is not closed"
+        previous = line
+    assert lang is None, f"{page}: the block opened on line {start - 1} is not closed"
     return blocks
 
 
@@ -118,3 +130,41 @@ def test_examples_table_lists_every_example() -> None:
     assert sorted(rows) == [p.name for p in EXAMPLES]
     for path in EXAMPLES:
         assert ssmc.parse_file(path).pattern.value == rows[path.name], path.name
+
+
+TUTORIAL = ROOT / "docs" / "tutorial.md"
+FILE_MARK = re.compile(r"^<!-- file: ([\w.]+) -->$")
+STEPS_LINE = re.compile(r"^steps = \d+  # tests/test_docs.py runs (\d+)$", re.M)
+
+
+@pytest.mark.interpret
+def test_tutorial_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocks = _blocks(TUTORIAL.read_text(encoding="utf-8"), "docs/tutorial.md")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {"__name__": "tutorial"}
+    ran = {"file": 0, "python": 0, "console": 0}
+    for block in blocks:
+        where = f"tutorial.md:{block.line}"
+        marked = FILE_MARK.match(block.before.strip())
+        if marked:
+            (tmp_path / marked.group(1)).write_text(block.text, encoding="utf-8")
+            if block.lang == "ssm":
+                ssmc.parse(block.text, where)
+            ran["file"] += 1
+        elif block.lang == "python":
+            code = STEPS_LINE.sub(lambda m: f"steps = {m.group(1)}", block.text)
+            exec(compile(code, where, "exec"), namespace)
+            ran["python"] += 1
+        elif block.lang == "console":
+            for line in block.text.splitlines():
+                if line.startswith("$ "):
+                    words = shlex.split(line[2:])
+                    assert words[0] == "ssmc", f"{where}: {line}"
+                    assert main(words[1:]) == 0, f"{where}: {line}"
+                    ran["console"] += 1
+    assert ran["file"] >= 1 and ran["python"] >= 3 and ran["console"] >= 3, ran
+    # The training loop ran its shortened number of steps, and the loss came down.
+    losses = namespace["losses"]
+    assert isinstance(losses, list) and len(losses) == int(STEPS_LINE.findall(
+        TUTORIAL.read_text(encoding="utf-8"))[0])
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1, losses
