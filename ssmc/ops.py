@@ -16,6 +16,7 @@ reference runs the forward, autograd of the PyTorch reference in fp32 (fp64 for 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import types
 import warnings
@@ -33,6 +34,7 @@ from ssmc.expr_triton import UnsafeNameError, identifier
 from ssmc.render import spec_hash
 from ssmc.roles import output_inputs
 
+_log = logging.getLogger(__name__)
 _LIBRARY = torch.library.Library("ssmc", "FRAGMENT")
 _OPS: dict[str, _Registered] = {}
 _SCHEMA_WORDS = frozenset(
@@ -371,6 +373,8 @@ class SsmcOp:
         if ordered[0].device.type != "cuda":
             return None, None, None  # the interpreter keeps the module's rule
         chosen = plan(self.checked, shape, device=detect())
+        _log.info("%s, batch %d × T %d: planned %s, chunk %d", self.name, shape.batch,
+                  shape.seqlen, chosen.form.value, chosen.chunk_size)
         if chosen.form not in self.forms:
             return None, None, None
         return chosen.form.value, chosen.chunk_size, None
