@@ -30,26 +30,29 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def test_reference_is_the_quasiseparable_definition(gen) -> None:  # type: ignore[no-untyped-def]
-    """y_i = Σ_j L_ij (C_i·B_j) x̄_j + D x_i, then the gate, with L written as products."""
-    checked = hydra()
+@pytest.mark.parametrize("groups", [1, 2])
+def test_reference_is_the_quasiseparable_definition(groups: int, gen) -> None:  # type: ignore[no-untyped-def]
+    """y_i = Σ_j L_ij (C_i·B_j) x̄_j + D x_i, then the gate, with L written as products;
+    head h reads group h // (H // G) of B and C."""
+    checked = with_dims(hydra(), {"H": 4, "G": groups})
     t = ref.random_inputs(checked, batch=1, seqlen=5, generator=gen)
     y, state = ref.reference(checked)(**t)
     assert state is None
     delta = F.softplus(t["dt"] + t["dt_bias"])[0]       # [T, H]
     a = (-delta * t["A_log"].exp()).exp()
     b = (-delta * t["A_log_back"].exp()).exp()
-    x, B, C = t["x"][0], t["B"][0, :, 0], t["C"][0, :, 0]
+    x, B, C = t["x"][0], t["B"][0], t["C"][0]
     want = torch.zeros_like(x)
     T = x.shape[0]
-    for h in range(SMALL["H"]):
+    for h in range(4):
+        g = h // (4 // groups)
         for i in range(T):
             for j in range(T):
                 if i >= j:
                     L = math.prod(a[k, h].item() for k in range(j + 1, i + 1))
                 else:
                     L = math.prod(b[k, h].item() for k in range(i, j))
-                want[i, h] += L * (C[i] @ B[j]) * delta[j, h] * x[j, h]
+                want[i, h] += L * (C[i, g] @ B[j, g]) * delta[j, h] * x[j, h]
     want = (want + t["D"][:, None] * x) * F.silu(t["z"][0])
     assert rel(y[0], want) < 1e-12
 
@@ -66,9 +69,10 @@ def test_the_mask_is_not_causal(gen) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("form", ["recurrent", "quadratic", "chunked"])
-def test_op_and_gradients_match_the_dense_reference(form: str, gen) -> None:  # type: ignore[no-untyped-def]
-    checked = hydra()
+@pytest.mark.parametrize(("form", "groups"), [("recurrent", 1), ("quadratic", 1),
+                                             ("chunked", 1), ("chunked", 2)])
+def test_op_and_gradients_match_the_dense_reference(form: str, groups: int, gen) -> None:  # type: ignore[no-untyped-def]
+    checked = with_dims(hydra(), {"H": 4, "G": groups}) if groups > 1 else hydra()
     op = load(checked)
     t = ref.random_inputs(checked, batch=2, seqlen=19, generator=gen)
     want_leaves = {k: v.clone().requires_grad_() for k, v in t.items()}
