@@ -32,8 +32,9 @@ from ssmc.bench_peers import PEERS, Case, PeerCall, load_peers
 from ssmc.bench_timing import Timing, environment, measure, roofline
 from ssmc.bind import bind
 from ssmc.errors import SpecError, SsmcError
+from ssmc.expr import refs
 from ssmc.pipeline import parse_file, with_dims
-from ssmc.reference import canonical_roles, random_inputs, reference
+from ssmc.reference import _decay_targets, canonical_roles, random_inputs, reference
 from ssmc.run import BOUNDS, DTYPES, relative_error
 
 _log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         **environment(device),
         "peer_versions": peers.versions,
         "dtype": str(dtype).removeprefix("torch."),
+        "fp32_tensors": sorted(fp32_tensors(checked)) if dtype != torch.float32 else [],
         "dims": {d.name: d.value for d in checked.spec.dims},
         "backward": config.backward,
         "roofline": roofline(device),
@@ -181,6 +183,14 @@ def _forms(config: BenchConfig, available: list[str]) -> list[str]:
     return forms
 
 
+def fp32_tensors(checked: ir.CheckedSpec) -> frozenset[str]:
+    """Tensors kept in fp32 whatever the bench dtype: params and what the decay reads (the
+    way Mamba-2 is run: bf16 x, B, C, z; fp32 dt, A, dt_bias, D)."""
+    params = {t.name for t in checked.spec.tensors if t.kind is ir.TensorKind.PARAM}
+    decay = set().union(*(refs(e) for e, _ in _decay_targets(checked.spec.mask)))
+    return frozenset(params | decay)
+
+
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -196,7 +206,9 @@ class _Shape:
         drawn = random_inputs(checked, batch=batch, seqlen=T, dtype=torch.float32,
                               generator=generator)
         drawn.pop("initial_state", None)
-        self.inputs = {k: v.to(device=device, dtype=dtype) for k, v in drawn.items()}
+        wide = fp32_tensors(checked)
+        self.inputs = {k: v.to(device=device, dtype=torch.float32 if k in wide else dtype)
+                       for k, v in drawn.items()}
         exact = {k: v.double() for k, v in self.inputs.items()}
         dims = bind(checked, exact)
         roles64 = canonical_roles(checked, exact, dims)

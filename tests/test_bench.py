@@ -108,6 +108,18 @@ def test_shapes() -> None:
     assert bench._shapes(BenchConfig(file="", seqlens=(4, 8), tokens=16), cpu) == [(4, 4), (2, 8)]
 
 
+def test_decay_inputs_and_params_stay_fp32() -> None:
+    """As Mamba-2 is run: bf16 (here fp16) x, B, C, z; fp32 dt, A, dt_bias, D."""
+    checked = with_dims(parse_file(_spec("mamba2")), SMALL)
+    assert bench.fp32_tensors(checked) == {"A", "D", "dt", "dt_bias"}
+    shape = bench._Shape(checked, 1, 4, torch.float16, torch.device("cpu"), BenchConfig(file=""))
+    wide = {k for k, v in shape.inputs.items() if v.dtype == torch.float32}
+    assert wide == {"A", "D", "dt", "dt_bias"} and shape.inputs["x"].dtype == torch.float16
+    y_bytes, state_bytes = 1 * 4 * 2 * 4 * 2, 1 * 2 * 4 * 4 * 4  # y fp16, final state fp32
+    assert shape.io_bytes == sum(t.nbytes for t in shape.inputs.values()) + y_bytes + state_bytes
+    assert shape.bound == 5e-3
+
+
 # ---------------------------------------------------------------- peers, through stand-ins
 
 
