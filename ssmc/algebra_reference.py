@@ -130,7 +130,7 @@ def _decayed_toeplitz(checked: ir.CheckedSpec, tensors: Mapping[str, Tensor],
     gamma = evaluate(mask.kernel.log_decay, env, dims, (head_axis, str(lag))).exp()
     sub = _sub(piece, tensors)
     sub[piece.spec.tensors[-1].name] = torch.zeros(
-        (1 if isinstance(head, int) else dims[head], dims[str(lag)]), dtype=K.dtype)
+        (1 if isinstance(head, int) else dims[head], dims[str(lag)]), dtype=K.dtype, device=K.device)
     roles = canonical_roles(piece, sub, bind(piece, sub))
     H = roles.H
     x = _expand(roles.x, H)
@@ -143,7 +143,8 @@ def _decayed_toeplitz(checked: ir.CheckedSpec, tensors: Mapping[str, Tensor],
     y = torch.zeros_like(x)
     for a, e in segments:
         n = e - a
-        d = torch.arange(n)[:, None] - torch.arange(n)[None, :]
+        d = torch.arange(n, device=x.device)
+        d = d[:, None] - d[None, :]
         valid = (d >= 0) & (d < Kh.shape[1])
         idx = d.clamp(0, Kh.shape[1] - 1)
         M = torch.where(valid, Kh[:, idx] * gh[:, :, None] ** d.clamp(min=0).to(gh.dtype), 0.0)

@@ -15,17 +15,17 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import functools  # noqa: E402
-import math  # noqa: E402
-import re  # noqa: E402
-import zlib  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+import functools
+import math
+import re
+import zlib
+from dataclasses import dataclass
 
-import pytest  # noqa: E402
+import pytest
 
-from ssmc import forms_torch  # noqa: E402
-from ssmc.load import load_source  # noqa: E402
-from ssmc.render import render_stage  # noqa: E402
+from ssmc import forms_torch
+from ssmc.load import load_source
+from ssmc.render import render_stage
 
 HEADER = "import math\nimport torch\nimport triton\nimport triton.language as tl\n\n"
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"

@@ -121,6 +121,43 @@ def test_call_time_group_dim_renders() -> None:
     render.render_module(parse(CALL_TIME_GROUP))
 
 
+CONSTANT_ROLES = ("gate 0.5", "gate sigmoid(H)", "skip exp(H) * 0.25", "gate sigmoid(H)\nskip 2 * x")
+
+
+@pytest.mark.parametrize("roles", CONSTANT_ROLES)
+def test_output_roles_without_tensors_compile(roles: str) -> None:
+    """Found by the recorded run (on 8406ad1): a skip or gate that reads no tensor gave the
+    chunked scan's tile epilogue an empty parameter list (a lone `,`) and an empty `if`
+    body: the module did not compile."""
+    text = CALL_TIME_GROUP.replace("dim H = 4, G,", "dim H = 4, G = 2,") + roles + "\n"
+    source = render.render_module(parse(text))
+    compile(source, "module.py", "exec", dont_inherit=True)
+
+
+@pytest.mark.interpret
+def test_output_roles_without_tensors_run_chunked() -> None:
+    """The constant gate applied on the chunked scan's tile, against the fp64 recurrence."""
+    import tempfile
+    import warnings
+
+    import torch
+
+    import ssmc
+    from ssmc.reference import random_inputs, reference
+
+    text = CALL_TIME_GROUP.replace("dim H = 4, G,", "dim H = 4, G = 2,") + "gate 0.5\n"
+    checked = parse(text)
+    inputs = random_inputs(checked, batch=1, seqlen=20, dtype=torch.float32)
+    inputs.pop("initial_state", None)
+    expected = reference(checked, "recurrent")(**{k: v.double() for k, v in inputs.items()})
+    expected = expected[0] if isinstance(expected, tuple) else expected
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y, _ = ssmc.load(checked, cache_dir=folder)(**inputs, form="chunked", chunk_size=16)
+    error = (y.double() - expected).abs().max() / expected.abs().max()
+    assert torch.isfinite(y).all() and error < 1e-5, error
+
+
 def test_strategies_avoid_known_triggers_by_default() -> None:
     pool = fuzz.pools()
     assert not set(fuzz.KNOWN_BUG_NAMES) & set(pool.names)

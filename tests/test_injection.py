@@ -24,33 +24,30 @@ outside load.py.
 
 from __future__ import annotations
 
+import ast
+import builtins
+import keyword
 import os
+import re
+import secrets
+import sys
+import tempfile
+import unicodedata
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import ast  # noqa: E402
-import builtins  # noqa: E402
-import keyword  # noqa: E402
-import re  # noqa: E402
-import secrets  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import unicodedata  # noqa: E402
-import warnings  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from ssmc import ir, render  # noqa: E402
-from ssmc.errors import SpecError, visible  # noqa: E402
-from ssmc.load import load  # noqa: E402
-from ssmc.lower import RESERVED_NAMES  # noqa: E402
-from ssmc.pipeline import normalize_newlines, parse, parse_file  # noqa: E402
-from ssmc.reference import random_inputs  # noqa: E402
-from ssmc.reserved import RESERVED_PREFIX, RESERVED_TENSOR_NAMES  # noqa: E402
+from ssmc import ir, render
+from ssmc.errors import SpecError, visible
+from ssmc.load import load
+from ssmc.lower import RESERVED_NAMES
+from ssmc.pipeline import normalize_newlines, parse, parse_file
+from ssmc.reference import random_inputs
+from ssmc.reserved import RESERVED_PREFIX, RESERVED_TENSOR_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS_DIR = ROOT / "tests" / "specs" / "hostile"
@@ -359,7 +356,7 @@ def test_string_and_file_apis_agree(stem: str, tmp_path: Path) -> None:
             checked = run()  # type: ignore[operator]
         except SpecError as err:
             return [(d.message, d.span) for d in err.diagnostics]
-        except Exception as err:  # noqa: BLE001 - a disagreement shows whatever was raised
+        except Exception as err:
             return type(err).__name__
         return render.spec_hash(checked)
 

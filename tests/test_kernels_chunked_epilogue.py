@@ -1,23 +1,21 @@
 """The chunked scan's fused output roles, out = (y + skip) · gate written in the scan's store,
 against the fp64 reference of the whole op, under TRITON_INTERPRET=1."""
 
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import math  # noqa: E402
-import types  # noqa: E402
-from pathlib import Path  # noqa: E402
+import math
+import types
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from ssmc import ir  # noqa: E402
-from ssmc.load import load_source  # noqa: E402
-from ssmc.pipeline import parse_file, with_dims  # noqa: E402
-from ssmc.reference import random_inputs, reference  # noqa: E402
-from ssmc.render import render_module  # noqa: E402
-from ssmc.roles import fused_epilogue, output_inputs  # noqa: E402
+from ssmc import ir
+from ssmc.load import load_source
+from ssmc.pipeline import parse_file, with_dims
+from ssmc.reference import random_inputs, reference
+from ssmc.render import render_module
+from ssmc.roles import fused_epilogue, output_inputs
 
 pytestmark = pytest.mark.interpret
 

@@ -1,19 +1,17 @@
 """The `quadratic` stage against the fp64 recurrent reference, under TRITON_INTERPRET=1."""
 
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import functools  # noqa: E402
-import zlib  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+import functools
+import zlib
+from dataclasses import dataclass
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from ssmc import forms_torch  # noqa: E402
-from ssmc.load import load_source  # noqa: E402
-from ssmc.render import render_stage  # noqa: E402
+from ssmc import forms_torch
+from ssmc.load import load_source
+from ssmc.render import render_stage
 
 pytestmark = pytest.mark.interpret
 

@@ -23,28 +23,24 @@ inputs is within DESIGN §5's bound for the dtype. T = 1000 and 4097 run only on
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-import os
+import random
+import re
+import tempfile
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import dataclasses  # noqa: E402
-import functools  # noqa: E402
-import random  # noqa: E402
-import re  # noqa: E402
-import tempfile  # noqa: E402
-import warnings  # noqa: E402
-import zlib  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from ssmc import ir  # noqa: E402
-from ssmc.load import load  # noqa: E402
-from ssmc.pipeline import parse, with_dims  # noqa: E402
-from ssmc.reference import reference  # noqa: E402
+from ssmc import ir
+from ssmc.load import load
+from ssmc.pipeline import parse, with_dims
+from ssmc.reference import reference
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

@@ -9,27 +9,23 @@ offsets (which corrupts memory: see test_cu_seqlens_values_are_checked_on_every_
 
 from __future__ import annotations
 
-import os
+import functools
+import importlib
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import numpy as np
+import pytest
+import torch
 
-import functools  # noqa: E402
-import importlib  # noqa: E402
-import re  # noqa: E402
-import tempfile  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import ssmc  # noqa: E402
-from ssmc.errors import TensorError  # noqa: E402
-from ssmc.ops import SsmcOp  # noqa: E402
-from ssmc.pipeline import parse, parse_file, with_dims  # noqa: E402
-from ssmc.reference import random_inputs  # noqa: E402
+import ssmc
+from ssmc.errors import TensorError
+from ssmc.ops import SsmcOp
+from ssmc.pipeline import parse, parse_file, with_dims
+from ssmc.reference import random_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 B, T = 1, 10
