@@ -223,8 +223,7 @@ def _draw(ax: object, a: Tensor, title: str, cmap: str, chunk: int | None,
 
     T = a.shape[0]
     shown = a.clone().masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("nan"))
-    colors = matplotlib.colormaps[cmap].copy()
-    colors.set_bad("#eeeeee")
+    colors = matplotlib.colormaps[cmap].with_extremes(bad="#eeeeee")
     lower = a[torch.ones(T, T, dtype=torch.bool).tril()]
     if cmap == "RdBu_r":
         # A few large entries of M would wash out the rest: its colours saturate at the 95th
