@@ -944,7 +944,7 @@ def chunked_state_fwd(x, s, log_a, B, C, *, tiles, first, heads, initial_state, 
     walk whose steps are latency-bound, so fewer, longer steps and fewer programs each
     reading x once win: on the H100 at the Mamba-2 2.7B shape this measured 256 µs
     against 309 µs for 64 × 64 tiles at Q = 64, and 203 against 225 at Q = 256
-    (docs/perf-notes.md, change 5).
+    (docs/perf-notes.md, change 6).
     """
     _, _, Gv, P = x.shape
     Gk, N = B.shape[2], B.shape[3]
@@ -1228,7 +1228,7 @@ def chunked_scan_fwd(x, s, log_a, B, C, *, states, tiles, heads, out, chunk_size
     P tiles of 64, one head per program (the C Bᵀ tiles are shared through L2, so more
     heads per program only save the reload of C), 4 warps; with two row blocks a chunk
     (Q = 128) the loads go before the dots and the pipeline is 2 stages deep (measured on
-    the H100: 555 µs against 647, docs/perf-notes.md change 5).
+    the H100: 555 µs against 647, docs/perf-notes.md change 6).
     """
     _, _, Gv, P = x.shape
     Gk, N = B.shape[2], B.shape[3]
