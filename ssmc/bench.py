@@ -76,6 +76,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     from ssmc.load import load
 
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SsmcError("bench: --device cuda, but torch sees no CUDA GPU")
     notes: list[str] = []
     checked = _checked(config, device, notes)
     dtype = _dtype(config.dtype, device, notes)

@@ -95,6 +95,9 @@ def test_bad_requests_are_user_errors(capsys: pytest.CaptureFixture[str]) -> Non
     assert "no form chunked for this spec; choose from" in capsys.readouterr().err
     assert main(["bench", _spec("retnet"), "-T", "8,x"]) == 2
     assert "expected integers" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["bench", _spec("retnet"), "--device", "cuda"]) == 2
+        assert "torch sees no CUDA GPU" in capsys.readouterr().err
     with pytest.raises(SsmcError, match="one per sequence length"):
         bench._shapes(BenchConfig(file="", seqlens=(8, 16, 32), batches=(1, 2)),
                       torch.device("cpu"))
