@@ -23,8 +23,9 @@ from torch import Tensor
 from ssmc import ir
 from ssmc.bind import bind
 from ssmc.errors import SsmcError
+from ssmc.expr import refs
 from ssmc.forms_torch import _segsum, _toeplitz_matrix
-from ssmc.reference import Roles, canonical_roles, random_inputs
+from ssmc.reference import Roles, _decay_targets, canonical_roles, random_inputs
 
 MASK_NAMES = {
     ir.Causal: "causal",
@@ -54,6 +55,8 @@ class Matrices:
     M: Tensor
     roles: Roles
     """The canonical core's fp64 tensors on the random inputs (x, log a, B, C, skip, gate)."""
+    terms: int = 1
+    """Masks summed (`mask A + B`): off-diagonal blocks of L have rank ≤ terms."""
 
     def block_ranks(
         self, head: int, of: str = "M", rtol: float = 1e-9
@@ -74,46 +77,67 @@ class Matrices:
 def matrices(
     checked: ir.CheckedSpec, *, seqlen: int = 16, chunk_size: int | None = None, seed: int = 0
 ) -> Matrices:
-    """L and M per head from random fp64 inputs of `checked` at T = `seqlen`."""
+    """L and M per head from random fp64 inputs of `checked` at T = `seqlen`.
+
+    A sum of masks (`mask A + B`) is drawn as the sum of its terms' L and M on the same
+    inputs; the other composite masks (quasiseparable, decayed windows) are refused.
+    """
     if seqlen < 1:
         raise SsmcError(f"show: --seqlen must be ≥ 1, got {seqlen}")
-    if checked.pieces:
-        raise SsmcError(f"show: {checked.spec.name} has a composite mask; ssmc show draws "
-                        "one mask at a time (show each piece's spec)")
-    generator = torch.Generator().manual_seed(seed)
-    try:
-        inputs = random_inputs(checked, batch=1, seqlen=seqlen, generator=generator)
-    except ValueError as err:
-        raise SsmcError(f"show: {err} (bind them with --dim NAME=INT)") from None
-    state = inputs.pop("initial_state", None)
-    dims = bind(checked, inputs, initial_state=state)
+    if checked.pieces and not isinstance(checked.spec.mask, ir.MaskSum):
+        raise SsmcError(f"show: {checked.spec.name} has a {type(checked.spec.mask).__name__} "
+                        "mask; ssmc show draws basic masks and sums of them")
+    inputs = _inputs(checked, seqlen, seed)
+    dims = bind(checked, inputs)
     roles = canonical_roles(checked, inputs, dims)
-    T, H = seqlen, roles.H
-    mask = checked.spec.mask
-    if roles.kernel is not None:
-        kernel = roles.kernel.index_select(0, torch.arange(H) // (H // roles.kernel.shape[0]))
-        L = _toeplitz_matrix(kernel, T)
-        M = L
-    else:
-        assert roles.B is not None and roles.C is not None
-        C, B = _per_head(roles.C, H), _per_head(roles.B, H)  # [T, H, N]
-        la = roles.log_a if roles.log_a is not None else torch.zeros(1, T, 1, dtype=C.dtype)
-        if la.dim() == 4:
-            # one mask per state dim n: L [H, N, T, T]
-            Ln = torch.exp(_segsum(_per_head(la, H).permute(1, 2, 0)))
-            M = torch.einsum("ihn,jhn,hnij->hij", C, B, Ln)
-            L = Ln[:, 0]
-        else:
-            L = torch.exp(_segsum(_per_head(la, H).T))
-            M = L * torch.einsum("ihn,jhn->hij", C, B)
+    pieces = checked.pieces or (checked,)
+    parts = [_core(p, {t.name: inputs[t.name] for t in p.spec.tensors}, seqlen) for p in pieces]
+    L = torch.stack([part[0] for part in parts]).sum(0)
+    M = torch.stack([part[1] for part in parts]).sum(0)
     chunk = None
     if ir.Form.CHUNKED in checked.forms:
-        chunk = chunk_size if chunk_size is not None else max(2, T // 4)
+        chunk = chunk_size if chunk_size is not None else max(2, seqlen // 4)
         if chunk < 1:
             raise SsmcError(f"show: --chunk-size must be ≥ 1, got {chunk}")
     N = roles.B.shape[-1] if roles.B is not None else None
-    return Matrices(name=checked.spec.name, mask=MASK_NAMES[type(mask)],
-                    pattern=checked.pattern.value, T=T, chunk=chunk, N=N, L=L, M=M, roles=roles)
+    return Matrices(name=checked.spec.name,
+                    mask=" + ".join(MASK_NAMES[type(p.spec.mask)] for p in pieces),
+                    pattern=checked.pattern.value, T=seqlen, chunk=chunk, N=N, L=L, M=M,
+                    roles=roles, terms=len(pieces))
+
+
+def _inputs(checked: ir.CheckedSpec, seqlen: int, seed: int) -> dict[str, Tensor]:
+    """Random fp64 inputs (no initial state); a sum's decays drawn by each term's ranges."""
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        inputs = random_inputs(checked, batch=1, seqlen=seqlen, generator=generator)
+        for piece in checked.pieces:
+            drawn = random_inputs(piece, batch=1, seqlen=seqlen, generator=generator)
+            reads = set().union(*(refs(e) for e, _ in _decay_targets(piece.spec.mask)))
+            inputs.update({k: v for k, v in drawn.items() if k in reads})
+    except ValueError as err:
+        raise SsmcError(f"show: {err} (bind them with --dim NAME=INT)") from None
+    inputs.pop("initial_state", None)
+    return inputs
+
+
+def _core(checked: ir.CheckedSpec, inputs: dict[str, Tensor], T: int) -> tuple[Tensor, Tensor]:
+    """L and M [H, T, T] of a basic mask (diagonal decays: L of state dim 0)."""
+    roles = canonical_roles(checked, inputs, bind(checked, inputs))
+    H = roles.H
+    if roles.kernel is not None:
+        kernel = roles.kernel.index_select(0, torch.arange(H) // (H // roles.kernel.shape[0]))
+        L = _toeplitz_matrix(kernel, T)
+        return L, L
+    assert roles.B is not None and roles.C is not None
+    C, B = _per_head(roles.C, H), _per_head(roles.B, H)  # [T, H, N]
+    la = roles.log_a if roles.log_a is not None else torch.zeros(1, T, 1, dtype=C.dtype)
+    if la.dim() == 4:
+        # one mask per state dim n: L [H, N, T, T]
+        Ln = torch.exp(_segsum(_per_head(la, H).permute(1, 2, 0)))
+        return Ln[:, 0], torch.einsum("ihn,jhn,hnij->hij", C, B, Ln)
+    L = torch.exp(_segsum(_per_head(la, H).T))
+    return L, L * torch.einsum("ihn,jhn->hij", C, B)
 
 
 def _per_head(t: Tensor, H: int) -> Tensor:
@@ -131,7 +155,10 @@ def text(m: Matrices, heads: int = 1) -> str:
         lines += ["", f"head {h}: {L_name.get(m.mask, 'L')}", *_grid(m.L[h], m.chunk)]
         if m.mask != "toeplitz":
             lines += ["", f"head {h}: M = L ∘ C Bᵀ", *_grid(m.M[h], m.chunk)]
-        for of, bound in (("L", "1 for a scalar decay"), ("M", f"min(N = {m.N}, Q = {m.chunk})")):
+        bounds = (("L", f"{m.terms} for {m.terms} scalar decay{'s' if m.terms > 1 else ''}"),
+                  ("M", f"min({m.terms if m.terms > 1 else ''}N = {m.terms * (m.N or 0)}, "
+                   f"Q = {m.chunk})"))
+        for of, bound in bounds:
             ranks = m.block_ranks(h, of)
             if ranks:
                 cells = "  ".join(f"({i},{j}) {r}" for (i, j), r in ranks.items())
@@ -212,8 +239,10 @@ def _L_title(m: Matrices, h: int) -> str:
 def _structure_note(m: Matrices) -> str:
     if m.chunk is None:
         return "constant along each diagonal (a convolution): no chunks to outline"
+    n = f"{m.terms}N = {m.terms * (m.N or 0)}" if m.terms > 1 else f"N = {m.N}"
     return ("bold squares: the chunks' diagonal blocks; dashed: off-diagonal blocks, "
-            "r = their rank (L: 1 for a scalar decay; M: ≤ N, the semiseparable structure)")
+            f"r = their rank (L: ≤ {m.terms}, one per decay term; M: ≤ {n}: the "
+            f"{'' if m.terms == 1 else f'{m.terms}-'}semiseparable structure)")
 
 
 def _draw(ax: object, a: Tensor, title: str, cmap: str, chunk: int | None,

@@ -11,10 +11,9 @@ import torch
 import ssmc
 from ssmc.cli import main
 from ssmc.errors import SsmcError
-from ssmc.ir import Form
+from ssmc.ir import Form, MaskSum
 from ssmc.pipeline import parse_file, with_dims
-from ssmc.reference import random_inputs
-from ssmc.show import matrices, png, text
+from ssmc.show import _inputs, matrices, png, text
 
 ROOT = Path(__file__).parent.parent
 EXAMPLES = sorted(p.stem for p in (ROOT / "examples").glob("*.ssm"))
@@ -29,8 +28,8 @@ def test_M_times_x_is_the_reference(name: str) -> None:
     """y = (M x + skip) ∘ gate per head, against the recurrent (or FFT) fp64 reference."""
     checked = _spec(name)
     T = 11
-    if checked.pieces:  # sums, quasiseparable and windowed masks: one op per piece
-        with pytest.raises(SsmcError, match="has a composite mask"):
+    if checked.pieces and not isinstance(checked.spec.mask, MaskSum):
+        with pytest.raises(SsmcError, match="draws basic masks and sums of them"):
             matrices(checked, seqlen=T)
         return
     m = matrices(checked, seqlen=T, chunk_size=4, seed=3)
@@ -41,8 +40,7 @@ def test_M_times_x_is_the_reference(name: str) -> None:
         y = y + r.skip
     if r.gate is not None:
         y = y * r.gate
-    inputs = random_inputs(checked, batch=1, seqlen=T, generator=torch.Generator().manual_seed(3))
-    inputs.pop("initial_state", None)
+    inputs = _inputs(checked, T, 3)
     form = Form.RECURRENT if Form.RECURRENT in checked.forms else Form.CONVOLUTION
     y_ref, _ = ssmc.reference(checked, form)(**inputs)
     assert m.M.shape == m.L.shape == (r.H, T, T) and m.M.dtype == torch.float64
@@ -56,6 +54,14 @@ def test_semiseparable_blocks_have_rank_N() -> None:
     assert set(m.block_ranks(0, "M").values()) == {2}
     assert set(m.block_ranks(0, "L").values()) == {1}
     assert list(m.block_ranks(0)) == [(1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (3, 2)]
+
+
+def test_a_sum_of_two_semiseparable_masks_is_2_semiseparable() -> None:
+    m = matrices(_spec("mamba2_2ss", N=2), seqlen=12, chunk_size=4)
+    assert m.terms == 2 and m.mask == "semiseparable + semiseparable"
+    assert set(m.block_ranks(0, "L").values()) == {2}
+    assert set(m.block_ranks(0, "M").values()) == {4}  # ≤ 2N = 4 = Q
+    assert "of L, at most 2 for 2 scalar decays" in text(m)
 
 
 def test_diagonal_mask_is_a_sum_of_N_masks() -> None:
