@@ -68,7 +68,10 @@ class Peers:
     versions: dict[str, str] = field(default_factory=dict)
 
     def calls(self, case: Case) -> list[list[PeerCall]]:
-        """For each peer that applies to `case`: its mappings, the preferred first."""
+        """For each peer that applies to `case`: its mappings, the preferred first (none for a
+        composite mask: no peer computes a sum of masks or a bidirectional one)."""
+        if case.checked.pieces:
+            return []
         out = []
         for name, impl in self.found.items():
             candidates = _CALLS[name](impl, case)

@@ -173,6 +173,7 @@ def fake_fla(kind: str) -> Any:
     ("gla", {"fla chunk_gla": "core", "sdpa (softmax, causal)": None}),
     ("linear_attention", {"fla chunk_linear_attn": "core", "sdpa (softmax, causal)": None}),
     ("toeplitz", {}),
+    ("mamba2_2ss", {}),
 ])
 def test_peer_mappings_match_the_reference(name: str, expected: dict[str, str | None]) -> None:
     declared = {d.name for d in parse_file(_spec(name)).spec.dims}
