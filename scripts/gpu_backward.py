@@ -235,13 +235,21 @@ class LiveBytes(TorchDispatchMode):
                 del self.refs[key]
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        given = {id(a) for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
+        if func.namespace == "ssmc":  # see inside ssmc's ops (the mode is off inside a call)
+            with self:
+                keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+                out = func.redispatch(keys, *args, **(kwargs or {}))
+        else:
+            out = func(*args, **(kwargs or {}))
+        given = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        ids = {id(a) for a in given}
+        # a view of a storage made before the mode (an input's) is no allocation
+        older = {a.untyped_storage().data_ptr() for a in given}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and id(t) not in given:
+            if isinstance(t, torch.Tensor) and id(t) not in ids:
                 storage = t.untyped_storage()
                 key = storage.data_ptr()
-                if key == 0:
+                if key == 0 or (key in older and key not in self.refs):
                     continue
                 if key not in self.refs:
                     self.refs[key] = [0, storage.nbytes()]

@@ -187,10 +187,14 @@ def output_dtype(checked: ir.CheckedSpec, tensors: Sequence[Tensor]) -> torch.dt
 
 
 def _setup_context(n: int, ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    """Keep the inputs (tensors, initial_state, cu_seqlens), the form and the chunk size."""
+    """Keep the inputs (tensors, initial_state, cu_seqlens), the form and the chunk size; an
+    unused output's gradient stays None (no zero final-state gradient is materialised)."""
     inputs = (*inputs, *(None,) * (n + 4 - len(inputs)))
     ctx.save_for_backward(*inputs[: n + 2])
     ctx.form, ctx.chunk_size = inputs[n + 2], inputs[n + 3]
+    y = output[0] if isinstance(output, tuple) else output
+    ctx.y_meta = (y.shape, y.dtype, y.device)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(
@@ -198,6 +202,9 @@ def _backward(
 ) -> tuple[Tensor | None, ...]:
     """The autograd formula: the backward op on the saved inputs; None where none is needed."""
     *tensors, initial_state, cu_seqlens = ctx.saved_tensors
+    if grad_y is None:  # only the final state was used
+        shape, dtype, device = ctx.y_meta
+        grad_y = torch.zeros(shape, dtype=dtype, device=device)
     grads = registered.backward_op(
         grad_y, grad_state, *tensors, initial_state, cu_seqlens, ctx.form, ctx.chunk_size
     )

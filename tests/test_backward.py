@@ -291,3 +291,16 @@ def test_gpu_backward_script_cpu_path(tmp_path: Path) -> None:
     (row,) = report["memory"]
     # forward + backward at least holds y, dx and dz (each |x|): the tracker sees allocations
     assert row["impl"] == "ssmc" and row["fwd_bwd_peak_mib"] >= 3 * row["x_mib"]
+
+
+@pytest.mark.interpret
+def test_backward_in_slices(poisoned, gen) -> None:  # type: ignore[no-untyped-def]
+    """A backward cut into one-row batch slices (per-row gradients written into their rows,
+    parameters' summed), whose epilogue makes D's gradient 5 tokens at a time: the same
+    gradients as the reference."""
+    checked = small("mamba2")
+    op = poisoned(checked)
+    op.module._BACKWARD_SLICE = 17 * SMALL["mamba2"]["H"] * SMALL["mamba2"]["P"]
+    op.module._EPILOGUE_BWD_ELEMENTS = 5 * SMALL["mamba2"]["H"] * SMALL["mamba2"]["P"]
+    inputs = random_inputs(checked, batch=3, seqlen=17, dtype=torch.float64, generator=gen)
+    check_gradients(op, checked, inputs, gen, form="chunked")

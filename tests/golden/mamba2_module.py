@@ -1549,8 +1549,14 @@ def prologue_log_a_s_bwd_launch(tensors, sizes, u0, u1, out0, out1, out2):
 
 
 def _grad_add(grads, position, g):
-    """grads[position] += g (the first contribution is kept as it is)."""
-    grads[position] = g if grads[position] is None else grads[position] + g
+    """grads[position] += g (the first contribution is kept as it is). Every contribution is a
+    temporary of the backward, so a same-shaped sum is taken in place (no third buffer)."""
+    if grads[position] is None:
+        grads[position] = g
+    elif grads[position].shape == g.shape:
+        grads[position].add_(g)
+    else:
+        grads[position] = grads[position] + g
 
 
 def _grad_sum(g, dims, perm, shape):
@@ -1586,7 +1592,8 @@ def prologue_bwd(tensors, sizes, grads, upstream):
 #     d_core [batch, seq, H, P] = d_out * silu(z)
 #
 # with the derivatives taken on the expression AST (ssmc.expr_grad). Gradients are written
-# per output element, fp32; torch sums them over the axes v lacks (D [H]: batch, seq, P).
+# per output element, in v's dtype (dy in dout's), or fp32 where torch then sums them over
+# the axes v lacks (D [H]: batch, seq, P).
 # y is the core's output before the epilogue (recomputed by the caller).
 #
 # Parallelisation: elementwise, as the epilogue.
@@ -1676,20 +1683,45 @@ def epilogue_bwd_launch(tensors, sizes, u0, y, out0, out1, out2, out3):
     )
 
 
+_EPILOGUE_BWD_ELEMENTS = 1 << 22
+"""Elements of y per run of tokens for the gradients summed over seq (fp32 temporaries)."""
+
+
 def epilogue_bwd(tensors, sizes, grads, y, dout):
     """dy [batch, seq, H, P] of the core from dout; grads[i] += the gradients of the skip and
-    gate tensors. y: the core's output (fp32), None when no gradient reads it."""
+    gate tensors. y: the core's output, None when no gradient reads it. Gradients of whole
+    tensors come in their dtype, those summed over axes in fp32."""
     device = tensors[0].device
     parts = [
-        torch.empty((sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]), device=device, dtype=torch.float32),  # d_x
-        torch.empty((sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]), device=device, dtype=torch.float32),  # d_z
-        torch.empty((sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]), device=device, dtype=torch.float32),  # d_D
-        torch.empty((sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]), device=device, dtype=torch.float32),  # d_core
+        torch.empty((sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]), device=device, dtype=tensors[0].dtype),  # d_x
+        torch.empty((sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]), device=device, dtype=tensors[4].dtype),  # d_z
+        None,  # d_D: per run of tokens
+        torch.empty((sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]), device=device, dtype=dout.dtype),  # d_core
     ]
-    epilogue_bwd_launch(tensors, sizes, dout, y, *parts)
+    T = sizes["seq"]
+    step = max(1, _EPILOGUE_BWD_ELEMENTS // max(dout[:, :1].numel(), 1))
+    full_y, full_dout, full_tensors, full_sizes = y, dout, tensors, sizes
+    sums = {}
+    for start in range(0, max(T, 1), step):
+        run = slice(start, min(T, start + step))
+        tensors = tuple(t[:, run] if shape[1:2] == ("seq",) else t for t, shape in zip(full_tensors, _SHAPES))
+        sizes = {**full_sizes, "seq": run.stop - run.start}
+        dout = full_dout[:, run]
+        y = None if full_y is None else full_y[:, run]
+        sub = [
+            parts[0][:, run],
+            parts[1][:, run],
+            torch.empty((sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]), device=device, dtype=torch.float32),  # d_D
+            parts[3][:, run],
+        ]
+        epilogue_bwd_launch(tensors, sizes, dout, y, *sub)
+        total = _grad_sum(sub[2], (0, 1, 3), (0,), (sizes["H"],))
+        sums[2] = total if 2 not in sums else sums[2] + total
+        del sub
+    y, dout, tensors, sizes = full_y, full_dout, full_tensors, full_sizes
     _grad_add(grads, 0, _grad_sum(parts[0], (), (0, 1, 2, 3), (sizes["batch"], sizes["seq"], sizes["H"], sizes["P"])))
     _grad_add(grads, 4, _grad_sum(parts[1], (), (0, 1, 2, 3), (sizes["batch"], sizes["seq"], sizes["H"], sizes["P"])))
-    _grad_add(grads, 7, _grad_sum(parts[2], (0, 1, 3), (0,), (sizes["H"],)))
+    _grad_add(grads, 7, sums[2])
     return parts[3]
 
 
@@ -2181,10 +2213,11 @@ def chunked_bwd_dbc_kernel(
             tl.store(dB + i_b * stride_dB_b + (t0 + o_m)[:, None] * stride_dB_t + i_k * stride_dB_g
                      + o_n[None, :] * stride_dB_n, acc_dB, mask=m_mn)
             acc_dB = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if HAS_DECAY & ((i_h + 1) % Hd == 0):
-            tl.store(dcs + i_n * stride_c_k + i_b * stride_c_b + (t0 + o_m) * stride_c_t
-                     + (i_h // Hd) * stride_c_g, acc_dcs, mask=m_m)
-            acc_dcs = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if HAS_DECAY:
+            if (i_h + 1) % Hd == 0:
+                tl.store(dcs + i_n * stride_c_k + i_b * stride_c_b + (t0 + o_m) * stride_c_t
+                         + (i_h // Hd) * stride_c_g, acc_dcs, mask=m_m)
+                acc_dcs = tl.zeros([BLOCK_M], dtype=tl.float32)
 
 
 @triton.jit
@@ -2274,8 +2307,8 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
 
     x [b, T, Gv, P], s [b, T, Gv] or None (X̄ = x s), log_a [b, T, Gd] or None (causal),
     B [b, T, Gk, N], C [b, T, Gq, N], dy [b, T, H, P], initial_state and dfinal
-    [b | S, H, N, P] or None. Returns fp32 gradients shaped like their inputs; ds, dlog_a,
-    dh0 are None without s, decay, initial state. Dots run in x's dtype when it is 16-bit
+    [b | S, H, N, P] or None. Returns gradients shaped like their inputs, fp32 (dx in x's
+    dtype when 16-bit); ds, dlog_a, dh0 are None without s, decay, initial state. Dots run in x's dtype when it is 16-bit
     (fp32 accumulation), else in fp32 (ieee).
     """
     H = heads
@@ -2297,7 +2330,9 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     if device.type == "cpu":
         dot_dtype = tl.float32  # the Triton interpreter's bf16 dot is wrong (triton 3.x)
     precision = "ieee"
-    Q = chunk_size or (64 if T <= 64 else 128)
+    # Q: the chunk of the stored states (R·H·N·P each for H_r and Λ_r: 256 halves them
+    # against 128 on long sequences, as mamba_ssm's chunk 256), not the forward's chunk
+    Q = chunk_size or (256 if T >= 2048 else 128 if T >= 256 else 64)
     Q = max(16, min(256, triton.next_power_of_2(Q)))
     block_m = block_m or min(Q, 64)
     block_n = block_n or max(16, min(64, triton.next_power_of_2(N)))
@@ -2354,7 +2389,8 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     )
     del fwd_states
     n_pt = triton.cdiv(P, block_p)
-    dx = torch.empty((batch, T, Gv, P), **f32)
+    # dx in x's dtype when 16-bit (its gradient's dtype in the end), else fp32
+    dx = torch.empty((batch, T, Gv, P), device=device, dtype=state_dtype)
     ds = torch.empty((n_pt, batch, T, Gv), **f32) if s is not None else None
     chunked_bwd_dx_kernel[(R * n_m, Gv, n_pt)](
         x, s_arg, a_arg, B, C, dy, adj_states, tiles, dx, ds if ds is not None else dx,
@@ -2529,16 +2565,20 @@ def _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y,
     roles = prologue_roles(tensors, sizes)
     x, s, log_a, B, C = prologue_fwd(tensors, sizes, roles)
     dout = grad_y.contiguous()
-    y = torch.empty(dout.shape, device=dout.device, dtype=torch.float32)
+    # y again, in dout's dtype when 16-bit (the gate's gradient reads it once)
+    y_dtype = dout.dtype if dout.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    y = torch.empty(dout.shape, device=dout.device, dtype=y_dtype)
     _core_fwd(form, chunk, x, s, log_a, B, C, heads=H, out=y, initial_state=initial_state,
               final_state=None, cu_seqlens=cu_seqlens)
     d_y = epilogue_bwd(tensors, sizes, grads, y, dout)
+    del y, dout
     upstream = {}
     if torch.float64 not in (x.dtype, B.dtype, C.dtype, d_y.dtype):
         # the fused chunked backward (chunked_bwd): dx and ds directly, group sums in the kernels
         d_x, d_s, d_log_a, d_B, d_C, d_initial_state = chunked_bwd(
             x, s, log_a, B, C, heads=H, initial_state=initial_state, cu_seqlens=cu_seqlens,
-            dy=d_y, dfinal=grad_final_state, chunk_size=chunk)
+            dy=d_y, dfinal=grad_final_state)
+        del d_y
         upstream["x"] = d_x
         if s is not None:
             upstream["s"] = d_s
@@ -2557,6 +2597,40 @@ def _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y,
     prologue_bwd(tensors, sizes, grads, upstream)
     grads = tuple(torch.zeros_like(t) if g is None else g.to(t.dtype) for t, g in zip(tensors, grads))
     return grads, d_initial_state
+
+
+_BACKWARD_SLICE = 1 << 24
+"""Elements of y a backward pass handles at once: a longer batch (without cu_seqlens) is cut
+into slices of rows run in turn, so every temporary of the backward shrinks with the slice."""
+
+
+def _ssmc_backward_sliced(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y,
+                          grad_final_state):
+    """_ssmc_backward over slices of batch rows: gradients of per-row tensors are written into
+    their rows, those of other tensors summed (fp32); one call when small or packed."""
+    batch = grad_y.shape[0]
+    rows = max(1, _BACKWARD_SLICE // max(grad_y[:1].numel(), 1))
+    if cu_seqlens is not None or batch <= rows:
+        return _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y,
+                              grad_final_state)
+    per_row = [shape[0] == "batch" for shape in _SHAPES]
+    grads = [torch.empty_like(t) if r else None for t, r in zip(tensors, per_row)]
+    d_init = None if initial_state is None else torch.empty_like(initial_state)
+    for start in range(0, batch, rows):
+        part = slice(start, start + rows)
+        got, d = _ssmc_backward(
+            tuple(t[part] if r else t for t, r in zip(tensors, per_row)),
+            None if initial_state is None else initial_state[part], None, form, chunk_size,
+            grad_y[part], None if grad_final_state is None else grad_final_state[part])
+        for i, g in enumerate(got):
+            if per_row[i]:
+                grads[i][part] = g
+            else:
+                grads[i] = g.float() if grads[i] is None else grads[i] + g.float()
+        if d_init is not None:
+            d_init[part] = d
+        del got, d  # before the next slice allocates its own
+    return tuple(g.to(t.dtype) for g, t in zip(grads, tensors)), d_init
 
 
 def forward(*, x, dt, B, C, z, A, dt_bias, D, initial_state=None, cu_seqlens=None, form=None, chunk_size=None,
@@ -2588,5 +2662,5 @@ def backward(*, x, dt, B, C, z, A, dt_bias, D, initial_state=None, cu_seqlens=No
     grad_y [batch, seq, H, P]: the gradient of y; grad_final_state
     [batch or num_seqs, H, N, P] or None: the gradient of the final state.
     """
-    return _ssmc_backward((x, dt, B, C, z, A, dt_bias, D,), initial_state, cu_seqlens, form, chunk_size,
-                          grad_y, grad_final_state)
+    return _ssmc_backward_sliced((x, dt, B, C, z, A, dt_bias, D,), initial_state, cu_seqlens, form,
+                                 chunk_size, grad_y, grad_final_state)
