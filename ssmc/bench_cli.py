@@ -51,6 +51,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
 def _ints(items: list[str] | None) -> tuple[int, ...] | None:
     """`--seqlen 512,1024 --seqlen 2048` → (512, 1024, 2048)."""
     words = _words(items)
@@ -97,8 +100,10 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench.add_argument("--tokens", type=int, help="batch = TOKENS // T for each T")
     bench.add_argument("--dim", action="append", metavar="NAME=INT",
                        help="rebind a dim (on a CPU, dims above 8 shrink to 8 unless given)")
-    bench.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"],
-                       help="dtype of the inputs (default bfloat16; float32 on a CPU)")
+    bench.add_argument("--dtype", default="bfloat16", type=lambda s: ALIASES.get(s, s),
+                       choices=["float32", "float16", "bfloat16"],
+                       help="dtype of the inputs: bfloat16 (bf16, the default), float16 (fp16) "
+                       "or float32 (fp32); float32 on a CPU")
     bench.add_argument("--backward", action="store_true",
                        help="also time (and check the gradients of) forward+backward")
     bench.add_argument("--forms", action="append", metavar="FORM[,FORM...]",

@@ -21,7 +21,7 @@ from ssmc import bench
 from ssmc.bench import BenchConfig, failed, run_bench
 from ssmc.bench_peers import Peers
 from ssmc.bench_report import plot, table
-from ssmc.cli import main
+from ssmc.cli import build_parser, main
 from ssmc.errors import SsmcError
 from ssmc.pipeline import parse_file, with_dims
 
@@ -101,6 +101,13 @@ def test_bad_requests_are_user_errors(capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SsmcError, match="one per sequence length"):
         bench._shapes(BenchConfig(file="", seqlens=(8, 16, 32), batches=(1, 2)),
                       torch.device("cpu"))
+
+
+def test_dtype_aliases() -> None:
+    parse = build_parser().parse_args
+    assert parse(["bench", "f.ssm", "--dtype", "bf16"]).dtype == "bfloat16"
+    assert parse(["bench", "f.ssm", "--dtype", "fp32"]).dtype == "float32"
+    assert parse(["bench", "f.ssm"]).dtype == "bfloat16"
 
 
 def test_shapes() -> None:
