@@ -11,7 +11,7 @@ import torch
 import ssmc
 from ssmc.cli import main
 from ssmc.errors import SsmcError
-from ssmc.ir import Form, MaskSum
+from ssmc.ir import Form
 from ssmc.pipeline import parse_file, with_dims
 from ssmc.show import _inputs, matrices, png, text
 
@@ -28,10 +28,6 @@ def test_M_times_x_is_the_reference(name: str) -> None:
     """y = (M x + skip) ∘ gate per head, against the recurrent (or FFT) fp64 reference."""
     checked = _spec(name)
     T = 11
-    if checked.pieces and not isinstance(checked.spec.mask, MaskSum):
-        with pytest.raises(SsmcError, match="draws basic masks and sums of them"):
-            matrices(checked, seqlen=T)
-        return
     m = matrices(checked, seqlen=T, chunk_size=4, seed=3)
     r = m.roles
     x = r.x[0].index_select(1, torch.arange(r.H) // (r.H // r.x.shape[2]))  # [T, H, P]
@@ -44,7 +40,7 @@ def test_M_times_x_is_the_reference(name: str) -> None:
     form = Form.RECURRENT if Form.RECURRENT in checked.forms else Form.CONVOLUTION
     y_ref, _ = ssmc.reference(checked, form)(**inputs)
     assert m.M.shape == m.L.shape == (r.H, T, T) and m.M.dtype == torch.float64
-    assert torch.equal(m.M.triu(1), torch.zeros_like(m.M))
+    assert torch.equal(m.M.triu(1), torch.zeros_like(m.M)) is m.causal
     assert float((y - y_ref).norm() / y_ref.norm()) < 1e-12
 
 
@@ -62,6 +58,23 @@ def test_a_sum_of_two_semiseparable_masks_is_2_semiseparable() -> None:
     assert set(m.block_ranks(0, "L").values()) == {2}
     assert set(m.block_ranks(0, "M").values()) == {4}  # ≤ 2N = 4 = Q
     assert "of L, at most 2 for 2 scalar decays" in text(m)
+
+
+def test_quasiseparable_mask_is_full_with_low_rank_blocks_both_sides() -> None:
+    m = matrices(_spec("hydra", N=2), seqlen=12, chunk_size=4)
+    assert m.mask == "quasiseparable" and not m.causal
+    assert torch.all(m.L[0] > 0) and torch.allclose(m.L[0].diagonal(), torch.ones(12, dtype=torch.float64))
+    assert set(m.block_ranks(0, "L")) == {(i, j) for i in range(3) for j in range(3) if i != j}
+    assert set(m.block_ranks(0, "L").values()) == {1}
+    assert set(m.block_ranks(0, "M").values()) == {2}
+    assert "·" not in text(m)
+
+
+def test_decayed_window_is_a_decaying_toeplitz_matrix() -> None:
+    m = matrices(_spec("decay_window", L=3), seqlen=8)
+    assert m.mask == "toeplitz" and m.chunk is None
+    assert torch.equal(m.M[0].tril(-3), torch.zeros(8, 8))  # a window of L = 3 taps
+    assert torch.allclose(m.M[0].diagonal(-1), m.M[0, 1, 0].expand(7))
 
 
 def test_diagonal_mask_is_a_sum_of_N_masks() -> None:
