@@ -455,7 +455,9 @@ FUSED = [
 ]
 
 
-def fused_check(case: Case, dtype: torch.dtype, bound: float, monkeypatch) -> RecordingTorch:
+def fused_check(
+    case: Case, dtype: torch.dtype, bound: float, monkeypatch, **options: int
+) -> RecordingTorch:
     """chunked_bwd (Q = 16, 16-row blocks: several chunks and row blocks per sequence, a
     partial last chunk) against autograd of the fp64 recurrent form, X̄ = x s."""
     t = inputs(case, torch.float64)
@@ -496,6 +498,7 @@ def fused_check(case: Case, dtype: torch.dtype, bound: float, monkeypatch) -> Re
         block_m=16,
         block_n=16,
         block_p=16,
+        **options,
     )
     for (name, w), gr in zip(want.items(), got, strict=True):
         assert (gr is None) == (w is None), name
@@ -522,7 +525,12 @@ def test_fused_chunked_backward(case: Case, monkeypatch) -> None:
     grads = {(batch, T, Gv, case.P), (batch, T, Gk, case.N), (batch, T, Gq, case.N)}
     grads.add((S, case.H, case.N, case.P))  # h_T and dh0
     per_head = batch * T * case.H * min(case.N, case.P)
-    big = [s for s in recorder.shapes if math.prod(s) >= per_head and s not in grads]
+    # gradients come per group (a leading axis: the head splits' partial sums, here 1)
+    big = [
+        s
+        for s in recorder.shapes
+        if math.prod(s) >= per_head and s not in grads and not (s[0] == 1 and s[1:] in grads)
+    ]
     assert all(len(s) == 4 and s[1:] == (case.H, case.N, case.P) for s in big), big
     assert len(big) <= 2, big
 
@@ -534,3 +542,16 @@ def test_fused_chunked_backward_half(dtype: torch.dtype, monkeypatch) -> None:
     interpreter's bf16 dot is broken, so bf16 dots run in fp32 there): DESIGN §5's bound."""
     case = Case(f"f-{dtype}-mva", "scalar", PATTERNS["mva"], T=37, N=16, P=16)
     fused_check(case, dtype, 1e-2 if dtype == torch.bfloat16 else 1e-3, monkeypatch)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(
+    "case, splits",
+    [(FUSED[0], 2), (FUSED[1], 2), (FUSED[6], 4), (FUSED[7], 2)],
+    ids=lambda v: v.id if isinstance(v, Case) else str(v),
+)
+def test_fused_chunked_backward_head_splits(case: Case, splits: int, monkeypatch) -> None:
+    """A loop group's heads split over programs (partial sums, zero where a split has none of
+    a group, summed after): the same gradients. H = 6 with 4 asked gives 3 splits of 2 heads,
+    each ending inside a group of 3."""
+    fused_check(case, torch.float32, 1e-5, monkeypatch, head_splits=splits)

@@ -2107,10 +2107,10 @@ def chunked_bwd_dbc_kernel(
     stride_B_b, stride_B_t, stride_B_g, stride_B_n,
     stride_C_b, stride_C_t, stride_C_g, stride_C_n,
     stride_y_b, stride_y_t, stride_y_h, stride_y_p,
-    stride_dB_b, stride_dB_t, stride_dB_g, stride_dB_n,
-    stride_dC_b, stride_dC_t, stride_dC_g, stride_dC_n,
-    stride_c_k, stride_c_b, stride_c_t, stride_c_g,
-    H, N, P, Hl, Hv, Hk, Hq, Hd,
+    stride_dB_s, stride_dB_b, stride_dB_t, stride_dB_g, stride_dB_n,
+    stride_dC_s, stride_dC_b, stride_dC_t, stride_dC_g, stride_dC_n,
+    stride_c_s, stride_c_k, stride_c_b, stride_c_t, stride_c_g,
+    H, N, P, Hl, Hs, n_split, Hv, Hk, Hq, Hd,
     HAS_S: tl.constexpr, HAS_DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -2118,8 +2118,12 @@ def chunked_bwd_dbc_kernel(
     n_m = CHUNK // BLOCK_M
     i_r = tl.program_id(0).to(tl.int64) // n_m
     i_m = tl.program_id(0) % n_m
-    i_l = tl.program_id(1).to(tl.int64)
+    i_l = tl.program_id(1).to(tl.int64) // n_split
+    i_sp = tl.program_id(1).to(tl.int64) % n_split
     i_n = tl.program_id(2)
+    # this program's heads: split i_sp of loop group i_l
+    h_start = i_l * Hl + i_sp * Hs
+    h_end = tl.minimum(h_start + Hs, (i_l + 1) * Hl)
     n_t = tl.load(tiles + i_r * 5 + 2)
     if i_m * BLOCK_M >= n_t:
         return
@@ -2138,8 +2142,7 @@ def chunked_bwd_dbc_kernel(
     acc_dC = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_dB = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_dcs = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for i_hl in range(0, Hl):
-        i_h = i_l * Hl + i_hl
+    for i_h in range(h_start, h_end):
         i_v = i_h // Hv
         i_k = i_h // Hk
         i_q = i_h // Hq
@@ -2204,18 +2207,20 @@ def chunked_bwd_dbc_kernel(
         acc_dC += b_dC
         acc_dB += b_dB
         acc_dcs += tl.sum(b_C * b_dC - b_B * b_dB, axis=1)
-        # a group's sum is complete at its last head: store it once, start the next
-        if (i_h + 1) % Hq == 0:
-            tl.store(dC + i_b * stride_dC_b + (t0 + o_m)[:, None] * stride_dC_t + i_q * stride_dC_g
+        # a group's sum is complete at its last head (or this split's part of it at the
+        # split's last head, into the split's partial buffer): store it once, start the next
+        last = i_h + 1 == h_end
+        if ((i_h + 1) % Hq == 0) | last:
+            tl.store(dC + i_sp * stride_dC_s + i_b * stride_dC_b + (t0 + o_m)[:, None] * stride_dC_t + i_q * stride_dC_g
                      + o_n[None, :] * stride_dC_n, acc_dC, mask=m_mn)
             acc_dC = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if (i_h + 1) % Hk == 0:
-            tl.store(dB + i_b * stride_dB_b + (t0 + o_m)[:, None] * stride_dB_t + i_k * stride_dB_g
+        if ((i_h + 1) % Hk == 0) | last:
+            tl.store(dB + i_sp * stride_dB_s + i_b * stride_dB_b + (t0 + o_m)[:, None] * stride_dB_t + i_k * stride_dB_g
                      + o_n[None, :] * stride_dB_n, acc_dB, mask=m_mn)
             acc_dB = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if HAS_DECAY:
-            if (i_h + 1) % Hd == 0:
-                tl.store(dcs + i_n * stride_c_k + i_b * stride_c_b + (t0 + o_m) * stride_c_t
+            if ((i_h + 1) % Hd == 0) | last:
+                tl.store(dcs + i_sp * stride_c_s + i_n * stride_c_k + i_b * stride_c_b + (t0 + o_m) * stride_c_t
                          + (i_h // Hd) * stride_c_g, acc_dcs, mask=m_m)
                 acc_dcs = tl.zeros([BLOCK_M], dtype=tl.float32)
 
@@ -2302,7 +2307,8 @@ _CHUNKED_BWD_DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfinal,
-                chunk_size=None, block_m=None, block_n=None, block_p=None, num_warps=None):
+                chunk_size=None, block_m=None, block_n=None, block_p=None, num_warps=None,
+                head_splits=None):
     """(dx, ds, dlog_a, dB, dC, dh0) of the core by the fused chunked backward.
 
     x [b, T, Gv, P], s [b, T, Gv] or None (X̄ = x s), log_a [b, T, Gd] or None (causal),
@@ -2376,17 +2382,33 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     n_m = Q // block_m
     Gl = math.gcd(math.gcd(Gq, Gk), Gd)
     n_nt = triton.cdiv(N, block_n)
-    dB = torch.empty((batch, T, Gk, N), **f32)
-    dC = torch.empty((batch, T, Gq, N), **f32)
-    dcs = torch.empty((n_nt, batch, T, Gd), **f32) if log_a is not None else None
-    chunked_bwd_dbc_kernel[(R * n_m, Gl, n_nt)](
+    Hl = H // Gl
+    # A loop group's heads may be split over programs when the grid is small (few chunks,
+    # G = 1): each split stores its part of a group's sum into a partial buffer, zero where
+    # it has none, summed after (≤ 8 splits: 8 copies of dB, dC [b, T, G, N], not H).
+    n_programs = R * n_m * Gl * n_nt
+    if head_splits is None:
+        sms = 1
+        if device.type == "cuda":
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+        head_splits = min(8, Hl, triton.cdiv(4 * sms, n_programs))
+    splits = max(1, min(head_splits, Hl))
+    Hs = triton.cdiv(Hl, splits)
+    splits = triton.cdiv(Hl, Hs)
+    alloc = torch.zeros if splits > 1 else torch.empty
+    dB = alloc((splits, batch, T, Gk, N), **f32)
+    dC = alloc((splits, batch, T, Gq, N), **f32)
+    dcs = alloc((splits, n_nt, batch, T, Gd), **f32) if log_a is not None else None
+    chunked_bwd_dbc_kernel[(R * n_m, Gl * splits, n_nt)](
         x, s_arg, a_arg, B, C, dy, fwd_states, adj_states, tiles, dB, dC,
         dcs if dcs is not None else dB, *common, *dB.stride(), *dC.stride(),
-        *(dcs.stride() if dcs is not None else zero4),
-        H, N, P, H // Gl, H // Gv, H // Gk, H // Gq, H // Gd,
+        *(dcs.stride() if dcs is not None else zero4 + (0,)),
+        H, N, P, Hl, Hs, splits, H // Gv, H // Gk, H // Gq, H // Gd,
         HAS_S=s is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=full_p,
-        num_warps=warps, **consts,
+        num_warps=num_warps or 8, **consts,
     )
+    dB = dB[0] if splits == 1 else dB.sum(0)
+    dC = dC[0] if splits == 1 else dC.sum(0)
     del fwd_states
     n_pt = triton.cdiv(P, block_p)
     # dx in x's dtype when 16-bit (its gradient's dtype in the end), else fp32
@@ -2403,7 +2425,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     ds = None if ds is None else (ds[0] if n_pt == 1 else ds.sum(0))
     dla = None
     if log_a is not None:
-        dcs = dcs[0] if n_nt == 1 else dcs.sum(0)
+        dcs = dcs[0, 0] if splits * n_nt == 1 else dcs.sum((0, 1))
         seqs = _AdjointSequences(cu_seqlens, batch, T, device)
         if want_hT:
             # + Σ_{n, p} dh_T ⊙ h_T at each sequence's last token, per decay group
