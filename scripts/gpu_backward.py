@@ -17,7 +17,9 @@ mamba_ssm.
 --cpu runs the same code paths at tiny sizes under TRITON_INTERPRET=1 (fp32 and fp16: the
 interpreter's bf16 dot is wrong), with a dispatch-mode tracker of live tensor bytes
 standing in for the CUDA allocator's peak, so the script is known to run without a GPU.
-Prints tables and writes JSON (to --json, or $OUT/backward.json).
+Prints tables and writes JSON (to --json, or $OUT/backward.json). A full GPU run compiles
+and checks ~70 (example, dtype, form) rows: split it over calls with --specs NAME...
+(`--specs` alone: no gradient rows, the memory table only; --no-memory: no memory table).
 """
 
 from __future__ import annotations
@@ -320,6 +322,7 @@ def measure(
     leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
     y = run(leaves)
     dy = torch.randn_like(y)
+    torch.autograd.backward(y, dy)  # warm-up: every kernel compiled before measuring
     del y
     for v in leaves.values():
         v.grad = None
