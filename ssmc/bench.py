@@ -217,7 +217,10 @@ class _Shape:
         self.case = Case(checked=checked, inputs=self.inputs, roles=_cast_roles(roles64))
         self.roles64 = roles64
         leaves = {k: v.clone().requires_grad_(config.backward) for k, v in exact.items()}
-        y, state = reference(checked)(**leaves)
+        # The chunked reference couples every pair of chunks: at most 32 chunks keeps its
+        # fp64 autograd memory bounded at long T (64-token chunks at T = 16384 ran out).
+        self.ref_chunk = max(64, T // 32)
+        y, state = reference(checked, chunk_size=self.ref_chunk)(**leaves)
         self.output = checked.spec.output.name
         self.y_ref, self.state_ref = y.detach(), None if state is None else state.detach()
         self.grad_y = torch.randn(y.shape, generator=generator).to(device)
@@ -236,7 +239,9 @@ class _Shape:
         if self._core is None:
             r = self.roles64
             assert r.B is not None and r.C is not None
-            self._core, _ = forms_torch.chunked(r.x, r.log_a, r.B, r.C, r.H)
+            self._core, _ = forms_torch.chunked(
+                r.x, r.log_a, r.B, r.C, r.H, chunk_size=self.ref_chunk
+            )
         return self._core
 
     def row(self, series: str, kind: str, **fields: Any) -> dict[str, Any]:
