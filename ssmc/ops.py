@@ -269,6 +269,7 @@ class SsmcOp:
             i for i, t in enumerate(checked.spec.tensors) if t.kind is ir.TensorKind.INPUT
         )
         self._plans: dict[tuple[Any, ...], tuple[str | None, int | None, Any]] = {}
+        self._setups: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         self._registered = register(checked)
         self._registered.run = self._run
         self._registered.run_backward = self._run_backward
@@ -300,10 +301,10 @@ class SsmcOp:
             args = (*ordered, initial_state, cu_seqlens, form_name, chunk_size)
             result = self.op(*args)
         else:
-            ordered = self._validate(tensors, initial_state, cu_seqlens)
+            ordered, signature = self._checked(tensors, initial_state, cu_seqlens)
             launch = None
-            if form_name is None and (ordered[0].device.type == "cuda" or self.interpreted):
-                form_name, planned_chunk, launch = self._plan(ordered, cu_seqlens)
+            if form_name is None and (ordered[0].is_cuda or self.interpreted):
+                form_name, planned_chunk, launch = self._plan(ordered, cu_seqlens, signature)
                 if chunk_size is not None and chunk_size != planned_chunk:
                     launch = None  # tuned tiles belong to the tuned chunk
                 chunk_size = chunk_size if chunk_size is not None else planned_chunk
@@ -312,7 +313,10 @@ class SsmcOp:
             needs_grad = torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (*ordered, initial_state)
             )
-            result = self.op(*args) if needs_grad else self._run(*args, launch=launch)
+            if needs_grad:
+                result = self.op(*args)
+            else:
+                result = self._run(*args, launch=launch, signature=signature)
         if self.checked.spec.final_state:
             y, state = result
             return y, state
@@ -322,36 +326,51 @@ class SsmcOp:
         self, tensors: dict[str, Tensor], initial_state: Tensor | None, cu_seqlens: Tensor | None
     ) -> list[Tensor]:
         """The tensors in declaration order; `bind` checks each new combination of metadata."""
+        return self._checked(tensors, initial_state, cu_seqlens)[0]
+
+    def _checked(
+        self, tensors: dict[str, Tensor], initial_state: Tensor | None, cu_seqlens: Tensor | None
+    ) -> tuple[list[Tensor], tuple[Any, ...] | None]:
+        """The tensors in declaration order and the call's signature (shapes, dtypes, devices:
+        all that `bind` reads but the offsets' values), None when it has none (a missing or
+        non-tensor argument: bind reports it). `bind` runs once per new signature."""
         try:
             ordered = [tensors[n] for n in self._names]
-            signature = tuple(_meta(t) for t in ordered) + (
-                _meta(initial_state),
-                _meta(cu_seqlens),
+            signature: tuple[Any, ...] | None = (
+                *[(t.size(), t.dtype, t.device) for t in ordered],
+                None if initial_state is None else _meta(initial_state),
+                None if cu_seqlens is None else _meta(cu_seqlens),
                 len(tensors),
             )
-        except (KeyError, AttributeError):
+        except (KeyError, AttributeError, TypeError):
             signature = None
         if signature is None or signature not in self._seen:
             dims = bind(self.checked, tensors, initial_state=initial_state, cu_seqlens=cu_seqlens)
             if signature is not None:
+                _bounded(self._seen)
                 self._seen.add(signature)
             if cu_seqlens is not None:
                 _offsets_passed(cu_seqlens, dims[ir.SEQ])
-        return [tensors[n] for n in self._names]
+        return ordered, signature
 
     def _plan(
-        self, ordered: list[Tensor], cu_seqlens: Tensor | None
+        self, ordered: list[Tensor], cu_seqlens: Tensor | None, signature: Any = None
     ) -> tuple[str | None, int | None, Any]:
         """The autotuned (else the planner's) form, chunk and launch options for this call
-        shape (cached per shape)."""
-        key = (
-            tuple(t.shape for t in ordered),
-            ordered[0].dtype,
-            None if cu_seqlens is None else cu_seqlens.shape[0],
-        )
-        if key not in self._plans:
-            self._plans[key] = self._plan_uncached(ordered, cu_seqlens)
-        return self._plans[key]
+        shape (cached per shape; `signature`, when given, is the key: it holds the shape)."""
+        key = signature
+        if key is None:
+            key = (
+                tuple(t.shape for t in ordered),
+                ordered[0].dtype,
+                None if cu_seqlens is None else cu_seqlens.shape[0],
+            )
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plan_uncached(ordered, cu_seqlens)
+            _bounded(self._plans)
+            self._plans[key] = plan
+        return plan
 
     def _plan_uncached(
         self, ordered: list[Tensor], cu_seqlens: Tensor | None
@@ -386,26 +405,35 @@ class SsmcOp:
             return None, None, None
         return chosen.form.value, chosen.chunk_size, None
 
-    def _run(self, *args: Any, launch: dict[str, Any] | None = None) -> Any:
+    def _run(
+        self, *args: Any, launch: dict[str, Any] | None = None, signature: Any = None
+    ) -> Any:
         """The op's implementation: generated kernels, or the reference on a plain CPU;
-        `launch`: tuned options of the form's stage launcher (eager calls without autograd)."""
+        `launch`: tuned options of the form's stage launcher (eager calls without autograd);
+        `signature`: the validated call's (SsmcOp._checked), which keys the module's setup."""
         n = len(self._names)
         tensors, (initial_state, cu_seqlens, form, chunk_size) = args[:n], args[n:]
         if cu_seqlens is not None:
             # Validation is cached per metadata: the values are checked here, on every call
             # (eager or compiled), before anything reads them.
             check_offsets(self.checked, cu_seqlens, tensors[self._seq_from].shape[1])
-        if tensors[0].device.type == "cpu" and not self.interpreted:
+        if tensors[0].is_cpu and not self.interpreted:
             return self._reference(tensors, initial_state, cu_seqlens, form)
         if initial_state is not None and initial_state.dtype != torch.float32:
             initial_state = initial_state.float()  # the kernels carry the state in fp32
-        y, state = self.module.forward(
-            **dict(zip(self._names, tensors, strict=True)),
-            initial_state=initial_state,
-            cu_seqlens=cu_seqlens,
-            form=form,
-            chunk_size=chunk_size,
-            launch=launch,
+        tensors = tuple(tensors)
+        setup = None
+        if signature is not None:
+            # The module's sizes, form and chunk depend on the metadata only: bound once per
+            # call signature (bind has checked it), not again on every call.
+            key = (signature, form, chunk_size)
+            setup = self._setups.get(key)
+            if setup is None:
+                setup = self.module._ssmc_setup(tensors, initial_state, cu_seqlens, form, chunk_size)
+                _bounded(self._setups)
+                self._setups[key] = setup
+        y, state = self.module._ssmc_run(
+            tensors, initial_state, cu_seqlens, form, chunk_size, launch, setup
         )
         return (y, state) if self.checked.spec.final_state else y
 
@@ -469,8 +497,18 @@ class SsmcOp:
         return y, state.contiguous()
 
 
-def _meta(t: Tensor | None) -> tuple[Any, ...] | None:
-    return None if t is None else (t.shape, t.dtype, t.device, t.stride())
+def _meta(t: Tensor) -> tuple[Any, ...]:
+    return (t.size(), t.dtype, t.device)
+
+
+_CACHE_ENTRIES = 4096
+"""Entries an op keeps per cache (validated signatures, plans, setups) before starting over:
+call shapes that keep changing (new lengths every call) must not grow them without end."""
+
+
+def _bounded(cache: set[Any] | dict[Any, Any]) -> None:
+    if len(cache) >= _CACHE_ENTRIES:
+        cache.clear()
 
 
 _PASSED: tuple[weakref.ref[Tensor], int, int] | None = None

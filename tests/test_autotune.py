@@ -156,8 +156,8 @@ def test_the_op_runs_a_stored_winner_else_the_planner(
 ) -> None:
     op, ordered, shape = op_and_tensors
     monkeypatch.setenv("SSMC_CACHE_DIR", str(cache / "op"))
-    planned = op._plan_uncached(ordered, None)
-    assert planned[2] is None and planned[0] in ("recurrent", "quadratic", "chunked")
+    # No stored winner: off the GPU the module's rule decides (the planner runs on CUDA only).
+    assert op._plan_uncached(ordered, None) == (None, None, None)
     stored = Winner(form="chunked", chunk_size=16, launch={"block_m": 16}, time_s=1e-3)
     record(make_key(mamba2, shape, dtype="float32", varlen=False), stored, cache / "op")
     assert op._plan_uncached(ordered, None) == ("chunked", 16, {"block_m": 16})
@@ -235,7 +235,8 @@ def test_the_interpreted_op_runs_what_autotune_stored(
 ) -> None:
     from ssmc.reference import random_inputs
 
-    monkeypatch.setenv("SSMC_CACHE_DIR", str(cache))
+    # A folder of its own: the file's other tests store winners for other buckets in `cache`.
+    monkeypatch.setenv("SSMC_CACHE_DIR", str(cache / "interpreted"))
     op = ssmc.load(mamba2)
     ruled = op.module._choose_form(20)[0]
     other = next(f for f in ("quadratic", "recurrent") if f != ruled)

@@ -1401,14 +1401,44 @@ def decode_fwd(x, s, log_a, B, C, *, heads, state, out, state_batch_indices=None
     state_batch_indices [b] int | None: row b uses state slot state_batch_indices[b]
     (negative: padding row, slot untouched); without it slots = b and row b uses slot b.
     """
-    batch, Gv, P = x.shape
+    return _decode_launch(x, s, log_a, B, C, heads, state, out, state_batch_indices, block_p,
+                          num_warps, _decode_strides(x, s, log_a, B, C, out, 0))
+
+
+def decode_tokens_fwd(x, s, log_a, B, C, *, heads, state, out):
+    """decode_fwd on the module's one-token tensors, [b, 1, ...] (x, s, log_a, B, C, out),
+    without making views of their token 0: the seq axis' stride is left out of the
+    launch (a view costs ~2 µs of host time, six of them a good part of a decode call)."""
+    return _decode_launch(x, s, log_a, B, C, heads, state, out, None, None, None,
+                          _decode_strides(x, s, log_a, B, C, out, 1))
+
+
+def _decode_strides(x, s, log_a, B, C, out, seq):
+    """The strides of the decode kernel's inputs, in its order (a list), and of out (a tuple);
+    with seq = 1 (tensors [b, 1, ...]) those of axis 1 are left out."""
+    strides = []
+    for t, rank in ((x, 3), (s, 2), (log_a, 2), (B, 3), (C, 3), (out, 3)):
+        if t is None:
+            strides += (0,) * rank
+            continue
+        st = t.stride()
+        assert len(st) == rank + seq, f"a decode tensor of {len(st)} dims, expected {rank + seq}"
+        strides += st if not seq else (st[0], *st[2:])
+    return strides[:-3], strides[-3:]
+
+
+def _decode_launch(x, s, log_a, B, C, heads, state, out, state_batch_indices, block_p,
+                   num_warps, strides):
+    """Check the shapes (the seq axis, when present, has length 1) and launch the kernel."""
+    shape = x.shape
+    batch, Gv, P = shape[0], shape[-2], shape[-1]
     N = B.shape[-1]
     H = heads
-    Gd = log_a.shape[1]
-    Gk, Gq = B.shape[1], C.shape[1]
+    Gd = log_a.shape[-1]
+    Gk, Gq = B.shape[-2], C.shape[-2]
     for G in (Gv, Gk, Gq, Gd):
         assert H % G == 0, f"a role's head count {G} does not divide H = {H}"
-    assert out.shape == (batch, H, P)
+    assert out.shape[0] == batch and out.shape[-2:] == (H, P) and out.numel() == batch * H * P
     assert state.dtype == torch.float32 and state.shape[1:] == (H, N, P)
     if state_batch_indices is None:
         assert state.shape[0] == batch
@@ -1416,34 +1446,16 @@ def decode_fwd(x, s, log_a, B, C, *, heads, state, out, state_batch_indices=None
         assert state_batch_indices.shape == (batch,)
     if batch == 0 or H == 0:
         return out
-    BLOCK_N = triton.next_power_of_2(N)
-    BLOCK_P = block_p or min(triton.next_power_of_2(P), max(4, 8192 // BLOCK_N))
-    grid = (batch * H, triton.cdiv(P, BLOCK_P))
+    # plain int arithmetic: triton.cdiv / next_power_of_2 cost microseconds a call on the host
+    BLOCK_N = 1 << (N - 1).bit_length()
+    BLOCK_P = block_p or min(1 << (P - 1).bit_length(), max(4, 8192 // BLOCK_N))
+    grid = (batch * H, -(-P // BLOCK_P))
     decode_fwd_kernel[grid](
         x, s if s is not None else x, log_a, B, C, state, out,
         state_batch_indices if state_batch_indices is not None else out,
         H, N, P,
         H // Gv, H // Gk, H // Gq, H // Gd,
-        stride_x_b=x.stride(0),
-        stride_x_g=x.stride(1),
-        stride_x_p=x.stride(2),
-        stride_s_b=s.stride(0) if s is not None else 0,
-        stride_s_g=s.stride(1) if s is not None else 0,
-        stride_log_a_b=log_a.stride(0),
-        stride_log_a_g=log_a.stride(1),
-        stride_B_b=B.stride(0),
-        stride_B_g=B.stride(1),
-        stride_B_n=B.stride(2),
-        stride_C_b=C.stride(0),
-        stride_C_g=C.stride(1),
-        stride_C_n=C.stride(2),
-        stride_state_b=state.stride(0),
-        stride_state_h=state.stride(1),
-        stride_state_n=state.stride(2),
-        stride_state_p=state.stride(3),
-        stride_out_b=out.stride(0),
-        stride_out_h=out.stride(1),
-        stride_out_p=out.stride(2),
+        *strides[0], *state.stride(), *strides[1],
         HAS_S=s is not None, HAS_INDICES=state_batch_indices is not None,
         BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
         num_warps=num_warps or (4 if BLOCK_N * BLOCK_P >= 1024 else 2),
@@ -2521,10 +2533,12 @@ def _core_fwd(form, chunk, x, s, log_a, B, C, *, heads, out, initial_state, fina
     return out
 
 
-def _ssmc_run(tensors, initial_state, cu_seqlens, form, chunk_size, launch=None):
+def _ssmc_run(tensors, initial_state, cu_seqlens, form, chunk_size, launch=None, setup=None):
+    """forward's body; `setup`: _ssmc_setup's result for these arguments, when the caller has
+    it (ssmc.ops keeps it per call signature, so a repeated call shape is not bound again)."""
     global LAST_FORM
     requested = form
-    sizes, num_states, form, chunk = _ssmc_setup(tensors, initial_state, cu_seqlens, form, chunk_size)
+    sizes, num_states, form, chunk = setup or _ssmc_setup(tensors, initial_state, cu_seqlens, form, chunk_size)
     batch, T = sizes["batch"], sizes["seq"]
     H, P = sizes["H"], sizes["P"]
     N = sizes["N"]
@@ -2536,16 +2550,15 @@ def _ssmc_run(tensors, initial_state, cu_seqlens, form, chunk_size, launch=None)
     # The chunked scan applies the output roles in its store: out is written once, in out_dtype.
     fused = form == "chunked" and not (T == 1 and cu_seqlens is None and requested in (None, "recurrent"))
     out = torch.empty((batch, T, H, P), device=device, dtype=out_dtype if fused else torch.float32)
-    final_state = torch.empty((num_states, H, N, P), device=device, dtype=torch.float32)
     # One token per sequence: the recurrent step (decode), unless another form was asked for.
     if T == 1 and cu_seqlens is None and requested in (None, "recurrent"):
         state = (initial_state.clone() if initial_state is not None
                  else torch.zeros((batch, H, N, P), device=device, dtype=torch.float32))
-        decode_fwd(x[:, 0], None if s is None else s[:, 0], None if log_a is None else log_a[:, 0],
-                   B[:, 0], C[:, 0], heads=H, state=state, out=out[:, 0])
+        decode_tokens_fwd(x, s, log_a, B, C, heads=H, state=state, out=out)
         final_state = state
         LAST_FORM = "decode"
     else:
+        final_state = torch.empty((num_states, H, N, P), device=device, dtype=torch.float32)
         LAST_FORM = form
         _core_fwd(form, chunk, x, s, log_a, B, C, heads=H, out=out, initial_state=initial_state,
                   final_state=final_state, cu_seqlens=cu_seqlens,

@@ -1,0 +1,169 @@
+"""Host (Python) cost of one eager call of an ssmc op, with the kernel launches stubbed out.
+
+Everything of a call runs (validation, planner lookup, allocations, the module's setup and
+launchers, the argument lists of every launch) except the device work: each Triton kernel
+of the generated module is replaced by a stub whose `kernel[grid](*args, **kwargs)` returns
+at once. Triton's own launcher (specialisation, driver call; ~45 µs a launch on the H100,
+docs/perf-notes.md) is therefore not counted here: this is the part ssmc controls.
+
+Two paths: (a) the chunked SSD form at the Mamba-2 2.7B layer (examples/mamba2.ssm,
+H = 80, P = 64, N = 128, G = 1; bf16 x, B, C, z; fp32 dt and parameters; batch 8 × T 2048;
+tensors on the meta device, so that allocating the 168 MB outputs costs what the CUDA
+caching allocator's does, not a CPU malloc) and (b) one decode step of examples/mamba1.ssm
+at batch 1 (T = 1, an fp32 initial state).
+
+    python scripts/host_overhead.py [--calls 2000] [--profile chunked|decode]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the op takes the kernel path without a GPU
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+class StubKernel:
+    """Stands in for a Triton kernel: `k[grid](*args, **kwargs)` counts the launch, runs nothing."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.launches = 0
+
+    def __getitem__(self, grid: Any) -> Any:
+        def launch(*args: Any, **kwargs: Any) -> None:
+            self.launches += 1
+
+        return launch
+
+
+def stub_kernels(module: Any) -> dict[str, StubKernel]:
+    """Replace every Triton kernel of a generated module by a StubKernel (in place)."""
+    from triton.runtime.jit import KernelInterface
+
+    stubs = {}
+    for name, value in list(vars(module).items()):
+        if isinstance(value, KernelInterface) and name.endswith("kernel"):
+            stubs[name] = StubKernel(name)
+            setattr(module, name, stubs[name])
+    return stubs
+
+
+def chunked_case() -> tuple[Any, dict[str, Any]]:
+    """The Mamba-2 2.7B op and the inputs of a batch 8 × T 2048 call (meta tensors)."""
+    import ssmc
+
+    op = ssmc.load(ROOT / "examples" / "mamba2.ssm")
+    batch, T, H, P, N = 8, 2048, 80, 64, 128
+    dev = "meta"
+    bf16, f32 = torch.bfloat16, torch.float32
+    kwargs = dict(
+        x=torch.empty(batch, T, H, P, dtype=bf16, device=dev),
+        dt=torch.empty(batch, T, H, dtype=f32, device=dev),
+        B=torch.empty(batch, T, 1, N, dtype=bf16, device=dev),
+        C=torch.empty(batch, T, 1, N, dtype=bf16, device=dev),
+        z=torch.empty(batch, T, H, P, dtype=bf16, device=dev),
+        A=torch.empty(H, dtype=f32, device=dev),
+        dt_bias=torch.empty(H, dtype=f32, device=dev),
+        D=torch.empty(H, dtype=f32, device=dev),
+    )
+    # The GPU's planner picks chunked, Q = 128 at this shape; the interpreter's module rule
+    # does the same (asserted by main).
+    return op, kwargs
+
+
+def decode_case() -> tuple[Any, dict[str, Any]]:
+    """The Mamba-1 op and the inputs of one decode step at batch 1 (CPU tensors)."""
+    import ssmc
+
+    op = ssmc.load(ROOT / "examples" / "mamba1.ssm")
+    H, N = 64, 16
+    g = torch.Generator().manual_seed(0)
+    kwargs = dict(
+        x=torch.randn(1, 1, H, 1, generator=g),
+        dt=torch.randn(1, 1, H, generator=g),
+        B=torch.randn(1, 1, 1, N, generator=g),
+        C=torch.randn(1, 1, 1, N, generator=g),
+        z=torch.randn(1, 1, H, 1, generator=g),
+        A=-torch.rand(H, N, generator=g),
+        dt_bias=torch.randn(H, generator=g),
+        D=torch.randn(H, generator=g),
+        initial_state=torch.randn(1, H, N, 1, generator=g),
+    )
+    return op, kwargs
+
+
+def per_call_us(op: Any, kwargs: dict[str, Any], calls: int, repeats: int = 7) -> float:
+    """Median over `repeats` runs of the mean µs per call of `calls` calls."""
+    for _ in range(50):
+        op(**kwargs)
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter_ns()
+        for _ in range(calls):
+            op(**kwargs)
+        runs.append((time.perf_counter_ns() - t0) / calls / 1e3)
+    return statistics.median(runs)
+
+
+def measure(calls: int) -> dict[str, dict[str, Any]]:
+    """µs per call and launches per call of both paths."""
+    report = {}
+    for name, case, form in (("chunked", chunked_case, "chunked"),
+                             ("decode", decode_case, "decode")):
+        op, kwargs = case()
+        stubs = stub_kernels(op.module)
+        with torch.no_grad():
+            op(**kwargs)
+            assert op.last_form == form, (name, op.last_form)
+            before = sum(s.launches for s in stubs.values())
+            op(**kwargs)
+            launches = sum(s.launches for s in stubs.values()) - before
+            us = per_call_us(op, kwargs, calls)
+        report[name] = {"us_per_call": round(us, 1), "launches": launches}
+    return report
+
+
+def profile(name: str, calls: int) -> None:
+    """cProfile of `calls` calls of one path, by own time."""
+    op, kwargs = chunked_case() if name == "chunked" else decode_case()
+    stub_kernels(op.module)
+    with torch.no_grad():
+        for _ in range(50):
+            op(**kwargs)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            op(**kwargs)
+        prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=2000, help="calls per timed run")
+    parser.add_argument("--profile", choices=("chunked", "decode"), default=None)
+    args = parser.parse_args(argv)
+    if args.profile:
+        profile(args.profile, args.calls)
+        return 0
+    for name, row in measure(args.calls).items():
+        print(f"{name}: {row['us_per_call']} us per call, {row['launches']} launches (stubbed)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
