@@ -91,7 +91,8 @@ def _eval(expr: Expr, env: Env, scalars: Mapping[str, float]) -> Named:
             inner, axes = _eval(arg, env, scalars)
             if lo == -math.inf and hi == math.inf:
                 return inner, axes
-            return torch.clamp(inner, min=_bound(lo), max=_bound(hi)), axes
+            low, high = (None if lo == -math.inf else lo), (None if hi == math.inf else hi)
+            return torch.clamp(inner, min=low, max=high), axes
         case Call(func=Func.CLAMP, args=args):
             (inner, low, high), axes = _align([_eval(a, env, scalars) for a in args])
             return torch.clamp(inner, min=low, max=high), axes
@@ -102,11 +103,6 @@ def _eval(expr: Expr, env: Env, scalars: Mapping[str, float]) -> Named:
             inner, axes = _eval(arg, env, scalars)
             return _UNARY[func](inner), axes
     raise TypeError(f"cannot evaluate {expr!r}")
-
-
-def _bound(value: float) -> float | None:
-    """A clamp bound for torch: ±inf means no bound."""
-    return None if math.isinf(value) else value
 
 
 def _align(values: list[Named]) -> tuple[list[Tensor], tuple[str, ...]]:

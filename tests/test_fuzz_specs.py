@@ -158,6 +158,23 @@ def test_output_roles_without_tensors_run_chunked() -> None:
     assert torch.isfinite(y).all() and error < 1e-5, error
 
 
+@pytest.mark.parametrize(("lo", "hi", "value"), [("inf", "inf", "inf"), ("-inf", "-inf", "-inf"),
+                                                 ("2", "inf", "2"), ("-inf", "-1", "-1")])
+def test_clamp_with_infinite_bounds_folds(lo: str, hi: str, value: str) -> None:
+    """Found by the recorded run: folding `clamp(c, inf, inf)` asked torch.clamp for no bound
+    at all (RuntimeError); a bound of +inf below or -inf above is a bound, not none."""
+    from ssmc import expr as E
+    from ssmc.expr_torch import evaluate_named
+
+    bounds = (E.Num(value=float(lo)), E.Num(value=float(hi)))
+    call = E.Call(func=E.Func.CLAMP, args=(E.Num(value=0.5), *bounds))
+    assert float(evaluate_named(call, {}, {})[0]) == float(value)
+    text = CALL_TIME_GROUP.replace("dim H = 4, G,", "dim H = 4, G = 2,")
+    skip = f"skip clamp(1, {lo}, {hi}) * x\n".replace("-inf", "(-inf)")
+    source = render.render_module(parse(text + skip))
+    compile(source, "module.py", "exec", dont_inherit=True)
+
+
 def test_strategies_avoid_known_triggers_by_default() -> None:
     pool = fuzz.pools()
     assert not set(fuzz.KNOWN_BUG_NAMES) & set(pool.names)
