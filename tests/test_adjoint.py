@@ -494,11 +494,7 @@ def fused_check(
         cu_seqlens=dev(t["cu_seqlens"], cast=False),
         dy=dev(t["dy"]),
         dfinal=None if t["dfinal"] is None else dev(t["dfinal"], cast=False).float(),
-        chunk_size=16,
-        block_m=16,
-        block_n=16,
-        block_p=16,
-        **options,
+        **{"chunk_size": 16, "block_m": 16, "block_n": 16, "block_p": 16, **options},
     )
     for (name, w), gr in zip(want.items(), got, strict=True):
         assert (gr is None) == (w is None), name
@@ -555,3 +551,11 @@ def test_fused_chunked_backward_head_splits(case: Case, splits: int, monkeypatch
     a group, summed after): the same gradients. H = 6 with 4 asked gives 3 splits of 2 heads,
     each ending inside a group of 3."""
     fused_check(case, torch.float32, 1e-5, monkeypatch, head_splits=splits)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("case", [FUSED[0], FUSED[4], FUSED[7]], ids=lambda c: c.id)
+def test_fused_chunked_backward_long_chunks(case: Case, monkeypatch) -> None:
+    """Chunks of 32 tokens walked in 16-token steps and cut into two 16-row blocks (the
+    walk's sub-blocks, the row blocks' earlier and later blocks inside one chunk)."""
+    fused_check(case, torch.float32, 1e-5, monkeypatch, chunk_size=32, block_t=16)
