@@ -2002,11 +2002,12 @@ def _adjoint_correlate(dy, x, L):
 #
 # (docs/backward.md derives these; the sums over i, j stay inside the chunk.) Three launches:
 #   chunked_bwd_walk   H_r forward and Λ_r backward along each sequence, one state in
-#                      registers per (sequence, head, N tile × P tile); final H = h_T, final Λ = dh_0
-#   chunked_bwd_dbc    dC, dB and the dcs rows of a row block, per (chunk, row block, loop
-#                      group, N tile); the program visits the heads of its loop group in
-#                      turn and accumulates dC over a query group, dB over a key group and
-#                      dcs over a decay group in registers, storing each sum once when
+#                      registers per (sequence, head, N tile × P tile), 64-token steps;
+#                      final H = h_T, final Λ = dh_0
+#   chunked_bwd_dbc    twice, dC then dB (and their halves of dcs), per (chunk, row block,
+#                      loop group, N tile); the program visits the heads of its loop group
+#                      in turn and accumulates dC over a query group (dB over a key group)
+#                      and dcs over a decay group in registers, storing each sum once when
 #                      its group ends: no per-head [b, T, H, N] buffer exists
 #   chunked_bwd_dx     dX̄ per (chunk, row block, value group, P tile), summed over the value
 #                      group's heads in registers, written as dx = dX̄ s and ds = Σ_p dX̄ x
@@ -2031,8 +2032,8 @@ def chunked_bwd_walk_kernel(
     H, N, P, Hkey, Hval, Hd,
     REVERSE: tl.constexpr, HAS_S: tl.constexpr, HAS_DECAY: tl.constexpr,
     HAS_INITIAL: tl.constexpr, HAS_FINAL: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     i_pid = tl.program_id(0).to(tl.int64)
     n_p = tl.cdiv(P, BLOCK_P)
@@ -2041,7 +2042,7 @@ def chunked_bwd_walk_kernel(
     i_p = i_pid % n_p
     i_h = i_pid // n_np % H
     i_s = i_pid // (n_np * H)
-    o_t = tl.arange(0, CHUNK)
+    o_t = tl.arange(0, BLOCK_T)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
     m_n = o_n < N
@@ -2066,29 +2067,37 @@ def chunked_bwd_walk_kernel(
         i_b = tl.load(tiles + i_r * 5)
         t0 = tl.load(tiles + i_r * 5 + 1)
         n_t = tl.load(tiles + i_r * 5 + 2)
-        m_t = o_t < n_t
-        o_tt = t0 + o_t
-        if HAS_DECAY:
-            b_a = tl.load(log_a + i_b * stride_a_b + o_tt * stride_a_t + (i_h // Hd) * stride_a_g,
-                          mask=m_t, other=0.0).to(tl.float32)
-            b_cc = tl.cumsum(b_a, axis=0)
-            b_e = tl.sum(b_a, axis=0)
+        # the chunk's sub-blocks of BLOCK_T tokens, in the walk's direction: each step
+        # decays the state by its sub-block's total and adds its tokens, weighted by the
+        # decay to the sub-block's end (forward) or from its start (backward)
+        for i_j in range(0, CHUNK // BLOCK_T):
             if REVERSE:
-                b_w = tl.where(m_t, tl.exp(b_cc), 0.0)
+                o_c = (CHUNK // BLOCK_T - 1 - i_j) * BLOCK_T + o_t
             else:
-                b_w = tl.where(m_t, tl.exp(b_e - b_cc), 0.0)
-            b_h *= tl.exp(b_e)
-        else:
-            b_w = tl.where(m_t, 1.0, 0.0)
-        if HAS_S:
-            b_w *= tl.load(s + i_b * stride_s_b + o_tt * stride_s_t + (i_h // Hval) * stride_s_g,
-                           mask=m_t, other=0.0).to(tl.float32)
-        b_k = tl.load(p_k0 + i_b * stride_k_b + o_tt[:, None] * stride_k_t,
-                      mask=m_t[:, None] & m_n[None, :], other=0.0)  # [CHUNK, BLOCK_N]
-        b_v = tl.load(p_v0 + i_b * stride_v_b + o_tt[:, None] * stride_v_t,
-                      mask=m_t[:, None] & m_p[None, :], other=0.0)  # [CHUNK, BLOCK_P]
-        b_vw = (b_v.to(tl.float32) * b_w[:, None]).to(DOT_DTYPE)
-        b_h = tl.dot(tl.trans(b_k.to(DOT_DTYPE)), b_vw, acc=b_h, input_precision=DOT_PRECISION)
+                o_c = i_j * BLOCK_T + o_t
+            m_t = o_c < n_t
+            o_tt = t0 + o_c
+            if HAS_DECAY:
+                b_a = tl.load(log_a + i_b * stride_a_b + o_tt * stride_a_t + (i_h // Hd) * stride_a_g,
+                              mask=m_t, other=0.0).to(tl.float32)
+                b_cc = tl.cumsum(b_a, axis=0)
+                b_e = tl.sum(b_a, axis=0)
+                if REVERSE:
+                    b_w = tl.where(m_t, tl.exp(b_cc), 0.0)
+                else:
+                    b_w = tl.where(m_t, tl.exp(b_e - b_cc), 0.0)
+                b_h *= tl.exp(b_e)
+            else:
+                b_w = tl.where(m_t, 1.0, 0.0)
+            if HAS_S:
+                b_w *= tl.load(s + i_b * stride_s_b + o_tt * stride_s_t + (i_h // Hval) * stride_s_g,
+                               mask=m_t, other=0.0).to(tl.float32)
+            b_k = tl.load(p_k0 + i_b * stride_k_b + o_tt[:, None] * stride_k_t,
+                          mask=m_t[:, None] & m_n[None, :], other=0.0)  # [BLOCK_T, BLOCK_N]
+            b_v = tl.load(p_v0 + i_b * stride_v_b + o_tt[:, None] * stride_v_t,
+                          mask=m_t[:, None] & m_p[None, :], other=0.0)  # [BLOCK_T, BLOCK_P]
+            b_vw = (b_v.to(tl.float32) * b_w[:, None]).to(DOT_DTYPE)
+            b_h = tl.dot(tl.trans(b_k.to(DOT_DTYPE)), b_vw, acc=b_h, input_precision=DOT_PRECISION)
     if HAS_FINAL:
         tl.store(final + i_s * stride_f_s + i_h * stride_f_h + o_n[:, None] * stride_f_n
                  + o_p[None, :] * stride_f_p, b_h, mask=m_np)
@@ -2112,35 +2121,39 @@ def _chunked_bwd_cc(log_a, i_b, t0, n_t, g, o_rows, stride_a_b, stride_a_t, stri
 
 @triton.jit
 def chunked_bwd_dbc_kernel(
-    x, s, log_a, B, C, dy, fwd_states, adj_states, tiles, dB, dC, dcs,
+    x, s, log_a, B, C, dy, states, tiles, grad, dcs,
     stride_x_b, stride_x_t, stride_x_g, stride_x_p,
     stride_s_b, stride_s_t, stride_s_g,
     stride_a_b, stride_a_t, stride_a_g,
     stride_B_b, stride_B_t, stride_B_g, stride_B_n,
     stride_C_b, stride_C_t, stride_C_g, stride_C_n,
     stride_y_b, stride_y_t, stride_y_h, stride_y_p,
-    stride_dB_s, stride_dB_b, stride_dB_t, stride_dB_g, stride_dB_n,
-    stride_dC_s, stride_dC_b, stride_dC_t, stride_dC_g, stride_dC_n,
+    stride_o_s, stride_o_b, stride_o_t, stride_o_g, stride_o_n,
     stride_c_s, stride_c_k, stride_c_b, stride_c_t, stride_c_g,
     H, N, P, Hl, Hs, n_split, Hv, Hk, Hq, Hd,
-    HAS_S: tl.constexpr, HAS_DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    WANT_DB: tl.constexpr, HAS_S: tl.constexpr, HAS_DECAY: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
+    # WANT_DB = False: dC (states = H_r, query groups); True: dB (states = Λ_r, key groups)
     n_m = CHUNK // BLOCK_M
     i_r = tl.program_id(0).to(tl.int64) // n_m
     i_m = tl.program_id(0) % n_m
     i_l = tl.program_id(1).to(tl.int64) // n_split
     i_sp = tl.program_id(1).to(tl.int64) % n_split
     i_n = tl.program_id(2)
-    # this program's heads: split i_sp of loop group i_l
-    h_start = i_l * Hl + i_sp * Hs
-    h_end = tl.minimum(h_start + Hs, (i_l + 1) * Hl)
     n_t = tl.load(tiles + i_r * 5 + 2)
     if i_m * BLOCK_M >= n_t:
         return
     i_b = tl.load(tiles + i_r * 5)
     t0 = tl.load(tiles + i_r * 5 + 1)
+    # this program's heads: split i_sp of loop group i_l
+    h_start = i_l * Hl + i_sp * Hs
+    h_end = tl.minimum(h_start + Hs, (i_l + 1) * Hl)
+    if WANT_DB:
+        Hg = Hk
+    else:
+        Hg = Hq
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_j = tl.arange(0, BLOCK_M)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -2151,52 +2164,57 @@ def chunked_bwd_dbc_kernel(
     m_mn = m_m[:, None] & m_n[None, :]
     m_mp = m_m[:, None] & m_p[None, :]
 
-    acc_dC = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_dB = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_dcs = tl.zeros([BLOCK_M], dtype=tl.float32)
     for i_h in range(h_start, h_end):
-        i_v = i_h // Hv
-        i_k = i_h // Hk
-        i_q = i_h // Hq
-        p_x = x + i_b * stride_x_b + i_v * stride_x_g
-        p_s = s + i_b * stride_s_b + i_v * stride_s_g
+        p_x = x + i_b * stride_x_b + (i_h // Hv) * stride_x_g
+        p_s = s + i_b * stride_s_b + (i_h // Hv) * stride_s_g
         p_y = dy + i_b * stride_y_b + i_h * stride_y_h
-        p_B = B + i_b * stride_B_b + i_k * stride_B_g
-        p_C = C + i_b * stride_C_b + i_q * stride_C_g
+        p_B = B + i_b * stride_B_b + (i_h // Hk) * stride_B_g
+        p_C = C + i_b * stride_C_b + (i_h // Hq) * stride_C_g
         b_cc, b_e = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_m, stride_a_b, stride_a_t,
                                     stride_a_g, HAS_DECAY, CHUNK, BLOCK_M)
-        # the rows of this block: x̄ (X̄ = x s), dY, B, C
-        b_x = tl.load(p_x + (t0 + o_m)[:, None] * stride_x_t + o_p[None, :] * stride_x_p,
-                      mask=m_mp, other=0.0).to(tl.float32)
-        if HAS_S:
-            b_x *= tl.load(p_s + (t0 + o_m) * stride_s_t, mask=m_m, other=0.0).to(tl.float32)[:, None]
-        b_x = b_x.to(DOT_DTYPE)
-        b_y = tl.load(p_y + (t0 + o_m)[:, None] * stride_y_t + o_p[None, :] * stride_y_p,
-                      mask=m_mp, other=0.0).to(DOT_DTYPE)
-        b_B = tl.load(p_B + (t0 + o_m)[:, None] * stride_B_t + o_n[None, :] * stride_B_n,
-                      mask=m_mn, other=0.0).to(tl.float32)
-        b_C = tl.load(p_C + (t0 + o_m)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
-                      mask=m_mn, other=0.0).to(tl.float32)
-        # the states of the chunk, read as [P, BLOCK_N] (transposed)
-        p_st = (i_r * H + i_h) * N * P + o_n[None, :] * P + o_p[:, None]
-        m_st = m_p[:, None] & m_n[None, :]
-        b_H = tl.load(fwd_states + p_st, mask=m_st, other=0.0).to(DOT_DTYPE)
-        b_L = tl.load(adj_states + p_st, mask=m_st, other=0.0).to(DOT_DTYPE)
-        # inter-chunk terms: exp(cc_i) dY_i H_rᵀ and exp(cc_e − cc_j) X̄_j Λ_rᵀ
-        b_dC = tl.dot(b_y, b_H, input_precision=DOT_PRECISION) * tl.exp(b_cc)[:, None]
-        b_dB = tl.dot(b_x, b_L, input_precision=DOT_PRECISION) * tl.exp(b_e - b_cc)[:, None]
-        # dC: key blocks up to this one; dB: query blocks from this one on
-        for i_o in range(0, n_m):
-            o_o = i_o * BLOCK_M + o_j
-            m_o = o_o < n_t
-            m_op = m_o[:, None] & m_p[None, :]
-            m_on = m_o[:, None] & m_n[None, :]
-            b_co, b_unused = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_o, stride_a_b,
-                                             stride_a_t, stride_a_g, HAS_DECAY, CHUNK, BLOCK_M)
-            if i_o <= i_m:
-                # G_ij = L_ij (dY_i·X̄_j), i in this block, j in block i_o
+        # the state of the chunk, read as [P, BLOCK_N] (transposed)
+        b_st = tl.load(states + (i_r * H + i_h) * N * P + o_n[None, :] * P + o_p[:, None],
+                       mask=m_p[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
+        if WANT_DB:
+            # rows j of this block: exp(cc_e − cc_j) X̄_j Λ_rᵀ + Σ_{i ≥ j} L_ij (X̄_j·dY_i) C_i
+            b_x = tl.load(p_x + (t0 + o_m)[:, None] * stride_x_t + o_p[None, :] * stride_x_p,
+                          mask=m_mp, other=0.0).to(tl.float32)
+            if HAS_S:
+                b_x *= tl.load(p_s + (t0 + o_m) * stride_s_t, mask=m_m,
+                               other=0.0).to(tl.float32)[:, None]
+            b_x = b_x.to(DOT_DTYPE)
+            b_d = tl.dot(b_x, b_st, input_precision=DOT_PRECISION) * tl.exp(b_e - b_cc)[:, None]
+            for i_o in range(i_m, n_m):
+                o_o = i_o * BLOCK_M + o_j
+                m_o = o_o < n_t
+                b_co, b_unused = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_o, stride_a_b,
+                                                 stride_a_t, stride_a_g, HAS_DECAY, CHUNK, BLOCK_M)
+                b_yo = tl.load(p_y + (t0 + o_o)[:, None] * stride_y_t + o_p[None, :] * stride_y_p,
+                               mask=m_o[:, None] & m_p[None, :], other=0.0).to(DOT_DTYPE)
+                b_g = tl.dot(b_x, tl.trans(b_yo), input_precision=DOT_PRECISION)  # [j, i]
+                keep = (o_o[None, :] >= o_m[:, None]) & m_m[:, None] & m_o[None, :]
+                b_g = b_g * tl.exp(tl.where(keep, b_co[None, :] - b_cc[:, None], float("-inf")))
+                b_Co = tl.load(p_C + (t0 + o_o)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
+                               mask=m_o[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
+                b_d = tl.dot(b_g.to(DOT_DTYPE), b_Co, acc=b_d, input_precision=DOT_PRECISION)
+            b_k = tl.load(p_B + (t0 + o_m)[:, None] * stride_B_t + o_n[None, :] * stride_B_n,
+                          mask=m_mn, other=0.0).to(tl.float32)
+            acc_dcs -= tl.sum(b_k * b_d, axis=1)
+            i_g = i_h // Hk
+        else:
+            # rows i of this block: exp(cc_i) dY_i H_rᵀ + Σ_{j ≤ i} L_ij (dY_i·X̄_j) B_j
+            b_y = tl.load(p_y + (t0 + o_m)[:, None] * stride_y_t + o_p[None, :] * stride_y_p,
+                          mask=m_mp, other=0.0).to(DOT_DTYPE)
+            b_d = tl.dot(b_y, b_st, input_precision=DOT_PRECISION) * tl.exp(b_cc)[:, None]
+            for i_o in range(0, i_m + 1):
+                o_o = i_o * BLOCK_M + o_j
+                m_o = o_o < n_t
+                b_co, b_unused = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_o, stride_a_b,
+                                                 stride_a_t, stride_a_g, HAS_DECAY, CHUNK, BLOCK_M)
                 b_xo = tl.load(p_x + (t0 + o_o)[:, None] * stride_x_t + o_p[None, :] * stride_x_p,
-                               mask=m_op, other=0.0).to(tl.float32)
+                               mask=m_o[:, None] & m_p[None, :], other=0.0).to(tl.float32)
                 if HAS_S:
                     b_xo *= tl.load(p_s + (t0 + o_o) * stride_s_t, mask=m_o,
                                     other=0.0).to(tl.float32)[:, None]
@@ -2204,36 +2222,24 @@ def chunked_bwd_dbc_kernel(
                 keep = (o_m[:, None] >= o_o[None, :]) & m_m[:, None] & m_o[None, :]
                 b_g = b_g * tl.exp(tl.where(keep, b_cc[:, None] - b_co[None, :], float("-inf")))
                 b_Bo = tl.load(p_B + (t0 + o_o)[:, None] * stride_B_t + o_n[None, :] * stride_B_n,
-                               mask=m_on, other=0.0).to(DOT_DTYPE)
-                b_dC = tl.dot(b_g.to(DOT_DTYPE), b_Bo, acc=b_dC, input_precision=DOT_PRECISION)
-            if i_o >= i_m:
-                # G_ij = L_ij (X̄_j·dY_i), j in this block, i in block i_o
-                b_yo = tl.load(p_y + (t0 + o_o)[:, None] * stride_y_t + o_p[None, :] * stride_y_p,
-                               mask=m_op, other=0.0).to(DOT_DTYPE)
-                b_g = tl.dot(b_x, tl.trans(b_yo), input_precision=DOT_PRECISION)  # [j, i]
-                keep = (o_o[None, :] >= o_m[:, None]) & m_m[:, None] & m_o[None, :]
-                b_g = b_g * tl.exp(tl.where(keep, b_co[None, :] - b_cc[:, None], float("-inf")))
-                b_Co = tl.load(p_C + (t0 + o_o)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
-                               mask=m_on, other=0.0).to(DOT_DTYPE)
-                b_dB = tl.dot(b_g.to(DOT_DTYPE), b_Co, acc=b_dB, input_precision=DOT_PRECISION)
-        acc_dC += b_dC
-        acc_dB += b_dB
-        acc_dcs += tl.sum(b_C * b_dC - b_B * b_dB, axis=1)
+                               mask=m_o[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
+                b_d = tl.dot(b_g.to(DOT_DTYPE), b_Bo, acc=b_d, input_precision=DOT_PRECISION)
+            b_q = tl.load(p_C + (t0 + o_m)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
+                          mask=m_mn, other=0.0).to(tl.float32)
+            acc_dcs += tl.sum(b_q * b_d, axis=1)
+            i_g = i_h // Hq
+        acc += b_d
         # a group's sum is complete at its last head (or this split's part of it at the
         # split's last head, into the split's partial buffer): store it once, start the next
         last = i_h + 1 == h_end
-        if ((i_h + 1) % Hq == 0) | last:
-            tl.store(dC + i_sp * stride_dC_s + i_b * stride_dC_b + (t0 + o_m)[:, None] * stride_dC_t + i_q * stride_dC_g
-                     + o_n[None, :] * stride_dC_n, acc_dC, mask=m_mn)
-            acc_dC = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if ((i_h + 1) % Hk == 0) | last:
-            tl.store(dB + i_sp * stride_dB_s + i_b * stride_dB_b + (t0 + o_m)[:, None] * stride_dB_t + i_k * stride_dB_g
-                     + o_n[None, :] * stride_dB_n, acc_dB, mask=m_mn)
-            acc_dB = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if ((i_h + 1) % Hg == 0) | last:
+            tl.store(grad + i_sp * stride_o_s + i_b * stride_o_b + (t0 + o_m)[:, None] * stride_o_t
+                     + i_g * stride_o_g + o_n[None, :] * stride_o_n, acc, mask=m_mn)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if HAS_DECAY:
             if ((i_h + 1) % Hd == 0) | last:
-                tl.store(dcs + i_sp * stride_c_s + i_n * stride_c_k + i_b * stride_c_b + (t0 + o_m) * stride_c_t
-                         + (i_h // Hd) * stride_c_g, acc_dcs, mask=m_m)
+                tl.store(dcs + i_sp * stride_c_s + i_n * stride_c_k + i_b * stride_c_b
+                         + (t0 + o_m) * stride_c_t + (i_h // Hd) * stride_c_g, acc_dcs, mask=m_m)
                 acc_dcs = tl.zeros([BLOCK_M], dtype=tl.float32)
 
 
@@ -2319,8 +2325,8 @@ _CHUNKED_BWD_DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfinal,
-                chunk_size=None, block_m=None, block_n=None, block_p=None, num_warps=None,
-                head_splits=None):
+                chunk_size=None, block_m=None, block_n=None, block_p=None, block_t=None,
+                num_warps=None, head_splits=None):
     """(dx, ds, dlog_a, dB, dC, dh0) of the core by the fused chunked backward.
 
     x [b, T, Gv, P], s [b, T, Gv] or None (X̄ = x s), log_a [b, T, Gd] or None (causal),
@@ -2382,7 +2388,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
             *(fin.stride() if fin is not None else zero4),
             H, N, P, *ratios, H // Gd,
             REVERSE=reverse, HAS_S=s is not None and not reverse,
-            HAS_INITIAL=init is not None, HAS_FINAL=fin is not None,
+            HAS_INITIAL=init is not None, HAS_FINAL=fin is not None, BLOCK_T=block_t or min(64, Q),
             BLOCK_N=block_n, BLOCK_P=block_p, num_warps=warps, **consts,
         )
         return states
@@ -2408,19 +2414,23 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     Hs = triton.cdiv(Hl, splits)
     splits = triton.cdiv(Hl, Hs)
     alloc = torch.zeros if splits > 1 else torch.empty
-    dB = alloc((splits, batch, T, Gk, N), **f32)
-    dC = alloc((splits, batch, T, Gq, N), **f32)
-    dcs = alloc((splits, n_nt, batch, T, Gd), **f32) if log_a is not None else None
-    chunked_bwd_dbc_kernel[(R * n_m, Gl * splits, n_nt)](
-        x, s_arg, a_arg, B, C, dy, fwd_states, adj_states, tiles, dB, dC,
-        dcs if dcs is not None else dB, *common, *dB.stride(), *dC.stride(),
-        *(dcs.stride() if dcs is not None else zero4 + (0,)),
-        H, N, P, Hl, Hs, splits, H // Gv, H // Gk, H // Gq, H // Gd,
-        HAS_S=s is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=full_p,
-        num_warps=num_warps or 8, **consts,
-    )
-    dB = dB[0] if splits == 1 else dB.sum(0)
-    dC = dC[0] if splits == 1 else dC.sum(0)
+    # dcs = C·dC − B·dB: the dC launch writes its part in slots [0, splits), dB's after
+    dcs = alloc((2 * splits, n_nt, batch, T, Gd), **f32) if log_a is not None else None
+    grads = []
+    for want_db, states, G in ((False, fwd_states, Gq), (True, adj_states, Gk)):
+        part = alloc((splits, batch, T, G, N), **f32)
+        slots = dcs[splits:] if want_db and dcs is not None else dcs
+        chunked_bwd_dbc_kernel[(R * n_m, Gl * splits, n_nt)](
+            x, s_arg, a_arg, B, C, dy, states, tiles, part,
+            slots if slots is not None else part, *common, *part.stride(),
+            *(slots.stride() if slots is not None else zero4 + (0,)),
+            H, N, P, Hl, Hs, splits, H // Gv, H // Gk, H // Gq, H // Gd,
+            WANT_DB=want_db, HAS_S=s is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_P=full_p, num_warps=num_warps or 8, **consts,
+        )
+        grads.append(part[0] if splits == 1 else part.sum(0))
+        del part
+    dC, dB = grads
     del fwd_states
     n_pt = triton.cdiv(P, block_p)
     # dx in x's dtype when 16-bit (its gradient's dtype in the end), else fp32
@@ -2431,13 +2441,13 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
         *common, *dx.stride(), *(ds.stride() if ds is not None else zero4),
         H, N, P, H // Gv, H // Gk, H // Gq, H // Gd,
         HAS_S=s is not None, BLOCK_M=block_m, BLOCK_N=full_n, BLOCK_P=block_p,
-        num_warps=warps, **consts,
+        num_warps=num_warps or 8, **consts,
     )
     del adj_states
     ds = None if ds is None else (ds[0] if n_pt == 1 else ds.sum(0))
     dla = None
     if log_a is not None:
-        dcs = dcs[0, 0] if splits * n_nt == 1 else dcs.sum((0, 1))
+        dcs = dcs.sum((0, 1))
         seqs = _AdjointSequences(cu_seqlens, batch, T, device)
         if want_hT:
             # + Σ_{n, p} dh_T ⊙ h_T at each sequence's last token, per decay group
