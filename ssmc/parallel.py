@@ -81,8 +81,7 @@ class ContextParallel:
         y0, s0 = self.op(initial_state=init, **tensors)
         assert s0 is not None
         decay = _roles(self.checked, tensors)
-        log_a = decay.log_a  # [b, T, H, N] (N broadcast for a scalar decay), fp32+
-        total = log_a.sum(dim=1)  # [b, H, N]
+        total = decay.total()  # [b, H, N] (N broadcast for a scalar decay)
         # One collective carrying both (state, total decay): [b, H, N, P + 1] per rank.
         state32 = s0.to(torch.promote_types(s0.dtype, torch.float32))
         packed = torch.cat([state32, total.to(state32.dtype).unsqueeze(-1)], dim=-1)
@@ -94,24 +93,48 @@ class ContextParallel:
         h = states[0] * 0
         for j in range(rank):
             h = totals[j].unsqueeze(-1).exp() * h + states[j]
-        correction = _entering_state_output(decay, log_a, h)
+        correction = decay.entering_state_output(h)
         y = (y0.to(correction.dtype) + correction).to(y0.dtype)
         final = s0 + (total.unsqueeze(-1).exp() * h).to(s0.dtype)
         return y, final
 
 
 class _Decay:
-    """The roles the correction needs, broadcast to output heads: log a, C, gate."""
+    """The roles the correction reads: log a per token, C per query group, the gate.
 
-    def __init__(self, log_a: Tensor, C: Tensor, gate: Tensor | None) -> None:
-        self.log_a, self.C, self.gate = log_a, C, gate
+    log_a is [b, T, H] for a scalar decay (per head) or [b, T, H, N] for a diagonal one;
+    C stays [b, T, Gq, N] (grouped), so a shared C is never copied to every head.
+    """
+
+    def __init__(self, log_a: Tensor, C: Tensor, gate: Tensor | None, H: int, N: int) -> None:
+        self.log_a, self.C, self.gate, self.H, self.N = log_a, C, gate, H, N
+
+    def total(self) -> Tensor:
+        """Σ_t log a over this rank's part, [b, H, N]."""
+        total = self.log_a.sum(dim=1)
+        return total if total.dim() == 3 else total.unsqueeze(-1).expand(-1, -1, self.N)
+
+    def entering_state_output(self, h: Tensor) -> Tensor:
+        """gate ⊙ Σ_n exp(Σ_{s≤t} log a_s)_n C_{t,n} h_{n,:}: what the entering state adds to y."""
+        reach = self.log_a.cumsum(dim=1).exp()  # [b, T, H] or [b, T, H, N]
+        b, T, Gq, N = self.C.shape
+        h = h.to(reach.dtype)
+        if reach.dim() == 3:  # scalar decay: one grouped matmul, then a per-head scale
+            grouped = h.unflatten(1, (Gq, self.H // Gq))  # [b, Gq, H/Gq, N, P]
+            out = torch.einsum("btgn,bgknp->btgkp", self.C.to(reach.dtype), grouped)
+            out = out.flatten(2, 3) * reach.unsqueeze(-1)  # [b, T, H, P]
+        else:  # diagonal decay: the decay differs per state channel
+            C = _to_heads(self.C, self.H).to(reach.dtype)
+            out = torch.einsum("bthn,bhnp->bthp", reach * C, h)
+        if self.gate is not None:
+            out = out * self.gate.to(out.dtype)
+        return out
 
 
 def _roles(checked: CheckedSpec, tensors: Mapping[str, Tensor]) -> _Decay:
-    """log a [b, T, H, N], C [b, T, H, N] and the gate, evaluated from the spec's expressions.
+    """log a, C (grouped) and the gate, evaluated from the spec's expressions.
 
-    Only the three roles the correction reads are evaluated (not x, the skip or B), so the
-    extra work per rank is O(T·H·N) plus the gate.
+    Only the three roles the correction reads are evaluated (not x, the skip or B).
     """
     spec, heads = checked.spec, checked.heads
     dims = bind(checked, tensors)
@@ -126,26 +149,27 @@ def _roles(checked: CheckedSpec, tensors: Mapping[str, Tensor]) -> _Decay:
         return _to_heads(value.expand(b, T, G, *(N for _ in rest)), H)
 
     assert spec.query is not None
-    C = role(spec.query, heads.query, n_axis)
+    Gq = 1 if heads.query is None else size_of(heads.query, dims)
+    C = evaluate(spec.query, env, dims, (BATCH, SEQ, _axis(heads.query, "head"), n_axis))
+    C = C.expand(b, T, Gq, N)
     dtype = torch.promote_types(C.dtype, torch.float32)
-    C = C.to(dtype)
     match spec.mask:
         case ir.ConstDecay(log_gamma=e):
             count = heads.decay
             per_head = evaluate(e, env, dims, (_axis(count, "head"),)).to(dtype)
             G = 1 if count is None else size_of(count, dims)
-            log_a = _to_heads(per_head.expand(G)[None, None, :, None], H).expand(b, T, H, N)
+            log_a = _to_heads(per_head.expand(G)[None, None, :], H).expand(b, T, H)
         case ir.ScalarSemiseparable(log_a=e):
-            log_a = role(e, heads.decay).to(dtype).unsqueeze(-1).expand(b, T, H, N)
+            log_a = role(e, heads.decay).to(dtype)
         case ir.DiagonalSemiseparable(log_a=e):
             log_a = role(e, heads.decay, n_axis).to(dtype)
         case _:  # causal: no decay
-            log_a = torch.zeros(b, T, H, N, dtype=dtype, device=C.device)
+            log_a = torch.zeros(b, T, H, dtype=dtype, device=C.device)
     gate = None
     if spec.gate is not None:
         y_axes = (BATCH, SEQ, _axis(heads.output, "head"), _axis(checked.head_dim, "P"))
         gate = evaluate(spec.gate, env, dims, y_axes)
-    return _Decay(log_a, C, gate)
+    return _Decay(log_a, C, gate, H, N)
 
 
 def _axis(size: ir.Size | None, role: str) -> str:
@@ -157,15 +181,6 @@ def _to_heads(t: Tensor, H: int) -> Tensor:
     """[b, T, G, ...] → [b, T, H, ...]: head h reads group h // (H / G)."""
     G = t.shape[2]
     return t if G == H else t.repeat_interleave(H // G, dim=2)
-
-
-def _entering_state_output(decay: _Decay, log_a: Tensor, h: Tensor) -> Tensor:
-    """gate ⊙ Σ_n exp(cumsum log a)_n C_n h_{n,:}: what the entering state adds to y."""
-    reach = log_a.cumsum(dim=1).exp() * decay.C  # [b, T, H, N]
-    out = torch.einsum("bthn,bhnp->bthp", reach, h.to(reach.dtype))
-    if decay.gate is not None:
-        out = out * decay.gate.to(out.dtype)
-    return out
 
 
 class _AllGather(torch.autograd.Function):
