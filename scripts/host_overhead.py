@@ -18,12 +18,13 @@ at batch 1 (T = 1, an fp32 initial state).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import os
 import pstats
-import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +50,25 @@ class StubKernel:
         return launch
 
 
-def stub_kernels(module: Any) -> dict[str, StubKernel]:
-    """Replace every Triton kernel of a generated module by a StubKernel (in place)."""
+@contextlib.contextmanager
+def stubbed(module: Any) -> Iterator[dict[str, StubKernel]]:
+    """Every Triton kernel of a generated module replaced by a StubKernel, for the duration
+    (the module is shared by every op of its spec in this process: the kernels come back)."""
     from triton.runtime.jit import KernelInterface
 
-    stubs = {}
-    for name, value in list(vars(module).items()):
-        if isinstance(value, KernelInterface) and name.endswith("kernel"):
-            stubs[name] = StubKernel(name)
-            setattr(module, name, stubs[name])
-    return stubs
+    kernels = {
+        name: value
+        for name, value in vars(module).items()
+        if isinstance(value, KernelInterface) and name.endswith("kernel")
+    }
+    stubs = {name: StubKernel(name) for name in kernels}
+    try:
+        for name, stub in stubs.items():
+            setattr(module, name, stub)
+        yield stubs
+    finally:
+        for name, kernel in kernels.items():
+            setattr(module, name, kernel)
 
 
 def chunked_case() -> tuple[Any, dict[str, Any]]:
@@ -106,8 +116,8 @@ def decode_case() -> tuple[Any, dict[str, Any]]:
 
 
 def per_call_us(op: Any, kwargs: dict[str, Any], calls: int, repeats: int = 7) -> float:
-    """Median over `repeats` runs of the mean µs per call of `calls` calls."""
-    for _ in range(50):
+    """The least over `repeats` runs of the mean µs per call of `calls` calls."""
+    for _ in range(min(calls, 50)):
         op(**kwargs)
     runs = []
     for _ in range(repeats):
@@ -115,23 +125,23 @@ def per_call_us(op: Any, kwargs: dict[str, Any], calls: int, repeats: int = 7) -
         for _ in range(calls):
             op(**kwargs)
         runs.append((time.perf_counter_ns() - t0) / calls / 1e3)
-    return statistics.median(runs)
+    return min(runs)
 
 
-def measure(calls: int) -> dict[str, dict[str, Any]]:
-    """µs per call and launches per call of both paths."""
+def measure(calls: int, repeats: int = 7) -> dict[str, dict[str, Any]]:
+    """µs per call (the least of `repeats` runs of `calls` calls: the machine is shared, and
+    the least is the run that others disturbed least) and launches per call of both paths."""
     report = {}
     for name, case, form in (("chunked", chunked_case, "chunked"),
                              ("decode", decode_case, "decode")):
         op, kwargs = case()
-        stubs = stub_kernels(op.module)
-        with torch.no_grad():
+        with stubbed(op.module) as stubs, torch.no_grad():
             op(**kwargs)
             assert op.last_form == form, (name, op.last_form)
             before = sum(s.launches for s in stubs.values())
             op(**kwargs)
             launches = sum(s.launches for s in stubs.values()) - before
-            us = per_call_us(op, kwargs, calls)
+            us = per_call_us(op, kwargs, calls, repeats)
         report[name] = {"us_per_call": round(us, 1), "launches": launches}
     return report
 
@@ -139,8 +149,7 @@ def measure(calls: int) -> dict[str, dict[str, Any]]:
 def profile(name: str, calls: int) -> None:
     """cProfile of `calls` calls of one path, by own time."""
     op, kwargs = chunked_case() if name == "chunked" else decode_case()
-    stub_kernels(op.module)
-    with torch.no_grad():
+    with stubbed(op.module), torch.no_grad():
         for _ in range(50):
             op(**kwargs)
         prof = cProfile.Profile()

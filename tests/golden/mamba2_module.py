@@ -107,12 +107,18 @@ def prologue_log_a_s_launch(tensors, sizes, out0, out1):
     BLOCK_C = min(1 << (n_cols - 1).bit_length(), 1024)
     BLOCK_R = min(1 << (n_rows - 1).bit_length(), max(1, 4096 // BLOCK_C))
     grid = (n_batch * -(-n_rows // BLOCK_R) * -(-n_cols // BLOCK_C),)
+    # one stride tuple a tensor: t.stride(d) per axis costs more host time than t.stride()
+    _st_r0 = out0.stride()
+    _st_r1 = out1.stride()
+    _st_o0 = tensors[1].stride()
+    _st_o1 = tensors[5].stride()
+    _st_o2 = tensors[6].stride()
     prologue_log_a_s_fwd_kernel[grid](
-        out0, out0.stride(0), out0.stride(1), out0.stride(2),
-        out1, out1.stride(0), out1.stride(1), out1.stride(2),
-        tensors[1], tensors[1].stride(0), tensors[1].stride(1), tensors[1].stride(2),
-        tensors[5], tensors[5].stride(0),
-        tensors[6], tensors[6].stride(0),
+        out0, _st_r0[0], _st_r0[1], _st_r0[2],
+        out1, _st_r1[0], _st_r1[1], _st_r1[2],
+        tensors[1], _st_o0[0], _st_o0[1], _st_o0[2],
+        tensors[5], _st_o1[0],
+        tensors[6], _st_o2[0],
         n_rows, n_cols, sizes["H"],
         BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
     )
@@ -194,12 +200,18 @@ def epilogue_launch(tensors, sizes, y, out0):
     BLOCK_C = min(1 << (n_cols - 1).bit_length(), 1024)
     BLOCK_R = min(1 << (n_rows - 1).bit_length(), max(1, 4096 // BLOCK_C))
     grid = (n_batch * -(-n_rows // BLOCK_R) * -(-n_cols // BLOCK_C),)
+    # one stride tuple a tensor: t.stride(d) per axis costs more host time than t.stride()
+    _st_r0 = out0.stride()
+    _st_o0 = tensors[0].stride()
+    _st_o1 = tensors[4].stride()
+    _st_o2 = tensors[7].stride()
+    _st_o3 = y.stride()
     epilogue_fwd_kernel[grid](
-        out0, out0.stride(0), out0.stride(1), out0.stride(2), out0.stride(3),
-        tensors[0], tensors[0].stride(0), tensors[0].stride(1), tensors[0].stride(2), tensors[0].stride(3),
-        tensors[4], tensors[4].stride(0), tensors[4].stride(1), tensors[4].stride(2), tensors[4].stride(3),
-        tensors[7], tensors[7].stride(0),
-        y, y.stride(0), y.stride(1), y.stride(2), y.stride(3),
+        out0, _st_r0[0], _st_r0[1], _st_r0[2], _st_r0[3],
+        tensors[0], _st_o0[0], _st_o0[1], _st_o0[2], _st_o0[3],
+        tensors[4], _st_o1[0], _st_o1[1], _st_o1[2], _st_o1[3],
+        tensors[7], _st_o2[0],
+        y, _st_o3[0], _st_o3[1], _st_o3[2], _st_o3[3],
         n_rows, n_cols, sizes["H"], sizes["P"],
         BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
     )
@@ -1546,15 +1558,24 @@ def prologue_log_a_s_bwd_launch(tensors, sizes, u0, u1, out0, out1, out2):
     BLOCK_C = min(1 << (n_cols - 1).bit_length(), 1024)
     BLOCK_R = min(1 << (n_rows - 1).bit_length(), max(1, 4096 // BLOCK_C))
     grid = (n_batch * -(-n_rows // BLOCK_R) * -(-n_cols // BLOCK_C),)
+    # one stride tuple a tensor: t.stride(d) per axis costs more host time than t.stride()
+    _st_r0 = out0.stride()
+    _st_r1 = out1.stride()
+    _st_r2 = out2.stride()
+    _st_o0 = tensors[1].stride()
+    _st_o1 = tensors[5].stride()
+    _st_o2 = tensors[6].stride()
+    _st_o3 = u0.stride()
+    _st_o4 = u1.stride()
     prologue_log_a_s_bwd_kernel[grid](
-        out0, out0.stride(0), out0.stride(1), out0.stride(2),
-        out1, out1.stride(0), out1.stride(1), out1.stride(2),
-        out2, out2.stride(0), out2.stride(1), out2.stride(2),
-        tensors[1], tensors[1].stride(0), tensors[1].stride(1), tensors[1].stride(2),
-        tensors[5], tensors[5].stride(0),
-        tensors[6], tensors[6].stride(0),
-        u0, u0.stride(0), u0.stride(1), u0.stride(2),
-        u1, u1.stride(0), u1.stride(1), u1.stride(2),
+        out0, _st_r0[0], _st_r0[1], _st_r0[2],
+        out1, _st_r1[0], _st_r1[1], _st_r1[2],
+        out2, _st_r2[0], _st_r2[1], _st_r2[2],
+        tensors[1], _st_o0[0], _st_o0[1], _st_o0[2],
+        tensors[5], _st_o1[0],
+        tensors[6], _st_o2[0],
+        u0, _st_o3[0], _st_o3[1], _st_o3[2],
+        u1, _st_o4[0], _st_o4[1], _st_o4[2],
         n_rows, n_cols, sizes["H"],
         BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
     )
@@ -1680,16 +1701,26 @@ def epilogue_bwd_launch(tensors, sizes, u0, y, out0, out1, out2, out3):
     BLOCK_C = min(1 << (n_cols - 1).bit_length(), 1024)
     BLOCK_R = min(1 << (n_rows - 1).bit_length(), max(1, 4096 // BLOCK_C))
     grid = (n_batch * -(-n_rows // BLOCK_R) * -(-n_cols // BLOCK_C),)
+    # one stride tuple a tensor: t.stride(d) per axis costs more host time than t.stride()
+    _st_r0 = out0.stride()
+    _st_r1 = out1.stride()
+    _st_r2 = out2.stride()
+    _st_r3 = out3.stride()
+    _st_o0 = tensors[0].stride()
+    _st_o1 = tensors[4].stride()
+    _st_o2 = tensors[7].stride()
+    _st_o3 = u0.stride()
+    _st_o4 = y.stride()
     epilogue_bwd_kernel[grid](
-        out0, out0.stride(0), out0.stride(1), out0.stride(2), out0.stride(3),
-        out1, out1.stride(0), out1.stride(1), out1.stride(2), out1.stride(3),
-        out2, out2.stride(0), out2.stride(1), out2.stride(2), out2.stride(3),
-        out3, out3.stride(0), out3.stride(1), out3.stride(2), out3.stride(3),
-        tensors[0], tensors[0].stride(0), tensors[0].stride(1), tensors[0].stride(2), tensors[0].stride(3),
-        tensors[4], tensors[4].stride(0), tensors[4].stride(1), tensors[4].stride(2), tensors[4].stride(3),
-        tensors[7], tensors[7].stride(0),
-        u0, u0.stride(0), u0.stride(1), u0.stride(2), u0.stride(3),
-        y, y.stride(0), y.stride(1), y.stride(2), y.stride(3),
+        out0, _st_r0[0], _st_r0[1], _st_r0[2], _st_r0[3],
+        out1, _st_r1[0], _st_r1[1], _st_r1[2], _st_r1[3],
+        out2, _st_r2[0], _st_r2[1], _st_r2[2], _st_r2[3],
+        out3, _st_r3[0], _st_r3[1], _st_r3[2], _st_r3[3],
+        tensors[0], _st_o0[0], _st_o0[1], _st_o0[2], _st_o0[3],
+        tensors[4], _st_o1[0], _st_o1[1], _st_o1[2], _st_o1[3],
+        tensors[7], _st_o2[0],
+        u0, _st_o3[0], _st_o3[1], _st_o3[2], _st_o3[3],
+        y, _st_o4[0], _st_o4[1], _st_o4[2], _st_o4[3],
         n_rows, n_cols, sizes["H"], sizes["P"],
         BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
     )
