@@ -1581,15 +1581,47 @@ def prologue_log_a_s_bwd_launch(tensors, sizes, u0, u1, out0, out1, out2):
     )
 
 
+class _GradTarget:
+    """Where the caller wants a gradient written (a slice of the whole gradient): the first
+    contribution goes there, in place when it was made there (`_grad_buffer`)."""
+
+    def __init__(self, buffer):
+        self.buffer = buffer
+
+
+def _grad_buffer(grads, position, shape, dtype, device):
+    """A buffer for the first contribution to gradient `position`: its target when it has one
+    of this shape and dtype (the kernel then writes the gradient in place), else a new one."""
+    target = grads[position]
+    if isinstance(target, _GradTarget) and tuple(target.buffer.shape) == tuple(shape) \
+            and target.buffer.dtype == dtype:
+        return target.buffer
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
 def _grad_add(grads, position, g):
-    """grads[position] += g (the first contribution is kept as it is). Every contribution is a
-    temporary of the backward, so a same-shaped sum is taken in place (no third buffer)."""
-    if grads[position] is None:
+    """grads[position] += g (the first contribution is kept as it is, or copied into the
+    target). Every contribution is a temporary of the backward, so a same-shaped sum is
+    taken in place (no third buffer)."""
+    current = grads[position]
+    if current is None:
         grads[position] = g
-    elif grads[position].shape == g.shape:
-        grads[position].add_(g)
+    elif isinstance(current, _GradTarget):
+        buffer = current.buffer
+        if g.shape != buffer.shape or g.data_ptr() != buffer.data_ptr() or g.stride() != buffer.stride():
+            buffer.copy_(g)
+        grads[position] = buffer
+    elif current.shape == g.shape:
+        current.add_(g)
     else:
-        grads[position] = grads[position] + g
+        grads[position] = current + g
+
+
+def _grad_final(g, t):
+    """The gradient of t as returned: in t's dtype, zeros where nothing reached it."""
+    if isinstance(g, _GradTarget):
+        return g.buffer.zero_()
+    return torch.zeros_like(t) if g is None else g.to(t.dtype)
 
 
 def _grad_sum(g, dims, perm, shape):
@@ -1736,8 +1768,8 @@ def epilogue_bwd(tensors, sizes, grads, y, dout):
     tensors come in their dtype, those summed over axes in fp32."""
     device = tensors[0].device
     parts = [
-        torch.empty((sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]), device=device, dtype=tensors[0].dtype),  # d_x
-        torch.empty((sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]), device=device, dtype=tensors[4].dtype),  # d_z
+        _grad_buffer(grads, 0, (sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]), tensors[0].dtype, device),  # d_x
+        _grad_buffer(grads, 4, (sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]), tensors[4].dtype, device),  # d_z
         None,  # d_D: per run of tokens
         torch.empty((sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]), device=device, dtype=dout.dtype),  # d_core
     ]
@@ -2630,7 +2662,8 @@ def _adjoint_forward(form, chunk):
     return run
 
 
-def _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y, grad_final_state):
+def _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y, grad_final_state,
+                   targets=None):
     """Gradients of every tensor (and of initial_state): epilogue, core, prologue backward.
 
     Nothing of the forward is kept: the prologue runs again, and so does the core for the y that the gate's gradient reads.
@@ -2638,6 +2671,8 @@ def _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y,
     sizes, num_states, form, chunk = _ssmc_setup(tensors, initial_state, cu_seqlens, form, chunk_size)
     H = sizes["H"]
     grads = [None] * len(tensors)
+    for i, buffer in (targets or {}).items():  # where the caller wants gradient i written
+        grads[i] = _GradTarget(buffer)
     roles = prologue_roles(tensors, sizes)
     x, s, log_a, B, C = prologue_fwd(tensors, sizes, roles)
     dout = grad_y.contiguous()
@@ -2671,7 +2706,7 @@ def _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y,
     _grad_add(grads, 2, upstream["B"])
     _grad_add(grads, 3, upstream["C"])
     prologue_bwd(tensors, sizes, grads, upstream)
-    grads = tuple(torch.zeros_like(t) if g is None else g.to(t.dtype) for t, g in zip(tensors, grads))
+    grads = tuple(_grad_final(g, t) for t, g in zip(tensors, grads))
     return grads, d_initial_state
 
 
@@ -2691,16 +2726,19 @@ def _ssmc_backward_sliced(tensors, initial_state, cu_seqlens, form, chunk_size, 
                               grad_final_state)
     per_row = [shape[0] == "batch" for shape in _SHAPES]
     grads = [torch.empty_like(t) if r else None for t, r in zip(tensors, per_row)]
+    rows_of = [i for i, r in enumerate(per_row) if r]
     d_init = None if initial_state is None else torch.empty_like(initial_state)
     for start in range(0, batch, rows):
         part = slice(start, start + rows)
         got, d = _ssmc_backward(
             tuple(t[part] if r else t for t, r in zip(tensors, per_row)),
             None if initial_state is None else initial_state[part], None, form, chunk_size,
-            grad_y[part], None if grad_final_state is None else grad_final_state[part])
+            grad_y[part], None if grad_final_state is None else grad_final_state[part],
+            targets={i: grads[i][part] for i in rows_of})  # written in place where it can
         for i, g in enumerate(got):
             if per_row[i]:
-                grads[i][part] = g
+                if g.data_ptr() != grads[i][part].data_ptr():
+                    grads[i][part] = g
             else:
                 grads[i] = g.float() if grads[i] is None else grads[i] + g.float()
         if d_init is not None:
