@@ -175,6 +175,21 @@ def test_clamp_with_infinite_bounds_folds(lo: str, hi: str, value: str) -> None:
     compile(source, "module.py", "exec", dont_inherit=True)
 
 
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [("[H16777217, L]", "which is not a declared dim"), ("[batch, L]", "batch or seq axis"),
+     ("[H, L, P]", "a head axis and one lag axis")],
+)
+def test_decay_window_with_a_bad_kernel_is_a_located_error(shape: str, message: str) -> None:
+    """Found by the recorded run (a mutated examples/decay_window.ssm): a decayed Toeplitz
+    kernel whose axes are wrong hit `assert taps is not None` in ssmc/algebra_pieces.py."""
+    text = fuzz.EXAMPLES["decay_window"].replace("param K : [H, L]", f"param K : {shape}")
+    with pytest.raises(SpecError) as info:
+        parse(text)
+    (diagnostic,) = info.value.diagnostics
+    assert message in diagnostic.message and diagnostic.span is not None
+
+
 def test_strategies_avoid_known_triggers_by_default() -> None:
     pool = fuzz.pools()
     assert not set(fuzz.KNOWN_BUG_NAMES) & set(pool.names)
