@@ -264,12 +264,11 @@ class SsmcOp:
         self.forms = tuple(ir.Form(f) for f in module.FORMS)
         self.interpreted = os.environ.get("TRITON_INTERPRET") == "1"
         self._names = tuple(t.name for t in checked.spec.tensors)
-        self._seen: set[tuple[Any, ...]] = set()
+        self._seen: dict[tuple[Any, ...], _CallShape] = {}
         self._seq_from = next(
             i for i, t in enumerate(checked.spec.tensors) if t.kind is ir.TensorKind.INPUT
         )
         self._plans: dict[tuple[Any, ...], tuple[str | None, int | None, Any]] = {}
-        self._setups: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         self._registered = register(checked)
         self._registered.run = self._run
         self._registered.run_backward = self._run_backward
@@ -301,10 +300,10 @@ class SsmcOp:
             args = (*ordered, initial_state, cu_seqlens, form_name, chunk_size)
             result = self.op(*args)
         else:
-            ordered, signature = self._checked(tensors, initial_state, cu_seqlens)
+            ordered, seen = self._checked(tensors, initial_state, cu_seqlens)
             launch = None
             if form_name is None and (ordered[0].is_cuda or self.interpreted):
-                form_name, planned_chunk, launch = self._plan(ordered, cu_seqlens, signature)
+                form_name, planned_chunk, launch = self._plan(ordered, cu_seqlens, seen)
                 if chunk_size is not None and chunk_size != planned_chunk:
                     launch = None  # tuned tiles belong to the tuned chunk
                 chunk_size = chunk_size if chunk_size is not None else planned_chunk
@@ -316,7 +315,7 @@ class SsmcOp:
             if needs_grad:
                 result = self.op(*args)
             else:
-                result = self._run(*args, launch=launch, signature=signature)
+                result = self._run(*args, launch=launch, seen=seen)
         if self.checked.spec.final_state:
             y, state = result
             return y, state
@@ -330,10 +329,10 @@ class SsmcOp:
 
     def _checked(
         self, tensors: dict[str, Tensor], initial_state: Tensor | None, cu_seqlens: Tensor | None
-    ) -> tuple[list[Tensor], tuple[Any, ...] | None]:
-        """The tensors in declaration order and the call's signature (shapes, dtypes, devices:
-        all that `bind` reads but the offsets' values), None when it has none (a missing or
-        non-tensor argument: bind reports it). `bind` runs once per new signature."""
+    ) -> tuple[list[Tensor], _CallShape | None]:
+        """The tensors in declaration order and what is kept for the call's signature (shapes,
+        dtypes, devices: all that `bind` reads but the offsets' values); None when it has none
+        (a missing or non-tensor argument: bind reports it). `bind` runs once per signature."""
         try:
             ordered = [tensors[n] for n in self._names]
             signature: tuple[Any, ...] | None = (
@@ -344,27 +343,31 @@ class SsmcOp:
             )
         except (KeyError, AttributeError, TypeError):
             signature = None
-        if signature is None or signature not in self._seen:
+        seen = None if signature is None else self._seen.get(signature)
+        if seen is None:
             dims = bind(self.checked, tensors, initial_state=initial_state, cu_seqlens=cu_seqlens)
             if signature is not None:
                 _bounded(self._seen)
-                self._seen.add(signature)
+                seen = self._seen[signature] = _CallShape()
             if cu_seqlens is not None:
                 _offsets_passed(cu_seqlens, dims[ir.SEQ])
-        return ordered, signature
+        return ordered, seen
 
     def _plan(
-        self, ordered: list[Tensor], cu_seqlens: Tensor | None, signature: Any = None
+        self, ordered: list[Tensor], cu_seqlens: Tensor | None, seen: _CallShape | None = None
     ) -> tuple[str | None, int | None, Any]:
         """The autotuned (else the planner's) form, chunk and launch options for this call
-        shape (cached per shape; `signature`, when given, is the key: it holds the shape)."""
-        key = signature
-        if key is None:
-            key = (
-                tuple(t.shape for t in ordered),
-                ordered[0].dtype,
-                None if cu_seqlens is None else cu_seqlens.shape[0],
-            )
+        shape (cached per shape: in `seen`, what SsmcOp._checked keeps for the call's signature,
+        when given)."""
+        if seen is not None:
+            if seen.plan is None:
+                seen.plan = self._plan_uncached(ordered, cu_seqlens)
+            return seen.plan
+        key = (
+            tuple(t.shape for t in ordered),
+            ordered[0].dtype,
+            None if cu_seqlens is None else cu_seqlens.shape[0],
+        )
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plan_uncached(ordered, cu_seqlens)
@@ -406,11 +409,12 @@ class SsmcOp:
         return chosen.form.value, chosen.chunk_size, None
 
     def _run(
-        self, *args: Any, launch: dict[str, Any] | None = None, signature: Any = None
+        self, *args: Any, launch: dict[str, Any] | None = None, seen: _CallShape | None = None
     ) -> Any:
         """The op's implementation: generated kernels, or the reference on a plain CPU;
         `launch`: tuned options of the form's stage launcher (eager calls without autograd);
-        `signature`: the validated call's (SsmcOp._checked), which keys the module's setup."""
+        `seen`: what SsmcOp._checked keeps for the validated call's signature, where the
+        module's setup is kept."""
         n = len(self._names)
         tensors, (initial_state, cu_seqlens, form, chunk_size) = args[:n], args[n:]
         if cu_seqlens is not None:
@@ -423,15 +427,13 @@ class SsmcOp:
             initial_state = initial_state.float()  # the kernels carry the state in fp32
         tensors = tuple(tensors)
         setup = None
-        if signature is not None:
+        if seen is not None:
             # The module's sizes, form and chunk depend on the metadata only: bound once per
             # call signature (bind has checked it), not again on every call.
-            key = (signature, form, chunk_size)
-            setup = self._setups.get(key)
+            setup = seen.setups.get((form, chunk_size))
             if setup is None:
                 setup = self.module._ssmc_setup(tensors, initial_state, cu_seqlens, form, chunk_size)
-                _bounded(self._setups)
-                self._setups[key] = setup
+                seen.setups[form, chunk_size] = setup
         y, state = self.module._ssmc_run(
             tensors, initial_state, cu_seqlens, form, chunk_size, launch, setup
         )
@@ -497,12 +499,24 @@ class SsmcOp:
         return y, state.contiguous()
 
 
+class _CallShape:
+    """What an op keeps for one validated call signature: the plan (form, chunk, launch
+    options) and the module's setup (sizes, number of states, form, chunk) per requested
+    (form, chunk size)."""
+
+    __slots__ = ("plan", "setups")
+
+    def __init__(self) -> None:
+        self.plan: tuple[str | None, int | None, Any] | None = None
+        self.setups: dict[tuple[str | None, int | None], Any] = {}
+
+
 def _meta(t: Tensor) -> tuple[Any, ...]:
     return (t.size(), t.dtype, t.device)
 
 
 _CACHE_ENTRIES = 4096
-"""Entries an op keeps per cache (validated signatures, plans, setups) before starting over:
+"""Entries an op keeps per cache (validated signatures, plans) before starting over:
 call shapes that keep changing (new lengths every call) must not grow them without end."""
 
 

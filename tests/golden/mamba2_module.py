@@ -1413,49 +1413,49 @@ def decode_fwd(x, s, log_a, B, C, *, heads, state, out, state_batch_indices=None
     state_batch_indices [b] int | None: row b uses state slot state_batch_indices[b]
     (negative: padding row, slot untouched); without it slots = b and row b uses slot b.
     """
-    return _decode_launch(x, s, log_a, B, C, heads, state, out, state_batch_indices, block_p,
-                          num_warps, _decode_strides(x, s, log_a, B, C, out, 0))
-
-
-def decode_tokens_fwd(x, s, log_a, B, C, *, heads, state, out):
-    """decode_fwd on the module's one-token tensors, [b, 1, ...] (x, s, log_a, B, C, out),
-    without making views of their token 0: the seq axis' stride is left out of the
-    launch (a view costs ~2 µs of host time, six of them a good part of a decode call)."""
-    return _decode_launch(x, s, log_a, B, C, heads, state, out, None, None, None,
-                          _decode_strides(x, s, log_a, B, C, out, 1))
-
-
-def _decode_strides(x, s, log_a, B, C, out, seq):
-    """The strides of the decode kernel's inputs, in its order (a list), and of out (a tuple);
-    with seq = 1 (tensors [b, 1, ...]) those of axis 1 are left out."""
-    strides = []
-    for t, rank in ((x, 3), (s, 2), (log_a, 2), (B, 3), (C, 3), (out, 3)):
-        if t is None:
-            strides += (0,) * rank
-            continue
-        st = t.stride()
-        assert len(st) == rank + seq, f"a decode tensor of {len(st)} dims, expected {rank + seq}"
-        strides += st if not seq else (st[0], *st[2:])
-    return strides[:-3], strides[-3:]
-
-
-def _decode_launch(x, s, log_a, B, C, heads, state, out, state_batch_indices, block_p,
-                   num_warps, strides):
-    """Check the shapes (the seq axis, when present, has length 1) and launch the kernel."""
-    shape = x.shape
-    batch, Gv, P = shape[0], shape[-2], shape[-1]
-    N = B.shape[-1]
-    H = heads
-    Gd = log_a.shape[-1]
-    Gk, Gq = B.shape[-2], C.shape[-2]
-    for G in (Gv, Gk, Gq, Gd):
+    batch, Gv, P = x.shape
+    H, N = heads, B.shape[-1]
+    assert x.dim() == 3 and B.dim() == 3 and C.dim() == 3 and out.dim() == 3
+    assert s is None or s.dim() == 2
+    assert log_a.dim() == 2
+    Gd = log_a.shape[1]
+    for G in (Gv, B.shape[1], C.shape[1], Gd):
         assert H % G == 0, f"a role's head count {G} does not divide H = {H}"
-    assert out.shape[0] == batch and out.shape[-2:] == (H, P) and out.numel() == batch * H * P
+    assert out.shape == (batch, H, P)
     assert state.dtype == torch.float32 and state.shape[1:] == (H, N, P)
     if state_batch_indices is None:
         assert state.shape[0] == batch
     else:
         assert state_batch_indices.shape == (batch,)
+    st_s = s.stride() if s is not None else (0, 0)
+    st_a = log_a.stride()
+    return _decode_launch(x, s, log_a, B, C, heads, state, out, state_batch_indices, block_p,
+                          num_warps, (*x.stride(), *st_s, *st_a, *B.stride(), *C.stride()), out.stride())
+
+
+def decode_tokens_fwd(x, s, log_a, B, C, *, heads, state, out):
+    """decode_fwd on the module's one-token tensors [b, 1, ...] (x, s, log_a, B, C, out),
+    which its setup has checked: no views of token 0 (a view costs ~2 µs of host time, six
+    of them a good part of a decode call), the seq axis' stride left out of the launch."""
+    st_x, st_B, st_C, st_o = x.stride(), B.stride(), C.stride(), out.stride()
+    st_s = s.stride() if s is not None else (0, 0, 0)
+    st_a = log_a.stride()
+    strides = (st_x[0], st_x[2], st_x[3], st_s[0], st_s[2],
+               st_a[0], st_a[2],
+               st_B[0], st_B[2], st_B[3], st_C[0], st_C[2], st_C[3])
+    return _decode_launch(x, s, log_a, B, C, heads, state, out, None, None, None, strides,
+                          (st_o[0], st_o[2], st_o[3]))
+
+
+def _decode_launch(x, s, log_a, B, C, heads, state, out, state_batch_indices, block_p,
+                   num_warps, strides, out_strides):
+    """Launch the kernel on checked tensors (x [b, Gv, P] or [b, 1, Gv, P], and so on) with
+    the strides of x, s, log_a, B, C in `strides` and out's in `out_strides`."""
+    shape = x.shape
+    batch, Gv, P = shape[0], shape[-2], shape[-1]
+    N = B.shape[-1]
+    H = heads
+    Gd = log_a.shape[-1]
     if batch == 0 or H == 0:
         return out
     # plain int arithmetic: triton.cdiv / next_power_of_2 cost microseconds a call on the host
@@ -1466,8 +1466,8 @@ def _decode_launch(x, s, log_a, B, C, heads, state, out, state_batch_indices, bl
         x, s if s is not None else x, log_a, B, C, state, out,
         state_batch_indices if state_batch_indices is not None else out,
         H, N, P,
-        H // Gv, H // Gk, H // Gq, H // Gd,
-        *strides[0], *state.stride(), *strides[1],
+        H // Gv, H // B.shape[-2], H // C.shape[-2], H // Gd,
+        *strides, *state.stride(), *out_strides,
         HAS_S=s is not None, HAS_INDICES=state_batch_indices is not None,
         BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
         num_warps=num_warps or (4 if BLOCK_N * BLOCK_P >= 1024 else 2),
