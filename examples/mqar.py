@@ -14,6 +14,13 @@ the warmup + cosine schedule runs over whichever of steps or time ends first. On
 forward/backward first compiles the kernels (reported apart). The table of spec, dims,
 parameters, held-out accuracy, steps and seconds is printed last.
 
+Recipe: a Mamba-2 layer as initialised in Mamba (skip D = 1, gate silu(z) with z a plain
+projection) sits at chance on MQAR for thousands of steps (the op and its gradients are
+right): the skip adds the current token to every head's output and the gate multiplies the
+recalled value by a token-dependent random mask, both before the norm, so the recall path
+gets almost no gradient. Here D starts at 0 (--skip-init) and z has a learned bias starting
+at 3 (--gate-bias), so silu(z) ≈ 2.9 varies little across tokens; both stay trainable.
+
 Each spec's dims are rebound to the model width: head dim P = --headdim, state N =
 --d-state, H = expand·d_model / P, other head groups kept if they divide H (else 1);
 --dims K=V,... and SPEC:K=V,... override them.
@@ -187,6 +194,8 @@ def build(name: str, args: argparse.Namespace) -> LM:
             form=args.form,
             chunk_size=args.chunk_size,
             use_reference=args.reference,
+            skip_init=args.skip_init,
+            gate_bias=args.gate_bias,
         )
         for _ in range(args.layers)
     ]
@@ -445,6 +454,18 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--d-conv", type=int, default=4)
     p.add_argument("--dims", default="", help="K=V,... for every spec that declares K")
     p.add_argument(
+        "--skip-init",
+        type=float,
+        default=0.0,
+        help="initial skip param (Mamba's D); Mamba's 1 keeps recall at chance far longer",
+    )
+    p.add_argument(
+        "--gate-bias",
+        type=float,
+        default=3.0,
+        help="bias on the gate's projected input (z), so silu(z) starts open (nan: no bias)",
+    )
+    p.add_argument(
         "--form",
         choices=["recurrent", "quadratic", "chunked", "convolution"],
         help="force the op's form (default: the planner's)",
@@ -477,6 +498,9 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: a few steps at T = 32")
     p.add_argument("-q", "--quiet", action="store_true", help="no line per evaluation")
     args = p.parse_args(argv)
+    args.gate_bias = (
+        None if args.gate_bias is None or math.isnan(args.gate_bias) else args.gate_bias
+    )
     if args.tiny:
         args.seqlen, args.pairs, args.vocab, args.d_model = 32, 4, 64, 32
         args.headdim, args.d_state, args.batch, args.steps = 8, 8, 8, 4

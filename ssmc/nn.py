@@ -8,26 +8,14 @@ d_model. Every `param` is created and initialised from the role it plays (below)
 `step` decodes one token from carried (conv, SSM) state. `Mamba2Block` is the layer of
 Mamba-2 (Dao & Gu 2024) with its usual constructor, on the SSD spec of examples/mamba2.ssm.
 
-Parameter initialisation, by role (the ranges of `ssmc.reference.random_inputs`, retuned
-for training and pushed down each decay expression the same way):
-- scalar/diagonal decay `log a`: in [-1.6, -1e-3]; of a product Δ·A the params-only factor
-  A gets magnitude uniform(1, 16) (Mamba-2), or S4D-real n + 1 when it has the state axis
-  (Mamba-1), and the rest Δ ∈ [1e-3, 0.1], so `dt_bias` = softplus⁻¹(Δ) (its sum partner
-  `dt` is a projection, ~0 on average);
-- `const_decay`: RetNet's γ_h = 1 − 2^(−5−h), inverted through the expression;
-- LTI: A = −(n + 1) (S4D-real), dt ∈ [1e-3, 0.1], B ones;
-- `skip` and `gate` params (Mamba's D): ones; anything else: normal, std 1/√(last axis).
-A param that is a bare factor of the decay product (A) is stored as its log-magnitude (A_log),
-one read bare under `log` (γ) as log(−log γ), so training cannot flip a decay's sign or push
-γ past 1. `spec_params()` gives the values the op receives.
+Parameter initialisation by role: `ssmc.nn_init`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -36,10 +24,11 @@ from torch import Tensor, nn
 
 from ssmc import ir
 from ssmc.bind import size_of
-from ssmc.expr import BinOp, Call, Expr, Func, Neg, Op, Ref, refs
+from ssmc.expr import Expr, refs
 from ssmc.load import as_checked, load
+from ssmc.nn_init import ParamInit, param_inits
 from ssmc.pipeline import with_dims
-from ssmc.reference import _constant, _Ranges, _scaled, reference
+from ssmc.reference import reference
 
 MAMBA2_SPEC = """\
 # Mamba-2 (SSD), as examples/mamba2.ssm; Mamba2Block rebinds the dims.
@@ -70,15 +59,6 @@ initial_state
 final_state
 varlen
 """
-
-LOG_DECAY = (-1.6, -1e-3)
-"""log a at initialisation: Mamba-2's Δ ∈ [1e-3, 0.1] times A ∈ [-16, -1]."""
-DECAY_FACTOR = (1.0, 16.0)
-"""Magnitude of the params-only factor of a decay product (Mamba-2's A)."""
-LTI_DT = (1e-3, 1e-1)
-LOG_GAMMA = (math.log1p(-(2.0**-5)), math.log1p(-(2.0**-12)))
-"""log γ of RetNet's heads, γ_h = 1 − 2^(−5−h), h = 0 … 7."""
-
 
 # ---------------------------------------------------------------- dims
 
@@ -111,231 +91,6 @@ def bind_dims(
     return with_dims(checked, {k: v for k, v in values.items() if v is not None})
 
 
-# ---------------------------------------------------------------- parameter initialisation
-
-
-@dataclass(frozen=True, slots=True)
-class ParamInit:
-    """How one spec param is stored: value = sign·exp(θ) ("log"), exp(−exp(θ)) ("loglog")
-    or θ ("plain"); `value` is its initial value."""
-
-    transform: str
-    sign: float
-    value: Tensor
-
-    def raw(self) -> Tensor:
-        """θ, the stored tensor."""
-        if self.transform == "log":
-            return self.value.abs().log()
-        if self.transform == "loglog":
-            return (-self.value.log()).log()
-        return self.value
-
-    def apply(self, theta: Tensor) -> Tensor:
-        """The value the op receives."""
-        if self.transform == "log":
-            return self.sign * theta.exp()
-        if self.transform == "loglog":
-            return torch.exp(-theta.exp())
-        return theta
-
-
-class _TrainRanges(_Ranges):
-    """reference's range pushing, with Mamba's split: Δ·A → A ∈ ±[1, 16], and in a sum of a
-    projected input and a param (dt + dt_bias) the param takes the whole range."""
-
-    def _sum(self, lhs: Expr, rhs: Expr, target: Any, sign: float) -> None:
-        lhs_params, rhs_params = (bool(refs(e)) and refs(e) <= self.params for e in (lhs, rhs))
-        lhs_input, rhs_input = (not refs(e) <= self.params for e in (lhs, rhs))
-        if target is not None and lhs_params and rhs_input:
-            self.push(lhs, target)
-            self.push(rhs, None)
-        elif target is not None and rhs_params and lhs_input:
-            self.push(rhs, _scaled(target, sign))
-            self.push(lhs, None)
-        else:
-            super()._sum(lhs, rhs, target, sign)
-
-    def _split(self, target: tuple[float, float], lhs: Expr, rhs: Expr) -> tuple[Any, Any]:
-        sign = 1.0 if target[0] > 0 else -1.0
-        m_lo, m_hi = sorted((abs(target[0]), abs(target[1])))
-        rest = (m_lo / DECAY_FACTOR[0], m_hi / DECAY_FACTOR[1])
-        factor = _scaled(DECAY_FACTOR, sign)
-        lhs_params, rhs_params = (bool(refs(e)) and refs(e) <= self.params for e in (lhs, rhs))
-        return (factor, rest) if lhs_params and not rhs_params else (rest, factor)
-
-
-_INVERSE: dict[Func, Callable[[Tensor], Tensor]] = {
-    Func.EXP: torch.log,
-    Func.LOG: torch.exp,
-    Func.SOFTPLUS: lambda v: torch.log(torch.expm1(v)),
-    Func.SIGMOID: torch.logit,
-    Func.LOGSIGMOID: lambda v: -torch.log(torch.expm1(-v)),
-    Func.TANH: torch.atanh,
-    Func.SQRT: torch.square,
-    Func.ABS: lambda v: v,
-}
-
-
-def _invert(expr: Expr, value: Tensor, sizes: Mapping[str, int]) -> Tensor | None:
-    """The value of the one tensor `expr` reads that makes `expr` equal `value` (None if the
-    expression is not a chain of invertible steps)."""
-    match expr:
-        case Ref():
-            return value
-        case Neg(operand=e):
-            return _invert(e, -value, sizes)
-        case Call(func=func, args=(e,)) if func in _INVERSE:
-            return _invert(e, _INVERSE[func](value), sizes)
-        case Call(func=Func.CLAMP, args=(e, _, _)):
-            return _invert(e, value, sizes)
-        case BinOp(op=op, lhs=lhs, rhs=rhs) if op is not Op.POW:
-            c_lhs, c_rhs = _constant(lhs, sizes), _constant(rhs, sizes)
-            if c_rhs is not None:
-                # lhs op c = value
-                undo = {
-                    Op.ADD: lambda: value - c_rhs,
-                    Op.SUB: lambda: value + c_rhs,
-                    Op.MUL: lambda: value / c_rhs,
-                    Op.DIV: lambda: value * c_rhs,
-                }
-                return _invert(lhs, undo[op](), sizes)
-            if c_lhs is not None:
-                # c op rhs = value
-                undo = {
-                    Op.ADD: lambda: value - c_lhs,
-                    Op.SUB: lambda: c_lhs - value,
-                    Op.MUL: lambda: value / c_lhs,
-                    Op.DIV: lambda: c_lhs / value,
-                }
-                return _invert(rhs, undo[op](), sizes)
-    return None
-
-
-def _bare(expr: Expr, params: frozenset[str]) -> Iterator[tuple[str, str]]:
-    """(param, "factor" | "log") for each param read bare (or negated) as a factor of a
-    product or as the argument of `log`."""
-    match expr:
-        case BinOp(op=Op.MUL | Op.DIV, lhs=lhs, rhs=rhs):
-            for side, other in ((lhs, rhs), (rhs, lhs)):
-                name = _bare_name(side)
-                if name in params and not refs(other) <= params:
-                    yield name, "factor"
-        case Call(func=Func.LOG, args=(arg,)) if _bare_name(arg) in params:
-            yield _bare_name(arg), "log"  # type: ignore[misc]
-    for child in _children(expr):
-        yield from _bare(child, params)
-
-
-def _bare_name(expr: Expr) -> str | None:
-    if isinstance(expr, Neg):
-        expr = expr.operand
-    return expr.name if isinstance(expr, Ref) else None
-
-
-def _children(expr: Expr) -> tuple[Expr, ...]:
-    match expr:
-        case Neg(operand=e):
-            return (e,)
-        case BinOp(lhs=lhs, rhs=rhs):
-            return (lhs, rhs)
-        case Call(args=args):
-            return args
-    return ()
-
-
-def param_inits(
-    checked: ir.CheckedSpec, generator: torch.Generator | None = None
-) -> dict[str, ParamInit]:
-    """Initial value and storage of every param of a spec with all dims bound."""
-    spec = checked.spec
-    sizes = {d.name: d.value for d in spec.dims}
-    if any(v is None for v in sizes.values()):
-        raise ValueError(f"{spec.name}: bind every dim before initialising params")
-    decl = {t.name: t for t in spec.tensors if t.kind is ir.TensorKind.PARAM}
-    shapes = {n: tuple(size_of(s, sizes) for s in t.shape) for n, t in decl.items()}  # type: ignore[arg-type]
-    values, contexts = _decay_values(checked, decl, shapes, generator)
-    epilogue = frozenset().union(*(refs(e) for e in (spec.skip, spec.gate) if e is not None))
-    inits = {}
-    for name in decl:
-        value = values.get(name)
-        if value is None and name in epilogue:
-            value = torch.ones(shapes[name], dtype=torch.float64)
-        if value is None:
-            std = 1.0 / math.sqrt(shapes[name][-1])
-            value = std * torch.randn(shapes[name], dtype=torch.float64, generator=generator)
-        transform, sign = "plain", 1.0
-        if contexts.get(name) == "factor" and ((value > 0).all() or (value < 0).all()):
-            transform, sign = "log", float(value.flatten()[0].sign())
-        elif contexts.get(name) == "log" and ((value > 0) & (value < 1)).all():
-            transform = "loglog"
-        inits[name] = ParamInit(transform, sign, value.float())
-    return inits
-
-
-def _decay_values(
-    checked: ir.CheckedSpec,
-    decl: Mapping[str, ir.Tensor],
-    shapes: Mapping[str, tuple[int, ...]],
-    generator: torch.Generator | None,
-) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Initial values of the params the mask reads, and how each is read bare (`_bare`)."""
-    sizes = {d.name: d.value for d in checked.spec.dims}
-    params = frozenset(decl)
-    ranges = _TrainRanges(params, sizes, {})  # type: ignore[arg-type]
-    values: dict[str, Tensor] = {}
-    contexts: dict[str, str] = {}
-
-    def along(name: str, axis: ir.Size | None, f: Callable[[Tensor], Tensor]) -> Tensor:
-        """f(index along `axis`) in the param's shape (index 0 where it lacks the axis)."""
-        shape, axes = shapes[name], decl[name].shape
-        if axis not in axes:
-            return f(torch.zeros(shape, dtype=torch.float64))
-        i = axes.index(axis)
-        idx = torch.arange(shape[i], dtype=torch.float64)
-        return f(idx.view(-1, *([1] * (len(shape) - i - 1)))).expand(shape).clone()
-
-    def solve(expr: Expr, target: Callable[[str], Tensor]) -> None:
-        """Give the one param of `expr` the value that makes `expr` equal target(param)."""
-        leaves = refs(expr) & params
-        if len(leaves) == 1 and not refs(expr) - params - set(sizes):
-            (leaf,) = leaves
-            found = _invert(expr, target(leaf), sizes)  # type: ignore[arg-type]
-            if found is not None and torch.isfinite(found).all():
-                values[leaf] = found
-
-    match checked.spec.mask:
-        case ir.ConstDecay(log_gamma=e):
-            contexts.update(_bare(e, params))
-            solve(
-                e,
-                lambda p: along(p, checked.heads.decay, lambda h: torch.log1p(-(2.0 ** (-5 - h)))),
-            )
-            ranges.push(e, LOG_GAMMA)  # when not invertible
-        case ir.ScalarSemiseparable(log_a=e) | ir.DiagonalSemiseparable(log_a=e):
-            contexts.update(_bare(e, params))
-            ranges.push(e, LOG_DECAY)
-        case ir.Toeplitz(kernel=ir.LtiKernel(A=A, B=B, dt=dt)):
-            ranges.push(dt, LTI_DT)
-            if A is not None:
-                solve(A, lambda p: along(p, checked.state_size, lambda n: -(n + 1)))
-                if _bare_name(A) in params:
-                    contexts[_bare_name(A)] = "factor"  # type: ignore[index]
-            if B is not None and _bare_name(B) in params:
-                values[_bare_name(B)] = torch.ones(shapes[_bare_name(B)], dtype=torch.float64)  # type: ignore[index]
-    for name, interval in ranges.found.items():
-        if name not in params or name in values or interval is None:
-            continue
-        lo, hi = interval
-        if contexts.get(name) == "factor" and checked.state_size in decl[name].shape:
-            # S4D-real magnitudes along the state axis (Mamba-1's A).
-            values[name] = math.copysign(1.0, hi) * along(name, checked.state_size, lambda n: n + 1)
-        else:
-            u = torch.rand(shapes[name], dtype=torch.float64, generator=generator)
-            values[name] = lo + (hi - lo) * u
-    return values, contexts
-
-
 # ---------------------------------------------------------------- layers
 
 
@@ -361,7 +116,11 @@ class SequenceMixer(nn.Module):
     d_conv: kernel of the short causal conv on the query/key/value inputs (0: none);
     norm_groups: groups of the RMSNorm on y (default: one per head; 0: no norm);
     form/chunk_size: passed to the op; use_reference: run `ssmc.reference` (any dtype,
-    fp64 included) instead of the compiled op.
+    fp64 included) instead of the compiled op;
+    skip_init: initial value of the skip/gate params (Mamba's D; 1 as in Mamba);
+    gate_bias: when set, a learned bias (initialised to it) on the projected inputs only the
+    gate reads (Mamba-2's z), so silu(z) starts open and nearly uniform across tokens
+    (MQAR learns recall much sooner with skip_init=0, gate_bias=3: examples/mqar.py).
     """
 
     def __init__(
@@ -378,6 +137,8 @@ class SequenceMixer(nn.Module):
         form: str | None = None,
         chunk_size: int | None = None,
         use_reference: bool = False,
+        skip_init: float = 1.0,
+        gate_bias: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -408,7 +169,14 @@ class SequenceMixer(nn.Module):
             self.conv1d = nn.Conv1d(
                 conv_dim, conv_dim, d_conv, groups=conv_dim, padding=d_conv - 1, **factory
             )
-        self.inits = param_inits(self.checked)
+        gated = refs(s.gate) - mixed - mask_reads if s.gate is not None else set()
+        self.gate_names = (
+            [t.name for t in inputs if t.name in gated] if gate_bias is not None else []
+        )
+        if self.gate_names:
+            width = sum(self.widths[n] for n in self.gate_names)
+            self.gate_bias = nn.Parameter(torch.full((width,), float(gate_bias), **factory))
+        self.inits = param_inits(self.checked, skip_init=skip_init)
         self.params = nn.ParameterDict(
             {n: nn.Parameter(i.raw().to(**factory)) for n, i in self.inits.items()}
         )
@@ -425,6 +193,9 @@ class SequenceMixer(nn.Module):
         parts = dict(
             zip(self.widths, self.in_proj(u).split(list(self.widths.values()), -1), strict=True)
         )
+        if self.gate_names:
+            biases = self.gate_bias.split([self.widths[n] for n in self.gate_names])
+            parts.update({n: parts[n] + b for n, b in zip(self.gate_names, biases, strict=True)})
         if self.conv_names:
             xs = torch.cat([parts[n] for n in self.conv_names], -1)
             xs = F.silu(conv(xs)).split([self.widths[n] for n in self.conv_names], -1)

@@ -55,14 +55,40 @@ def test_shapes_and_gradients_reach_every_parameter(name: str) -> None:
         assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, pname
 
 
-@pytest.mark.parametrize("name", ["mamba2", "gla", "toeplitz"])
-def test_causal(name: str) -> None:
+def _reach(m: SequenceMixer, u: torch.Tensor, b: int, t: int) -> torch.Tensor:
+    """|d⟨w, y[b, t]⟩ / d u| summed over features, [batch, T]: which tokens y[b, t] reads."""
+    u = u.clone().requires_grad_(True)
+    w = torch.randn(u.shape[-1], dtype=u.dtype, generator=torch.Generator().manual_seed(t))
+    (m(u)[b, t] * w).sum().backward()
+    assert u.grad is not None
+    return u.grad.abs().sum(-1)
+
+
+def _assert_mixes_causally_along_seq(m: SequenceMixer, u: torch.Tensor) -> None:
+    """y[b, t] reads u[b, s] for s ≤ t only, some s beyond the conv's reach, never another row."""
+    T = u.shape[1]
+    for b, t in ((1, T - 2), (0, T - 1), (2, 5)):
+        reach = _reach(m, u, b, t)
+        others = torch.cat([reach[:b], reach[b + 1 :]])
+        assert (others == 0).all(), "mixes across the batch"
+        assert (reach[b, t + 1 :] == 0).all(), "reads later tokens"
+        assert (reach[b, : t + 1] > 0).all(), "misses earlier tokens"
+        # Past the causal conv's window only the op carries information.
+        assert reach[b, : t - m.d_conv].sum() > 1e-6 * reach[b].sum()
+
+
+@pytest.mark.parametrize("name", ["mamba2", "gla", "retnet", "toeplitz"])
+def test_mixes_causally_along_seq_never_across_batch(name: str) -> None:
     torch.manual_seed(0)
     m = mixer(name, use_reference=True).double()
-    u = torch.randn(1, 9, D_MODEL, dtype=torch.float64, requires_grad=True)
-    m(u)[0, 4].sum().backward()
-    assert u.grad is not None
-    assert (u.grad[0, 5:] == 0).all() and (u.grad[0, :5].abs().sum(-1) > 0).all()
+    _assert_mixes_causally_along_seq(m, torch.randn(3, 9, D_MODEL, dtype=torch.float64))
+
+
+@pytest.mark.interpret
+def test_op_mixes_causally_along_seq_never_across_batch() -> None:
+    torch.manual_seed(0)
+    m = mixer("mamba2", form="chunked", chunk_size=4)
+    _assert_mixes_causally_along_seq(m, torch.randn(3, 9, D_MODEL))
 
 
 def test_mamba2_init_ranges_and_signs_survive_training() -> None:
