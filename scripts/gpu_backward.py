@@ -31,7 +31,6 @@ if "--cpu" in sys.argv:  # before triton is imported anywhere
     os.environ["TRITON_INTERPRET"] = "1"
 
 import argparse  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
@@ -301,12 +300,10 @@ def layer_inputs(
 
 
 def import_mamba(source_dir: str | None) -> Callable[..., Any] | None:
-    """mamba_ssm's `mamba_chunk_scan_combined` through scripts/bench_ssd.py's importer."""
-    spec = importlib.util.spec_from_file_location("bench_ssd", ROOT / "scripts" / "bench_ssd.py")
-    assert spec is not None and spec.loader is not None
-    bench_ssd = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_ssd)
-    found: Callable[..., Any] | None = bench_ssd.import_mamba_ssd(source_dir)
+    """mamba_ssm's `mamba_chunk_scan_combined` through ssmc.bench_peers' importer."""
+    from ssmc.bench_peers import import_mamba as importer
+
+    found, _version = importer(source_dir)
     return found
 
 
