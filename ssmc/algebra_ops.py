@@ -31,13 +31,29 @@ class _Modules:
 
     def __init__(self, modules: list[Any]) -> None:
         object.__setattr__(self, "_modules", modules)
+        object.__setattr__(self, "_shadowed", {})
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._modules[0], name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        for m in self._modules:
+        missing = object()
+        for i, m in enumerate(self._modules):
+            self._shadowed.setdefault((i, name), getattr(m, name, missing))
             setattr(m, name, value)
+        self._shadowed.setdefault(("missing", name), missing)
+
+    def __delattr__(self, name: str) -> None:
+        """Undo __setattr__: each module gets back what it held before (pytest's monkeypatch
+        deletes an attribute it did not find on this object itself)."""
+        missing = self._shadowed.pop(("missing", name), None)
+        for i, m in enumerate(self._modules):
+            old = self._shadowed.pop((i, name), missing)
+            if old is missing:
+                if hasattr(m, name):
+                    delattr(m, name)
+            else:
+                setattr(m, name, old)
 
 
 class CompositeOp:

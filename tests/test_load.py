@@ -52,8 +52,11 @@ def test_seal_round_trips_and_detects_damage() -> None:
     assert L.unseal("") is None
 
 
-def test_cache_entry_is_written_once_and_sealed(tmp_path: Path) -> None:
+def test_cache_entry_is_written_once_and_sealed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     checked = parse_file(MAMBA2)
+    monkeypatch.setattr(L, "_MODULES", {})  # an earlier test may have loaded the same module
     module = L.load_module(checked, cache_dir=tmp_path)
     assert L.load_module(checked, cache_dir=tmp_path) is module
     entries = sorted(tmp_path.glob("mamba2_*.py"))
