@@ -28,7 +28,7 @@ from ssmc.expr import Expr, refs
 from ssmc.load import as_checked, load
 from ssmc.nn_init import ParamInit, param_inits
 from ssmc.pipeline import with_dims
-from ssmc.reference import reference
+from ssmc.reference import _decay_targets, reference
 
 MAMBA2_SPEC = """\
 # Mamba-2 (SSD), as examples/mamba2.ssm; Mamba2Block rebinds the dims.
@@ -146,6 +146,9 @@ class SequenceMixer(nn.Module):
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.checked = bind_dims(spec, d_model, expand=expand, headdim=headdim, dims=dims)
         s = self.checked.spec
+        # What the decay reads stays fp32 under autocast, as Mamba-2 runs dt (bf16 decays
+        # lose the state's precision over long spans).
+        self.decay_inputs = frozenset().union(*(refs(e) for e, _ in _decay_targets(s.mask)))
         self.sizes = {d.name: int(d.value) for d in s.dims if d.value is not None}
         self.d_model, self.form, self.chunk_size = d_model, form, chunk_size
         self.H = size_of(self.checked.heads.output, self.sizes)
@@ -200,6 +203,7 @@ class SequenceMixer(nn.Module):
             xs = torch.cat([parts[n] for n in self.conv_names], -1)
             xs = F.silu(conv(xs)).split([self.widths[n] for n in self.conv_names], -1)
             parts.update(zip(self.conv_names, xs, strict=True))
+        parts = {n: v.float() if n in self.decay_inputs else v for n, v in parts.items()}
         return {
             n: v.unflatten(-1, self.input_shapes[n]) if self.input_shapes[n] else v[..., 0]
             for n, v in parts.items()
