@@ -32,9 +32,8 @@ from ssmc.bench_peers import PEERS, Case, PeerCall, load_peers
 from ssmc.bench_timing import Timing, environment, measure, roofline
 from ssmc.bind import bind
 from ssmc.errors import SpecError, SsmcError
-from ssmc.expr import refs
 from ssmc.pipeline import parse_file, with_dims
-from ssmc.reference import _decay_targets, canonical_roles, random_inputs, reference
+from ssmc.reference import canonical_roles, decay_inputs, random_inputs, reference
 from ssmc.run import BOUNDS, DTYPES, relative_error
 
 _log = logging.getLogger(__name__)
@@ -189,8 +188,7 @@ def fp32_tensors(checked: ir.CheckedSpec) -> frozenset[str]:
     """Tensors kept in fp32 whatever the bench dtype: params and what the decay reads (the
     way Mamba-2 is run: bf16 x, B, C, z; fp32 dt, A, dt_bias, D)."""
     params = {t.name for t in checked.spec.tensors if t.kind is ir.TensorKind.PARAM}
-    decay = set().union(*(refs(e) for e, _ in _decay_targets(checked.spec.mask)))
-    return frozenset(params | decay)
+    return frozenset(params) | decay_inputs(checked.spec)
 
 
 def _interpreted() -> bool:

@@ -28,7 +28,7 @@ from ssmc.expr import Expr, refs
 from ssmc.load import as_checked, load
 from ssmc.nn_init import ParamInit, param_inits
 from ssmc.pipeline import with_dims
-from ssmc.reference import _decay_targets, reference
+from ssmc.reference import decay_inputs, reference
 
 MAMBA2_SPEC = """\
 # Mamba-2 (SSD), as examples/mamba2.ssm; Mamba2Block rebinds the dims.
@@ -148,7 +148,7 @@ class SequenceMixer(nn.Module):
         s = self.checked.spec
         # What the decay reads stays fp32 under autocast, as Mamba-2 runs dt (bf16 decays
         # lose the state's precision over long spans).
-        self.decay_inputs = frozenset().union(*(refs(e) for e, _ in _decay_targets(s.mask)))
+        self.decay_inputs = decay_inputs(s)
         self.sizes = {d.name: int(d.value) for d in s.dims if d.value is not None}
         self.d_model, self.form, self.chunk_size = d_model, form, chunk_size
         self.H = size_of(self.checked.heads.output, self.sizes)

@@ -29,6 +29,7 @@ from ssmc.bind import bind, size_of
 from ssmc.expr import Expr
 from ssmc.expr_torch import evaluate, squeeze_literals
 from ssmc.ir import BATCH, SEQ, CheckedSpec
+from ssmc.reference import _axis
 
 Op = Callable[..., tuple[Tensor, Tensor | None]]
 
@@ -170,11 +171,6 @@ def _roles(checked: CheckedSpec, tensors: Mapping[str, Tensor]) -> _Decay:
         y_axes = (BATCH, SEQ, _axis(heads.output, "head"), _axis(checked.head_dim, "P"))
         gate = evaluate(spec.gate, env, dims, y_axes)
     return _Decay(log_a, C, gate, H, N)
-
-
-def _axis(size: ir.Size | None, role: str) -> str:
-    """The axis name of a size: a dim's name, or a private name for a literal (size 1)."""
-    return size if isinstance(size, str) else f"1.{role}"
 
 
 def _to_heads(t: Tensor, H: int) -> Tensor:

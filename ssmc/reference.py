@@ -271,6 +271,11 @@ def _sizes(spec: ir.Spec, batch: int, seqlen: int, given: Mapping[str, int]) -> 
     return sizes
 
 
+def decay_inputs(spec: ir.Spec) -> frozenset[str]:
+    """Names of the tensors the mask's decay expressions read (kept fp32 under 16-bit runs)."""
+    return frozenset().union(*(refs(e) for e, _ in _decay_targets(spec.mask)))
+
+
 def _decay_targets(mask: ir.MaskExpr) -> list[tuple[Expr, tuple[float, float]]]:
     """Each decay expression of a mask with the range its value should take."""
     match mask:
