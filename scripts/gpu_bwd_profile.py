@@ -1,0 +1,67 @@
+"""Where forward + backward spends its GPU time: per-kernel CUDA time of ssmc and mamba_ssm.
+
+The Mamba-2 2.7B layer (H = 80, P = 64, N = 128, G = 1, bf16, batch 4, T = 4096), ten
+forward + backward steps under torch.profiler after a warm-up; prints the kernels sorted by
+total CUDA time, per step, for each implementation (mamba_ssm when its sdist is given).
+
+    python scripts/gpu_bwd_profile.py --mamba-src .whl/mamba/mamba_ssm-2.3.2.post1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_backward import MAMBA_27B, ROOT, import_mamba, layer_inputs  # noqa: E402
+
+from ssmc.load import load  # noqa: E402
+from ssmc.pipeline import parse_file, with_dims  # noqa: E402
+
+STEPS = 10
+
+
+def profile_steps(name: str, run, inputs: dict[str, torch.Tensor]) -> None:
+    """Print the kernels of STEPS forward + backward steps, by CUDA time per step."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    dy = torch.randn_like(inputs["x"])
+    for _ in range(3):
+        torch.autograd.backward(run(leaves), dy)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(STEPS):
+            torch.autograd.backward(run(leaves), dy)
+        torch.cuda.synchronize()
+    rows = [e for e in prof.key_averages() if e.device_time_total > 0]
+    rows.sort(key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in rows) / STEPS / 1000
+    print(f"\n== {name}: {total:.3f} ms of kernels per forward + backward")
+    for e in rows[:25]:
+        print(f"  {e.device_time_total / STEPS / 1000:8.3f} ms  x{e.count // STEPS:<3} {e.key[:90]}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mamba-src", default=None)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seqlen", type=int, default=4096)
+    args = parser.parse_args()
+    inputs = layer_inputs(args.batch, args.seqlen, MAMBA_27B, "cuda", torch.bfloat16)
+    op = load(with_dims(parse_file(ROOT / "examples" / "mamba2.ssm"), MAMBA_27B))
+    profile_steps("ssmc", lambda t: op(**t, form="chunked")[0], inputs)
+    mamba = import_mamba(args.mamba_src)
+    if mamba is not None:
+        def run_mamba(t):
+            out = mamba(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk_size=256, D=t["D"],
+                        z=t["z"], dt_bias=t["dt_bias"], dt_softplus=True)
+            return out[0] if isinstance(out, tuple) else out
+        profile_steps("mamba_ssm", run_mamba, inputs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
