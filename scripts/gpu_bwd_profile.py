@@ -44,6 +44,29 @@ def profile_steps(name: str, run, inputs: dict[str, torch.Tensor]) -> None:
         print(f"  {e.device_time_total / STEPS / 1000:8.3f} ms  x{e.count // STEPS:<3} {e.key[:90]}")
 
 
+def sweep_launch(op, inputs: dict[str, torch.Tensor]) -> None:
+    """Median ms of the fused backward alone (chunked_bwd) per launch option at this shape."""
+    import triton.testing
+
+    mod = op.module
+    x, B, C = inputs["x"], inputs["B"], inputs["C"]
+    H = x.shape[2]
+    dt = torch.nn.functional.softplus(inputs["dt"] + inputs["dt_bias"])
+    log_a = (dt * inputs["A"]).contiguous()
+    dy = torch.randn_like(x)
+    print("\n== chunked_bwd alone (ms, median) by launch option")
+    for opts in ({}, {"head_splits": 1}, {"head_splits": 4}, {"head_splits": 8},
+                 {"head_splits": 16}, {"num_warps": 4}, {"block_m": 32}, {"chunk_size": 128}):
+        def call(opts=opts):
+            mod.chunked_bwd(x, dt, log_a, B, C, heads=H, initial_state=None, cu_seqlens=None,
+                            dy=dy, dfinal=None, **opts)
+        try:
+            ms = triton.testing.do_bench(call, warmup=5, rep=40, return_mode="median")
+            print(f"  {ms:8.3f} ms  {opts or 'defaults'}", flush=True)
+        except Exception as exc:  # noqa: BLE001 — an option that cannot launch is reported
+            print(f"  failed   {opts}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mamba-src", default=None)
@@ -53,6 +76,7 @@ def main() -> int:
     inputs = layer_inputs(args.batch, args.seqlen, MAMBA_27B, "cuda", torch.bfloat16)
     op = load(with_dims(parse_file(ROOT / "examples" / "mamba2.ssm"), MAMBA_27B))
     profile_steps("ssmc", lambda t: op(**t, form="chunked")[0], inputs)
+    sweep_launch(op, inputs)
     mamba = import_mamba(args.mamba_src)
     if mamba is not None:
         def run_mamba(t):

@@ -1890,8 +1890,10 @@ class _AdjointSequences:
 
     def reverse_cumsum(self, t):
         """Σ_{k ≥ t, same sequence} t_k along seq; the running sums in fp64."""
-        wide = t.double()
-        total = wide.flip(1).cumsum(1).flip(1)
+        # seq moved innermost, where torch's scan is fastest: along T as an outer dim it
+        # took 0.75 ms a call at [4, 4096, 80] on the H100 (docs/gpu-runs.md, 2026-11-23)
+        wide = t.double().movedim(1, -1).flip(-1).contiguous()
+        total = wide.cumsum(-1).flip(-1).movedim(-1, 1)
         if not self.varlen:
             return total.to(t.dtype)
         # Σ_{k ≥ t} − Σ_{k ≥ end(t)}, with Σ_{k ≥ T} = 0
@@ -2247,49 +2249,68 @@ def chunked_bwd_dbc_kernel(
             if HAS_S:
                 b_x *= tl.load(p_s + (t0 + o_m) * stride_s_t, mask=m_m,
                                other=0.0).to(tl.float32)[:, None]
+            b_xf = b_x
             b_x = b_x.to(DOT_DTYPE)
             b_d = tl.dot(b_x, b_st, input_precision=DOT_PRECISION) * tl.exp(b_e - b_cc)[:, None]
-            for i_o in range(i_m, n_m):
-                o_o = i_o * BLOCK_M + o_j
-                m_o = o_o < n_t
-                b_co, b_unused = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_o, stride_a_b,
-                                                 stride_a_t, stride_a_g, HAS_DECAY, CHUNK, BLOCK_M)
-                b_yo = tl.load(p_y + (t0 + o_o)[:, None] * stride_y_t + o_p[None, :] * stride_y_p,
-                               mask=m_o[:, None] & m_p[None, :], other=0.0).to(DOT_DTYPE)
-                b_g = tl.dot(b_x, tl.trans(b_yo), input_precision=DOT_PRECISION)  # [j, i]
-                keep = (o_o[None, :] >= o_m[:, None]) & m_m[:, None] & m_o[None, :]
-                b_g = b_g * tl.exp(tl.where(keep, b_co[None, :] - b_cc[:, None], float("-inf")))
-                b_Co = tl.load(p_C + (t0 + o_o)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
-                               mask=m_o[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
-                b_d = tl.dot(b_g.to(DOT_DTYPE), b_Co, acc=b_d, input_precision=DOT_PRECISION)
+            for i_o in tl.static_range(n_m):  # unrolled (see the note above chunked_bwd)
+                if i_o >= i_m:
+                    o_o = i_o * BLOCK_M + o_j
+                    m_o = o_o < n_t
+                    b_co, b_unused = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_o, stride_a_b,
+                                                     stride_a_t, stride_a_g, HAS_DECAY, CHUNK, BLOCK_M)
+                    b_yo = tl.load(p_y + (t0 + o_o)[:, None] * stride_y_t + o_p[None, :] * stride_y_p,
+                                   mask=m_o[:, None] & m_p[None, :], other=0.0).to(DOT_DTYPE)
+                    b_g = tl.dot(b_x, tl.trans(b_yo), input_precision=DOT_PRECISION)  # [j, i]
+                    keep = (o_o[None, :] > o_m[:, None]) & m_m[:, None] & m_o[None, :]
+                    b_g = b_g * tl.exp(tl.where(keep, b_co[None, :] - b_cc[:, None], float("-inf")))
+                    b_Co = tl.load(p_C + (t0 + o_o)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
+                                   mask=m_o[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
+                    b_d = tl.dot(b_g.to(DOT_DTYPE), b_Co, acc=b_d, input_precision=DOT_PRECISION)
             b_k = tl.load(p_B + (t0 + o_m)[:, None] * stride_B_t + o_n[None, :] * stride_B_n,
                           mask=m_mn, other=0.0).to(tl.float32)
             acc_dcs -= tl.sum(b_k * b_d, axis=1)
+            # the diagonal j = i, (X̄_j·dY_j) C_j, in fp32 and outside dcs: it cancels exactly
+            # in C·dC − B·dB, so leaving it out keeps its rounding out of d log a
+            b_ym = tl.load(p_y + (t0 + o_m)[:, None] * stride_y_t + o_p[None, :] * stride_y_p,
+                           mask=m_mp, other=0.0).to(tl.float32)
+            b_Cm = tl.load(p_C + (t0 + o_m)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
+                           mask=m_mn, other=0.0).to(tl.float32)
+            b_d += tl.sum(b_xf * b_ym, axis=1)[:, None] * b_Cm
             i_g = i_h // Hk
         else:
             # rows i of this block: exp(cc_i) dY_i H_rᵀ + Σ_{j ≤ i} L_ij (dY_i·X̄_j) B_j
             b_y = tl.load(p_y + (t0 + o_m)[:, None] * stride_y_t + o_p[None, :] * stride_y_p,
                           mask=m_mp, other=0.0).to(DOT_DTYPE)
             b_d = tl.dot(b_y, b_st, input_precision=DOT_PRECISION) * tl.exp(b_cc)[:, None]
-            for i_o in range(0, i_m + 1):
-                o_o = i_o * BLOCK_M + o_j
-                m_o = o_o < n_t
-                b_co, b_unused = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_o, stride_a_b,
-                                                 stride_a_t, stride_a_g, HAS_DECAY, CHUNK, BLOCK_M)
-                b_xo = tl.load(p_x + (t0 + o_o)[:, None] * stride_x_t + o_p[None, :] * stride_x_p,
-                               mask=m_o[:, None] & m_p[None, :], other=0.0).to(tl.float32)
-                if HAS_S:
-                    b_xo *= tl.load(p_s + (t0 + o_o) * stride_s_t, mask=m_o,
-                                    other=0.0).to(tl.float32)[:, None]
-                b_g = tl.dot(b_y, tl.trans(b_xo.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
-                keep = (o_m[:, None] >= o_o[None, :]) & m_m[:, None] & m_o[None, :]
-                b_g = b_g * tl.exp(tl.where(keep, b_cc[:, None] - b_co[None, :], float("-inf")))
-                b_Bo = tl.load(p_B + (t0 + o_o)[:, None] * stride_B_t + o_n[None, :] * stride_B_n,
-                               mask=m_o[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
-                b_d = tl.dot(b_g.to(DOT_DTYPE), b_Bo, acc=b_d, input_precision=DOT_PRECISION)
+            for i_o in tl.static_range(n_m):  # unrolled (see the note above chunked_bwd)
+                if i_o <= i_m:
+                    o_o = i_o * BLOCK_M + o_j
+                    m_o = o_o < n_t
+                    b_co, b_unused = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_o, stride_a_b,
+                                                     stride_a_t, stride_a_g, HAS_DECAY, CHUNK, BLOCK_M)
+                    b_xo = tl.load(p_x + (t0 + o_o)[:, None] * stride_x_t + o_p[None, :] * stride_x_p,
+                                   mask=m_o[:, None] & m_p[None, :], other=0.0).to(tl.float32)
+                    if HAS_S:
+                        b_xo *= tl.load(p_s + (t0 + o_o) * stride_s_t, mask=m_o,
+                                        other=0.0).to(tl.float32)[:, None]
+                    b_g = tl.dot(b_y, tl.trans(b_xo.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+                    keep = (o_m[:, None] > o_o[None, :]) & m_m[:, None] & m_o[None, :]
+                    b_g = b_g * tl.exp(tl.where(keep, b_cc[:, None] - b_co[None, :], float("-inf")))
+                    b_Bo = tl.load(p_B + (t0 + o_o)[:, None] * stride_B_t + o_n[None, :] * stride_B_n,
+                                   mask=m_o[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
+                    b_d = tl.dot(b_g.to(DOT_DTYPE), b_Bo, acc=b_d, input_precision=DOT_PRECISION)
             b_q = tl.load(p_C + (t0 + o_m)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
                           mask=m_mn, other=0.0).to(tl.float32)
             acc_dcs += tl.sum(b_q * b_d, axis=1)
+            # the diagonal i = j, (dY_i·X̄_i) B_i, in fp32 and outside dcs (as in the dB branch)
+            b_xm = tl.load(p_x + (t0 + o_m)[:, None] * stride_x_t + o_p[None, :] * stride_x_p,
+                           mask=m_mp, other=0.0).to(tl.float32)
+            if HAS_S:
+                b_xm *= tl.load(p_s + (t0 + o_m) * stride_s_t, mask=m_m,
+                                other=0.0).to(tl.float32)[:, None]
+            b_Bm = tl.load(p_B + (t0 + o_m)[:, None] * stride_B_t + o_n[None, :] * stride_B_n,
+                           mask=m_mn, other=0.0).to(tl.float32)
+            b_d += tl.sum(b_y.to(tl.float32) * b_xm, axis=1)[:, None] * b_Bm
             i_g = i_h // Hq
         acc += b_d
         # a group's sum is complete at its last head (or this split's part of it at the
@@ -2357,19 +2378,20 @@ def chunked_bwd_dx_kernel(
                       mask=m_n[:, None] & m_p[None, :], other=0.0).to(DOT_DTYPE)
         b_d = tl.dot(b_B, b_L, input_precision=DOT_PRECISION) * tl.exp(b_e - b_cc)[:, None]
         # intra-chunk: Σ_{i ≥ j} L_ij (B_j·C_i) dY_i over query blocks from this one on
-        for i_o in range(i_m, n_m):
-            o_o = i_o * BLOCK_M + o_j
-            m_o = o_o < n_t
-            b_co, b_unused = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_o, stride_a_b,
-                                             stride_a_t, stride_a_g, HAS_DECAY, CHUNK, BLOCK_M)
-            b_Co = tl.load(p_C + (t0 + o_o)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
-                           mask=m_o[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
-            b_g = tl.dot(b_B, tl.trans(b_Co), input_precision=DOT_PRECISION)  # [j, i]
-            keep = (o_o[None, :] >= o_m[:, None]) & m_m[:, None] & m_o[None, :]
-            b_g = b_g * tl.exp(tl.where(keep, b_co[None, :] - b_cc[:, None], float("-inf")))
-            b_yo = tl.load(p_y + (t0 + o_o)[:, None] * stride_y_t + o_p[None, :] * stride_y_p,
-                           mask=m_o[:, None] & m_p[None, :], other=0.0).to(DOT_DTYPE)
-            b_d = tl.dot(b_g.to(DOT_DTYPE), b_yo, acc=b_d, input_precision=DOT_PRECISION)
+        for i_o in tl.static_range(n_m):  # unrolled (see the note above chunked_bwd)
+            if i_o >= i_m:
+                o_o = i_o * BLOCK_M + o_j
+                m_o = o_o < n_t
+                b_co, b_unused = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_o, stride_a_b,
+                                                 stride_a_t, stride_a_g, HAS_DECAY, CHUNK, BLOCK_M)
+                b_Co = tl.load(p_C + (t0 + o_o)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
+                               mask=m_o[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
+                b_g = tl.dot(b_B, tl.trans(b_Co), input_precision=DOT_PRECISION)  # [j, i]
+                keep = (o_o[None, :] >= o_m[:, None]) & m_m[:, None] & m_o[None, :]
+                b_g = b_g * tl.exp(tl.where(keep, b_co[None, :] - b_cc[:, None], float("-inf")))
+                b_yo = tl.load(p_y + (t0 + o_o)[:, None] * stride_y_t + o_p[None, :] * stride_y_p,
+                               mask=m_o[:, None] & m_p[None, :], other=0.0).to(DOT_DTYPE)
+                b_d = tl.dot(b_g.to(DOT_DTYPE), b_yo, acc=b_d, input_precision=DOT_PRECISION)
         acc += b_d
     # dx = dX̄ s, ds = Σ_p dX̄ x (this P tile's part)
     p_rows = i_b * stride_x_b + (t0 + o_m)[:, None] * stride_x_t + i_v * stride_x_g
