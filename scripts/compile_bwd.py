@@ -113,6 +113,7 @@ def main() -> int:
         "tiles": "*i64",
         "grad": f32,
         "dcs": f32,
+        "diag": f32,
     }
     for want_db in (False, True):
         consts = {

@@ -559,3 +559,30 @@ def test_fused_chunked_backward_long_chunks(case: Case, monkeypatch) -> None:
     """Chunks of 32 tokens walked in 16-token steps and cut into two 16-row blocks (the
     walk's sub-blocks, the row blocks' earlier and later blocks inside one chunk)."""
     fused_check(case, torch.float32, 1e-5, monkeypatch, chunk_size=32, block_t=16)
+
+
+def test_fused_chunked_backward_dot_dtype() -> None:
+    """16-bit dots only on a GPU and with several row blocks per chunk: a chunk of one row
+    block runs fp32 dots (Triton 3.6 miscompiled its 16-bit kernels on the H100)."""
+    module = fused_stage("scalar")
+    pick, tl = module._chunked_bwd_dot_dtype, module.tl
+    assert pick(torch.bfloat16, "cuda", 256, 64) == tl.bfloat16
+    assert pick(torch.float16, "cuda", 128, 64) == tl.float16
+    assert pick(torch.bfloat16, "cuda", 64, 64) == tl.float32
+    assert pick(torch.bfloat16, "cpu", 256, 64) == tl.float32
+    assert pick(torch.float32, "cuda", 256, 64) == tl.float32
+
+
+def test_fused_chunked_backward_diag_term() -> None:
+    """The diagonal products added back per group equal the per-head sum written out, for
+    groupings that nest and that do not (H = 6, groups of 3 and of 2)."""
+    module = fused_stage("scalar")
+    g = torch.Generator().manual_seed(7)
+    diag = torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
+    for G_other, groups in ((1, 6), (6, 1), (2, 3), (3, 2), (6, 6)):
+        other = torch.randn(2, 5, G_other, 4, generator=g, dtype=torch.float64)
+        want = torch.zeros(2, 5, groups, 4, dtype=torch.float64)
+        for h in range(6):
+            want[:, :, h // (6 // groups)] += diag[:, :, h, None] * other[:, :, h // (6 // G_other)]
+        got = module._chunked_bwd_diag_term(diag, other, groups)
+        assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-6), (G_other, groups)

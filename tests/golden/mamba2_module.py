@@ -37,6 +37,7 @@ LAST_FORM = None
 # (largest seq length, form, chunk size): the planner's cheapest form per length.
 _FORM_RULE = (
     (64, "recurrent", 64),
+    (512, "quadratic", 64),
     (None, "chunked", 128),
 )
 
@@ -2065,6 +2066,11 @@ def _adjoint_correlate(dy, x, L):
 #     dX̄_j = Σ_{i ≥ j} L_ij (B_j·C_i) dY_i + exp(cc_e − cc_j) Λ_rᵀ B_j
 #     dcs_t = C_t·dC_t − B_t·dB_t (per head, before any group sum); dlog a = its suffix sum
 #
+# The i = j terms of the intra-chunk sums, (dY_t·X̄_t) B_t in dC_t and (X̄_t·dY_t) C_t in dB_t,
+# cancel exactly in dcs_t; the kernels leave them out (strict triangles), so their rounding
+# never reaches dlog a, and chunked_bwd adds them to dC, dB afterwards in fp32 from the
+# per-head products dY_t·X̄_t the dB launch stores ([b, T, H], no N).
+#
 # (docs/backward.md derives these; the sums over i, j stay inside the chunk.) Three launches:
 #   chunked_bwd_walk   H_r forward and Λ_r backward along each sequence, one state in
 #                      registers per (sequence, head, N tile × P tile), 64-token steps;
@@ -2186,7 +2192,7 @@ def _chunked_bwd_cc(log_a, i_b, t0, n_t, g, o_rows, stride_a_b, stride_a_t, stri
 
 @triton.jit
 def chunked_bwd_dbc_kernel(
-    x, s, log_a, B, C, dy, states, tiles, grad, dcs,
+    x, s, log_a, B, C, dy, states, tiles, grad, dcs, diag,
     stride_x_b, stride_x_t, stride_x_g, stride_x_p,
     stride_s_b, stride_s_t, stride_s_g,
     stride_a_b, stride_a_t, stride_a_g,
@@ -2195,6 +2201,7 @@ def chunked_bwd_dbc_kernel(
     stride_y_b, stride_y_t, stride_y_h, stride_y_p,
     stride_o_s, stride_o_b, stride_o_t, stride_o_g, stride_o_n,
     stride_c_s, stride_c_k, stride_c_b, stride_c_t, stride_c_g,
+    stride_d_b, stride_d_t,
     H, N, P, Hl, Hs, n_split, Hv, Hk, Hq, Hd,
     WANT_DB: tl.constexpr, HAS_S: tl.constexpr, HAS_DECAY: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
@@ -2249,68 +2256,58 @@ def chunked_bwd_dbc_kernel(
             if HAS_S:
                 b_x *= tl.load(p_s + (t0 + o_m) * stride_s_t, mask=m_m,
                                other=0.0).to(tl.float32)[:, None]
-            b_xf = b_x
+            if i_n == 0:
+                # the diagonal j = i, L_jj (X̄_j·dY_j) = X̄_j·dY_j, per head in fp32: the strict
+                # masks below and in the dC branch leave it out of dB and dC (it cancels exactly
+                # in C·dC − B·dB, so its rounding stays out of d log a); chunked_bwd adds C, B
+                # times its group sums
+                b_ym = tl.load(p_y + (t0 + o_m)[:, None] * stride_y_t + o_p[None, :] * stride_y_p,
+                               mask=m_mp, other=0.0).to(tl.float32)
+                tl.store(diag + i_b * stride_d_b + (t0 + o_m) * stride_d_t + i_h,
+                         tl.sum(b_x * b_ym, axis=1), mask=m_m)
             b_x = b_x.to(DOT_DTYPE)
             b_d = tl.dot(b_x, b_st, input_precision=DOT_PRECISION) * tl.exp(b_e - b_cc)[:, None]
-            for i_o in tl.static_range(n_m):  # unrolled (see the note above chunked_bwd)
-                if i_o >= i_m:
-                    o_o = i_o * BLOCK_M + o_j
-                    m_o = o_o < n_t
-                    b_co, b_unused = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_o, stride_a_b,
-                                                     stride_a_t, stride_a_g, HAS_DECAY, CHUNK, BLOCK_M)
-                    b_yo = tl.load(p_y + (t0 + o_o)[:, None] * stride_y_t + o_p[None, :] * stride_y_p,
-                                   mask=m_o[:, None] & m_p[None, :], other=0.0).to(DOT_DTYPE)
-                    b_g = tl.dot(b_x, tl.trans(b_yo), input_precision=DOT_PRECISION)  # [j, i]
-                    keep = (o_o[None, :] > o_m[:, None]) & m_m[:, None] & m_o[None, :]
-                    b_g = b_g * tl.exp(tl.where(keep, b_co[None, :] - b_cc[:, None], float("-inf")))
-                    b_Co = tl.load(p_C + (t0 + o_o)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
-                                   mask=m_o[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
-                    b_d = tl.dot(b_g.to(DOT_DTYPE), b_Co, acc=b_d, input_precision=DOT_PRECISION)
+            for i_o in range(i_m, n_m):
+                o_o = i_o * BLOCK_M + o_j
+                m_o = o_o < n_t
+                b_co, b_unused = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_o, stride_a_b,
+                                                 stride_a_t, stride_a_g, HAS_DECAY, CHUNK, BLOCK_M)
+                b_yo = tl.load(p_y + (t0 + o_o)[:, None] * stride_y_t + o_p[None, :] * stride_y_p,
+                               mask=m_o[:, None] & m_p[None, :], other=0.0).to(DOT_DTYPE)
+                b_g = tl.dot(b_x, tl.trans(b_yo), input_precision=DOT_PRECISION)  # [j, i]
+                keep = (o_o[None, :] > o_m[:, None]) & m_m[:, None] & m_o[None, :]
+                b_g = b_g * tl.exp(tl.where(keep, b_co[None, :] - b_cc[:, None], float("-inf")))
+                b_Co = tl.load(p_C + (t0 + o_o)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
+                               mask=m_o[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
+                b_d = tl.dot(b_g.to(DOT_DTYPE), b_Co, acc=b_d, input_precision=DOT_PRECISION)
             b_k = tl.load(p_B + (t0 + o_m)[:, None] * stride_B_t + o_n[None, :] * stride_B_n,
                           mask=m_mn, other=0.0).to(tl.float32)
             acc_dcs -= tl.sum(b_k * b_d, axis=1)
-            # the diagonal j = i, (X̄_j·dY_j) C_j, in fp32 and outside dcs: it cancels exactly
-            # in C·dC − B·dB, so leaving it out keeps its rounding out of d log a
-            b_ym = tl.load(p_y + (t0 + o_m)[:, None] * stride_y_t + o_p[None, :] * stride_y_p,
-                           mask=m_mp, other=0.0).to(tl.float32)
-            b_Cm = tl.load(p_C + (t0 + o_m)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
-                           mask=m_mn, other=0.0).to(tl.float32)
-            b_d += tl.sum(b_xf * b_ym, axis=1)[:, None] * b_Cm
             i_g = i_h // Hk
         else:
             # rows i of this block: exp(cc_i) dY_i H_rᵀ + Σ_{j ≤ i} L_ij (dY_i·X̄_j) B_j
             b_y = tl.load(p_y + (t0 + o_m)[:, None] * stride_y_t + o_p[None, :] * stride_y_p,
                           mask=m_mp, other=0.0).to(DOT_DTYPE)
             b_d = tl.dot(b_y, b_st, input_precision=DOT_PRECISION) * tl.exp(b_cc)[:, None]
-            for i_o in tl.static_range(n_m):  # unrolled (see the note above chunked_bwd)
-                if i_o <= i_m:
-                    o_o = i_o * BLOCK_M + o_j
-                    m_o = o_o < n_t
-                    b_co, b_unused = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_o, stride_a_b,
-                                                     stride_a_t, stride_a_g, HAS_DECAY, CHUNK, BLOCK_M)
-                    b_xo = tl.load(p_x + (t0 + o_o)[:, None] * stride_x_t + o_p[None, :] * stride_x_p,
-                                   mask=m_o[:, None] & m_p[None, :], other=0.0).to(tl.float32)
-                    if HAS_S:
-                        b_xo *= tl.load(p_s + (t0 + o_o) * stride_s_t, mask=m_o,
-                                        other=0.0).to(tl.float32)[:, None]
-                    b_g = tl.dot(b_y, tl.trans(b_xo.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
-                    keep = (o_m[:, None] > o_o[None, :]) & m_m[:, None] & m_o[None, :]
-                    b_g = b_g * tl.exp(tl.where(keep, b_cc[:, None] - b_co[None, :], float("-inf")))
-                    b_Bo = tl.load(p_B + (t0 + o_o)[:, None] * stride_B_t + o_n[None, :] * stride_B_n,
-                                   mask=m_o[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
-                    b_d = tl.dot(b_g.to(DOT_DTYPE), b_Bo, acc=b_d, input_precision=DOT_PRECISION)
+            for i_o in range(0, i_m + 1):
+                o_o = i_o * BLOCK_M + o_j
+                m_o = o_o < n_t
+                b_co, b_unused = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_o, stride_a_b,
+                                                 stride_a_t, stride_a_g, HAS_DECAY, CHUNK, BLOCK_M)
+                b_xo = tl.load(p_x + (t0 + o_o)[:, None] * stride_x_t + o_p[None, :] * stride_x_p,
+                               mask=m_o[:, None] & m_p[None, :], other=0.0).to(tl.float32)
+                if HAS_S:
+                    b_xo *= tl.load(p_s + (t0 + o_o) * stride_s_t, mask=m_o,
+                                    other=0.0).to(tl.float32)[:, None]
+                b_g = tl.dot(b_y, tl.trans(b_xo.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+                keep = (o_m[:, None] > o_o[None, :]) & m_m[:, None] & m_o[None, :]
+                b_g = b_g * tl.exp(tl.where(keep, b_cc[:, None] - b_co[None, :], float("-inf")))
+                b_Bo = tl.load(p_B + (t0 + o_o)[:, None] * stride_B_t + o_n[None, :] * stride_B_n,
+                               mask=m_o[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
+                b_d = tl.dot(b_g.to(DOT_DTYPE), b_Bo, acc=b_d, input_precision=DOT_PRECISION)
             b_q = tl.load(p_C + (t0 + o_m)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
                           mask=m_mn, other=0.0).to(tl.float32)
             acc_dcs += tl.sum(b_q * b_d, axis=1)
-            # the diagonal i = j, (dY_i·X̄_i) B_i, in fp32 and outside dcs (as in the dB branch)
-            b_xm = tl.load(p_x + (t0 + o_m)[:, None] * stride_x_t + o_p[None, :] * stride_x_p,
-                           mask=m_mp, other=0.0).to(tl.float32)
-            if HAS_S:
-                b_xm *= tl.load(p_s + (t0 + o_m) * stride_s_t, mask=m_m,
-                                other=0.0).to(tl.float32)[:, None]
-            b_Bm = tl.load(p_B + (t0 + o_m)[:, None] * stride_B_t + o_n[None, :] * stride_B_n,
-                           mask=m_mn, other=0.0).to(tl.float32)
-            b_d += tl.sum(b_y.to(tl.float32) * b_xm, axis=1)[:, None] * b_Bm
             i_g = i_h // Hq
         acc += b_d
         # a group's sum is complete at its last head (or this split's part of it at the
@@ -2378,20 +2375,19 @@ def chunked_bwd_dx_kernel(
                       mask=m_n[:, None] & m_p[None, :], other=0.0).to(DOT_DTYPE)
         b_d = tl.dot(b_B, b_L, input_precision=DOT_PRECISION) * tl.exp(b_e - b_cc)[:, None]
         # intra-chunk: Σ_{i ≥ j} L_ij (B_j·C_i) dY_i over query blocks from this one on
-        for i_o in tl.static_range(n_m):  # unrolled (see the note above chunked_bwd)
-            if i_o >= i_m:
-                o_o = i_o * BLOCK_M + o_j
-                m_o = o_o < n_t
-                b_co, b_unused = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_o, stride_a_b,
-                                                 stride_a_t, stride_a_g, HAS_DECAY, CHUNK, BLOCK_M)
-                b_Co = tl.load(p_C + (t0 + o_o)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
-                               mask=m_o[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
-                b_g = tl.dot(b_B, tl.trans(b_Co), input_precision=DOT_PRECISION)  # [j, i]
-                keep = (o_o[None, :] >= o_m[:, None]) & m_m[:, None] & m_o[None, :]
-                b_g = b_g * tl.exp(tl.where(keep, b_co[None, :] - b_cc[:, None], float("-inf")))
-                b_yo = tl.load(p_y + (t0 + o_o)[:, None] * stride_y_t + o_p[None, :] * stride_y_p,
-                               mask=m_o[:, None] & m_p[None, :], other=0.0).to(DOT_DTYPE)
-                b_d = tl.dot(b_g.to(DOT_DTYPE), b_yo, acc=b_d, input_precision=DOT_PRECISION)
+        for i_o in range(i_m, n_m):
+            o_o = i_o * BLOCK_M + o_j
+            m_o = o_o < n_t
+            b_co, b_unused = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_o, stride_a_b,
+                                             stride_a_t, stride_a_g, HAS_DECAY, CHUNK, BLOCK_M)
+            b_Co = tl.load(p_C + (t0 + o_o)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
+                           mask=m_o[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
+            b_g = tl.dot(b_B, tl.trans(b_Co), input_precision=DOT_PRECISION)  # [j, i]
+            keep = (o_o[None, :] >= o_m[:, None]) & m_m[:, None] & m_o[None, :]
+            b_g = b_g * tl.exp(tl.where(keep, b_co[None, :] - b_cc[:, None], float("-inf")))
+            b_yo = tl.load(p_y + (t0 + o_o)[:, None] * stride_y_t + o_p[None, :] * stride_y_p,
+                           mask=m_o[:, None] & m_p[None, :], other=0.0).to(DOT_DTYPE)
+            b_d = tl.dot(b_g.to(DOT_DTYPE), b_yo, acc=b_d, input_precision=DOT_PRECISION)
         acc += b_d
     # dx = dX̄ s, ds = Σ_p dX̄ x (this P tile's part)
     p_rows = i_b * stride_x_b + (t0 + o_m)[:, None] * stride_x_t + i_v * stride_x_g
@@ -2407,6 +2403,28 @@ def chunked_bwd_dx_kernel(
 
 
 _CHUNKED_BWD_DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _chunked_bwd_diag_term(diag, other, groups):
+    """Σ over the heads h of each of `groups` head groups of diag_h · other[group of h], fp32
+    [b, T, groups, N]: diag [b, T, H], other [b, T, G, N] (B for dC, C for dB). Heads are
+    consecutive runs in every grouping, so lcm(G, groups) groups refine both."""
+    H = diag.shape[2]
+    G = other.shape[2]
+    L = G * groups // math.gcd(G, groups)
+    d = diag.unflatten(2, (L, H // L)).sum(3)
+    o = other.float().repeat_interleave(L // G, dim=2) if L > G else other.float()
+    return (o * d[..., None]).unflatten(2, (groups, L // groups)).sum(3)
+
+
+def _chunked_bwd_dot_dtype(dtype, device_type, chunk, block_m):
+    """The dots' input dtype: x's when 16-bit, else fp32 (IEEE). fp32 as well on the CPU (the
+    Triton interpreter's bf16 dot is wrong) and when a chunk is one row block: there Triton
+    3.6 on the H100 miscompiles the 16-bit kernels (an illegal access in chunked_bwd_dx, NaN
+    at N = 64), while fp32 dots pass at the same shapes (docs/gpu-runs.md, 2026-11-23)."""
+    if device_type == "cpu" or chunk == block_m:
+        return tl.float32
+    return _CHUNKED_BWD_DOT.get(dtype, tl.float32)
 
 
 def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfinal,
@@ -2435,9 +2453,6 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
             dh0 = torch.zeros(initial_state.shape, **f32) if dfinal is None else dfinal.float().clone()
         return (zeros[0], None if s is None else torch.zeros(s.shape, **f32),
                 None if log_a is None else torch.zeros(log_a.shape, **f32), zeros[1], zeros[2], dh0)
-    dot_dtype = _CHUNKED_BWD_DOT.get(x.dtype, tl.float32)
-    if device.type == "cpu":
-        dot_dtype = tl.float32  # the Triton interpreter's bf16 dot is wrong (triton 3.x)
     precision = "ieee"
     # Q: the chunk of the stored states (R·H·N·P each for H_r and Λ_r: 256 halves them
     # against 128 on long sequences, as mamba_ssm's chunk 256), not the forward's chunk
@@ -2446,6 +2461,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     block_m = block_m or min(Q, 64)
     block_n = block_n or max(16, min(64, triton.next_power_of_2(N)))
     block_p = block_p or max(16, min(64, triton.next_power_of_2(P)))
+    dot_dtype = _chunked_bwd_dot_dtype(x.dtype, device.type, Q, block_m)
     full_n = max(16, triton.next_power_of_2(N))
     full_p = max(16, triton.next_power_of_2(P))
     tiles, first = seq_tiles(cu_seqlens, batch, T, Q, device)
@@ -2501,14 +2517,17 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     alloc = torch.zeros if splits > 1 else torch.empty
     # dcs = C·dC − B·dB: the dC launch writes its part in slots [0, splits), dB's after
     dcs = alloc((2 * splits, n_nt, batch, T, Gd), **f32) if log_a is not None else None
+    # dY_t·X̄_t per head: the diagonal of the intra-chunk products, left out of the kernels'
+    # dB, dC (see chunked_bwd_dbc) and added here in fp32
+    diag = torch.empty((batch, T, H), **f32)
     grads = []
     for want_db, states, G in ((False, fwd_states, Gq), (True, adj_states, Gk)):
         part = alloc((splits, batch, T, G, N), **f32)
         slots = dcs[splits:] if want_db and dcs is not None else dcs
         chunked_bwd_dbc_kernel[(R * n_m, Gl * splits, n_nt)](
             x, s_arg, a_arg, B, C, dy, states, tiles, part,
-            slots if slots is not None else part, *common, *part.stride(),
-            *(slots.stride() if slots is not None else zero4 + (0,)),
+            slots if slots is not None else part, diag, *common, *part.stride(),
+            *(slots.stride() if slots is not None else zero4 + (0,)), *diag.stride()[:2],
             H, N, P, Hl, Hs, splits, H // Gv, H // Gk, H // Gq, H // Gd,
             WANT_DB=want_db, HAS_S=s is not None, BLOCK_M=block_m, BLOCK_N=block_n,
             BLOCK_P=full_p, num_warps=num_warps or 8, **consts,
@@ -2516,6 +2535,9 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
         grads.append(part[0] if splits == 1 else part.sum(0))
         del part
     dC, dB = grads
+    dC += _chunked_bwd_diag_term(diag, B, Gq)
+    dB += _chunked_bwd_diag_term(diag, C, Gk)
+    del diag
     del fwd_states
     n_pt = triton.cdiv(P, block_p)
     # dx in x's dtype when 16-bit (its gradient's dtype in the end), else fp32
