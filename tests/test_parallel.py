@@ -2,7 +2,8 @@
 
 Two gloo processes each run half of the sequence (tests/parallel_worker.py); their outputs,
 the last rank's final state and every gradient (per-token tensors concatenated, parameter
-gradients summed over ranks) must match one process running the whole sequence.
+gradients summed over ranks) must match one process running the whole sequence. The
+state-only pass is checked on its own, in process, against the reference's final state.
 """
 
 from __future__ import annotations
@@ -16,17 +17,30 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssmc.parallel import ContextParallel, ContextParallelError
+from ssmc.parallel import ContextParallel, ContextParallelError, StatePass
 from ssmc.pipeline import parse, parse_file, with_dims
 from ssmc.reference import random_inputs, reference
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).with_name("parallel_worker.py")
 CASES = {
-    "mamba2": ("mamba2.ssm", "H=4,G=2,N=4,P=4"),
-    "gla": ("gla.ssm", "H=2,N=4,P=4"),
-    "retnet": ("retnet.ssm", "H=2,N=4,P=4"),
+    "mamba2": ("mamba2.ssm", "H=4,G=2,N=4,P=4"),  # scalar decay, B and C shared by 2 heads
+    "gla": ("gla.ssm", "H=2,N=4,P=4"),  # diagonal decay
+    "retnet": ("retnet.ssm", "H=2,N=4,P=4"),  # constant decay
+    "linear_attention": ("linear_attention.ssm", "H=2,N=4,P=4"),  # causal: no decay
+    "mqa": ("mqa.ssm", "H=4,G=2,N=4,P=4"),  # x and B shared by 2 heads, C per head
 }
+
+
+def _spec(case: str, tmp_path: Path) -> Path:
+    """The case's spec file; mqa gains the initial_state flag context parallelism needs."""
+    name = CASES[case][0]
+    text = (ROOT / "examples" / name).read_text()
+    if "\ninitial_state\n" in text:
+        return ROOT / "examples" / name
+    path = tmp_path / name
+    path.write_text(text.replace("final_state\n", "initial_state\nfinal_state\n"))
+    return path
 
 
 def _free_port() -> int:
@@ -35,7 +49,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_ranks(spec: Path, dims: str, mode: str, dtype: str, out: Path, world: int = 2) -> None:
+def _run_ranks(
+    spec: Path, dims: str, mode: str, dtype: str, out: Path, world: int = 2, seqlen: int = 16
+) -> None:
     env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
@@ -44,7 +60,7 @@ def _run_ranks(spec: Path, dims: str, mode: str, dtype: str, out: Path, world: i
         "PYTHONPATH": str(ROOT),
     }
     cmd = [sys.executable, str(WORKER), str(spec), "--dims", dims, "--mode", mode]
-    cmd += ["--dtype", dtype, "--out", str(out)]
+    cmd += ["--dtype", dtype, "--out", str(out), "--seqlen", str(seqlen)]
     procs = [
         subprocess.Popen(cmd, env={**env, "RANK": str(r)}, stderr=subprocess.PIPE, text=True)
         for r in range(world)
@@ -95,21 +111,82 @@ def _compare(out: Path, want: dict, bound: float, world: int = 2) -> None:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_two_ranks_match_one_reference(case: str, tmp_path: Path) -> None:
-    spec, dims = CASES[case]
-    _run_ranks(ROOT / "examples" / spec, dims, "reference", "float64", tmp_path)
-    _compare(tmp_path, _single(ROOT / "examples" / spec, dims), 1e-10)
+    spec, dims = _spec(case, tmp_path), CASES[case][1]
+    _run_ranks(spec, dims, "reference", "float64", tmp_path)
+    _compare(tmp_path, _single(spec, dims), 1e-10)
+
+
+def test_three_ranks_fold_the_earlier_states(tmp_path: Path) -> None:
+    """Rank 2 enters with rank 1's state plus rank 0's decayed across rank 1."""
+    spec, dims = _spec("mamba2", tmp_path), CASES["mamba2"][1]
+    _run_ranks(spec, dims, "reference", "float64", tmp_path, world=3, seqlen=24)
+    _compare(tmp_path, _single(spec, dims, seqlen=24), 1e-10, world=3)
 
 
 @pytest.mark.interpret
-def test_two_ranks_of_generated_kernels(tmp_path: Path) -> None:
-    spec, dims = CASES["mamba2"]
-    _run_ranks(ROOT / "examples" / spec, dims, "op", "float32", tmp_path)
-    _compare(tmp_path, _single(ROOT / "examples" / spec, dims), 1e-4)
+@pytest.mark.parametrize("case", ["mamba2", "linear_attention"])
+def test_two_ranks_of_generated_kernels(case: str, tmp_path: Path) -> None:
+    spec, dims = _spec(case, tmp_path), CASES[case][1]
+    _run_ranks(spec, dims, "op", "float32", tmp_path)
+    _compare(tmp_path, _single(spec, dims), 1e-4)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_state_pass_is_the_final_state_from_zero(case: str, tmp_path: Path) -> None:
+    """S⁰ + exp(Σ log a) ⊙ h0 is the reference's final state from h0, values and gradients."""
+    checked = _checked(_spec(case, tmp_path), CASES[case][1])
+    gen = torch.Generator().manual_seed(1)
+    inputs = random_inputs(checked, batch=2, seqlen=11, generator=gen)
+    h0 = inputs.pop("initial_state")
+    w = torch.randn(h0.shape, generator=gen, dtype=torch.float64)
+    mine = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    theirs = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    left, log_total = StatePass(checked)(mine, torch.float64)
+    got = left + log_total.exp().unsqueeze(-1) * h0
+    _, want = reference(checked, "recurrent")(initial_state=h0, **theirs)
+    assert _rel(got, want) < 1e-12, f"state: {_rel(got, want):.2e}"
+    (got * w).sum().backward()
+    (want * w).sum().backward()
+    for name, t in theirs.items():  # C (the query) does not reach the state: no gradient
+        if t.grad is None:
+            assert mine[name].grad is None, f"grad of {name}"
+        else:
+            assert _rel(mine[name].grad, t.grad) < 1e-12, f"grad of {name}"
+
+
+def test_state_pass_of_bf16_inputs_is_fp32(tmp_path: Path) -> None:
+    """16-bit inputs: the matmul's result stays fp32 (a bf16 state would round the hand-off)."""
+    checked = _checked(_spec("mamba2", tmp_path), CASES["mamba2"][1])
+    gen = torch.Generator().manual_seed(2)
+    inputs = random_inputs(checked, batch=1, seqlen=64, generator=gen)
+    inputs.pop("initial_state")
+    half = {k: v.to(torch.bfloat16) if k in ("x", "B") else v for k, v in inputs.items()}
+    want, _ = StatePass(checked)(inputs, torch.float64)
+    got, _ = StatePass(checked)(half, torch.float32)
+    assert got.dtype == torch.float32
+    assert _rel(got, want) < 2e-2
+
+
+def _checked(spec: Path, dims: str):  # noqa: ANN202
+    parsed = dict((k, int(v)) for k, v in (kv.split("=") for kv in dims.split(",")))
+    return with_dims(parse_file(spec), parsed)
 
 
 def test_toeplitz_is_refused() -> None:
     checked = parse_file(ROOT / "examples" / "s4d.ssm")
     with pytest.raises(ContextParallelError, match="Toeplitz"):
+        ContextParallel(checked, reference(checked))
+
+
+def test_spec_without_initial_state_is_refused() -> None:
+    checked = parse_file(ROOT / "examples" / "mqa.ssm")
+    with pytest.raises(ContextParallelError, match="initial_state"):
+        ContextParallel(checked, reference(checked))
+
+
+def test_composite_mask_is_refused() -> None:
+    checked = parse_file(ROOT / "examples" / "mamba2_2ss.ssm")
+    with pytest.raises(ContextParallelError, match="composite"):
         ContextParallel(checked, reference(checked))
 
 
