@@ -350,12 +350,24 @@ def render_module(checked: ir.CheckedSpec, *, versions: Mapping[str, str] | None
     )
 
 
+def backward_path(checked: ir.CheckedSpec) -> str:
+    """The stage the module's core backward runs for 16/32-bit inputs: "chunked_bwd" (a scalar
+    or no decay with the chunked form), "chunked_diag_bwd" (a diagonal decay with the chunked
+    form), else "adjoint" (the three-SMA core_backward / toeplitz_backward, which fp64 inputs
+    always take)."""
+    decay = decay_kind(checked)
+    if ir.Form.CHUNKED not in available_forms(checked):
+        return "adjoint"
+    if decay in ("scalar", "none"):
+        return "chunked_bwd"
+    if decay == "diagonal" and stage_exists("chunked_diag_bwd"):
+        return "chunked_diag_bwd"
+    return "adjoint"
+
+
 def fused_backward(checked: ir.CheckedSpec) -> bool:
-    """Whether the module's backward is the fused chunked one (chunked_bwd): a scalar or no
-    decay with the chunked form; otherwise the three-SMA adjoint."""
-    return decay_kind(checked) in ("scalar", "none") and ir.Form.CHUNKED in available_forms(
-        checked
-    )
+    """Whether the module's backward is a fused chunked one (`backward_path` not "adjoint")."""
+    return backward_path(checked) != "adjoint"
 
 
 def _backward_stages(
@@ -364,8 +376,9 @@ def _backward_stages(
     epi_bwd: Backward | None,
     stage_ctx: Mapping[str, object],
 ) -> list[str]:
-    """The stages only the backward uses: elementwise gradients, the adjoint, and the
-    scalar-decay chunked forward of a diagonal spec."""
+    """The stages only the backward uses: elementwise gradients, the adjoint, the fused
+    chunked backward of `backward_path`, and the scalar-decay chunked forward of a diagonal
+    spec (core_backward's SMAs 2 and 3, for fp64 inputs)."""
     spec = checked.spec
     pro_bwd = prologue_backward(checked, pro)
     stages = [
@@ -384,8 +397,11 @@ def _backward_stages(
             )
         )
     stages.append(render_stage("adjoint"))
-    if fused_backward(checked):
+    path = backward_path(checked)
+    if path == "chunked_bwd":
         stages.append(render_stage("chunked_bwd", decay=stage_ctx["decay"]))
+    elif path == "chunked_diag_bwd":  # reads the chunked_diag stage's cumsum, intra, seq_tiles
+        stages.append(render_stage("chunked_diag_bwd"))
     if stage_ctx["decay"] == "diagonal":
         stages.append(render_stage("chunked", **{**stage_ctx, "decay": "scalar"}))
     return stages

@@ -1,0 +1,416 @@
+"""The fused chunked backward for diagonal decays (stage chunked_diag_bwd) and its selection.
+
+`chunked_diag_bwd` is checked against autograd of the fp64 recurrent form (every gradient:
+dx, ds, dlog a, dB, dC, dh0), with several chunks and row blocks per sequence, packed
+sequences, shared heads and strong decays; every buffer the stage allocates starts as NaN
+and is recorded, to show that no per-head [b, T, H, N] buffer of a shared role exists. The
+generated modules of examples/gla.ssm, examples/mamba1.ssm and a shared-head diagonal spec
+then run it through `backward` against the fp64 reference of the whole spec.
+"""
+
+import os
+
+import torch
+
+# triton.jit reads the variable when a kernel is decorated: set before any stage is loaded.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import functools
+import math
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ssmc import forms_torch, ir
+from ssmc.load import load, load_source
+from ssmc.pipeline import parse, parse_file, with_dims
+from ssmc.reference import random_inputs, reference
+from ssmc.render import backward_path, render_module, render_stage
+
+HEADER = "import math\nimport torch\nimport triton\nimport triton.language as tl\n\n"
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ (‖out − ref‖ where ref is exactly 0)."""
+    diff = (out.double().cpu() - ref).norm().item()
+    scale = ref.norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+class RecordingTorch:
+    """torch for a stage module: float buffers it allocates start as NaN, their shapes recorded."""
+
+    def __init__(self) -> None:
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(torch, name)
+
+    def _poison(self, out: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(tuple(out.shape))
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    def empty(self, *args, **kwargs) -> torch.Tensor:
+        return self._poison(torch.empty(*args, **kwargs))
+
+    def empty_like(self, *args, **kwargs) -> torch.Tensor:
+        return self._poison(torch.empty_like(*args, **kwargs))
+
+
+@functools.cache
+def diag_stage():
+    """The stages a generated diagonal module holds for its backward, as one module."""
+    source = "\n\n".join(
+        render_stage(name) for name in ("chunked_diag", "adjoint", "chunked_diag_bwd")
+    )
+    return load_source(HEADER + source, "chunked_diag_bwd_stage")
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    groups: tuple[int, int, int, int]  # (Gv, Gk, Gq, Gd)
+    H: int = 4
+    N: int = 16
+    P: int = 16
+    T: int = 37
+    h0: bool = True
+    ht: bool = True
+    seqlens: tuple[int, ...] = ()
+    strength: float = 1.0  # log a in −strength·[0.01, 1.01]
+
+
+def inputs(case: Case):
+    """Fresh fp64 inputs seeded by the case id (the kernel's inputs are their fp32 values)."""
+    g = torch.Generator().manual_seed(zlib.crc32(case.id.encode()))
+    Gv, Gk, Gq, Gd = case.groups
+    batch, T = 2, case.T
+    cu = None
+    if case.seqlens:
+        batch, T = 1, sum(case.seqlens)
+        cu = torch.tensor([0, *torch.tensor(case.seqlens).cumsum(0).tolist()])
+    S = len(case.seqlens) or batch
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).float().double()
+
+    log_a = -case.strength * (
+        0.01 + torch.rand(batch, T, Gd, case.N, generator=g, dtype=torch.float64)
+    )
+    return dict(
+        x=rand(batch, T, Gv, case.P),
+        s=(0.5 + torch.rand(batch, T, Gv, generator=g, dtype=torch.float64)).float().double(),
+        log_a=log_a.float().double(),
+        B=rand(batch, T, Gk, case.N),
+        C=rand(batch, T, Gq, case.N),
+        h0=rand(S, case.H, case.N, case.P) if case.h0 else None,
+        dy=rand(batch, T, case.H, case.P),
+        dfinal=rand(S, case.H, case.N, case.P) if case.ht else None,
+        cu_seqlens=cu,
+    )
+
+
+def expected(case: Case, t: dict) -> dict:
+    """Autograd of the fp64 recurrent form with X̄ = x s: (dx, ds, dlog_a, dB, dC, dh0)."""
+    leaves = {
+        k: None if t[k] is None else t[k].clone().requires_grad_()
+        for k in ("x", "s", "log_a", "B", "C", "h0")
+    }
+    xbar = leaves["x"] * leaves["s"][..., None]
+    y, final = forms_torch.recurrent(
+        xbar,
+        leaves["log_a"],
+        leaves["B"],
+        leaves["C"],
+        case.H,
+        initial_state=leaves["h0"],
+        cu_seqlens=t["cu_seqlens"],
+    )
+    outputs, grads = [y], [t["dy"]]
+    if t["dfinal"] is not None:
+        outputs.append(final)
+        grads.append(t["dfinal"])
+    wanted = [k for k, v in leaves.items() if v is not None]
+    got = torch.autograd.grad(outputs, [leaves[k] for k in wanted], grads)
+    out = dict.fromkeys(("x", "s", "log_a", "B", "C", "h0"))
+    out.update(zip(wanted, got, strict=True))
+    return out
+
+
+def run_check(case: Case, monkeypatch, bound: float = 1e-5, **options) -> RecordingTorch:
+    """chunked_diag_bwd (Q = 32 in 16-row blocks: several chunks, row blocks and a partial
+    last chunk) against `expected`; every gradient written, each within `bound` (dlog a,
+    a suffix sum of differences, 10×)."""
+    t = inputs(case)
+    want = expected(case, t)
+    module = diag_stage()
+    recorder = RecordingTorch()
+    monkeypatch.setattr(module, "torch", recorder)
+
+    def dev(v):
+        return None if v is None else v.to(DEVICE, torch.float32)
+
+    got = module.chunked_diag_bwd(
+        dev(t["x"]),
+        dev(t["s"]),
+        dev(t["log_a"]),
+        dev(t["B"]),
+        dev(t["C"]),
+        heads=case.H,
+        initial_state=dev(t["h0"]),
+        dy=dev(t["dy"]),
+        dfinal=dev(t["dfinal"]),
+        cu_seqlens=None if t["cu_seqlens"] is None else t["cu_seqlens"].to(DEVICE),
+        **{"chunk_size": 32, "block_m": 16, "block_n": 16, "block_p": 16, **options},
+    )
+    for name, g in zip(("x", "s", "log_a", "B", "C", "h0"), got, strict=True):
+        w = want[name]
+        assert (g is None) == (w is None), name
+        if w is None:
+            continue
+        assert g.shape == w.shape and g.dtype == torch.float32, name
+        assert not g.isnan().any(), f"d{name}: every element is written"
+        limit = bound * (10 if name == "log_a" else 1)
+        assert rel_err(g, w) <= limit, (name, rel_err(g, w))
+    return recorder
+
+
+CASES = [
+    Case("mha", (4, 4, 4, 4)),
+    # Mamba-1: a head per channel (P = 1), B and C shared by all, a decay per head
+    Case("mamba1-like", (8, 1, 1, 8), H=8, P=1),
+    # shared B, C and decay (MVA with a grouped decay), N over two tiles, P not a power of 2
+    Case("mva-shared", (4, 2, 2, 2), N=24, P=12),
+    Case("mqa", (2, 2, 4, 2)),
+    Case("mka-bare", (2, 4, 2, 1), h0=False, ht=False),
+    # H = 6, groups of 3 (x, C) and of 2 (B, decay): the loop group is all six heads
+    Case("grouped", (2, 3, 2, 3), H=6),
+    Case("T1", (4, 2, 2, 2), T=1),
+    Case("varlen", (4, 2, 2, 2), seqlens=(5, 0, 40, 1, 16)),
+    Case("varlen-ht", (4, 1, 1, 4), h0=False, seqlens=(33, 7, 0)),
+    # log a down to −30 a token: the exponents of every stage stay ≤ 0
+    Case("strong", (4, 2, 2, 2), strength=30.0),
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_chunked_diag_bwd_matches_autograd(case: Case, monkeypatch) -> None:
+    """fp32, every gradient within DESIGN §5's 1e-5 (dlog a 10×)."""
+    run_check(case, monkeypatch)
+
+
+@pytest.mark.interpret
+def test_chunked_diag_bwd_other_tiles(monkeypatch) -> None:
+    """Chunks of 64 in 32-row blocks, the walks in 16-token steps, N tiles of 32."""
+    case = Case("tiles", (4, 2, 2, 2), N=40, T=70, seqlens=())
+    run_check(case, monkeypatch, chunk_size=64, block_m=32, block_n=32, block_t=16)
+
+
+@pytest.mark.interpret
+def test_chunked_diag_bwd_no_per_head_buffers(monkeypatch) -> None:
+    """Shared B, C and decay (G = 2 of H = 8): no buffer of b·T·H·N elements or more exists
+    but the two chunk-state buffers [R, H, N, P] (and the forward's A per A-group)."""
+    case = Case("alloc", (8, 2, 2, 2), H=8, N=16, P=16, T=40)
+    recorder = run_check(case, monkeypatch)
+    b, T, H, N, P = 2, case.T, case.H, case.N, case.P
+    # the gradients themselves (x's is per head here: Gv = H) and the boundary states
+    grads = {(b, T, H, P), (b, T, 2, N), (b, T, 2), (b, H, N, P)}
+    big = [s for s in recorder.shapes if math.prod(s) >= b * T * H * N and s not in grads]
+    assert all(len(s) == 4 and s[1:] == (H, N, P) for s in big), big
+    assert len(big) <= 2, big
+
+
+def test_chunked_diag_bwd_rejects_scalar_decay() -> None:
+    x = torch.zeros(1, 4, 2, 16)
+    with pytest.raises(ValueError, match="diagonal decay"):
+        diag_stage().chunked_diag_bwd(
+            x,
+            None,
+            torch.zeros(1, 4, 2),
+            torch.zeros(1, 4, 2, 16),
+            torch.zeros(1, 4, 2, 16),
+            heads=2,
+            initial_state=None,
+            cu_seqlens=None,
+            dy=torch.zeros(1, 4, 2, 16),
+            dfinal=None,
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# The generated modules: selection and gradients through `backward`.
+# ---------------------------------------------------------------------------------------
+
+SHARED = """
+ssm diag_shared
+
+dim H = 4, G = 2, N = 8, P = 4
+
+input x : [batch, seq, H, P]
+input dt : [batch, seq, H]
+input B : [batch, seq, G, N]
+input C : [batch, seq, G, N]
+input g : [batch, seq, G, N]
+output y : [batch, seq, H, P]
+
+let delta = softplus(dt)
+
+mask diagonal(log_a = logsigmoid(g))
+query C
+key   B
+value x * delta
+
+initial_state
+final_state
+varlen
+"""
+
+
+def spec(name: str) -> ir.CheckedSpec:
+    if name == "diag_shared":
+        return parse(SHARED)
+    dims = {"gla": {"H": 2, "N": 8, "P": 4}, "mamba1": {"H": 4, "N": 8}}[name]
+    return with_dims(parse_file(ROOT / "examples" / f"{name}.ssm"), dims)
+
+
+def decay_inputs(checked: ir.CheckedSpec) -> set[str]:
+    """The tensors log a reads: their gradients pass through the dlog a suffix sum."""
+    from ssmc.expr import refs
+
+    return set(refs(checked.spec.mask.log_a))
+
+
+@pytest.mark.parametrize(
+    ("name", "path"),
+    [
+        ("gla", "chunked_diag_bwd"),
+        ("mamba1", "chunked_diag_bwd"),
+        ("diag_shared", "chunked_diag_bwd"),
+        ("mamba2", "chunked_bwd"),
+        ("s4d", "adjoint"),
+        ("toeplitz", "adjoint"),
+    ],
+)
+def test_backward_path(name: str, path: str) -> None:
+    """Diagonal decays with a chunked form take the fused diagonal backward; the module keeps
+    core_backward beside it for fp64 inputs."""
+    checked = (
+        spec(name)
+        if name in ("gla", "mamba1", "diag_shared")
+        else parse_file(ROOT / "examples" / f"{name}.ssm")
+    )
+    assert backward_path(checked) == path
+    if path == "chunked_diag_bwd":
+        text = render_module(checked, versions={"ssmc": "0", "triton": "0", "torch": "0"})
+        assert "= chunked_diag_bwd(" in text and "core_backward(" in text
+        assert "= chunked_bwd(" not in text
+
+
+def count_core_calls(op, monkeypatch) -> dict[str, int]:
+    """Calls of the module's two core backwards, counted as they happen."""
+    calls = {"chunked_diag_bwd": 0, "core_backward": 0}
+
+    def spy(name: str):
+        inner = getattr(op.module, name)
+
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return inner(*args, **kwargs)
+
+        return counted
+
+    for name in calls:
+        monkeypatch.setattr(op.module, name, spy(name))
+    return calls
+
+
+def module_check(name: str, gen: torch.Generator, monkeypatch, *, T: int, varlen: bool) -> dict:
+    """backward of the generated module against autograd of the fp64 reference, every
+    gradient (fp32: 1e-5, the tensors log a reads 10×); returns the core paths it called."""
+    checked = spec(name)
+    op = load(checked)
+    calls = count_core_calls(op, monkeypatch)
+    monkeypatch.setattr(op.module, "torch", RecordingTorch())
+    cu = None
+    if varlen:
+        lengths = [5, 0, T, 1]
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        inputs = random_inputs(checked, batch=1, seqlen=sum(lengths), generator=gen)
+        init = inputs.pop("initial_state")
+        inputs["initial_state"] = torch.randn(
+            (len(lengths), *init.shape[1:]), generator=gen, dtype=torch.float64
+        )
+    else:
+        inputs = random_inputs(checked, batch=2, seqlen=T, generator=gen)
+    init = inputs.pop("initial_state", None)
+    want = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    want_init = None if init is None else init.clone().requires_grad_()
+    y64, state64 = reference(checked)(**want, initial_state=want_init, cu_seqlens=cu)
+    dy = torch.randn(y64.shape, generator=gen, dtype=torch.float64)
+    dstate = None if state64 is None else torch.randn(state64.shape, generator=gen).double()
+    ((y64 * dy).sum() + (0.0 if dstate is None else (state64 * dstate).sum())).backward()
+
+    leaves = {k: v.float().to(DEVICE).requires_grad_() for k, v in inputs.items()}
+    leaf_init = None if init is None else init.float().to(DEVICE).requires_grad_()
+    y, state = op(
+        **leaves, initial_state=leaf_init, cu_seqlens=None if cu is None else cu.to(DEVICE)
+    )
+    loss = (y * dy.float().to(DEVICE)).sum()
+    if dstate is not None:
+        loss = loss + (state * dstate.float().to(DEVICE)).sum()
+    loss.backward()
+    got = {k: v.grad for k, v in leaves.items()}
+    ref = {k: v.grad for k, v in want.items()}
+    if init is not None:
+        got["initial_state"], ref["initial_state"] = leaf_init.grad, want_init.grad
+    through_decay = decay_inputs(checked)
+    for k, g in got.items():
+        assert g is not None and g.dtype == torch.float32 and not g.isnan().any(), k
+        bound = 1e-5 * (10 if k in through_decay else 1)
+        assert rel_err(g, ref[k]) <= bound, (k, rel_err(g, ref[k]))
+    return calls
+
+
+MODULES = [
+    pytest.param("gla", 40, False, id="gla"),
+    pytest.param("gla", 23, True, id="gla-varlen"),
+    pytest.param("mamba1", 40, False, id="mamba1"),
+    pytest.param("diag_shared", 40, False, id="diag_shared"),
+    pytest.param("diag_shared", 23, True, id="diag_shared-varlen"),
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(("name", "T", "varlen"), MODULES)
+def test_module_gradients(name: str, T: int, varlen: bool, gen, monkeypatch) -> None:
+    """Every input's gradient (and the initial state's, under a final-state gradient) through
+    the generated module, which runs chunked_diag_bwd and not core_backward."""
+    calls = module_check(name, gen, monkeypatch, T=T, varlen=varlen)
+    assert calls == {"chunked_diag_bwd": 1, "core_backward": 0}
+
+
+@pytest.mark.interpret
+def test_module_fp64_takes_core_backward(gen, monkeypatch) -> None:
+    """fp64 inputs are not the fused stage's: the module falls back to the three-SMA
+    core_backward (fp64 arithmetic; the fp32 initial state bounds the error)."""
+    checked = spec("gla")
+    op = load(checked)
+    calls = count_core_calls(op, monkeypatch)
+    inputs = random_inputs(checked, batch=2, seqlen=20, generator=gen)
+    init = inputs.pop("initial_state").float()
+    dy = torch.randn(2, 20, 2, 4, dtype=torch.float64, generator=gen)
+    grads, d_init = op.module.backward(**inputs, initial_state=init, grad_y=dy)
+    assert calls == {"chunked_diag_bwd": 0, "core_backward": 1}
+    want = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    want_init = init.double().requires_grad_()
+    y, _ = reference(checked)(**want, initial_state=want_init)
+    (y * dy).sum().backward()
+    for (k, w), g in zip(want.items(), grads, strict=True):
+        assert g.dtype == torch.float64 and rel_err(g, w.grad) <= 1e-6, k
+    assert rel_err(d_init, want_init.grad) <= 1e-6
