@@ -61,6 +61,7 @@ def main() -> int:
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--decay", default="scalar", choices=("scalar", "none"))
     parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--stored-cc", action="store_true", help="chunked_bwd(stored_cc=True)")
     args = parser.parse_args()
     source = "\n\n".join(
         render_stage(name, **ctx)
@@ -123,6 +124,7 @@ def main() -> int:
             "BLOCK_M": 64,
             "BLOCK_N": 64,
             "BLOCK_P": 64,
+            "CC_STORED": args.stored_cc,
         }
         usage = resources(module.chunked_bwd_dbc_kernel, dbc, consts, 8, args.arch)
         print(f"chunked_bwd_dbc {'dB' if want_db else 'dC'} warps=8: {usage}")
@@ -138,7 +140,8 @@ def main() -> int:
         "dx": bf,
         "ds": f32,
     }
-    consts = {**base, "HAS_S": True, "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_P": 64}
+    consts = {**base, "HAS_S": True, "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_P": 64,
+              "CC_STORED": args.stored_cc}
     print(
         f"chunked_bwd_dx warps=8: {resources(module.chunked_bwd_dx_kernel, dx, consts, 8, args.arch)}"
     )

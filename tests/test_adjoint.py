@@ -561,6 +561,14 @@ def test_fused_chunked_backward_long_chunks(case: Case, monkeypatch) -> None:
     fused_check(case, torch.float32, 1e-5, monkeypatch, chunk_size=32, block_t=16)
 
 
+@pytest.mark.parametrize("case", [c for c in FUSED if "varlen" in c.id or "grouped" in c.id],
+                         ids=lambda c: c.id)
+def test_fused_chunked_backward_stored_cc(case: Case, monkeypatch) -> None:
+    """stored_cc: the within-chunk sums of log a computed once (chunked_bwd_cc_kernel) and
+    read by the dB, dC, dX̄ kernels give the same gradients."""
+    fused_check(case, torch.float32, 1e-5, monkeypatch, stored_cc=True)
+
+
 def test_fused_chunked_backward_dot_dtype() -> None:
     """16-bit dots only on a GPU and with several row blocks per chunk: a chunk of one row
     block runs fp32 dots (Triton 3.6 miscompiled its 16-bit kernels on the H100)."""

@@ -37,8 +37,8 @@ LAST_FORM = None
 # (largest seq length, form, chunk size): the planner's cheapest form per length.
 _FORM_RULE = (
     (64, "recurrent", 64),
-    (512, "quadratic", 64),
-    (None, "chunked", 128),
+    (256, "quadratic", 64),
+    (None, "chunked", 64),
 )
 
 
@@ -2175,17 +2175,43 @@ def chunked_bwd_walk_kernel(
 
 
 @triton.jit
+def chunked_bwd_cc_kernel(log_a, tiles, cc, stride_a_b, stride_a_t, stride_a_g, stride_c_b,
+                          stride_c_t, stride_c_g, CHUNK: tl.constexpr):
+    """cc: log a summed from each chunk's start, per (chunk, decay group), once for the dB,
+    dC and dX̄ kernels (which read it per row block and head)."""
+    i_r = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1).to(tl.int64)
+    i_b = tl.load(tiles + i_r * 5)
+    t0 = tl.load(tiles + i_r * 5 + 1)
+    n_t = tl.load(tiles + i_r * 5 + 2)
+    o_q = tl.arange(0, CHUNK)
+    m_q = o_q < n_t
+    b_a = tl.load(log_a + i_b * stride_a_b + (t0 + o_q) * stride_a_t + g * stride_a_g, mask=m_q,
+                  other=0.0).to(tl.float32)
+    tl.store(cc + i_b * stride_c_b + (t0 + o_q) * stride_c_t + g * stride_c_g,
+             tl.cumsum(b_a, axis=0), mask=m_q)
+
+
+@triton.jit
 def _chunked_bwd_cc(log_a, i_b, t0, n_t, g, o_rows, stride_a_b, stride_a_t, stride_a_g,
-                    HAS_DECAY: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr):
-    """cc at the rows o_rows (chunk-relative, a BLOCK_M run) and cc_e, of decay group g."""
+                    HAS_DECAY: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+                    CC_STORED: tl.constexpr):
+    """cc at the rows o_rows (chunk-relative, a BLOCK_M run; rows past the chunk's end hold
+    its end) and cc_e, of decay group g. CC_STORED: log_a is cc itself (chunked_bwd_cc_kernel
+    ran), read rather than summed again per call."""
     if HAS_DECAY:
-        o_q = tl.arange(0, CHUNK)
         p_a = log_a + i_b * stride_a_b + g * stride_a_g
-        b_all = tl.load(p_a + (t0 + o_q) * stride_a_t, mask=o_q < n_t, other=0.0).to(tl.float32)
-        row0 = tl.min(o_rows, axis=0)
-        b_pre = tl.sum(tl.where(o_q < row0, b_all, 0.0), axis=0)
-        b_a = tl.load(p_a + (t0 + o_rows) * stride_a_t, mask=o_rows < n_t, other=0.0).to(tl.float32)
-        return b_pre + tl.cumsum(b_a, axis=0), tl.sum(b_all, axis=0)
+        if CC_STORED:
+            b_cc = tl.load(p_a + (t0 + tl.minimum(o_rows, n_t - 1)) * stride_a_t)
+            return b_cc, tl.load(p_a + (t0 + n_t - 1) * stride_a_t)
+        else:
+            o_q = tl.arange(0, CHUNK)
+            b_all = tl.load(p_a + (t0 + o_q) * stride_a_t, mask=o_q < n_t, other=0.0).to(tl.float32)
+            row0 = tl.min(o_rows, axis=0)
+            b_pre = tl.sum(tl.where(o_q < row0, b_all, 0.0), axis=0)
+            b_a = tl.load(p_a + (t0 + o_rows) * stride_a_t, mask=o_rows < n_t,
+                          other=0.0).to(tl.float32)
+            return b_pre + tl.cumsum(b_a, axis=0), tl.sum(b_all, axis=0)
     else:
         return tl.zeros([BLOCK_M], dtype=tl.float32), 0.0
 
@@ -2205,7 +2231,7 @@ def chunked_bwd_dbc_kernel(
     H, N, P, Hl, Hs, n_split, Hv, Hk, Hq, Hd,
     WANT_DB: tl.constexpr, HAS_S: tl.constexpr, HAS_DECAY: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, CC_STORED: tl.constexpr,
 ):
     # WANT_DB = False: dC (states = H_r, query groups); True: dB (states = Λ_r, key groups)
     n_m = CHUNK // BLOCK_M
@@ -2245,7 +2271,7 @@ def chunked_bwd_dbc_kernel(
         p_B = B + i_b * stride_B_b + (i_h // Hk) * stride_B_g
         p_C = C + i_b * stride_C_b + (i_h // Hq) * stride_C_g
         b_cc, b_e = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_m, stride_a_b, stride_a_t,
-                                    stride_a_g, HAS_DECAY, CHUNK, BLOCK_M)
+                                    stride_a_g, HAS_DECAY, CHUNK, BLOCK_M, CC_STORED)
         # the state of the chunk, read as [P, BLOCK_N] (transposed)
         b_st = tl.load(states + (i_r * H + i_h) * N * P + o_n[None, :] * P + o_p[:, None],
                        mask=m_p[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
@@ -2271,7 +2297,8 @@ def chunked_bwd_dbc_kernel(
                 o_o = i_o * BLOCK_M + o_j
                 m_o = o_o < n_t
                 b_co, b_unused = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_o, stride_a_b,
-                                                 stride_a_t, stride_a_g, HAS_DECAY, CHUNK, BLOCK_M)
+                                                 stride_a_t, stride_a_g, HAS_DECAY, CHUNK, BLOCK_M,
+                                                 CC_STORED)
                 b_yo = tl.load(p_y + (t0 + o_o)[:, None] * stride_y_t + o_p[None, :] * stride_y_p,
                                mask=m_o[:, None] & m_p[None, :], other=0.0).to(DOT_DTYPE)
                 b_g = tl.dot(b_x, tl.trans(b_yo), input_precision=DOT_PRECISION)  # [j, i]
@@ -2293,7 +2320,8 @@ def chunked_bwd_dbc_kernel(
                 o_o = i_o * BLOCK_M + o_j
                 m_o = o_o < n_t
                 b_co, b_unused = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_o, stride_a_b,
-                                                 stride_a_t, stride_a_g, HAS_DECAY, CHUNK, BLOCK_M)
+                                                 stride_a_t, stride_a_g, HAS_DECAY, CHUNK, BLOCK_M,
+                                                 CC_STORED)
                 b_xo = tl.load(p_x + (t0 + o_o)[:, None] * stride_x_t + o_p[None, :] * stride_x_p,
                                mask=m_o[:, None] & m_p[None, :], other=0.0).to(tl.float32)
                 if HAS_S:
@@ -2338,7 +2366,7 @@ def chunked_bwd_dx_kernel(
     H, N, P, Hv, Hk, Hq, Hd,
     HAS_S: tl.constexpr, HAS_DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, CC_STORED: tl.constexpr,
 ):
     n_m = CHUNK // BLOCK_M
     i_r = tl.program_id(0).to(tl.int64) // n_m
@@ -2366,7 +2394,7 @@ def chunked_bwd_dx_kernel(
         p_y = dy + i_b * stride_y_b + i_h * stride_y_h
         p_C = C + i_b * stride_C_b + (i_h // Hq) * stride_C_g
         b_cc, b_e = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_m, stride_a_b, stride_a_t,
-                                    stride_a_g, HAS_DECAY, CHUNK, BLOCK_M)
+                                    stride_a_g, HAS_DECAY, CHUNK, BLOCK_M, CC_STORED)
         b_B = tl.load(B + i_b * stride_B_b + (i_h // Hk) * stride_B_g
                       + (t0 + o_m)[:, None] * stride_B_t + o_n[None, :] * stride_B_n,
                       mask=m_mn, other=0.0).to(DOT_DTYPE)
@@ -2379,7 +2407,8 @@ def chunked_bwd_dx_kernel(
             o_o = i_o * BLOCK_M + o_j
             m_o = o_o < n_t
             b_co, b_unused = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_o, stride_a_b,
-                                             stride_a_t, stride_a_g, HAS_DECAY, CHUNK, BLOCK_M)
+                                             stride_a_t, stride_a_g, HAS_DECAY, CHUNK, BLOCK_M,
+                                             CC_STORED)
             b_Co = tl.load(p_C + (t0 + o_o)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
                            mask=m_o[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
             b_g = tl.dot(b_B, tl.trans(b_Co), input_precision=DOT_PRECISION)  # [j, i]
@@ -2429,7 +2458,7 @@ def _chunked_bwd_dot_dtype(dtype, device_type, chunk, block_m):
 
 def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfinal,
                 chunk_size=None, block_m=None, block_n=None, block_p=None, block_t=None,
-                num_warps=None, head_splits=None):
+                num_warps=None, head_splits=None, stored_cc=False):
     """(dx, ds, dlog_a, dB, dC, dh0) of the core by the fused chunked backward.
 
     x [b, T, Gv, P], s [b, T, Gv] or None (X̄ = x s), log_a [b, T, Gd] or None (causal),
@@ -2497,6 +2526,14 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     fwd_states = walk(B, x, (H // Gk, H // Gv), initial_state, hT, False)
     adj_states = walk(C, dy, (H // Gq, 1), dfinal, dh0, True)
 
+    # stored_cc: the dB, dC and dX̄ kernels read cc (log a summed within each chunk, one
+    # small launch) in log a's place instead of summing log a again for every row block and
+    # head (untimed on a GPU yet: off by default; scripts/gpu_bwd_profile.py compares)
+    if log_a is not None and stored_cc:
+        cc = torch.empty((batch, T, Gd), **f32)
+        chunked_bwd_cc_kernel[(R, Gd)](log_a, tiles, cc, *log_a.stride(), *cc.stride(), CHUNK=Q)
+        a_arg, a_str = cc, cc.stride()
+    cc_stored = log_a is not None and stored_cc
     common = (*x.stride(), *s_str, *a_str, *B.stride(), *C.stride(), *dy.stride())
     n_m = Q // block_m
     Gl = math.gcd(math.gcd(Gq, Gk), Gd)
@@ -2530,7 +2567,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
             *(slots.stride() if slots is not None else zero4 + (0,)), *diag.stride()[:2],
             H, N, P, Hl, Hs, splits, H // Gv, H // Gk, H // Gq, H // Gd,
             WANT_DB=want_db, HAS_S=s is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_P=full_p, num_warps=num_warps or 8, **consts,
+            BLOCK_P=full_p, CC_STORED=cc_stored, num_warps=num_warps or 8, **consts,
         )
         grads.append(part[0] if splits == 1 else part.sum(0))
         del part
@@ -2548,7 +2585,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
         *common, *dx.stride(), *(ds.stride() if ds is not None else zero4),
         H, N, P, H // Gv, H // Gk, H // Gq, H // Gd,
         HAS_S=s is not None, BLOCK_M=block_m, BLOCK_N=full_n, BLOCK_P=block_p,
-        num_warps=num_warps or 8, **consts,
+        CC_STORED=cc_stored, num_warps=num_warps or 8, **consts,
     )
     del adj_states
     ds = None if ds is None else (ds[0] if n_pt == 1 else ds.sum(0))
