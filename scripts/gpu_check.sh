@@ -7,6 +7,8 @@
 #   mqar      the MQAR training example (examples/mqar.py SPEC... [flags])
 #   backward  gradients vs fp64 at real sizes, fwd+bwd memory/time vs mamba_ssm (scripts/gpu_backward.py)
 #   autotune  Mamba-2 2.7B / Mamba-1 shapes: planner vs best measured (scripts/gpu_autotune.py)
+#   probe     the fused backward per launch knob at MQAR's shapes, fault-isolated (gpu_bwd_probe.py)
+#   profile   per-kernel time of fwd+bwd vs mamba_ssm, chunked_bwd launch sweep (gpu_bwd_profile.py)
 #   all       the three in order
 # Usage (device tool, carry .whl): bash scripts/gpu_check.sh STAGE [extra args]
 # Output is printed and kept under $OUT (or ./out) for docs/gpu-runs.md.
@@ -58,6 +60,14 @@ fi
 if [[ $stage == backward ]]; then
     python3 scripts/gpu_backward.py --mamba-src "$mamba_src" --json "$out/backward.json" "$@" 2>&1 \
         | tee "$out/backward.log" || status=1
+fi
+if [[ $stage == probe ]]; then
+    python3 scripts/gpu_bwd_probe.py --json "$out/probe.json" "$@" 2>&1 | tee "$out/probe.log" \
+        || status=1
+fi
+if [[ $stage == profile ]]; then
+    python3 scripts/gpu_bwd_profile.py --mamba-src "$mamba_src" "$@" 2>&1 | grep -v -i warn \
+        | tee "$out/profile.log" || status=1
 fi
 if [[ $stage == mqar ]]; then
     python3 examples/mqar.py "$@" --json "$out/mqar.json" 2>&1 | tee "$out/mqar.log" || status=1
