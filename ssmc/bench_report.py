@@ -83,6 +83,7 @@ def plot(report: Mapping[str, Any], path: str | Path) -> Path:
     """Time versus T (log-log), one line per series; forward, and forward+backward if timed."""
     try:
         from matplotlib.figure import Figure
+        from matplotlib.ticker import FormatStrFormatter, NullLocator, ScalarFormatter
     except ImportError:
         raise SsmcError("drawing PNGs needs matplotlib: pip install 'ssmc[plot]' "
                         "(the JSON report does not)") from None
@@ -111,7 +112,10 @@ def plot(report: Mapping[str, Any], path: str | Path) -> Path:
         ax.set_yscale("log")
         seqlens = sorted({r["T"] for r in report["results"]})
         ax.set_xticks(seqlens, [str(T) for T in seqlens])
-        ax.minorticks_off()
+        ax.xaxis.set_minor_locator(NullLocator())
+        # plain numbers on the log y axis: a narrow range otherwise shows a single 10^0 tick
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
         ax.set_xlabel("sequence length T")
         ax.set_ylabel("time per call, ms")
         ax.set_title(title, fontsize=10)
@@ -121,8 +125,8 @@ def plot(report: Mapping[str, Any], path: str | Path) -> Path:
     tokens = {T * b for T, b in batches}
     size = (f"batch·T = {tokens.pop()}" if len(tokens) == 1 else
             "batch " + ", ".join(str(b) for _, b in batches))
-    fig.suptitle(f"{report['spec']} on {report['device']}, {report['dtype']}, {size} "
-                 f"({report['date']}, torch {report['torch']}, triton {report['triton']})",
+    fig.suptitle(f"{report['spec']} on {report['device']}, {report['dtype']}, {size}\n"
+                 f"{report['date']}, torch {report['torch']}, triton {report['triton']}",
                  fontsize=9)
     out = Path(path)
     fig.savefig(out, dpi=120)
