@@ -85,8 +85,9 @@ class Case:
     strength: float = 1.0  # log a in −strength·[0.01, 1.01]
 
 
-def inputs(case: Case):
-    """Fresh fp64 inputs seeded by the case id (the kernel's inputs are their fp32 values)."""
+def inputs(case: Case, dtype: torch.dtype = torch.float32):
+    """Fresh fp64 inputs seeded by the case id: x, B, C, dY exactly their `dtype` values (the
+    kernel's inputs), the others their fp32 values."""
     g = torch.Generator().manual_seed(zlib.crc32(case.id.encode()))
     Gv, Gk, Gq, Gd = case.groups
     batch, T = 2, case.T
@@ -96,20 +97,20 @@ def inputs(case: Case):
         cu = torch.tensor([0, *torch.tensor(case.seqlens).cumsum(0).tolist()])
     S = len(case.seqlens) or batch
 
-    def rand(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64).float().double()
+    def rand(*shape, cast=torch.float32):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(cast).double()
 
     log_a = -case.strength * (
         0.01 + torch.rand(batch, T, Gd, case.N, generator=g, dtype=torch.float64)
     )
     return dict(
-        x=rand(batch, T, Gv, case.P),
+        x=rand(batch, T, Gv, case.P, cast=dtype),
         s=(0.5 + torch.rand(batch, T, Gv, generator=g, dtype=torch.float64)).float().double(),
         log_a=log_a.float().double(),
-        B=rand(batch, T, Gk, case.N),
-        C=rand(batch, T, Gq, case.N),
+        B=rand(batch, T, Gk, case.N, cast=dtype),
+        C=rand(batch, T, Gq, case.N, cast=dtype),
         h0=rand(S, case.H, case.N, case.P) if case.h0 else None,
-        dy=rand(batch, T, case.H, case.P),
+        dy=rand(batch, T, case.H, case.P, cast=dtype),
         dfinal=rand(S, case.H, case.N, case.P) if case.ht else None,
         cu_seqlens=cu,
     )
@@ -142,28 +143,30 @@ def expected(case: Case, t: dict) -> dict:
     return out
 
 
-def run_check(case: Case, monkeypatch, bound: float = 1e-5, **options) -> RecordingTorch:
+def run_check(
+    case: Case, monkeypatch, bound: float = 1e-5, dtype: torch.dtype = torch.float32, **options
+) -> RecordingTorch:
     """chunked_diag_bwd (Q = 32 in 16-row blocks: several chunks, row blocks and a partial
     last chunk) against `expected`; every gradient written, each within `bound` (dlog a,
-    a suffix sum of differences, 10×)."""
-    t = inputs(case)
+    a suffix sum of differences, 10×). x, B, C, dY in `dtype`, the rest fp32."""
+    t = inputs(case, dtype)
     want = expected(case, t)
     module = diag_stage()
     recorder = RecordingTorch()
     monkeypatch.setattr(module, "torch", recorder)
 
-    def dev(v):
-        return None if v is None else v.to(DEVICE, torch.float32)
+    def dev(v, cast=torch.float32):
+        return None if v is None else v.to(DEVICE, cast)
 
     got = module.chunked_diag_bwd(
-        dev(t["x"]),
+        dev(t["x"], dtype),
         dev(t["s"]),
         dev(t["log_a"]),
-        dev(t["B"]),
-        dev(t["C"]),
+        dev(t["B"], dtype),
+        dev(t["C"], dtype),
         heads=case.H,
         initial_state=dev(t["h0"]),
-        dy=dev(t["dy"]),
+        dy=dev(t["dy"], dtype),
         dfinal=dev(t["dfinal"]),
         cu_seqlens=None if t["cu_seqlens"] is None else t["cu_seqlens"].to(DEVICE),
         **{"chunk_size": 32, "block_m": 16, "block_n": 16, "block_p": 16, **options},
@@ -173,7 +176,8 @@ def run_check(case: Case, monkeypatch, bound: float = 1e-5, **options) -> Record
         assert (g is None) == (w is None), name
         if w is None:
             continue
-        assert g.shape == w.shape and g.dtype == torch.float32, name
+        # dx comes in x's dtype (its gradient's), the rest in fp32
+        assert g.shape == w.shape and g.dtype == (dtype if name == "x" else torch.float32), name
         assert not g.isnan().any(), f"d{name}: every element is written"
         limit = bound * (10 if name == "log_a" else 1)
         assert rel_err(g, w) <= limit, (name, rel_err(g, w))
@@ -203,6 +207,15 @@ CASES = [
 def test_chunked_diag_bwd_matches_autograd(case: Case, monkeypatch) -> None:
     """fp32, every gradient within DESIGN §5's 1e-5 (dlog a 10×)."""
     run_check(case, monkeypatch)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_chunked_diag_bwd_half(dtype: torch.dtype, monkeypatch) -> None:
+    """16-bit x, B, C, dY (chunk states in that type; dots in it on a GPU, fp32 on a CPU):
+    DESIGN §5's bound for the type."""
+    case = Case(f"half-{dtype}", (4, 2, 2, 2))
+    run_check(case, monkeypatch, 1e-2 if dtype == torch.bfloat16 else 1e-3, dtype)
 
 
 @pytest.mark.interpret
