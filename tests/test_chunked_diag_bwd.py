@@ -219,6 +219,21 @@ def test_chunked_diag_bwd_half(dtype: torch.dtype, monkeypatch) -> None:
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize(
+    ("case", "splits"),
+    [(CASES[1], 4), (CASES[5], 2), (CASES[8], 3), (CASES[0], 2)],
+    ids=lambda v: v.id if isinstance(v, Case) else str(v),
+)
+def test_chunked_diag_bwd_head_splits(case: Case, splits: int, monkeypatch) -> None:
+    """A loop group's heads split over programs in whole decay groups (partial dB, dC sums,
+    zero where a split has none of a group, summed after): the same gradients. Mamba-1-like
+    H = 8 in 4 splits of 2 channels; H = 6 in splits of 4 and 2 heads, the second query group
+    (heads 3-5) across both; packed sequences in 2 splits; MHA cannot split (one head a loop
+    group)."""
+    run_check(case, monkeypatch, head_splits=splits)
+
+
+@pytest.mark.interpret
 def test_chunked_diag_bwd_other_tiles(monkeypatch) -> None:
     """Chunks of 64 in 32-row blocks, the walks in 16-token steps, N tiles of 32."""
     case = Case("tiles", (4, 2, 2, 2), N=40, T=70, seqlens=())
