@@ -358,13 +358,17 @@ def count_core_calls(op, monkeypatch) -> dict[str, int]:
     return calls
 
 
-def module_check(name: str, gen: torch.Generator, monkeypatch, *, T: int, varlen: bool) -> dict:
+def module_check(
+    name: str, gen: torch.Generator, monkeypatch, *, T: int, varlen: bool
+) -> tuple[dict[str, int], list[tuple[int, ...]]]:
     """backward of the generated module against autograd of the fp64 reference, every
-    gradient (fp32: 1e-5, the tensors log a reads 10×); returns the core paths it called."""
+    gradient (fp32: 1e-5, the tensors log a reads 10×); returns the core paths it called and
+    the shapes of the float buffers the module allocated (NaN-poisoned)."""
     checked = spec(name)
     op = load(checked)
     calls = count_core_calls(op, monkeypatch)
-    monkeypatch.setattr(op.module, "torch", RecordingTorch())
+    recorder = RecordingTorch()
+    monkeypatch.setattr(op.module, "torch", recorder)
     cu = None
     if varlen:
         lengths = [5, 0, T, 1]
@@ -402,13 +406,23 @@ def module_check(name: str, gen: torch.Generator, monkeypatch, *, T: int, varlen
         assert g is not None and g.dtype == torch.float32 and not g.isnan().any(), k
         bound = 1e-5 * (10 if k in through_decay else 1)
         assert rel_err(g, ref[k]) <= bound, (k, rel_err(g, ref[k]))
-    return calls
+    return calls, recorder.shapes
+
+
+def has_run(shape: tuple[int, ...], run: tuple[int, ...]) -> bool:
+    """Whether `run` appears in `shape` as consecutive axes ((2, 40, 32, 1) has (2, 40, 32))."""
+    return any(shape[i : i + len(run)] == run for i in range(len(shape) - len(run) + 1))
+
+
+def test_has_run() -> None:
+    assert has_run((2, 40, 32, 1), (2, 40, 32)) and has_run((1, 2, 40, 4, 8), (2, 40, 4, 8))
+    assert not has_run((2, 40, 2, 8), (2, 40, 4, 8)) and not has_run((40, 32), (2, 40, 32))
 
 
 MODULES = [
-    pytest.param("gla", 40, False, id="gla"),
+    pytest.param("gla", 70, False, id="gla"),
     pytest.param("gla", 23, True, id="gla-varlen"),
-    pytest.param("mamba1", 40, False, id="mamba1"),
+    pytest.param("mamba1", 70, False, id="mamba1"),
     pytest.param("diag_shared", 40, False, id="diag_shared"),
     pytest.param("diag_shared", 23, True, id="diag_shared-varlen"),
 ]
@@ -418,9 +432,15 @@ MODULES = [
 @pytest.mark.parametrize(("name", "T", "varlen"), MODULES)
 def test_module_gradients(name: str, T: int, varlen: bool, gen, monkeypatch) -> None:
     """Every input's gradient (and the initial state's, under a final-state gradient) through
-    the generated module, which runs chunked_diag_bwd and not core_backward."""
-    calls = module_check(name, gen, monkeypatch, T=T, varlen=varlen)
+    the generated module, which runs chunked_diag_bwd and not core_backward. With shared B, C
+    and decay (diag_shared: G = 2 of H = 4) no buffer of the module is per head and state dim
+    ([b, T, H, N] or [b, T, H·N]: core_backward's per-head gradients and copies)."""
+    calls, shapes = module_check(name, gen, monkeypatch, T=T, varlen=varlen)
     assert calls == {"chunked_diag_bwd": 1, "core_backward": 0}
+    if name == "diag_shared":
+        b, T = (1, T + 6) if varlen else (2, T)
+        per_head = [(b, T, 4, 8), (b, T, 32)]
+        assert not [s for s in shapes for w in per_head if has_run(s, w)], shapes
 
 
 @pytest.mark.interpret
