@@ -1889,17 +1889,19 @@ class _AdjointSequences:
         term = torch.where(keep, term, torch.zeros_like(term))
         t.index_put_((self.rows, (self.ends - 1).clamp(min=0)), term, accumulate=True)
 
-    def reverse_cumsum(self, t):
-        """Σ_{k ≥ t, same sequence} t_k along seq; the running sums in fp64."""
+    def reverse_cumsum(self, t, keep_fp64=False):
+        """Σ_{k ≥ t, same sequence} t_k along seq; the running sums in fp64 (returned in
+        fp64 with `keep_fp64`, else in t's dtype)."""
         # seq moved innermost, where torch's scan is fastest: along T as an outer dim it
         # took 0.75 ms a call at [4, 4096, 80] on the H100 (docs/gpu-runs.md, 2026-11-23)
         wide = t.double().movedim(1, -1).flip(-1).contiguous()
         total = wide.cumsum(-1).flip(-1).movedim(-1, 1)
+        out_dtype = torch.float64 if keep_fp64 else t.dtype
         if not self.varlen:
-            return total.to(t.dtype)
+            return total.to(out_dtype)
         # Σ_{k ≥ t} − Σ_{k ≥ end(t)}, with Σ_{k ≥ T} = 0
         padded = torch.cat([total, torch.zeros_like(total[:, :1])], dim=1)
-        return (total - padded[:, self.token_end]).to(t.dtype)
+        return (total - padded[:, self.token_end]).to(out_dtype)
 
 
 def _adjoint_group_sum(t, groups):
@@ -2093,7 +2095,7 @@ def _adjoint_correlate(dy, x, L):
 
 @triton.jit
 def chunked_bwd_walk_kernel(
-    key, value, s, log_a, states, tiles, first, initial, final,
+    key, value, s, log_a, states, tiles, first, initial, final, fwd_states, boundary,
     stride_k_b, stride_k_t, stride_k_g, stride_k_n,
     stride_v_b, stride_v_t, stride_v_g, stride_v_p,
     stride_s_b, stride_s_t, stride_s_g,
@@ -2104,8 +2106,12 @@ def chunked_bwd_walk_kernel(
     REVERSE: tl.constexpr, HAS_S: tl.constexpr, HAS_DECAY: tl.constexpr,
     HAS_INITIAL: tl.constexpr, HAS_FINAL: tl.constexpr, DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, HAS_BOUNDARY: tl.constexpr,
 ):
+    # HAS_BOUNDARY (the reverse walk of a decayed core): also ⟨H_{r+1}, Λ_r⟩, this program's
+    # N × P tile of it, for every chunk r with a successor in its sequence — dlog a at
+    # the chunk boundary, read from the states (fwd_states) rather than summed over the
+    # rest of the sequence (see chunked_bwd)
     i_pid = tl.program_id(0).to(tl.int64)
     n_p = tl.cdiv(P, BLOCK_P)
     n_np = tl.cdiv(N, BLOCK_N) * n_p
@@ -2135,6 +2141,12 @@ def chunked_bwd_walk_kernel(
         else:
             i_r = r_first + i_k
         tl.store(p_H0 + i_r * H * N * P, b_h.to(states.dtype.element_ty), mask=m_np)
+        if HAS_BOUNDARY:
+            if i_k > 0:
+                b_next = tl.load(fwd_states + (i_r + 1) * H * N * P + (i_h * N + o_n[:, None]) * P
+                                 + o_p[None, :], mask=m_np, other=0.0).to(tl.float32)
+                tl.store(boundary + (i_r * H + i_h) * n_np + i_pid % n_np,
+                         tl.sum(tl.sum(b_h * b_next, axis=1), axis=0))
         i_b = tl.load(tiles + i_r * 5)
         t0 = tl.load(tiles + i_r * 5 + 1)
         n_t = tl.load(tiles + i_r * 5 + 2)
@@ -2446,6 +2458,32 @@ def _chunked_bwd_diag_term(diag, other, groups):
     return (o * d[..., None]).unflatten(2, (groups, L // groups)).sum(3)
 
 
+def _chunked_bwd_dlog_a(seqs, dcs, boundary, tiles, chunk, heads_per_group):
+    """dlog a [b, T, Gd] from dcs [b, T, Gd] and the boundary products [R, H, tiles] of
+    chunks of at most `chunk` tokens.
+
+    dlog a_t = Σ_{s ≥ t} dcs_s sums ever more terms towards a sequence's start, and they
+    cancel (without states Σ_s dcs_s = 0), so the long suffix sum's rounding grows with T.
+    For t in chunk r the sum splits as Σ_{s ≥ t, s ∈ r} dcs_s + dlog a at the next chunk's
+    first token, and the latter is exactly ⟨H_{r+1}, Λ_r⟩ (the pairs of tokens straddling
+    the boundary): that is what is added, so no sum runs past a chunk. fp64 throughout."""
+    total = seqs.reverse_cumsum(dcs, keep_fp64=True)
+    has_next = (tiles[1:, 3] == tiles[:-1, 3]) & (tiles[1:, 2] > 0)
+    rows = has_next.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return total.float()
+    i_b, t0, n_t = tiles[rows, 0], tiles[rows, 1], tiles[rows, 2]
+    at_next = boundary[rows].double().sum(-1).unflatten(1, (-1, heads_per_group)).sum(2)
+    # within chunk r: Σ_{s ≥ t} dcs_s − Σ_{s ≥ next start} dcs_s, plus the boundary's value
+    shift = at_next - total[i_b, t0 + n_t]
+    o = torch.arange(min(chunk, dcs.shape[1]), device=dcs.device)
+    inside = o[None, :] < n_t[:, None]
+    tok = (t0[:, None] + o[None, :])[inside]
+    total.index_put_((i_b[:, None].expand_as(inside)[inside], tok),
+                     shift[:, None, :].expand(-1, o.numel(), -1)[inside], accumulate=True)
+    return total.float()
+
+
 def _chunked_bwd_dot_dtype(dtype, device_type, chunk, block_m):
     """The dots' input dtype: x's when 16-bit, else fp32 (IEEE). fp32 as well on the CPU (the
     Triton interpreter's bf16 dot is wrong) and when a chunk is one row block: there Triton
@@ -2507,24 +2545,30 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
                   CHUNK=Q)
     warps = num_warps or 4
 
-    def walk(key, value, ratios, init, fin, reverse):
+    n_np = triton.cdiv(N, block_n) * triton.cdiv(P, block_p)
+
+    def walk(key, value, ratios, init, fin, reverse, fwd=None, boundary=None):
         states = torch.empty((R, H, N, P), device=device, dtype=state_dtype)
-        grid = (S * H * triton.cdiv(N, block_n) * triton.cdiv(P, block_p),)
+        grid = (S * H * n_np,)
         chunked_bwd_walk_kernel[grid](
             key, value, s_arg, a_arg, states, tiles, first,
             init if init is not None else states, fin if fin is not None else states,
+            fwd if fwd is not None else states, boundary if boundary is not None else states,
             *key.stride(), *value.stride(), *(zero4[:3] if reverse else s_str), *a_str,
             *(init.stride() if init is not None else zero4),
             *(fin.stride() if fin is not None else zero4),
             H, N, P, *ratios, H // Gd,
             REVERSE=reverse, HAS_S=s is not None and not reverse,
             HAS_INITIAL=init is not None, HAS_FINAL=fin is not None, BLOCK_T=block_t or min(64, Q),
-            BLOCK_N=block_n, BLOCK_P=block_p, num_warps=warps, **consts,
+            BLOCK_N=block_n, BLOCK_P=block_p, HAS_BOUNDARY=boundary is not None,
+            num_warps=warps, **consts,
         )
         return states
 
     fwd_states = walk(B, x, (H // Gk, H // Gv), initial_state, hT, False)
-    adj_states = walk(C, dy, (H // Gq, 1), dfinal, dh0, True)
+    # ⟨H_{r+1}, Λ_r⟩ per (chunk, head, N × P tile): zero for a sequence's last chunk
+    boundary = torch.zeros((R, H, n_np), **f32) if log_a is not None else None
+    adj_states = walk(C, dy, (H // Gq, 1), dfinal, dh0, True, fwd_states, boundary)
 
     # stored_cc: the dB, dC and dX̄ kernels read cc (log a summed within each chunk, one
     # small launch) in log a's place instead of summing log a again for every row block and
@@ -2597,7 +2641,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
             # + Σ_{n, p} dh_T ⊙ h_T at each sequence's last token, per decay group
             term = (dfinal * hT).sum((-1, -2)).unflatten(1, (Gd, H // Gd)).sum(2)
             seqs.add_last(dcs, term)
-        dla = seqs.reverse_cumsum(dcs)
+        dla = _chunked_bwd_dlog_a(seqs, dcs, boundary, tiles, Q, H // Gd)
     return dx, ds, dla, dB, dC, dh0
 
 
