@@ -197,8 +197,10 @@ CASES = [
     Case("T1", (4, 2, 2, 2), T=1),
     Case("varlen", (4, 2, 2, 2), seqlens=(5, 0, 40, 1, 16)),
     Case("varlen-ht", (4, 1, 1, 4), h0=False, seqlens=(33, 7, 0)),
-    # log a down to −30 a token: the exponents of every stage stay ≤ 0
+    # log a down to −30 a token: the exponents of every stage stay ≤ 0 (dX̄ from the
+    # forward's A, shared by two heads; and from each head's own blocks)
     Case("strong", (4, 2, 2, 2), strength=30.0),
+    Case("strong-mha", (4, 4, 4, 4), strength=30.0),
 ]
 
 
@@ -234,9 +236,11 @@ def test_chunked_diag_bwd_head_splits(case: Case, splits: int, monkeypatch) -> N
 
 
 @pytest.mark.interpret
-def test_chunked_diag_bwd_other_tiles(monkeypatch) -> None:
-    """Chunks of 64 in 32-row blocks, the walks in 16-token steps, N tiles of 32."""
-    case = Case("tiles", (4, 2, 2, 2), N=40, T=70, seqlens=())
+@pytest.mark.parametrize("groups", [(4, 2, 2, 2), (4, 4, 4, 4)], ids=["from-A", "own-A"])
+def test_chunked_diag_bwd_other_tiles(groups: tuple[int, int, int, int], monkeypatch) -> None:
+    """Chunks of 64 in 32-row blocks, the walks in 16-token steps, N tiles of 32 (two, the
+    second partial): dX̄ from the forward's A, and from each head's own blocks."""
+    case = Case(f"tiles-{groups}", groups, N=40, T=70, seqlens=())
     run_check(case, monkeypatch, chunk_size=64, block_m=32, block_n=32, block_t=16)
 
 
