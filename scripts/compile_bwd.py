@@ -89,6 +89,8 @@ def main() -> int:
         "first": "*i64",
         "initial": f32,
         "final": f32,
+        "fwd_states": bf,
+        "boundary": f32,
     }
     for reverse in (False, True):
         consts = {
@@ -100,6 +102,7 @@ def main() -> int:
             "BLOCK_T": 64,
             "BLOCK_N": 64,
             "BLOCK_P": 64,
+            "HAS_BOUNDARY": reverse,
         }
         usage = resources(module.chunked_bwd_walk_kernel, walk, consts, 4, args.arch)
         print(f"chunked_bwd_walk reverse={reverse} warps=4: {usage}")
