@@ -258,6 +258,21 @@ def test_chunked_diag_bwd_no_per_head_buffers(monkeypatch) -> None:
     assert len(big) <= 2, big
 
 
+def test_chunked_diag_bwd_empty_sequence() -> None:
+    """T = 0: no tokens, so dh0 = dh_T and every other gradient is an empty zero tensor."""
+    g = torch.Generator().manual_seed(7)
+    x, B = torch.zeros(2, 0, 4, 16), torch.zeros(2, 0, 2, 16)
+    dfinal = torch.randn(2, 4, 16, 16, generator=g)
+    got = diag_stage().chunked_diag_bwd(
+        x, torch.zeros(2, 0, 4), torch.zeros(2, 0, 2, 16), B, B, heads=4,
+        initial_state=torch.randn(2, 4, 16, 16, generator=g), cu_seqlens=None,
+        dy=torch.zeros(2, 0, 4, 16), dfinal=dfinal,
+    )  # fmt: skip
+    shapes = [(2, 0, 4, 16), (2, 0, 4), (2, 0, 2, 16), (2, 0, 2, 16), (2, 0, 2, 16)]
+    assert [tuple(t.shape) for t in got[:5]] == shapes
+    assert torch.equal(got[5], dfinal)
+
+
 def test_chunked_diag_bwd_rejects_scalar_decay() -> None:
     x = torch.zeros(1, 4, 2, 16)
     with pytest.raises(ValueError, match="diagonal decay"):
