@@ -1,0 +1,73 @@
+"""Compile the fused diagonal-decay backward's kernels (chunked_diag_bwd) for a GPU without one.
+
+As scripts/compile_bwd.py (whose `resources` it uses): triton.compile for GPUTarget("cuda",
+ARCH, 32), then registers and stack per kernel from cuobjdump. Usage:
+python scripts/compile_diag_bwd.py [--arch 90] [--dtype bf16|fp16|fp32] [--chunk 64]
+[--block-n 32] [--p 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: real JIT functions
+
+import triton.language as tl  # noqa: E402
+
+from ssmc.load import load_source  # noqa: E402
+from ssmc.render import render_stage  # noqa: E402
+
+_SPEC = importlib.util.spec_from_file_location("compile_bwd", Path(__file__).with_name("compile_bwd.py"))
+assert _SPEC is not None and _SPEC.loader is not None
+compile_bwd = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(compile_bwd)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--block-n", type=int, default=32)
+    parser.add_argument("--p", type=int, default=64, help="the padded head dim (dB/dC hold all of it)")
+    args = parser.parse_args()
+    source = "\n\n".join(render_stage(n) for n in ("chunked_diag", "adjoint", "chunked_diag_bwd"))
+    module = load_source(compile_bwd.HEADER + source, "compile_diag_bwd")
+    half, f32, i64 = f"*{args.dtype}", "*fp32", "*i64"
+    dot = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[args.dtype]
+    base = {"DOT_DTYPE": dot, "DOT_PRECISION": "ieee", "CHUNK": args.chunk}
+    tiles = {"BLOCK_N": args.block_n}
+
+    def show(name: str, kernel: object, pointers: dict[str, str], consts: dict, warps: int) -> None:
+        usage = compile_bwd.resources(kernel, pointers, consts, warps, args.arch)
+        print(f"{name} warps={warps}: {usage}")
+
+    walk = dict(key=half, value=half, s=f32, log_a=f32, states=half, tiles=i64, first=i64,
+                initial=f32, final=f32)  # fmt: skip
+    for reverse in (False, True):
+        consts = {**base, **tiles, "REVERSE": reverse, "HAS_S": not reverse, "HAS_INITIAL": True,
+                  "HAS_FINAL": True, "BLOCK_T": 64, "BLOCK_P": 64}  # fmt: skip
+        show(f"chunked_diag_bwd_walk reverse={reverse}", module.chunked_diag_bwd_walk_kernel, walk,
+             consts, 4)  # fmt: skip
+    dbc = dict(x=half, s=f32, B=half, C=half, dy=half, cs=f32, states=half, tiles=i64, grad=f32,
+               dcs=f32)  # fmt: skip
+    for want_db in (False, True):
+        consts = {**base, **tiles, "WANT_DB": want_db, "HAS_S": True, "BLOCK_M": 16,
+                  "BLOCK_P": args.p}  # fmt: skip
+        show(f"chunked_diag_bwd_dbc {'dB' if want_db else 'dC'}", module.chunked_diag_bwd_dbc_kernel,
+             dbc, consts, 8)  # fmt: skip
+    dx = dict(x=half, s=f32, B=half, C=half, cs=f32, A=f32, dy=half, adj_states=half, tiles=i64,
+              dx=half, ds=f32)  # fmt: skip
+    for from_a in (True, False):
+        consts = {**base, **tiles, "HAS_S": True, "FROM_A": from_a, "A_PRECISION": "tf32",
+                  "BLOCK_M": 16, "BLOCK_P": 64}  # fmt: skip
+        show(f"chunked_diag_bwd_dx from_A={from_a}", module.chunked_diag_bwd_dx_kernel, dx, consts, 4)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
