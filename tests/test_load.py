@@ -135,16 +135,22 @@ def test_concurrent_loads_from_four_processes(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_second_load_in_a_new_process_is_fast(
+def test_second_load_in_a_new_process_uses_the_cache(
     tmp_path: Path, record_property: pytest.RecordProperty
 ) -> None:
+    """A second process renders nothing: the module comes from the disk cache. (How long
+    that takes is recorded, not asserted: speed is measured by benchmarks, not tests.)"""
     code = (
         "import time, json, torch, triton\n"
+        "import ssmc.render as R\n"
         "from ssmc.load import load, cache_key\n"
+        "renders = []\n"
+        "original = R.render_module\n"
+        "R.render_module = lambda *a, **k: (renders.append(1), original(*a, **k))[1]\n"
         "t = time.perf_counter()\n"
         f"op = load({str(MAMBA2)!r})\n"
         "dt = time.perf_counter() - t\n"
-        "print(json.dumps({'s': dt, 'key': cache_key(op.checked)}))"
+        "print(json.dumps({'s': dt, 'key': cache_key(op.checked), 'renders': len(renders)}))"
     )
     env = _env(tmp_path)
     for _ in range(3):
@@ -157,7 +163,7 @@ def test_second_load_in_a_new_process_is_fast(
     record_property("first_load_s", round(a["s"], 4))
     record_property("second_load_s", round(b["s"], 4))
     print(f"load: first {a['s']:.3f} s, second (cached) {b['s']:.3f} s")
-    assert b["s"] < 0.2, f"a cached load took {b['s']:.3f} s"
+    assert a["renders"] == 1 and b["renders"] == 0, (a, b)
 
 
 def test_load_accepts_a_path_text_or_checked_spec(tmp_path: Path) -> None:
