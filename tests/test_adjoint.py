@@ -22,6 +22,7 @@ import zlib
 from dataclasses import dataclass
 
 import pytest
+from recording_torch import RecordingTorch
 
 from ssmc import forms_torch
 from ssmc.load import load_source
@@ -408,27 +409,6 @@ def test_toeplitz_backward_triton_forward(case: ToeplitzCase) -> None:
 # ---------------------------------------------------------------------------------------
 # The fused chunked backward (stage chunked_bwd): group sums inside the kernels.
 # ---------------------------------------------------------------------------------------
-
-
-class RecordingTorch:
-    """torch for a stage module: float buffers it allocates start as NaN, and their shapes
-    are recorded (to show that no per-head gradient buffer exists)."""
-
-    def __init__(self) -> None:
-        self.shapes: list[tuple[int, ...]] = []
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(torch, name)
-
-    def _poison(self, out: torch.Tensor) -> torch.Tensor:
-        self.shapes.append(tuple(out.shape))
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    def empty(self, *args, **kwargs) -> torch.Tensor:
-        return self._poison(torch.empty(*args, **kwargs))
-
-    def empty_like(self, *args, **kwargs) -> torch.Tensor:
-        return self._poison(torch.empty_like(*args, **kwargs))
 
 
 @functools.cache

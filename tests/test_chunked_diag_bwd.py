@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from recording_torch import RecordingTorch
 
 from ssmc import forms_torch, ir
 from ssmc.load import load, load_source
@@ -40,26 +41,6 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     diff = (out.double().cpu() - ref).norm().item()
     scale = ref.norm().item()
     return diff / scale if scale > 0 else diff
-
-
-class RecordingTorch:
-    """torch for a stage module: float buffers it allocates start as NaN, their shapes recorded."""
-
-    def __init__(self) -> None:
-        self.shapes: list[tuple[int, ...]] = []
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(torch, name)
-
-    def _poison(self, out: torch.Tensor) -> torch.Tensor:
-        self.shapes.append(tuple(out.shape))
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    def empty(self, *args, **kwargs) -> torch.Tensor:
-        return self._poison(torch.empty(*args, **kwargs))
-
-    def empty_like(self, *args, **kwargs) -> torch.Tensor:
-        return self._poison(torch.empty_like(*args, **kwargs))
 
 
 @functools.cache
