@@ -24,6 +24,7 @@ from ssmc.cost_terms import (
     mm,
     pow2,
     quadratic_tile,
+    resident,
     tile_pairs,
 )
 from ssmc.expr import refs
@@ -48,6 +49,7 @@ def recurrent(s: Sizes) -> tuple[Launch, ...]:
             bytes=core_io(s),
             programs=s.seqs * s.H * cdiv(s.P, block_p),
             serial_steps=s.T,
+            step_loads=1,
             resident=SMALL_RESIDENT,
         ),
     )
@@ -74,6 +76,7 @@ def quadratic(s: Sizes, chunk: int) -> tuple[Launch, ...]:
         bytes=core_io(s) - s.state * spec.final_state + key_rows * s.tokens * (pairs - nb) // nb,
         programs=s.seqs * s.H * nb * p_tiles,
         serial_steps=nb,
+        step_round_trips=1,
         phases=2,
     )
     if not spec.final_state:
@@ -85,6 +88,7 @@ def quadratic(s: Sizes, chunk: int) -> tuple[Launch, ...]:
         bytes=key_rows * s.tokens + s.state * (1 + spec.initial_state),
         programs=s.seqs * s.H * cdiv(s.N, 64) * p_tiles,
         serial_steps=nb,
+        step_round_trips=1,
     )
     return main, final
 
@@ -134,6 +138,7 @@ def chunked(s: Sizes, Q: int) -> tuple[Launch, ...]:
         bytes=(s.q_row + s.x_row + s.a_row + s.y_row) * s.tokens + cb_bytes + states,
         programs=rows,
         serial_steps=nm - 1,
+        step_round_trips=1,
         phases=4,
     )
     return walk, cb, scan
@@ -142,8 +147,16 @@ def chunked(s: Sizes, Q: int) -> tuple[Launch, ...]:
 def chunked_diagonal(s: Sizes, Q: int) -> tuple[Launch, ...]:
     """The chunked form for a diagonal decay (templates/chunked_diag.py.jinja), five
     launches: cs per chunk; chunk states S_r; state passing along each sequence (in
-    place); the masked block A = Σ_n C B exp(cs_i − cs_j) once per A-group in 16-row
-    sub-chunks; y = A X̄ + (C ⊙ exp(cs)) H_r. cs, A and the states are fp32 buffers."""
+    place, the next chunk's loads issued before this one's store); the masked block
+    A = Σ_n C B exp(cs_i − cs_j) once per A-group in 16-row sub-chunks; y = A X̄ +
+    (C ⊙ exp(cs)) H_r. cs, A and the states are fp32 buffers.
+
+    The A and scan programs are many and small (Mamba-1: tokens × H / 16 and / 32), so
+    their time is waves × one program's chain, and the chain grows with Q: sub-chunk i
+    of A walks the i sub-chunks before it, row block m of the scan the m + 1 column
+    blocks up to the diagonal, each step waiting for its loads and dot (their means,
+    rounded up: programs of one sub-chunk or row block share a wave). How many fit an
+    SM follows from the tiles the launchers default (`resident`)."""
     spec = s.spec
     R = s.seqs * cdiv(s.T, Q)
     q, k, _, d = s.groups
@@ -157,6 +170,12 @@ def chunked_diagonal(s: Sizes, Q: int) -> tuple[Launch, ...]:
     blocks = R * ga * Q * Q * STATE_BYTES
     bm = min(Q, 32)
     nm = Q // bm
+    # chunked_diag_intra_fwd: 2 warps, n in steps of 16 (N ≤ 16) or 32; the diagonal
+    # block is a [16, 16, BLOCK_N] broadcast (two such temporaries live at once).
+    bn_intra = 16 if s.N <= 16 else 32
+    intra_values = 2 * SUB_CHUNK * SUB_CHUNK * bn_intra + 3 * SUB_CHUNK * bn_intra
+    scan_values = bm * (2 * bp + bm + 2 * bn) + bn * bp
+    state_values = Q * (3 * bn + bp) + bn * bp
     return (
         Launch(
             name="chunked_diag_cumsum",
@@ -172,6 +191,7 @@ def chunked_diagonal(s: Sizes, Q: int) -> tuple[Launch, ...]:
             bytes=(s.k_row + s.x_row) * s.tokens + cs + states,
             programs=R * s.H * n_tiles * p_tiles,
             phases=2,
+            resident=resident(4, state_values),
         ),
         Launch(
             name="chunked_diag_passing",
@@ -187,7 +207,10 @@ def chunked_diagonal(s: Sizes, Q: int) -> tuple[Launch, ...]:
             scalar_flops=R * ga * s.N * SUB_CHUNK * (ns * (ns - 1) * 3 // 2 + 4 * SUB_CHUNK * ns),
             bytes=(s.q_row + s.k_row) * s.tokens + cs + blocks,
             programs=R * ga * ns,
-            phases=3,
+            phases=2,
+            serial_steps=ns // 2,
+            step_round_trips=1,
+            resident=resident(2, intra_values),
         ),
         Launch(
             name="chunked_diag_scan",
@@ -198,7 +221,10 @@ def chunked_diagonal(s: Sizes, Q: int) -> tuple[Launch, ...]:
             scalar_flops=R * s.H * p_tiles * (2 * Q * s.N + Q * Q // 2),
             bytes=(s.q_row + s.x_row + s.y_row) * s.tokens + cs + blocks + states,
             programs=R * s.H * p_tiles * nm,
-            phases=3,
+            phases=2,
+            serial_steps=nm // 2 + 1,
+            step_round_trips=1,
+            resident=resident(4, scan_values),
         ),
     )
 
@@ -231,7 +257,7 @@ def convolution(s: Sizes) -> tuple[Launch, ...]:
     channels = s.seqs * s.H * s.P
     rfft = 5 * n * (n.bit_length() - 1) // 2
     real, spectrum = channels * s.T * STATE_BYTES, channels * bins * 8
-    torch_op = partial(Launch, resident=SMALL_RESIDENT)
+    torch_op = partial(Launch, resident=SMALL_RESIDENT, triton=False)
     return (
         torch_op(name="xbar_fp32", bytes=s.x_row * s.tokens + real, programs=channels),
         torch_op(name="xbar_heads", bytes=2 * real, programs=channels),

@@ -101,7 +101,11 @@ def _lti_kernel(s: Sizes, lti: ir.LtiKernel) -> tuple[Launch, ...]:
         table = d * s.T * s.N * 16
         return (
             Launch(
-                name="lti_vandermonde", scalar_flops=d * s.T * s.N * 8, bytes=3 * table, programs=d
+                name="lti_vandermonde",
+                scalar_flops=d * s.T * s.N * 8,
+                bytes=3 * table,
+                programs=d,
+                triton=False,
             ),
         )
     doublings = max(s.T - 1, 1).bit_length()
@@ -112,6 +116,7 @@ def _lti_kernel(s: Sizes, lti: ir.LtiKernel) -> tuple[Launch, ...]:
             bytes=d * 2**r * s.N * 8 * 3,
             programs=d,
             serial_steps=1,
+            triton=False,
         )
         for r in range(doublings)
     )

@@ -23,6 +23,10 @@ MMA = 16
 """Smallest tensor-core tile edge: matmul dims are padded to a multiple of it."""
 QUADRATIC_TILE = 64
 """Largest query/key tile of the quadratic kernels (a BLOCK_I × BLOCK_J fp32 score tile)."""
+REGISTERS_PER_SM = 65536
+WARPS_PER_SM = 64
+BLOCKS_PER_SM = 32
+"""The SM's register file, warp slots and block slots (sm_80 and sm_90 alike)."""
 SizeOf = Callable[[ir.Size], int]
 
 
@@ -78,8 +82,14 @@ class Launch:
     step_round_trips: int = 0
     """Memory round trips each serial step waits for (0: a prefetched scalar step; 1: a
     step whose tile loads and dot the next step depends on, as in the chunked state walk)."""
+    step_loads: int = 0
+    """Small global loads each serial step waits for because nothing prefetches them (the
+    recurrent scan's per-token x, B, C, a: 1); `Device.load_latency_s` each."""
     phases: int = 1
     """Dependent load → compute → store phases of one program: its latency when short."""
+    triton: bool = True
+    """A generated Triton launch (`Device.host_launch_s` to issue); False for an eager torch
+    op (`Device.host_op_s`)."""
     resident: int = 2
     """Programs resident on one SM at a time: 2 for a tile kernel of 4 warps and ~200
     registers a thread, more for small elementwise or scan programs."""
@@ -171,6 +181,17 @@ def resolver(spec: ir.Spec, shape: Shape) -> SizeOf:
         return value
 
     return size
+
+
+def resident(warps: int, elements: int) -> int:
+    """Programs of `warps` warps that fit one SM at a time when each holds `elements` fp32
+    tile values live: bounded by the register file (a value a register, plus 32 for
+    addresses and indices), the warp slots and the block slots (alike on H100, H200, A100)."""
+    threads = 32 * warps
+    registers = 32 + cdiv(elements, threads)
+    return max(
+        1, min(BLOCKS_PER_SM, WARPS_PER_SM // warps, REGISTERS_PER_SM // (threads * registers))
+    )
 
 
 def core_io(s: Sizes) -> int:
