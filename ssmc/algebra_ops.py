@@ -6,9 +6,10 @@
   hold the diagonal once), inputs flipped along seq, params as they are;
 - decayed Toeplitz window: taps[h, d] = K[h, d]·exp(d·log γ_h) evaluated in torch, then the
   Toeplitz op with the taps as its kernel.
-Then skip and gate, once, on the sum. Gradients flow through the pieces' registered ops
-(their generated backward) and torch autograd for the glue; x, B and C are loaded once per
-piece (not shared between the pieces' kernels).
+Then skip and gate, once, on the sum. A sum whose terms share query, key and value (no
+per-term scale, scalar decays) runs instead as ONE op with K·H heads (`ssmc.algebra_fuse`):
+x, B and C are loaded once, by head group. Gradients flow through the registered ops
+(their generated backward) and torch autograd for the glue.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ssmc import ir
+from ssmc import algebra_fuse, ir
+from ssmc.algebra_fuse import fused_checked
 from ssmc.bind import bind, size_of
 from ssmc.errors import TensorError
 from ssmc.expr_torch import evaluate, squeeze_literals
@@ -61,13 +63,18 @@ class CompositeOp:
 
     def __init__(self, checked: ir.CheckedSpec, *,
                  cache_dir: str | os.PathLike[str] | None = None,
-                 pieces: list[Any] | None = None) -> None:
-        """`pieces`: callables to run instead of the pieces' generated ops (ReferencePiece)."""
+                 pieces: list[Any] | None = None, fuse: bool = True) -> None:
+        """`pieces`: callables to run instead of the generated ops (ReferencePiece): one for
+        a fused sum, else one per piece; `fuse=False` runs a sum one op per term."""
         from ssmc.load import load
 
         self.checked = checked
         self.name = checked.spec.name
-        self.pieces = pieces or [load(p, cache_dir=cache_dir) for p in checked.pieces]
+        self.fused = fused_checked(checked) if fuse else None
+        if pieces is not None and len(pieces) != 1:
+            self.fused = None
+        specs = [self.fused] if self.fused is not None else list(checked.pieces)
+        self.pieces = pieces or [load(p, cache_dir=cache_dir) for p in specs]
         self.forms = tuple(f for f in checked.forms if all(f in p.forms for p in self.pieces))
         self.module = _Modules([getattr(p, "module", None) for p in self.pieces])
         self.interpreted = getattr(self.pieces[0], "interpreted", False)
@@ -114,6 +121,8 @@ class CompositeOp:
 
     def _sum(self, tensors: Mapping[str, Tensor], dims: Mapping[str, int],
              initial_state: Tensor | None, options: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+        if self.fused is not None:
+            return self._fused_sum(tensors, dims, initial_state, options)
         spec = self.checked.spec
         K = len(self.pieces)
         inits: list[Tensor | None] = [None] * K
@@ -129,13 +138,32 @@ class CompositeOp:
             return y, torch.cat([s for s in states if s is not None], dim=2)
         return y, None
 
+    def _fused_sum(self, tensors: Mapping[str, Tensor], dims: Mapping[str, int],
+                   initial_state: Tensor | None,
+                   options: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+        """The sum as one op with K·H heads (ssmc.algebra_fuse)."""
+        assert self.fused is not None
+        K = len(self.checked.pieces)
+        init = None
+        if initial_state is not None:
+            self._split_state(initial_state, dims, options["cu_seqlens"])  # validates
+            init = algebra_fuse.state_in(initial_state, K)
+        names = [t.name for t in self.fused.spec.tensors]
+        sub = {n: tensors[n] for n in names if n in tensors}
+        sub[names[-1]] = algebra_fuse.decay_tensor(self.checked, tensors, dims)
+        y, state = self.pieces[0](**sub, initial_state=init, **options)
+        y = algebra_fuse.output_sum(y, K)
+        if self.checked.spec.final_state and state is not None:
+            return y, algebra_fuse.state_out(state, K)
+        return y, None
+
     def _split_state(self, state: Tensor, dims: Mapping[str, int],
                      cu_seqlens: Tensor | None) -> tuple[Tensor, ...]:
         c = self.checked
         if not c.spec.initial_state:
             raise TensorError(f"initial_state: spec {c.spec.name} does not declare `initial_state`")
         assert c.state_size is not None
-        K = len(self.pieces)
+        K = len(c.pieces)
         N = size_of(c.state_size, dims)
         lead = dims[ir.BATCH] if cu_seqlens is None else cu_seqlens.shape[0] - 1
         want = [lead, size_of(c.heads.output, dims), K * N, size_of(c.head_dim, dims)]

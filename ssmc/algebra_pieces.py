@@ -143,7 +143,7 @@ def composite_checked(spec: ir.Spec, terms: list[Term], steps: tuple[str, ...], 
                     f"{mask_text(p.spec.mask)}: {', '.join(f.value for f in p.forms)}"  # type: ignore[union-attr]
                     for p in checked))
         c.raise_if_any()
-    return ir.CheckedSpec(
+    result = ir.CheckedSpec(
         spec=spec,
         forms=forms,
         heads=facts.heads,
@@ -154,6 +154,12 @@ def composite_checked(spec: ir.Spec, terms: list[Term], steps: tuple[str, ...], 
         derivation=steps,
         pieces=tuple(p for p in checked if p is not None),
     )
+    from ssmc.algebra_fuse import derivation_line, fused_checked
+
+    fused = fused_checked(result)
+    if fused is None:
+        return result
+    return dataclasses.replace(result, derivation=(*steps, derivation_line(result, fused)))
 
 
 def _decayed(mask: object) -> bool:

@@ -15,6 +15,7 @@ a decayed window. Every piece is then proved in each of its forms by `ssmc.symbo
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 
 import sympy
@@ -22,6 +23,7 @@ from sympy import Matrix
 
 from ssmc import expr as E
 from ssmc import ir
+from ssmc.algebra_fuse import fused_checked
 from ssmc.expr_sympy import symbol, to_sympy
 from ssmc.ir import CheckedSpec, Form
 
@@ -189,6 +191,16 @@ def prove_algebra(checked: CheckedSpec, *, T: int, chunk_sizes: tuple[int, ...],
         checked, spec=dataclasses.replace(spec, composition=None), derivation=()),)
     checks = [identity]
     sizes = None
+    fused = fused_checked(checked) if checked.pieces else None
+    if fused is not None:  # the sum runs as one op with K·H heads: prove that lowering too
+        from ssmc.algebra_fuse_proof import prove_fused
+
+        lowered = prove_fused(checked, fused)
+        checks.append(lowered)  # type: ignore[arg-type]
+        if not lowered.equal:  # type: ignore[attr-defined]
+            raise symbolic.ProofError(f"{spec.name}: the one op with K·H heads differs from "
+                                      f"the sum {mask_text(written)}")
+        pieces = (*pieces, fused)
     for piece in pieces:
         proof = symbolic.prove(piece, T=T, chunk_sizes=chunk_sizes, heads=heads)
         sizes = sizes or proof.sizes
@@ -242,12 +254,17 @@ def numeric_check_algebra(checked: CheckedSpec, *, T: int, chunk_sizes: tuple[in
     generator = torch.Generator().manual_seed(seed)
     tensors = ref.random_inputs(small, batch=2, seqlen=T, generator=generator)
     h0 = tensors.pop("initial_state", None)
-    op = CompositeOp(small, pieces=[ReferencePiece(p) for p in small.pieces])
+    ops = {"composite": CompositeOp(small, pieces=[ReferencePiece(p) for p in small.pieces],
+                                    fuse=False)}
+    fused = fused_checked(small)
+    if fused is not None:  # the one op with K·H heads, run by its own reference
+        ops["one op, K·H heads"] = CompositeOp(small, pieces=[ReferencePiece(fused)])
     bad = []
-    for form in small.forms:
+    for (label, op), form in itertools.product(ops.items(), small.forms):
         want, want_state = ref.reference(small, form)(**tensors, initial_state=h0)
         got, state = op(**tensors, initial_state=h0, form=form)
-        for quantity, g, w in (("y (composite)", got, want), ("final_state", state, want_state)):
+        for quantity, g, w in ((f"y ({label})", got, want), (f"final_state ({label})", state,
+                                                               want_state)):
             if g is None or w is None:
                 continue
             error = float((g - w).norm() / w.norm())

@@ -77,7 +77,11 @@ def derivation_lines(checked: ir.CheckedSpec, indent: str) -> list[str]:
         forms = ", ".join(f.value for f in piece.forms)
         lines.append(f"{indent}piece    {piece.spec.name}: {algebra_text(piece.spec.mask)}, "
                      f"value {show(piece.spec.value)} ({forms})")
-    if checked.pieces:
+    if any(" → one op `" in step for step in checked.derivation):  # ssmc.algebra_fuse
+        lines.append(f"{indent}plan     the sum runs as the one op above, planned as one spec; "
+                     f"a cost table is that of one piece (the op has {len(checked.pieces)}× "
+                     f"its heads)")
+    elif checked.pieces:
         lines.append(f"{indent}plan     each piece is planned on its own (one op each); a cost "
                      f"table is that of one piece, the call costs about {len(checked.pieces)}×")
     return lines

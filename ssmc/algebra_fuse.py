@@ -1,0 +1,172 @@
+"""A sum of masks over shared query, key and value as ONE ordinary spec with K·H heads.
+
+`mask A_0 + … + A_{K−1}` whose terms read the same C, B and X̄ (no per-term scale) runs as
+one generated op: term p of head h becomes head h·K + p of a spec with K·H output heads,
+
+    mask semiseparable(log_a = la)      input la : [batch, seq, K·H]
+    query / key / value as written      (their head counts divide H, so they divide K·H)
+
+x, B and C are shared through the head-group patterns (head h·K + p reads x head h, the
+K consecutive heads of a group share it; B and C groups of H/G heads become K·H/G), so
+nothing is copied and every kernel loads them once per group; la[.., h·K + p] is term p's
+log decay at head h (a const_decay or causal term: broadcast or 0), computed in torch
+before the op. Then y_h = Σ_p y_{h·K+p} and the state [batch, K·H, N, P] IS the sum's
+stacked state [batch, H, K·N, P] (term p owns rows p·N … (p+1)·N − 1): a reshape. Every
+form, the fused backward and the head-group gradient sums are the basic spec's.
+Not fused (`ssmc.algebra_ops` runs one op per term): scaled terms (`c · A + B`: their
+values differ), diagonal or Toeplitz terms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from ssmc import expr as E
+from ssmc import ir
+from ssmc.bind import size_of
+from ssmc.errors import CheckError
+from ssmc.expr_torch import evaluate, squeeze_literals
+
+SCALAR = (ir.Causal, ir.ConstDecay, ir.ScalarSemiseparable)
+"""Term kinds the fused spec expresses: one log decay per (batch, seq, head)."""
+DECAY = "log_a"
+"""Name of the fused spec's decay input (made unique)."""
+
+
+def terms(checked: ir.CheckedSpec) -> tuple[ir.Mask, ...] | None:
+    """The sum's terms when one fused op can run them (unscaled scalar-decay masks), else None."""
+    mask = checked.spec.mask
+    if not isinstance(mask, ir.MaskSum) or len(mask.terms) < 2:
+        return None
+    if not all(isinstance(t, SCALAR) for t in mask.terms):
+        return None
+    return mask.terms  # type: ignore[return-value]
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    while name in taken:
+        name += "_"
+    return name
+
+
+def fused_spec(checked: ir.CheckedSpec) -> ir.Spec | None:
+    """The one spec with K·H heads that runs the sum (module docstring), or None."""
+    from ssmc.algebra_pieces import minimal
+
+    found = terms(checked)
+    if found is None:
+        return None
+    spec, K = checked.spec, len(found)
+    H = checked.heads.output
+    taken = {t.name for t in spec.tensors} | {d.name for d in spec.dims} | {
+        spec.name, spec.output.name}
+    dims = spec.dims
+    if isinstance(H, str):
+        value = spec.dim(H).value
+        kh: ir.Size = _unique(f"{H}{K}", taken)
+        dims = (*dims, ir.Dim(name=kh, value=None if value is None else K * value,
+                              span=spec.dim(H).span))
+    else:
+        kh = K * H
+    decay = _unique(DECAY, taken)
+    span = spec.mask.span  # type: ignore[union-attr]
+    la = ir.Tensor(name=decay, kind=ir.TensorKind.INPUT, shape=(ir.BATCH, ir.SEQ, kh), span=span)
+    out = spec.output
+    output = dataclasses.replace(out, shape=(*out.shape[:2], kh, *out.shape[3:]))
+    mask = ir.ScalarSemiseparable(log_a=E.Ref(name=decay, span=span), span=span)
+    return minimal(spec, name=f"{spec.name}_sum", mask=mask, skip=None, gate=None,
+                   output=output, tensors=(*spec.tensors, la), dims=dims)
+
+
+def fused_checked(checked: ir.CheckedSpec) -> ir.CheckedSpec | None:
+    """`fused_spec` checked, or None when there is none or it does not check."""
+    from ssmc.check import check
+
+    spec = fused_spec(checked)
+    if spec is None:
+        return None
+    try:
+        fused = check(spec)
+    except CheckError:
+        return None
+    return fused if all(f in fused.forms for f in checked.forms) else None
+
+
+def derivation_line(checked: ir.CheckedSpec, fused: ir.CheckedSpec) -> str:
+    """What `ssmc explain` shows for the lowering."""
+    K = len(checked.pieces)
+    H, KH = checked.heads.output, fused.heads.output
+    decay = fused.spec.tensors[-1].name
+    return (f"sum of {K} terms over one query, key and value → one op `{fused.spec.name}` with "
+            f"{KH} = {K}·{H} heads: head h·{K} + p runs term p with {decay}[.., h·{K} + p] = its "
+            f"log decay at head h; x, B, C shared by head groups; y_h = Σ_p y_(h·{K}+p), "
+            f"state [batch, {KH}, N, P] = [batch, {H}, {K}·N, P]")
+
+
+# ---------------------------------------------------------------- torch glue
+
+
+def log_decay(term: ir.Mask) -> E.Expr | None:
+    """Term's log decay per (batch, seq, head) in the fused op: log a, log γ, or None (0)."""
+    match term:
+        case ir.ScalarSemiseparable(log_a=e):
+            return e
+        case ir.ConstDecay(log_gamma=e):
+            return e
+    return None
+
+
+def interleave(cols: list[Tensor]) -> Tensor:
+    """K tensors [batch, seq, H] → [batch, seq, K·H] with cols[p][.., h] in column h·K + p."""
+    b, T, H = cols[0].shape
+    return torch.stack(cols, dim=3).reshape(b, T, H * len(cols))
+
+
+def decay_tensor(checked: ir.CheckedSpec, tensors: Mapping[str, Tensor],
+                 dims: Mapping[str, int]) -> Tensor:
+    """la [batch, seq, K·H]: term p's log decay at head h in column h·K + p (fp32 or wider)."""
+    from ssmc.reference import _axis
+
+    found = terms(checked)
+    assert found is not None
+    spec = checked.spec
+    env = {t.name: squeeze_literals(t, tensors[t.name]) for t in spec.tensors}
+    b, T = dims[ir.BATCH], dims[ir.SEQ]
+    H = size_of(checked.heads.output, dims)
+    device = next(iter(tensors.values())).device
+    cols = []
+    for piece, term in zip(checked.pieces, found, strict=True):
+        count = piece.heads.decay
+        e = log_decay(term)
+        value = torch.zeros((), dtype=torch.float32) if e is None else evaluate(
+            e, env, dims, (ir.BATCH, ir.SEQ, _axis(count, "head")))
+        Gd = 1 if count is None else size_of(count, dims)
+        value = value.to(device=device).expand(b, T, Gd)
+        cols.append(value if Gd == H else value.repeat_interleave(H // Gd, dim=2))
+    dtype = torch.float32
+    for c in cols:
+        dtype = torch.promote_types(dtype, c.dtype)
+    return interleave([c.to(dtype) for c in cols]).contiguous()
+
+
+def state_in(state: Tensor, K: int) -> Tensor:
+    """[lead, H, K·N, P] (term p owns rows p·N …) → the fused op's [lead, K·H, N, P]."""
+    lead, H, KN, P = state.shape
+    return state.reshape(lead, H * K, KN // K, P)
+
+
+def state_out(state: Tensor, K: int) -> Tensor:
+    """The fused op's [lead, K·H, N, P] → the sum's [lead, H, K·N, P]."""
+    lead, KH, N, P = state.shape
+    return state.reshape(lead, KH // K, K * N, P)
+
+
+def output_sum(y: Tensor, K: int) -> Tensor:
+    """y [batch, seq, K·H, P] → Σ_p y[.., h·K + p, :], [batch, seq, H, P], in fp32 or wider."""
+    b, T, KH, P = y.shape
+    wide = y.float() if y.dtype in (torch.float16, torch.bfloat16) else y
+    return wide.reshape(b, T, KH // K, K, P).sum(3)
