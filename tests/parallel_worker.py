@@ -26,8 +26,8 @@ PER_TOKEN_AXIS = 1
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("spec")
-    p.add_argument("--dims", default="")
+    p.add_argument("spec", nargs="+", help="one or more specs, run in turn by the same ranks")
+    p.add_argument("--dims", nargs="+", default=[], help="the dims of each spec (k=v,k=v)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seqlen", type=int, default=16)
     p.add_argument("--mode", choices=("reference", "op"), default="reference")
@@ -36,12 +36,25 @@ def main() -> None:
     args = p.parse_args()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    device = torch.device("cuda", dist.get_rank()) if backend == "nccl" else torch.device("cpu")
     if backend == "nccl":
         torch.cuda.set_device(device)
-    dims = dict((k, int(v)) for k, v in (kv.split("=") for kv in args.dims.split(",") if kv))
-    checked = with_dims(parse_file(args.spec), dims)
+    dims = args.dims or [""] * len(args.spec)
+    assert len(dims) == len(args.spec), "one --dims entry per spec"
+    for i, (spec, spec_dims) in enumerate(zip(args.spec, dims, strict=True)):
+        out = os.path.join(args.out, str(i))
+        os.makedirs(out, exist_ok=True)
+        run_case(spec, spec_dims, args, device, out)
+    dist.destroy_process_group()
+
+
+def run_case(
+    spec: str, spec_dims: str, args: argparse.Namespace, device: torch.device, out: str
+) -> None:
+    """One spec split across the ranks; this rank's y, state and gradients into `out`."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dims = dict((k, int(v)) for k, v in (kv.split("=") for kv in spec_dims.split(",") if kv))
+    checked = with_dims(parse_file(spec), dims)
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
     state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -69,9 +82,8 @@ def main() -> None:
     grads = {k: v.grad.detach().cpu() for k, v in local.items() if v.grad is not None}
     torch.save(
         {"y": y.detach().cpu(), "state": state.detach().cpu(), "grads": grads},
-        os.path.join(args.out, f"rank{rank}.pt"),
+        os.path.join(out, f"rank{rank}.pt"),
     )
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

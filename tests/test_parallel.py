@@ -50,8 +50,16 @@ def _free_port() -> int:
 
 
 def _run_ranks(
-    spec: Path, dims: str, mode: str, dtype: str, out: Path, world: int = 2, seqlen: int = 16
+    specs: list[Path],
+    dims: list[str],
+    mode: str,
+    dtype: str,
+    out: Path,
+    world: int = 2,
+    seqlen: int = 16,
 ) -> None:
+    """Every spec split across `world` gloo ranks in turn (one start-up for all of them);
+    spec i's per-rank results land in out/i/."""
     env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
@@ -59,7 +67,7 @@ def _run_ranks(
         "WORLD_SIZE": str(world),
         "PYTHONPATH": str(ROOT),
     }
-    cmd = [sys.executable, str(WORKER), str(spec), "--dims", dims, "--mode", mode]
+    cmd = [sys.executable, str(WORKER), *map(str, specs), "--dims", *dims, "--mode", mode]
     cmd += ["--dtype", dtype, "--out", str(out), "--seqlen", str(seqlen)]
     procs = [
         subprocess.Popen(cmd, env={**env, "RANK": str(r)}, stderr=subprocess.PIPE, text=True)
@@ -109,26 +117,39 @@ def _compare(out: Path, want: dict, bound: float, world: int = 2) -> None:
         assert _rel(got, g) < bound, f"grad of {name}: {_rel(got, g):.2e}"
 
 
+@pytest.fixture(scope="module")
+def reference_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """Every case split across two ranks of the fp64 reference: case -> (spec, results)."""
+    tmp = tmp_path_factory.mktemp("parallel")
+    cases = sorted(CASES)
+    specs = [_spec(case, tmp) for case in cases]
+    _run_ranks(specs, [CASES[c][1] for c in cases], "reference", "float64", tmp)
+    return {
+        case: (spec, tmp / str(i)) for i, (case, spec) in enumerate(zip(cases, specs, strict=True))
+    }
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_two_ranks_match_one_reference(case: str, tmp_path: Path) -> None:
-    spec, dims = _spec(case, tmp_path), CASES[case][1]
-    _run_ranks(spec, dims, "reference", "float64", tmp_path)
-    _compare(tmp_path, _single(spec, dims), 1e-10)
+def test_two_ranks_match_one_reference(case: str, reference_runs: dict) -> None:
+    spec, out = reference_runs[case]
+    _compare(out, _single(spec, CASES[case][1]), 1e-10)
 
 
 def test_three_ranks_fold_the_earlier_states(tmp_path: Path) -> None:
     """Rank 2 enters with rank 1's state plus rank 0's decayed across rank 1."""
     spec, dims = _spec("mamba2", tmp_path), CASES["mamba2"][1]
-    _run_ranks(spec, dims, "reference", "float64", tmp_path, world=3, seqlen=24)
-    _compare(tmp_path, _single(spec, dims, seqlen=24), 1e-10, world=3)
+    _run_ranks([spec], [dims], "reference", "float64", tmp_path, world=3, seqlen=24)
+    _compare(tmp_path / "0", _single(spec, dims, seqlen=24), 1e-10, world=3)
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("case", ["mamba2", "linear_attention"])
-def test_two_ranks_of_generated_kernels(case: str, tmp_path: Path) -> None:
-    spec, dims = _spec(case, tmp_path), CASES[case][1]
-    _run_ranks(spec, dims, "op", "float32", tmp_path)
-    _compare(tmp_path, _single(spec, dims), 1e-4)
+def test_two_ranks_of_generated_kernels(tmp_path: Path) -> None:
+    """The generated ops (interpreter, fp32): a scalar decay with shared B/C, and causal."""
+    cases = ["mamba2", "linear_attention"]
+    specs = [_spec(case, tmp_path) for case in cases]
+    _run_ranks(specs, [CASES[c][1] for c in cases], "op", "float32", tmp_path)
+    for i, (case, spec) in enumerate(zip(cases, specs, strict=True)):
+        _compare(tmp_path / str(i), _single(spec, CASES[case][1]), 1e-4)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
