@@ -37,7 +37,8 @@ SUB_CHUNK = 16
 
 def recurrent(s: Sizes) -> tuple[Launch, ...]:
     """h_t = a_t ⊙ h_{t-1} + B_t ⊗ X̄_t, y_t = C_tᵀ h_t: one program per (sequence, head,
-    P tile) walks its tokens with the N × BLOCK_P state in registers."""
+    P tile) walks its tokens with the N × BLOCK_P state in registers; each step waits for
+    its token's loads, issued in the loop body (~0.5 µs a token measured on the H100)."""
     mask = s.spec.mask
     update = 2 if isinstance(mask, ir.Causal) else 3
     exps = s.N if isinstance(mask, ir.DiagonalSemiseparable) else 1
@@ -58,7 +59,8 @@ def recurrent(s: Sizes) -> tuple[Launch, ...]:
 def quadratic(s: Sizes, chunk: int) -> tuple[Launch, ...]:
     """Y = (L ∘ C Bᵀ) X̄: a program per (query tile, head, P tile) walks the key tiles back
     from the diagonal (suffix sums of log a, no cumsum pass); C Bᵀ per head and P tile.
-    A returned final state is one more launch that walks each sequence's key tiles."""
+    A returned final state is one more launch that walks each sequence's key tiles.
+    Each key-tile step waits for its tile loads and dots (a round trip)."""
     spec = s.spec
     bt = quadratic_tile(s.T, chunk)
     nb = cdiv(s.T, bt)
@@ -98,7 +100,8 @@ def chunked(s: Sizes, Q: int) -> tuple[Launch, ...]:
     chunked_state walks each sequence with H in registers and stores the state entering
     each chunk (16-bit when C is); chunked_scan_cb stores C Bᵀ once per (query, key)
     group; chunked_scan writes y = Y_diag + Y_off per (chunk, head, row block, P tile),
-    the in-chunk cumsum recomputed. The states cross HBM twice."""
+    the in-chunk cumsum recomputed, each earlier block a step waiting for its C Bᵀ and x
+    tiles (≤ 3 steps: too few for the pipeliner to hide). The states cross HBM twice."""
     spec = s.spec
     decay = not isinstance(spec.mask, ir.Causal)
     R = s.seqs * cdiv(s.T, Q)
