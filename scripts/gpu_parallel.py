@@ -28,6 +28,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from ssmc import parallel  # noqa: E402
 from ssmc.load import load  # noqa: E402
 from ssmc.parallel import ContextParallel, StatePass  # noqa: E402
 from ssmc.pipeline import parse_file, with_dims  # noqa: E402
@@ -196,6 +197,8 @@ def run_length(
             "fwd_bwd_ms_split": t_split_bwd,
             "fwd_bwd_speedup": t_one_bwd / t_split_bwd,
             **{f"slowest_rank_{k}": v for k, v in slowest.items()},
+            # False: the state pass's matmul upcast its bf16 operands (no bmm out_dtype)
+            "state_matmul_fp32_out": parallel._OUT_DTYPE_MM["works"],
             "rel_err_y": rel(torch.cat(ys, dim=1), y_one),
             "rel_err_final_state": rel(states[-1], state_one),
             "rel_err_grads": {k: rel(grads[k], whole[k].grad) for k in PER_TOKEN + PARAMS},

@@ -241,6 +241,7 @@ class _StateMatmul(torch.autograd.Function):
 
 
 _OUT_DTYPE_MM = {"works": True}
+"""False once torch.bmm refused out_dtype here (16-bit operands are upcast from then on)."""
 
 
 def _contract_t(left: Tensor, right: Tensor) -> Tensor:
@@ -252,7 +253,11 @@ def _contract_t(left: Tensor, right: Tensor) -> Tensor:
         try:
             return torch.stack(
                 [
-                    torch.bmm(a.permute(1, 2, 0), c.transpose(0, 1), out_dtype=torch.float32)
+                    torch.bmm(
+                        a.permute(1, 2, 0).contiguous(),  # [g, N, T]: the small operand
+                        c.transpose(0, 1),
+                        out_dtype=torch.float32,
+                    )
                     for a, c in zip(left, right, strict=True)
                 ]
             )
