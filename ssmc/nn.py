@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssmc import ir
+from ssmc.algebra_pieces import mask_exprs
 from ssmc.bind import size_of
-from ssmc.expr import Expr, refs
+from ssmc.expr import refs
 from ssmc.load import as_checked, load
 from ssmc.nn_init import ParamInit, param_inits
 from ssmc.pipeline import with_dims
@@ -154,6 +155,8 @@ class SequenceMixer(nn.Module):
         self.H = size_of(self.checked.heads.output, self.sizes)
         self.P = size_of(self.checked.head_dim, self.sizes)
         self.N = size_of(self.checked.state_size, self.sizes) if self.checked.state_size else 0
+        if isinstance(s.mask, ir.MaskSum):  # the terms' states stacked along N
+            self.N *= len(self.checked.pieces)
         self.use_reference = use_reference
         self.op = None if use_reference else load(self.checked)
         inputs = [t for t in s.tensors if t.kind is ir.TensorKind.INPUT]
@@ -161,7 +164,7 @@ class SequenceMixer(nn.Module):
             t.name: tuple(size_of(x, self.sizes) for x in t.shape[2:]) for t in inputs
         }
         mixed = set().union(*(refs(e) for e in (s.query, s.key, s.value) if e is not None))
-        mask_reads = set().union(*(refs(e) for e in _mask_exprs(s.mask)))
+        mask_reads = set().union(*(refs(e) for e in mask_exprs(s.mask)))
         self.conv_names = [t.name for t in inputs if t.name in mixed - mask_reads] if d_conv else []
         widths = [math.prod(self.input_shapes[t.name]) for t in inputs]
         self.in_proj = nn.Linear(d_model, sum(widths), bias=bias, **factory)
@@ -271,7 +274,8 @@ class SequenceMixer(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Zero (conv_state [batch, conv channels, d_conv], ssm_state [batch, H, N, P])."""
+        """Zero (conv_state [batch, conv channels, d_conv], ssm_state [batch, H, N, P]; a sum
+        of K masks: [batch, H, K·N, P], its terms' states stacked along N)."""
         weight = self.in_proj.weight
         device = device or weight.device
         dtype = dtype or weight.dtype
@@ -307,19 +311,6 @@ class SequenceMixer(nn.Module):
         y, state = self._run(tensors, initial_state=ssm_state)
         assert state is not None
         return self._out(y)[:, 0], new_conv, state
-
-
-def _mask_exprs(mask: ir.Mask) -> list[Expr]:
-    match mask:
-        case ir.ConstDecay(log_gamma=e) | ir.ScalarSemiseparable(log_a=e):
-            return [e]
-        case ir.DiagonalSemiseparable(log_a=e):
-            return [e]
-        case ir.Toeplitz(kernel=ir.LearnedKernel(kernel=e)):
-            return [e]
-        case ir.Toeplitz(kernel=ir.LtiKernel(A=A, B=B, C=C, dt=dt)):
-            return [e for e in (A, B, C, dt) if e is not None]
-    return []
 
 
 class Mamba2Block(SequenceMixer):

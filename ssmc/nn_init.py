@@ -7,6 +7,8 @@ for training and pushed down each decay expression the same way):
   (Mamba-1), and the rest Δ ∈ [1e-3, 0.1], so `dt_bias` = softplus⁻¹(Δ) (its sum partner
   `dt` is a projection, ~0 on average);
 - `const_decay`: RetNet's γ_h = 1 − 2^(−5−h), inverted through the expression;
+- a composite mask (a sum, a quasiseparable mask, a decayed Toeplitz window): each atom's
+  decay as above, as if it were the spec's only mask (`ssmc.algebra.atoms`);
 - LTI: A = −(n + 1) (S4D-real), dt ∈ [1e-3, 0.1], B ones;
 - `skip` and `gate` params (Mamba's D): ones (`skip_init`); anything else: normal, std 1/√(last axis).
 A param that is a bare factor of the decay product (A) is stored as its log-magnitude (A_log),
@@ -87,9 +89,36 @@ class _TrainRanges(_Ranges):
         sign = 1.0 if target[0] > 0 else -1.0
         m_lo, m_hi = sorted((abs(target[0]), abs(target[1])))
         rest = (m_lo / DECAY_FACTOR[0], m_hi / DECAY_FACTOR[1])
-        factor = _scaled(DECAY_FACTOR, sign)
         lhs_params, rhs_params = (bool(refs(e)) and refs(e) <= self.params for e in (lhs, rhs))
-        return (factor, rest) if lhs_params and not rhs_params else (rest, factor)
+        factor_side, rest_side = (lhs, rhs) if lhs_params and not rhs_params else (rhs, lhs)
+        # The sign goes to the factor that can carry it: −Δ·exp(A_log) (Mamba-2's A written
+        # −exp(A_log)) has the sign on Δ's side, Δ·A on A's.
+        f_sign, r_sign = _sign_of(factor_side), _sign_of(rest_side)
+        if f_sign is None and r_sign is not None:
+            f_sign = sign * r_sign
+        f_sign = sign if f_sign is None else f_sign
+        factor, rest = _scaled(DECAY_FACTOR, f_sign), _scaled(rest, sign * f_sign)
+        return (factor, rest) if factor_side is lhs else (rest, factor)
+
+
+_POSITIVE = (Func.EXP, Func.SOFTPLUS, Func.SIGMOID, Func.SQRT, Func.ABS)
+
+
+def _sign_of(expr: Expr) -> float | None:
+    """+1 or −1 when an expression's sign is fixed by its form (exp, softplus, … and their
+    negations, products and quotients), else None."""
+    match expr:
+        case Call(func=func) if func in _POSITIVE:
+            return 1.0
+        case Call(func=Func.CLAMP, args=(e, _, _)):
+            return _sign_of(e)
+        case Neg(operand=e):
+            inner = _sign_of(e)
+            return None if inner is None else -inner
+        case BinOp(op=Op.MUL | Op.DIV, lhs=lhs, rhs=rhs):
+            a, b = _sign_of(lhs), _sign_of(rhs)
+            return None if a is None or b is None else a * b
+    return None
 
 
 _INVERSE: dict[Func, Callable[[Tensor], Tensor]] = {
@@ -232,25 +261,25 @@ def _decay_values(
             if found is not None and torch.isfinite(found).all():
                 values[leaf] = found
 
-    match checked.spec.mask:
-        case ir.ConstDecay(log_gamma=e):
-            contexts.update(_bare(e, params))
-            solve(
-                e,
-                lambda p: along(p, checked.heads.decay, lambda h: torch.log1p(-(2.0 ** (-5 - h)))),
-            )
-            ranges.push(e, LOG_GAMMA)  # when not invertible
-        case ir.ScalarSemiseparable(log_a=e) | ir.DiagonalSemiseparable(log_a=e):
-            contexts.update(_bare(e, params))
-            ranges.push(e, LOG_DECAY)
-        case ir.Toeplitz(kernel=ir.LtiKernel(A=A, B=B, dt=dt)):
-            ranges.push(dt, LTI_DT)
-            if A is not None:
-                solve(A, lambda p: along(p, checked.state_size, lambda n: -(n + 1)))
-                if _bare_name(A) in params:
-                    contexts[_bare_name(A)] = "factor"  # type: ignore[index]
-            if B is not None and _bare_name(B) in params:
-                values[_bare_name(B)] = torch.ones(shapes[_bare_name(B)], dtype=torch.float64)  # type: ignore[index]
+    for atom in _atoms(checked.spec.mask):
+        match atom:
+            case ir.ConstDecay(log_gamma=e):
+                contexts.update(_bare(e, params))
+                axis = _head_axis(e, checked.spec)
+                solve(e, lambda p, axis=axis: along(  # type: ignore[misc]
+                    p, axis, lambda h: torch.log1p(-(2.0 ** (-5 - h)))))
+                ranges.push(e, LOG_GAMMA)  # when not invertible
+            case ir.ScalarSemiseparable(log_a=e) | ir.DiagonalSemiseparable(log_a=e):
+                contexts.update(_bare(e, params))
+                ranges.push(e, LOG_DECAY)
+            case ir.Toeplitz(kernel=ir.LtiKernel(A=A, B=B, dt=dt)):
+                ranges.push(dt, LTI_DT)
+                if A is not None:
+                    solve(A, lambda p: along(p, checked.state_size, lambda n: -(n + 1)))
+                    if _bare_name(A) in params:
+                        contexts[_bare_name(A)] = "factor"  # type: ignore[index]
+                if B is not None and _bare_name(B) in params:
+                    values[_bare_name(B)] = torch.ones(shapes[_bare_name(B)], dtype=torch.float64)  # type: ignore[index]
     for name, interval in ranges.found.items():
         if name not in params or name in values or interval is None:
             continue
@@ -262,6 +291,28 @@ def _decay_values(
             u = torch.rand(shapes[name], dtype=torch.float64, generator=generator)
             values[name] = lo + (hi - lo) * u
     return values, contexts
+
+
+def _atoms(mask: ir.MaskExpr) -> list[ir.Mask]:
+    """The basic masks whose decays a mask reads, each initialised as if alone: the terms
+    of a sum, both passes of a quasiseparable mask, a decayed window's const_decay."""
+    from ssmc.algebra import atoms
+
+    out = []
+    for atom in atoms(mask):
+        kernel = atom.kernel if isinstance(atom, ir.Toeplitz) else None
+        if isinstance(kernel, ir.LearnedKernel) and kernel.log_decay is not None:
+            out.append(ir.ConstDecay(log_gamma=kernel.log_decay, span=atom.span))
+        else:
+            out.append(atom)
+    return out
+
+
+def _head_axis(expr: Expr, spec: ir.Spec) -> str | None:
+    """The head dim an expression reads (the axis RetNet's γ_h runs along), if any."""
+    from ssmc.axes import expr_axes, head_dims
+
+    return next((a for a in expr_axes(expr, spec) if a in head_dims(spec)), None)
 
 
 __all__ = ["ParamInit", "param_inits"]

@@ -27,6 +27,7 @@ SMALL = {
     "s4d": {"H": 4, "N": 8},
     "lssl_hippo": {"H": 4, "N": 8},
     "toeplitz": {"H": 2, "L": 8, "P": 4},
+    "mamba2_2ss": {"H": 2, "N": 8, "P": 4},
 }
 D_MODEL = 16
 
@@ -204,3 +205,48 @@ def test_mamba2_block_refuses_a_foreign_spec() -> None:
     with pytest.raises(ValueError, match="Mamba2Block needs"):
         Mamba2Block(32, spec=ROOT / "examples" / "retnet.ssm")
     assert math.isclose(Mamba2Block(32, headdim=16, use_reference=True).H, 4)
+
+
+def test_composite_masks_init_each_atom_as_if_alone() -> None:
+    """Each decay of a sum, of a quasiseparable mask and of a decayed window gets the init
+    its atom would get alone: Mamba-2's A = −exp(A_log) with |A| ∈ [1, 16] and Δ ∈ [1e-3,
+    0.1] (the sign on Δ's side: −Δ·exp(A_log)), RetNet's γ_h = 1 − 2^(−5−h)."""
+    dims = {"H": 8, "N": 4, "P": 4}
+    for name, decays in (("mamba2_2ss", ("A_log", "A_log_slow")), ("hydra", ("A_log", "A_log_back"))):
+        m = SequenceMixer(ROOT / "examples" / f"{name}.ssm", D_MODEL, dims=dims,
+                          use_reference=True)
+        values = m.spec_params()
+        for decay in decays:
+            magnitude = values[decay].exp()
+            assert ((magnitude >= 1 - 1e-5) & (magnitude <= 16 + 1e-4)).all(), (name, decay)
+            assert magnitude.std() > 1, (name, decay)
+        delta = torch.nn.functional.softplus(values["dt_bias"])
+        assert ((delta >= 1e-3 - 1e-9) & (delta <= 0.1 + 1e-9)).all(), name
+        assert "dt" not in m.conv_names, name  # the decay's input is not conv'd
+    window = SequenceMixer(ROOT / "examples" / "decay_window.ssm", D_MODEL,
+                           dims={"H": 4, "L": 8, "P": 4}, use_reference=True)
+    gamma = torch.sigmoid(window.spec_params()["g"])
+    assert torch.allclose(gamma, 1 - 2.0 ** (-5 - torch.arange(4.0)), rtol=0, atol=1e-6)
+
+
+def test_step_of_a_sum_mask_equals_forward_fp64_reference() -> None:
+    """Decoding a 2-semiseparable spec carries [batch, H, 2·N, P] (both terms' states)."""
+    torch.manual_seed(3)
+    m = mixer("mamba2_2ss", use_reference=True).double()
+    u = torch.randn(2, 7, D_MODEL, dtype=torch.float64)
+    y, state = m(u, return_state=True)
+    assert m.allocate_inference_state(2)[1].shape == (2, 2, 16, 4) == state.shape
+    stepped, stepped_state = _step_all(m, u)
+    assert rel(stepped, y) < 1e-12 and rel(stepped_state, state) < 1e-12
+
+
+@pytest.mark.interpret
+def test_step_of_a_sum_mask_through_the_op() -> None:
+    torch.manual_seed(4)
+    m = mixer("mamba2_2ss", chunk_size=4)
+    assert m.op is not None and m.op.fused is not None  # one op with 2·H heads
+    u = torch.randn(2, 6, D_MODEL)
+    y, state = m(u, return_state=True)
+    stepped, stepped_state = _step_all(m, u)
+    assert stepped_state.dtype == torch.float32
+    assert rel(stepped, y) < 1e-5 and rel(stepped_state, state) < 1e-5
