@@ -77,6 +77,14 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     if missing:
         raise SsmcError("dims bound at call time need values here: "
                         + ", ".join(f"--dim {m}=..." for m in missing))
+    from ssmc.algebra_fuse import fused_checked
+
+    fused = fused_checked(checked) if checked.pieces else None
+    if fused is not None:  # a sum that runs as one op with K·H heads: plan that op
+        H, KH = checked.heads.output, fused.heads.output
+        if isinstance(H, str) and isinstance(KH, str) and KH not in dims:
+            dims[KH] = len(checked.pieces) * dims[H]
+        checked = fused
     shape = Shape(batch=args.batch, seqlen=args.seqlen, dims=dims, dtype_bytes=args.dtype_bytes)
     print(explain(checked, shape, args.device))
     return 0

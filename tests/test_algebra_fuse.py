@@ -17,6 +17,7 @@ from ssmc.load import load
 from ssmc.pipeline import parse, parse_file, with_dims
 from ssmc.summary import summary
 from ssmc.symbolic import ProofError, prove
+from ssmc.symbolic_numeric import numeric_check
 
 ref = importlib.import_module("ssmc.reference")
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,6 +146,24 @@ def test_a_wrong_head_order_fails_the_proof(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(algebra_fuse, "interleave", wrong)
     with pytest.raises(ProofError, match="one op"):
         prove(parse(THREE), T=4)
+    with pytest.raises(ProofError, match=r"y \(one op, K·H heads\) off by"):
+        numeric_check(mamba2_2ss(), T=5, seed=0, tol=1e-9)
+
+
+def test_the_fused_lowering_agrees_numerically() -> None:
+    """fp64: the one op run by its own reference, and the per-term ops, against the sum."""
+    found = numeric_check(parse(THREE), T=5, seed=1, tol=1e-10)
+    assert {a.quantity for a in found} >= {"y (one op, K·H heads)",
+                                           "final_state (one op, K·H heads)", "y (composite)"}
+
+
+def test_explain_plans_the_one_op(capsys: pytest.CaptureFixture[str]) -> None:
+    from ssmc.cli import main
+
+    assert main(["explain", str(ROOT / "examples" / "mamba2_2ss.ssm"), "--seqlen", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "one op `mamba2_2ss_sum` with H2 = 2·H heads" in out
+    assert "mamba2_2ss_sum on H100" in out and "planned as one spec" in out
 
 
 @pytest.mark.interpret
