@@ -13,8 +13,9 @@ log decay at head h (a const_decay or causal term: broadcast or 0), computed in 
 before the op. Then y_h = Σ_p y_{h·K+p} and the state [batch, K·H, N, P] IS the sum's
 stacked state [batch, H, K·N, P] (term p owns rows p·N … (p+1)·N − 1): a reshape. Every
 form, the fused backward and the head-group gradient sums are the basic spec's.
-Not fused (`ssmc.algebra_ops` runs one op per term): scaled terms (`c · A + B`: their
-values differ), diagonal or Toeplitz terms.
+With a diagonal term the fused mask is `diagonal(log_a = la)`, la [batch, seq, K·H, N]
+(scalar terms broadcast along N). Not fused (`ssmc.algebra_ops` runs one op per term):
+scaled terms (`c · A + B`: their values differ).
 """
 
 from __future__ import annotations
@@ -32,19 +33,28 @@ from ssmc.errors import CheckError
 from ssmc.expr_torch import evaluate, squeeze_literals
 
 SCALAR = (ir.Causal, ir.ConstDecay, ir.ScalarSemiseparable)
-"""Term kinds the fused spec expresses: one log decay per (batch, seq, head)."""
+"""Term kinds with one log decay per (batch, seq, head)."""
+FUSED = (*SCALAR, ir.DiagonalSemiseparable)
+"""Term kinds the fused spec expresses (with a diagonal term: one log decay per state dim)."""
 DECAY = "log_a"
 """Name of the fused spec's decay input (made unique)."""
 
 
 def terms(checked: ir.CheckedSpec) -> tuple[ir.Mask, ...] | None:
-    """The sum's terms when one fused op can run them (unscaled scalar-decay masks), else None."""
+    """The sum's terms when one fused op can run them (unscaled causal, const_decay,
+    semiseparable or diagonal masks), else None."""
     mask = checked.spec.mask
     if not isinstance(mask, ir.MaskSum) or len(mask.terms) < 2:
         return None
-    if not all(isinstance(t, SCALAR) for t in mask.terms):
+    if not all(isinstance(t, FUSED) for t in mask.terms):
+        return None
+    if _diagonal(mask.terms) and not isinstance(checked.state_size, str):
         return None
     return mask.terms  # type: ignore[return-value]
+
+
+def _diagonal(found: tuple[ir.MaskExpr, ...]) -> bool:
+    return any(isinstance(t, ir.DiagonalSemiseparable) for t in found)
 
 
 def _unique(name: str, taken: set[str]) -> str:
@@ -74,10 +84,15 @@ def fused_spec(checked: ir.CheckedSpec) -> ir.Spec | None:
         kh = K * H
     decay = _unique(DECAY, taken)
     span = spec.mask.span  # type: ignore[union-attr]
-    la = ir.Tensor(name=decay, kind=ir.TensorKind.INPUT, shape=(ir.BATCH, ir.SEQ, kh), span=span)
+    ref = E.Ref(name=decay, span=span)
+    mask: ir.Mask = ir.ScalarSemiseparable(log_a=ref, span=span)
+    shape: tuple[ir.Size, ...] = (ir.BATCH, ir.SEQ, kh)
+    if _diagonal(found):  # one log decay per state dim: scalar terms broadcast along N
+        assert checked.state_size is not None
+        mask, shape = ir.DiagonalSemiseparable(log_a=ref, span=span), (*shape, checked.state_size)
+    la = ir.Tensor(name=decay, kind=ir.TensorKind.INPUT, shape=shape, span=span)
     out = spec.output
     output = dataclasses.replace(out, shape=(*out.shape[:2], kh, *out.shape[3:]))
-    mask = ir.ScalarSemiseparable(log_a=E.Ref(name=decay, span=span), span=span)
     return minimal(spec, name=f"{spec.name}_sum", mask=mask, skip=None, gate=None,
                    output=output, tensors=(*spec.tensors, la), dims=dims)
 
@@ -111,9 +126,9 @@ def derivation_line(checked: ir.CheckedSpec, fused: ir.CheckedSpec) -> str:
 
 
 def log_decay(term: ir.Mask) -> E.Expr | None:
-    """Term's log decay per (batch, seq, head) in the fused op: log a, log γ, or None (0)."""
+    """Term's log decay per (batch, seq, head[, N]) in the fused op: log a, log γ, or None (0)."""
     match term:
-        case ir.ScalarSemiseparable(log_a=e):
+        case ir.ScalarSemiseparable(log_a=e) | ir.DiagonalSemiseparable(log_a=e):
             return e
         case ir.ConstDecay(log_gamma=e):
             return e
@@ -121,14 +136,15 @@ def log_decay(term: ir.Mask) -> E.Expr | None:
 
 
 def interleave(cols: list[Tensor]) -> Tensor:
-    """K tensors [batch, seq, H] → [batch, seq, K·H] with cols[p][.., h] in column h·K + p."""
-    b, T, H = cols[0].shape
-    return torch.stack(cols, dim=3).reshape(b, T, H * len(cols))
+    """K tensors [batch, seq, H, …] → [batch, seq, K·H, …], cols[p][:, :, h] at head h·K + p."""
+    b, T, H, *rest = cols[0].shape
+    return torch.stack(cols, dim=3).reshape(b, T, H * len(cols), *rest)
 
 
 def decay_tensor(checked: ir.CheckedSpec, tensors: Mapping[str, Tensor],
                  dims: Mapping[str, int]) -> Tensor:
-    """la [batch, seq, K·H]: term p's log decay at head h in column h·K + p (fp32 or wider)."""
+    """la [batch, seq, K·H(, N)]: term p's log decay at head h in column h·K + p (fp32 or
+    wider); with a diagonal term every term's decay is broadcast along N."""
     from ssmc.reference import _axis
 
     found = terms(checked)
@@ -138,14 +154,19 @@ def decay_tensor(checked: ir.CheckedSpec, tensors: Mapping[str, Tensor],
     b, T = dims[ir.BATCH], dims[ir.SEQ]
     H = size_of(checked.heads.output, dims)
     device = next(iter(tensors.values())).device
+    rest: tuple[str, ...] = ()
+    if _diagonal(found):
+        assert isinstance(checked.state_size, str)
+        rest = (checked.state_size,)
+    sizes = tuple(dims[a] for a in rest)
     cols = []
     for piece, term in zip(checked.pieces, found, strict=True):
         count = piece.heads.decay
         e = log_decay(term)
         value = torch.zeros((), dtype=torch.float32) if e is None else evaluate(
-            e, env, dims, (ir.BATCH, ir.SEQ, _axis(count, "head")))
+            e, env, dims, (ir.BATCH, ir.SEQ, _axis(count, "head"), *rest))
         Gd = 1 if count is None else size_of(count, dims)
-        value = value.to(device=device).expand(b, T, Gd)
+        value = value.to(device=device).expand(b, T, Gd, *sizes)
         cols.append(value if Gd == H else value.repeat_interleave(H // Gd, dim=2))
     dtype = torch.float32
     for c in cols:

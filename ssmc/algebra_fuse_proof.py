@@ -8,7 +8,8 @@ fused head j (j // (K·H / groups)). la_j is the log decay `algebra_fuse.log_dec
 term and head that `algebra_fuse.interleave` puts in column j. The column and output maps
 are read off the torch glue itself (run on labelled tensors), so a wrong layout fails.
 Every value is one symbol per (tensor, token, group index); N = P = 1 (M is linear in
-C Bᵀ and X̄, so the head mapping is all that is at stake).
+C Bᵀ and X̄, so the head mapping is all that is at stake; a diagonal decay is then one
+log decay per head too: its N axis is that of the op's own proof).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def _written(at: _At, spec: ir.Spec, term: ir.Mask, h: int, H: int, i: int, j: i
             return sympy.Integer(1)
         case ir.ConstDecay(log_gamma=e):
             return sympy.exp(at(e, 0, h, H)) ** (i - j)
-        case ir.ScalarSemiseparable(log_a=e):
+        case ir.ScalarSemiseparable(log_a=e) | ir.DiagonalSemiseparable(log_a=e):
             return sympy.exp(sympy.Add(*(at(e, k, h, H) for k in range(j + 1, i + 1))))
     raise TypeError(f"not a fused term: {term!r}")
 

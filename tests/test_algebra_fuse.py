@@ -102,16 +102,26 @@ value x
 """
 
 
-@pytest.mark.parametrize(("mask", "param"), [
-    ("c * semiseparable(log_a = softplus(dt) * A) + semiseparable(log_a = -dt * dt)", "c : [H]"),
-    ("diagonal(log_a = -softplus(dt) * exp(D)) + semiseparable(log_a = softplus(dt) * A)",
-     "D : [H, N]"),
-])
-def test_sums_the_lowering_cannot_express_run_one_op_per_term(mask: str, param: str) -> None:
-    """A scaled term (its value differs) and a diagonal term keep one op per term."""
-    checked = parse(OTHER.replace("MASK", mask).replace("PARAM", param))
+def test_a_scaled_term_runs_one_op_per_term() -> None:
+    """c · A + B: c is folded into the first term's value, so the values differ."""
+    mask = "c * semiseparable(log_a = softplus(dt) * A) + semiseparable(log_a = -dt * dt)"
+    checked = parse(OTHER.replace("MASK", mask).replace("PARAM", "c : [H]"))
     assert len(checked.pieces) == 2 and algebra_fuse.fused_checked(checked) is None
     assert not any("one op" in line for line in checked.derivation)
+    assert len(load(checked).pieces) == 2
+
+
+def diagonal() -> ir.CheckedSpec:
+    """A diagonal (GLA/Mamba-1-like) term plus a scalar one: la [batch, seq, 2·H, N]."""
+    mask = "diagonal(log_a = -softplus(dt) * exp(D)) + semiseparable(log_a = softplus(dt) * A)"
+    text = OTHER.replace("MASK", mask).replace("PARAM", "D : [H, N]")
+    return parse(text.replace("value x\n", "value x\ninitial_state\nfinal_state\n"))
+
+
+def test_a_diagonal_term_fuses_with_a_per_state_dim_decay() -> None:
+    fused = algebra_fuse.fused_checked(diagonal())
+    assert fused is not None and isinstance(fused.spec.mask, ir.DiagonalSemiseparable)
+    assert fused.spec.tensors[-1].shape == ("batch", "seq", "H2", "N")
 
 
 def test_state_and_output_layouts_are_the_sums() -> None:
@@ -128,9 +138,13 @@ def test_state_and_output_layouts_are_the_sums() -> None:
     assert torch.allclose(algebra_fuse.output_sum(y, K), want)
 
 
-@pytest.mark.parametrize("spec", ["mamba2_2ss", "three"])
+def by_name(spec: str) -> ir.CheckedSpec:
+    return {"mamba2_2ss": mamba2_2ss, "three": lambda: parse(THREE), "diagonal": diagonal}[spec]()
+
+
+@pytest.mark.parametrize("spec", ["mamba2_2ss", "three", "diagonal"])
 def test_the_fused_lowering_is_proved(spec: str) -> None:
-    checked = mamba2_2ss() if spec == "mamba2_2ss" else parse(THREE)
+    checked = by_name(spec)
     proof = prove(checked, T=4)
     assert all(c.equal for c in proof.checks)
     assert any("one op" in c.quantity for c in proof.checks)
@@ -170,12 +184,12 @@ def test_explain_plans_the_one_op(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(("spec", "form", "T"), [
     ("mamba2_2ss", "recurrent", 9), ("mamba2_2ss", "quadratic", 9),
     ("mamba2_2ss", "chunked", 17), ("mamba2_2ss", None, 1), ("three", "chunked", 17),
-    ("three", "recurrent", 5),
+    ("three", "recurrent", 5), ("diagonal", "chunked", 17), ("diagonal", "recurrent", 6),
 ])
 def test_fused_op_and_gradients_match_the_reference(spec: str, form: str | None, T: int,
                                                     monkeypatch: pytest.MonkeyPatch, gen) -> None:  # type: ignore[no-untyped-def]
     """Outputs, final states and the gradient of every input, state and param (fp64 bound)."""
-    checked = mamba2_2ss() if spec == "mamba2_2ss" else parse(THREE)
+    checked = by_name(spec)
     op = load(checked)
     assert op.fused is not None and len(op.pieces) == 1
     monkeypatch.setattr(op.module, "torch", PoisonTorch())
@@ -185,8 +199,9 @@ def test_fused_op_and_gradients_match_the_reference(spec: str, form: str | None,
     want, want_state = ref.reference(checked)(**want_leaves, initial_state=init64)
     leaves = {k: v.float().requires_grad_() for k, v in t.items()}
     init = leaves.pop("initial_state")
+    Q = 16 if spec == "diagonal" else 8  # the diagonal chunked kernels take Q ≥ 16
     y, state = op(**leaves, initial_state=init, form=form,
-                  chunk_size=8 if form == "chunked" else None)
+                  chunk_size=Q if form == "chunked" else None)
     assert state is not None and state.shape == want_state.shape
     assert rel(y, want) <= 1e-5 and rel(state, want_state) <= 1e-5
     dy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
