@@ -15,7 +15,8 @@ form and kernel applies unchanged:
 
 A sum `A + B` stays a sum (`ir.MaskSum`, 2-semiseparable for two 1-SS terms); a
 `quasiseparable` mask stays itself; both run as several ops of basic kinds, and so does a
-decayed Toeplitz window (its taps are computed before the Toeplitz op). Each such op is a
+decayed Toeplitz window (its taps are computed before the Toeplitz op). A sum over one
+query, key and value runs as ONE op with K·H heads instead (`ssmc.algebra_fuse`). Each such op is a
 "piece": a checked spec with one basic mask and no skip or gate (`CheckedSpec.pieces`).
 """
 

@@ -231,3 +231,18 @@ def test_fused_and_per_term_paths_agree_with_packed_sequences(gen) -> None:  # t
     for op in (fused, apart):
         y, state = op(**f32, initial_state=init.float(), cu_seqlens=cu)
         assert rel(y, want) <= 1e-5 and rel(state, want_state) <= 1e-5
+
+
+@pytest.mark.interpret
+def test_heads_bound_at_call_time(gen) -> None:  # type: ignore[no-untyped-def]
+    """`dim H` open: the op's K·H head dim is bound from the decay input it is handed."""
+    text = (ROOT / "examples" / "mamba2_2ss.ssm").read_text().replace(
+        "dim H = 8, G = 1, N = 64, P = 64", "dim H, G = 1, N = 4, P = 4")
+    checked = parse(text)
+    op = load(checked)
+    assert op.fused is not None and op.fused.spec.dim("H2").value is None
+    t = ref.random_inputs(checked, batch=2, seqlen=9, dims={"H": 3}, generator=gen)
+    init = t.pop("initial_state")
+    want, want_state = ref.reference(checked)(**t, initial_state=init)
+    y, state = op(**{k: v.float() for k, v in t.items()}, initial_state=init.float())
+    assert rel(y, want) <= 1e-5 and rel(state, want_state) <= 1e-5
