@@ -99,8 +99,10 @@ def prove_fused(checked: ir.CheckedSpec, fused: ir.CheckedSpec) -> object:
     from ssmc.algebra_symbolic import _zero
 
     t0 = time.perf_counter()
-    terms = algebra_fuse.terms(checked)
-    assert terms is not None
+    scaled = algebra_fuse.scaled_terms(checked)
+    assert scaled is not None
+    terms = [m for m, _ in scaled]
+    weighted = algebra_fuse.weighted(checked)
     spec, K, T = checked.spec, len(terms), PROOF_T
     H = 1 if checked.heads.output == 1 else PROOF_HEADS
     sizes = _head_sizes(checked, H)
@@ -110,9 +112,16 @@ def prove_fused(checked: ir.CheckedSpec, fused: ir.CheckedSpec) -> object:
     columns, into = _maps(H, K)
     assert spec.query is not None and spec.key is not None and isinstance(out, str | int)
 
-    def core(a: _At, head: int, total: int, i: int, j: int) -> sympy.Expr:
-        return (a(spec.query, i, head, total) * a(spec.key, j, head, total)  # type: ignore[arg-type]
-                * a(spec.value, j, head, total))
+    def core(a: _At, s: ir.Spec, head: int, total: int, i: int, j: int) -> sympy.Expr:
+        return (a(s.query, i, head, total) * a(s.key, j, head, total)  # type: ignore[arg-type]
+                * a(s.value, j, head, total))
+
+    def scale(p: int, h: int) -> sympy.Expr:
+        c = scaled[p][1]
+        return sympy.Integer(1) if c is None else at(c, 0, h, H)
+
+    def weight(fh: int) -> sympy.Expr:
+        return scale(*columns[fh]) if weighted else sympy.Integer(1)
 
     def la(fh: int, k: int) -> sympy.Expr:
         p, h = columns[fh]
@@ -123,11 +132,11 @@ def prove_fused(checked: ir.CheckedSpec, fused: ir.CheckedSpec) -> object:
     for h in range(H):
         for i in range(T):
             for j in range(i + 1):
-                want = sympy.Add(*(_written(at, spec, t, h, H, i, j) for t in terms)) \
-                    * core(at, h, H, i, j)
+                want = sympy.Add(*(scale(p, h) * _written(at, spec, t, h, H, i, j)
+                                   for p, t in enumerate(terms))) * core(at, spec, h, H, i, j)
                 got = sympy.Add(*(
-                    sympy.exp(sympy.Add(*(la(fh, k) for k in range(j + 1, i + 1))))
-                    * core(fat, fh, K * H, i, j)
+                    weight(fh) * sympy.exp(sympy.Add(*(la(fh, k) for k in range(j + 1, i + 1))))
+                    * core(fat, fused.spec, fh, K * H, i, j)
                     for fh in range(K * H) if into[fh] == h))
                 equal = equal and _zero(want - got)
     return symbolic.Check(form=ir.Form.QUADRATIC, chunk_size=None,

@@ -152,9 +152,10 @@ class CompositeOp:
         sub = {n: tensors[n] for n in names if n in tensors}
         sub[names[-1]] = algebra_fuse.decay_tensor(self.checked, tensors, dims)
         y, state = self.pieces[0](**sub, initial_state=init, **options)
-        y = algebra_fuse.output_sum(y, K)
+        weights = algebra_fuse.head_weights(self.checked, tensors, dims)
+        y = algebra_fuse.output_sum(y, K, weights)
         if self.checked.spec.final_state and state is not None:
-            return y, algebra_fuse.state_out(state, K)
+            return y, algebra_fuse.state_out(state, K, weights)
         return y, None
 
     def _split_state(self, state: Tensor, dims: Mapping[str, int],

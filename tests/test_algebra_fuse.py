@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ssmc import algebra_fuse, ir
+from ssmc import expr as E
 from ssmc.load import load
 from ssmc.pipeline import parse, parse_file, with_dims
 from ssmc.summary import summary
@@ -102,13 +103,27 @@ value x
 """
 
 
-def test_a_scaled_term_runs_one_op_per_term() -> None:
-    """c · A + B: c is folded into the first term's value, so the values differ."""
-    mask = "c * semiseparable(log_a = softplus(dt) * A) + semiseparable(log_a = -dt * dt)"
-    checked = parse(OTHER.replace("MASK", mask).replace("PARAM", "c : [H]"))
-    assert len(checked.pieces) == 2 and algebra_fuse.fused_checked(checked) is None
-    assert not any("one op" in line for line in checked.derivation)
-    assert len(load(checked).pieces) == 2
+def scaled(flags: str = "final_state", mask: str = "") -> ir.CheckedSpec:
+    """c · A + B (the terms' values differ) with `flags`."""
+    mask = mask or "c * semiseparable(log_a = softplus(dt) * A) + semiseparable(log_a = -dt * dt)"
+    text = OTHER.replace("MASK", mask).replace("PARAM", "c : [H]")
+    return parse(text.replace("value x\n", f"value x\n{flags}\n"))
+
+
+def test_scaled_terms() -> None:
+    """Different scales weight the op's heads (no initial state), or keep one op per term
+    (with one: a carried state would be divided by c); a shared scale goes into the value."""
+    apart = scaled("initial_state\nfinal_state")
+    assert len(apart.pieces) == 2 and algebra_fuse.fused_checked(apart) is None
+    assert not any("one op" in line for line in apart.derivation)
+    assert len(load(apart).pieces) == 2
+    weighted = scaled()
+    assert algebra_fuse.fused_checked(weighted) is not None and algebra_fuse.weighted(weighted)
+    shared = scaled("initial_state\nfinal_state", "c * (semiseparable(log_a = softplus(dt) * A)"
+                    " + semiseparable(log_a = -dt * dt))")
+    fused = algebra_fuse.fused_checked(shared)
+    assert fused is not None and not algebra_fuse.weighted(shared)
+    assert E.show(fused.spec.value) == "x * c"
 
 
 def diagonal() -> ir.CheckedSpec:
@@ -139,10 +154,13 @@ def test_state_and_output_layouts_are_the_sums() -> None:
 
 
 def by_name(spec: str) -> ir.CheckedSpec:
-    return {"mamba2_2ss": mamba2_2ss, "three": lambda: parse(THREE), "diagonal": diagonal}[spec]()
+    return {"mamba2_2ss": mamba2_2ss, "three": lambda: parse(THREE), "diagonal": diagonal,
+            "weighted": scaled, "shared": lambda: scaled(
+                "initial_state\nfinal_state", "c * (semiseparable(log_a = softplus(dt) * A)"
+                " + semiseparable(log_a = -dt * dt))")}[spec]()
 
 
-@pytest.mark.parametrize("spec", ["mamba2_2ss", "three", "diagonal"])
+@pytest.mark.parametrize("spec", ["mamba2_2ss", "three", "diagonal", "weighted", "shared"])
 def test_the_fused_lowering_is_proved(spec: str) -> None:
     checked = by_name(spec)
     proof = prove(checked, T=4)
@@ -164,9 +182,10 @@ def test_a_wrong_head_order_fails_the_proof(monkeypatch: pytest.MonkeyPatch) -> 
         numeric_check(mamba2_2ss(), T=5, seed=0, tol=1e-9)
 
 
-def test_the_fused_lowering_agrees_numerically() -> None:
+@pytest.mark.parametrize("spec", ["three", "weighted"])
+def test_the_fused_lowering_agrees_numerically(spec: str) -> None:
     """fp64: the one op run by its own reference, and the per-term ops, against the sum."""
-    found = numeric_check(parse(THREE), T=5, seed=1, tol=1e-10)
+    found = numeric_check(by_name(spec), T=5, seed=1, tol=1e-10)
     assert {a.quantity for a in found} >= {"y (one op, K·H heads)",
                                            "final_state (one op, K·H heads)", "y (composite)"}
 
@@ -185,6 +204,7 @@ def test_explain_plans_the_one_op(capsys: pytest.CaptureFixture[str]) -> None:
     ("mamba2_2ss", "recurrent", 9), ("mamba2_2ss", "quadratic", 9),
     ("mamba2_2ss", "chunked", 17), ("mamba2_2ss", None, 1), ("three", "chunked", 17),
     ("three", "recurrent", 5), ("diagonal", "chunked", 17), ("diagonal", "recurrent", 6),
+    ("weighted", "chunked", 17), ("shared", "chunked", 17),
 ])
 def test_fused_op_and_gradients_match_the_reference(spec: str, form: str | None, T: int,
                                                     monkeypatch: pytest.MonkeyPatch, gen) -> None:  # type: ignore[no-untyped-def]
@@ -195,10 +215,10 @@ def test_fused_op_and_gradients_match_the_reference(spec: str, form: str | None,
     monkeypatch.setattr(op.module, "torch", PoisonTorch())
     t = ref.random_inputs(checked, batch=2, seqlen=T, generator=gen)
     want_leaves = {k: v.clone().requires_grad_() for k, v in t.items()}
-    init64 = want_leaves.pop("initial_state")
+    init64 = want_leaves.pop("initial_state", None)
     want, want_state = ref.reference(checked)(**want_leaves, initial_state=init64)
     leaves = {k: v.float().requires_grad_() for k, v in t.items()}
-    init = leaves.pop("initial_state")
+    init = leaves.pop("initial_state", None)
     Q = 16 if spec == "diagonal" else 8  # the diagonal chunked kernels take Q ≥ 16
     y, state = op(**leaves, initial_state=init, form=form,
                   chunk_size=Q if form == "chunked" else None)
@@ -208,7 +228,8 @@ def test_fused_op_and_gradients_match_the_reference(spec: str, form: str | None,
     ds = torch.randn(state.shape, generator=gen, dtype=torch.float64)
     ((want * dy).sum() + (want_state * ds).sum()).backward()
     ((y * dy.float()).sum() + (state * ds.float()).sum()).backward()
-    want_leaves["initial_state"], leaves["initial_state"] = init64, init
+    if init is not None:
+        want_leaves["initial_state"], leaves["initial_state"] = init64, init
     for name, leaf in leaves.items():
         assert leaf.grad is not None, name
         assert rel(leaf.grad, want_leaves[name].grad) <= 1e-4, (name, rel(leaf.grad, want_leaves[name].grad))
