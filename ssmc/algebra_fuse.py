@@ -165,9 +165,17 @@ def derivation_line(checked: ir.CheckedSpec, fused: ir.CheckedSpec) -> str:
     K = len(checked.pieces)
     H, KH = checked.heads.output, fused.heads.output
     decay = fused.spec.tensors[-1].name
+    found = scaled_terms(checked)
+    assert found is not None
+    common = _common(found)
+    if common is None:
+        total = f"y_h = Σ_p c_p[h]·y_(h·{K}+p) with c_p term p's scale (1 if none)"
+    else:
+        total = f"y_h = Σ_p y_(h·{K}+p)" + (
+            "" if common[0] is None else f", value {E.show(fused.spec.value)}")
     return (f"sum of {K} terms over one query, key and value → one op `{fused.spec.name}` with "
             f"{KH} = {K}·{H} heads: head h·{K} + p runs term p with {decay}[.., h·{K} + p] = its "
-            f"log decay at head h; x, B, C shared by head groups; y_h = Σ_p y_(h·{K}+p), "
+            f"log decay at head h; x, B, C shared by head groups; {total}; "
             f"state [batch, {KH}, N, P] = [batch, {H}, {K}·N, P]")
 
 
