@@ -2107,11 +2107,15 @@ def chunked_bwd_walk_kernel(
     HAS_INITIAL: tl.constexpr, HAS_FINAL: tl.constexpr, DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, HAS_BOUNDARY: tl.constexpr,
+    BOUNDARY_NEXT: tl.constexpr, EXACT_TAIL: tl.constexpr,
 ):
     # HAS_BOUNDARY (the reverse walk of a decayed core): also ⟨H_{r+1}, Λ_r⟩, this program's
     # N × P tile of it, for every chunk r with a successor in its sequence — dlog a at
     # the chunk boundary, read from the states (fwd_states) rather than summed over the
-    # rest of the sequence (see chunked_bwd)
+    # rest of the sequence (see chunked_bwd). BOUNDARY_NEXT = 0 (dla="straddle"): ⟨H_r, Λ_r⟩
+    # instead, for every chunk (the pairs of tokens on both sides of chunk r). EXACT_TAIL
+    # (dla="straddle" so far): the forward walk's weights from the decay summed over the
+    # tokens after each one, not b_e − b_cc
     i_pid = tl.program_id(0).to(tl.int64)
     n_p = tl.cdiv(P, BLOCK_P)
     n_np = tl.cdiv(N, BLOCK_N) * n_p
@@ -2142,8 +2146,8 @@ def chunked_bwd_walk_kernel(
             i_r = r_first + i_k
         tl.store(p_H0 + i_r * H * N * P, b_h.to(states.dtype.element_ty), mask=m_np)
         if HAS_BOUNDARY:
-            if i_k > 0:
-                b_next = tl.load(fwd_states + (i_r + 1) * H * N * P + (i_h * N + o_n[:, None]) * P
+            if i_k + 1 - BOUNDARY_NEXT > 0:
+                b_next = tl.load(fwd_states + (i_r + BOUNDARY_NEXT) * H * N * P + (i_h * N + o_n[:, None]) * P
                                  + o_p[None, :], mask=m_np, other=0.0).to(tl.float32)
                 tl.store(boundary + (i_r * H + i_h) * n_np + i_pid % n_np,
                          tl.sum(tl.sum(b_h * b_next, axis=1), axis=0))
@@ -2167,6 +2171,10 @@ def chunked_bwd_walk_kernel(
                 b_e = tl.sum(b_a, axis=0)
                 if REVERSE:
                     b_w = tl.where(m_t, tl.exp(b_cc), 0.0)
+                elif EXACT_TAIL:
+                    # Σ_{k > t} log a_k over the sub-block's own tokens (b_e − b_cc carries cc's
+                    # rounding, ≈ eps·|b_e|, into the weights of the latest tokens)
+                    b_w = tl.where(m_t, tl.exp(tl.cumsum(b_a, axis=0, reverse=True) - b_a), 0.0)
                 else:
                     b_w = tl.where(m_t, tl.exp(b_e - b_cc), 0.0)
                 b_h *= tl.exp(b_e)
@@ -2209,23 +2217,45 @@ def _chunked_bwd_cc(log_a, i_b, t0, n_t, g, o_rows, stride_a_b, stride_a_t, stri
                     HAS_DECAY: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
                     CC_STORED: tl.constexpr):
     """cc at the rows o_rows (chunk-relative, a BLOCK_M run; rows past the chunk's end hold
-    its end) and cc_e, of decay group g. CC_STORED: log_a is cc itself (chunked_bwd_cc_kernel
+    its end, a row −1 holds 0, or cc of row 0 when CC_STORED: only masked columns read it)
+    and cc_e, of decay group g. CC_STORED: log_a is cc itself (chunked_bwd_cc_kernel
     ran), read rather than summed again per call."""
     if HAS_DECAY:
         p_a = log_a + i_b * stride_a_b + g * stride_a_g
         if CC_STORED:
-            b_cc = tl.load(p_a + (t0 + tl.minimum(o_rows, n_t - 1)) * stride_a_t)
+            b_cc = tl.load(p_a + (t0 + tl.maximum(tl.minimum(o_rows, n_t - 1), 0)) * stride_a_t)
             return b_cc, tl.load(p_a + (t0 + n_t - 1) * stride_a_t)
         else:
             o_q = tl.arange(0, CHUNK)
             b_all = tl.load(p_a + (t0 + o_q) * stride_a_t, mask=o_q < n_t, other=0.0).to(tl.float32)
             row0 = tl.min(o_rows, axis=0)
             b_pre = tl.sum(tl.where(o_q < row0, b_all, 0.0), axis=0)
-            b_a = tl.load(p_a + (t0 + o_rows) * stride_a_t, mask=o_rows < n_t,
+            b_a = tl.load(p_a + (t0 + o_rows) * stride_a_t, mask=(o_rows >= 0) & (o_rows < n_t),
                           other=0.0).to(tl.float32)
             return b_pre + tl.cumsum(b_a, axis=0), tl.sum(b_all, axis=0)
     else:
         return tl.zeros([BLOCK_M], dtype=tl.float32), 0.0
+
+
+@triton.jit
+def _chunked_bwd_tail(log_a, i_b, t0, n_t, g, o_rows, b_cc, b_e, stride_a_b, stride_a_t,
+                      stride_a_g, HAS_DECAY: tl.constexpr, CHUNK: tl.constexpr,
+                      CC_STORED: tl.constexpr):
+    """Σ_{j < k ≤ chunk end} log a_k for the rows j = o_rows (a run), summed over those tokens
+    (a reverse cumulative sum of the run plus the later tokens' total); with CC_STORED only
+    cc is at hand: cc_e − cc_j."""
+    if HAS_DECAY:
+        if CC_STORED:
+            return b_e - b_cc
+        else:
+            p_a = log_a + i_b * stride_a_b + g * stride_a_g + t0 * stride_a_t
+            o_q = tl.arange(0, CHUNK)
+            b_all = tl.load(p_a + o_q * stride_a_t, mask=o_q < n_t, other=0.0).to(tl.float32)
+            b_a = tl.load(p_a + o_rows * stride_a_t, mask=o_rows < n_t, other=0.0).to(tl.float32)
+            b_later = tl.sum(tl.where(o_q > tl.max(o_rows, axis=0), b_all, 0.0), axis=0)
+            return tl.cumsum(b_a, axis=0, reverse=True) - b_a + b_later
+    else:
+        return b_e - b_cc
 
 
 @triton.jit
@@ -2244,8 +2274,11 @@ def chunked_bwd_dbc_kernel(
     WANT_DB: tl.constexpr, HAS_S: tl.constexpr, HAS_DECAY: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, CC_STORED: tl.constexpr,
+    DCS_INTER: tl.constexpr,
 ):
-    # WANT_DB = False: dC (states = H_r, query groups); True: dB (states = Λ_r, key groups)
+    # WANT_DB = False: dC (states = H_r, query groups); True: dB (states = Λ_r, key groups).
+    # DCS_INTER (dla="straddle"): dcs gets the state terms only, C_i·(exp(cc_i) H_r dY_i) (dC)
+    # and +B_j·(exp(cc_e − cc_j) Λ_r X̄_j) (dB), for chunked_bwd_dla_kernel
     n_m = CHUNK // BLOCK_M
     i_r = tl.program_id(0).to(tl.int64) // n_m
     i_m = tl.program_id(0) % n_m
@@ -2304,7 +2337,19 @@ def chunked_bwd_dbc_kernel(
                 tl.store(diag + i_b * stride_d_b + (t0 + o_m) * stride_d_t + i_h,
                          tl.sum(b_x * b_ym, axis=1), mask=m_m)
             b_x = b_x.to(DOT_DTYPE)
-            b_d = tl.dot(b_x, b_st, input_precision=DOT_PRECISION) * tl.exp(b_e - b_cc)[:, None]
+            if DCS_INTER:
+                # Σ_{j < k ≤ end} log a_k over its own tokens, not cc_e − cc_j (whose rounding,
+                # ≈ eps·|cc_e|, would reach v_j and so dlog a)
+                b_tail = _chunked_bwd_tail(log_a, i_b, t0, n_t, i_h // Hd, o_m, b_cc, b_e,
+                                           stride_a_b, stride_a_t, stride_a_g, HAS_DECAY, CHUNK,
+                                           CC_STORED)
+            else:
+                b_tail = b_e - b_cc
+            b_d = tl.dot(b_x, b_st, input_precision=DOT_PRECISION) * tl.exp(b_tail)[:, None]
+            if DCS_INTER:
+                b_k = tl.load(p_B + (t0 + o_m)[:, None] * stride_B_t + o_n[None, :] * stride_B_n,
+                              mask=m_mn, other=0.0).to(tl.float32)
+                acc_dcs += tl.sum(b_k * b_d, axis=1)
             for i_o in range(i_m, n_m):
                 o_o = i_o * BLOCK_M + o_j
                 m_o = o_o < n_t
@@ -2319,15 +2364,20 @@ def chunked_bwd_dbc_kernel(
                 b_Co = tl.load(p_C + (t0 + o_o)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
                                mask=m_o[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
                 b_d = tl.dot(b_g.to(DOT_DTYPE), b_Co, acc=b_d, input_precision=DOT_PRECISION)
-            b_k = tl.load(p_B + (t0 + o_m)[:, None] * stride_B_t + o_n[None, :] * stride_B_n,
-                          mask=m_mn, other=0.0).to(tl.float32)
-            acc_dcs -= tl.sum(b_k * b_d, axis=1)
+            if not DCS_INTER:
+                b_k = tl.load(p_B + (t0 + o_m)[:, None] * stride_B_t + o_n[None, :] * stride_B_n,
+                              mask=m_mn, other=0.0).to(tl.float32)
+                acc_dcs -= tl.sum(b_k * b_d, axis=1)
             i_g = i_h // Hk
         else:
             # rows i of this block: exp(cc_i) dY_i H_rᵀ + Σ_{j ≤ i} L_ij (dY_i·X̄_j) B_j
             b_y = tl.load(p_y + (t0 + o_m)[:, None] * stride_y_t + o_p[None, :] * stride_y_p,
                           mask=m_mp, other=0.0).to(DOT_DTYPE)
             b_d = tl.dot(b_y, b_st, input_precision=DOT_PRECISION) * tl.exp(b_cc)[:, None]
+            if DCS_INTER:
+                b_q = tl.load(p_C + (t0 + o_m)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
+                              mask=m_mn, other=0.0).to(tl.float32)
+                acc_dcs += tl.sum(b_q * b_d, axis=1)
             for i_o in range(0, i_m + 1):
                 o_o = i_o * BLOCK_M + o_j
                 m_o = o_o < n_t
@@ -2345,9 +2395,10 @@ def chunked_bwd_dbc_kernel(
                 b_Bo = tl.load(p_B + (t0 + o_o)[:, None] * stride_B_t + o_n[None, :] * stride_B_n,
                                mask=m_o[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
                 b_d = tl.dot(b_g.to(DOT_DTYPE), b_Bo, acc=b_d, input_precision=DOT_PRECISION)
-            b_q = tl.load(p_C + (t0 + o_m)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
-                          mask=m_mn, other=0.0).to(tl.float32)
-            acc_dcs += tl.sum(b_q * b_d, axis=1)
+            if not DCS_INTER:
+                b_q = tl.load(p_C + (t0 + o_m)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
+                              mask=m_mn, other=0.0).to(tl.float32)
+                acc_dcs += tl.sum(b_q * b_d, axis=1)
             i_g = i_h // Hq
         acc += b_d
         # a group's sum is complete at its last head (or this split's part of it at the
@@ -2443,6 +2494,152 @@ def chunked_bwd_dx_kernel(
              + o_p[None, :] * stride_dx_p, acc, mask=m_mp)
 
 
+@triton.jit
+def _chunked_bwd_dla_tile(
+    x, s, B, C, dy, i_b, t0, n_t, g, o_i, o_j,
+    stride_x_b, stride_x_t, stride_x_g, stride_x_p,
+    stride_s_b, stride_s_t, stride_s_g,
+    stride_B_b, stride_B_t, stride_B_g, stride_B_n,
+    stride_C_b, stride_C_t, stride_C_g, stride_C_n,
+    stride_y_b, stride_y_t, stride_y_h, stride_y_p,
+    N, P, Hv, Hk, Hq, Hd,
+    HAS_S: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Σ over the heads h of decay group g of (C_i·B_j)(dY_i·X̄_j), fp32 [BLOCK_M, BLOCK_M],
+    rows i = o_i, columns j = o_j (chunk-relative; zero outside [0, n_t)); no decay yet."""
+    m_i = o_i < n_t
+    m_j = (o_j >= 0) & (o_j < n_t)
+    o_jc = tl.maximum(o_j, 0)
+    acc = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
+    for i_h in range(g * Hd, g * Hd + Hd):
+        p_C = C + i_b * stride_C_b + (i_h // Hq) * stride_C_g + (t0 + o_i)[:, None] * stride_C_t
+        p_B = B + i_b * stride_B_b + (i_h // Hk) * stride_B_g + (t0 + o_jc)[:, None] * stride_B_t
+        b_cb = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            o_n = n0 + tl.arange(0, BLOCK_N)
+            m_n = o_n < N
+            b_c = tl.load(p_C + o_n[None, :] * stride_C_n, mask=m_i[:, None] & m_n[None, :],
+                          other=0.0).to(DOT_DTYPE)
+            b_b = tl.load(p_B + o_n[None, :] * stride_B_n, mask=m_j[:, None] & m_n[None, :],
+                          other=0.0).to(DOT_DTYPE)
+            b_cb = tl.dot(b_c, tl.trans(b_b), acc=b_cb, input_precision=DOT_PRECISION)
+        p_y = dy + i_b * stride_y_b + i_h * stride_y_h + (t0 + o_i)[:, None] * stride_y_t
+        p_x = x + i_b * stride_x_b + (i_h // Hv) * stride_x_g + (t0 + o_jc)[:, None] * stride_x_t
+        b_yx = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            o_p = p0 + tl.arange(0, BLOCK_P)
+            m_p = o_p < P
+            b_y = tl.load(p_y + o_p[None, :] * stride_y_p, mask=m_i[:, None] & m_p[None, :],
+                          other=0.0).to(DOT_DTYPE)
+            b_x = tl.load(p_x + o_p[None, :] * stride_x_p, mask=m_j[:, None] & m_p[None, :],
+                          other=0.0).to(DOT_DTYPE)
+            b_yx = tl.dot(b_y, tl.trans(b_x), acc=b_yx, input_precision=DOT_PRECISION)
+        if HAS_S:
+            # X̄_j = x_j s_j: the column's scale after the dot (x is never scaled in 16 bits)
+            b_yx *= tl.load(s + i_b * stride_s_b + (t0 + o_jc) * stride_s_t
+                            + (i_h // Hv) * stride_s_g, mask=m_j, other=0.0).to(tl.float32)[None, :]
+        acc += b_cb * b_yx
+    return acc
+
+
+@triton.jit
+def chunked_bwd_dla_kernel(
+    x, s, log_a, B, C, dy, tiles, uv, bnd, part,
+    stride_x_b, stride_x_t, stride_x_g, stride_x_p,
+    stride_s_b, stride_s_t, stride_s_g,
+    stride_a_b, stride_a_t, stride_a_g,
+    stride_B_b, stride_B_t, stride_B_g, stride_B_n,
+    stride_C_b, stride_C_t, stride_C_g, stride_C_n,
+    stride_y_b, stride_y_t, stride_y_h, stride_y_p,
+    stride_u_k, stride_u_b, stride_u_t, stride_u_g,
+    stride_o_k, stride_o_b, stride_o_t, stride_o_g,
+    N, P, Gd, Hv, Hk, Hq, Hd,
+    HAS_S: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # dla="straddle": dlog a_t = Σ_{i ≥ t > j} M_ij, M_ij = L_ij Σ_h (C_i·B_j)(dY_i·X̄_j), for
+    # the pairs inside the chunk, plus the state terms (uv: u_i = Σ_h C_i·(exp(cc_i) H_r dY_i),
+    # v_j = Σ_h B_j·(exp(cc_e − cc_j) Λ_r X̄_j) from chunked_bwd_dbc; bnd: Σ_h ⟨H_r, Λ_r⟩).
+    # Program (chunk, row block I, decay group): the tiles (I, J ≤ I), each once. A tile
+    # J < I holds only pairs with i > j: for t in block J its pairs with j < t (a prefix of
+    # its column sums) plus the whole of the tiles (I, J' < J) (a running total); for t in
+    # block I its pairs with i ≥ t (a suffix of its row sums); for the blocks between, the
+    # whole tile. These go to slot I of part [n_m, b, T, Gd] (slots summed after); the
+    # diagonal tile's columns are loaded one token earlier (j = t − 1), so a cumulative sum
+    # along them is Σ_{start(I) ≤ j < t} M_ij exactly, and Σ_{i ≥ t} of it is the diagonal
+    # part. Every sum adds only terms of straddling pairs: none cancels another.
+    # The decay of a pair, Σ_{j < k ≤ i} log a_k, is summed over its own tokens (log_a is the
+    # raw log a, never cc): cc_i − cc_j would carry the rounding of cc (≈ eps·|cc_i|, up to
+    # eps·Q·|log a|) into every L_ij, the largest error left once the sums are stable.
+    n_m = CHUNK // BLOCK_M
+    i_r = tl.program_id(0).to(tl.int64) // n_m
+    i_m = tl.program_id(0) % n_m
+    g = tl.program_id(1).to(tl.int64)
+    n_t = tl.load(tiles + i_r * 5 + 2)
+    if i_m * BLOCK_M >= n_t:
+        return
+    i_b = tl.load(tiles + i_r * 5)
+    t0 = tl.load(tiles + i_r * 5 + 1)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_j = tl.arange(0, BLOCK_M)
+    m_m = o_m < n_t
+    p_a = log_a + i_b * stride_a_b + g * stride_a_g + t0 * stride_a_t
+    o_q = tl.arange(0, CHUNK)
+    b_all = tl.load(p_a + o_q * stride_a_t, mask=o_q < n_t, other=0.0).to(tl.float32)
+    b_a = tl.load(p_a + o_m * stride_a_t, mask=m_m, other=0.0).to(tl.float32)
+    b_head = tl.cumsum(b_a, axis=0)  # Σ_{start(I) ≤ k ≤ i} log a_k
+    strides = (stride_x_b, stride_x_t, stride_x_g, stride_x_p, stride_s_b, stride_s_t, stride_s_g,
+               stride_B_b, stride_B_t, stride_B_g, stride_B_n, stride_C_b, stride_C_t, stride_C_g,
+               stride_C_n, stride_y_b, stride_y_t, stride_y_h, stride_y_p)
+    p_out = part + i_m * stride_o_k + i_b * stride_o_b + g * stride_o_g
+    b_row = tl.zeros([BLOCK_M], dtype=tl.float32)  # Σ_{j in earlier blocks} M_ij, per row i
+    b_tot = tl.sum(tl.zeros([BLOCK_M], dtype=tl.float32), axis=0)  # whole tiles (I, J' < J)
+    for i_o in range(0, i_m):
+        o_o = i_o * BLOCK_M + o_j
+        m_o = o_o < n_t
+        # j < k ≤ i: the rest of block J, the blocks between, block I up to i
+        b_ao = tl.load(p_a + o_o * stride_a_t, mask=m_o, other=0.0).to(tl.float32)
+        b_tail = tl.cumsum(b_ao, axis=0, reverse=True) - b_ao
+        b_mid = tl.sum(tl.where((o_q >= (i_o + 1) * BLOCK_M) & (o_q < i_m * BLOCK_M), b_all, 0.0),
+                       axis=0)
+        b_M = _chunked_bwd_dla_tile(x, s, B, C, dy, i_b, t0, n_t, g, o_m, o_o, *strides,
+                                    N, P, Hv, Hk, Hq, Hd, HAS_S, DOT_DTYPE, DOT_PRECISION,
+                                    BLOCK_M, BLOCK_N, BLOCK_P)
+        keep = m_m[:, None] & m_o[None, :]
+        b_M *= tl.exp(tl.where(keep, b_head[:, None] + (b_tail + b_mid)[None, :], float("-inf")))
+        b_col = tl.sum(b_M, axis=0)
+        # t in block J: Σ_{j < t} of the column sums (each pair once, no difference formed)
+        b_pre = tl.sum(tl.where(o_j[:, None] < o_j[None, :], b_col[:, None], 0.0), axis=0)
+        tl.store(p_out + (t0 + o_o) * stride_o_t, b_pre + b_tot, mask=m_o)
+        b_tot += tl.sum(b_col, axis=0)
+        b_row += tl.sum(b_M, axis=1)
+    # the diagonal tile, columns shifted: column c holds j = start(I) + c − 1
+    o_sh = o_m - 1
+    b_M = _chunked_bwd_dla_tile(x, s, B, C, dy, i_b, t0, n_t, g, o_m, o_sh, *strides,
+                                N, P, Hv, Hk, Hq, Hd, HAS_S, DOT_DTYPE, DOT_PRECISION,
+                                BLOCK_M, BLOCK_N, BLOCK_P)
+    keep = (o_m[:, None] > o_sh[None, :]) & (o_j[None, :] > 0) & m_m[:, None] & m_m[None, :]
+    # [i, c]: Σ_{k in block I, j_c < k ≤ i} log a_k, a cumulative sum down the rows
+    b_seg = tl.cumsum(tl.where(o_m[:, None] > o_sh[None, :], b_a[:, None], 0.0), axis=0)
+    b_M *= tl.exp(tl.where(keep, b_seg, float("-inf")))
+    # the state terms: u_i for i ≥ t (in this block: per row, later blocks: a total),
+    # v_j for j < t (this block: masked sum, earlier blocks: a total)
+    p_u = uv + i_b * stride_u_b + g * stride_u_g
+    b_u = tl.load(p_u + (t0 + o_m) * stride_u_t, mask=m_m, other=0.0)
+    b_v = tl.load(p_u + stride_u_k + (t0 + o_m) * stride_u_t, mask=m_m, other=0.0)
+    b_ua = tl.load(p_u + (t0 + o_q) * stride_u_t, mask=(o_q >= (i_m + 1) * BLOCK_M) & (o_q < n_t),
+                   other=0.0)
+    b_vb = tl.load(p_u + stride_u_k + (t0 + o_q) * stride_u_t, mask=o_q < i_m * BLOCK_M, other=0.0)
+    b_E = tl.cumsum(b_M, axis=1) + (b_row + b_u)[:, None]  # [i, t]: Σ_{j < t} M_ij + …
+    below = (o_m[:, None] >= o_m[None, :]) & m_m[:, None]
+    b_dla = tl.sum(tl.where(below, b_E, 0.0), axis=0)
+    b_dla += tl.sum(tl.where(o_j[:, None] < o_j[None, :], b_v[:, None], 0.0), axis=0)
+    b_dla += tl.sum(b_ua, axis=0) + tl.sum(b_vb, axis=0)
+    b_dla += tl.exp(tl.sum(b_all, axis=0)) * tl.load(bnd + i_r * Gd + g)  # exp(cc_e) ⟨H_r, Λ_r⟩
+    tl.store(p_out + (t0 + o_m) * stride_o_t, b_dla, mask=m_m)
+
+
 _CHUNKED_BWD_DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -2496,15 +2693,21 @@ def _chunked_bwd_dot_dtype(dtype, device_type, chunk, block_m):
 
 def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfinal,
                 chunk_size=None, block_m=None, block_n=None, block_p=None, block_t=None,
-                num_warps=None, head_splits=None, stored_cc=False):
+                num_warps=None, head_splits=None, stored_cc=False, dla="suffix"):
     """(dx, ds, dlog_a, dB, dC, dh0) of the core by the fused chunked backward.
 
     x [b, T, Gv, P], s [b, T, Gv] or None (X̄ = x s), log_a [b, T, Gd] or None (causal),
     B [b, T, Gk, N], C [b, T, Gq, N], dy [b, T, H, P], initial_state and dfinal
     [b | S, H, N, P] or None. Returns gradients shaped like their inputs, fp32 (dx in x's
     dtype when 16-bit); ds, dlog_a, dh0 are None without s, decay, initial state. Dots run in x's dtype when it is 16-bit
-    (fp32 accumulation), else in fp32 (ieee).
+    (fp32 accumulation), else in fp32 (ieee). dla: how dlog a is formed, "suffix" (the
+    in-chunk suffix sum of dcs = C·dC − B·dB plus ⟨H_{r+1}, Λ_r⟩) or "straddle" (Σ over the
+    pairs of tokens on both sides of t, chunked_bwd_dla_kernel: an extra launch, no
+    cancelling sum; docs/backward.md, "dlog a by straddling pairs").
     """
+    if dla not in ("suffix", "straddle"):
+        raise ValueError(f"chunked_bwd: dla must be 'suffix' or 'straddle', got {dla!r}")
+    straddle = dla == "straddle"
     H = heads
     batch, T, Gv, P = x.shape
     Gk, N = B.shape[2], B.shape[3]
@@ -2535,7 +2738,8 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     R = tiles.shape[0]
     state_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
     dy = dy if dy.dtype in (torch.float32, x.dtype) else dy.float()
-    want_hT = log_a is not None and dfinal is not None
+    # straddle: the pairs (h_T, token) are the last chunk's state terms, no dh_T ⊙ h_T term
+    want_hT = log_a is not None and dfinal is not None and not straddle
     hT = torch.empty((S, H, N, P), **f32) if want_hT else None
     dh0 = torch.empty((S, H, N, P), **f32) if initial_state is not None else None
     zero4 = (0, 0, 0, 0)
@@ -2547,7 +2751,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
 
     n_np = triton.cdiv(N, block_n) * triton.cdiv(P, block_p)
 
-    def walk(key, value, ratios, init, fin, reverse, fwd=None, boundary=None):
+    def walk(key, value, ratios, init, fin, reverse, fwd=None, boundary=None, next_=1):
         states = torch.empty((R, H, N, P), device=device, dtype=state_dtype)
         grid = (S * H * n_np,)
         chunked_bwd_walk_kernel[grid](
@@ -2561,14 +2765,16 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
             REVERSE=reverse, HAS_S=s is not None and not reverse,
             HAS_INITIAL=init is not None, HAS_FINAL=fin is not None, BLOCK_T=block_t or min(64, Q),
             BLOCK_N=block_n, BLOCK_P=block_p, HAS_BOUNDARY=boundary is not None,
-            num_warps=warps, **consts,
+            BOUNDARY_NEXT=next_, EXACT_TAIL=straddle, num_warps=warps, **consts,
         )
         return states
 
     fwd_states = walk(B, x, (H // Gk, H // Gv), initial_state, hT, False)
     # ⟨H_{r+1}, Λ_r⟩ per (chunk, head, N × P tile): zero for a sequence's last chunk
+    # (straddle: ⟨H_r, Λ_r⟩, every chunk)
     boundary = torch.zeros((R, H, n_np), **f32) if log_a is not None else None
-    adj_states = walk(C, dy, (H // Gq, 1), dfinal, dh0, True, fwd_states, boundary)
+    adj_states = walk(C, dy, (H // Gq, 1), dfinal, dh0, True, fwd_states, boundary,
+                      0 if straddle else 1)
 
     # stored_cc: the dB, dC and dX̄ kernels read cc (log a summed within each chunk, one
     # small launch) in log a's place instead of summing log a again for every row block and
@@ -2611,7 +2817,8 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
             *(slots.stride() if slots is not None else zero4 + (0,)), *diag.stride()[:2],
             H, N, P, Hl, Hs, splits, H // Gv, H // Gk, H // Gq, H // Gd,
             WANT_DB=want_db, HAS_S=s is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_P=full_p, CC_STORED=cc_stored, num_warps=num_warps or 8, **consts,
+            BLOCK_P=full_p, CC_STORED=cc_stored, DCS_INTER=straddle, num_warps=num_warps or 8,
+            **consts,
         )
         grads.append(part[0] if splits == 1 else part.sum(0))
         del part
@@ -2634,7 +2841,21 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     del adj_states
     ds = None if ds is None else (ds[0] if n_pt == 1 else ds.sum(0))
     dla = None
-    if log_a is not None:
+    if log_a is not None and straddle:
+        # u (the dC launch's slots) and v (dB's), summed over splits and N tiles: [2, b, T, Gd]
+        uv = dcs.unflatten(0, (2, splits)).sum((1, 2))
+        del dcs
+        bnd = boundary.sum(-1).unflatten(1, (Gd, H // Gd)).sum(2).contiguous()  # [R, Gd]
+        part = torch.zeros((n_m, batch, T, Gd), **f32)
+        chunked_bwd_dla_kernel[(R * n_m, Gd)](
+            x, s_arg, log_a, B, C, dy, tiles, uv, bnd, part, *x.stride(), *s_str,
+            *log_a.stride(), *B.stride(), *C.stride(), *dy.stride(), *uv.stride(),
+            *part.stride(), N, P, Gd, H // Gv, H // Gk, H // Gq, H // Gd,
+            HAS_S=s is not None, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, CHUNK=Q,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=block_p, num_warps=num_warps or 8,
+        )
+        dla = part[0] if n_m == 1 else part.sum(0)
+    elif log_a is not None:
         dcs = dcs.sum((0, 1))
         seqs = _AdjointSequences(cu_seqlens, batch, T, device)
         if want_hT:
