@@ -5,6 +5,8 @@ PTX, ptxas from the Triton wheel), so compile errors show up without a GPU, and
 `cuobjdump --dump-resource-usage` on the cubin gives each kernel's registers and stack
 (spills). Arguments are specialised as at run time (i32 scalars, 16-divisible pointers
 and strides). Usage: python scripts/compile_bwd.py [--arch 90] [--decay scalar|none]
+[--dla suffix|straddle] (straddle: chunked_bwd(dla="straddle"), its walk and dB/dC variants
+and chunked_bwd_dla_kernel)
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ def main() -> int:
     parser.add_argument("--decay", default="scalar", choices=("scalar", "none"))
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--stored-cc", action="store_true", help="chunked_bwd(stored_cc=True)")
+    parser.add_argument("--dla", default="suffix", choices=("suffix", "straddle"))
     args = parser.parse_args()
+    straddle = args.dla == "straddle" and args.decay == "scalar"
     source = "\n\n".join(
         render_stage(name, **ctx)
         for name, ctx in (
@@ -103,6 +107,8 @@ def main() -> int:
             "BLOCK_N": 64,
             "BLOCK_P": 64,
             "HAS_BOUNDARY": reverse,
+            "BOUNDARY_NEXT": 0 if straddle else 1,
+            "EXACT_TAIL": straddle,
         }
         usage = resources(module.chunked_bwd_walk_kernel, walk, consts, 4, args.arch)
         print(f"chunked_bwd_walk reverse={reverse} warps=4: {usage}")
@@ -128,6 +134,7 @@ def main() -> int:
             "BLOCK_N": 64,
             "BLOCK_P": 64,
             "CC_STORED": args.stored_cc,
+            "DCS_INTER": straddle,
         }
         usage = resources(module.chunked_bwd_dbc_kernel, dbc, consts, 8, args.arch)
         print(f"chunked_bwd_dbc {'dB' if want_db else 'dC'} warps=8: {usage}")
@@ -148,6 +155,23 @@ def main() -> int:
     print(
         f"chunked_bwd_dx warps=8: {resources(module.chunked_bwd_dx_kernel, dx, consts, 8, args.arch)}"
     )
+    if straddle:
+        dla = {
+            "x": bf,
+            "s": f32,
+            "log_a": f32,
+            "B": bf,
+            "C": bf,
+            "dy": bf,
+            "tiles": "*i64",
+            "uv": f32,
+            "bnd": f32,
+            "part": f32,
+        }
+        consts = {k: base[k] for k in ("DOT_DTYPE", "DOT_PRECISION", "CHUNK")}
+        consts |= {"HAS_S": True, "BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_P": 32}
+        usage = resources(module.chunked_bwd_dla_kernel, dla, consts, 8, args.arch)
+        print(f"chunked_bwd_dla warps=8: {usage}")
     return 0
 
 

@@ -3,7 +3,9 @@
 Each case runs in its own process (an illegal access poisons the CUDA context) and calls the
 generated module's `chunked_bwd` directly at MQAR-like shapes with one knob changed; every
 launch is followed by a synchronisation so the failing kernel is named. Prints one line per
-case: ok (with the largest |gradient|) or the kernel that failed.
+case: ok (with the largest |gradient|) or the kernel that failed. With a decay it also gives
+dA_rel, the relative error of Σ_t dlog a_t s_t per head (what dA is made of) against autograd
+of the fp64 recurrent form on the same values (the "straddle" cases: chunked_bwd(dla="straddle")).
 
     python scripts/gpu_bwd_probe.py            # every case
     python scripts/gpu_bwd_probe.py --case base
@@ -34,6 +36,8 @@ CASES: dict[str, dict] = {
     "no_decay": {"decay": False},
     "dot_fp32": {"dot_fp32": True},
     "fp32": {"dtype": "float32"},
+    "straddle": {"dla": "straddle"},
+    "straddle_real_T2048": {"batch": 4, "T": 2048, "H": 16, "P": 64, "dla": "straddle"},
 }
 
 
@@ -50,7 +54,8 @@ def run_case(name: str) -> dict:
     if knobs["dot_fp32"]:
         mod._CHUNKED_BWD_DOT = {}
     current = {"kernel": "(none)"}
-    for kname in ("chunked_bwd_walk_kernel", "chunked_bwd_dbc_kernel", "chunked_bwd_dx_kernel"):
+    for kname in ("chunked_bwd_walk_kernel", "chunked_bwd_dbc_kernel", "chunked_bwd_dx_kernel",
+                  "chunked_bwd_dla_kernel"):
         setattr(mod, kname, _Synced(getattr(mod, kname), kname, current))
     dev = torch.device("cuda")
     dtype = getattr(torch, knobs["dtype"])
@@ -65,7 +70,7 @@ def run_case(name: str) -> dict:
     log_a = -torch.rand(b, T, H, generator=g).to(dev) * 0.5 if knobs["decay"] else None
     B, C = rand(b, T, 1, N, scale=0.3), rand(b, T, 1, N, scale=0.3)
     dy = rand(b, T, H, P, dt=torch.float32 if knobs["dy_fp32"] else dtype)
-    extra = {k: knobs[k] for k in ("head_splits", "num_warps", "chunk_size", "block_m")
+    extra = {k: knobs[k] for k in ("head_splits", "num_warps", "chunk_size", "block_m", "dla")
              if k in knobs}
     try:
         grads = mod.chunked_bwd(x, s, log_a, B, C, heads=H, initial_state=None, cu_seqlens=None,
@@ -83,8 +88,26 @@ def run_case(name: str) -> dict:
     errs = {n: float((g.float() - w).norm() / w.norm().clamp_min(1e-30))
             for n, g, w in zip(("dx", "ds", "dla", "dB", "dC"), grads, want, strict=False)
             if g is not None}
-    return {"case": name, "ok": finite and max(errs.values()) < 0.05,
-            "rel": {k: f"{v:.1e}" for k, v in errs.items()}}
+    result = {"case": name, "ok": finite and max(errs.values()) < 0.05,
+              "rel": {k: f"{v:.1e}" for k, v in errs.items()}}
+    if log_a is not None:
+        result["dA_rel"] = _da_errors({"run": grads[2], "fp32": want[2]}, *wide, H)
+    return result
+
+
+def _da_errors(dlas: dict, x, s, log_a, B, C, dy, H: int) -> dict:
+    """Relative error of Σ_t dlog a_t s_t (per batch row and head: what dA is made of) of each
+    of `dlas` against autograd of the fp64 recurrent form on the same values."""
+    from ssmc import forms_torch
+
+    la = log_a.double().requires_grad_()
+    xbar = x.double() * (s.double()[..., None] if s is not None else 1.0)
+    y, _ = forms_torch.recurrent(xbar, la, B.double(), C.double(), H)
+    want = torch.autograd.grad(y, la, dy.double())[0]
+    w = s.double() if s is not None else torch.ones_like(want)
+    want_da = (want * w).sum(1)
+    return {k: f"{float(((d.double() * w).sum(1) - want_da).norm() / want_da.norm()):.1e}"
+            for k, d in dlas.items()}
 
 
 class _Synced:

@@ -57,7 +57,8 @@ def sweep_launch(op, inputs: dict[str, torch.Tensor]) -> None:
     print("\n== chunked_bwd alone (ms, median) by launch option")
     for opts in ({}, {"head_splits": 1}, {"head_splits": 4}, {"head_splits": 8},
                  {"head_splits": 16}, {"num_warps": 4}, {"block_m": 32}, {"chunk_size": 128},
-                 {"stored_cc": True}, {"stored_cc": True, "head_splits": 8}):
+                 {"stored_cc": True}, {"stored_cc": True, "head_splits": 8},
+                 {"dla": "straddle"}):
         def call(opts=opts):
             mod.chunked_bwd(x, dt, log_a, B, C, heads=H, initial_state=None, cu_seqlens=None,
                             dy=dy, dfinal=None, **opts)
