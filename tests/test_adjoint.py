@@ -593,7 +593,7 @@ def test_fused_chunked_backward_dlog_a_long_sequence() -> None:
     y, _ = forms_torch.recurrent(xbar, la, B.double(), C.double(), H)
     want = torch.autograd.grad(y, la, dy.double())[0]
     got = module.chunked_bwd(x, dt, log_a, B, C, heads=H, initial_state=None, cu_seqlens=None,
-                             dy=dy, dfinal=None)[2]
+                             dy=dy, dfinal=None, dla="suffix")[2]
     assert got.shape == want.shape and torch.isfinite(got).all()
     w = dt.double()
     err = ((got.double() - want) * w).sum((0, 1)).norm() / (want * w).sum((0, 1)).norm()
@@ -605,11 +605,11 @@ STRADDLE = [c for c in FUSED if c.decay == "scalar"]
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("case", STRADDLE, ids=lambda c: c.id)
-def test_fused_chunked_backward_straddle(case: Case, monkeypatch) -> None:
-    """dla="straddle" (dlog a_t as the sum over the pairs of tokens on both sides of t,
-    chunked_bwd_dla_kernel): every gradient within the bounds of the suffix option, with
+def test_fused_chunked_backward_suffix(case: Case, monkeypatch) -> None:
+    """dla="suffix" (the in-chunk suffix sum of dcs plus the boundary product; the default
+    is "straddle", which the other fused tests run): every gradient within the bounds, with
     varlen, grouped heads, h0 and dfinal; chunks of one 16-row block."""
-    fused_check(case, torch.float32, 1e-5, monkeypatch, dla="straddle")
+    fused_check(case, torch.float32, 1e-5, monkeypatch, dla="suffix")
 
 
 @pytest.mark.interpret

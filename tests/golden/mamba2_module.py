@@ -2698,7 +2698,7 @@ def _chunked_bwd_dot_dtype(dtype, device_type, chunk, block_m):
 
 def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfinal,
                 chunk_size=None, block_m=None, block_n=None, block_p=None, block_t=None,
-                num_warps=None, head_splits=None, stored_cc=False, dla="suffix"):
+                num_warps=None, head_splits=None, stored_cc=False, dla="straddle"):
     """(dx, ds, dlog_a, dB, dC, dh0) of the core by the fused chunked backward.
 
     x [b, T, Gv, P], s [b, T, Gv] or None (X̄ = x s), log_a [b, T, Gd] or None (causal),
@@ -2708,7 +2708,10 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     (fp32 accumulation), else in fp32 (ieee). dla: how dlog a is formed, "suffix" (the
     in-chunk suffix sum of dcs = C·dC − B·dB plus ⟨H_{r+1}, Λ_r⟩) or "straddle" (Σ over the
     pairs of tokens on both sides of t, chunked_bwd_dla_kernel: an extra launch, no
-    cancelling sum; docs/backward.md, "dlog a by straddling pairs").
+    cancelling sum; docs/backward.md, "dlog a by straddling pairs"). "straddle" is the
+    default: the per-head parameter gradients (dA, ddt_bias) are sums of dlog a over every
+    token and missed their bounds with "suffix"; its GPU time is still to be measured
+    (scripts/gpu_bwd_profile.py times both).
     """
     if dla not in ("suffix", "straddle"):
         raise ValueError(f"chunked_bwd: dla must be 'suffix' or 'straddle', got {dla!r}")
