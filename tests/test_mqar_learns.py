@@ -68,6 +68,7 @@ def test_reference_learns_mqar(mqar: ModuleType) -> None:
 # T = 96: the chunked forward runs 6 chunks of 16, the fused backward walks 2 chunks of 64
 # (the second ragged), so the state passing between chunks is in the gradients.
 SEQLEN, STEPS, BATCH, LR = 96, 6, 2, 1e-2
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU machine
 
 
 def _trajectory(
@@ -79,20 +80,20 @@ def _trajectory(
         [*MODEL, "--seqlen", str(SEQLEN), *(["--reference"] if reference else [])]
     )
     torch.manual_seed(seed)
-    model = mqar.build(SPEC, args)
+    model = mqar.build(SPEC, args).to(DEVICE)
     optimizer = torch.optim.AdamW(mqar.param_groups(model, 0.1), lr=LR, betas=(0.9, 0.98))
     data = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(STEPS):
         tokens, labels = mqar.mqar_batch(BATCH, SEQLEN, args.pairs, args.vocab, generator=data)
-        logits, want = model(tokens, labels)
+        logits, want = model(tokens.to(DEVICE), labels.to(DEVICE))
         loss = F.cross_entropy(logits, want)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         losses.append(loss.item())
-    return losses, {k: v.detach().clone() for k, v in model.named_parameters()}, model
+    return losses, {k: v.detach().cpu().clone() for k, v in model.named_parameters()}, model
 
 
 @pytest.mark.interpret
