@@ -23,6 +23,7 @@ from pathlib import Path
 import jinja2
 
 from ssmc import ir
+from ssmc.decode_fusion import decode_fusion
 from ssmc.elementwise import Backward
 from ssmc.expr_triton import UnsafeNameError, identifier
 from ssmc.resources import data_dir, template_dir
@@ -308,8 +309,11 @@ def render_module(checked: ir.CheckedSpec, *, versions: Mapping[str, str] | None
         render_stage(top, **stage_ctx, **({"tile_epilogue": tile_epi} if top == "chunked" else {}))
         for top in dict.fromkeys(tops)
     ]
+    # The one-token step in one launch where its roles can be rendered into the decode kernel
+    # (ssmc.decode_fusion); otherwise prologue kernels, decode and epilogue launch in turn.
+    decode_fused = decode_fusion(checked) if decode else None
     if decode:
-        stages.append(render_stage("decode", **stage_ctx))
+        stages.append(render_stage("decode", **stage_ctx, fused=decode_fused))
     # The backward: SMAs 2 and 3 of a diagonal decay need a scalar-decay forward.
     trains = bool(forms) and (decay != "diagonal" or stage_exists("chunked"))
     epi_bwd = epilogue_backward(checked) if trains else None
@@ -332,6 +336,7 @@ def render_module(checked: ir.CheckedSpec, *, versions: Mapping[str, str] | None
         head_dim=checked.head_dim,
         toeplitz=decay == "toeplitz",
         decode=decode,
+        decode_fused=decode_fused is not None,
         initial_state=spec.initial_state,
         final_state=spec.final_state,
         varlen=spec.varlen,

@@ -1342,20 +1342,28 @@ def chunked_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_stat
 # 8192 fp32, 4 warps) keep the most bytes in flight: on an H100 at the Mamba-2 shape
 # (H = 80, P = 64, N = 128) that moved ~2.9 TB/s of state at batch 64–256, against 1.9
 # TB/s with 2048-element tiles. x, s, B, C, a are tiny next to the state. Offsets are int64.
+#
+# Fused (one launch a step): the kernel reads the spec's tensors at its (b, h) point and
+# computes the core inputs itself, then applies the output roles to y before the store:
+#
+#     X̄     = x * clamp(softplus(dt + dt_bias), 0, inf)
+#     B     = B
+#     C     = C
+#     log a = clamp(softplus(dt + dt_bias), 0, inf) * A
+#     out   = (y + (D * x)) * silu(z)        (fp32, stored in out's dtype)
+#
+# (a role's head axis at its group index, N at o_n, P at o_p; lanes past N or P are set to
+# 0 before they reach the state or the sum over n).
 # ---------------------------------------------------------------------------------------
 
 
 @triton.jit
 def decode_fwd_kernel(
-    x_ptr, s_ptr, log_a_ptr, B_ptr, C_ptr, state_ptr, out_ptr,
+    fp_dt, fs_dt_0, fs_dt_2, fp_dt_bias, fs_dt_bias_0, fp_x, fs_x_0, fs_x_2, fs_x_3, fp_B, fs_B_0, fs_B_2, fs_B_3, fp_C, fs_C_0, fs_C_2, fs_C_3, fp_A, fs_A_0, fp_D, fs_D_0, fp_z, fs_z_0, fs_z_2, fs_z_3,  # the spec's tensors and call-time dims
+    state_ptr, out_ptr,
     state_batch_indices_ptr,
     H, N, P,
     heads_per_v, heads_per_k, heads_per_q, heads_per_d,
-    stride_x_b, stride_x_g, stride_x_p,
-    stride_s_b, stride_s_g,
-    stride_log_a_b, stride_log_a_g,
-    stride_B_b, stride_B_g, stride_B_n,
-    stride_C_b, stride_C_g, stride_C_n,
     stride_state_b, stride_state_h, stride_state_n, stride_state_p,
     stride_out_b, stride_out_h, stride_out_p,
     HAS_S: tl.constexpr, HAS_INDICES: tl.constexpr,
@@ -1387,91 +1395,84 @@ def decode_fwd_kernel(
                + o_n[:, None] * stride_state_n + o_p[None, :] * stride_state_p)
     b_h = tl.load(p_state, mask=m_np, other=0.0)  # [BLOCK_N, BLOCK_P]
 
-    p_x = x_ptr + i_b * stride_x_b + i_v * stride_x_g + o_p * stride_x_p
-    b_x = tl.load(p_x, mask=m_p, other=0.0).to(tl.float32)  # [BLOCK_P]
-    if HAS_S:
-        b_x = b_x * tl.load(s_ptr + i_b * stride_s_b + i_v * stride_s_g).to(tl.float32)  # []
-    p_B = B_ptr + i_b * stride_B_b + i_k * stride_B_g + o_n * stride_B_n
-    b_B = tl.load(p_B, mask=m_n, other=0.0).to(tl.float32)  # [BLOCK_N]
-    p_C = C_ptr + i_b * stride_C_b + i_q * stride_C_g + o_n * stride_C_n
-    b_C = tl.load(p_C, mask=m_n, other=0.0).to(tl.float32)  # [BLOCK_N]
-    b_a = tl.exp(tl.load(log_a_ptr + i_b * stride_log_a_b + i_d * stride_log_a_g).to(tl.float32))
-    b_h = b_h * b_a  # [] scalar decay
+    f0_dt = tl.load(fp_dt + i_b * fs_dt_0 + i_h * fs_dt_2)  # []
+    f1_dt_bias = tl.load(fp_dt_bias + i_h * fs_dt_bias_0)  # []
+    f2_x = tl.load(fp_x + i_b * fs_x_0 + i_h * fs_x_2 + o_p * fs_x_3, mask=m_p, other=1.0)  # [BLOCK_P]
+    f3_B = tl.load(fp_B + i_b * fs_B_0 + i_k * fs_B_2 + o_n * fs_B_3, mask=m_n, other=1.0)  # [BLOCK_N]
+    f4_C = tl.load(fp_C + i_b * fs_C_0 + i_q * fs_C_2 + o_n * fs_C_3, mask=m_n, other=1.0)  # [BLOCK_N]
+    f5_A = tl.load(fp_A + i_h * fs_A_0)  # []
+    f6_D = tl.load(fp_D + i_h * fs_D_0)  # []
+    f7_z = tl.load(fp_z + i_b * fs_z_0 + i_h * fs_z_2 + o_p * fs_z_3, mask=m_p, other=1.0)  # [BLOCK_P]
+    f0_dt = f0_dt.to(tl.float32)
+    f1_dt_bias = f1_dt_bias.to(tl.float32)
+    f2_x = f2_x.to(tl.float32)
+    f3_B = f3_B.to(tl.float32)
+    f4_C = f4_C.to(tl.float32)
+    f5_A = f5_A.to(tl.float32)
+    f6_D = f6_D.to(tl.float32)
+    f7_z = f7_z.to(tl.float32)
+    t_0 = f0_dt + f1_dt_bias
+    t_1 = tl.exp(-tl.abs(t_0))
+    t_2 = 1.0 + t_1
+    t_3 = t_1 / tl.where(t_2 == 1.0, 1.0, t_2 - 1.0)
+    t_4 = tl.where(t_2 == 1.0, t_1, tl.log(t_2) * t_3)
+    t_5 = tl.maximum(t_0, 0.0) + t_4
+    t_6 = tl.maximum(t_5, 0.0)
+    t_7 = f2_x * t_6
+    t_8 = t_6 * f5_A
+    b_x = tl.where(m_p, t_7, 0.0)  # [BLOCK_P] X̄
+    b_B = tl.where(m_n, f3_B, 0.0)  # [BLOCK_N]
+    b_C = tl.where(m_n, f4_C, 0.0)  # [BLOCK_N]
+    b_h = b_h * tl.exp(t_8)  # [] scalar decay
     b_h += b_B[:, None] * b_x[None, :]
     b_y = tl.sum(b_h * b_C[:, None], axis=0)  # [BLOCK_P]
 
     tl.store(p_state, b_h, mask=m_np)
     p_o = out_ptr + i_b * stride_out_b + i_h * stride_out_h + o_p * stride_out_p
+    t_9 = f6_D * f2_x
+    t_10 = b_y + t_9
+    t_11 = tl.exp(-tl.abs(f7_z))
+    t_12 = tl.where(f7_z >= 0, 1.0 / (1.0 + t_11), t_11 / (1.0 + t_11))
+    t_13 = f7_z * t_12
+    t_14 = t_10 * t_13
+    b_y = t_14  # [BLOCK_P] out = (y + (D * x)) * silu(z)
     tl.store(p_o, b_y.to(p_o.dtype.element_ty), mask=m_p)
 
 
-def decode_fwd(x, s, log_a, B, C, *, heads, state, out, state_batch_indices=None,
-               block_p=None, num_warps=None):
-    """One decode step: state [slots, H, N, P] fp32 updated in place, out [b, H, P] ← y.
-
-    x [b, Gv, P], s [b, Gv] | None, B [b, Gk, N], C [b, Gq, N],
-    log_a [b, Gd] fp32;
-    state_batch_indices [b] int | None: row b uses state slot state_batch_indices[b]
-    (negative: padding row, slot untouched); without it slots = b and row b uses slot b.
-    """
-    batch, Gv, P = x.shape
-    H, N = heads, B.shape[-1]
-    assert x.dim() == 3 and B.dim() == 3 and C.dim() == 3 and out.dim() == 3
-    assert s is None or s.dim() == 2
-    assert log_a.dim() == 2
-    Gd = log_a.shape[1]
-    for G in (Gv, B.shape[1], C.shape[1], Gd):
-        assert H % G == 0, f"a role's head count {G} does not divide H = {H}"
-    assert out.shape == (batch, H, P)
-    assert state.dtype == torch.float32 and state.shape[1:] == (H, N, P)
-    if state_batch_indices is None:
-        assert state.shape[0] == batch
-    else:
-        assert state_batch_indices.shape == (batch,)
-    st_s = s.stride() if s is not None else (0, 0)
-    st_a = log_a.stride()
-    return _decode_launch(x, s, log_a, B, C, heads, state, out, state_batch_indices, block_p,
-                          num_warps, (*x.stride(), *st_s, *st_a, *B.stride(), *C.stride()), out.stride())
-
-
-def decode_tokens_fwd(x, s, log_a, B, C, *, heads, state, out):
-    """decode_fwd on the module's one-token tensors [b, 1, ...] (x, s, log_a, B, C, out),
-    which its setup has checked: no views of token 0 (a view costs ~2 µs of host time, six
-    of them a good part of a decode call), the seq axis' stride left out of the launch."""
-    st_x, st_B, st_C, st_o = x.stride(), B.stride(), C.stride(), out.stride()
-    st_s = s.stride() if s is not None else (0, 0, 0)
-    st_a = log_a.stride()
-    strides = (st_x[0], st_x[2], st_x[3], st_s[0], st_s[2],
-               st_a[0], st_a[2],
-               st_B[0], st_B[2], st_B[3], st_C[0], st_C[2], st_C[3])
-    return _decode_launch(x, s, log_a, B, C, heads, state, out, None, None, None, strides,
-                          (st_o[0], st_o[2], st_o[3]))
-
-
-def _decode_launch(x, s, log_a, B, C, heads, state, out, state_batch_indices, block_p,
-                   num_warps, strides, out_strides):
-    """Launch the kernel on checked tensors (x [b, Gv, P] or [b, 1, Gv, P], and so on) with
-    the strides of x, s, log_a, B, C in `strides` and out's in `out_strides`."""
-    shape = x.shape
-    batch, Gv, P = shape[0], shape[-2], shape[-1]
-    N = B.shape[-1]
-    H = heads
-    Gd = log_a.shape[-1]
+def decode_fused_fwd(tensors, sizes, *, heads, state, out):
+    """One decode step in one launch: state [b, H, N, P] fp32 updated in place, out [b, 1, H, P]
+    ← (y + (D * x)) * silu(z), the core inputs computed in the kernel from the spec's
+    one-token tensors (checked by the module's setup)."""
+    batch, H, N, P = state.shape
     if batch == 0 or H == 0:
         return out
+    _st0 = tensors[1].stride()
+    _st1 = tensors[6].stride()
+    _st2 = tensors[0].stride()
+    _st3 = tensors[2].stride()
+    _st4 = tensors[3].stride()
+    _st5 = tensors[5].stride()
+    _st6 = tensors[7].stride()
+    _st7 = tensors[4].stride()
+    st_o = out.stride()
     # plain int arithmetic: triton.cdiv / next_power_of_2 cost microseconds a call on the host
     BLOCK_N = 1 << (N - 1).bit_length()
-    BLOCK_P = block_p or min(1 << (P - 1).bit_length(), max(4, 8192 // BLOCK_N))
-    grid = (batch * H, -(-P // BLOCK_P))
-    decode_fwd_kernel[grid](
-        x, s if s is not None else x, log_a, B, C, state, out,
-        state_batch_indices if state_batch_indices is not None else out,
+    BLOCK_P = min(1 << (P - 1).bit_length(), max(4, 8192 // BLOCK_N))
+    decode_fwd_kernel[(batch * H, -(-P // BLOCK_P))](
+        tensors[1], _st0[0], _st0[2],
+        tensors[6], _st1[0],
+        tensors[0], _st2[0], _st2[2], _st2[3],
+        tensors[2], _st3[0], _st3[2], _st3[3],
+        tensors[3], _st4[0], _st4[2], _st4[3],
+        tensors[5], _st5[0],
+        tensors[7], _st6[0],
+        tensors[4], _st7[0], _st7[2], _st7[3],
+        state, out, out,
         H, N, P,
-        H // Gv, H // B.shape[-2], H // C.shape[-2], H // Gd,
-        *strides, *state.stride(), *out_strides,
-        HAS_S=s is not None, HAS_INDICES=state_batch_indices is not None,
-        BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
-        num_warps=num_warps or (4 if BLOCK_N * BLOCK_P >= 1024 else 2),
+        H // sizes["H"], H // sizes["G"], H // sizes["G"], H // sizes["H"],
+        *state.stride(), st_o[0], st_o[2], st_o[3],
+        HAS_S=False, HAS_INDICES=False, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
+        num_warps=4 if BLOCK_N * BLOCK_P >= 1024 else 2,
     )
     return out
 
@@ -2975,23 +2976,24 @@ def _ssmc_run(tensors, initial_state, cu_seqlens, form, chunk_size, launch=None,
     # y has the promoted dtype of the per-token inputs carrying its feature axis (ssmc.roles.output_inputs).
     out_dtype = tensors[0].dtype
     out_dtype = torch.promote_types(out_dtype, tensors[4].dtype)
-    x, s, log_a, B, C = prologue_fwd(tensors, sizes)
-    # The chunked scan applies the output roles in its store: out is written once, in out_dtype.
-    fused = form == "chunked" and not (T == 1 and cu_seqlens is None and requested in (None, "recurrent"))
-    out = torch.empty((batch, T, H, P), device=device, dtype=out_dtype if fused else torch.float32)
-    # One token per sequence: the recurrent step (decode), unless another form was asked for.
+    # One token per sequence: the recurrent step (decode) in one launch (prologue and output
+    # roles inside decode_fwd_kernel), unless another form was asked for.
     if T == 1 and cu_seqlens is None and requested in (None, "recurrent"):
         state = (initial_state.clone() if initial_state is not None
                  else torch.zeros((batch, H, N, P), device=device, dtype=torch.float32))
-        decode_tokens_fwd(x, s, log_a, B, C, heads=H, state=state, out=out)
-        final_state = state
+        out = torch.empty((batch, T, H, P), device=device, dtype=out_dtype)
+        decode_fused_fwd(tensors, sizes, heads=H, state=state, out=out)
         LAST_FORM = "decode"
-    else:
-        final_state = torch.empty((num_states, H, N, P), device=device, dtype=torch.float32)
-        LAST_FORM = form
-        _core_fwd(form, chunk, x, s, log_a, B, C, heads=H, out=out, initial_state=initial_state,
-                  final_state=final_state, cu_seqlens=cu_seqlens,
-                  epilogue=(tensors, sizes) if fused else None, launch=launch)
+        return out, state
+    x, s, log_a, B, C = prologue_fwd(tensors, sizes)
+    # The chunked scan applies the output roles in its store: out is written once, in out_dtype.
+    fused = form == "chunked"
+    out = torch.empty((batch, T, H, P), device=device, dtype=out_dtype if fused else torch.float32)
+    final_state = torch.empty((num_states, H, N, P), device=device, dtype=torch.float32)
+    LAST_FORM = form
+    _core_fwd(form, chunk, x, s, log_a, B, C, heads=H, out=out, initial_state=initial_state,
+              final_state=final_state, cu_seqlens=cu_seqlens,
+              epilogue=(tensors, sizes) if fused else None, launch=launch)
     if fused:
         return out, final_state
     y = out if out_dtype == torch.float32 else torch.empty_like(out, dtype=out_dtype)
