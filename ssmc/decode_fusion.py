@@ -207,7 +207,7 @@ def _load(
     offset = " + ".join(terms) or "0"
     key = (name, offset)
     if key not in blocks:
-        block = f"f{len(blocks)}_{name}"
+        block = f"fb_{name}_{sum(n == name for n, _ in blocks)}"  # fb_<tensor>_<k-th load>
         blocks[key] = block
         masks = " & ".join(_MASKS[v] for v in vectors)
         other = f", mask={masks}, other=1.0" if masks else ""

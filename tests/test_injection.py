@@ -240,10 +240,10 @@ def identifier_from(word: str, names: set[str]) -> bool:
     """`word` is a declared name, or one with the prefixes/suffixes the generator adds."""
     if word in names:
         return True
-    for prefix in ("b_", "p_", "d_", "arg_", "eb_", "ep_", "ed_"):
+    for prefix in ("b_", "p_", "d_", "arg_", "eb_", "ep_", "ed_", "fp_", "fd_"):
         if word.startswith(prefix) and word[len(prefix) :] in names:
             return True
-    match = re.fullmatch(r"e?s_(.+)_\d+", word)
+    match = re.fullmatch(r"(?:e?s|fs|fb)_(.+)_\d+", word)  # fs_, fb_: the fused decode's
     return bool(match and match.group(1) in names)
 
 

@@ -1395,45 +1395,45 @@ def decode_fwd_kernel(
                + o_n[:, None] * stride_state_n + o_p[None, :] * stride_state_p)
     b_h = tl.load(p_state, mask=m_np, other=0.0)  # [BLOCK_N, BLOCK_P]
 
-    f0_dt = tl.load(fp_dt + i_b * fs_dt_0 + i_h * fs_dt_2)  # []
-    f1_dt_bias = tl.load(fp_dt_bias + i_h * fs_dt_bias_0)  # []
-    f2_x = tl.load(fp_x + i_b * fs_x_0 + i_h * fs_x_2 + o_p * fs_x_3, mask=m_p, other=1.0)  # [BLOCK_P]
-    f3_B = tl.load(fp_B + i_b * fs_B_0 + i_k * fs_B_2 + o_n * fs_B_3, mask=m_n, other=1.0)  # [BLOCK_N]
-    f4_C = tl.load(fp_C + i_b * fs_C_0 + i_q * fs_C_2 + o_n * fs_C_3, mask=m_n, other=1.0)  # [BLOCK_N]
-    f5_A = tl.load(fp_A + i_h * fs_A_0)  # []
-    f6_D = tl.load(fp_D + i_h * fs_D_0)  # []
-    f7_z = tl.load(fp_z + i_b * fs_z_0 + i_h * fs_z_2 + o_p * fs_z_3, mask=m_p, other=1.0)  # [BLOCK_P]
-    f0_dt = f0_dt.to(tl.float32)
-    f1_dt_bias = f1_dt_bias.to(tl.float32)
-    f2_x = f2_x.to(tl.float32)
-    f3_B = f3_B.to(tl.float32)
-    f4_C = f4_C.to(tl.float32)
-    f5_A = f5_A.to(tl.float32)
-    f6_D = f6_D.to(tl.float32)
-    f7_z = f7_z.to(tl.float32)
-    t_0 = f0_dt + f1_dt_bias
+    fb_dt_0 = tl.load(fp_dt + i_b * fs_dt_0 + i_h * fs_dt_2)  # []
+    fb_dt_bias_0 = tl.load(fp_dt_bias + i_h * fs_dt_bias_0)  # []
+    fb_x_0 = tl.load(fp_x + i_b * fs_x_0 + i_h * fs_x_2 + o_p * fs_x_3, mask=m_p, other=1.0)  # [BLOCK_P]
+    fb_B_0 = tl.load(fp_B + i_b * fs_B_0 + i_k * fs_B_2 + o_n * fs_B_3, mask=m_n, other=1.0)  # [BLOCK_N]
+    fb_C_0 = tl.load(fp_C + i_b * fs_C_0 + i_q * fs_C_2 + o_n * fs_C_3, mask=m_n, other=1.0)  # [BLOCK_N]
+    fb_A_0 = tl.load(fp_A + i_h * fs_A_0)  # []
+    fb_D_0 = tl.load(fp_D + i_h * fs_D_0)  # []
+    fb_z_0 = tl.load(fp_z + i_b * fs_z_0 + i_h * fs_z_2 + o_p * fs_z_3, mask=m_p, other=1.0)  # [BLOCK_P]
+    fb_dt_0 = fb_dt_0.to(tl.float32)
+    fb_dt_bias_0 = fb_dt_bias_0.to(tl.float32)
+    fb_x_0 = fb_x_0.to(tl.float32)
+    fb_B_0 = fb_B_0.to(tl.float32)
+    fb_C_0 = fb_C_0.to(tl.float32)
+    fb_A_0 = fb_A_0.to(tl.float32)
+    fb_D_0 = fb_D_0.to(tl.float32)
+    fb_z_0 = fb_z_0.to(tl.float32)
+    t_0 = fb_dt_0 + fb_dt_bias_0
     t_1 = tl.exp(-tl.abs(t_0))
     t_2 = 1.0 + t_1
     t_3 = t_1 / tl.where(t_2 == 1.0, 1.0, t_2 - 1.0)
     t_4 = tl.where(t_2 == 1.0, t_1, tl.log(t_2) * t_3)
     t_5 = tl.maximum(t_0, 0.0) + t_4
     t_6 = tl.maximum(t_5, 0.0)
-    t_7 = f2_x * t_6
-    t_8 = t_6 * f5_A
+    t_7 = fb_x_0 * t_6
+    t_8 = t_6 * fb_A_0
     b_x = tl.where(m_p, t_7, 0.0)  # [BLOCK_P] X̄
-    b_B = tl.where(m_n, f3_B, 0.0)  # [BLOCK_N]
-    b_C = tl.where(m_n, f4_C, 0.0)  # [BLOCK_N]
+    b_B = tl.where(m_n, fb_B_0, 0.0)  # [BLOCK_N]
+    b_C = tl.where(m_n, fb_C_0, 0.0)  # [BLOCK_N]
     b_h = b_h * tl.exp(t_8)  # [] scalar decay
     b_h += b_B[:, None] * b_x[None, :]
     b_y = tl.sum(b_h * b_C[:, None], axis=0)  # [BLOCK_P]
 
     tl.store(p_state, b_h, mask=m_np)
     p_o = out_ptr + i_b * stride_out_b + i_h * stride_out_h + o_p * stride_out_p
-    t_9 = f6_D * f2_x
+    t_9 = fb_D_0 * fb_x_0
     t_10 = b_y + t_9
-    t_11 = tl.exp(-tl.abs(f7_z))
-    t_12 = tl.where(f7_z >= 0, 1.0 / (1.0 + t_11), t_11 / (1.0 + t_11))
-    t_13 = f7_z * t_12
+    t_11 = tl.exp(-tl.abs(fb_z_0))
+    t_12 = tl.where(fb_z_0 >= 0, 1.0 / (1.0 + t_11), t_11 / (1.0 + t_11))
+    t_13 = fb_z_0 * t_12
     t_14 = t_10 * t_13
     b_y = t_14  # [BLOCK_P] out = (y + (D * x)) * silu(z)
     tl.store(p_o, b_y.to(p_o.dtype.element_ty), mask=m_p)
@@ -1446,27 +1446,27 @@ def decode_fused_fwd(tensors, sizes, *, heads, state, out):
     batch, H, N, P = state.shape
     if batch == 0 or H == 0:
         return out
-    _st0 = tensors[1].stride()
-    _st1 = tensors[6].stride()
-    _st2 = tensors[0].stride()
-    _st3 = tensors[2].stride()
-    _st4 = tensors[3].stride()
-    _st5 = tensors[5].stride()
-    _st6 = tensors[7].stride()
-    _st7 = tensors[4].stride()
+    _st_f0 = tensors[1].stride()
+    _st_f1 = tensors[6].stride()
+    _st_f2 = tensors[0].stride()
+    _st_f3 = tensors[2].stride()
+    _st_f4 = tensors[3].stride()
+    _st_f5 = tensors[5].stride()
+    _st_f6 = tensors[7].stride()
+    _st_f7 = tensors[4].stride()
     st_o = out.stride()
     # plain int arithmetic: triton.cdiv / next_power_of_2 cost microseconds a call on the host
     BLOCK_N = 1 << (N - 1).bit_length()
     BLOCK_P = min(1 << (P - 1).bit_length(), max(4, 8192 // BLOCK_N))
     decode_fwd_kernel[(batch * H, -(-P // BLOCK_P))](
-        tensors[1], _st0[0], _st0[2],
-        tensors[6], _st1[0],
-        tensors[0], _st2[0], _st2[2], _st2[3],
-        tensors[2], _st3[0], _st3[2], _st3[3],
-        tensors[3], _st4[0], _st4[2], _st4[3],
-        tensors[5], _st5[0],
-        tensors[7], _st6[0],
-        tensors[4], _st7[0], _st7[2], _st7[3],
+        tensors[1], _st_f0[0], _st_f0[2],
+        tensors[6], _st_f1[0],
+        tensors[0], _st_f2[0], _st_f2[2], _st_f2[3],
+        tensors[2], _st_f3[0], _st_f3[2], _st_f3[3],
+        tensors[3], _st_f4[0], _st_f4[2], _st_f4[3],
+        tensors[5], _st_f5[0],
+        tensors[7], _st_f6[0],
+        tensors[4], _st_f7[0], _st_f7[2], _st_f7[3],
         state, out, out,
         H, N, P,
         H // sizes["H"], H // sizes["G"], H // sizes["G"], H // sizes["H"],
