@@ -70,7 +70,8 @@ def _computed(s: Sizes) -> list[tuple[Expr, tuple[ir.Size, ...], int]]:
     bt: tuple[ir.Size, ...] = (ir.BATCH, ir.SEQ)
 
     def need(expr: Expr | None, shape: tuple[ir.Size, ...], row: int) -> None:
-        bare = isinstance(expr, Ref) and spec.tensor(expr.name).shape == shape
+        bare = (isinstance(expr, Ref) and any(t.name == expr.name for t in spec.tensors)
+                and spec.tensor(expr.name).shape == shape)  # a dim's name is no tensor
         if expr is not None and not bare:
             out.append((expr, shape, row))
 

@@ -54,7 +54,8 @@ def prologue(checked: ir.CheckedSpec) -> Prologue:
     lti = None
 
     def take(role: str, expr: E.Expr, shape: tuple[ir.Size, ...], dtype: str) -> str:
-        if isinstance(expr, E.Ref) and spec.tensor(expr.name).shape == shape:
+        declared = isinstance(expr, E.Ref) and any(t.name == expr.name for t in spec.tensors)
+        if declared and spec.tensor(expr.name).shape == shape:  # a dim's name is no tensor
             passthrough[role] = _position(spec, expr.name)
             return f"tensors[{passthrough[role]}]"
         targets.append(Target(role=role, expr=expr, shape=shape, dtype=dtype))

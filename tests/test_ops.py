@@ -389,3 +389,20 @@ def test_cpu_without_interpreter_runs_the_reference(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "1", "said once"
+
+
+def test_a_value_scaled_by_a_dim_name(tmp_path: Path) -> None:
+    """`value x * P` (a dim's name as the scale) renders, plans and matches the fp64
+    reference (the prologue and the cost model took every bare name for a tensor)."""
+    spec = parse(
+        "ssm vp\ndim H = 2, N = 4, P = 4\ninput x : [batch, seq, H, P]\n"
+        "input B : [batch, seq, H, N]\ninput C : [batch, seq, H, N]\n"
+        "output y : [batch, seq, H, P]\nmask causal\nquery C\nkey B\nvalue x * P\n"
+    )
+    op = load(spec, cache_dir=tmp_path)
+    g = torch.Generator().manual_seed(3)
+    inputs = random_inputs(op.checked, batch=2, seqlen=9, dtype=torch.float32, generator=g)
+    want, _ = reference(op.checked)(**{k: v.double() for k, v in inputs.items()})
+    got, _ = op(**inputs)
+    err = (got.double() - want).norm() / want.norm()
+    assert torch.isfinite(got).all() and err < 1e-5, err
