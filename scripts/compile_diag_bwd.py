@@ -73,8 +73,9 @@ def main() -> int:
     if straddle:
         dla = dict(x=half, s=f32, log_a=f32, B=half, C=half, dy=half, tiles=i64, uv=f32, bnd=f32,
                    dla=f32)  # fmt: skip
-        consts = {**base, "HAS_S": True, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_P": args.p}
-        show("chunked_diag_bwd_dla", module.chunked_diag_bwd_dla_kernel, dla, consts, 4)
+        # as chunked_diag_bwd launches it: N tiles of 16, P tiles of at most 32, 8 warps
+        consts = {**base, "HAS_S": True, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_P": min(32, args.p)}
+        show("chunked_diag_bwd_dla", module.chunked_diag_bwd_dla_kernel, dla, consts, 8)
     return 0
 
 
