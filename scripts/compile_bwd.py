@@ -6,7 +6,9 @@ PTX, ptxas from the Triton wheel), so compile errors show up without a GPU, and
 (spills). Arguments are specialised as at run time (i32 scalars, 16-divisible pointers
 and strides). Usage: python scripts/compile_bwd.py [--arch 90] [--decay scalar|none]
 [--dla suffix|straddle] (straddle: chunked_bwd(dla="straddle"), its walk and dB/dC variants
-and chunked_bwd_dla_kernel)
+and chunked_bwd_dla_kernel) [--dbc per_head|shared] (shared: chunked_bwd(dbc="shared"), the
+dB/dC launches with the state terms only plus chunked_bwd_w_kernel and chunked_bwd_wbc_kernel;
+needs --dla straddle with --decay scalar)
 """
 
 from __future__ import annotations
@@ -65,7 +67,11 @@ def main() -> int:
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--stored-cc", action="store_true", help="chunked_bwd(stored_cc=True)")
     parser.add_argument("--dla", default="suffix", choices=("suffix", "straddle"))
+    parser.add_argument("--dbc", default="per_head", choices=("per_head", "shared"))
     args = parser.parse_args()
+    shared = args.dbc == "shared"
+    if shared and args.decay == "scalar" and args.dla != "straddle":
+        parser.error("--dbc shared needs --dla straddle (as chunked_bwd)")
     straddle = args.dla == "straddle" and args.decay == "scalar"
     source = "\n\n".join(
         render_stage(name, **ctx)
@@ -135,9 +141,23 @@ def main() -> int:
             "BLOCK_P": 64,
             "CC_STORED": args.stored_cc,
             "DCS_INTER": straddle,
+            "INTRA": not shared,
         }
         usage = resources(module.chunked_bwd_dbc_kernel, dbc, consts, 8, args.arch)
         print(f"chunked_bwd_dbc {'dB' if want_db else 'dC'} warps=8: {usage}")
+    if shared:
+        w = {"x": bf, "s": f32, "log_a": f32, "dy": bf, "tiles": "*i64", "w": bf}
+        consts = {**base, "HAS_S": True, "BLOCK_M": 64, "BLOCK_P": 64, "CC_STORED": args.stored_cc}
+        for warps in (4, 8):
+            usage = resources(module.chunked_bwd_w_kernel, w, consts, warps, args.arch)
+            print(f"chunked_bwd_w warps={warps}: {usage}")
+        wbc = {"w": bf, "other": bf, "tiles": "*i64", "grad": f32}
+        for transpose in (False, True):
+            consts = {k: base[k] for k in ("DOT_DTYPE", "DOT_PRECISION", "CHUNK")}
+            consts |= {"TRANSPOSE": transpose, "BLOCK_M": 64, "BLOCK_N": 64}
+            for warps in (4, 8):
+                usage = resources(module.chunked_bwd_wbc_kernel, wbc, consts, warps, args.arch)
+                print(f"chunked_bwd_wbc {'dB' if transpose else 'dC'} warps={warps}: {usage}")
     dx = {
         "x": bf,
         "s": f32,

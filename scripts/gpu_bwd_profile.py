@@ -58,7 +58,9 @@ def sweep_launch(op, inputs: dict[str, torch.Tensor]) -> None:
     for opts in ({}, {"head_splits": 1}, {"head_splits": 4}, {"head_splits": 8},
                  {"head_splits": 16}, {"num_warps": 4}, {"block_m": 32}, {"chunk_size": 128},
                  {"stored_cc": True}, {"stored_cc": True, "head_splits": 8},
-                 {"dla": "straddle"}):
+                 {"dla": "straddle"}, {"dla": "suffix"}, {"dbc": "shared"},
+                 {"dbc": "shared", "head_splits": 1}, {"dbc": "shared", "stored_cc": True},
+                 {"dbc": "shared", "num_warps": 4}, {"dbc": "shared", "chunk_size": 128}):
         def call(opts=opts):
             mod.chunked_bwd(x, dt, log_a, B, C, heads=H, initial_state=None, cu_seqlens=None,
                             dy=dy, dfinal=None, **opts)
@@ -67,6 +69,34 @@ def sweep_launch(op, inputs: dict[str, torch.Tensor]) -> None:
             print(f"  {ms:8.3f} ms  {opts or 'defaults'}", flush=True)
         except Exception as exc:  # noqa: BLE001 — an option that cannot launch is reported
             print(f"  failed   {opts}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+
+
+def compare_dbc(op, inputs: dict[str, torch.Tensor]) -> None:
+    """Relative error of each gradient of chunked_bwd with dbc "per_head" and "shared" (bf16
+    dots; shared rounds W, the heads' sum, to bf16 once) against the per-head path on fp32
+    copies of the inputs (fp32 dots)."""
+    mod = op.module
+    x, B, C = inputs["x"], inputs["B"], inputs["C"]
+    H = x.shape[2]
+    dt = torch.nn.functional.softplus(inputs["dt"] + inputs["dt_bias"]).float()
+    log_a = (dt * inputs["A"]).contiguous()
+    dy = torch.randn_like(x)
+    names = ("dx", "ds", "dlog_a", "dB", "dC")
+
+    def grads(x, B, C, dy, **opts):
+        out = mod.chunked_bwd(x, dt, log_a, B, C, heads=H, initial_state=None, cu_seqlens=None,
+                              dy=dy, dfinal=None, **opts)
+        return [g.float() for g in out[:5]]
+
+    want = grads(x.float(), B.float(), C.float(), dy.float())
+    print("\n== chunked_bwd bf16 against its fp32 run (relative error)")
+    for dbc in ("per_head", "shared"):
+        got = grads(x, B, C, dy, dbc=dbc)
+        errs = [((g - w).norm() / w.norm()).item() for g, w in zip(got, want, strict=True)]
+        print(f"  {dbc:9s} " + "  ".join(f"{n} {e:.2e}" for n, e in zip(names, errs, strict=True)))
+        del got
+    del want
+    torch.cuda.empty_cache()
 
 
 def main() -> int:
@@ -79,6 +109,7 @@ def main() -> int:
     op = load(with_dims(parse_file(ROOT / "examples" / "mamba2.ssm"), MAMBA_27B))
     profile_steps("ssmc", lambda t: op(**t, form="chunked")[0], inputs)
     sweep_launch(op, inputs)
+    compare_dbc(op, inputs)
     mamba = import_mamba(args.mamba_src)
     if mamba is not None:
         def run_mamba(t):

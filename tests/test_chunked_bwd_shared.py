@@ -117,7 +117,8 @@ def test_shared_dbc_row_blocks(case: Case, options, monkeypatch) -> None:
 @pytest.mark.parametrize("case", [SHARED[0], SHARED[3], SHARED[7]], ids=lambda c: c.id)
 def test_shared_matches_per_head(case: Case, monkeypatch) -> None:
     """The two paths give the same gradients within fp32 rounding (they sum the same
-    products in another order), chunks of four row blocks."""
+    products in another order: dB, dC differ by 5-9e-8 of their norm, the rest not at all),
+    chunks of four row blocks."""
     opts = dict(chunk_size=64, block_t=16)
     shared, want, _ = run(case, monkeypatch, dbc="shared", **opts)
     per_head, _, _ = run(case, monkeypatch, dbc="per_head", **opts)
@@ -126,7 +127,7 @@ def test_shared_matches_per_head(case: Case, monkeypatch) -> None:
         assert (a is None) == (b is None), name
         if a is not None:
             scale = want[name].norm().item()
-            assert (a.double() - b.double()).norm().item() <= 3e-6 * scale, name
+            assert (a.double() - b.double()).norm().item() <= 5e-7 * scale, name
 
 
 @pytest.mark.interpret
