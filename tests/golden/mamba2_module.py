@@ -2280,11 +2280,13 @@ def chunked_bwd_dbc_kernel(
     WANT_DB: tl.constexpr, HAS_S: tl.constexpr, HAS_DECAY: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, CC_STORED: tl.constexpr,
-    DCS_INTER: tl.constexpr,
+    DCS_INTER: tl.constexpr, INTRA: tl.constexpr,
 ):
     # WANT_DB = False: dC (states = H_r, query groups); True: dB (states = Λ_r, key groups).
     # DCS_INTER (dla="straddle"): dcs gets the state terms only, C_i·(exp(cc_i) H_r dY_i) (dC)
-    # and +B_j·(exp(cc_e − cc_j) Λ_r X̄_j) (dB), for chunked_bwd_dla_kernel
+    # and +B_j·(exp(cc_e − cc_j) Λ_r X̄_j) (dB), for chunked_bwd_dla_kernel. INTRA = False
+    # (dbc="shared", which needs DCS_INTER): the state terms only, the intra-chunk sums come
+    # from W (chunked_bwd_w_kernel, chunked_bwd_wbc_kernel)
     n_m = CHUNK // BLOCK_M
     i_r = tl.program_id(0).to(tl.int64) // n_m
     i_m = tl.program_id(0) % n_m
@@ -2356,20 +2358,24 @@ def chunked_bwd_dbc_kernel(
                 b_k = tl.load(p_B + (t0 + o_m)[:, None] * stride_B_t + o_n[None, :] * stride_B_n,
                               mask=m_mn, other=0.0).to(tl.float32)
                 acc_dcs += tl.sum(b_k * b_d, axis=1)
-            for i_o in range(i_m, n_m):
-                o_o = i_o * BLOCK_M + o_j
-                m_o = o_o < n_t
-                b_co, b_unused = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_o, stride_a_b,
-                                                 stride_a_t, stride_a_g, HAS_DECAY, CHUNK, BLOCK_M,
-                                                 CC_STORED)
-                b_yo = tl.load(p_y + (t0 + o_o)[:, None] * stride_y_t + o_p[None, :] * stride_y_p,
-                               mask=m_o[:, None] & m_p[None, :], other=0.0).to(DOT_DTYPE)
-                b_g = tl.dot(b_x, tl.trans(b_yo), input_precision=DOT_PRECISION)  # [j, i]
-                keep = (o_o[None, :] > o_m[:, None]) & m_m[:, None] & m_o[None, :]
-                b_g = b_g * tl.exp(tl.where(keep, b_co[None, :] - b_cc[:, None], float("-inf")))
-                b_Co = tl.load(p_C + (t0 + o_o)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
-                               mask=m_o[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
-                b_d = tl.dot(b_g.to(DOT_DTYPE), b_Co, acc=b_d, input_precision=DOT_PRECISION)
+            if INTRA:
+                for i_o in range(i_m, n_m):
+                    o_o = i_o * BLOCK_M + o_j
+                    m_o = o_o < n_t
+                    b_co, b_unused = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_o,
+                                                     stride_a_b, stride_a_t, stride_a_g, HAS_DECAY,
+                                                     CHUNK, BLOCK_M, CC_STORED)
+                    b_yo = tl.load(p_y + (t0 + o_o)[:, None] * stride_y_t
+                                   + o_p[None, :] * stride_y_p,
+                                   mask=m_o[:, None] & m_p[None, :], other=0.0).to(DOT_DTYPE)
+                    b_g = tl.dot(b_x, tl.trans(b_yo), input_precision=DOT_PRECISION)  # [j, i]
+                    keep = (o_o[None, :] > o_m[:, None]) & m_m[:, None] & m_o[None, :]
+                    b_g = b_g * tl.exp(tl.where(keep, b_co[None, :] - b_cc[:, None],
+                                                float("-inf")))
+                    b_Co = tl.load(p_C + (t0 + o_o)[:, None] * stride_C_t
+                                   + o_n[None, :] * stride_C_n,
+                                   mask=m_o[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
+                    b_d = tl.dot(b_g.to(DOT_DTYPE), b_Co, acc=b_d, input_precision=DOT_PRECISION)
             if not DCS_INTER:
                 b_k = tl.load(p_B + (t0 + o_m)[:, None] * stride_B_t + o_n[None, :] * stride_B_n,
                               mask=m_mn, other=0.0).to(tl.float32)
@@ -2384,23 +2390,28 @@ def chunked_bwd_dbc_kernel(
                 b_q = tl.load(p_C + (t0 + o_m)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
                               mask=m_mn, other=0.0).to(tl.float32)
                 acc_dcs += tl.sum(b_q * b_d, axis=1)
-            for i_o in range(0, i_m + 1):
-                o_o = i_o * BLOCK_M + o_j
-                m_o = o_o < n_t
-                b_co, b_unused = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_o, stride_a_b,
-                                                 stride_a_t, stride_a_g, HAS_DECAY, CHUNK, BLOCK_M,
-                                                 CC_STORED)
-                b_xo = tl.load(p_x + (t0 + o_o)[:, None] * stride_x_t + o_p[None, :] * stride_x_p,
-                               mask=m_o[:, None] & m_p[None, :], other=0.0).to(tl.float32)
-                if HAS_S:
-                    b_xo *= tl.load(p_s + (t0 + o_o) * stride_s_t, mask=m_o,
-                                    other=0.0).to(tl.float32)[:, None]
-                b_g = tl.dot(b_y, tl.trans(b_xo.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
-                keep = (o_m[:, None] > o_o[None, :]) & m_m[:, None] & m_o[None, :]
-                b_g = b_g * tl.exp(tl.where(keep, b_cc[:, None] - b_co[None, :], float("-inf")))
-                b_Bo = tl.load(p_B + (t0 + o_o)[:, None] * stride_B_t + o_n[None, :] * stride_B_n,
-                               mask=m_o[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
-                b_d = tl.dot(b_g.to(DOT_DTYPE), b_Bo, acc=b_d, input_precision=DOT_PRECISION)
+            if INTRA:
+                for i_o in range(0, i_m + 1):
+                    o_o = i_o * BLOCK_M + o_j
+                    m_o = o_o < n_t
+                    b_co, b_unused = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_o,
+                                                     stride_a_b, stride_a_t, stride_a_g, HAS_DECAY,
+                                                     CHUNK, BLOCK_M, CC_STORED)
+                    b_xo = tl.load(p_x + (t0 + o_o)[:, None] * stride_x_t
+                                   + o_p[None, :] * stride_x_p,
+                                   mask=m_o[:, None] & m_p[None, :], other=0.0).to(tl.float32)
+                    if HAS_S:
+                        b_xo *= tl.load(p_s + (t0 + o_o) * stride_s_t, mask=m_o,
+                                        other=0.0).to(tl.float32)[:, None]
+                    b_g = tl.dot(b_y, tl.trans(b_xo.to(DOT_DTYPE)),
+                                 input_precision=DOT_PRECISION)
+                    keep = (o_m[:, None] > o_o[None, :]) & m_m[:, None] & m_o[None, :]
+                    b_g = b_g * tl.exp(tl.where(keep, b_cc[:, None] - b_co[None, :],
+                                                float("-inf")))
+                    b_Bo = tl.load(p_B + (t0 + o_o)[:, None] * stride_B_t
+                                   + o_n[None, :] * stride_B_n,
+                                   mask=m_o[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
+                    b_d = tl.dot(b_g.to(DOT_DTYPE), b_Bo, acc=b_d, input_precision=DOT_PRECISION)
             if not DCS_INTER:
                 b_q = tl.load(p_C + (t0 + o_m)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
                               mask=m_mn, other=0.0).to(tl.float32)
@@ -2419,6 +2430,124 @@ def chunked_bwd_dbc_kernel(
                 tl.store(dcs + i_sp * stride_c_s + i_n * stride_c_k + i_b * stride_c_b
                          + (t0 + o_m) * stride_c_t + (i_h // Hd) * stride_c_g, acc_dcs, mask=m_m)
                 acc_dcs = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+
+@triton.jit
+def chunked_bwd_w_kernel(
+    x, s, log_a, dy, tiles, w,
+    stride_x_b, stride_x_t, stride_x_g, stride_x_p,
+    stride_s_b, stride_s_t, stride_s_g,
+    stride_a_b, stride_a_t, stride_a_g,
+    stride_y_b, stride_y_t, stride_y_h, stride_y_p,
+    stride_w_r, stride_w_g, stride_w_i, stride_w_j,
+    P, Hw, Hv, Hd,
+    HAS_S: tl.constexpr, HAS_DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr, CC_STORED: tl.constexpr,
+):
+    # dbc="shared": W_ij = Σ_{h in W group g} L^h_ij (dY^h_i·X̄^h_j), i > j (strict: the
+    # diagonal is chunked_bwd's fp32 diag term, as on the per-head path), the heads of a
+    # W group sharing both B and C. Program (chunk, row block I, column block J ≤ I, W
+    # group): tile (I, J) of W [R, Gw, Q, Q], summed over the group's heads in registers
+    # and stored whole (zero above the diagonal and past the chunk's end)
+    n_m = CHUNK // BLOCK_M
+    i_r = tl.program_id(0).to(tl.int64) // n_m
+    i_m = tl.program_id(0) % n_m
+    i_o = tl.program_id(1)
+    g = tl.program_id(2).to(tl.int64)
+    n_t = tl.load(tiles + i_r * 5 + 2)
+    if (i_o > i_m) | (i_m * BLOCK_M >= n_t):
+        return
+    i_b = tl.load(tiles + i_r * 5)
+    t0 = tl.load(tiles + i_r * 5 + 1)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_o = i_o * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_p = tl.arange(0, BLOCK_P)
+    m_m = o_m < n_t
+    m_o = o_o < n_t
+    m_p = o_p < P
+    keep = (o_m[:, None] > o_o[None, :]) & m_m[:, None] & m_o[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
+    for i_h in range(g * Hw, g * Hw + Hw):
+        b_cc, b_unused = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_m, stride_a_b,
+                                         stride_a_t, stride_a_g, HAS_DECAY, CHUNK, BLOCK_M,
+                                         CC_STORED)
+        b_co, b_unused = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_o, stride_a_b,
+                                         stride_a_t, stride_a_g, HAS_DECAY, CHUNK, BLOCK_M,
+                                         CC_STORED)
+        b_y = tl.load(dy + i_b * stride_y_b + i_h * stride_y_h + (t0 + o_m)[:, None] * stride_y_t
+                      + o_p[None, :] * stride_y_p, mask=m_m[:, None] & m_p[None, :],
+                      other=0.0).to(DOT_DTYPE)
+        p_x = x + i_b * stride_x_b + (i_h // Hv) * stride_x_g
+        b_x = tl.load(p_x + (t0 + o_o)[:, None] * stride_x_t + o_p[None, :] * stride_x_p,
+                      mask=m_o[:, None] & m_p[None, :], other=0.0).to(tl.float32)
+        if HAS_S:
+            b_x *= tl.load(s + i_b * stride_s_b + (i_h // Hv) * stride_s_g
+                           + (t0 + o_o) * stride_s_t, mask=m_o, other=0.0).to(tl.float32)[:, None]
+        b_g = tl.dot(b_y, tl.trans(b_x.to(DOT_DTYPE)), input_precision=DOT_PRECISION)  # [i, j]
+        acc += b_g * tl.exp(tl.where(keep, b_cc[:, None] - b_co[None, :], float("-inf")))
+    tl.store(w + i_r * stride_w_r + g * stride_w_g + o_m[:, None] * stride_w_i
+             + o_o[None, :] * stride_w_j, acc.to(w.dtype.element_ty))
+
+
+@triton.jit
+def chunked_bwd_wbc_kernel(
+    w, other, tiles, grad,
+    stride_w_r, stride_w_g, stride_w_i, stride_w_j,
+    stride_o_b, stride_o_t, stride_o_g, stride_o_n,
+    stride_g_b, stride_g_t, stride_g_g, stride_g_n,
+    N, Wg, Wo,
+    TRANSPOSE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # dbc="shared": the intra-chunk part of dC (TRANSPOSE = False: rows i, dC_i += Σ_{j < i}
+    # W_ij B_j, other = B) or of dB (True: rows j, dB_j += Σ_{i > j} W_ij C_i, other = C),
+    # added to grad (the state terms, already summed over heads). Program (chunk, row
+    # block, output group, N tile): the Wg W groups of its output group (W group k reads
+    # other's group k // Wo), the W tiles of its row (dC) or column (dB) of blocks
+    n_m = CHUNK // BLOCK_M
+    i_r = tl.program_id(0).to(tl.int64) // n_m
+    i_m = tl.program_id(0) % n_m
+    i_g = tl.program_id(1).to(tl.int64)
+    i_n = tl.program_id(2)
+    n_t = tl.load(tiles + i_r * 5 + 2)
+    if i_m * BLOCK_M >= n_t:
+        return
+    i_b = tl.load(tiles + i_r * 5)
+    t0 = tl.load(tiles + i_r * 5 + 1)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_j = tl.arange(0, BLOCK_M)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_m = o_m < n_t
+    m_n = o_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for i_w in range(i_g * Wg, i_g * Wg + Wg):
+        p_w = w + i_r * stride_w_r + i_w * stride_w_g
+        p_o = other + i_b * stride_o_b + (i_w // Wo) * stride_o_g + o_n[None, :] * stride_o_n
+        if TRANSPOSE:
+            # blocks I ≥ this one, up to the chunk's end (tiles past it were never written)
+            for i_o in range(i_m, tl.cdiv(n_t, BLOCK_M)):
+                o_o = i_o * BLOCK_M + o_j
+                m_o = o_o < n_t
+                # [j, i]: W read transposed
+                b_w = tl.load(p_w + o_m[:, None] * stride_w_j + o_o[None, :] * stride_w_i,
+                              mask=m_m[:, None] & m_o[None, :], other=0.0).to(DOT_DTYPE)
+                b_o = tl.load(p_o + (t0 + o_o)[:, None] * stride_o_t,
+                              mask=m_o[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
+                acc = tl.dot(b_w, b_o, acc=acc, input_precision=DOT_PRECISION)
+        else:
+            for i_o in range(0, i_m + 1):
+                o_o = i_o * BLOCK_M + o_j
+                m_o = o_o < n_t
+                b_w = tl.load(p_w + o_m[:, None] * stride_w_i + o_o[None, :] * stride_w_j,
+                              mask=m_m[:, None] & m_o[None, :], other=0.0).to(DOT_DTYPE)
+                b_o = tl.load(p_o + (t0 + o_o)[:, None] * stride_o_t,
+                              mask=m_o[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
+                acc = tl.dot(b_w, b_o, acc=acc, input_precision=DOT_PRECISION)
+    p_g = (grad + i_b * stride_g_b + (t0 + o_m)[:, None] * stride_g_t + i_g * stride_g_g
+           + o_n[None, :] * stride_g_n)
+    m_mn = m_m[:, None] & m_n[None, :]
+    tl.store(p_g, tl.load(p_g, mask=m_mn, other=0.0) + acc, mask=m_mn)
 
 
 @triton.jit
@@ -2699,7 +2828,8 @@ def _chunked_bwd_dot_dtype(dtype, device_type, chunk, block_m):
 
 def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfinal,
                 chunk_size=None, block_m=None, block_n=None, block_p=None, block_t=None,
-                num_warps=None, head_splits=None, stored_cc=False, dla="straddle"):
+                num_warps=None, head_splits=None, stored_cc=False, dla="straddle",
+                dbc="per_head"):
     """(dx, ds, dlog_a, dB, dC, dh0) of the core by the fused chunked backward.
 
     x [b, T, Gv, P], s [b, T, Gv] or None (X̄ = x s), log_a [b, T, Gd] or None (causal),
@@ -2712,15 +2842,27 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     cancelling sum; docs/backward.md, "dlog a by straddling pairs"). "straddle" is the
     default: the per-head parameter gradients (dA, ddt_bias) are sums of dlog a over every
     token and missed their bounds with "suffix"; its GPU time is still to be measured
-    (scripts/gpu_bwd_profile.py times both).
+    (scripts/gpu_bwd_profile.py times both). dbc: how the intra-chunk parts of dB, dC are
+    formed, "per_head" (in chunked_bwd_dbc, per head and N tile) or "shared" (W = Σ_h L^h ∘
+    dY^h X̄^hᵀ once per chunk and group of heads sharing B and C, then W B and Wᵀ C;
+    docs/backward.md, "dB, dC from shared W"; needs dla="straddle"; where no two heads share
+    both B and C it runs "per_head", which does the same work without W).
     """
     if dla not in ("suffix", "straddle"):
         raise ValueError(f"chunked_bwd: dla must be 'suffix' or 'straddle', got {dla!r}")
+    if dbc not in ("per_head", "shared"):
+        raise ValueError(f"chunked_bwd: dbc must be 'per_head' or 'shared', got {dbc!r}")
+    if dbc == "shared" and dla != "straddle":
+        raise ValueError("chunked_bwd: dbc='shared' needs dla='straddle' (its dB/dC launch stores "
+                         "the state terms only; the suffix sum needs every head's C·dC − B·dB)")
     straddle = dla == "straddle"
     H = heads
     batch, T, Gv, P = x.shape
     Gk, N = B.shape[2], B.shape[3]
     Gq = C.shape[2]
+    # W groups: heads sharing both B and C (lcm(Gq, Gk) groups refine both)
+    Gw = Gq * Gk // math.gcd(Gq, Gk)
+    shared = dbc == "shared" and Gw < H
     Gd = log_a.shape[2] if log_a is not None else H
     device = x.device
     f32 = dict(device=device, dtype=torch.float32)
@@ -2826,8 +2968,8 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
             *(slots.stride() if slots is not None else zero4 + (0,)), *diag.stride()[:2],
             H, N, P, Hl, Hs, splits, H // Gv, H // Gk, H // Gq, H // Gd,
             WANT_DB=want_db, HAS_S=s is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_P=full_p, CC_STORED=cc_stored, DCS_INTER=straddle, num_warps=num_warps or 8,
-            **consts,
+            BLOCK_P=full_p, CC_STORED=cc_stored, DCS_INTER=straddle, INTRA=not shared,
+            num_warps=num_warps or 8, **consts,
         )
         grads.append(part[0] if splits == 1 else part.sum(0))
         del part
@@ -2836,6 +2978,25 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     dB += _chunked_bwd_diag_term(diag, C, Gk)
     del diag
     del fwd_states
+    if shared:
+        # W [R, Gw, Q, Q] in the dots' dtype (the per-head path rounds each head's L ∘ dY X̄ᵀ
+        # tile to it before its dot with B or C; W rounds their sum once), after H_r is freed
+        w = torch.empty((R, Gw, Q, Q), device=device,
+                        dtype=state_dtype if dot_dtype != tl.float32 else torch.float32)
+        chunked_bwd_w_kernel[(R * n_m, n_m, Gw)](
+            x, s_arg, a_arg, dy, tiles, w, *x.stride(), *s_str, *a_str, *dy.stride(),
+            *w.stride(),
+            P, H // Gw, H // Gv, H // Gd, HAS_S=s is not None, BLOCK_M=block_m, BLOCK_P=full_p,
+            CC_STORED=cc_stored, num_warps=num_warps or 8, **consts,
+        )
+        for grad, other, G, transpose in ((dC, B, Gq, False), (dB, C, Gk, True)):
+            chunked_bwd_wbc_kernel[(R * n_m, G, n_nt)](
+                w, other, tiles, grad, *w.stride(), *other.stride(), *grad.stride(),
+                N, Gw // G, Gw // other.shape[2], TRANSPOSE=transpose, DOT_DTYPE=dot_dtype,
+                DOT_PRECISION=precision, CHUNK=Q, BLOCK_M=block_m, BLOCK_N=block_n,
+                num_warps=num_warps or 8,  # sm_90, Q 256, bf16: no spills at 8 (4: W 168 B)
+            )
+        del w
     n_pt = triton.cdiv(P, block_p)
     # dx in x's dtype when 16-bit (its gradient's dtype in the end), else fp32
     dx = torch.empty((batch, T, Gv, P), device=device, dtype=state_dtype)
