@@ -2090,11 +2090,16 @@ def _adjoint_correlate(dy, x, L):
 #                      straddling t, per (chunk, row block, decay group), from recomputed
 #                      C Bᵀ ∘ dY X̄ᵀ tiles and the state terms the dB/dC launch stores in
 #                      dcs's place (docs/backward.md, "dlog a by straddling pairs")
+#   with dbc="shared" (needs dla="straddle") chunked_bwd_dbc keeps only the state terms
+#   (INTRA = False), and the intra-chunk sums come from W = Σ_h L^h ∘ dY^h X̄^hᵀ [R, Gw, Q, Q]
+#   per group of heads sharing B and C (chunked_bwd_w, per (chunk, row block, column block,
+#   W group)), then dC += W B, dB += Wᵀ C (chunked_bwd_wbc; docs/backward.md, "dB, dC from
+#   shared W")
 # A loop group is gcd(Gq, Gk, Gd) heads' worth of groups: every role's group is a run of
 # consecutive heads inside it. Buffers: H_r and Λ_r [R, H, N, P] (x's dtype when 16-bit,
 # else fp32); gradients fp32: dB, dC per group, dx per value group, dcs and ds per N / P
-# tile (tiny, [b, T, G]). Nothing O(T²) is stored; C Bᵀ and dY X̄ᵀ are recomputed per
-# [BLOCK_M, BLOCK_M] tile.
+# tile (tiny, [b, T, G]); with dbc="shared" W, b·T·Q per W group in the dots' dtype. Nothing
+# O(T²) is stored; C Bᵀ and dY X̄ᵀ are recomputed per [BLOCK_M, BLOCK_M] tile.
 # =======================================================================================
 
 
