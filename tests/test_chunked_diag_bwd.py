@@ -299,7 +299,7 @@ def test_chunked_diag_bwd_straddle_row_blocks(case: Case, options, monkeypatch) 
     other blocks, a partial last chunk; MHA, Mamba-1-like in head splits, a decay group of two
     heads with N over two tiles, H = 6 in mixed groups, packed sequences, strong decays, P over
     two tiles."""
-    long = replace(case, id=f"{case.id}-q64", T=100)
+    long = replace(case, id=f"{case.id}-q64", T=90)
     run_check(long, monkeypatch, chunk_size=64, **options)
 
 
@@ -322,13 +322,13 @@ def test_chunked_diag_bwd_dla_option() -> None:
 
 
 def long_inputs(kind: str, seed: int, T: int, dtype: torch.dtype) -> dict:
-    """A long single sequence: "mamba1" (H = 4 channels, P = 1, one B/C group for all, a decay
+    """A long single sequence: "mamba1" (H = 2 channels, P = 1, one B/C group for all, a decay
     per channel and n: log a = Δ A, X̄ = x Δ) or "gla" (H = 2, P = 16, B, C and a decay per
     head, log a = logsigmoid(g + 3) / 4: long memory); N = 16; x, B, C, dY in `dtype`.
     `weight` [1, T, H] turns dlog a into a parameter's gradient, Σ_t dlog a_t weight_t (dA)."""
     g = torch.Generator().manual_seed(seed)
     N = 16
-    H, P, G = (4, 1, 1) if kind == "mamba1" else (2, 16, 2)
+    H, P, G = (2, 1, 1) if kind == "mamba1" else (2, 16, 2)
     x = torch.randn(1, T, H, P, generator=g)
     if kind == "mamba1":
         dt = torch.nn.functional.softplus(torch.randn(1, T, H, generator=g) - 2)
@@ -381,9 +381,9 @@ def test_chunked_diag_bwd_dlog_a_straddle_long_sequence(
     kind: str, dtype: torch.dtype, bound: float
 ) -> None:
     """Σ_t dlog a_t Δ_t (Mamba-1's dA) and Σ_t dlog a_t (GLA) over 512 tokens against fp64:
-    the straddling pairs stay at the fp32 reference's level (seed 0: 1.0e-7 against the
-    reference's 8.9e-8 Mamba-1, 2.1e-7 against 2.5e-7 GLA), the suffix sum of dcs does not
-    (1.0e-5 Mamba-1, 1.4e-6 GLA); fp16 inputs (states stored in fp16): 7.1e-5 against 5.7e-3
+    the straddling pairs stay at the fp32 reference's level (seed 0: 1.2e-7 against the
+    reference's 1.1e-7 Mamba-1, 2.1e-7 against 2.5e-7 GLA), the suffix sum of dcs does not
+    (8.8e-6 Mamba-1, 1.4e-6 GLA); fp16 inputs (states stored in fp16): 3.3e-5 against 6.2e-3
     (docs/backward.md's table, seeds 0-3)."""
     errs = long_errors(kind, 0, 512, dtype)
     assert errs["straddle"] < bound, errs
