@@ -130,8 +130,9 @@ def run_check(
     case: Case, monkeypatch, bound: float = 1e-5, dtype: torch.dtype = torch.float32, **options
 ) -> RecordingTorch:
     """chunked_diag_bwd (Q = 32 in 16-row blocks: several chunks, row blocks and a partial
-    last chunk) against `expected`; every gradient written, each within `bound` (dlog a,
-    a suffix sum of differences, 10×). x, B, C, dY in `dtype`, the rest fp32."""
+    last chunk) against `expected`; every gradient written, each within `bound` (dlog a with
+    dla="suffix", a suffix sum of differences, 10×; by straddling pairs it lands at 1-2e-7 in
+    fp32, as dB and dC). x, B, C, dY in `dtype`, the rest fp32."""
     t = inputs(case, dtype)
     want = expected(case, t)
     module = diag_stage()
@@ -162,7 +163,7 @@ def run_check(
         # dx comes in x's dtype (its gradient's), the rest in fp32
         assert g.shape == w.shape and g.dtype == (dtype if name == "x" else torch.float32), name
         assert not g.isnan().any(), f"d{name}: every element is written"
-        limit = bound * (10 if name == "log_a" else 1)
+        limit = bound * (10 if name == "log_a" and options.get("dla") == "suffix" else 1)
         assert rel_err(g, w) <= limit, (name, rel_err(g, w))
     return recorder
 
