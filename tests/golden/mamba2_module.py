@@ -2834,7 +2834,7 @@ def _chunked_bwd_dot_dtype(dtype, device_type, chunk, block_m):
 def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfinal,
                 chunk_size=None, block_m=None, block_n=None, block_p=None, block_t=None,
                 num_warps=None, head_splits=None, stored_cc=False, dla="straddle",
-                dbc="per_head"):
+                dbc=None):
     """(dx, ds, dlog_a, dB, dC, dh0) of the core by the fused chunked backward.
 
     x [b, T, Gv, P], s [b, T, Gv] or None (X̄ = x s), log_a [b, T, Gd] or None (causal),
@@ -2846,15 +2846,18 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     pairs of tokens on both sides of t, chunked_bwd_dla_kernel: an extra launch, no
     cancelling sum; docs/backward.md, "dlog a by straddling pairs"). "straddle" is the
     default: the per-head parameter gradients (dA, ddt_bias) are sums of dlog a over every
-    token and missed their bounds with "suffix"; its GPU time is still to be measured
-    (scripts/gpu_bwd_profile.py times both). dbc: how the intra-chunk parts of dB, dC are
-    formed, "per_head" (in chunked_bwd_dbc, per head and N tile) or "shared" (W = Σ_h L^h ∘
-    dY^h X̄^hᵀ once per chunk and group of heads sharing B and C, then W B and Wᵀ C;
-    docs/backward.md, "dB, dC from shared W"; needs dla="straddle"; where no two heads share
-    both B and C it runs "per_head", which does the same work without W).
+    token and missed their bounds with "suffix" (on the H100 it costs 7 % over "suffix").
+    dbc: how the intra-chunk parts of dB, dC are formed, "per_head" (in chunked_bwd_dbc, per
+    head and N tile) or "shared" (W = Σ_h L^h ∘ dY^h X̄^hᵀ once per chunk and group of heads
+    sharing B and C, then W B and Wᵀ C; docs/backward.md, "dB, dC from shared W"; needs
+    dla="straddle"; where no two heads share both B and C it runs "per_head", which does the
+    same work without W). "shared" is the default with dla="straddle": 1.9× faster on the H100 at the Mamba-2
+    2.7B layer, the same bf16 error (docs/gpu-runs.md, fourth session).
     """
     if dla not in ("suffix", "straddle"):
         raise ValueError(f"chunked_bwd: dla must be 'suffix' or 'straddle', got {dla!r}")
+    if dbc is None:  # the default: "shared", where dla allows it
+        dbc = "shared" if dla == "straddle" else "per_head"
     if dbc not in ("per_head", "shared"):
         raise ValueError(f"chunked_bwd: dbc must be 'per_head' or 'shared', got {dbc!r}")
     if dbc == "shared" and dla != "straddle":
@@ -2903,6 +2906,10 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     a_arg, a_str = (log_a, log_a.stride()) if log_a is not None else (x, (0, 0, 0))
     consts = dict(HAS_DECAY=log_a is not None, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
                   CHUNK=Q)
+    # 4 warps for every launch: on the H100 at the Mamba-2 2.7B layer (bf16, batch 4 × T 4096)
+    # the backward took 9.6 ms at 4 against 13.0 ms with the dB/dC, dX̄, dla launches at 8
+    # (per_head), 5.0 against 7.7 ms with dbc="shared", although sm_90 builds of W spill
+    # 168 B at 4 (docs/gpu-runs.md, fourth session)
     warps = num_warps or 4
 
     n_np = triton.cdiv(N, block_n) * triton.cdiv(P, block_p)
@@ -2974,7 +2981,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
             H, N, P, Hl, Hs, splits, H // Gv, H // Gk, H // Gq, H // Gd,
             WANT_DB=want_db, HAS_S=s is not None, BLOCK_M=block_m, BLOCK_N=block_n,
             BLOCK_P=full_p, CC_STORED=cc_stored, DCS_INTER=straddle, INTRA=not shared,
-            num_warps=num_warps or 8, **consts,
+            num_warps=warps, **consts,
         )
         grads.append(part[0] if splits == 1 else part.sum(0))
         del part
@@ -2992,14 +2999,14 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
             x, s_arg, a_arg, dy, tiles, w, *x.stride(), *s_str, *a_str, *dy.stride(),
             *w.stride(),
             P, H // Gw, H // Gv, H // Gd, HAS_S=s is not None, BLOCK_M=block_m, BLOCK_P=full_p,
-            CC_STORED=cc_stored, num_warps=num_warps or 8, **consts,
+            CC_STORED=cc_stored, num_warps=warps, **consts,
         )
         for grad, other, G, transpose in ((dC, B, Gq, False), (dB, C, Gk, True)):
             chunked_bwd_wbc_kernel[(R * n_m, G, n_nt)](
                 w, other, tiles, grad, *w.stride(), *other.stride(), *grad.stride(),
                 N, Gw // G, Gw // other.shape[2], TRANSPOSE=transpose, DOT_DTYPE=dot_dtype,
                 DOT_PRECISION=precision, CHUNK=Q, BLOCK_M=block_m, BLOCK_N=block_n,
-                num_warps=num_warps or 8,  # sm_90, Q 256, bf16: no spills at 8 (4: W 168 B)
+                num_warps=warps,
             )
         del w
     n_pt = triton.cdiv(P, block_p)
@@ -3011,7 +3018,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
         *common, *dx.stride(), *(ds.stride() if ds is not None else zero4),
         H, N, P, H // Gv, H // Gk, H // Gq, H // Gd,
         HAS_S=s is not None, BLOCK_M=block_m, BLOCK_N=full_n, BLOCK_P=block_p,
-        CC_STORED=cc_stored, num_warps=num_warps or 8, **consts,
+        CC_STORED=cc_stored, num_warps=warps, **consts,
     )
     del adj_states
     ds = None if ds is None else (ds[0] if n_pt == 1 else ds.sum(0))
@@ -3029,7 +3036,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
             HAS_S=s is not None, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, CHUNK=Q,
             # N, P tiles of 32: at 64 the sm_90 build spills 440 B a thread, at 32 96 B
             BLOCK_M=block_m, BLOCK_N=min(32, block_n), BLOCK_P=min(32, block_p),
-            num_warps=num_warps or 8,
+            num_warps=warps,
         )
         dla = part[0] if n_m == 1 else part.sum(0)
     elif log_a is not None:
