@@ -176,3 +176,29 @@ def test_the_separate_launch_path_is_kept_where_fusion_is_not_rendered(
 def test_specs_without_a_one_token_recurrence_are_not_fused() -> None:
     for name in ("s4d", "toeplitz", "lssl_hippo"):
         assert decode_fusion(parse_file(ROOT / "examples" / f"{name}.ssm")) is None
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("with_state", [True, False])
+def test_a_step_reads_initial_state_and_writes_a_fresh_state(
+    fused: bool, with_state: bool, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The op is functional: initial_state is read, never written (no copy of it is made
+    first either: the kernel writes the next state to a new tensor); without one the step
+    starts from zero without reading anything."""
+    checked = _checked("mamba2")
+    if not fused:
+        monkeypatch.setattr("ssmc.render.decode_fusion", lambda c: None)
+    module = load_source(render_module(checked), f"decode_functional_{fused}")
+    inputs = {k: v.float() for k, v in random_inputs(checked, batch=3, seqlen=1, generator=gen).items()}
+    if not with_state:
+        inputs.pop("initial_state")
+    kept = {k: v.clone() for k, v in inputs.items()}
+    y_ref, state_ref = reference(checked)(**{k: v.double() for k, v in inputs.items()})
+    y, state = module.forward(**inputs)
+    assert module.LAST_FORM == "decode"
+    for k, v in inputs.items():
+        assert torch.equal(v, kept[k]), f"{k} was written"
+    if with_state:
+        assert state.data_ptr() != inputs["initial_state"].data_ptr()
+    assert _rel(y, y_ref) < 1e-5 and _rel(state, state_ref) < 1e-5

@@ -1326,13 +1326,18 @@ def chunked_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_stat
 # Stage `decode` (decay = scalar): one step of the recurrence, state in place.
 #
 # Per batch row b and output head h (role r serves h from group h // (H // G_r)):
-#     state[b, h] ← a ⊙ state[b, h] + B_b ⊗ X̄_b        state N×P fp32, X̄ = x * s (s optional)
+#     state[b, h] ← a ⊙ state_in[b, h] + B_b ⊗ X̄_b     state N×P fp32, X̄ = x * s (s optional)
 #     out[b, h]   = C_bᵀ state[b, h]
 # with a = exp(log_a[b, d]) one scalar per decay group.
 # With state_batch_indices [b] (serving: a pool of state slots, as mamba_ssm's
 # selective_state_update), row b reads and writes slot state_batch_indices[b]; a negative
 # index marks a padding row: its slot is neither read nor written and its out is computed
 # from a zero state.
+#
+# state_in is state itself (in place, as selective_state_update) or another tensor (the
+# functional op: initial_state in, a fresh final state out, so no copy of the state is made
+# first: that copy doubled the bytes a step moves), or absent (HAS_STATE_IN false: a zero
+# state, nothing read).
 #
 # Parallelisation: memory-bound, the state is read once and written once. One program per
 # (batch row, head, P-block) holds the tile state[:, P-block] (N whole × BLOCK_P) in
@@ -1360,13 +1365,14 @@ def chunked_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_stat
 @triton.jit
 def decode_fwd_kernel(
     fp_dt, fs_dt_0, fs_dt_2, fp_dt_bias, fs_dt_bias_0, fp_x, fs_x_0, fs_x_2, fs_x_3, fp_B, fs_B_0, fs_B_2, fs_B_3, fp_C, fs_C_0, fs_C_2, fs_C_3, fp_A, fs_A_0, fp_D, fs_D_0, fp_z, fs_z_0, fs_z_2, fs_z_3,  # the spec's tensors and call-time dims
-    state_ptr, out_ptr,
+    state_in_ptr, state_ptr, out_ptr,
     state_batch_indices_ptr,
     H, N, P,
     heads_per_v, heads_per_k, heads_per_q, heads_per_d,
+    stride_state_in_b, stride_state_in_h, stride_state_in_n, stride_state_in_p,
     stride_state_b, stride_state_h, stride_state_n, stride_state_p,
     stride_out_b, stride_out_h, stride_out_p,
-    HAS_S: tl.constexpr, HAS_INDICES: tl.constexpr,
+    HAS_S: tl.constexpr, HAS_INDICES: tl.constexpr, HAS_STATE_IN: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     i_bh = tl.program_id(0).to(tl.int64)
@@ -1393,7 +1399,12 @@ def decode_fwd_kernel(
 
     p_state = (state_ptr + i_slot * stride_state_b + i_h * stride_state_h
                + o_n[:, None] * stride_state_n + o_p[None, :] * stride_state_p)
-    b_h = tl.load(p_state, mask=m_np, other=0.0)  # [BLOCK_N, BLOCK_P]
+    if HAS_STATE_IN:
+        p_state_in = (state_in_ptr + i_slot * stride_state_in_b + i_h * stride_state_in_h
+                      + o_n[:, None] * stride_state_in_n + o_p[None, :] * stride_state_in_p)
+        b_h = tl.load(p_state_in, mask=m_np, other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_P]
+    else:
+        b_h = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
 
     fb_dt_0 = tl.load(fp_dt + i_b * fs_dt_0 + i_h * fs_dt_2)  # []
     fb_dt_bias_0 = tl.load(fp_dt_bias + i_h * fs_dt_bias_0)  # []
@@ -1439,10 +1450,11 @@ def decode_fwd_kernel(
     tl.store(p_o, b_y.to(p_o.dtype.element_ty), mask=m_p)
 
 
-def decode_fused_fwd(tensors, sizes, *, heads, state, out):
-    """One decode step in one launch: state [b, H, N, P] fp32 updated in place, out [b, 1, H, P]
-    ← (y + (D * x)) * silu(z), the core inputs computed in the kernel from the spec's
-    one-token tensors (checked by the module's setup)."""
+def decode_fused_fwd(tensors, sizes, *, heads, state, out, state_in=None, from_zero=False):
+    """One decode step in one launch: state [b, H, N, P] fp32 ← the step from state_in (None:
+    state itself, in place; from_zero: a zero state, nothing read), out [b, 1, H, P] ←
+    (y + (D * x)) * silu(z), the core inputs computed in the kernel from the spec's one-token
+    tensors (checked by the module's setup)."""
     batch, H, N, P = state.shape
     if batch == 0 or H == 0:
         return out
@@ -1467,11 +1479,12 @@ def decode_fused_fwd(tensors, sizes, *, heads, state, out):
         tensors[5], _st_f5[0],
         tensors[7], _st_f6[0],
         tensors[4], _st_f7[0], _st_f7[2], _st_f7[3],
-        state, out, out,
+        state if state_in is None else state_in, state, out, out,
         H, N, P,
         H // sizes["H"], H // sizes["G"], H // sizes["G"], H // sizes["H"],
-        *state.stride(), st_o[0], st_o[2], st_o[3],
-        HAS_S=False, HAS_INDICES=False, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
+        *(state if state_in is None else state_in).stride(), *state.stride(), st_o[0], st_o[2], st_o[3],
+        HAS_S=False, HAS_INDICES=False, HAS_STATE_IN=not from_zero,
+        BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
         num_warps=4 if BLOCK_N * BLOCK_P >= 1024 else 2,
     )
     return out
@@ -3152,10 +3165,11 @@ def _ssmc_run(tensors, initial_state, cu_seqlens, form, chunk_size, launch=None,
     # One token per sequence: the recurrent step (decode) in one launch (prologue and output
     # roles inside decode_fwd_kernel), unless another form was asked for.
     if T == 1 and cu_seqlens is None and requested in (None, "recurrent"):
-        state = (initial_state.clone() if initial_state is not None
-                 else torch.zeros((batch, H, N, P), device=device, dtype=torch.float32))
+        # the step reads initial_state and writes a fresh state: no copy of it first
+        state = torch.empty((batch, H, N, P), device=device, dtype=torch.float32)
         out = torch.empty((batch, T, H, P), device=device, dtype=out_dtype)
-        decode_fused_fwd(tensors, sizes, heads=H, state=state, out=out)
+        decode_fused_fwd(tensors, sizes, heads=H, state=state, out=out, state_in=initial_state,
+                         from_zero=initial_state is None)
         LAST_FORM = "decode"
         return out, state
     x, s, log_a, B, C = prologue_fwd(tensors, sizes)
