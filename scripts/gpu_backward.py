@@ -352,8 +352,12 @@ def measure(
     return row
 
 
-def memory_rows(cpu: bool, mamba_src: str | None) -> list[dict[str, Any]]:
-    """ssmc (and mamba_ssm when importable, on CUDA) at the 2.7B layer (--cpu: a tiny one)."""
+def memory_rows(
+    cpu: bool, mamba_src: str | None, slices: list[int] | None = None
+) -> list[dict[str, Any]]:
+    """ssmc (and mamba_ssm when importable, on CUDA) at the 2.7B layer (--cpu: a tiny one);
+    `slices`: also ssmc with each of these values of the module's _BACKWARD_SLICE (elements of
+    y a backward pass handles at once)."""
     device = "cpu" if cpu else "cuda"
     dims = {"H": 4, "P": 16, "N": 16, "G": 1} if cpu else MAMBA_27B
     batch, T = (2, 64) if cpu else (4, 4096)
@@ -367,6 +371,15 @@ def memory_rows(cpu: bool, mamba_src: str | None) -> list[dict[str, Any]]:
             **measure("ssmc", lambda t: op(**t, form="chunked")[0], inputs, device, timing=not cpu),
         }
     ]
+    default_slice = op.module._BACKWARD_SLICE
+    for elements in slices or []:
+        op.module._BACKWARD_SLICE = elements
+        run = measure(
+            f"ssmc slice={elements}", lambda t: op(**t, form="chunked")[0], inputs, device,
+            timing=not cpu,
+        )
+        rows.append({**shape, "backward_slice": elements, **run})
+    op.module._BACKWARD_SLICE = default_slice
     mamba = None if cpu else import_mamba(mamba_src)
     if mamba is not None:
 
@@ -400,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip (b)")
     parser.add_argument("--mamba-src", default=None, help="unpacked mamba-ssm sdist folder")
     parser.add_argument(
+        "--slices", type=int, nargs="*", default=None,
+        help="memory table: also ssmc with these _BACKWARD_SLICE values (elements of y)",
+    )
+    parser.add_argument(
         "--json", default=None, help="default $OUT/backward.json or ./backward.json"
     )
     args = parser.parse_args(argv)
@@ -413,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             report["gradients"] += check_gradients(*case, device=device)
             path.write_text(json.dumps(report, indent=1))
     if not args.no_memory:
-        report["memory"] = memory_rows(args.cpu, args.mamba_src)
+        report["memory"] = memory_rows(args.cpu, args.mamba_src, args.slices)
         path.write_text(json.dumps(report, indent=1))
 
     print(
@@ -431,12 +448,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     if report["memory"]:
         print(
-            f"\n{'impl':<11}{'fwd peak MiB':>13}{'held MiB':>10}{'fwd+bwd peak MiB':>18}"
+            f"\n{'impl':<24}{'fwd peak MiB':>13}{'held MiB':>10}{'fwd+bwd peak MiB':>18}"
             f"{'(in |x|)':>9}{'fwd+bwd ms':>12}{'fwd ms':>9}   (peaks above inputs + dy)"
         )
         for r in report["memory"]:
             print(
-                f"{r['impl']:<11}{r['fwd_peak_mib']:>13.1f}{r['fwd_held_mib']:>10.1f}"
+                f"{r['impl']:<24}{r['fwd_peak_mib']:>13.1f}{r['fwd_held_mib']:>10.1f}"
                 f"{r['fwd_bwd_peak_mib']:>18.1f}{r['fwd_bwd_peak_mib'] / r['x_mib']:>9.2f}"
                 f"{r.get('fwd_bwd_ms', math.nan):>12.3f}{r.get('fwd_ms', math.nan):>9.3f}"
             )
