@@ -3323,3 +3323,97 @@ def backward(*, x, dt, B, C, z, A, dt_bias, D, initial_state=None, cu_seqlens=No
     """
     return _ssmc_backward_sliced((x, dt, B, C, z, A, dt_bias, D,), initial_state, cu_seqlens, form,
                                  chunk_size, grad_y, grad_final_state)
+
+
+# ---------------------------------------------------------------------------------------
+# Launches. Triton's `kernel[grid](...)` binds and specialises every argument, builds the
+# cache key and reads its runtime settings on each call: tens of µs of host time a launch,
+# longer than a decode step's GPU work. _FastKernel keeps the compiled kernel per key of
+# what Triton specialises on (each tensor's dtype and 16-byte alignment; each int's type
+# range, == 1 and % 16; constexpr values; bools; None; the launch options) and launches it
+# with `compiled[grid](*args)`, Triton's own runner for a compiled kernel. A first launch
+# of a key, the interpreter (TRITON_INTERPRET=1), SSMC_FAST_LAUNCH=0 or any launcher this
+# Triton does not have go through `kernel[grid]` unchanged.
+# ---------------------------------------------------------------------------------------
+import os as _os
+
+from triton.runtime.jit import JITFunction as _JITFunction
+from triton.runtime.jit import KernelInterface as _KernelInterface
+
+_FAST_LAUNCH = [
+    _os.environ.get("SSMC_FAST_LAUNCH", "1") != "0" and _os.environ.get("TRITON_INTERPRET") != "1"
+]
+"""[whether launches may skip Triton's binder]: cleared for the process if a compiled kernel's
+runner refuses the arguments (a Triton whose runner wants another argument list)."""
+_INT32 = (-(1 << 31), (1 << 31) - 1)
+
+
+def _spec_key(value):
+    """What Triton's specialisation can depend on for one argument's value."""
+    if isinstance(value, torch.Tensor):
+        return (value.dtype, value.data_ptr() % 16 == 0)
+    kind = type(value)
+    if kind is int:
+        return (int, value == 1, value % 16 == 0, _INT32[0] <= value <= _INT32[1],
+                value < (1 << 63))
+    if kind is float:
+        return float
+    return (kind, value)  # bools, None, strings and constexpr dtypes: the value itself
+
+
+class _FastKernel(_KernelInterface):
+    """A JIT function whose repeated launches skip Triton's binder (see above)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._names = list(fn.arg_names)
+        self._index = {name: i for i, name in enumerate(self._names)}
+        self._defaults = [p.default for p in fn.params]
+        self._constexpr = frozenset(fn.constexprs)
+        self._compiled = {}
+
+    def run(self, *args, grid, warmup, **kwargs):
+        if warmup or not _FAST_LAUNCH[0]:
+            return self.fn.run(*args, grid=grid, warmup=warmup, **kwargs)
+        values = list(args) + self._defaults[len(args):]
+        options = []
+        for name, value in kwargs.items():
+            i = self._index.get(name)
+            if i is None:
+                options.append((name, value))
+            else:
+                values[i] = value
+        try:
+            key = (
+                torch.cuda.current_device(),
+                tuple(options),
+                tuple(v if i in self._constexpr else _spec_key(v) for i, v in enumerate(values)),
+            )
+            compiled = self._compiled.get(key)
+        except TypeError:  # an unhashable option or constexpr: Triton's own path
+            return self.fn.run(*args, grid=grid, warmup=False, **kwargs)
+        if compiled is None:
+            compiled = self.fn.run(*args, grid=grid, warmup=False, **kwargs)
+            if compiled is not None and hasattr(compiled, "__getitem__"):
+                self._compiled[key] = compiled
+            return compiled
+        if callable(grid):
+            grid = grid(dict(zip(self._names, values)))
+        grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        try:
+            runner = compiled[grid]
+        except Exception:  # a compiled kernel without Triton 3's runner
+            _FAST_LAUNCH[0] = False
+            return self.fn.run(*args, grid=grid, warmup=False, **kwargs)
+        try:
+            runner(*values)
+        except TypeError:  # the runner wants another argument list: it launched nothing
+            _FAST_LAUNCH[0] = False
+            return self.fn.run(*args, grid=grid, warmup=False, **kwargs)
+        return compiled
+
+
+for _name, _value in list(globals().items()):
+    if _name.endswith("_kernel") and isinstance(_value, _JITFunction):
+        globals()[_name] = _FastKernel(_value)
+del _name, _value

@@ -1,0 +1,130 @@
+"""The generated module's launcher (templates/fast_launch.py.jinja): a launch whose
+specialisation key was seen goes to the compiled kernel's runner with every argument in
+signature order; anything Triton could specialise differently (alignment, int classes,
+constexprs, launch options) takes Triton's own path; a refusing runner turns the fast path off.
+
+Triton's JIT needs a GPU, so these drive _FastKernel with a stand-in JIT function; the GPU
+run of the kernel tests (scripts/gpu_check.sh tests) exercises it on real kernels."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ssmc.load import load
+from ssmc.pipeline import parse_file, with_dims
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Param:
+    def __init__(self, name: str, default: Any = inspect.Parameter.empty) -> None:
+        self.name, self.default = name, default
+
+
+class Compiled:
+    """A compiled kernel: `compiled[grid](*args)` records the launch."""
+
+    def __init__(self, launches: list[tuple[Any, tuple[Any, ...]]], refuse: bool = False) -> None:
+        self.launches, self.refuse = launches, refuse
+
+    def __getitem__(self, grid: Any) -> Any:
+        def runner(*args: Any) -> None:
+            if self.refuse:
+                raise TypeError("function takes exactly 12 arguments")
+            self.launches.append((grid, args))
+
+        return runner
+
+
+class JitStandIn:
+    """kernel(x_ptr, n, stride, BLOCK: constexpr, FLAG: constexpr = False)."""
+
+    arg_names = ["x_ptr", "n", "stride", "BLOCK", "FLAG"]
+    params = [Param("x_ptr"), Param("n"), Param("stride"), Param("BLOCK"), Param("FLAG", False)]
+    constexprs = [3, 4]
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.slow: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        self.fast: list[tuple[Any, tuple[Any, ...]]] = []
+        self.refuse = refuse
+
+    def run(self, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Compiled:
+        self.slow.append((args, kwargs))
+        return Compiled(self.fast, self.refuse)
+
+
+@pytest.fixture
+def module(monkeypatch: pytest.MonkeyPatch) -> Any:
+    op = load(with_dims(parse_file(ROOT / "examples" / "mamba2.ssm"), {"H": 2, "N": 4, "P": 4}))
+    monkeypatch.setattr(op.module, "_FAST_LAUNCH", [True])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    return op.module
+
+
+def test_a_seen_key_launches_the_compiled_kernel_with_every_argument(module: Any) -> None:
+    fn = JitStandIn()
+    kernel = module._FastKernel(fn)
+    x = torch.zeros(64)
+    kernel[(3,)](x, 32, 1, BLOCK=16, num_warps=4)
+    assert len(fn.slow) == 1 and not fn.fast
+    kernel[(5, 2)](x, 48, 1, BLOCK=16, num_warps=4)  # 48: still ≠ 1 and % 16 == 0
+    assert len(fn.slow) == 1
+    assert fn.fast == [((5, 2, 1), (x, 48, 1, 16, False))]  # default filled, no options
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda x: ((x[1:], 32, 1), {"BLOCK": 16, "num_warps": 4}),  # 4-byte offset: unaligned
+        lambda x: ((x, 33, 1), {"BLOCK": 16, "num_warps": 4}),  # not % 16
+        lambda x: ((x, 32, 2), {"BLOCK": 16, "num_warps": 4}),  # stride 1 → 2
+        lambda x: ((x, 1 << 40, 1), {"BLOCK": 16, "num_warps": 4}),  # past int32
+        lambda x: ((x.half(), 32, 1), {"BLOCK": 16, "num_warps": 4}),  # dtype
+        lambda x: ((x, 32, 1), {"BLOCK": 32, "num_warps": 4}),  # constexpr
+        lambda x: ((x, 32, 1), {"BLOCK": 16, "FLAG": True, "num_warps": 4}),  # defaulted one
+        lambda x: ((x, 32, 1), {"BLOCK": 16, "num_warps": 8}),  # launch option
+    ],
+)
+def test_anything_triton_specialises_on_takes_its_own_path(module: Any, change: Any) -> None:
+    fn = JitStandIn()
+    kernel = module._FastKernel(fn)
+    x = torch.zeros(64)
+    kernel[(1,)](x, 32, 1, BLOCK=16, num_warps=4)
+    args, kwargs = change(x)
+    kernel[(1,)](*args, **kwargs)
+    assert len(fn.slow) == 2 and not fn.fast
+
+
+def test_a_refusing_runner_turns_the_fast_path_off(module: Any) -> None:
+    fn = JitStandIn(refuse=True)
+    kernel = module._FastKernel(fn)
+    x = torch.zeros(64)
+    kernel[(1,)](x, 32, 1, BLOCK=16)
+    kernel[(1,)](x, 32, 1, BLOCK=16)  # refused by the runner: Triton's path runs it
+    assert len(fn.slow) == 2 and module._FAST_LAUNCH == [False]
+    kernel[(1,)](x, 32, 1, BLOCK=16)
+    assert len(fn.slow) == 3 and not fn.fast
+
+
+def test_warmup_and_a_switched_off_launcher_take_tritons_path(module: Any) -> None:
+    fn = JitStandIn()
+    kernel = module._FastKernel(fn)
+    x = torch.zeros(64)
+    kernel.warmup(x, 32, 1, BLOCK=16, grid=(1,))
+    kernel.warmup(x, 32, 1, BLOCK=16, grid=(1,))
+    assert len(fn.slow) == 2
+    module._FAST_LAUNCH[0] = False
+    kernel[(1,)](x, 32, 1, BLOCK=16)
+    kernel[(1,)](x, 32, 1, BLOCK=16)
+    assert len(fn.slow) == 4 and not fn.fast
+
+
+def test_under_the_interpreter_no_kernel_is_wrapped(module: Any) -> None:
+    """TRITON_INTERPRET=1 (as in CI): the kernels stay Triton's interpreted functions."""
+    kernels = [v for k, v in vars(module).items() if k.endswith("_kernel")]
+    assert kernels and not any(isinstance(k, module._FastKernel) for k in kernels)
