@@ -14,6 +14,8 @@ median plain call (`triton.testing.do_bench`: host and device overlapped as a us
 them), and the wall time of 1000 back-to-back calls (then one synchronisation) per call.
 
     python scripts/bench_decode.py [--mamba-src .whl/mamba/mamba_ssm-*] [--json out.json]
+
+--profile: instead, cProfile of 2000 plain ssmc calls at batch 1 (where the host's time goes).
 """
 
 from __future__ import annotations
@@ -133,14 +135,38 @@ def bench(batch: int, op: Any, ref: Any, step: Any, copy_gbps: float) -> list[di
     return rows
 
 
+def profile_calls(op: Any, calls: int = 2000) -> None:
+    """cProfile of `calls` plain calls of the op at batch 1, by own time and by cumulative."""
+    import cProfile
+    import pstats
+
+    t = inputs(1, "cuda", torch.Generator().manual_seed(1))
+    for _ in range(100):
+        op(**t)
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        op(**t)
+    torch.cuda.synchronize()
+    prof.disable()
+    stats = pstats.Stats(prof)
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats(25)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mamba-src", default=None)
     parser.add_argument("--batch", type=int, nargs="*", default=[1, 8, 64, 256])
     parser.add_argument("--json", default=None)
+    parser.add_argument("--profile", action="store_true", help="cProfile of batch-1 calls")
     args = parser.parse_args()
     checked = with_dims(parse_file(ROOT / "examples" / "mamba2.ssm"), DIMS)
     op = load(checked)
+    if args.profile:
+        profile_calls(op)
+        return 0
     ref = reference(checked, "recurrent")
     step = mamba_step(args.mamba_src)
     roof = roofline(torch.device("cuda"))
