@@ -72,9 +72,10 @@ def test_a_seen_key_launches_the_compiled_kernel_with_every_argument(module: Any
     x = torch.zeros(64)
     kernel[(3,)](x, 32, 1, BLOCK=16, num_warps=4)
     assert len(fn.slow) == 1 and not fn.fast
-    kernel[(5, 2)](x, 48, 1, BLOCK=16, num_warps=4)  # 48: still ≠ 1 and % 16 == 0
+    y = torch.ones(32)  # another aligned fp32 tensor: same key
+    kernel[(5, 2)](y, 32, 1, BLOCK=16, num_warps=4)
     assert len(fn.slow) == 1
-    assert fn.fast == [((5, 2, 1), (x, 48, 1, 16, False))]  # default filled, no options
+    assert fn.fast == [((5, 2, 1), (y, 32, 1, 16, False))]  # default filled, no options
 
 
 @pytest.mark.parametrize(
@@ -82,6 +83,7 @@ def test_a_seen_key_launches_the_compiled_kernel_with_every_argument(module: Any
     [
         lambda x: ((x[1:], 32, 1), {"BLOCK": 16, "num_warps": 4}),  # 4-byte offset: unaligned
         lambda x: ((x, 33, 1), {"BLOCK": 16, "num_warps": 4}),  # not % 16
+        lambda x: ((x, 48, 1), {"BLOCK": 16, "num_warps": 4}),  # ints are keyed by value
         lambda x: ((x, 32, 2), {"BLOCK": 16, "num_warps": 4}),  # stride 1 → 2
         lambda x: ((x, 1 << 40, 1), {"BLOCK": 16, "num_warps": 4}),  # past int32
         lambda x: ((x.half(), 32, 1), {"BLOCK": 16, "num_warps": 4}),  # dtype
@@ -98,6 +100,18 @@ def test_anything_triton_specialises_on_takes_its_own_path(module: Any, change: 
     args, kwargs = change(x)
     kernel[(1,)](*args, **kwargs)
     assert len(fn.slow) == 2 and not fn.fast
+
+
+def test_the_keys_a_kernel_keeps_are_bounded(module: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(module, "_MAX_KEYS", 8)
+    fn = JitStandIn()
+    kernel = module._FastKernel(fn)
+    x = torch.zeros(64)
+    for n in range(20):
+        kernel[(1,)](x, n, 1, BLOCK=16)
+    assert len(kernel._compiled) <= 8
+    kernel[(1,)](x, 19, 1, BLOCK=16)
+    assert len(fn.slow) == 20 and len(fn.fast) == 1
 
 
 def test_a_refusing_runner_turns_the_fast_path_off(module: Any) -> None:

@@ -3331,10 +3331,10 @@ def backward(*, x, dt, B, C, z, A, dt_bias, D, initial_state=None, cu_seqlens=No
 # ---------------------------------------------------------------------------------------
 # Launches. Triton's `kernel[grid](...)` binds and specialises every argument, builds the
 # cache key and reads its runtime settings on each call: tens of µs of host time a launch,
-# longer than a decode step's GPU work. _FastKernel keeps the compiled kernel per key of
-# what Triton specialises on (each tensor's dtype and 16-byte alignment; each int's type
-# range, == 1 and % 16; constexpr values; bools; None; the launch options) and launches it
-# with `compiled[grid](*args)`, Triton's own runner for a compiled kernel. A first launch
+# longer than a decode step's GPU work. _FastKernel keeps the compiled kernel per key that
+# determines Triton's specialisation (each tensor's dtype and 16-byte alignment, ints and
+# constexprs by value, the launch options: _launch_key) and launches it with
+# `compiled[grid](*args)`, Triton's own runner for a compiled kernel. A first launch
 # of a key, the interpreter (TRITON_INTERPRET=1), SSMC_FAST_LAUNCH=0 or any launcher this
 # Triton does not have go through `kernel[grid]` unchanged.
 # ---------------------------------------------------------------------------------------
@@ -3348,20 +3348,26 @@ _FAST_LAUNCH = [
 ]
 """[whether launches may skip Triton's binder]: cleared for the process if a compiled kernel's
 runner refuses the arguments (a Triton whose runner wants another argument list)."""
-_INT32 = (-(1 << 31), (1 << 31) - 1)
+_TENSOR = torch.Tensor
+_MAX_KEYS = 4096  # launch keys a kernel keeps before it starts over (shapes seen in serving)
 
 
-def _spec_key(value):
-    """What Triton's specialisation can depend on for one argument's value."""
-    if isinstance(value, torch.Tensor):
-        return (value.dtype, value.data_ptr() % 16 == 0)
-    kind = type(value)
-    if kind is int:
-        return (int, value == 1, value % 16 == 0, _INT32[0] <= value <= _INT32[1],
-                value < (1 << 63))
-    if kind is float:
-        return float
-    return (kind, value)  # bools, None, strings and constexpr dtypes: the value itself
+def _launch_key(values):
+    """What Triton's specialisation can depend on, per argument: a tensor's dtype and 16-byte
+    alignment; a float's type; every other value itself (ints exactly, which implies their
+    == 1, % 16 and range classes; bools apart from ints; None; constexprs)."""
+    key = []
+    for v in values:
+        if isinstance(v, _TENSOR):
+            key.append(v.dtype)
+            key.append(v.data_ptr() & 15 == 0)
+        elif v.__class__ is float:
+            key.append(float)
+        elif v.__class__ is bool:
+            key.append((bool, v))
+        else:
+            key.append(v)
+    return tuple(key)
 
 
 class _FastKernel(_KernelInterface):
@@ -3372,7 +3378,6 @@ class _FastKernel(_KernelInterface):
         self._names = list(fn.arg_names)
         self._index = {name: i for i, name in enumerate(self._names)}
         self._defaults = [p.default for p in fn.params]
-        self._constexpr = frozenset(fn.constexprs)
         self._compiled = {}
 
     def run(self, *args, grid, warmup, **kwargs):
@@ -3387,17 +3392,15 @@ class _FastKernel(_KernelInterface):
             else:
                 values[i] = value
         try:
-            key = (
-                torch.cuda.current_device(),
-                tuple(options),
-                tuple(v if i in self._constexpr else _spec_key(v) for i, v in enumerate(values)),
-            )
+            key = (torch.cuda.current_device(), tuple(options), _launch_key(values))
             compiled = self._compiled.get(key)
         except TypeError:  # an unhashable option or constexpr: Triton's own path
             return self.fn.run(*args, grid=grid, warmup=False, **kwargs)
         if compiled is None:
             compiled = self.fn.run(*args, grid=grid, warmup=False, **kwargs)
             if compiled is not None and hasattr(compiled, "__getitem__"):
+                if len(self._compiled) >= _MAX_KEYS:
+                    self._compiled.clear()
                 self._compiled[key] = compiled
             return compiled
         if callable(grid):
