@@ -10,6 +10,7 @@
 #   probe     the fused backward per launch knob at MQAR's shapes, fault-isolated (gpu_bwd_probe.py)
 #   profile   per-kernel time of fwd+bwd vs mamba_ssm, chunked_bwd launch sweep (gpu_bwd_profile.py)
 #   decode    one decode step vs mamba_ssm's selective_state_update, HBM floor, wall time (bench_decode.py)
+#   compile   cold (empty caches) load + first fwd/bwd, and warm load, in fresh processes (compile_time.py)
 #   all       the three in order
 # Usage (device tool, carry .whl): bash scripts/gpu_check.sh STAGE [extra args]
 # Output is printed and kept under $OUT (or ./out) for docs/gpu-runs.md.
@@ -73,6 +74,10 @@ fi
 if [[ $stage == decode ]]; then
     python3 scripts/bench_decode.py --mamba-src "$mamba_src" --json "$out/decode.json" "$@" 2>&1 \
         | tee "$out/decode.log" || status=1
+fi
+if [[ $stage == compile ]]; then
+    python3 scripts/compile_time.py "$@" --json "$out/compile.json" 2>&1 | tee "$out/compile.log" \
+        || status=1
 fi
 if [[ $stage == mqar ]]; then
     python3 examples/mqar.py "$@" --json "$out/mqar.json" 2>&1 | tee "$out/mqar.log" || status=1
