@@ -3361,9 +3361,9 @@ def _launch_key(values):
         if isinstance(v, _TENSOR):
             key.append(v.dtype)
             key.append(v.data_ptr() & 15 == 0)
-        elif v.__class__ is float:
+        elif type(v) is float:
             key.append(float)
-        elif v.__class__ is bool:
+        elif type(v) is bool:
             key.append((bool, v))
         else:
             key.append(v)
