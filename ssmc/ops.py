@@ -412,7 +412,8 @@ class SsmcOp:
         self, *args: Any, launch: dict[str, Any] | None = None, seen: _CallShape | None = None
     ) -> Any:
         """The op's implementation: generated kernels, or the reference on a plain CPU;
-        `launch`: tuned options of the form's stage launcher (eager calls without autograd);
+        `launch`: tuned options of the form's stage launcher (None through the torch.library
+        op: the tuned ones of the call's shape then, when it runs their form and chunk);
         `seen`: what SsmcOp._checked keeps for the validated call's signature, where the
         module's setup is kept."""
         n = len(self._names)
@@ -426,6 +427,13 @@ class SsmcOp:
         if initial_state is not None and initial_state.dtype != torch.float32:
             initial_state = initial_state.float()  # the kernels carry the state in fp32
         tensors = tuple(tensors)
+        if launch is None and seen is None and form is not None:
+            # Through the torch.library op (autograd, torch.compile) no launch options come
+            # with the call: the autotuned ones of this shape apply when the call runs the
+            # tuned form and chunk (cached per shape, as for eager calls).
+            planned_form, planned_chunk, planned_launch = self._plan(list(tensors), cu_seqlens)
+            if (planned_form, planned_chunk) == (form, chunk_size):
+                launch = planned_launch
         setup = None
         if seen is not None:
             # The module's sizes, form and chunk depend on the metadata only: bound once per

@@ -251,3 +251,37 @@ def test_the_interpreted_op_runs_what_autotune_stored(
     inputs = random_inputs(mamba2, batch=1, seqlen=20, generator=torch.Generator().manual_seed(3))
     ssmc.load(mamba2)(**{k: v.float() for k, v in inputs.items()})
     assert op.last_form == ruled
+
+
+def test_a_stored_winner_applies_under_autograd_too(
+    mamba2: ssmc.CheckedSpec,
+    cache: Path,
+    op_and_tensors: tuple[Any, list[torch.Tensor], Shape],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Calls that need gradients go through the torch.library op, which takes no launch
+    options: the op's implementation finds the tuned ones for the shape itself."""
+    op, ordered, shape = op_and_tensors
+    monkeypatch.setenv("SSMC_CACHE_DIR", str(cache / "op"))
+    stored = Winner(form="chunked", chunk_size=16, launch={"block_m": 16}, time_s=1e-3)
+    record(make_key(mamba2, shape, dtype="float32", varlen=False), stored, cache / "op")
+    seen: list[Any] = []
+    run = op.module._ssmc_run
+
+    def spy(tensors: Any, initial_state: Any, cu_seqlens: Any, form: Any, chunk: Any,
+            launch: Any = None, setup: Any = None) -> Any:
+        seen.append((form, chunk, launch))
+        return run(tensors, initial_state, cu_seqlens, form, chunk, launch, setup)
+
+    monkeypatch.setattr(op.module, "_ssmc_run", spy)
+    leaves = [t.clone().requires_grad_() for t in ordered]
+    y, _ = op(**dict(zip(op._names, leaves, strict=True)))
+    assert seen == [("chunked", 16, {"block_m": 16})]
+    y.sum().backward()
+    y_ref, _ = op._run(*ordered, None, None, "recurrent", None)
+    assert float((y.detach() - y_ref).norm() / y_ref.norm()) < 1e-5
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
+    # an explicit chunk other than the tuned one runs without the tuned tiles
+    seen.clear()
+    op(**dict(zip(op._names, leaves, strict=True)), chunk_size=8)
+    assert seen == [("chunked", 8, None)]
