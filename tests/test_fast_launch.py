@@ -90,6 +90,9 @@ def test_a_seen_key_launches_the_compiled_kernel_with_every_argument(module: Any
         lambda x: ((x, 32, 1), {"BLOCK": 32, "num_warps": 4}),  # constexpr
         lambda x: ((x, 32, 1), {"BLOCK": 16, "FLAG": True, "num_warps": 4}),  # defaulted one
         lambda x: ((x, 32, 1), {"BLOCK": 16, "num_warps": 8}),  # launch option
+        lambda x: ((x, 32, True), {"BLOCK": 16, "num_warps": 4}),  # a bool, not the int 1
+        lambda x: ((x, 32.0, 1), {"BLOCK": 16, "num_warps": 4}),  # a float, not an int
+        lambda x: ((torch.nn.Parameter(x), 32, 1), {"BLOCK": 16, "num_warps": 4}),  # subclass
     ],
 )
 def test_anything_triton_specialises_on_takes_its_own_path(module: Any, change: Any) -> None:
@@ -100,6 +103,15 @@ def test_anything_triton_specialises_on_takes_its_own_path(module: Any, change: 
     args, kwargs = change(x)
     kernel[(1,)](*args, **kwargs)
     assert len(fn.slow) == 2 and not fn.fast
+
+
+def test_floats_are_keyed_by_type_only(module: Any) -> None:
+    fn = JitStandIn()
+    kernel = module._FastKernel(fn)
+    x = torch.zeros(64)
+    kernel[(1,)](x, 0.5, 1, BLOCK=16)
+    kernel[(1,)](x, 0.25, 1, BLOCK=16)  # Triton does not specialise on a float's value
+    assert len(fn.slow) == 1 and fn.fast == [((1, 1, 1), (x, 0.25, 1, 16, False))]
 
 
 def test_the_keys_a_kernel_keeps_are_bounded(module: Any, monkeypatch: pytest.MonkeyPatch) -> None:

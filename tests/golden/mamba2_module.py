@@ -3352,22 +3352,30 @@ _TENSOR = torch.Tensor
 _MAX_KEYS = 4096  # launch keys a kernel keeps before it starts over (shapes seen in serving)
 
 
-def _launch_key(values):
-    """What Triton's specialisation can depend on, per argument: a tensor's dtype and 16-byte
-    alignment; a float's type; every other value itself (ints exactly, which implies their
-    == 1, % 16 and range classes; bools apart from ints; None; constexprs)."""
-    key = []
-    for v in values:
-        if isinstance(v, _TENSOR):
-            key.append(v.dtype)
-            key.append(v.data_ptr() & 15 == 0)
-        elif type(v) is float:
-            key.append(float)
-        elif type(v) is bool:
-            key.append((bool, v))
-        else:
-            key.append(v)
-    return tuple(key)
+def _layout(types):
+    """For the types of a launch's arguments: the positions of the tensors and of the values
+    keyed as themselves (neither tensors nor floats)."""
+    tensors = tuple(i for i, t in enumerate(types) if issubclass(t, _TENSOR))
+    plain = tuple(i for i, t in enumerate(types) if not issubclass(t, _TENSOR) and t is not float)
+    return tensors, plain
+
+
+def _launch_key(values, layouts):
+    """What Triton's specialisation can depend on: every argument's type (bools apart from
+    ints, floats by type only); each tensor's dtype and 16-byte alignment; every other value
+    itself (ints exactly, which implies their == 1, % 16 and range classes; None;
+    constexprs). `layouts`: the kernel's _layout per tuple of types."""
+    types = tuple(map(type, values))
+    layout = layouts.get(types)
+    if layout is None:
+        layout = layouts[types] = _layout(types)
+    tensors, plain = layout
+    return (
+        types,
+        tuple([values[i] for i in plain]),
+        tuple([values[i].dtype for i in tensors]),
+        tuple([values[i].data_ptr() & 15 == 0 for i in tensors]),
+    )
 
 
 class _FastKernel(_KernelInterface):
@@ -3379,6 +3387,7 @@ class _FastKernel(_KernelInterface):
         self._index = {name: i for i, name in enumerate(self._names)}
         self._defaults = [p.default for p in fn.params]
         self._compiled = {}
+        self._layouts = {}
 
     def run(self, *args, grid, warmup, **kwargs):
         if warmup or not _FAST_LAUNCH[0]:
@@ -3392,7 +3401,7 @@ class _FastKernel(_KernelInterface):
             else:
                 values[i] = value
         try:
-            key = (torch.cuda.current_device(), tuple(options), _launch_key(values))
+            key = (torch.cuda.current_device(), tuple(options), _launch_key(values, self._layouts))
             compiled = self._compiled.get(key)
         except TypeError:  # an unhashable option or constexpr: Triton's own path
             return self.fn.run(*args, grid=grid, warmup=False, **kwargs)
@@ -3401,6 +3410,7 @@ class _FastKernel(_KernelInterface):
             if compiled is not None and hasattr(compiled, "__getitem__"):
                 if len(self._compiled) >= _MAX_KEYS:
                     self._compiled.clear()
+                    self._layouts.clear()
                 self._compiled[key] = compiled
             return compiled
         if callable(grid):
