@@ -1323,7 +1323,7 @@ def chunked_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_stat
 
 
 # ---------------------------------------------------------------------------------------
-# Stage `decode` (decay = scalar): one step of the recurrence, state in place.
+# Stage `decode` (decay = scalar): one step of the recurrence (state in place, or from state_in).
 #
 # Per batch row b and output head h (role r serves h from group h // (H // G_r)):
 #     state[b, h] ← a ⊙ state_in[b, h] + B_b ⊗ X̄_b     state N×P fp32, X̄ = x * s (s optional)
