@@ -86,7 +86,7 @@ def test_fused_steps_equal_the_reference(name: str, gen: torch.Generator) -> Non
         sizes = op.module._bind(tensors)
         out = torch.full((batch, 1, H, P), float("nan"))  # every element must be written
         state = state.clone()
-        op.module.decode_fused_fwd(tensors, sizes, heads=H, state=state, out=out)
+        op.module.decode_fused_fwd(tensors, sizes, heads=H, state=state, out=out, state_in=state)
         assert not out.isnan().any(), f"step {t}: out not written everywhere"
         assert _rel(out, y_ref[:, t : t + 1]) < 1e-5, f"step {t}"
     if state_ref is not None:

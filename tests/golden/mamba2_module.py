@@ -1336,7 +1336,7 @@ def chunked_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_stat
 #
 # state_in is state itself (in place, as selective_state_update) or another tensor (the
 # functional op: initial_state in, a fresh final state out, so no copy of the state is made
-# first: that copy doubled the bytes a step moves), or absent (HAS_STATE_IN false: a zero
+# first: that copy doubled the bytes a step moves), or None (HAS_STATE_IN false: a zero
 # state, nothing read).
 #
 # Parallelisation: memory-bound, the state is read once and written once. One program per
@@ -1450,9 +1450,9 @@ def decode_fwd_kernel(
     tl.store(p_o, b_y.to(p_o.dtype.element_ty), mask=m_p)
 
 
-def decode_fused_fwd(tensors, sizes, *, heads, state, out, state_in=None, from_zero=False):
-    """One decode step in one launch: state [b, H, N, P] fp32 ← the step from state_in (None:
-    state itself, in place; from_zero: a zero state, nothing read), out [b, 1, H, P] ←
+def decode_fused_fwd(tensors, sizes, *, heads, state, out, state_in):
+    """One decode step in one launch: state [b, H, N, P] fp32 ← the step from state_in (state
+    itself: in place; None: a zero state, nothing read), out [b, 1, H, P] ←
     (y + (D * x)) * silu(z), the core inputs computed in the kernel from the spec's one-token
     tensors (checked by the module's setup)."""
     batch, H, N, P = state.shape
@@ -1470,6 +1470,7 @@ def decode_fused_fwd(tensors, sizes, *, heads, state, out, state_in=None, from_z
     # plain int arithmetic: triton.cdiv / next_power_of_2 cost microseconds a call on the host
     BLOCK_N = 1 << (N - 1).bit_length()
     BLOCK_P = min(1 << (P - 1).bit_length(), max(4, 8192 // BLOCK_N))
+    source = state if state_in is None else state_in  # (state: a placeholder, never read)
     decode_fwd_kernel[(batch * H, -(-P // BLOCK_P))](
         tensors[1], _st_f0[0], _st_f0[2],
         tensors[6], _st_f1[0],
@@ -1479,11 +1480,11 @@ def decode_fused_fwd(tensors, sizes, *, heads, state, out, state_in=None, from_z
         tensors[5], _st_f5[0],
         tensors[7], _st_f6[0],
         tensors[4], _st_f7[0], _st_f7[2], _st_f7[3],
-        state if state_in is None else state_in, state, out, out,
+        source, state, out, out,
         H, N, P,
         H // sizes["H"], H // sizes["G"], H // sizes["G"], H // sizes["H"],
-        *(state if state_in is None else state_in).stride(), *state.stride(), st_o[0], st_o[2], st_o[3],
-        HAS_S=False, HAS_INDICES=False, HAS_STATE_IN=not from_zero,
+        *source.stride(), *state.stride(), st_o[0], st_o[2], st_o[3],
+        HAS_S=False, HAS_INDICES=False, HAS_STATE_IN=state_in is not None,
         BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
         num_warps=4 if BLOCK_N * BLOCK_P >= 1024 else 2,
     )
@@ -3168,8 +3169,7 @@ def _ssmc_run(tensors, initial_state, cu_seqlens, form, chunk_size, launch=None,
         # the step reads initial_state and writes a fresh state: no copy of it first
         state = torch.empty((batch, H, N, P), device=device, dtype=torch.float32)
         out = torch.empty((batch, T, H, P), device=device, dtype=out_dtype)
-        decode_fused_fwd(tensors, sizes, heads=H, state=state, out=out, state_in=initial_state,
-                         from_zero=initial_state is None)
+        decode_fused_fwd(tensors, sizes, heads=H, state=state, out=out, state_in=initial_state)
         LAST_FORM = "decode"
         return out, state
     x, s, log_a, B, C = prologue_fwd(tensors, sizes)
