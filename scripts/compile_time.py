@@ -30,6 +30,15 @@ import torch
 import ssmc
 from ssmc.reference import random_inputs
 t_import = time.perf_counter() - t0
+compiles = []  # (kernel, compile s) from Triton's compilation listener, where it has one
+try:
+    from triton import knobs
+    def listen(*, src, metadata, metadata_group, times, cache_hit):
+        if not cache_hit:
+            compiles.append((metadata.get("name", "?"), round(times.total / 1e6, 3)))
+    knobs.compilation.listener = listen
+except (ImportError, AttributeError):
+    pass
 spec, gpu = sys.argv[1], sys.argv[2] == "1"
 t0 = time.perf_counter()
 op = ssmc.load(spec)
@@ -46,12 +55,14 @@ t0 = time.perf_counter()
 y, _ = op(**inputs)
 sync()
 t_fwd = time.perf_counter() - t0
+fwd_compiles = len(compiles)
 t0 = time.perf_counter()
 y.backward(torch.randn_like(y))
 sync()
 t_bwd = time.perf_counter() - t0
 print(json.dumps({"import_s": t_import, "load_s": t_load, "first_fwd_s": t_fwd,
-                  "first_bwd_s": t_bwd, "form": op.last_form}))
+                  "first_bwd_s": t_bwd, "form": op.last_form,
+                  "fwd_compiles": compiles[:fwd_compiles], "bwd_compiles": compiles[fwd_compiles:]}))
 """
 
 
@@ -95,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         r["meets"] = {"cold_30s": total <= 30.0, "warm_0.2s": w["load_s"] <= 0.2}
         print(f"{r['spec']:<24}{c['load_s']:>12.2f}{c['first_fwd_s']:>8.2f}{c['first_bwd_s']:>8.2f}"
               f"{total:>9.2f}{w['load_s']:>13.3f}{w['first_fwd_s']:>11.3f}")
+    for r in rows:
+        for phase in ("fwd", "bwd"):
+            kernels = r["cold"].get(f"{phase}_compiles") or []
+            if kernels:
+                total = sum(k[1] for k in kernels)
+                print(f"{r['spec']} first {phase}: {len(kernels)} Triton compiles, {total:.2f} s: "
+                      + ", ".join(f"{name} {sec:.2f}" for name, sec in kernels))
     if args.json:
         Path(args.json).write_text(json.dumps({"gpu": gpu, "rows": rows}, indent=1))
     return 0 if ok else 1

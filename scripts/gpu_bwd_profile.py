@@ -10,6 +10,7 @@ total CUDA time, per step, for each implementation (mamba_ssm when its sdist is 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -44,8 +45,17 @@ def profile_steps(name: str, run, inputs: dict[str, torch.Tensor]) -> None:
         print(f"  {e.device_time_total / STEPS / 1000:8.3f} ms  x{e.count // STEPS:<3} {e.key[:90]}")
 
 
-def sweep_launch(op, inputs: dict[str, torch.Tensor]) -> None:
-    """Median ms of the fused backward alone (chunked_bwd) per launch option at this shape."""
+SWEEP = ({}, {"head_splits": 1}, {"head_splits": 4}, {"head_splits": 8},
+         {"head_splits": 16}, {"num_warps": 4}, {"block_m": 32}, {"chunk_size": 128},
+         {"stored_cc": True}, {"stored_cc": True, "head_splits": 8},
+         {"dla": "straddle"}, {"dla": "suffix"}, {"dbc": "shared"},
+         {"dbc": "shared", "head_splits": 1}, {"dbc": "shared", "stored_cc": True},
+         {"dbc": "shared", "num_warps": 4}, {"dbc": "shared", "chunk_size": 128})
+
+
+def sweep_launch(op, inputs: dict[str, torch.Tensor], sweep=SWEEP) -> None:
+    """Median ms and peak memory above the inputs of the fused backward alone (chunked_bwd)
+    per launch option at this shape."""
     import triton.testing
 
     mod = op.module
@@ -55,18 +65,19 @@ def sweep_launch(op, inputs: dict[str, torch.Tensor]) -> None:
     log_a = (dt * inputs["A"]).contiguous()
     dy = torch.randn_like(x)
     print("\n== chunked_bwd alone (ms, median) by launch option")
-    for opts in ({}, {"head_splits": 1}, {"head_splits": 4}, {"head_splits": 8},
-                 {"head_splits": 16}, {"num_warps": 4}, {"block_m": 32}, {"chunk_size": 128},
-                 {"stored_cc": True}, {"stored_cc": True, "head_splits": 8},
-                 {"dla": "straddle"}, {"dla": "suffix"}, {"dbc": "shared"},
-                 {"dbc": "shared", "head_splits": 1}, {"dbc": "shared", "stored_cc": True},
-                 {"dbc": "shared", "num_warps": 4}, {"dbc": "shared", "chunk_size": 128}):
+    for opts in sweep:
         def call(opts=opts):
             mod.chunked_bwd(x, dt, log_a, B, C, heads=H, initial_state=None, cu_seqlens=None,
                             dy=dy, dfinal=None, **opts)
         try:
             ms = triton.testing.do_bench(call, warmup=5, rep=40, return_mode="median")
-            print(f"  {ms:8.3f} ms  {opts or 'defaults'}", flush=True)
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            call()
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            print(f"  {ms:8.3f} ms  {peak:7.0f} MiB  {opts or 'defaults'}", flush=True)
         except Exception as exc:  # noqa: BLE001 — an option that cannot launch is reported
             print(f"  failed   {opts}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
 
@@ -104,9 +115,14 @@ def main() -> int:
     parser.add_argument("--mamba-src", default=None)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=4096)
+    parser.add_argument("--sweep", nargs="+", type=json.loads, default=None,
+                        help="only time chunked_bwd with these options (JSON objects)")
     args = parser.parse_args()
     inputs = layer_inputs(args.batch, args.seqlen, MAMBA_27B, "cuda", torch.bfloat16)
     op = load(with_dims(parse_file(ROOT / "examples" / "mamba2.ssm"), MAMBA_27B))
+    if args.sweep:
+        sweep_launch(op, inputs, args.sweep)
+        return 0
     profile_steps("ssmc", lambda t: op(**t, form="chunked")[0], inputs)
     sweep_launch(op, inputs)
     compare_dbc(op, inputs)
