@@ -8,7 +8,8 @@ kernel compiled) at the given shape. Warm: a second child with the same folders 
 `ssmc.load` and the first forward. On a machine without a GPU the calls run under the Triton
 interpreter at batch 1 × T 8 (no JIT: the load times are still real).
 
-    python scripts/compile_time.py [examples/mamba2.ssm ...] [--json out.json]
+    python scripts/compile_time.py [examples/mamba2.ssm ...] [--dtype bfloat16|float32]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ try:
     knobs.compilation.listener = listen
 except (ImportError, AttributeError):
     pass
-spec, gpu = sys.argv[1], sys.argv[2] == "1"
+spec, gpu, dtype = sys.argv[1], sys.argv[2] == "1", getattr(torch, sys.argv[3])
 t0 = time.perf_counter()
 op = ssmc.load(spec)
 t_load = time.perf_counter() - t0
@@ -47,7 +48,10 @@ device = "cuda" if gpu else "cpu"
 batch, seqlen = (2, 2048) if gpu else (1, 8)
 inputs = random_inputs(op.checked, batch=batch, seqlen=seqlen,
                        generator=torch.Generator().manual_seed(0))
-inputs = {k: v.float().to(device).requires_grad_() for k, v in inputs.items()}
+from ssmc.bench import fp32_tensors
+wide = fp32_tensors(op.checked)  # params and what the decay reads stay fp32, as in ssmc bench
+inputs = {k: v.to(device, torch.float32 if k in wide else dtype).requires_grad_()
+          for k, v in inputs.items()}
 def sync():
     if gpu:
         torch.cuda.synchronize()
@@ -66,9 +70,9 @@ print(json.dumps({"import_s": t_import, "load_s": t_load, "first_fwd_s": t_fwd,
 """
 
 
-def child(spec: str, env: dict[str, str], gpu: bool) -> dict[str, Any]:
+def child(spec: str, env: dict[str, str], gpu: bool, dtype: str) -> dict[str, Any]:
     """One fresh process's timings (the last line it prints)."""
-    done = subprocess.run([sys.executable, "-c", CHILD, spec, "1" if gpu else "0"], env=env,
+    done = subprocess.run([sys.executable, "-c", CHILD, spec, "1" if gpu else "0", dtype], env=env,
                           capture_output=True, text=True, cwd=ROOT, check=False)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
@@ -79,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("specs", nargs="*", default=["examples/mamba2.ssm", "examples/gla.ssm"])
     parser.add_argument("--json", default=None)
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="the inputs' dtype (bfloat16 on a CPU becomes float32)")
     args = parser.parse_args(argv)
     import torch
 
@@ -90,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                    "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
             if not gpu:
                 env["TRITON_INTERPRET"] = "1"
-            cold, warm = child(spec, env, gpu), child(spec, env, gpu)
-        rows.append({"spec": spec, "cold": cold, "warm": warm})
+            dtype = args.dtype if gpu else "float32"
+            cold, warm = child(spec, env, gpu, dtype), child(spec, env, gpu, dtype)
+        rows.append({"spec": spec, "dtype": dtype, "cold": cold, "warm": warm})
     ok = True
     print(f"{'spec':<24}{'cold load s':>12}{'+fwd s':>8}{'+bwd s':>8}{'total s':>9}"
           f"{'warm load s':>13}{'warm fwd s':>11}")

@@ -66,6 +66,9 @@ def sweep_launch(op, inputs: dict[str, torch.Tensor], sweep=SWEEP) -> None:
     dy = torch.randn_like(x)
     print("\n== chunked_bwd alone (ms, median) by launch option")
     for opts in sweep:
+        opts = dict(opts)
+        kernels = opts.pop("profile", False)  # {"profile": true, ...}: also its kernels' times
+
         def call(opts=opts):
             mod.chunked_bwd(x, dt, log_a, B, C, heads=H, initial_state=None, cu_seqlens=None,
                             dy=dy, dfinal=None, **opts)
@@ -78,6 +81,14 @@ def sweep_launch(op, inputs: dict[str, torch.Tensor], sweep=SWEEP) -> None:
             torch.cuda.synchronize()
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20
             print(f"  {ms:8.3f} ms  {peak:7.0f} MiB  {opts or 'defaults'}", flush=True)
+            if kernels:
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    call()
+                    torch.cuda.synchronize()
+                rows = sorted((e for e in prof.key_averages() if e.device_time_total > 0),
+                              key=lambda e: -e.device_time_total)
+                for e in rows[:8]:
+                    print(f"      {e.device_time_total / 1000:8.3f} ms  x{e.count:<3} {e.key[:70]}")
         except Exception as exc:  # noqa: BLE001 — an option that cannot launch is reported
             print(f"  failed   {opts}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
 

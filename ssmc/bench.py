@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -195,6 +196,46 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_REFERENCE_ELEMENTS = 1 << 27
+"""fp64 elements of T·Q·H·P (y's size times the reference's chunk) that one pass of the
+reference may cover: its autograd keeps tensors of about that size (T·Q·H·N for a diagonal
+decay); GLA at batch 8 × T 2048, H 16, N = P = 128 asked for 16 GiB in one pass."""
+
+
+def _reference_by_rows(checked: ir.CheckedSpec, exact: Mapping[str, Tensor], grad_y: Tensor,
+                       chunk: int, backward: bool
+                       ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+    """y, final state and (with `backward`) the gradients of the fp64 reference, computed a
+    group of batch rows at a time: per-row tensors' gradients are joined, the others' summed."""
+    spec = checked.spec
+    per_row = {t.name for t in spec.tensors if t.shape and t.shape[0] == "batch"}
+    batch, T = grad_y.shape[0], grad_y.shape[1]
+    row = T * chunk * math.prod(grad_y.shape[2:])
+    rows = max(1, min(batch, _REFERENCE_ELEMENTS // max(row, 1)))
+    run = reference(checked, chunk_size=chunk)
+    ys, states, parts = [], [], []
+    for start in range(0, batch, rows):
+        cut = slice(start, start + rows)
+        leaves = {k: (v[cut] if k in per_row else v).clone().requires_grad_(backward)
+                  for k, v in exact.items()}
+        y, state = run(**leaves)
+        ys.append(y.detach())
+        states.append(None if state is None else state.detach())
+        if backward:
+            grads = torch.autograd.grad(y, list(leaves.values()), grad_y[cut].double(),
+                                        allow_unused=True)
+            parts.append(dict(zip(leaves, grads, strict=True)))
+        del y, state, leaves
+    grads_ref: dict[str, Tensor] = {}
+    for name in parts[0] if parts else ():
+        got = [p[name] for p in parts]
+        if got[0] is None:
+            continue
+        grads_ref[name] = torch.cat(got) if name in per_row else torch.stack(got).sum(0)
+    state_ref = None if states[0] is None else torch.cat(states)
+    return torch.cat(ys), state_ref, grads_ref
+
+
 class _Shape:
     """One (batch, T): the inputs, the fp64 reference (and its gradients), then each series."""
 
@@ -214,22 +255,19 @@ class _Shape:
         roles64 = canonical_roles(checked, exact, dims)
         self.case = Case(checked=checked, inputs=self.inputs, roles=_cast_roles(roles64))
         self.roles64 = roles64
-        leaves = {k: v.clone().requires_grad_(config.backward) for k, v in exact.items()}
         # The chunked reference couples every pair of chunks: at most 32 chunks keeps its
         # fp64 autograd memory bounded at long T (64-token chunks at T = 16384 ran out).
         self.ref_chunk = max(64, T // 32)
-        y, state = reference(checked, chunk_size=self.ref_chunk)(**leaves)
         self.output = checked.spec.output.name
-        self.y_ref, self.state_ref = y.detach(), None if state is None else state.detach()
-        self.grad_y = torch.randn(y.shape, generator=generator).to(device)
-        self.grads_ref: dict[str, Tensor] = {}
-        if config.backward:
-            grads = torch.autograd.grad(y, list(leaves.values()), self.grad_y.double(),
-                                        allow_unused=True)
-            self.grads_ref = {k: g for k, g in zip(leaves, grads, strict=True) if g is not None}
+        y_shape = (batch, T, *(dims[d] if isinstance(d, str) else d
+                               for d in checked.spec.output.shape[2:]))
+        self.grad_y = torch.randn(y_shape, generator=generator).to(device)
+        self.y_ref, self.state_ref, self.grads_ref = _reference_by_rows(
+            checked, exact, self.grad_y, self.ref_chunk, config.backward)
+        y = self.y_ref
         self.io_bytes = sum(t.nbytes for t in self.inputs.values()) + y.numel() * _size(dtype)
-        if state is not None:
-            self.io_bytes += state.numel() * 4
+        if self.state_ref is not None:
+            self.io_bytes += self.state_ref.numel() * 4
         self._core: Tensor | None = None
 
     def core_ref(self) -> Tensor:

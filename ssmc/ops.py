@@ -269,6 +269,7 @@ class SsmcOp:
             i for i, t in enumerate(checked.spec.tensors) if t.kind is ir.TensorKind.INPUT
         )
         self._plans: dict[tuple[Any, ...], tuple[str | None, int | None, Any]] = {}
+        self._precompiled: set[tuple[Any, ...]] = set()
         self._registered = register(checked)
         self._registered.run = self._run
         self._registered.run_backward = self._run_backward
@@ -442,10 +443,56 @@ class SsmcOp:
             if setup is None:
                 setup = self.module._ssmc_setup(tensors, initial_state, cu_seqlens, form, chunk_size)
                 seen.setups[form, chunk_size] = setup
+        self._precompile(
+            ("forward", form, chunk_size, None if launch is None else tuple(sorted(launch.items()))),
+            tensors,
+            initial_state,
+            cu_seqlens,
+            lambda: self.module._ssmc_run(
+                tensors, initial_state, cu_seqlens, form, chunk_size, launch, setup
+            ),
+        )
         y, state = self.module._ssmc_run(
             tensors, initial_state, cu_seqlens, form, chunk_size, launch, setup
         )
         return (y, state) if self.checked.spec.final_state else y
+
+    def _precompile(
+        self,
+        kind: tuple[Any, ...],
+        tensors: Sequence[Tensor],
+        initial_state: Tensor | None,
+        cu_seqlens: Tensor | None,
+        call: Any,
+    ) -> None:
+        """Before the first call of a kind (direction, form, chunk, launch options, dtypes,
+        optional inputs, device) on a GPU: `call` once with its kernels compiled side by side
+        and none launched (the module's `precompile`), so a cold start compiles in parallel.
+        Later calls of the kind skip this; a kernel a later shape specialises anew compiles
+        at its launch, as without it."""
+        if self.interpreted or not tensors[0].is_cuda:
+            return
+        key = (
+            *kind,
+            tuple(t.dtype for t in tensors),
+            initial_state is None,
+            cu_seqlens is None,
+            tensors[0].device,
+        )
+        try:
+            if key in self._precompiled:
+                return
+        except TypeError:  # unhashable launch options: no precompile
+            return
+        self._precompiled.add(key)
+        precompile = getattr(self.module, "precompile", None)
+        if precompile is None:
+            return
+        try:
+            precompile(call)
+        except Exception as exc:  # noqa: BLE001 — the real call reports any error itself
+            _log.debug("%s: precompile failed (%s); kernels compile at their launch", self.name,
+                       exc)
 
     def _run_backward(self, grad_y: Tensor, grad_state: Tensor | None, *args: Any) -> list[Tensor]:
         """The backward op's implementation: gradients of every tensor (then of initial_state,
@@ -458,15 +505,22 @@ class SsmcOp:
                 self.checked, tensors, initial_state, cu_seqlens, grad_y, grad_state
             )
         else:
-            grads, d_init = self.module.backward(
-                **dict(zip(self._names, tensors, strict=True)),
-                initial_state=None if initial_state is None else initial_state.float(),
-                cu_seqlens=cu_seqlens,
-                form=form,
-                chunk_size=chunk_size,
-                grad_y=grad_y,
-                grad_final_state=grad_state,
+            def backward() -> Any:
+                return self.module.backward(
+                    **dict(zip(self._names, tensors, strict=True)),
+                    initial_state=None if initial_state is None else initial_state.float(),
+                    cu_seqlens=cu_seqlens,
+                    form=form,
+                    chunk_size=chunk_size,
+                    grad_y=grad_y,
+                    grad_final_state=grad_state,
+                )
+
+            self._precompile(
+                ("backward", form, chunk_size, grad_y.dtype, grad_state is None),
+                tensors, initial_state, cu_seqlens, backward,
             )
+            grads, d_init = backward()
         result = [
             torch.zeros_like(t) if g is None else g for g, t in zip(grads, tensors, strict=True)
         ]

@@ -267,3 +267,23 @@ def test_bench_ssd_script_is_a_thin_wrapper(monkeypatch: pytest.MonkeyPatch) -> 
     assert argv[:2] == ["bench", str(ROOT / "examples" / "mamba2.ssm")]
     assert "--tokens" in argv and "16384" in argv and argv[argv.index("--mamba-src") + 1] == \
         "/src/mamba_ssm-2.2.4"
+
+
+def test_reference_by_row_groups_equals_one_pass(monkeypatch) -> None:
+    """The fp64 reference cut into single batch rows (as at GPU sizes) gives the one-pass
+    output, final state and gradients: per-row tensors' gradients joined, parameters' summed."""
+    checked = with_dims(parse_file(_spec("mamba2")), SMALL)
+    generator = torch.Generator().manual_seed(3)
+    exact = {k: v.double() for k, v in bench.random_inputs(
+        checked, batch=3, seqlen=12, dtype=torch.float32, generator=generator).items()
+        if k != "initial_state"}
+    grad_y = torch.randn(3, 12, SMALL["H"], SMALL["P"], generator=generator)
+    whole = bench._reference_by_rows(checked, exact, grad_y, 4, True)
+    monkeypatch.setattr(bench, "_REFERENCE_ELEMENTS", 1)
+    rows = bench._reference_by_rows(checked, exact, grad_y, 4, True)
+    torch.testing.assert_close(rows[0], whole[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(rows[1], whole[1], rtol=1e-12, atol=0)
+    assert set(rows[2]) == set(whole[2]) == set(exact)
+    for name, grad in whole[2].items():
+        assert grad.abs().max() > 0
+        torch.testing.assert_close(rows[2][name], grad, rtol=1e-10, atol=1e-12)

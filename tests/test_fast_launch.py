@@ -52,8 +52,10 @@ class JitStandIn:
         self.slow: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
         self.fast: list[tuple[Any, tuple[Any, ...]]] = []
         self.refuse = refuse
+        self.warmups: list[bool] = []
 
     def run(self, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Compiled:
+        self.warmups.append(warmup)
         self.slow.append((args, kwargs))
         return Compiled(self.fast, self.refuse)
 
@@ -154,3 +156,48 @@ def test_under_the_interpreter_no_kernel_is_wrapped(module: Any) -> None:
     """TRITON_INTERPRET=1 (as in CI): the kernels stay Triton's interpreted functions."""
     kernels = [v for k, v in vars(module).items() if k.endswith("_kernel")]
     assert kernels and not any(isinstance(k, module._FastKernel) for k in kernels)
+
+
+def test_precompile_turns_launches_into_compilations(module: Any, monkeypatch) -> None:
+    """Inside precompile every launch asks Triton for the compiled kernel only (warmup) and
+    nothing reaches a runner; after it, launches run again."""
+    pytest.importorskip("triton.runtime._async_compile")
+    monkeypatch.setattr(module, "_PRECOMPILE", True)
+    fn = JitStandIn()
+    kernel = module._FastKernel(fn)
+    x = torch.zeros(64)
+    assert module.precompile(lambda: kernel[(3,)](x, 32, 1, BLOCK=16)) is True
+    assert fn.warmups == [True] and not fn.fast
+    kernel[(3,)](x, 32, 1, BLOCK=16)
+    kernel[(3,)](x, 32, 1, BLOCK=16)
+    assert fn.warmups == [True, False] and len(fn.fast) == 1
+
+
+def test_precompile_is_off_under_the_interpreter(module: Any) -> None:
+    fn = JitStandIn()
+    kernel = module._FastKernel(fn)
+    assert module.precompile(lambda: kernel[(3,)](torch.zeros(4), 4, 1, BLOCK=4)) is False
+    assert fn.warmups == []
+
+
+class _CudaLike:
+    """What SsmcOp._precompile reads of a tensor."""
+
+    is_cuda = True
+    dtype = torch.bfloat16
+    device = torch.device("cuda", 0)
+
+
+def test_the_first_call_of_each_kind_is_precompiled_once(monkeypatch) -> None:
+    op = load(with_dims(parse_file(ROOT / "examples" / "mamba2.ssm"), {"H": 2, "N": 4, "P": 4}))
+    monkeypatch.setattr(op, "interpreted", False)
+    calls: list[str] = []
+    monkeypatch.setattr(op.module, "precompile", lambda call: calls.append(call()))
+    tensors = [_CudaLike()]
+    for kind in (("forward", "chunked", 64, None), ("forward", "chunked", 64, None),
+                 ("forward", "chunked", 128, None), ("backward", "chunked", 64)):
+        op._precompile(kind, tensors, None, None, lambda kind=kind: kind[0])
+    assert calls == ["forward", "forward", "backward"]
+    op._precompile(("forward", "chunked", 64, {"num_warps": [4]}), tensors, None, None,
+                   lambda: "unhashable")
+    assert calls == ["forward", "forward", "backward"]

@@ -2847,7 +2847,7 @@ def _chunked_bwd_dot_dtype(dtype, device_type, chunk, block_m):
 
 def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfinal,
                 chunk_size=None, block_m=None, block_n=None, block_p=None, block_t=None,
-                num_warps=None, head_splits=None, stored_cc=False, dla="straddle",
+                num_warps=None, head_splits=None, stored_cc=True, dla="straddle",
                 dbc=None):
     """(dx, ds, dlog_a, dB, dC, dh0) of the core by the fused chunked backward.
 
@@ -2897,9 +2897,11 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
         return (zeros[0], None if s is None else torch.zeros(s.shape, **f32),
                 None if log_a is None else torch.zeros(log_a.shape, **f32), zeros[1], zeros[2], dh0)
     precision = "ieee"
-    # Q: the chunk of the stored states (R·H·N·P each for H_r and Λ_r: 256 halves them
-    # against 128 on long sequences, as mamba_ssm's chunk 256), not the forward's chunk
-    Q = chunk_size or (256 if T >= 2048 else 128 if T >= 256 else 64)
+    # Q: the chunk of the stored states (R·H·N·P each for H_r and Λ_r), not the forward's.
+    # 128: on the H100 at the Mamba-2 2.7B layer (bf16, batch 4 × T 4096) the backward took
+    # 3.8 ms at 128 against 5.0 ms at 256 (peak 391 against 336 MiB) and 97 ms at 64
+    # (docs/gpu-runs.md, sixth session)
+    Q = chunk_size or (128 if T >= 128 else 64)
     Q = max(16, min(256, triton.next_power_of_2(Q)))
     block_m = block_m or min(Q, 64)
     block_n = block_n or max(16, min(64, triton.next_power_of_2(N)))
@@ -2955,7 +2957,8 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
 
     # stored_cc: the dB, dC and dX̄ kernels read cc (log a summed within each chunk, one
     # small launch) in log a's place instead of summing log a again for every row block and
-    # head (untimed on a GPU yet: off by default; scripts/gpu_bwd_profile.py compares)
+    # head (on the H100 at the 2.7B layer: 3.8 against 4.1 ms at chunk 128, 4.6 against
+    # 5.0 ms at 256)
     if log_a is not None and stored_cc:
         cc = torch.empty((batch, T, Gd), **f32)
         chunked_bwd_cc_kernel[(R, Gd)](log_a, tiles, cc, *log_a.stride(), *cc.stride(), CHUNK=Q)
@@ -2974,7 +2977,9 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
         sms = 1
         if device.type == "cuda":
             sms = torch.cuda.get_device_properties(device).multi_processor_count
-        head_splits = min(8, Hl, triton.cdiv(4 * sms, n_programs))
+        # two programs an SM before splitting: at the 2.7B layer (512 programs) one split ran
+        # as fast as two, with 20 MiB less
+        head_splits = min(8, Hl, triton.cdiv(2 * sms, n_programs))
     splits = max(1, min(head_splits, Hl))
     Hs = triton.cdiv(Hl, splits)
     splits = triton.cdiv(Hl, Hs)
@@ -3336,9 +3341,13 @@ def backward(*, x, dt, B, C, z, A, dt_bias, D, initial_state=None, cu_seqlens=No
 # constexprs by value, the launch options: _launch_key) and launches it with
 # `compiled[grid](*args)`, Triton's own runner for a compiled kernel. A first launch
 # of a key, the interpreter (TRITON_INTERPRET=1), SSMC_FAST_LAUNCH=0 or any launcher this
-# Triton does not have go through `kernel[grid]` unchanged.
+# Triton does not have go through `kernel[grid]` unchanged. precompile(call) runs a call
+# once with its launches turned into compilations on a thread pool, so that a first call
+# compiles its kernels side by side (ssmc.ops does so for the first call of each kind).
 # ---------------------------------------------------------------------------------------
+import contextvars as _contextvars
 import os as _os
+from concurrent.futures import ThreadPoolExecutor as _ThreadPoolExecutor
 
 from triton.runtime.jit import JITFunction as _JITFunction
 from triton.runtime.jit import KernelInterface as _KernelInterface
@@ -3348,6 +3357,9 @@ _FAST_LAUNCH = [
 ]
 """[whether launches may skip Triton's binder]: cleared for the process if a compiled kernel's
 runner refuses the arguments (a Triton whose runner wants another argument list)."""
+_COMPILE_ONLY = _contextvars.ContextVar("ssmc_compile_only", default=False)
+"""Set by precompile() in its own context: launches compile their kernel and launch nothing."""
+_PRECOMPILE = _os.environ.get("SSMC_PRECOMPILE", "1") != "0" and _os.environ.get("TRITON_INTERPRET") != "1"
 _TENSOR = torch.Tensor
 _MAX_KEYS = 4096  # launch keys a kernel keeps before it starts over (shapes seen in serving)
 
@@ -3390,6 +3402,8 @@ class _FastKernel(_KernelInterface):
         self._layouts = {}
 
     def run(self, *args, grid, warmup, **kwargs):
+        if _COMPILE_ONLY.get():
+            return self.fn.run(*args, grid=grid, warmup=True, **kwargs)
         if warmup or not _FAST_LAUNCH[0]:
             return self.fn.run(*args, grid=grid, warmup=warmup, **kwargs)
         values = list(args) + self._defaults[len(args):]
@@ -3433,3 +3447,26 @@ for _name, _value in list(globals().items()):
     if _name.endswith("_kernel") and isinstance(_value, _JITFunction):
         globals()[_name] = _FastKernel(_value)
 del _name, _value
+
+
+def precompile(call):
+    """Run `call()` once with every kernel launch replaced by the compilation of its kernel,
+    the compilations spread over a thread pool (Triton's AsyncCompileMode), and wait for them:
+    a first call then compiles its kernels side by side rather than one after another. What
+    `call` computes is garbage (no kernel runs): it must write nothing the caller keeps.
+    Kernels compiled before cost a cache lookup. Returns whether it ran (not under the
+    interpreter, with SSMC_PRECOMPILE=0, or on a Triton without AsyncCompileMode)."""
+    if not _PRECOMPILE:
+        return False
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:
+        return False
+
+    def compile_only():
+        _COMPILE_ONLY.set(True)
+        with _ThreadPoolExecutor(min(32, _os.cpu_count() or 1)) as pool, AsyncCompileMode(pool):
+            call()
+
+    _contextvars.copy_context().run(compile_only)
+    return True
