@@ -89,6 +89,9 @@ class Elementwise:
     """Launcher arguments besides `tensors` and `sizes` (the core output `y` for the epilogue)."""
     direction: str = "fwd"
     """"fwd", or "bwd" for a gradient kernel (named `<name>_bwd_kernel`, `<name>_bwd_launch`)."""
+    row_sums: tuple[int, ...] = ()
+    """Results summed over the row (seq) axis inside the kernel: each program adds up a group
+    of rows and the launcher returns them as partial sums, [.., groups, ..] in seq's place."""
 
     @property
     def kernel(self) -> str:
@@ -133,6 +136,7 @@ def elementwise(
     *,
     steps: Sequence[Step] = (),
     direction: str = "fwd",
+    row_sums: Sequence[int] = (),
 ) -> Elementwise:
     """Lay out the kernel `<name>_<direction>_kernel` computing every target over one
     iteration space; `steps` define the indicators that derivatives (ssmc.expr_grad) use."""
@@ -140,6 +144,8 @@ def elementwise(
     if direction not in ("fwd", "bwd"):
         raise ValueError(f"direction is fwd or bwd, not {direction!r}")
     axes = tuple(a for a in targets[0].shape if isinstance(a, str))
+    if row_sums and ir.SEQ not in axes:
+        raise ValueError("row sums need a seq axis in the iteration space")
     for t in targets:
         if tuple(a for a in t.shape if isinstance(a, str)) != axes:
             raise ValueError(f"targets of one elementwise kernel share axes: {t.role} differs")
@@ -234,6 +240,7 @@ def elementwise(
         results=tuple(results),
         extra_args=tuple(e.source for e in extras),
         direction=direction,
+        row_sums=tuple(row_sums),
     )
 
 
@@ -411,13 +418,16 @@ def backward_kernel(
     targets: Sequence[Target],
     upstream: Sequence[tuple[Extra, str]],
     inputs: Sequence[tuple[Extra, str]] = (),
+    *,
+    sum_rows: bool = False,
 ) -> Backward | None:
     """The kernel `<name>_bwd_kernel`: for every float tensor v the targets read (and every
     input extra), the per-element Σ_r d_r · ∂target_r/∂v over the targets' iteration space.
 
     `upstream[r]` is (the extra holding d_r, keyed `@d_<role>`, the launcher's expression for
     it), one per target; `inputs` are further extras the targets read (`@core`).
-    None when every gradient is 0 (the targets read no tensor).
+    None when every gradient is 0 (the targets read no tensor). `sum_rows`: the gradients of
+    tensors without a seq axis are summed over seq inside the kernel (Elementwise.row_sums).
     """
     bound = {d.name: E.Num(value=float(d.value)) for d in spec.dims if d.value is not None}
     exprs = [E.substitute(t.expr, dict(bound)) for t in targets]
@@ -455,8 +465,16 @@ def backward_kernel(
     if not results:
         return None
     pairs = [*upstream, *inputs]
+    seq_axis = shape.index(ir.SEQ) if ir.SEQ in shape else None
+    row_sums = [g.result for g in sums if sum_rows and seq_axis is not None and seq_axis in g.dims]
     kernel = elementwise(
-        name, spec, results, [e for e, _ in pairs], steps=grads.steps, direction="bwd"
+        name,
+        spec,
+        results,
+        [e for e, _ in pairs],
+        steps=grads.steps,
+        direction="bwd",
+        row_sums=row_sums,
     )
     source = {e.source: arg for e, arg in pairs}
     return Backward(

@@ -217,6 +217,7 @@ def epilogue_backward(checked: ir.CheckedSpec) -> Backward | None:
         [target],
         [(_upstream("@d_out", "u0", shape), "dout")],
         [(core, "y")],
+        sum_rows=True,
     )
 
 

@@ -304,3 +304,29 @@ def test_backward_in_slices(poisoned, gen) -> None:  # type: ignore[no-untyped-d
     op.module._EPILOGUE_BWD_ELEMENTS = 5 * SMALL["mamba2"]["H"] * SMALL["mamba2"]["P"]
     inputs = random_inputs(checked, batch=3, seqlen=17, dtype=torch.float64, generator=gen)
     check_gradients(op, checked, inputs, gen, form="chunked")
+
+
+@pytest.mark.interpret
+def test_epilogue_sums_the_skip_parameter_over_groups_of_rows(gen) -> None:  # type: ignore[no-untyped-def]
+    """out = (y + D x) silu(z) at 1024 columns (H·P) and T = 150: the kernel sums dD over groups
+    of 64 rows (the last one short) and torch sums the groups; every gradient matches autograd
+    on the same expression in fp64."""
+    checked = with_dims(parse_file(ROOT / "examples" / "mamba2.ssm"), {"H": 8, "N": 4, "P": 128})
+    module = load(checked).module
+    batch, T = 2, 150
+    inputs = random_inputs(checked, batch=batch, seqlen=T, dtype=torch.float32, generator=gen)
+    names = [t.name for t in checked.spec.tensors]
+    tensors = tuple(inputs[n] for n in names)
+    sizes = {"batch": batch, "seq": T, "H": 8, "G": 1, "N": 4, "P": 128}
+    y = torch.randn(batch, T, 8, 128, generator=gen)
+    dout = torch.randn(batch, T, 8, 128, generator=gen)
+    grads: list[torch.Tensor | None] = [None] * len(tensors)
+    d_y = module.epilogue_bwd(tensors, sizes, grads, y, dout)
+    x, z, D = (inputs[n].double().requires_grad_() for n in ("x", "z", "D"))
+    y64 = y.double().requires_grad_()
+    out = (y64 + D[:, None] * x) * torch.nn.functional.silu(z)
+    want = torch.autograd.grad(out, (y64, x, z, D), dout.double())
+    got = (d_y, grads[names.index("x")], grads[names.index("z")], grads[names.index("D")])
+    for name, g, w in zip(("y", "x", "z", "D"), got, want, strict=True):
+        assert g is not None and g.shape == w.shape, name
+        assert error(g.double(), w) <= 1e-5, (name, error(g.double(), w))

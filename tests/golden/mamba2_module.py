@@ -75,11 +75,11 @@ def prologue_log_a_s_fwd_kernel(
     i_c = i_p % n_ct
     i_r = (i_p // n_ct) % n_rt
     i_b = i_p // (n_ct * n_rt)
-    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] tokens
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C] flattened H
-    m_r = o_r < n_rows
     m_c = o_c < n_cols
     o_0 = o_c  # [BLOCK_C] H
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] tokens
+    m_r = o_r < n_rows
     b_dt = tl.load(p_dt + i_b * s_dt_0 + o_r[:, None] * s_dt_1 + o_0[None, :] * s_dt_2, mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
     b_A = tl.load(p_A + o_0[None, :] * s_A_0, mask=m_c[None, :], other=1.0).to(tl.float32)  # [1, BLOCK_C]
     b_dt_bias = tl.load(p_dt_bias + o_0[None, :] * s_dt_bias_0, mask=m_c[None, :], other=1.0).to(tl.float32)  # [1, BLOCK_C]
@@ -95,6 +95,7 @@ def prologue_log_a_s_fwd_kernel(
     tl.store(out0 + i_b * out0_s0 + o_r[:, None] * out0_s1 + o_0[None, :] * out0_s2, out0_blk.to(out0.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
     out1_blk = tl.broadcast_to(t_6, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
     tl.store(out1 + i_b * out1_s0 + o_r[:, None] * out1_s1 + o_0[None, :] * out1_s2, out1_blk.to(out1.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+
 
 
 def prologue_log_a_s_launch(tensors, sizes, out0, out1):
@@ -170,12 +171,12 @@ def epilogue_fwd_kernel(
     i_c = i_p % n_ct
     i_r = (i_p // n_ct) % n_rt
     i_b = i_p // (n_ct * n_rt)
-    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] tokens
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C] flattened H × P
-    m_r = o_r < n_rows
     m_c = o_c < n_cols
     o_0 = (o_c // (n_1))  # [BLOCK_C] H
     o_1 = o_c % n_1  # [BLOCK_C] P
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] tokens
+    m_r = o_r < n_rows
     b_x = tl.load(p_x + i_b * s_x_0 + o_r[:, None] * s_x_1 + o_0[None, :] * s_x_2 + o_1[None, :] * s_x_3, mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
     b_z = tl.load(p_z + i_b * s_z_0 + o_r[:, None] * s_z_1 + o_0[None, :] * s_z_2 + o_1[None, :] * s_z_3, mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
     b_D = tl.load(p_D + o_0[None, :] * s_D_0, mask=m_c[None, :], other=1.0).to(tl.float32)  # [1, BLOCK_C]
@@ -188,6 +189,7 @@ def epilogue_fwd_kernel(
     t_5 = t_1 * t_4
     out0_blk = tl.broadcast_to(t_5, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
     tl.store(out0 + i_b * out0_s0 + o_r[:, None] * out0_s1 + o_0[None, :] * out0_s2 + o_1[None, :] * out0_s3, out0_blk.to(out0.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+
 
 
 def epilogue_launch(tensors, sizes, y, out0):
@@ -1529,11 +1531,11 @@ def prologue_log_a_s_bwd_kernel(
     i_c = i_p % n_ct
     i_r = (i_p // n_ct) % n_rt
     i_b = i_p // (n_ct * n_rt)
-    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] tokens
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C] flattened H
-    m_r = o_r < n_rows
     m_c = o_c < n_cols
     o_0 = o_c  # [BLOCK_C] H
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] tokens
+    m_r = o_r < n_rows
     b_dt = tl.load(p_dt + i_b * s_dt_0 + o_r[:, None] * s_dt_1 + o_0[None, :] * s_dt_2, mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
     b_A = tl.load(p_A + o_0[None, :] * s_A_0, mask=m_c[None, :], other=1.0).to(tl.float32)  # [1, BLOCK_C]
     b_dt_bias = tl.load(p_dt_bias + o_0[None, :] * s_dt_bias_0, mask=m_c[None, :], other=1.0).to(tl.float32)  # [1, BLOCK_C]
@@ -1561,6 +1563,7 @@ def prologue_log_a_s_bwd_kernel(
     tl.store(out1 + i_b * out1_s0 + o_r[:, None] * out1_s1 + o_0[None, :] * out1_s2, out1_blk.to(out1.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
     out2_blk = tl.broadcast_to(t_13, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
     tl.store(out2 + i_b * out2_s0 + o_r[:, None] * out2_s1 + o_0[None, :] * out2_s2, out2_blk.to(out2.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+
 
 
 def prologue_log_a_s_bwd_launch(tensors, sizes, u0, u1, out0, out1, out2):
@@ -1673,8 +1676,9 @@ def prologue_bwd(tensors, sizes, grads, upstream):
 #     d_core [batch, seq, H, P] = d_out * silu(z)
 #
 # with the derivatives taken on the expression AST (ssmc.expr_grad). Gradients are written
-# per output element, in v's dtype (dy in dout's), or fp32 where torch then sums them over
-# the axes v lacks (D [H]: batch, seq, P).
+# per output element, in v's dtype (dy in dout's); a tensor without a seq axis (D [H]) gets
+# fp32 sums over groups of 64 rows from the kernel, which torch sums over the other axes it
+# lacks (batch, the groups, P).
 # y is the core's output before the epilogue (recomputed by the caller).
 #
 # Parallelisation: elementwise, as the epilogue.
@@ -1685,7 +1689,7 @@ def prologue_bwd(tensors, sizes, grads, upstream):
 def epilogue_bwd_kernel(
     out0, out0_s0, out0_s1, out0_s2, out0_s3,  # d_x [batch, seq, H, P]
     out1, out1_s0, out1_s1, out1_s2, out1_s3,  # d_z [batch, seq, H, P]
-    out2, out2_s0, out2_s1, out2_s2, out2_s3,  # d_D [batch, seq, H, P]
+    out2, out2_s0, out2_s1, out2_s2, out2_s3,  # d_D [batch, seq, H, P] summed over groups of rows
     out3, out3_s0, out3_s1, out3_s2, out3_s3,  # d_core [batch, seq, H, P]
     p_x, s_x_0, s_x_1, s_x_2, s_x_3,  # x [batch, seq, H, P]
     p_z, s_z_0, s_z_1, s_z_2, s_z_3,  # z [batch, seq, H, P]
@@ -1693,49 +1697,55 @@ def epilogue_bwd_kernel(
     u0, u0_s0, u0_s1, u0_s2, u0_s3,  # u0 [batch, seq, H, P]
     y, y_s0, y_s1, y_s2, y_s3,  # y [batch, seq, H, P]
     n_rows, n_cols, n_0, n_1,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROW_STEPS: tl.constexpr,
 ):
     i_p = tl.program_id(0).to(tl.int64)
-    n_rt = tl.cdiv(n_rows, BLOCK_R)
+    n_rt = tl.cdiv(n_rows, BLOCK_R * ROW_STEPS)  # groups of ROW_STEPS row tiles
     n_ct = tl.cdiv(n_cols, BLOCK_C)
     i_c = i_p % n_ct
     i_r = (i_p // n_ct) % n_rt
     i_b = i_p // (n_ct * n_rt)
-    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] tokens
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C] flattened H × P
-    m_r = o_r < n_rows
     m_c = o_c < n_cols
     o_0 = (o_c // (n_1))  # [BLOCK_C] H
     o_1 = o_c % n_1  # [BLOCK_C] P
-    b_x = tl.load(p_x + i_b * s_x_0 + o_r[:, None] * s_x_1 + o_0[None, :] * s_x_2 + o_1[None, :] * s_x_3, mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
-    b_z = tl.load(p_z + i_b * s_z_0 + o_r[:, None] * s_z_1 + o_0[None, :] * s_z_2 + o_1[None, :] * s_z_3, mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
-    b_D = tl.load(p_D + o_0[None, :] * s_D_0, mask=m_c[None, :], other=1.0).to(tl.float32)  # [1, BLOCK_C]
-    u0_blk = tl.load(u0 + i_b * u0_s0 + o_r[:, None] * u0_s1 + o_0[None, :] * u0_s2 + o_1[None, :] * u0_s3, mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
-    y_blk = tl.load(y + i_b * y_s0 + o_r[:, None] * y_s1 + o_0[None, :] * y_s2 + o_1[None, :] * y_s3, mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
-    t_0 = tl.exp(-tl.abs(b_z))
-    t_1 = tl.where(b_z >= 0, 1.0 / (1.0 + t_0), t_0 / (1.0 + t_0))
-    t_2 = b_z * t_1
-    t_3 = u0_blk * t_2
-    t_4 = t_3 * b_D
-    t_5 = b_D * b_x
-    t_6 = y_blk + t_5
-    t_7 = u0_blk * t_6
-    t_8 = -b_z
-    t_9 = tl.exp(-tl.abs(t_8))
-    t_10 = tl.where(t_8 >= 0, 1.0 / (1.0 + t_9), t_9 / (1.0 + t_9))
-    t_11 = b_z * t_10
-    t_12 = 1.0 + t_11
-    t_13 = t_1 * t_12
-    t_14 = t_7 * t_13
-    t_15 = t_3 * b_x
-    out0_blk = tl.broadcast_to(t_4, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
-    tl.store(out0 + i_b * out0_s0 + o_r[:, None] * out0_s1 + o_0[None, :] * out0_s2 + o_1[None, :] * out0_s3, out0_blk.to(out0.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
-    out1_blk = tl.broadcast_to(t_14, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
-    tl.store(out1 + i_b * out1_s0 + o_r[:, None] * out1_s1 + o_0[None, :] * out1_s2 + o_1[None, :] * out1_s3, out1_blk.to(out1.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
-    out2_blk = tl.broadcast_to(t_15, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
-    tl.store(out2 + i_b * out2_s0 + o_r[:, None] * out2_s1 + o_0[None, :] * out2_s2 + o_1[None, :] * out2_s3, out2_blk.to(out2.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
-    out3_blk = tl.broadcast_to(t_3, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
-    tl.store(out3 + i_b * out3_s0 + o_r[:, None] * out3_s1 + o_0[None, :] * out3_s2 + o_1[None, :] * out3_s3, out3_blk.to(out3.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+    out2_sum = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)  # d_D over the group's rows
+    for i_s in range(0, ROW_STEPS):
+        o_r = (i_r * ROW_STEPS + i_s) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] tokens
+        m_r = o_r < n_rows
+        b_x = tl.load(p_x + i_b * s_x_0 + o_r[:, None] * s_x_1 + o_0[None, :] * s_x_2 + o_1[None, :] * s_x_3, mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
+        b_z = tl.load(p_z + i_b * s_z_0 + o_r[:, None] * s_z_1 + o_0[None, :] * s_z_2 + o_1[None, :] * s_z_3, mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
+        b_D = tl.load(p_D + o_0[None, :] * s_D_0, mask=m_c[None, :], other=1.0).to(tl.float32)  # [1, BLOCK_C]
+        u0_blk = tl.load(u0 + i_b * u0_s0 + o_r[:, None] * u0_s1 + o_0[None, :] * u0_s2 + o_1[None, :] * u0_s3, mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
+        y_blk = tl.load(y + i_b * y_s0 + o_r[:, None] * y_s1 + o_0[None, :] * y_s2 + o_1[None, :] * y_s3, mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
+        t_0 = tl.exp(-tl.abs(b_z))
+        t_1 = tl.where(b_z >= 0, 1.0 / (1.0 + t_0), t_0 / (1.0 + t_0))
+        t_2 = b_z * t_1
+        t_3 = u0_blk * t_2
+        t_4 = t_3 * b_D
+        t_5 = b_D * b_x
+        t_6 = y_blk + t_5
+        t_7 = u0_blk * t_6
+        t_8 = -b_z
+        t_9 = tl.exp(-tl.abs(t_8))
+        t_10 = tl.where(t_8 >= 0, 1.0 / (1.0 + t_9), t_9 / (1.0 + t_9))
+        t_11 = b_z * t_10
+        t_12 = 1.0 + t_11
+        t_13 = t_1 * t_12
+        t_14 = t_7 * t_13
+        t_15 = t_3 * b_x
+        out0_blk = tl.broadcast_to(t_4, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
+        tl.store(out0 + i_b * out0_s0 + o_r[:, None] * out0_s1 + o_0[None, :] * out0_s2 + o_1[None, :] * out0_s3, out0_blk.to(out0.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+        out1_blk = tl.broadcast_to(t_14, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
+        tl.store(out1 + i_b * out1_s0 + o_r[:, None] * out1_s1 + o_0[None, :] * out1_s2 + o_1[None, :] * out1_s3, out1_blk.to(out1.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+        out2_blk = tl.broadcast_to(t_15, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
+        out2_sum += tl.where(m_r[:, None] & m_c[None, :], out2_blk, 0.0)
+        out3_blk = tl.broadcast_to(t_3, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
+        tl.store(out3 + i_b * out3_s0 + o_r[:, None] * out3_s1 + o_0[None, :] * out3_s2 + o_1[None, :] * out3_s3, out3_blk.to(out3.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+
+    o_r = i_r + tl.arange(0, 1)  # [1] the group's row of the partial sums
+    m_r = o_r < n_rt
+    tl.store(out2 + i_b * out2_s0 + o_r[:, None] * out2_s1 + o_0[None, :] * out2_s2 + o_1[None, :] * out2_s3, tl.sum(out2_sum, axis=0)[None, :], mask=m_r[:, None] & m_c[None, :])
 
 
 def epilogue_bwd_launch(tensors, sizes, u0, y, out0, out1, out2, out3):
@@ -1743,12 +1753,27 @@ def epilogue_bwd_launch(tensors, sizes, u0, y, out0, out1, out2, out3):
     n_rows = sizes["seq"]
     n_cols = sizes["H"] * sizes["P"]
     n_batch = sizes["batch"]
+    # the results summed over seq come back as partial sums, one row per group of rows
+    # (2 below); nothing to sum gives empty groups
+    device = tensors[0].device
     if n_rows == 0 or n_cols == 0 or n_batch == 0:
-        return
+        n_groups = 0
+        shape = list((sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]))
+        shape[1] = n_groups
+        out2 = torch.zeros(shape, device=device, dtype=torch.float32)
+        return {2: out2}
     # plain int arithmetic: triton.cdiv / next_power_of_2 cost microseconds a call on the host
     BLOCK_C = min(1 << (n_cols - 1).bit_length(), 1024)
     BLOCK_R = min(1 << (n_rows - 1).bit_length(), max(1, 4096 // BLOCK_C))
-    grid = (n_batch * -(-n_rows // BLOCK_R) * -(-n_cols // BLOCK_C),)
+    # a program adds up ROW_STEPS tiles of rows (64 rows when the tiles are short): the partial
+    # sums are 1/64 of a per-element buffer
+    row_tiles = -(-n_rows // BLOCK_R)
+    ROW_STEPS = min(max(1, 64 // BLOCK_R), 1 << (row_tiles - 1).bit_length())
+    n_groups = -(-row_tiles // ROW_STEPS)
+    grid = (n_batch * n_groups * -(-n_cols // BLOCK_C),)
+    shape = list((sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]))
+    shape[1] = n_groups
+    out2 = torch.empty(shape, device=device, dtype=torch.float32)
     # one stride tuple a tensor: t.stride(d) per axis costs more host time than t.stride()
     _st_r0 = out0.stride()
     _st_r1 = out1.stride()
@@ -1770,49 +1795,28 @@ def epilogue_bwd_launch(tensors, sizes, u0, y, out0, out1, out2, out3):
         u0, _st_o3[0], _st_o3[1], _st_o3[2], _st_o3[3],
         y, _st_o4[0], _st_o4[1], _st_o4[2], _st_o4[3],
         n_rows, n_cols, sizes["H"], sizes["P"],
-        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, ROW_STEPS=ROW_STEPS,
     )
-
-
-_EPILOGUE_BWD_ELEMENTS = 1 << 22
-"""Elements of y per run of tokens for the gradients summed over seq (fp32 temporaries)."""
+    return {2: out2}
 
 
 def epilogue_bwd(tensors, sizes, grads, y, dout):
     """dy [batch, seq, H, P] of the core from dout; grads[i] += the gradients of the skip and
-    gate tensors. y: the core's output, None when no gradient reads it. Gradients of whole
-    tensors come in their dtype, those summed over axes in fp32."""
+    gate tensors. y: the core's output, None when no gradient reads y. Gradients of whole
+    tensors come in their dtype; those summed over seq come from the kernel's fp32 sums over
+    groups of rows, summed over the rest by torch."""
     device = tensors[0].device
     parts = [
         _grad_buffer(grads, 0, (sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]), tensors[0].dtype, device),  # d_x
         _grad_buffer(grads, 4, (sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]), tensors[4].dtype, device),  # d_z
-        None,  # d_D: per run of tokens
+        None,  # d_D: summed over groups of rows by the kernel
         torch.empty((sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]), device=device, dtype=dout.dtype),  # d_core
     ]
-    T = sizes["seq"]
-    step = max(1, _EPILOGUE_BWD_ELEMENTS // max(dout[:, :1].numel(), 1))
-    full_y, full_dout, full_tensors, full_sizes = y, dout, tensors, sizes
-    sums = {}
-    for start in range(0, max(T, 1), step):
-        run = slice(start, min(T, start + step))
-        tensors = tuple(t[:, run] if shape[1:2] == ("seq",) else t for t, shape in zip(full_tensors, _SHAPES))
-        sizes = {**full_sizes, "seq": run.stop - run.start}
-        dout = full_dout[:, run]
-        y = None if full_y is None else full_y[:, run]
-        sub = [
-            parts[0][:, run],
-            parts[1][:, run],
-            torch.empty((sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]), device=device, dtype=torch.float32),  # d_D
-            parts[3][:, run],
-        ]
-        epilogue_bwd_launch(tensors, sizes, dout, y, *sub)
-        total = _grad_sum(sub[2], (0, 1, 3), (0,), (sizes["H"],))
-        sums[2] = total if 2 not in sums else sums[2] + total
-        del sub
-    y, dout, tensors, sizes = full_y, full_dout, full_tensors, full_sizes
+    partial = epilogue_bwd_launch(tensors, sizes, dout, y, *parts)
+    parts = [partial.get(i, part) for i, part in enumerate(parts)]
     _grad_add(grads, 0, _grad_sum(parts[0], (), (0, 1, 2, 3), (sizes["batch"], sizes["seq"], sizes["H"], sizes["P"])))
     _grad_add(grads, 4, _grad_sum(parts[1], (), (0, 1, 2, 3), (sizes["batch"], sizes["seq"], sizes["H"], sizes["P"])))
-    _grad_add(grads, 7, sums[2])
+    _grad_add(grads, 7, _grad_sum(parts[2], (0, 1, 3), (0,), (sizes["H"],)))
     return parts[3]
 
 
@@ -2899,9 +2903,10 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     precision = "ieee"
     # Q: the chunk of the stored states (R·H·N·P each for H_r and Λ_r), not the forward's.
     # 128: on the H100 at the Mamba-2 2.7B layer (bf16, batch 4 × T 4096) the backward took
-    # 3.8 ms at 128 against 5.0 ms at 256 (peak 391 against 336 MiB) and 97 ms at 64
-    # (docs/gpu-runs.md, sixth session)
-    Q = chunk_size or (128 if T >= 128 else 64)
+    # 3.8 ms at 128 against 5.0 ms at 256 (peak 391 against 336 MiB) and 98 ms at 64, where
+    # chunked_bwd_dx alone took 88 ms (its sm_90 build spills 2.2 KB a thread at 4 warps;
+    # docs/gpu-runs.md, sixth session): 128 for short sequences too
+    Q = chunk_size or 128
     Q = max(16, min(256, triton.next_power_of_2(Q)))
     block_m = block_m or min(Q, 64)
     block_n = block_n or max(16, min(64, triton.next_power_of_2(N)))
