@@ -25,6 +25,18 @@ COL_MASK = "m_c[None, :]"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Flat:
+    """A tensor holding every column axis of its kernel, in order: where its column strides
+    chain (stride of each = the next one's times its size, checked by the launcher) the
+    kernel's FLAT variant reads it at `o_c` times the last stride — contiguous addresses the
+    compiler can vectorise — instead of one index per axis."""
+
+    offset: str
+    chain: tuple[tuple[int, int, str], ...]
+    """(dim, next dim, the next dim's size name) for each pair of consecutive column axes."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Operand:
     """A tensor an elementwise kernel reads: where it comes from and how it is loaded."""
 
@@ -41,6 +53,7 @@ class Operand:
     tile: str
     """The loaded block's shape, for the source comment."""
     decl: str
+    flat: Flat | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,6 +72,7 @@ class Result:
     """The launcher's Python expression for the result's torch dtype."""
     text: str
     """The expression in the spec's notation, for the source comment (names validated)."""
+    flat: Flat | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -92,6 +106,11 @@ class Elementwise:
     row_sums: tuple[int, ...] = ()
     """Results summed over the row (seq) axis inside the kernel: each program adds up a group
     of rows and the launcher returns them as partial sums, [.., groups, ..] in seq's place."""
+
+    @property
+    def flat(self) -> bool:
+        """Whether some tensor has a flat column offset (the kernel then takes FLAT)."""
+        return any(t.flat is not None for t in (*self.operands, *self.results))
 
     @property
     def kernel(self) -> str:
@@ -185,6 +204,7 @@ def elementwise(
                     stride_prefix=prefixed("s_", tensor.name) + "_",
                     shape=tensor.shape,
                     index=index,
+                    kernel_cols=cols,
                 )
             )
     # an extra the expressions do not read is neither loaded nor a launcher argument
@@ -200,6 +220,7 @@ def elementwise(
                 stride_prefix=f"{extra.ptr}_s",
                 shape=extra.shape,
                 index=index,
+                kernel_cols=cols,
             )
         )
 
@@ -227,6 +248,7 @@ def elementwise(
                 constant=fold(value) is not None,
                 dtype=target.dtype,
                 text=E.show(target.expr).replace("@core", "y").replace("@", ""),
+                flat=_flat(target.shape, {k: st for st, k in strides}, index, cols),
             )
         )
     return Elementwise(
@@ -255,6 +277,7 @@ def _operand(
     index: Mapping[str, str],
     row_index: str = ROW_INDEX,
     masks: tuple[str, str] = (ROW_MASK, COL_MASK),
+    kernel_cols: tuple[str, ...] = (),
 ) -> Operand:
     terms, strides = [], []
     for k, axis in enumerate(shape):
@@ -285,7 +308,26 @@ def _operand(
         mask=mask,
         tile=tile,
         decl=decl,
+        flat=_flat(shape, {k: st for st, k in strides}, index, kernel_cols),
     )
+
+
+def _flat(
+    shape: tuple[ir.Size, ...], stride_of: Mapping[int, str], index: Mapping[str, str],
+    cols: tuple[str, ...],
+) -> Flat | None:
+    """The flat column offset of a tensor with every one of the kernel's (two or more) column
+    axes in order, else None (one column axis is contiguous already)."""
+    named = [(k, a) for k, a in enumerate(shape) if isinstance(a, str)]
+    col_dims = [(k, a) for k, a in named if a not in (ir.BATCH, ir.SEQ)]
+    if len(cols) < 2 or tuple(a for _, a in col_dims) != tuple(cols):
+        return None
+    terms = [f"{index[a]} * {stride_of[k]}" for k, a in named if a in (ir.BATCH, ir.SEQ)]
+    terms.append(f"o_c[None, :] * {stride_of[col_dims[-1][0]]}")
+    chain = tuple(
+        (k, k2, identifier(a2)) for (k, _), (k2, a2) in zip(col_dims, col_dims[1:], strict=False)
+    )
+    return Flat(offset=" + ".join(terms), chain=chain)
 
 
 # ---------------------------------------------------------------------------------------

@@ -307,14 +307,18 @@ def test_backward_in_slices(poisoned, gen) -> None:  # type: ignore[no-untyped-d
 
 
 @pytest.mark.interpret
-def test_epilogue_sums_the_skip_parameter_over_groups_of_rows(gen) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("strided", [False, True], ids=["flat", "strided"])
+def test_epilogue_sums_the_skip_parameter_over_groups_of_rows(strided: bool, gen) -> None:  # type: ignore[no-untyped-def]
     """out = (y + D x) silu(z) at 1024 columns (H·P) and T = 150: the kernel sums dD over groups
     of 64 rows (the last one short) and torch sums the groups; every gradient matches autograd
-    on the same expression in fp64."""
+    on the same expression in fp64. Strided: x's H and P axes swapped in memory, so the kernel
+    indexes every column axis (FLAT off) instead of the flat column offset."""
     checked = with_dims(parse_file(ROOT / "examples" / "mamba2.ssm"), {"H": 8, "N": 4, "P": 128})
     module = load(checked).module
     batch, T = 2, 150
     inputs = random_inputs(checked, batch=batch, seqlen=T, dtype=torch.float32, generator=gen)
+    if strided:
+        inputs["x"] = inputs["x"].transpose(2, 3).contiguous().transpose(2, 3)
     names = [t.name for t in checked.spec.tensors]
     tensors = tuple(inputs[n] for n in names)
     sizes = {"batch": batch, "seq": T, "H": 8, "G": 1, "N": 4, "P": 128}

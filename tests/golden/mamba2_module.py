@@ -106,8 +106,10 @@ def prologue_log_a_s_launch(tensors, sizes, out0, out1):
     if n_rows == 0 or n_cols == 0 or n_batch == 0:
         return
     # plain int arithmetic: triton.cdiv / next_power_of_2 cost microseconds a call on the host
+    # 1024 elements a program (8 a thread at 4 warps): at 4096 the sm_90 build of the Mamba-2
+    # epilogue's backward took 254 registers a thread, at 1024 72
     BLOCK_C = min(1 << (n_cols - 1).bit_length(), 1024)
-    BLOCK_R = min(1 << (n_rows - 1).bit_length(), max(1, 4096 // BLOCK_C))
+    BLOCK_R = min(1 << (n_rows - 1).bit_length(), max(1, 1024 // BLOCK_C))
     grid = (n_batch * -(-n_rows // BLOCK_R) * -(-n_cols // BLOCK_C),)
     # one stride tuple a tensor: t.stride(d) per axis costs more host time than t.stride()
     _st_r0 = out0.stride()
@@ -163,7 +165,7 @@ def epilogue_fwd_kernel(
     p_D, s_D_0,  # D [H]
     y, y_s0, y_s1, y_s2, y_s3,  # y [batch, seq, H, P]
     n_rows, n_cols, n_0, n_1,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, FLAT: tl.constexpr,
 ):
     i_p = tl.program_id(0).to(tl.int64)
     n_rt = tl.cdiv(n_rows, BLOCK_R)
@@ -177,10 +179,10 @@ def epilogue_fwd_kernel(
     o_1 = o_c % n_1  # [BLOCK_C] P
     o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] tokens
     m_r = o_r < n_rows
-    b_x = tl.load(p_x + i_b * s_x_0 + o_r[:, None] * s_x_1 + o_0[None, :] * s_x_2 + o_1[None, :] * s_x_3, mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
-    b_z = tl.load(p_z + i_b * s_z_0 + o_r[:, None] * s_z_1 + o_0[None, :] * s_z_2 + o_1[None, :] * s_z_3, mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
+    b_x = tl.load(p_x + (i_b * s_x_0 + o_r[:, None] * s_x_1 + o_c[None, :] * s_x_3 if FLAT else i_b * s_x_0 + o_r[:, None] * s_x_1 + o_0[None, :] * s_x_2 + o_1[None, :] * s_x_3), mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
+    b_z = tl.load(p_z + (i_b * s_z_0 + o_r[:, None] * s_z_1 + o_c[None, :] * s_z_3 if FLAT else i_b * s_z_0 + o_r[:, None] * s_z_1 + o_0[None, :] * s_z_2 + o_1[None, :] * s_z_3), mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
     b_D = tl.load(p_D + o_0[None, :] * s_D_0, mask=m_c[None, :], other=1.0).to(tl.float32)  # [1, BLOCK_C]
-    y_blk = tl.load(y + i_b * y_s0 + o_r[:, None] * y_s1 + o_0[None, :] * y_s2 + o_1[None, :] * y_s3, mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
+    y_blk = tl.load(y + (i_b * y_s0 + o_r[:, None] * y_s1 + o_c[None, :] * y_s3 if FLAT else i_b * y_s0 + o_r[:, None] * y_s1 + o_0[None, :] * y_s2 + o_1[None, :] * y_s3), mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
     t_0 = b_D * b_x
     t_1 = y_blk + t_0
     t_2 = tl.exp(-tl.abs(b_z))
@@ -188,7 +190,7 @@ def epilogue_fwd_kernel(
     t_4 = b_z * t_3
     t_5 = t_1 * t_4
     out0_blk = tl.broadcast_to(t_5, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
-    tl.store(out0 + i_b * out0_s0 + o_r[:, None] * out0_s1 + o_0[None, :] * out0_s2 + o_1[None, :] * out0_s3, out0_blk.to(out0.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+    tl.store(out0 + (i_b * out0_s0 + o_r[:, None] * out0_s1 + o_c[None, :] * out0_s3 if FLAT else i_b * out0_s0 + o_r[:, None] * out0_s1 + o_0[None, :] * out0_s2 + o_1[None, :] * out0_s3), out0_blk.to(out0.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
 
 
 
@@ -200,8 +202,10 @@ def epilogue_launch(tensors, sizes, y, out0):
     if n_rows == 0 or n_cols == 0 or n_batch == 0:
         return
     # plain int arithmetic: triton.cdiv / next_power_of_2 cost microseconds a call on the host
+    # 1024 elements a program (8 a thread at 4 warps): at 4096 the sm_90 build of the Mamba-2
+    # epilogue's backward took 254 registers a thread, at 1024 72
     BLOCK_C = min(1 << (n_cols - 1).bit_length(), 1024)
-    BLOCK_R = min(1 << (n_rows - 1).bit_length(), max(1, 4096 // BLOCK_C))
+    BLOCK_R = min(1 << (n_rows - 1).bit_length(), max(1, 1024 // BLOCK_C))
     grid = (n_batch * -(-n_rows // BLOCK_R) * -(-n_cols // BLOCK_C),)
     # one stride tuple a tensor: t.stride(d) per axis costs more host time than t.stride()
     _st_r0 = out0.stride()
@@ -209,6 +213,9 @@ def epilogue_launch(tensors, sizes, y, out0):
     _st_o1 = tensors[4].stride()
     _st_o2 = tensors[7].stride()
     _st_o3 = y.stride()
+    # FLAT: every tensor holding all the column axes has chained column strides, so the
+    # kernel reads and writes it at flat column offsets (vectorised) instead of per axis
+    FLAT = _st_r0[2] == _st_r0[3] * sizes["P"] and _st_o0[2] == _st_o0[3] * sizes["P"] and _st_o1[2] == _st_o1[3] * sizes["P"] and _st_o3[2] == _st_o3[3] * sizes["P"]
     epilogue_fwd_kernel[grid](
         out0, _st_r0[0], _st_r0[1], _st_r0[2], _st_r0[3],
         tensors[0], _st_o0[0], _st_o0[1], _st_o0[2], _st_o0[3],
@@ -216,7 +223,7 @@ def epilogue_launch(tensors, sizes, y, out0):
         tensors[7], _st_o2[0],
         y, _st_o3[0], _st_o3[1], _st_o3[2], _st_o3[3],
         n_rows, n_cols, sizes["H"], sizes["P"],
-        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, FLAT=FLAT,
     )
 
 
@@ -1574,8 +1581,10 @@ def prologue_log_a_s_bwd_launch(tensors, sizes, u0, u1, out0, out1, out2):
     if n_rows == 0 or n_cols == 0 or n_batch == 0:
         return
     # plain int arithmetic: triton.cdiv / next_power_of_2 cost microseconds a call on the host
+    # 1024 elements a program (8 a thread at 4 warps): at 4096 the sm_90 build of the Mamba-2
+    # epilogue's backward took 254 registers a thread, at 1024 72
     BLOCK_C = min(1 << (n_cols - 1).bit_length(), 1024)
-    BLOCK_R = min(1 << (n_rows - 1).bit_length(), max(1, 4096 // BLOCK_C))
+    BLOCK_R = min(1 << (n_rows - 1).bit_length(), max(1, 1024 // BLOCK_C))
     grid = (n_batch * -(-n_rows // BLOCK_R) * -(-n_cols // BLOCK_C),)
     # one stride tuple a tensor: t.stride(d) per axis costs more host time than t.stride()
     _st_r0 = out0.stride()
@@ -1697,7 +1706,7 @@ def epilogue_bwd_kernel(
     u0, u0_s0, u0_s1, u0_s2, u0_s3,  # u0 [batch, seq, H, P]
     y, y_s0, y_s1, y_s2, y_s3,  # y [batch, seq, H, P]
     n_rows, n_cols, n_0, n_1,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROW_STEPS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROW_STEPS: tl.constexpr, FLAT: tl.constexpr,
 ):
     i_p = tl.program_id(0).to(tl.int64)
     n_rt = tl.cdiv(n_rows, BLOCK_R * ROW_STEPS)  # groups of ROW_STEPS row tiles
@@ -1713,11 +1722,11 @@ def epilogue_bwd_kernel(
     for i_s in range(0, ROW_STEPS):
         o_r = (i_r * ROW_STEPS + i_s) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] tokens
         m_r = o_r < n_rows
-        b_x = tl.load(p_x + i_b * s_x_0 + o_r[:, None] * s_x_1 + o_0[None, :] * s_x_2 + o_1[None, :] * s_x_3, mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
-        b_z = tl.load(p_z + i_b * s_z_0 + o_r[:, None] * s_z_1 + o_0[None, :] * s_z_2 + o_1[None, :] * s_z_3, mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
+        b_x = tl.load(p_x + (i_b * s_x_0 + o_r[:, None] * s_x_1 + o_c[None, :] * s_x_3 if FLAT else i_b * s_x_0 + o_r[:, None] * s_x_1 + o_0[None, :] * s_x_2 + o_1[None, :] * s_x_3), mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
+        b_z = tl.load(p_z + (i_b * s_z_0 + o_r[:, None] * s_z_1 + o_c[None, :] * s_z_3 if FLAT else i_b * s_z_0 + o_r[:, None] * s_z_1 + o_0[None, :] * s_z_2 + o_1[None, :] * s_z_3), mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
         b_D = tl.load(p_D + o_0[None, :] * s_D_0, mask=m_c[None, :], other=1.0).to(tl.float32)  # [1, BLOCK_C]
-        u0_blk = tl.load(u0 + i_b * u0_s0 + o_r[:, None] * u0_s1 + o_0[None, :] * u0_s2 + o_1[None, :] * u0_s3, mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
-        y_blk = tl.load(y + i_b * y_s0 + o_r[:, None] * y_s1 + o_0[None, :] * y_s2 + o_1[None, :] * y_s3, mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
+        u0_blk = tl.load(u0 + (i_b * u0_s0 + o_r[:, None] * u0_s1 + o_c[None, :] * u0_s3 if FLAT else i_b * u0_s0 + o_r[:, None] * u0_s1 + o_0[None, :] * u0_s2 + o_1[None, :] * u0_s3), mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
+        y_blk = tl.load(y + (i_b * y_s0 + o_r[:, None] * y_s1 + o_c[None, :] * y_s3 if FLAT else i_b * y_s0 + o_r[:, None] * y_s1 + o_0[None, :] * y_s2 + o_1[None, :] * y_s3), mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
         t_0 = tl.exp(-tl.abs(b_z))
         t_1 = tl.where(b_z >= 0, 1.0 / (1.0 + t_0), t_0 / (1.0 + t_0))
         t_2 = b_z * t_1
@@ -1735,13 +1744,13 @@ def epilogue_bwd_kernel(
         t_14 = t_7 * t_13
         t_15 = t_3 * b_x
         out0_blk = tl.broadcast_to(t_4, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
-        tl.store(out0 + i_b * out0_s0 + o_r[:, None] * out0_s1 + o_0[None, :] * out0_s2 + o_1[None, :] * out0_s3, out0_blk.to(out0.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+        tl.store(out0 + (i_b * out0_s0 + o_r[:, None] * out0_s1 + o_c[None, :] * out0_s3 if FLAT else i_b * out0_s0 + o_r[:, None] * out0_s1 + o_0[None, :] * out0_s2 + o_1[None, :] * out0_s3), out0_blk.to(out0.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
         out1_blk = tl.broadcast_to(t_14, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
-        tl.store(out1 + i_b * out1_s0 + o_r[:, None] * out1_s1 + o_0[None, :] * out1_s2 + o_1[None, :] * out1_s3, out1_blk.to(out1.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+        tl.store(out1 + (i_b * out1_s0 + o_r[:, None] * out1_s1 + o_c[None, :] * out1_s3 if FLAT else i_b * out1_s0 + o_r[:, None] * out1_s1 + o_0[None, :] * out1_s2 + o_1[None, :] * out1_s3), out1_blk.to(out1.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
         out2_blk = tl.broadcast_to(t_15, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
         out2_sum += tl.where(m_r[:, None] & m_c[None, :], out2_blk, 0.0)
         out3_blk = tl.broadcast_to(t_3, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
-        tl.store(out3 + i_b * out3_s0 + o_r[:, None] * out3_s1 + o_0[None, :] * out3_s2 + o_1[None, :] * out3_s3, out3_blk.to(out3.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+        tl.store(out3 + (i_b * out3_s0 + o_r[:, None] * out3_s1 + o_c[None, :] * out3_s3 if FLAT else i_b * out3_s0 + o_r[:, None] * out3_s1 + o_0[None, :] * out3_s2 + o_1[None, :] * out3_s3), out3_blk.to(out3.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
 
     o_r = i_r + tl.arange(0, 1)  # [1] the group's row of the partial sums
     m_r = o_r < n_rt
@@ -1763,8 +1772,10 @@ def epilogue_bwd_launch(tensors, sizes, u0, y, out0, out1, out2, out3):
         out2 = torch.zeros(shape, device=device, dtype=torch.float32)
         return {2: out2}
     # plain int arithmetic: triton.cdiv / next_power_of_2 cost microseconds a call on the host
+    # 1024 elements a program (8 a thread at 4 warps): at 4096 the sm_90 build of the Mamba-2
+    # epilogue's backward took 254 registers a thread, at 1024 72
     BLOCK_C = min(1 << (n_cols - 1).bit_length(), 1024)
-    BLOCK_R = min(1 << (n_rows - 1).bit_length(), max(1, 4096 // BLOCK_C))
+    BLOCK_R = min(1 << (n_rows - 1).bit_length(), max(1, 1024 // BLOCK_C))
     # a program adds up ROW_STEPS tiles of rows (64 rows when the tiles are short): the partial
     # sums are 1/64 of a per-element buffer
     row_tiles = -(-n_rows // BLOCK_R)
@@ -1784,6 +1795,9 @@ def epilogue_bwd_launch(tensors, sizes, u0, y, out0, out1, out2, out3):
     _st_o2 = tensors[7].stride()
     _st_o3 = u0.stride()
     _st_o4 = y.stride()
+    # FLAT: every tensor holding all the column axes has chained column strides, so the
+    # kernel reads and writes it at flat column offsets (vectorised) instead of per axis
+    FLAT = _st_r0[2] == _st_r0[3] * sizes["P"] and _st_r1[2] == _st_r1[3] * sizes["P"] and _st_r2[2] == _st_r2[3] * sizes["P"] and _st_r3[2] == _st_r3[3] * sizes["P"] and _st_o0[2] == _st_o0[3] * sizes["P"] and _st_o1[2] == _st_o1[3] * sizes["P"] and _st_o3[2] == _st_o3[3] * sizes["P"] and _st_o4[2] == _st_o4[3] * sizes["P"]
     epilogue_bwd_kernel[grid](
         out0, _st_r0[0], _st_r0[1], _st_r0[2], _st_r0[3],
         out1, _st_r1[0], _st_r1[1], _st_r1[2], _st_r1[3],
@@ -1795,7 +1809,7 @@ def epilogue_bwd_launch(tensors, sizes, u0, y, out0, out1, out2, out3):
         u0, _st_o3[0], _st_o3[1], _st_o3[2], _st_o3[3],
         y, _st_o4[0], _st_o4[1], _st_o4[2], _st_o4[3],
         n_rows, n_cols, sizes["H"], sizes["P"],
-        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, ROW_STEPS=ROW_STEPS,
+        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, ROW_STEPS=ROW_STEPS, FLAT=FLAT,
     )
     return {2: out2}
 
