@@ -104,8 +104,12 @@ def test_shared_dbc(case: Case, monkeypatch) -> None:
         (SHARED[7], {"chunk_size": 32}),
         (SHARED[5], {"chunk_size": 64}),
         (SHARED[1], {"chunk_size": 64, "head_splits": 2, "stored_cc": True}),
+        (SHARED[0], {"chunk_size": 64, "warps_of": {"dx": 8, "walk": 2}, "walk_block_n": 16,
+                     "walk_block_p": 16}),
     ],
-    ids=lambda v: v.id if isinstance(v, Case) else "-".join(f"{k}{x}" for k, x in v.items()),
+    ids=lambda v: v.id if isinstance(v, Case) else "-".join(
+        f"{k}{'.'.join(map(str, x.values())) if isinstance(x, dict) else x}" for k, x in v.items()
+    ),
 )
 def test_shared_dbc_row_blocks(case: Case, options, monkeypatch) -> None:
     """Chunks of several 16-row blocks (W's tiles below the diagonal, W B along a row of

@@ -204,7 +204,7 @@ def template_vocabulary() -> frozenset[str]:
 
 TEMPLATE_WORDS = template_vocabulary()
 GENERATED = re.compile(
-    r"[A-Za-z]+_?\d+(_s\d+|_blk)?|y_s\d+|y_blk|_st_[a-z]\d+"
+    r"[A-Za-z]+_?\d+(_s\d+|_blk|_sum)?|y_s\d+|y_blk|_st_[a-z]\d+"
     r"|(prologue|epilogue)(_(log_gamma|log_a|s|x|B|C|kernel|lti_A|lti_B|lti_C|lti_dt))*"
     r"_((fwd|bwd)_)?(kernel|launch)"
 )
