@@ -436,22 +436,26 @@ class SsmcOp:
             if (planned_form, planned_chunk) == (form, chunk_size):
                 launch = planned_launch
         setup = None
+        fresh = seen is None  # a signature seen before has had its kind precompiled
         if seen is not None:
             # The module's sizes, form and chunk depend on the metadata only: bound once per
             # call signature (bind has checked it), not again on every call.
             setup = seen.setups.get((form, chunk_size))
             if setup is None:
+                fresh = True
                 setup = self.module._ssmc_setup(tensors, initial_state, cu_seqlens, form, chunk_size)
                 seen.setups[form, chunk_size] = setup
-        self._precompile(
-            ("forward", form, chunk_size, None if launch is None else tuple(sorted(launch.items()))),
-            tensors,
-            initial_state,
-            cu_seqlens,
-            lambda: self.module._ssmc_run(
-                tensors, initial_state, cu_seqlens, form, chunk_size, launch, setup
-            ),
-        )
+        if fresh:
+            frozen = None if launch is None else tuple(sorted(launch.items()))
+            self._precompile(
+                ("forward", form, chunk_size, frozen),
+                tensors,
+                initial_state,
+                cu_seqlens,
+                lambda: self.module._ssmc_run(
+                    tensors, initial_state, cu_seqlens, form, chunk_size, launch, setup
+                ),
+            )
         y, state = self.module._ssmc_run(
             tensors, initial_state, cu_seqlens, form, chunk_size, launch, setup
         )
