@@ -119,7 +119,8 @@ class Elementwise:
 
     @property
     def launcher(self) -> str:
-        """The Python function that allocates nothing and launches the kernel."""
+        """The Python function that launches the kernel (allocating only the partial sums of
+        `row_sums`, which it returns)."""
         return f"{self.name}_launch" if self.direction == "fwd" else f"{self.name}_bwd_launch"
 
 

@@ -334,3 +334,20 @@ def test_epilogue_sums_the_skip_parameter_over_groups_of_rows(strided: bool, gen
     for name, g, w in zip(("y", "x", "z", "D"), got, want, strict=True):
         assert g is not None and g.shape == w.shape, name
         assert error(g.double(), w) <= 1e-5, (name, error(g.double(), w))
+
+
+@pytest.mark.interpret
+def test_epilogue_with_no_tokens_gives_zero_parameter_gradients(gen) -> None:  # type: ignore[no-untyped-def]
+    """T = 0: no group of rows, D's gradient is zero and shaped like D (no launch)."""
+    checked = with_dims(parse_file(ROOT / "examples" / "mamba2.ssm"), {"H": 8, "N": 4, "P": 128})
+    module = load(checked).module
+    inputs = random_inputs(checked, batch=2, seqlen=0, dtype=torch.float32, generator=gen)
+    names = [t.name for t in checked.spec.tensors]
+    tensors = tuple(inputs[n] for n in names)
+    sizes = {"batch": 2, "seq": 0, "H": 8, "G": 1, "N": 4, "P": 128}
+    grads: list[torch.Tensor | None] = [None] * len(tensors)
+    empty = torch.empty(2, 0, 8, 128)
+    d_y = module.epilogue_bwd(tensors, sizes, grads, empty, empty)
+    d_D = grads[names.index("D")]
+    assert d_y.shape == (2, 0, 8, 128)
+    assert d_D is not None and d_D.shape == (8,) and torch.equal(d_D, torch.zeros(8))

@@ -1762,29 +1762,24 @@ def epilogue_bwd_launch(tensors, sizes, u0, y, out0, out1, out2, out3):
     n_rows = sizes["seq"]
     n_cols = sizes["H"] * sizes["P"]
     n_batch = sizes["batch"]
-    # the results summed over seq come back as partial sums, one row per group of rows
-    # (2 below); nothing to sum gives empty groups
-    device = tensors[0].device
-    if n_rows == 0 or n_cols == 0 or n_batch == 0:
-        n_groups = 0
-        shape = list((sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]))
-        shape[1] = n_groups
-        out2 = torch.zeros(shape, device=device, dtype=torch.float32)
-        return {2: out2}
     # plain int arithmetic: triton.cdiv / next_power_of_2 cost microseconds a call on the host
     # 1024 elements a program (8 a thread at 4 warps): at 4096 the sm_90 build of the Mamba-2
     # epilogue's backward took 254 registers a thread, at 1024 72
     BLOCK_C = min(1 << (n_cols - 1).bit_length(), 1024)
     BLOCK_R = min(1 << (n_rows - 1).bit_length(), max(1, 1024 // BLOCK_C))
-    # a program adds up ROW_STEPS tiles of rows (64 rows when the tiles are short): the partial
-    # sums are 1/64 of a per-element buffer
+    # the results summed over seq (2) come back as partial
+    # sums, one row per group of ROW_STEPS row tiles (64 rows when the tiles are short): 1/64
+    # of a per-element buffer; nothing to sum gives zero groups
     row_tiles = -(-n_rows // BLOCK_R)
     ROW_STEPS = min(max(1, 64 // BLOCK_R), 1 << (row_tiles - 1).bit_length())
     n_groups = -(-row_tiles // ROW_STEPS)
     grid = (n_batch * n_groups * -(-n_cols // BLOCK_C),)
+    device = tensors[0].device
     shape = list((sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]))
     shape[1] = n_groups
     out2 = torch.empty(shape, device=device, dtype=torch.float32)
+    if grid[0] == 0:
+        return {2: out2.zero_()}
     # one stride tuple a tensor: t.stride(d) per axis costs more host time than t.stride()
     _st_r0 = out0.stride()
     _st_r1 = out1.stride()
