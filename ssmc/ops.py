@@ -473,8 +473,11 @@ class SsmcOp:
         optional inputs, device) on a GPU: `call` once with its kernels compiled side by side
         and none launched (the module's `precompile`), so a cold start compiles in parallel.
         Later calls of the kind skip this; a kernel a later shape specialises anew compiles
-        at its launch, as without it."""
+        at its launch, as without it. Not while a CUDA graph is being captured: the run's
+        torch work would be captured with it."""
         if self.interpreted or not tensors[0].is_cuda:
+            return
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return
         key = (
             *kind,

@@ -201,3 +201,15 @@ def test_the_first_call_of_each_kind_is_precompiled_once(monkeypatch) -> None:
     op._precompile(("forward", "chunked", 64, {"num_warps": [4]}), tensors, None, None,
                    lambda: "unhashable")
     assert calls == ["forward", "forward", "backward"]
+
+
+def test_no_precompile_while_a_cuda_graph_is_captured(monkeypatch) -> None:
+    """During capture the compile-only run's torch work would join the graph: skipped."""
+    op = load(with_dims(parse_file(ROOT / "examples" / "mamba2.ssm"), {"H": 2, "N": 4, "P": 4}))
+    monkeypatch.setattr(op, "interpreted", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    calls: list[str] = []
+    monkeypatch.setattr(op.module, "precompile", lambda call: calls.append(call()))
+    op._precompile(("forward", "chunked", 64, None), [_CudaLike()], None, None, lambda: "ran")
+    assert calls == []
