@@ -37,12 +37,23 @@ def profile_steps(name: str, run, inputs: dict[str, torch.Tensor]) -> None:
         for _ in range(STEPS):
             torch.autograd.backward(run(leaves), dy)
         torch.cuda.synchronize()
-    rows = [e for e in prof.key_averages() if e.device_time_total > 0]
-    rows.sort(key=lambda e: -e.device_time_total)
+    rows = kernel_rows(prof)
     total = sum(e.device_time_total for e in rows) / STEPS / 1000
     print(f"\n== {name}: {total:.3f} ms of kernels per forward + backward")
-    for e in rows[:25]:
-        print(f"  {e.device_time_total / STEPS / 1000:8.3f} ms  x{e.count // STEPS:<3} {e.key[:90]}")
+    print_kernels(rows[:25], STEPS, "  ")
+
+
+def kernel_rows(prof) -> list:
+    """The profiled kernels with device time, slowest first."""
+    rows = [e for e in prof.key_averages() if e.device_time_total > 0]
+    return sorted(rows, key=lambda e: -e.device_time_total)
+
+
+def print_kernels(rows: list, steps: int, indent: str) -> None:
+    """One line per kernel: ms and launches per step, name."""
+    for e in rows:
+        print(f"{indent}{e.device_time_total / steps / 1000:8.3f} ms  x{e.count // steps:<3} "
+              f"{e.key[:90]}")
 
 
 SWEEP = ({}, {"head_splits": 1}, {"head_splits": 4}, {"head_splits": 8},
@@ -85,10 +96,7 @@ def sweep_launch(op, inputs: dict[str, torch.Tensor], sweep=SWEEP) -> None:
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     call()
                     torch.cuda.synchronize()
-                rows = sorted((e for e in prof.key_averages() if e.device_time_total > 0),
-                              key=lambda e: -e.device_time_total)
-                for e in rows[:8]:
-                    print(f"      {e.device_time_total / 1000:8.3f} ms  x{e.count:<3} {e.key[:70]}")
+                print_kernels(kernel_rows(prof)[:8], 1, "      ")
         except Exception as exc:  # noqa: BLE001 — an option that cannot launch is reported
             print(f"  failed   {opts}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
 

@@ -264,8 +264,8 @@ class _Shape:
         self.grad_y = torch.randn(y_shape, generator=generator).to(device)
         self.y_ref, self.state_ref, self.grads_ref = _reference_by_rows(
             checked, exact, self.grad_y, self.ref_chunk, config.backward)
-        y = self.y_ref
-        self.io_bytes = sum(t.nbytes for t in self.inputs.values()) + y.numel() * _size(dtype)
+        self.io_bytes = (sum(t.nbytes for t in self.inputs.values())
+                         + self.y_ref.numel() * _size(dtype))
         if self.state_ref is not None:
             self.io_bytes += self.state_ref.numel() * 4
         self._core: Tensor | None = None

@@ -445,20 +445,18 @@ class SsmcOp:
                 fresh = True
                 setup = self.module._ssmc_setup(tensors, initial_state, cu_seqlens, form, chunk_size)
                 seen.setups[form, chunk_size] = setup
+
+        def forward() -> Any:
+            return self.module._ssmc_run(
+                tensors, initial_state, cu_seqlens, form, chunk_size, launch, setup
+            )
+
         if fresh:
             frozen = None if launch is None else tuple(sorted(launch.items()))
             self._precompile(
-                ("forward", form, chunk_size, frozen),
-                tensors,
-                initial_state,
-                cu_seqlens,
-                lambda: self.module._ssmc_run(
-                    tensors, initial_state, cu_seqlens, form, chunk_size, launch, setup
-                ),
+                ("forward", form, chunk_size, frozen), tensors, initial_state, cu_seqlens, forward
             )
-        y, state = self.module._ssmc_run(
-            tensors, initial_state, cu_seqlens, form, chunk_size, launch, setup
-        )
+        y, state = forward()
         return (y, state) if self.checked.spec.final_state else y
 
     def _precompile(
