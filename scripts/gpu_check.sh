@@ -9,6 +9,7 @@
 #   autotune  Mamba-2 2.7B / Mamba-1 shapes: planner vs best measured (scripts/gpu_autotune.py)
 #   probe     the fused backward per launch knob at MQAR's shapes, fault-isolated (gpu_bwd_probe.py)
 #   profile   per-kernel time of fwd+bwd vs mamba_ssm, chunked_bwd launch sweep (gpu_bwd_profile.py)
+#   fwdprofile  per-kernel time of one spec's forward vs its peer (gpu_fwd_profile.py SPEC [args])
 #   decode    one decode step vs mamba_ssm's selective_state_update, HBM floor, wall time (bench_decode.py)
 #   compile   cold (empty caches) load + first fwd/bwd, and warm load, in fresh processes (compile_time.py)
 #   all       the three in order
@@ -70,6 +71,10 @@ fi
 if [[ $stage == profile ]]; then
     python3 scripts/gpu_bwd_profile.py --mamba-src "$mamba_src" "$@" 2>&1 | grep -v -i warn \
         | tee "$out/profile.log" || status=1
+fi
+if [[ $stage == fwdprofile ]]; then
+    python3 scripts/gpu_fwd_profile.py --mamba-src "$mamba_src" "$@" 2>&1 | grep -v -i warn \
+        | tee "$out/fwdprofile.log" || status=1
 fi
 if [[ $stage == decode ]]; then
     python3 scripts/bench_decode.py --mamba-src "$mamba_src" --json "$out/decode.json" "$@" 2>&1 \

@@ -1,0 +1,94 @@
+"""Where the forward spends its GPU time: per-kernel CUDA time of ssmc and of a peer.
+
+Ten forward calls of a spec's op under torch.profiler after a warm-up, kernels sorted by
+total CUDA time per call; the peer (FLA `chunk_gla` for a diagonal decay, mamba_ssm's
+`mamba_chunk_scan_combined` for a scalar one) on the same core tensors beside it.
+
+    python scripts/gpu_fwd_profile.py examples/gla.ssm --batch 8 --seqlen 2048 \\
+        --dim H=16 --dim N=128 --dim P=128
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_bwd_profile import kernel_rows, print_kernels  # noqa: E402
+
+from ssmc import ir  # noqa: E402
+from ssmc.bench import fp32_tensors  # noqa: E402
+from ssmc.bench_peers import import_fla, import_mamba  # noqa: E402
+from ssmc.load import load  # noqa: E402
+from ssmc.pipeline import parse_file, with_dims  # noqa: E402
+from ssmc.reference import random_inputs  # noqa: E402
+
+STEPS = 10
+
+
+def profile_forward(name: str, run) -> None:
+    """Print the kernels of STEPS forward calls, by CUDA time per call."""
+    with torch.no_grad():
+        for _ in range(3):
+            run()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(STEPS):
+                run()
+            torch.cuda.synchronize()
+    rows = kernel_rows(prof)
+    total = sum(e.device_time_total for e in rows) / STEPS / 1000
+    print(f"\n== {name}: {total:.3f} ms of kernels per forward", flush=True)
+    print_kernels(rows[:20], STEPS, "  ")
+
+
+def fla_gla(inputs: dict[str, torch.Tensor]):
+    """FLA chunk_gla on the GLA example's tensors, its gate log-sigmoid taken outside."""
+    kernels, _ = import_fla()
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    g = (F.logsigmoid(inputs["g"].float()) / 16).contiguous()
+    return lambda: kernels["gla"](q, k, v, g=g, scale=0.125, output_final_state=False)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("spec")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--mamba-src", default=None)
+    args = parser.parse_args()
+    dims = {k: int(v) for k, v in (d.split("=", 1) for d in args.dim)}
+    checked = with_dims(parse_file(args.spec), dims)
+    dtype = getattr(torch, args.dtype)
+    drawn = random_inputs(checked, batch=args.batch, seqlen=args.seqlen,
+                          generator=torch.Generator().manual_seed(0))
+    drawn.pop("initial_state", None)
+    wide = fp32_tensors(checked)  # params and what the decay reads stay fp32, as in ssmc bench
+    inputs = {k: v.to("cuda", torch.float32 if k in wide else dtype) for k, v in drawn.items()}
+    op = load(checked)
+    print(f"{args.spec} batch {args.batch} seqlen {args.seqlen} dims {dims} {args.dtype}")
+    profile_forward("ssmc chunked", lambda: op(**inputs, form="chunked"))
+    mask = checked.spec.mask
+    try:
+        if isinstance(mask, ir.DiagonalSemiseparable) and {"q", "k", "v", "g"} <= inputs.keys():
+            profile_forward("fla chunk_gla", fla_gla(inputs))
+        elif isinstance(mask, ir.ScalarSemiseparable) and args.mamba_src:
+            mamba, _ = import_mamba(args.mamba_src)
+            t = inputs
+            profile_forward("mamba_ssm", lambda: mamba(
+                t["x"], t["dt"], t["A"], t["B"], t["C"], chunk_size=256, D=t.get("D"),
+                z=t.get("z"), dt_bias=t.get("dt_bias"), dt_softplus=True))
+    except ImportError as exc:
+        print(f"peer not available: {exc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
