@@ -36,6 +36,8 @@ def main() -> int:
     parser.add_argument("--block-n", type=int, default=32)
     parser.add_argument("--p", type=int, default=64, help="the padded head dim (dB/dC hold all of it)")
     parser.add_argument("--dla", default="straddle", choices=("suffix", "straddle"))
+    parser.add_argument("--forward", action="store_true",
+                        help="the forward's kernels (chunked_diag_fwd) as launched, instead")
     args = parser.parse_args()
     straddle = args.dla == "straddle"
     source = "\n\n".join(render_stage(n) for n in ("chunked_diag", "adjoint", "chunked_diag_bwd"))
@@ -49,6 +51,9 @@ def main() -> int:
         usage = compile_bwd.resources(kernel, pointers, consts, warps, args.arch)
         print(f"{name} warps={warps}: {usage}")
 
+    if args.forward:
+        forward(module, show, half, f32, i64, args)
+        return 0
     walk = dict(key=half, value=half, s=f32, log_a=f32, states=half, tiles=i64, first=i64,
                 initial=f32, final=f32, fwd_states=half, boundary=f32)  # fmt: skip
     for reverse in (False, True):
@@ -77,6 +82,24 @@ def main() -> int:
         consts = {**base, "HAS_S": True, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_P": min(32, args.p)}
         show("chunked_diag_bwd_dla", module.chunked_diag_bwd_dla_kernel, dla, consts, 8)
     return 0
+
+
+def forward(module, show, half: str, f32: str, i64: str, args: argparse.Namespace) -> None:
+    """The forward's state walk, intra-chunk block and scan with their default tiles."""
+    precision = "ieee" if args.dtype == "fp32" else "tf32"
+    walk = dict(x=half, s=f32, B=half, cs=f32, states=half if args.dtype != "fp32" else f32,
+                tiles=i64, first=i64, initial_state=f32, final_state=f32)  # fmt: skip
+    consts = {"HAS_S": True, "HAS_INITIAL": True, "HAS_FINAL": True, "DOT_PRECISION": precision,
+              "BLOCK_T": args.chunk, "BLOCK_N": 64, "BLOCK_P": 64}  # fmt: skip
+    show("chunked_diag_state", module.chunked_diag_state_fwd_kernel, walk, consts, 4)
+    intra = dict(B=half, C=half, cs=f32, A=f32, tiles=i64)
+    consts = {"DOT_PRECISION": precision, "SPREAD_MAX": 30.0, "BLOCK_T": args.chunk,
+              "BLOCK_C": 16, "BLOCK_N": 64}  # fmt: skip
+    show("chunked_diag_intra", module.chunked_diag_intra_fwd_kernel, intra, consts, 4)
+    scan = dict(x=half, s=f32, C=half, cs=f32, states=walk["states"], A=f32, out=half, tiles=i64)
+    consts = {"HAS_S": True, "DOT_PRECISION": precision, "BLOCK_T": args.chunk,
+              "BLOCK_M": min(args.chunk, 64), "BLOCK_N": 64, "BLOCK_P": 64}  # fmt: skip
+    show("chunked_diag_scan", module.chunked_diag_scan_fwd_kernel, scan, consts, 4)
 
 
 if __name__ == "__main__":

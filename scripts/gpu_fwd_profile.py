@@ -55,6 +55,62 @@ def fla_gla(inputs: dict[str, torch.Tensor]):
     return lambda: kernels["gla"](q, k, v, g=g, scale=0.125, output_final_state=False)
 
 
+DIAG_SWEEP = {
+    "state": [{}, {"block_n": 32, "block_p": 64}, {"block_n": 64, "block_p": 32},
+              {"block_n": 32, "block_p": 64, "num_warps": 4}, {"num_warps": 4},
+              {"block_n": 128, "block_p": 64}, {"block_n": 64, "block_p": 128}],
+    "intra": [{}, {"block_n": 64}, {"block_n": 64, "num_warps": 8}, {"num_warps": 8},
+              {"block_n": 16}, {"num_warps": 2}],
+    "scan": [{}, {"block_m": 32}, {"num_warps": 8}, {"block_n": 32}, {"block_p": 32},
+             {"block_n": 128, "num_warps": 8}, {"block_m": 32, "num_warps": 8}],
+}
+
+
+def diag_sweep(op, dims: dict[str, int], batch: int, T: int, dtype: torch.dtype,
+               chunk: int) -> None:
+    """Median ms of each chunked_diag stage alone per launch option, on core tensors
+    [batch, T, H, N or P] (every head its own group)."""
+    import triton.testing
+
+    mod = op.module
+    H, N, P = dims["H"], dims["N"], dims["P"]
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x, B, C = (torch.randn(batch, T, H, d, device="cuda", generator=g).to(dtype)
+               for d in (P, N, N))
+    log_a = -torch.rand(batch, T, H, N, device="cuda", generator=g) / 8
+    tiles, first = mod.seq_tiles(None, batch, T, chunk, x.device)
+    prec = "tf32" if dtype != torch.float32 else "ieee"
+    cs = mod.chunked_diag_cumsum_fwd(log_a, tiles=tiles, chunk_size=chunk, block_n=64)
+    tile = {"chunk_size": chunk, "block_n": 64, "block_p": 64}
+    states = mod.chunked_diag_state_fwd(x, None, B, C, cs=cs, tiles=tiles, first=first, heads=H,
+                                        initial_state=None, final_state=None,
+                                        dot_precision=prec, **tile)
+    A = mod.chunked_diag_intra_fwd(B, C, cs=cs, tiles=tiles, heads=H, chunk_size=chunk,
+                                   dot_precision=prec)
+    out = torch.empty_like(x)
+    calls = {
+        "state": lambda o: mod.chunked_diag_state_fwd(
+            x, None, B, C, cs=cs, tiles=tiles, first=first, heads=H, initial_state=None,
+            final_state=None, dot_precision=prec, **{**tile, **o}),
+        "intra": lambda o: mod.chunked_diag_intra_fwd(
+            B, C, cs=cs, tiles=tiles, heads=H, chunk_size=chunk, dot_precision=prec, **o),
+        "scan": lambda o: mod.chunked_diag_scan_fwd(
+            x, None, C, cs=cs, states=states, A=A, tiles=tiles, heads=H, out=out,
+            dot_precision=prec, **{**tile, **o}),
+        "cumsum": lambda o: mod.chunked_diag_cumsum_fwd(
+            log_a, tiles=tiles, chunk_size=chunk, **{"block_n": 64, **o}),
+    }
+    print(f"\n== chunked_diag stages alone (ms, median), chunk {chunk}", flush=True)
+    for stage, options in (*DIAG_SWEEP.items(), ("cumsum", [{}, {"block_n": 32}])):
+        for o in options:
+            try:
+                ms = triton.testing.do_bench(lambda s=stage, o=o: calls[s](o), warmup=5, rep=40,
+                                             return_mode="median")
+                print(f"  {stage:7s} {ms:8.3f} ms  {o or 'defaults'}", flush=True)
+            except Exception as exc:  # noqa: BLE001 — an option that cannot launch is reported
+                print(f"  {stage:7s} failed  {o}: {type(exc).__name__}: {str(exc)[:100]}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("spec")
@@ -63,6 +119,8 @@ def main() -> int:
     parser.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--mamba-src", default=None)
+    parser.add_argument("--diag-sweep", action="store_true",
+                        help="also time each chunked_diag stage alone per launch option")
     args = parser.parse_args()
     dims = {k: int(v) for k, v in (d.split("=", 1) for d in args.dim)}
     checked = with_dims(parse_file(args.spec), dims)
@@ -76,6 +134,9 @@ def main() -> int:
     print(f"{args.spec} batch {args.batch} seqlen {args.seqlen} dims {dims} {args.dtype}")
     profile_forward("ssmc chunked", lambda: op(**inputs, form="chunked"))
     mask = checked.spec.mask
+    if args.diag_sweep:
+        for chunk in (64, 128):
+            diag_sweep(op, dims, args.batch, args.seqlen, dtype, chunk)
     try:
         if isinstance(mask, ir.DiagonalSemiseparable) and {"q", "k", "v", "g"} <= inputs.keys():
             profile_forward("fla chunk_gla", fla_gla(inputs))

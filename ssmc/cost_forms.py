@@ -148,18 +148,18 @@ def chunked(s: Sizes, Q: int) -> tuple[Launch, ...]:
 
 
 def chunked_diagonal(s: Sizes, Q: int) -> tuple[Launch, ...]:
-    """The chunked form for a diagonal decay (templates/chunked_diag.py.jinja), five
-    launches: cs per chunk; chunk states S_r; state passing along each sequence (in
-    place, the next chunk's loads issued before this one's store); the masked block
-    A = Σ_n C B exp(cs_i − cs_j) once per A-group in 16-row sub-chunks; y = A X̄ +
-    (C ⊙ exp(cs)) H_r. cs, A and the states are fp32 buffers.
+    """The chunked form for a diagonal decay (templates/chunked_diag.py.jinja), four
+    launches: cs per chunk (fp32); the state walk along each sequence with H in registers,
+    storing the state entering each chunk (16-bit when C is), one dot per chunk; the
+    masked block A = Σ_n C B exp(cs_i − cs_j) once per A-group (fp32), a program per
+    16-row sub-chunk with one dot against all earlier keys and one for its own sub-chunk
+    per n tile (a direct broadcast where a decay is too strong to factor); y = A X̄ +
+    (C ⊙ exp(cs)) H_r per (chunk, head, row block, P tile).
 
-    The A and scan programs are many and small (Mamba-1: tokens × H / 16 and / 32), so
-    their time is waves × one program's chain, and the chain grows with Q: sub-chunk i
-    of A walks the i sub-chunks before it, row block m of the scan the m + 1 column
-    blocks up to the diagonal, each step waiting for its loads and dot (their means,
-    rounded up: programs of one sub-chunk or row block share a wave). How many fit an
-    SM follows from the tiles the launchers default (`resident`)."""
+    The A and scan programs are many and small (Mamba-1: tokens × H / 16 and / 64), so
+    their time is waves × one program's chain: the n tiles of an A program and the
+    column blocks of a scan row block, each step waiting for its loads and dot. How many
+    fit an SM follows from the tiles the launchers default (`resident`)."""
     spec = s.spec
     R = s.seqs * cdiv(s.T, Q)
     q, k, _, d = s.groups
@@ -167,16 +167,18 @@ def chunked_diagonal(s: Sizes, Q: int) -> tuple[Launch, ...]:
     bn, bp = clamp(s.N, MMA, 64), clamp(s.P, MMA, 64)
     n_tiles, p_tiles = cdiv(s.N, bn), cdiv(s.P, bp)
     cs = R * Q * s.a_row
-    states = R * s.H * s.N * s.P * STATE_BYTES
+    states = R * s.H * s.N * s.P * _held_bytes(s)
     ends = s.state * (spec.initial_state + spec.final_state)
     ns = max(1, Q // SUB_CHUNK)
     blocks = R * ga * Q * Q * STATE_BYTES
-    bm = min(Q, 32)
+    bm = min(Q, 64)
     nm = Q // bm
-    # chunked_diag_intra_fwd: 2 warps, n in steps of 16 (N ≤ 16) or 32; the diagonal
-    # block is a [16, 16, BLOCK_N] broadcast (two such temporaries live at once).
+    chunks = cdiv(s.T, Q)
+    walkers = s.seqs * s.H * n_tiles * p_tiles
+    walk_warps = 8 if bn * bp >= 4096 else 4
+    # chunked_diag_intra_fwd: 4 warps, n in tiles of 16 (N ≤ 16) or 32
     bn_intra = 16 if s.N <= 16 else 32
-    intra_values = 2 * SUB_CHUNK * SUB_CHUNK * bn_intra + 3 * SUB_CHUNK * bn_intra
+    intra_values = 3 * Q * bn_intra + 4 * SUB_CHUNK * bn_intra + SUB_CHUNK * Q
     scan_values = bm * (2 * bp + bm + 2 * bn) + bn * bp
     state_values = Q * (3 * bn + bp) + bn * bp
     return (
@@ -189,31 +191,24 @@ def chunked_diagonal(s: Sizes, Q: int) -> tuple[Launch, ...]:
         ),
         Launch(
             name="chunked_diag_state",
-            matmul_flops=R * s.H * n_tiles * p_tiles * mm(bn, bp, Q),
-            scalar_flops=R * s.H * p_tiles * Q * s.N * 3,
-            bytes=(s.k_row + s.x_row) * s.tokens + cs + states,
-            programs=R * s.H * n_tiles * p_tiles,
-            phases=2,
-            resident=resident(4, state_values),
-        ),
-        Launch(
-            name="chunked_diag_passing",
-            scalar_flops=R * s.H * s.N * s.P * 2,
-            bytes=2 * states + ends + R * d * s.N * STATE_BYTES,
-            programs=s.seqs * s.H * n_tiles * p_tiles,
-            serial_steps=cdiv(s.T, Q),
-            resident=SMALL_RESIDENT // 2,
+            matmul_flops=walkers * chunks * mm(bn, bp, Q),
+            scalar_flops=s.seqs * s.H * p_tiles * chunks * (3 * Q * s.N + 2 * s.N * bp),
+            bytes=(s.k_row + s.x_row) * s.tokens + cs + states + ends,
+            programs=walkers,
+            serial_steps=chunks,
+            step_round_trips=1,
+            resident=resident(walk_warps, state_values),
         ),
         Launch(
             name="chunked_diag_intra",
-            matmul_flops=R * ga * (ns * (ns - 1) // 2) * mm(SUB_CHUNK, SUB_CHUNK, s.N),
-            scalar_flops=R * ga * s.N * SUB_CHUNK * (ns * (ns - 1) * 3 // 2 + 4 * SUB_CHUNK * ns),
+            matmul_flops=R * ga * ns * (mm(SUB_CHUNK, Q, s.N) + mm(SUB_CHUNK, SUB_CHUNK, s.N)),
+            scalar_flops=R * ga * ns * s.N * (Q + 2 * SUB_CHUNK) * 3,
             bytes=(s.q_row + s.k_row) * s.tokens + cs + blocks,
             programs=R * ga * ns,
             phases=2,
-            serial_steps=ns // 2,
+            serial_steps=cdiv(s.N, bn_intra),
             step_round_trips=1,
-            resident=resident(2, intra_values),
+            resident=resident(4, intra_values),
         ),
         Launch(
             name="chunked_diag_scan",
@@ -225,7 +220,7 @@ def chunked_diagonal(s: Sizes, Q: int) -> tuple[Launch, ...]:
             bytes=(s.q_row + s.x_row + s.y_row) * s.tokens + cs + blocks + states,
             programs=R * s.H * p_tiles * nm,
             phases=2,
-            serial_steps=nm // 2 + 1,
+            serial_steps=cdiv(s.N, bn) + nm // 2,
             step_round_trips=1,
             resident=resident(4, scan_values),
         ),

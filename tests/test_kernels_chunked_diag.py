@@ -70,6 +70,7 @@ class Case:
     block_m: int | None = None  # rows of y per scan program (default min(chunk, 64))
     groups: tuple[int, int, int, int] = (4, 4, 4, 4)  # (Gv, Gk, Gq, Gd)
     P: int = 16
+    N: int = 16
     scale: bool = True
     h0: bool = True
     ht: bool = True
@@ -102,13 +103,16 @@ CASES = [
     Case("strong-decay", strongest=8.0, T=64),
     Case("strong-decay-chunk64", strongest=8.0, T=64, chunk=64),
     Case("extreme-decay", strongest=60.0, T=40),
+    # state dims that are not a power of two, and more than one n tile (BLOCK_N ≤ 64)
+    Case("N40", N=40, T=50, chunk=32),
+    Case("N80-strong-decay", N=80, T=40, chunk=32, strongest=4.0),
 ]
 
 
 def make_inputs(case: Case):
     g = torch.Generator().manual_seed(zlib.crc32(case.id.encode()))
     Gv, Gk, Gq, Gd = case.groups
-    batch, H, N, P, T = 2, 4, 16, case.P, case.T
+    batch, H, N, P, T = 2, 4, case.N, case.P, case.T
     cu_seqlens = None
     if case.seqlens:
         batch, T = 1, sum(case.seqlens)
