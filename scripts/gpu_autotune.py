@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 MAMBA2_SHAPES = ((8, 2048), (4, 4096), (2, 8192), (1, 16384), (16, 256), (64, 64))
 """The 2.7B layer's four 16384-token shapes, and short T where the quadratic form may win."""
-MAMBA1_SHAPES = ((2, 4096), (8, 2048), (1, 16384), (16, 256))
+MAMBA1_SHAPES = ((2, 4096), (8, 2048), (1, 16384), (16, 256), (2, 512))
 MAMBA1_WIDE = ({"H": 1536}, ((2, 2048), (1, 8192)))
 """Mamba-1 with the channel count of a real layer (d_inner of the 130M model)."""
 TINY = (

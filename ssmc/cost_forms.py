@@ -175,8 +175,7 @@ def chunked_diagonal(s: Sizes, Q: int) -> tuple[Launch, ...]:
     nm = Q // bm
     chunks = cdiv(s.T, Q)
     walkers = s.seqs * s.H * n_tiles * p_tiles
-    walk_warps = 8 if bn * bp >= 4096 else 4
-    # chunked_diag_intra_fwd: 4 warps, n in tiles of 16 (N ≤ 16) or 32
+    # chunked_diag_intra_fwd: 2 warps, n in tiles of 16 (N ≤ 16) or 32
     bn_intra = 16 if s.N <= 16 else 32
     intra_values = 3 * Q * bn_intra + 4 * SUB_CHUNK * bn_intra + SUB_CHUNK * Q
     scan_values = bm * (2 * bp + bm + 2 * bn) + bn * bp
@@ -197,7 +196,7 @@ def chunked_diagonal(s: Sizes, Q: int) -> tuple[Launch, ...]:
             programs=walkers,
             serial_steps=chunks,
             step_round_trips=1,
-            resident=resident(walk_warps, state_values),
+            resident=resident(4, state_values),
         ),
         Launch(
             name="chunked_diag_intra",
@@ -208,7 +207,7 @@ def chunked_diagonal(s: Sizes, Q: int) -> tuple[Launch, ...]:
             phases=2,
             serial_steps=cdiv(s.N, bn_intra),
             step_round_trips=1,
-            resident=resident(4, intra_values),
+            resident=resident(2, intra_values),
         ),
         Launch(
             name="chunked_diag_scan",
