@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU machine, one call per stage: install the carried wheels, then
-#   tests     the kernel tests (marked interpret/gpu) compiled on the GPU
+#   tests     the kernel tests (marked interpret/gpu) compiled on the GPU [test paths]
 #   validate  every example at real sizes against fp64 (scripts/gpu_validate.py)
 #   bench     SSD forward vs mamba_ssm and FLA (scripts/bench_ssd.py), then `ssmc bench`
 #   parallel  context parallelism over every GPU vs one (scripts/gpu_parallel.py)
@@ -32,7 +32,10 @@ mamba_src=$(ls -d .whl/mamba/mamba_ssm-*/ 2>/dev/null | head -n 1)
 
 status=0
 if [[ $stage == tests || $stage == all ]]; then
-    python3 -m pytest -q -m "interpret or gpu" tests -p no:cacheprovider "$@" 2>&1 \
+    # test paths given narrow the run (tests/test_x.py ...); else the whole folder
+    paths=tests
+    for a in "$@"; do [[ $a == tests* ]] && paths=; done
+    python3 -m pytest -q -m "interpret or gpu" $paths -p no:cacheprovider "$@" 2>&1 \
         | tee "$out/pytest.log" | tail -n 25 || status=1
 fi
 if [[ $stage == validate || $stage == all ]]; then
