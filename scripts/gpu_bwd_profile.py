@@ -30,17 +30,24 @@ def profile_steps(name: str, run, inputs: dict[str, torch.Tensor]) -> None:
     """Print the kernels of STEPS forward + backward steps, by CUDA time per step."""
     leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
     dy = torch.randn_like(inputs["x"])
+    profile_calls(f"{name}: {{:.3f}} ms of kernels per forward + backward",
+                  lambda: torch.autograd.backward(run(leaves), dy), top=25)
+
+
+def profile_calls(title: str, call, top: int) -> None:
+    """Three warm-up calls, then STEPS calls under torch.profiler: the `top` kernels by CUDA
+    time per call, under `title` formatted with the total ms per call."""
     for _ in range(3):
-        torch.autograd.backward(run(leaves), dy)
+        call()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(STEPS):
-            torch.autograd.backward(run(leaves), dy)
+            call()
         torch.cuda.synchronize()
     rows = kernel_rows(prof)
     total = sum(e.device_time_total for e in rows) / STEPS / 1000
-    print(f"\n== {name}: {total:.3f} ms of kernels per forward + backward")
-    print_kernels(rows[:25], STEPS, "  ")
+    print("\n== " + title.format(total), flush=True)
+    print_kernels(rows[:top], STEPS, "  ")
 
 
 def kernel_rows(prof) -> list:

@@ -16,35 +16,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_bwd_profile import kernel_rows, print_kernels  # noqa: E402
+from ssmc import ir
+from ssmc.bench import fp32_tensors
+from ssmc.bench_peers import import_fla, import_mamba
+from ssmc.load import load
+from ssmc.pipeline import parse_file, with_dims
+from ssmc.reference import random_inputs
 
-from ssmc import ir  # noqa: E402
-from ssmc.bench import fp32_tensors  # noqa: E402
-from ssmc.bench_peers import import_fla, import_mamba  # noqa: E402
-from ssmc.load import load  # noqa: E402
-from ssmc.pipeline import parse_file, with_dims  # noqa: E402
-from ssmc.reference import random_inputs  # noqa: E402
-
-STEPS = 10
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script below
+from gpu_bwd_profile import profile_calls  # noqa: E402
 
 
 def profile_forward(name: str, run) -> None:
-    """Print the kernels of STEPS forward calls, by CUDA time per call."""
+    """Print the kernels of ten forward calls (no autograd), by CUDA time per call."""
     with torch.no_grad():
-        for _ in range(3):
-            run()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(STEPS):
-                run()
-            torch.cuda.synchronize()
-    rows = kernel_rows(prof)
-    total = sum(e.device_time_total for e in rows) / STEPS / 1000
-    print(f"\n== {name}: {total:.3f} ms of kernels per forward", flush=True)
-    print_kernels(rows[:20], STEPS, "  ")
+        profile_calls(f"{name}: {{:.3f}} ms of kernels per forward", run, top=20)
 
 
 def fla_gla(inputs: dict[str, torch.Tensor]):
