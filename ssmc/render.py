@@ -24,7 +24,7 @@ import jinja2
 
 from ssmc import ir
 from ssmc.decode_fusion import decode_fusion
-from ssmc.elementwise import Backward
+from ssmc.elementwise import Backward, Elementwise
 from ssmc.expr_triton import UnsafeNameError, identifier
 from ssmc.resources import data_dir, template_dir
 from ssmc.roles import (
@@ -293,14 +293,25 @@ def render_module(checked: ir.CheckedSpec, *, versions: Mapping[str, str] | None
     }
     pro = prologue(checked)
     epi = epilogue(checked)
-    stages = [render_stage("prologue", kernels=pro.kernels, core=pro.core, lti=pro.lti)]
+    tops = [s for f in forms if (s := form_stage(checked, f)) is not None]
+    # log a of a diagonal decay is evaluated inside the chunked forward's cumsum
+    fused_decay = pro.fused_decay if "chunked_diag" in tops else None
+    names = {k.name for k in pro.kernels}
+    stages = [
+        render_stage(
+            "prologue", kernels=pro.kernels, core=pro.core, lti=pro.lti,
+            fused_decay=fused_decay is not None, chunked_kernels=pro.chunked_kernels,
+            chunked_only=[k for k in pro.chunked_kernels if k.name not in names],
+        )
+    ]
+    if fused_decay is not None:
+        stages.append(render_stage("chunked_diag_decay", **_decay_context(fused_decay)))
     if epi is not None:
         stages.append(
             render_stage(
                 "epilogue", kernels=(epi,), skip=spec.skip is not None, gate=spec.gate is not None
             )
         )
-    tops = [s for f in forms if (s := form_stage(checked, f)) is not None]
     decode = decay != "toeplitz" and stage_exists("decode")
     # A top stage includes its own helpers (chunked → chunked_cumsum, seq_tiles...).
     # The chunked scan applies the output roles in its store (out written once, no y).
@@ -343,6 +354,7 @@ def render_module(checked: ir.CheckedSpec, *, versions: Mapping[str, str] | None
         epilogue=epi is not None,
         inputs=list(output_inputs(spec)),
         fused_epilogue=tile_epi is not None,
+        fused_decay=fused_decay is not None,
         core=list(pro.core),
         stages=stages,
         trains=trains,
@@ -353,6 +365,20 @@ def render_module(checked: ir.CheckedSpec, *, versions: Mapping[str, str] | None
         passthrough=pro.passthrough,
         epilogue_reads_y=epi_bwd is not None and "y" in epi_bwd.kernel.extra_args,
     )
+
+
+def _decay_context(kernel: Elementwise) -> dict[str, object]:
+    """The chunked_diag_decay template's context: the log a kernel, each column index as the
+    cumsum program has it (its decay group `i_d`, its state dims `o_n`), and Gd's size."""
+    result = kernel.results[0]
+    *group, _ = kernel.cols
+    cols = [(c, "o_n * 0 + i_d") for c in group] + [(kernel.cols[-1], "o_n")]
+    count = result.shape[2]
+    return {
+        "kernel": kernel,
+        "cols": cols,
+        "group": f'sizes["{identifier(count)}"]' if isinstance(count, str) else str(count),
+    }
 
 
 def backward_path(checked: ir.CheckedSpec) -> str:

@@ -42,6 +42,11 @@ class Prologue:
     """The roles computed from expressions (materialised), in kernel order."""
     passthrough: dict[str, int] = dataclasses.field(default_factory=dict)
     """Role that is a declared tensor passed through unchanged → the tensor's position."""
+    fused_decay: Elementwise | None = None
+    """log a of a diagonal decay computed from an expression: the kernel the chunked forward's
+    cumsum evaluates in place (templates/chunked_diag_decay), so log a is never written."""
+    chunked_kernels: tuple[Elementwise, ...] = ()
+    """With `fused_decay`: the kernels the chunked forward launches, every target but log a."""
 
 
 def prologue(checked: ir.CheckedSpec) -> Prologue:
@@ -112,7 +117,13 @@ def _prologue(
 ) -> Prologue:
     kernels = _group("prologue", spec, targets)
     ordered = tuple(t for k in kernels for t in targets if t.role in {r.role for r in k.results})
-    return Prologue(kernels=kernels, core=core, lti=lti, targets=ordered, passthrough=passthrough)
+    fused, chunked = None, ()
+    decay = [t for t in targets if t.role == "log_a"]
+    if isinstance(spec.mask, ir.DiagonalSemiseparable) and decay and isinstance(decay[0].shape[3], str):
+        fused = elementwise("chunked_decay", spec, decay)
+        chunked = _group("prologue", spec, [t for t in targets if t.role != "log_a"])
+    return Prologue(kernels=kernels, core=core, lti=lti, targets=ordered, passthrough=passthrough,
+                    fused_decay=fused, chunked_kernels=chunked)
 
 
 def _lti_targets(

@@ -406,3 +406,54 @@ def test_a_value_scaled_by_a_dim_name(tmp_path: Path) -> None:
     got, _ = op(**inputs)
     err = (got.double() - want).norm() / want.norm()
     assert torch.isfinite(got).all() and err < 1e-5, err
+
+
+_DECAYS = {
+    # decay shared by every head, read per state dim
+    "shared": ("input g : [batch, seq, N]", "-softplus(g) / N"),
+    # one decay per group of heads, scaled by a per-(group, n) parameter
+    "grouped": ("input g : [batch, seq, G, N]\nparam w : [G, N]", "logsigmoid(g) * exp(w)"),
+    # Mamba-1's layout: a per-head step times a per-(head, n) parameter
+    "per_head": ("input g : [batch, seq, H]\nparam w : [H, N]", "-softplus(g) * exp(w)"),
+}
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("layout", sorted(_DECAYS))
+def test_diagonal_decay_expression_is_evaluated_in_the_chunked_cumsum(
+    layout: str, poisoned, gen  # type: ignore[no-untyped-def]
+) -> None:
+    """The chunked forward of a diagonal decay given by an expression never writes log a:
+    its cumsum evaluates the expression (chunked_diag_decay) at every decay layout, with
+    cu_seqlens too, and matches the fp64 reference; the recurrent form still reads the
+    prologue's log a."""
+    decl, log_a = _DECAYS[layout]
+    spec = parse(
+        "ssm fused\ndim H = 4, G = 2, N = 8, P = 4\n"
+        "input q : [batch, seq, H, N]\ninput k : [batch, seq, H, N]\n"
+        f"input v : [batch, seq, H, P]\n{decl}\noutput o : [batch, seq, H, P]\n"
+        f"mask diagonal(log_a = {log_a})\nquery q * 0.5\nkey k\nvalue v\n"
+        "initial_state\nfinal_state\nvarlen\n"
+    )
+    op = poisoned(spec)
+    module = op.module
+    assert hasattr(module, "DecayInputs") and hasattr(module, "chunked_diag_decay_fwd_kernel")
+    lengths = [5, 40, 19]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    for cu_seqlens, batch, T in ((None, 2, 37), (cu, 1, sum(lengths))):
+        inputs = random_inputs(op.checked, batch=batch, seqlen=T, dtype=torch.float64,
+                               generator=gen)
+        states = batch if cu_seqlens is None else len(lengths)
+        init = torch.randn((states, 4, 8, 4), generator=gen, dtype=torch.float64)
+        inputs.pop("initial_state", None)
+        want, want_state = reference(op.checked)(**inputs, initial_state=init,
+                                                 cu_seqlens=cu_seqlens)
+        for form in ("chunked", "recurrent"):
+            y, state = op(
+                **{k: v.float().to(DEVICE) for k, v in inputs.items()},
+                initial_state=init.float().to(DEVICE),
+                cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(DEVICE),
+                form=form, chunk_size=16,
+            )
+            assert rel(y, want) <= 1e-5, (form, cu_seqlens)
+            assert rel(state, want_state) <= 1e-5, (form, cu_seqlens)
