@@ -202,6 +202,20 @@ reference may cover: its autograd keeps tensors of about that size (T·Q·H·N f
 decay); GLA at batch 8 × T 2048, H 16, N = P = 128 asked for 16 GiB in one pass."""
 
 
+def _reference_chunk(checked: ir.CheckedSpec, T: int, dims: Mapping[str, int]) -> int:
+    """The fp64 reference's chunk at length T: at most 32 chunks keeps its autograd memory
+    bounded at long T (64-token chunks at T = 16384 ran out). A diagonal decay holds a Q × Q
+    mask per state dim (T·Q·H·N elements a row), so there Q also keeps one row of that within
+    _REFERENCE_ELEMENTS (Q = T / 32 at T = 16384 asked for 137 GB with GLA's H = 16, N = 128)."""
+    chunk = max(64, T // 32)
+    if isinstance(checked.spec.mask, ir.DiagonalSemiseparable) and checked.state_size:
+        N = checked.state_size if isinstance(checked.state_size, int) else dims[checked.state_size]
+        H = math.prod(dims[d] if isinstance(d, str) else d for d in checked.spec.output.shape[2:3])
+        while chunk > 16 and T * chunk * H * N > _REFERENCE_ELEMENTS:
+            chunk //= 2
+    return chunk
+
+
 def _reference_by_rows(checked: ir.CheckedSpec, exact: Mapping[str, Tensor], grad_y: Tensor,
                        chunk: int, backward: bool
                        ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
@@ -255,9 +269,7 @@ class _Shape:
         roles64 = canonical_roles(checked, exact, dims)
         self.case = Case(checked=checked, inputs=self.inputs, roles=_cast_roles(roles64))
         self.roles64 = roles64
-        # The chunked reference couples every pair of chunks: at most 32 chunks keeps its
-        # fp64 autograd memory bounded at long T (64-token chunks at T = 16384 ran out).
-        self.ref_chunk = max(64, T // 32)
+        self.ref_chunk = _reference_chunk(checked, T, dims)
         self.output = checked.spec.output.name
         y_shape = (batch, T, *(dims[d] if isinstance(d, str) else d
                                for d in checked.spec.output.shape[2:]))

@@ -287,3 +287,19 @@ def test_reference_by_row_groups_equals_one_pass(monkeypatch) -> None:
     for name, grad in whole[2].items():
         assert grad.abs().max() > 0
         torch.testing.assert_close(rows[2][name], grad, rtol=1e-10, atol=1e-12)
+
+
+def test_reference_chunk_bounds_a_diagonal_decays_mask() -> None:
+    """The fp64 reference's chunk: T / 32 (≥ 64) for a scalar decay; a diagonal decay's
+    Q × Q mask per state dim keeps T·Q·H·N within the row budget (GLA at T = 16384)."""
+    gla = with_dims(parse_file(ROOT / "examples" / "gla.ssm"), {"H": 16, "N": 128, "P": 128})
+    mamba2 = with_dims(parse_file(ROOT / "examples" / "mamba2.ssm"),
+                       {"H": 80, "G": 1, "N": 128, "P": 64})
+    dims = {"H": 16, "N": 128, "P": 128}
+    assert bench._reference_chunk(mamba2, 16384, {"H": 80, "G": 1, "N": 128, "P": 64}) == 512
+    assert bench._reference_chunk(mamba2, 512, {"H": 80, "G": 1, "N": 128, "P": 64}) == 64
+    for T in (512, 2048, 16384):
+        chunk = bench._reference_chunk(gla, T, dims)
+        assert 16 <= chunk <= max(64, T // 32)
+        assert T * chunk * 16 * 128 <= bench._REFERENCE_ELEMENTS or chunk == 16
+    assert bench._reference_chunk(gla, 16384, dims) == 16
