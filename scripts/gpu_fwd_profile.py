@@ -49,7 +49,9 @@ DIAG_SWEEP = {
     "intra": [{}, {"block_n": 64}, {"block_n": 64, "num_warps": 8}, {"num_warps": 8},
               {"block_n": 16}, {"num_warps": 2}],
     "scan": [{}, {"block_m": 32}, {"num_warps": 8}, {"block_n": 32}, {"block_p": 32},
-             {"block_n": 128, "num_warps": 8}, {"block_m": 32, "num_warps": 8}],
+             {"block_n": 128, "num_warps": 8}, {"block_m": 32, "num_warps": 8},
+             {"block_p": 128}, {"block_p": 128, "num_warps": 8},
+             {"block_p": 128, "block_n": 32, "num_warps": 8}],
 }
 
 
@@ -73,7 +75,7 @@ def diag_sweep(op, dims: dict[str, int], batch: int, T: int, dtype: torch.dtype,
                                         initial_state=None, final_state=None,
                                         dot_precision=prec, **tile)
     A = mod.chunked_diag_intra_fwd(B, C, cs=cs, tiles=tiles, heads=H, chunk_size=chunk,
-                                   dot_precision=prec)
+                                   dot_precision=prec, dtype=x.dtype)
     out = torch.empty_like(x)
     calls = {
         "state": lambda o: mod.chunked_diag_state_fwd(

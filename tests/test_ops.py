@@ -145,8 +145,10 @@ def test_varlen_matches_reference(name: str, poisoned, gen) -> None:  # type: ig
 
 
 @pytest.mark.interpret
-def test_half_precision_inputs(poisoned, gen) -> None:  # type: ignore[no-untyped-def]
-    checked = small("mamba2")
+@pytest.mark.parametrize("name", ["mamba2", "gla"])
+def test_half_precision_inputs(name: str, poisoned, gen) -> None:  # type: ignore[no-untyped-def]
+    """16-bit inputs in every form (the diagonal chunked form keeps its A block 16-bit)."""
+    checked = small(name)
     op = poisoned(checked)
     inputs = random_inputs(checked, batch=2, seqlen=33, dtype=torch.float16, generator=gen)
     init = inputs.pop("initial_state").float()
