@@ -77,7 +77,8 @@ def cost(checked: ir.CheckedSpec, form: ir.Form, shape: Shape, *, chunk_size: in
             return Cost(
                 launches=(*cost_roles.prologue(s), *_fuse(core, epilogue[0], s)), state_bytes=held
             )
-    launches = (*cost_roles.prologue(s), *core, *cost_roles.epilogue(s))
+    fused_decay = form is ir.Form.CHUNKED and isinstance(mask, ir.DiagonalSemiseparable)
+    launches = (*cost_roles.prologue(s, fused_decay=fused_decay), *core, *cost_roles.epilogue(s))
     return Cost(launches=launches, state_bytes=held)
 
 

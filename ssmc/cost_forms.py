@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from functools import partial
 
-from ssmc import ir
+from ssmc import cost_roles, ir
 from ssmc.cost_terms import (
     MMA,
     STATE_BYTES,
@@ -164,27 +164,32 @@ def chunked_diagonal(s: Sizes, Q: int) -> tuple[Launch, ...]:
     R = s.seqs * cdiv(s.T, Q)
     q, k, _, d = s.groups
     ga = math.lcm(q, k, d)
-    bn, bp = clamp(s.N, MMA, 64), clamp(s.P, MMA, 64)
+    bn, bp = clamp(s.N, MMA, 64), clamp(s.P, MMA, 128)
     n_tiles, p_tiles = cdiv(s.N, bn), cdiv(s.P, bp)
     cs = R * Q * s.a_row
     states = R * s.H * s.N * s.P * _held_bytes(s)
     ends = s.state * (spec.initial_state + spec.final_state)
     ns = max(1, Q // SUB_CHUNK)
-    blocks = R * ga * Q * Q * STATE_BYTES
+    # A in x's dtype when 16-bit (the scan's dot rounds it to that)
+    blocks = R * ga * Q * Q * min(s.shape.dtype_bytes, STATE_BYTES)
     bm = min(Q, 64)
     nm = Q // bm
     chunks = cdiv(s.T, Q)
     walkers = s.seqs * s.H * n_tiles * p_tiles
-    # chunked_diag_intra_fwd: 2 warps, n in tiles of 16 (N ≤ 16) or 32
-    bn_intra = 16 if s.N <= 16 else 32
+    # chunked_diag_intra_fwd: 2 warps, n in tiles of up to 64 (16-bit A) or 32 (fp32 A)
+    bn_intra = clamp(s.N, MMA, 64 if s.shape.dtype_bytes < STATE_BYTES else 32)
+    # the decay's expression is evaluated in the cumsum (chunked_diag_decay): its inputs
+    # are read there instead of log a
+    decay = cost_roles.decay_expression(s)
+    a_read, a_ops = (s.a_row, 0) if decay is None else cost_roles.decay_read(s, decay)
     intra_values = 3 * Q * bn_intra + 4 * SUB_CHUNK * bn_intra + SUB_CHUNK * Q
     scan_values = bm * (2 * bp + bm + 2 * bn) + bn * bp
     state_values = Q * (3 * bn + bp) + bn * bp
     return (
         Launch(
             name="chunked_diag_cumsum",
-            scalar_flops=R * Q * d * s.N,
-            bytes=s.a_row * s.tokens + cs,
+            scalar_flops=R * Q * d * s.N * (1 + a_ops),
+            bytes=a_read * s.tokens + cs,
             programs=R * d * n_tiles,
             resident=SMALL_RESIDENT // 2,
         ),

@@ -20,11 +20,15 @@ SMALL_RESIDENT = 16
 """Programs of an elementwise launch resident on one SM (few registers each)."""
 
 
-def prologue(s: Sizes) -> tuple[Launch, ...]:
+def prologue(s: Sizes, *, fused_decay: bool = False) -> tuple[Launch, ...]:
     """The roles computed into canonical core inputs (one launch per iteration space), and
-    the LTI kernel K: the same launches in every form."""
+    the LTI kernel K: the same launches in every form, except that the chunked form of a
+    diagonal decay evaluates log a in its cumsum (`fused_decay`: log a left out here)."""
     groups: dict[tuple[ir.Size, ...], list[tuple[Expr, int]]] = {}
+    decay = decay_expression(s) if fused_decay else None
     for expr, shape, row in _computed(s):
+        if expr is decay:
+            continue
         groups.setdefault(shape, []).append((expr, row))
     launches = []
     for shape, targets in groups.items():
@@ -121,6 +125,21 @@ def _lti_kernel(s: Sizes, lti: ir.LtiKernel) -> tuple[Launch, ...]:
         )
         for r in range(doublings)
     )
+
+
+def decay_expression(s: Sizes) -> Expr | None:
+    """log a of a diagonal decay when the prologue computes it from an expression (what the
+    chunked forward's cumsum evaluates in place, templates/chunked_diag_decay), else None."""
+    mask, N = s.spec.mask, s.checked.state_size
+    if not isinstance(mask, ir.DiagonalSemiseparable) or not isinstance(N, str):
+        return None
+    computed = [e for e, _, _ in _computed(s)]
+    return mask.log_a if any(e is mask.log_a for e in computed) else None
+
+
+def decay_read(s: Sizes, expr: Expr) -> tuple[int, int]:
+    """(bytes per token read, operations per element) of evaluating `expr` per token."""
+    return _raw_row(s, refs(expr)), _ops(expr)
 
 
 def _raw_row(s: Sizes, names: set[str]) -> int:
