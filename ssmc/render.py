@@ -369,14 +369,24 @@ def render_module(checked: ir.CheckedSpec, *, versions: Mapping[str, str] | None
 
 def _decay_context(kernel: Elementwise) -> dict[str, object]:
     """The chunked_diag_decay template's context: the log a kernel, each column index as the
-    cumsum program has it (its decay group `i_d`, its state dims `o_n`), and Gd's size."""
+    cumsum program has it (its decay group `i_d`, its state dims `o_n`), each operand's load
+    mask and Gd's size."""
     result = kernel.results[0]
-    *group, _ = kernel.cols
-    cols = [(c, "o_n * 0 + i_d") for c in group] + [(kernel.cols[-1], "o_n")]
+    *group, last = kernel.cols
+    # the decay group is one index per program: a [1] block, so a tensor without N (Mamba-1's
+    # dt) loads as a [BLOCK_T, 1] column and what only it reads is computed once per token
+    cols = [(c, "tl.zeros([1], tl.int64) + i_d", "[1]") for c in group]
+    cols.append((last, "o_n", "[BLOCK_N]"))
+    per_n = f"{last.index}[None, :]"
+    masks = [
+        o.mask if per_n in o.offset else ("m_r[:, None]" if "o_r[:, None]" in o.offset else None)
+        for o in kernel.operands
+    ]
     count = result.shape[2]
     return {
         "kernel": kernel,
         "cols": cols,
+        "masks": masks,
         "group": f'sizes["{identifier(count)}"]' if isinstance(count, str) else str(count),
     }
 
