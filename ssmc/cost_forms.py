@@ -209,7 +209,10 @@ def chunked_diagonal(s: Sizes, Q: int) -> tuple[Launch, ...]:
             scalar_flops=R * ga * ns * s.N * (Q + 2 * SUB_CHUNK) * 3,
             bytes=(s.q_row + s.k_row) * s.tokens + cs + blocks,
             programs=R * ga * ns,
-            phases=2,
+            # tiles table → reference row and spread test → earlier-keys dots → own
+            # sub-chunk → store: Mamba-1 at H = 1536 measured 1.47 ms for this launch on
+            # the H100 (docs/gpu-runs.md, eighth session), 1.01 estimated with 2 phases
+            phases=4,
             serial_steps=cdiv(s.N, bn_intra),
             step_round_trips=1,
             resident=resident(2, intra_values),
