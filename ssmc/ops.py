@@ -6,11 +6,15 @@ validates the tensors (ssmc.bind), asks the planner for the form on CUDA, and ca
 op. On CPU the generated kernels run under the Triton interpreter when TRITON_INTERPRET=1;
 otherwise the PyTorch reference runs (said once with a warning).
 
-Backward: the autograd formula saves the op's inputs only (no intermediate, nothing
-O(T²)) and calls a second custom op, `ssmc::<name>_backward`, with its own fake kernel (so
-AOTAutograd traces the backward graph without running it). Its implementation is the
-generated module's `backward` (the Triton kernels: docs/backward.md), or, where the
-reference runs the forward, autograd of the PyTorch reference in fp32 (fp64 for fp64 inputs).
+Backward: the autograd formula saves the op's inputs (nothing O(T²)) and calls a second
+custom op, `ssmc::<name>_backward`, with its own fake kernel (so AOTAutograd traces the
+backward graph without running it). Its implementation is the generated module's `backward`
+(the Triton kernels: docs/backward.md), or, where the reference runs the forward, autograd
+of the PyTorch reference in fp32 (fp64 for fp64 inputs). Where the gate's gradient reads y
+before the output roles (Mamba-2's z), an eager call that needs gradients asks the op to
+keep it (`keep_core`, a third output as mamba_ssm keeps `out_x`); the formula then hands it
+to the module's backward directly, which frees it once read, instead of running the
+forward again.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ class _Registered:
         self.backward_op = backward_op
         self.run: Callable[..., Any] = _unset
         self.run_backward: Callable[..., Any] = _unset
+        self.keeps_core = False  # the module's KEEPS_CORE
 
 
 def _unset(*args: Any) -> Any:
@@ -83,7 +88,7 @@ def op_name(checked: ir.CheckedSpec) -> str:
 def schema_names(checked: ir.CheckedSpec) -> tuple[str, ...]:
     """Argument names of the op schema: the tensor names, a reserved one prefixed with `arg_`
     (again, until it is free: `out` beside a tensor `arg_out` becomes `arg_arg_out`)."""
-    reserved = _SCHEMA_WORDS | {"initial_state", "cu_seqlens", "form", "chunk_size"}
+    reserved = _SCHEMA_WORDS | {"initial_state", "cu_seqlens", "form", "chunk_size", "keep_core"}
     names = [identifier(t.name) for t in checked.spec.tensors]
     taken = set(names)
     for i, name in enumerate(names):
@@ -103,10 +108,11 @@ _OPTIONS = (
 
 
 def schema(checked: ir.CheckedSpec) -> str:
-    """The op schema, built only from validated identifiers."""
+    """The op schema, built only from validated identifiers: y, the final state when the spec
+    declares one, and the kept core ([0] unless keep_core where the module keeps one)."""
     args = ", ".join(f"Tensor {n}" for n in schema_names(checked))
-    returns = "(Tensor, Tensor)" if checked.spec.final_state else "Tensor"
-    return f"({args}, {_OPTIONS}) -> {returns}"
+    returns = "(Tensor, Tensor, Tensor)" if checked.spec.final_state else "(Tensor, Tensor)"
+    return f"({args}, {_OPTIONS}, bool keep_core=False) -> {returns}"
 
 
 def backward_schema(checked: ir.CheckedSpec) -> str:
@@ -131,13 +137,21 @@ def register(checked: ir.CheckedSpec) -> _Registered:
     )
     n = len(checked.spec.tensors)
 
-    # Boxed calls drop trailing arguments left at their default (None): pad them back.
+    # Boxed calls drop trailing arguments left at their default: pad them back.
     def impl(*args: Any) -> Any:
-        return registered.run(*args, *(None,) * (n + 4 - len(args)))
+        args = (*args, *(None,) * (n + 4 - len(args)), *(False,) * (n + 5 - len(args)))
+        y, state, core = registered.run(*args[: n + 4], keep_core=bool(args[n + 4]))
+        if core is None:
+            core = y.new_empty((0,))
+        return (y, state, core) if checked.spec.final_state else (y, core)
 
     def fake(*args: Any) -> Any:
-        args = (*args, *(None,) * (n + 4 - len(args)))
-        return _empty_outputs(checked, args[:n], args[n + 1])
+        args = (*args, *(None,) * (n + 4 - len(args)), *(False,) * (n + 5 - len(args)))
+        outputs = _empty_outputs(checked, args[:n], args[n + 1])
+        y = outputs[0] if checked.spec.final_state else outputs
+        kept = bool(args[n + 4]) and registered.keeps_core
+        core = y.new_empty(y.shape if kept else (0,), dtype=_core_dtype(y.dtype))
+        return (*outputs, core) if checked.spec.final_state else (y, core)
 
     def backward_impl(*args: Any) -> Any:
         return registered.run_backward(*args, *(None,) * (n + 6 - len(args)))
@@ -153,7 +167,7 @@ def register(checked: ir.CheckedSpec) -> _Registered:
     torch.library.register_fake(f"{qualname}_backward", backward_fake, lib=_LIBRARY)
     torch.library.register_autograd(
         qualname,
-        functools.partial(_backward, registered, n),
+        functools.partial(_backward, registered, n, checked.spec.final_state),
         setup_context=functools.partial(_setup_context, n),
         lib=_LIBRARY,
     )
@@ -179,6 +193,11 @@ def _empty_outputs(
     return y, first.new_empty((states, H, N, P), dtype=torch.float32)
 
 
+def _core_dtype(y_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the kept core (the module's rule): y's when 16-bit, else fp32."""
+    return y_dtype if y_dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
 def output_dtype(checked: ir.CheckedSpec, tensors: Sequence[Tensor]) -> torch.dtype:
     """The dtype of y: the promoted dtype of the per-token inputs carrying its feature axis."""
     return functools.reduce(
@@ -188,30 +207,43 @@ def output_dtype(checked: ir.CheckedSpec, tensors: Sequence[Tensor]) -> torch.dt
 
 def _setup_context(n: int, ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     """Keep the inputs (tensors, initial_state, cu_seqlens), the form and the chunk size; an
-    unused output's gradient stays None (no zero final-state gradient is materialised)."""
+    unused output's gradient stays None (no zero final-state gradient is materialised).
+
+    The kept core (output[-1]) is no autograd output: it is held on ctx, not saved, so that
+    the backward can drop it once the module has read it (a saved tensor lives as long as
+    the graph node)."""
     inputs = (*inputs, *(None,) * (n + 4 - len(inputs)))
     ctx.save_for_backward(*inputs[: n + 2])
     ctx.form, ctx.chunk_size = inputs[n + 2], inputs[n + 3]
-    y = output[0] if isinstance(output, tuple) else output
+    y, core = output[0], output[-1]
+    ctx.mark_non_differentiable(core)
+    ctx.core = core if core.numel() else None
     ctx.y_meta = (y.shape, y.dtype, y.device)
     ctx.set_materialize_grads(False)
 
 
 def _backward(
-    registered: _Registered, n: int, ctx: Any, grad_y: Tensor, grad_state: Tensor | None = None
+    registered: _Registered, n: int, has_state: bool, ctx: Any, grad_y: Tensor | None,
+    *grad_rest: Tensor | None,
 ) -> tuple[Tensor | None, ...]:
-    """The autograd formula: the backward op on the saved inputs; None where none is needed."""
+    """The autograd formula: the backward op on the saved inputs; None where none is needed.
+    With a kept core, the op's implementation runs directly (eagerly), handed the core in a
+    list it empties, so that the core is freed as soon as it is read."""
     *tensors, initial_state, cu_seqlens = ctx.saved_tensors
+    grad_state = grad_rest[0] if has_state else None
     if grad_y is None:  # only the final state was used
         shape, dtype, device = ctx.y_meta
         grad_y = torch.zeros(shape, dtype=dtype, device=device)
-    grads = registered.backward_op(
-        grad_y, grad_state, *tensors, initial_state, cu_seqlens, ctx.form, ctx.chunk_size
-    )
+    args = (grad_y, grad_state, *tensors, initial_state, cu_seqlens, ctx.form, ctx.chunk_size)
+    if ctx.core is not None:
+        kept, ctx.core = [ctx.core], None  # a second backward (retain_graph) runs without it
+        grads = registered.run_backward(*args, core=kept)
+    else:
+        grads = registered.backward_op(*args)
     needs = ctx.needs_input_grad
     result: list[Tensor | None] = [g if needs[i] else None for i, g in enumerate(grads[:n])]
     result.append(grads[n] if initial_state is not None and needs[n] else None)
-    return (*result, None, None, None)
+    return (*result, None, None, None, None)
 
 
 def reference_gradients(
@@ -273,6 +305,8 @@ class SsmcOp:
         self._registered = register(checked)
         self._registered.run = self._run
         self._registered.run_backward = self._run_backward
+        self._keeps_core = bool(getattr(module, "KEEPS_CORE", False))
+        self._registered.keeps_core = self._keeps_core
         self.op = self._registered.op
 
     @property
@@ -297,9 +331,10 @@ class SsmcOp:
         """y [batch, seq, H, P] and the final state [batch | num_seqs, H, N, P] (or None)."""
         form_name = form.value if isinstance(form, ir.Form) else form
         if torch.compiler.is_compiling():
+            # no kept core: the compiled graph's backward runs the backward op as traced
             ordered = [tensors[n] for n in self._names]
             args = (*ordered, initial_state, cu_seqlens, form_name, chunk_size)
-            result = self.op(*args)
+            result = self.op(*args)[:-1]
         else:
             ordered, seen = self._checked(tensors, initial_state, cu_seqlens)
             launch = None
@@ -314,13 +349,15 @@ class SsmcOp:
                 t is not None and t.requires_grad for t in (*ordered, initial_state)
             )
             if needs_grad:
-                result = self.op(*args)
+                # the module keeps y before the output roles for the backward where it reads it
+                keep = self._keeps_core and (ordered[0].is_cuda or self.interpreted)
+                result = self.op(*args, keep_core=keep)[:-1]
             else:
-                result = self._run(*args, launch=launch, seen=seen)
+                result = self._run(*args, launch=launch, seen=seen)[:-1]
         if self.checked.spec.final_state:
             y, state = result
             return y, state
-        return result, None
+        return result[0], None
 
     def _validate(
         self, tensors: dict[str, Tensor], initial_state: Tensor | None, cu_seqlens: Tensor | None
@@ -410,13 +447,18 @@ class SsmcOp:
         return chosen.form.value, chosen.chunk_size, None
 
     def _run(
-        self, *args: Any, launch: dict[str, Any] | None = None, seen: _CallShape | None = None
-    ) -> Any:
-        """The op's implementation: generated kernels, or the reference on a plain CPU;
-        `launch`: tuned options of the form's stage launcher (None through the torch.library
-        op: the tuned ones of the call's shape then, when it runs their form and chunk);
-        `seen`: what SsmcOp._checked keeps for the validated call's signature, where the
-        module's setup is kept."""
+        self,
+        *args: Any,
+        launch: dict[str, Any] | None = None,
+        seen: _CallShape | None = None,
+        keep_core: bool = False,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The op's implementation, (y, final state or None, kept core or None): generated
+        kernels, or the reference on a plain CPU; `launch`: tuned options of the form's stage
+        launcher (None through the torch.library op: the tuned ones of the call's shape then,
+        when it runs their form and chunk); `seen`: what SsmcOp._checked keeps for the
+        validated call's signature, where the module's setup is kept; `keep_core`: keep y
+        before the output roles for the backward, where the module does (KEEPS_CORE)."""
         n = len(self._names)
         tensors, (initial_state, cu_seqlens, form, chunk_size) = args[:n], args[n:]
         if cu_seqlens is not None:
@@ -424,7 +466,11 @@ class SsmcOp:
             # (eager or compiled), before anything reads them.
             check_offsets(self.checked, cu_seqlens, tensors[self._seq_from].shape[1])
         if tensors[0].is_cpu and not self.interpreted:
-            return self._reference(tensors, initial_state, cu_seqlens, form)
+            y, state = self._reference(tensors, initial_state, cu_seqlens, form)
+            # its backward is the reference's: a kept core would not be read (zeros, as the
+            # fake's shape has it)
+            kept = keep_core and self._keeps_core
+            return y, state, torch.zeros_like(y, dtype=_core_dtype(y.dtype)) if kept else None
         if initial_state is not None and initial_state.dtype != torch.float32:
             initial_state = initial_state.float()  # the kernels carry the state in fp32
         tensors = tuple(tensors)
@@ -446,18 +492,29 @@ class SsmcOp:
                 setup = self.module._ssmc_setup(tensors, initial_state, cu_seqlens, form, chunk_size)
                 seen.setups[form, chunk_size] = setup
 
+        keep_core = keep_core and self._keeps_core
+
         def forward() -> Any:
-            return self.module._ssmc_run(
-                tensors, initial_state, cu_seqlens, form, chunk_size, launch, setup
+            if keep_core:
+                return self.module._ssmc_run(
+                    tensors, initial_state, cu_seqlens, form, chunk_size, launch, setup,
+                    keep_core=True,
+                )
+            return (
+                *self.module._ssmc_run(
+                    tensors, initial_state, cu_seqlens, form, chunk_size, launch, setup
+                ),
+                None,
             )
 
         if fresh:
             frozen = None if launch is None else tuple(sorted(launch.items()))
             self._precompile(
-                ("forward", form, chunk_size, frozen), tensors, initial_state, cu_seqlens, forward
+                ("forward", form, chunk_size, frozen, keep_core),
+                tensors, initial_state, cu_seqlens, forward,
             )
-        y, state = forward()
-        return (y, state) if self.checked.spec.final_state else y
+        y, state, core = forward()
+        return y, state, core
 
     def _precompile(
         self,
@@ -499,9 +556,16 @@ class SsmcOp:
             _log.debug("%s: precompile failed (%s); kernels compile at their launch", self.name,
                        exc)
 
-    def _run_backward(self, grad_y: Tensor, grad_state: Tensor | None, *args: Any) -> list[Tensor]:
+    def _run_backward(
+        self,
+        grad_y: Tensor,
+        grad_state: Tensor | None,
+        *args: Any,
+        core: list[Tensor] | None = None,
+    ) -> list[Tensor]:
         """The backward op's implementation: gradients of every tensor (then of initial_state,
-        when given) from the generated backward, or from the reference where it ran."""
+        when given) from the generated backward, or from the reference where it ran. core:
+        [the forward's kept core], emptied by the module's backward (None: none kept)."""
         n = len(self._names)
         tensors, (initial_state, cu_seqlens, form, chunk_size) = args[:n], args[n:]
         reference_path = tensors[0].device.type == "cpu" and not self.interpreted
@@ -510,7 +574,7 @@ class SsmcOp:
                 self.checked, tensors, initial_state, cu_seqlens, grad_y, grad_state
             )
         else:
-            def backward() -> Any:
+            def backward(kept: list[Tensor] | None) -> Any:
                 return self.module.backward(
                     **dict(zip(self._names, tensors, strict=True)),
                     initial_state=None if initial_state is None else initial_state.float(),
@@ -519,13 +583,15 @@ class SsmcOp:
                     chunk_size=chunk_size,
                     grad_y=grad_y,
                     grad_final_state=grad_state,
+                    core=kept,
                 )
 
             self._precompile(
-                ("backward", form, chunk_size, grad_y.dtype, grad_state is None),
-                tensors, initial_state, cu_seqlens, backward,
+                ("backward", form, chunk_size, grad_y.dtype, grad_state is None, bool(core)),
+                tensors, initial_state, cu_seqlens,
+                lambda: backward(None if core is None else list(core)),  # a list of its own
             )
-            grads, d_init = backward()
+            grads, d_init = backward(core)
         result = [
             torch.zeros_like(t) if g is None else g for g, t in zip(grads, tensors, strict=True)
         ]
@@ -542,7 +608,7 @@ class SsmcOp:
         initial_state: Tensor | None,
         cu_seqlens: Tensor | None,
         form: str | None,
-    ) -> Any:
+    ) -> tuple[Tensor, Tensor | None]:
         from ssmc.reference import reference
 
         global _warned_reference
@@ -559,11 +625,7 @@ class SsmcOp:
             initial_state=initial_state,
             cu_seqlens=cu_seqlens,
         )
-        y = y.contiguous()
-        if not self.checked.spec.final_state:
-            return y
-        assert state is not None
-        return y, state.contiguous()
+        return y.contiguous(), None if state is None else state.contiguous()
 
 
 class _CallShape:

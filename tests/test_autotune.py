@@ -162,8 +162,8 @@ def test_the_op_runs_a_stored_winner_else_the_planner(
     record(make_key(mamba2, shape, dtype="float32", varlen=False), stored, cache / "op")
     assert op._plan_uncached(ordered, None) == ("chunked", 16, {"block_m": 16})
     # The launch options reach the stage launcher, and the result is still right.
-    y, _ = op._run(*ordered, None, None, "chunked", 16, launch={"block_m": 16})
-    y_ref, _ = op._run(*ordered, None, None, "recurrent", None)
+    y = op._run(*ordered, None, None, "chunked", 16, launch={"block_m": 16})[0]
+    y_ref = op._run(*ordered, None, None, "recurrent", None)[0]
     assert float((y - y_ref).norm() / y_ref.norm()) < 1e-5
 
 
@@ -269,16 +269,17 @@ def test_a_stored_winner_applies_under_autograd_too(
     run = op.module._ssmc_run
 
     def spy(tensors: Any, initial_state: Any, cu_seqlens: Any, form: Any, chunk: Any,
-            launch: Any = None, setup: Any = None) -> Any:
+            launch: Any = None, setup: Any = None, keep_core: bool = False) -> Any:
         seen.append((form, chunk, launch))
-        return run(tensors, initial_state, cu_seqlens, form, chunk, launch, setup)
+        return run(tensors, initial_state, cu_seqlens, form, chunk, launch, setup,
+                   keep_core=keep_core)
 
     monkeypatch.setattr(op.module, "_ssmc_run", spy)
     leaves = [t.clone().requires_grad_() for t in ordered]
     y, _ = op(**dict(zip(op._names, leaves, strict=True)))
     assert seen == [("chunked", 16, {"block_m": 16})]
     y.sum().backward()
-    y_ref, _ = op._run(*ordered, None, None, "recurrent", None)
+    y_ref = op._run(*ordered, None, None, "recurrent", None)[0]
     assert float((y.detach() - y_ref).norm() / y_ref.norm()) < 1e-5
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
     # an explicit chunk other than the tuned one runs without the tuned tiles

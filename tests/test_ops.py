@@ -167,8 +167,9 @@ def test_op_names_and_schema_come_from_identifiers() -> None:
     checked = parse_file(ROOT / "examples" / "mamba2.ssm")
     assert op_name(checked).startswith("mamba2_") and len(op_name(checked)) == len("mamba2_") + 8
     assert schema(checked).startswith("(Tensor x, Tensor dt, Tensor B, Tensor C, Tensor z, ")
-    assert schema(checked).endswith("-> (Tensor, Tensor)")
-    assert schema(parse_file(ROOT / "examples" / "s4d.ssm")).endswith("-> Tensor")
+    # y, the final state, the core kept for the backward ([0] unless asked)
+    assert schema(checked).endswith("bool keep_core=False) -> (Tensor, Tensor, Tensor)")
+    assert schema(parse_file(ROOT / "examples" / "s4d.ssm")).endswith("-> (Tensor, Tensor)")
     spec = checked.spec
     bad = tuple(
         ir.Tensor(name="x) -> Tensor; (" if t.name == "z" else t.name, kind=t.kind, shape=t.shape)

@@ -34,6 +34,9 @@ _BOUND = {"H": 80, "G": 1, "N": 128, "P": 64}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LAST_FORM = None
 """The form the latest call ran ("decode" for the one-token recurrent step)."""
+KEEPS_CORE = True
+"""Whether `_ssmc_run(..., keep_core=True)` keeps y before the output roles for `backward`
+(which then runs no forward again): where the gradient of the output roles reads it."""
 # (largest seq length, form, chunk size): the planner's cheapest form per length.
 _FORM_RULE = (
     (64, "recurrent", 64),
@@ -1089,6 +1092,7 @@ def chunked_scan_cb_fwd_kernel(
 @triton.jit
 def chunked_scan_fwd_kernel(
     x, s, log_a, C, cb, states, out, tiles,
+    core,  # y before the output roles, laid out as out (KEEP_CORE)
     stride_x_b, stride_x_t, stride_x_g, stride_x_p,
     stride_s_b, stride_s_t, stride_s_g,
     stride_a_b, stride_a_t, stride_a_g,
@@ -1096,7 +1100,7 @@ def chunked_scan_fwd_kernel(
     stride_o_b, stride_o_t, stride_o_h, stride_o_p,
     H, P, Hqk, Hq, Hv, Hd,
     ep_x, es_x_0, es_x_1, es_x_2, es_x_3, ep_z, es_z_0, es_z_1, es_z_2, es_z_3, ep_D, es_D_0,  # the epilogue's tensors and dims
-    EPILOGUE: tl.constexpr,
+    EPILOGUE: tl.constexpr, KEEP_CORE: tl.constexpr,
     N: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr, HAS_S: tl.constexpr,
     DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -1205,9 +1209,9 @@ def chunked_scan_fwd_kernel(
             # [BLOCK_M, BLOCK_P]
             b_y = tl.dot(b_L.to(b_x.dtype), b_x, input_precision=DOT_PRECISION)
             b_y += b_acc * tl.exp(b_cs)[:, None]
+            e_y = b_y
             if EPILOGUE:
                 # out = (y + (D * x)) * silu(z), in fp32 on the tile
-                e_y = b_y
                 if not PREFETCH:
                     eb_x = tl.load(ep_x + i_b * es_x_0 + o_t[:, None] * es_x_1 + i_h * es_x_2 + o_p[None, :] * es_x_3, mask=m_i[:, None] & m_p[None, :], other=1.0)  # [BLOCK_M, BLOCK_P]
                     eb_z = tl.load(ep_z + i_b * es_z_0 + o_t[:, None] * es_z_1 + i_h * es_z_2 + o_p[None, :] * es_z_3, mask=m_i[:, None] & m_p[None, :], other=1.0)  # [BLOCK_M, BLOCK_P]
@@ -1224,9 +1228,12 @@ def chunked_scan_fwd_kernel(
                 t_5 = t_1 * t_4
                 b_y = tl.broadcast_to(t_5, (BLOCK_M, BLOCK_P))
 
-            p_o = (out + i_b * stride_o_b + (t0 + o_i[:, None]) * stride_o_t + i_h * stride_o_h
+            o_o = (i_b * stride_o_b + (t0 + o_i[:, None]) * stride_o_t + i_h * stride_o_h
                    + o_p[None, :] * stride_o_p)
-            tl.store(p_o, b_y.to(out.dtype.element_ty), mask=m_i[:, None] & m_p[None, :])
+            if KEEP_CORE:
+                # y itself too, for the backward of the output roles (no recomputed forward)
+                tl.store(core + o_o, e_y.to(core.dtype.element_ty), mask=m_i[:, None] & m_p[None, :])
+            tl.store(out + o_o, b_y.to(out.dtype.element_ty), mask=m_i[:, None] & m_p[None, :])
 
 
 def chunked_scan_epilogue_args(epilogue, x):
@@ -1241,10 +1248,11 @@ def chunked_scan_epilogue_args(epilogue, x):
 def chunked_scan_fwd(x, s, log_a, B, C, *, states, tiles, heads, out, chunk_size,
                      dot_precision, block_m=None, block_n=None, block_p=None,
                      heads_per_program=None, num_warps=None, num_stages=None, epilogue=None,
-                     prefetch=None):
+                     prefetch=None, core=None):
     """Write out [b, T, H, P] = y of every chunk of `tiles`, given the entering `states`.
 
-    With `epilogue` = (tensors, sizes) of the call: out = (y + (D * x)) * silu(z) instead.
+    With `epilogue` = (tensors, sizes) of the call: out = (y + (D * x)) * silu(z) instead,
+    and y itself into `core` (shaped and strided as out) when given.
 
     Defaults: row blocks of min(Q, 64), N tiles up to 128 (one step for Mamba-2's N),
     P tiles of 64, one head per program (the C Bᵀ tiles are shared through L2, so more
@@ -1252,6 +1260,9 @@ def chunked_scan_fwd(x, s, log_a, B, C, *, states, tiles, heads, out, chunk_size
     (Q = 128) the loads go before the dots and the pipeline is 2 stages deep (measured on
     the H100: 555 µs against 647, docs/perf-notes.md change 6).
     """
+    if core is not None and (epilogue is None or core.shape != out.shape
+                             or core.stride() != out.stride()):
+        raise ValueError("chunked_scan_fwd: core needs the epilogue and out's shape and strides")
     _, _, Gv, P = x.shape
     Gk, N = B.shape[2], B.shape[3]
     Gq = C.shape[2]
@@ -1283,9 +1294,11 @@ def chunked_scan_fwd(x, s, log_a, B, C, *, states, tiles, heads, out, chunk_size
     grid = (R * Gqk * n_split * n_m * n_p,)
     chunked_scan_fwd_kernel[grid](
         x, s_arg, a_arg, C, cb, states, out, tiles,
+        core if core is not None else out,
         *x.stride(), *s_strides, *a_strides, *C.stride(), *out.stride(),
         heads, P, heads // Gqk, heads // Gq, heads // Gv, heads // Gd,
         *chunked_scan_epilogue_args(epilogue, x), EPILOGUE=epilogue is not None,
+        KEEP_CORE=core is not None,
         N=N, HEADS_PER_PROGRAM=heads_per_program, HAS_S=s is not None, DOT_PRECISION=dot_precision,
         PREFETCH=bool(prefetch),
         CHUNK=chunk_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=block_p,
@@ -1296,7 +1309,7 @@ def chunked_scan_fwd(x, s, log_a, B, C, *, states, tiles, heads, out, chunk_size
 def chunked_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_state=None,
                 cu_seqlens=None, chunk_size=128, block_n=None, block_p=None, block_t=None,
                 block_m=None, heads_per_program=None, dot_precision=None, num_warps=None,
-                num_stages=None, epilogue=None, prefetch=None):
+                num_stages=None, epilogue=None, prefetch=None, core=None):
     """y [b, T, H, P] into `out` (and the final state into `final_state`) by the SSD chunks.
 
     x [b, T, Gv, P], s [b, T, Gv] or None, log_a [b, T, Gd] fp32,
@@ -1309,8 +1322,9 @@ def chunked_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_stat
     a C Bᵀ group served in turn by one scan program (default 1). Tiles, num_warps and
     num_stages left None get per-stage defaults (chunked_state_fwd, chunked_scan_fwd).
     epilogue: (tensors, sizes) of the call to apply the spec's output roles in the scan's
-    store (chunked_scan_fwd), or None for y itself. prefetch: the scan issues its loads
-    before its dots (chunked_scan_fwd).
+    store (chunked_scan_fwd), or None for y itself; core: with an epilogue, where y itself
+    is written too (the backward of the output roles reads it). prefetch: the scan issues
+    its loads before its dots (chunked_scan_fwd).
     """
     if log_a is None:
         raise ValueError("chunked_fwd was generated for a scalar decay: log_a is required")
@@ -1327,7 +1341,7 @@ def chunked_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_stat
                                block_t=block_t, **tile_args)
     chunked_scan_fwd(x, s, log_a, B, C, states=states, tiles=tiles, heads=heads, out=out,
                      block_m=block_m, heads_per_program=heads_per_program, epilogue=epilogue,
-                     prefetch=prefetch, **tile_args)
+                     prefetch=prefetch, **tile_args, **({} if core is None else {"core": core}))
     return out
 
 
@@ -3158,10 +3172,11 @@ def _ssmc_setup(tensors, initial_state, cu_seqlens, form, chunk_size):
 
 
 def _core_fwd(form, chunk, x, s, log_a, B, C, *, heads, out, initial_state, final_state, cu_seqlens,
-              epilogue=None, launch=None):
+              epilogue=None, launch=None, core=None):
     """The core in `form`: out [b, T, heads, P] ← y (and final_state ← h_T when given);
-    `epilogue` = (tensors, sizes): out ← the output roles of y instead (the chunked scan's store);
-    `launch`: keyword options of the form's stage launcher (tiles, warps: ssmc.autotune)."""
+    `epilogue` = (tensors, sizes): out ← the output roles of y instead (the chunked scan's store),
+    and core ← y too when given; `launch`: keyword options of the form's stage launcher (tiles,
+    warps: ssmc.autotune)."""
     if form == "recurrent":
         recurrent_fwd(x, s, log_a, B, C, heads=heads, out=out, initial_state=initial_state,
             final_state=final_state, cu_seqlens=cu_seqlens, **(launch or {}))
@@ -3170,13 +3185,16 @@ def _core_fwd(form, chunk, x, s, log_a, B, C, *, heads, out, initial_state, fina
             final_state=final_state, cu_seqlens=cu_seqlens, **(launch or {}))
     elif form == "chunked":
         chunked_fwd(x, s, log_a, B, C, heads=heads, out=out, initial_state=initial_state,
-            final_state=final_state, cu_seqlens=cu_seqlens, chunk_size=chunk, epilogue=epilogue, **(launch or {}))
+            final_state=final_state, cu_seqlens=cu_seqlens, chunk_size=chunk, epilogue=epilogue, **({} if core is None else {"core": core}), **(launch or {}))
     return out
 
 
-def _ssmc_run(tensors, initial_state, cu_seqlens, form, chunk_size, launch=None, setup=None):
+def _ssmc_run(tensors, initial_state, cu_seqlens, form, chunk_size, launch=None, setup=None,
+              keep_core=False):
     """forward's body; `setup`: _ssmc_setup's result for these arguments, when the caller has
-    it (ssmc.ops keeps it per call signature, so a repeated call shape is not bound again)."""
+    it (ssmc.ops keeps it per call signature, so a repeated call shape is not bound again).
+    keep_core: return (y, final_state, core), core = y before the output roles in y's dtype
+    when 16-bit, else fp32, for `backward` (None where KEEPS_CORE is false)."""
     global LAST_FORM
     requested = form
     sizes, num_states, form, chunk = setup or _ssmc_setup(tensors, initial_state, cu_seqlens, form, chunk_size)
@@ -3189,27 +3207,31 @@ def _ssmc_run(tensors, initial_state, cu_seqlens, form, chunk_size, launch=None,
     out_dtype = torch.promote_types(out_dtype, tensors[4].dtype)
     # One token per sequence: the recurrent step (decode) in one launch (prologue and output
     # roles inside decode_fwd_kernel), unless another form was asked for.
-    if T == 1 and cu_seqlens is None and requested in (None, "recurrent"):
+    if T == 1 and cu_seqlens is None and requested in (None, "recurrent") and not keep_core:
         # the step reads initial_state and writes a fresh state: no copy of it first
         state = torch.empty((batch, H, N, P), device=device, dtype=torch.float32)
         out = torch.empty((batch, T, H, P), device=device, dtype=out_dtype)
         decode_fused_fwd(tensors, sizes, heads=H, state=state, out=out, state_in=initial_state)
         LAST_FORM = "decode"
-        return out, state
+        return (out, state, None) if keep_core else (out, state)
     x, s, log_a, B, C = prologue_fwd(tensors, sizes)
     # The chunked scan applies the output roles in its store: out is written once, in out_dtype.
     fused = form == "chunked"
     out = torch.empty((batch, T, H, P), device=device, dtype=out_dtype if fused else torch.float32)
+    core_dtype = out_dtype if out_dtype in (torch.float16, torch.bfloat16) else torch.float32
+    core = torch.empty_like(out, dtype=core_dtype) if keep_core and fused else None
     final_state = torch.empty((num_states, H, N, P), device=device, dtype=torch.float32)
     LAST_FORM = form
     _core_fwd(form, chunk, x, s, log_a, B, C, heads=H, out=out, initial_state=initial_state,
               final_state=final_state, cu_seqlens=cu_seqlens,
-              epilogue=(tensors, sizes) if fused else None, launch=launch)
+              epilogue=(tensors, sizes) if fused else None, core=core, launch=launch)
     if fused:
-        return out, final_state
+        return (out, final_state, core) if keep_core else (out, final_state)
+    if keep_core:  # y before the output roles, as the fused scan keeps it
+        core = out.to(core_dtype, copy=True)
     y = out if out_dtype == torch.float32 else torch.empty_like(out, dtype=out_dtype)
     epilogue_fwd(tensors, sizes, out, y)
-    return y, final_state
+    return (y, final_state, core) if keep_core else (y, final_state)
 
 
 def _adjoint_forward(form, chunk):
@@ -3232,10 +3254,12 @@ def _adjoint_forward(form, chunk):
 
 
 def _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y, grad_final_state,
-                   targets=None):
+                   targets=None, core=None):
     """Gradients of every tensor (and of initial_state): epilogue, core, prologue backward.
 
-    Nothing of the forward is kept: the prologue runs again, and so does the core for the y that the gate's gradient reads.
+    The prologue runs again; the y that the gate's gradient reads is `core` = [y] as
+    _ssmc_run(keep_core=True) returned it (taken out of the list, so that it is freed once
+    read), else the core runs again for it.
     """
     sizes, num_states, form, chunk = _ssmc_setup(tensors, initial_state, cu_seqlens, form, chunk_size)
     H = sizes["H"]
@@ -3245,11 +3269,14 @@ def _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y,
     roles = prologue_roles(tensors, sizes)
     x, s, log_a, B, C = prologue_fwd(tensors, sizes, roles)
     dout = grad_y.contiguous()
-    # y again, in dout's dtype when 16-bit (the gate's gradient reads it once)
-    y_dtype = dout.dtype if dout.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    y = torch.empty(dout.shape, device=dout.device, dtype=y_dtype)
-    _core_fwd(form, chunk, x, s, log_a, B, C, heads=H, out=y, initial_state=initial_state,
-              final_state=None, cu_seqlens=cu_seqlens)
+    if core:  # the forward's y, kept for this backward
+        y = core.pop()
+    else:
+        # y again, in dout's dtype when 16-bit (the gate's gradient reads it once)
+        y_dtype = dout.dtype if dout.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        y = torch.empty(dout.shape, device=dout.device, dtype=y_dtype)
+        _core_fwd(form, chunk, x, s, log_a, B, C, heads=H, out=y, initial_state=initial_state,
+                  final_state=None, cu_seqlens=cu_seqlens)
     d_y = epilogue_bwd(tensors, sizes, grads, y, dout)
     del y, dout
     upstream = {}
@@ -3288,14 +3315,15 @@ takes 7.8 ms and 986 MiB above the inputs, against 17.0 ms and 636 MiB cut into 
 
 
 def _ssmc_backward_sliced(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y,
-                          grad_final_state):
+                          grad_final_state, core=None):
     """_ssmc_backward over slices of batch rows: gradients of per-row tensors are written into
     their rows, those of other tensors summed (fp32); one call when small or packed."""
     batch = grad_y.shape[0]
     rows = max(1, _BACKWARD_SLICE // max(grad_y[:1].numel(), 1))
     if cu_seqlens is not None or batch <= rows:
         return _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y,
-                              grad_final_state)
+                              grad_final_state, core=core)
+    kept = core.pop() if core else None
     per_row = [shape[0] == "batch" for shape in _SHAPES]
     grads = [torch.empty_like(t) if r else None for t, r in zip(tensors, per_row)]
     rows_of = [i for i, r in enumerate(per_row) if r]
@@ -3306,7 +3334,8 @@ def _ssmc_backward_sliced(tensors, initial_state, cu_seqlens, form, chunk_size, 
             tuple(t[part] if r else t for t, r in zip(tensors, per_row)),
             None if initial_state is None else initial_state[part], None, form, chunk_size,
             grad_y[part], None if grad_final_state is None else grad_final_state[part],
-            targets={i: grads[i][part] for i in rows_of})  # written in place where it can
+            targets={i: grads[i][part] for i in rows_of},  # written in place where it can
+            core=None if kept is None else [kept[part]])
         for i, g in enumerate(got):
             if per_row[i]:
                 if g.data_ptr() != grads[i][part].data_ptr():
@@ -3341,15 +3370,17 @@ def forward(*, x, dt, B, C, z, A, dt_bias, D, initial_state=None, cu_seqlens=Non
 
 
 def backward(*, x, dt, B, C, z, A, dt_bias, D, initial_state=None, cu_seqlens=None, form=None, chunk_size=None,
-             grad_y, grad_final_state=None):
+             grad_y, grad_final_state=None, core=None):
     """Gradients of `mamba2` for the call forward(same arguments): ((one per tensor, in
     TENSORS order, each in its tensor's dtype), gradient of initial_state or None).
 
     grad_y [batch, seq, H, P]: the gradient of y; grad_final_state
     [batch or num_seqs, H, N, P] or None: the gradient of the final state.
+    core: [y before the output roles] as _ssmc_run(keep_core=True) returned it (the list is
+    emptied here, so y is freed once read), or None to run the forward again where it is read.
     """
     return _ssmc_backward_sliced((x, dt, B, C, z, A, dt_bias, D,), initial_state, cu_seqlens, form,
-                                 chunk_size, grad_y, grad_final_state)
+                                 chunk_size, grad_y, grad_final_state, core)
 
 
 # ---------------------------------------------------------------------------------------
