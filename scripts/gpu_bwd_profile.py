@@ -143,15 +143,22 @@ def main() -> int:
     parser.add_argument("--seqlen", type=int, default=4096)
     parser.add_argument("--sweep", nargs="+", type=json.loads, default=None,
                         help="only time chunked_bwd with these options (JSON objects)")
+    parser.add_argument("--kernels", action="store_true",
+                        help="the per-kernel profiles of ssmc and mamba_ssm, then --sweep's "
+                             "options only (no default sweep, no dbc comparison)")
     args = parser.parse_args()
     inputs = layer_inputs(args.batch, args.seqlen, MAMBA_27B, "cuda", torch.bfloat16)
     op = load(with_dims(parse_file(ROOT / "examples" / "mamba2.ssm"), MAMBA_27B))
-    if args.sweep:
+    if args.sweep and not args.kernels:
         sweep_launch(op, inputs, args.sweep)
         return 0
     profile_steps("ssmc", lambda t: op(**t, form="chunked")[0], inputs)
-    sweep_launch(op, inputs)
-    compare_dbc(op, inputs)
+    if args.kernels:
+        if args.sweep:
+            sweep_launch(op, inputs, args.sweep)
+    else:
+        sweep_launch(op, inputs)
+        compare_dbc(op, inputs)
     mamba = import_mamba(args.mamba_src)
     if mamba is not None:
         def run_mamba(t):
