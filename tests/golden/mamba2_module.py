@@ -2247,46 +2247,6 @@ def chunked_bwd_walk_kernel(
 
 
 @triton.jit
-def chunked_bwd_cb_kernel(
-    B, C, cb, tiles,
-    stride_B_b, stride_B_t, stride_B_g, stride_B_n,
-    stride_C_b, stride_C_t, stride_C_g, stride_C_n,
-    N, Gqk, Hq_c, Hk_c,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """cb [R, Gqk, Q, Q] fp32 = C_i·B_j of each chunk and (query, key) group, the tiles
-    I ≥ J only (those the dX̄ and dla launches read): once, not once per head."""
-    n_m = CHUNK // BLOCK_M
-    i_pid = tl.program_id(0).to(tl.int64)
-    i_r = i_pid // (n_m * n_m)
-    i_m = i_pid // n_m % n_m
-    i_k = i_pid % n_m
-    i_c = tl.program_id(1).to(tl.int64)
-    n_t = tl.load(tiles + i_r * 5 + 2)
-    if (i_k > i_m) | (i_m * BLOCK_M >= n_t):
-        return
-    i_b = tl.load(tiles + i_r * 5)
-    t0 = tl.load(tiles + i_r * 5 + 1)
-    o_i = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_j = i_k * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_i = o_i < n_t
-    m_j = o_j < n_t
-    p_C = C + i_b * stride_C_b + (t0 + o_i)[:, None] * stride_C_t + (i_c // Hq_c) * stride_C_g
-    p_B = B + i_b * stride_B_b + (t0 + o_j)[:, None] * stride_B_t + (i_c // Hk_c) * stride_B_g
-    b_cb = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        o_n = n0 + tl.arange(0, BLOCK_N)
-        m_n = o_n < N
-        b_c = tl.load(p_C + o_n[None, :] * stride_C_n, mask=m_i[:, None] & m_n[None, :],
-                      other=0.0).to(DOT_DTYPE)
-        b_b = tl.load(p_B + o_n[None, :] * stride_B_n, mask=m_j[:, None] & m_n[None, :],
-                      other=0.0).to(DOT_DTYPE)
-        b_cb = tl.dot(b_c, tl.trans(b_b), acc=b_cb, input_precision=DOT_PRECISION)
-    tl.store(cb + ((i_r * Gqk + i_c) * CHUNK + o_i)[:, None] * CHUNK + o_j[None, :], b_cb)
-
-
-@triton.jit
 def chunked_bwd_cc_kernel(log_a, tiles, cc, stride_a_b, stride_a_t, stride_a_g, stride_c_b,
                           stride_c_t, stride_c_g, CHUNK: tl.constexpr):
     """cc: log a summed from each chunk's start, per (chunk, decay group), once for the dB,
@@ -2638,7 +2598,7 @@ def chunked_bwd_wbc_kernel(
 
 @triton.jit
 def chunked_bwd_dx_kernel(
-    x, s, log_a, B, C, dy, adj_states, cb, tiles, dx, ds,
+    x, s, log_a, B, C, dy, adj_states, tiles, dx, ds,
     stride_x_b, stride_x_t, stride_x_g, stride_x_p,
     stride_s_b, stride_s_t, stride_s_g,
     stride_a_b, stride_a_t, stride_a_g,
@@ -2647,11 +2607,10 @@ def chunked_bwd_dx_kernel(
     stride_y_b, stride_y_t, stride_y_h, stride_y_p,
     stride_dx_b, stride_dx_t, stride_dx_g, stride_dx_p,
     stride_ds_k, stride_ds_b, stride_ds_t, stride_ds_g,
-    H, N, P, Hv, Hk, Hq, Hd, Hqk,
+    H, N, P, Hv, Hk, Hq, Hd,
     HAS_S: tl.constexpr, HAS_DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, CC_STORED: tl.constexpr,
-    CB_STORED: tl.constexpr,
 ):
     n_m = CHUNK // BLOCK_M
     i_r = tl.program_id(0).to(tl.int64) // n_m
@@ -2694,14 +2653,9 @@ def chunked_bwd_dx_kernel(
             b_co, b_unused = _chunked_bwd_cc(log_a, i_b, t0, n_t, i_h // Hd, o_o, stride_a_b,
                                              stride_a_t, stride_a_g, HAS_DECAY, CHUNK, BLOCK_M,
                                              CC_STORED)
-            if CB_STORED:  # C_i·B_j of chunked_bwd_cb_kernel, [j, i]
-                b_g = tl.trans(tl.load(cb + ((i_r * (H // Hqk) + i_h // Hqk) * CHUNK + o_o)[:, None]
-                                       * CHUNK + o_m[None, :],
-                                       mask=m_o[:, None] & m_m[None, :], other=0.0))
-            else:
-                b_Co = tl.load(p_C + (t0 + o_o)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
-                               mask=m_o[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
-                b_g = tl.dot(b_B, tl.trans(b_Co), input_precision=DOT_PRECISION)  # [j, i]
+            b_Co = tl.load(p_C + (t0 + o_o)[:, None] * stride_C_t + o_n[None, :] * stride_C_n,
+                           mask=m_o[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
+            b_g = tl.dot(b_B, tl.trans(b_Co), input_precision=DOT_PRECISION)  # [j, i]
             keep = (o_o[None, :] >= o_m[:, None]) & m_m[:, None] & m_o[None, :]
             b_g = b_g * tl.exp(tl.where(keep, b_co[None, :] - b_cc[:, None], float("-inf")))
             b_yo = tl.load(p_y + (t0 + o_o)[:, None] * stride_y_t + o_p[None, :] * stride_y_p,
@@ -2723,40 +2677,34 @@ def chunked_bwd_dx_kernel(
 
 @triton.jit
 def _chunked_bwd_dla_tile(
-    x, s, B, C, dy, cb, i_r, i_b, t0, n_t, g, o_i, o_j,
+    x, s, B, C, dy, i_b, t0, n_t, g, o_i, o_j,
     stride_x_b, stride_x_t, stride_x_g, stride_x_p,
     stride_s_b, stride_s_t, stride_s_g,
     stride_B_b, stride_B_t, stride_B_g, stride_B_n,
     stride_C_b, stride_C_t, stride_C_g, stride_C_n,
     stride_y_b, stride_y_t, stride_y_h, stride_y_p,
-    N, P, Hv, Hk, Hq, Hd, Hqk, Gqk,
+    N, P, Hv, Hk, Hq, Hd,
     HAS_S: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-    CB_STORED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Σ over the heads h of decay group g of (C_i·B_j)(dY_i·X̄_j), fp32 [BLOCK_M, BLOCK_M],
-    rows i = o_i, columns j = o_j (chunk-relative; zero outside [0, n_t)); no decay yet.
-    CB_STORED: C_i·B_j is read from cb (chunked_bwd_cb_kernel), else formed here."""
+    rows i = o_i, columns j = o_j (chunk-relative; zero outside [0, n_t)); no decay yet."""
     m_i = o_i < n_t
     m_j = (o_j >= 0) & (o_j < n_t)
     o_jc = tl.maximum(o_j, 0)
     acc = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
     for i_h in range(g * Hd, g * Hd + Hd):
-        if CB_STORED:
-            b_cb = tl.load(cb + ((i_r * Gqk + i_h // Hqk) * CHUNK + o_i)[:, None] * CHUNK
-                           + o_jc[None, :], mask=m_i[:, None] & m_j[None, :], other=0.0)
-        else:
-            p_C = C + i_b * stride_C_b + (i_h // Hq) * stride_C_g + (t0 + o_i)[:, None] * stride_C_t
-            p_B = B + i_b * stride_B_b + (i_h // Hk) * stride_B_g + (t0 + o_jc)[:, None] * stride_B_t
-            b_cb = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
-            for n0 in range(0, N, BLOCK_N):
-                o_n = n0 + tl.arange(0, BLOCK_N)
-                m_n = o_n < N
-                b_c = tl.load(p_C + o_n[None, :] * stride_C_n, mask=m_i[:, None] & m_n[None, :],
-                              other=0.0).to(DOT_DTYPE)
-                b_b = tl.load(p_B + o_n[None, :] * stride_B_n, mask=m_j[:, None] & m_n[None, :],
-                              other=0.0).to(DOT_DTYPE)
-                b_cb = tl.dot(b_c, tl.trans(b_b), acc=b_cb, input_precision=DOT_PRECISION)
+        p_C = C + i_b * stride_C_b + (i_h // Hq) * stride_C_g + (t0 + o_i)[:, None] * stride_C_t
+        p_B = B + i_b * stride_B_b + (i_h // Hk) * stride_B_g + (t0 + o_jc)[:, None] * stride_B_t
+        b_cb = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            o_n = n0 + tl.arange(0, BLOCK_N)
+            m_n = o_n < N
+            b_c = tl.load(p_C + o_n[None, :] * stride_C_n, mask=m_i[:, None] & m_n[None, :],
+                          other=0.0).to(DOT_DTYPE)
+            b_b = tl.load(p_B + o_n[None, :] * stride_B_n, mask=m_j[:, None] & m_n[None, :],
+                          other=0.0).to(DOT_DTYPE)
+            b_cb = tl.dot(b_c, tl.trans(b_b), acc=b_cb, input_precision=DOT_PRECISION)
         p_y = dy + i_b * stride_y_b + i_h * stride_y_h + (t0 + o_i)[:, None] * stride_y_t
         p_x = x + i_b * stride_x_b + (i_h // Hv) * stride_x_g + (t0 + o_jc)[:, None] * stride_x_t
         b_yx = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
@@ -2778,7 +2726,7 @@ def _chunked_bwd_dla_tile(
 
 @triton.jit
 def chunked_bwd_dla_kernel(
-    x, s, log_a, B, C, dy, cb, tiles, uv, bnd, part,
+    x, s, log_a, B, C, dy, tiles, uv, bnd, part,
     stride_x_b, stride_x_t, stride_x_g, stride_x_p,
     stride_s_b, stride_s_t, stride_s_g,
     stride_a_b, stride_a_t, stride_a_g,
@@ -2787,10 +2735,9 @@ def chunked_bwd_dla_kernel(
     stride_y_b, stride_y_t, stride_y_h, stride_y_p,
     stride_u_k, stride_u_b, stride_u_t, stride_u_g,
     stride_o_k, stride_o_b, stride_o_t, stride_o_g,
-    N, P, Gd, Hv, Hk, Hq, Hd, Hqk, Gqk,
+    N, P, Gd, Hv, Hk, Hq, Hd,
     HAS_S: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-    CB_STORED: tl.constexpr,
 ):
     # dla="straddle": dlog a_t = Σ_{i ≥ t > j} M_ij, M_ij = L_ij Σ_h (C_i·B_j)(dY_i·X̄_j), for
     # the pairs inside the chunk, plus the state terms (uv: u_i = Σ_h C_i·(exp(cc_i) H_r dY_i),
@@ -2837,9 +2784,9 @@ def chunked_bwd_dla_kernel(
         b_tail = tl.cumsum(b_ao, axis=0, reverse=True) - b_ao
         b_mid = tl.sum(tl.where((o_q >= (i_o + 1) * BLOCK_M) & (o_q < i_m * BLOCK_M), b_all, 0.0),
                        axis=0)
-        b_M = _chunked_bwd_dla_tile(x, s, B, C, dy, cb, i_r, i_b, t0, n_t, g, o_m, o_o, *strides,
-                                    N, P, Hv, Hk, Hq, Hd, Hqk, Gqk, HAS_S, DOT_DTYPE,
-                                    DOT_PRECISION, CHUNK, BLOCK_M, BLOCK_N, BLOCK_P, CB_STORED)
+        b_M = _chunked_bwd_dla_tile(x, s, B, C, dy, i_b, t0, n_t, g, o_m, o_o, *strides,
+                                    N, P, Hv, Hk, Hq, Hd, HAS_S, DOT_DTYPE, DOT_PRECISION,
+                                    BLOCK_M, BLOCK_N, BLOCK_P)
         keep = m_m[:, None] & m_o[None, :]
         b_M *= tl.exp(tl.where(keep, b_head[:, None] + (b_tail + b_mid)[None, :], float("-inf")))
         b_col = tl.sum(b_M, axis=0)
@@ -2850,9 +2797,9 @@ def chunked_bwd_dla_kernel(
         b_row += tl.sum(b_M, axis=1)
     # the diagonal tile, columns shifted: column c holds j = start(I) + c − 1
     o_sh = o_m - 1
-    b_M = _chunked_bwd_dla_tile(x, s, B, C, dy, cb, i_r, i_b, t0, n_t, g, o_m, o_sh, *strides,
-                                N, P, Hv, Hk, Hq, Hd, Hqk, Gqk, HAS_S, DOT_DTYPE,
-                                DOT_PRECISION, CHUNK, BLOCK_M, BLOCK_N, BLOCK_P, CB_STORED)
+    b_M = _chunked_bwd_dla_tile(x, s, B, C, dy, i_b, t0, n_t, g, o_m, o_sh, *strides,
+                                N, P, Hv, Hk, Hq, Hd, HAS_S, DOT_DTYPE, DOT_PRECISION,
+                                BLOCK_M, BLOCK_N, BLOCK_P)
     keep = (o_m[:, None] > o_sh[None, :]) & (o_j[None, :] > 0) & m_m[:, None] & m_m[None, :]
     # [i, c]: Σ_{k in block I, j_c < k ≤ i} log a_k, a cumulative sum down the rows
     b_seg = tl.cumsum(tl.where(o_m[:, None] > o_sh[None, :], b_a[:, None], 0.0), axis=0)
@@ -2928,7 +2875,7 @@ def _chunked_bwd_dot_dtype(dtype, device_type, chunk, block_m):
 def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfinal,
                 chunk_size=None, block_m=None, block_n=None, block_p=None, block_t=None,
                 num_warps=None, head_splits=None, stored_cc=True, dla="straddle",
-                dbc=None, warps_of=None, walk_block_n=None, walk_block_p=None, stored_cb=True):
+                dbc=None, warps_of=None, walk_block_n=None, walk_block_p=None):
     """(dx, ds, dlog_a, dB, dC, dh0) of the core by the fused chunked backward.
 
     x [b, T, Gv, P], s [b, T, Gv] or None (X̄ = x s), log_a [b, T, Gd] or None (causal),
@@ -2948,9 +2895,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     same work without W). "shared" is the default with dla="straddle": 1.9× faster on the H100 at the Mamba-2
     2.7B layer, the same bf16 error (docs/gpu-runs.md, fourth session). warps_of: num_warps
     per launch ("walk", "dbc", "w", "wbc", "dx", "dla") over num_warps; walk_block_n,
-    walk_block_p: the walks' state tile (default block_n, block_p). stored_cb: C_i·B_j is
-    formed once per chunk and (query, key) group, fp32, and read by the dX̄ and dla launches
-    (chunked_bwd_cb_kernel), instead of formed in them once per head.
+    walk_block_p: the walks' state tile (default block_n, block_p).
     """
     if dla not in ("suffix", "straddle"):
         raise ValueError(f"chunked_bwd: dla must be 'suffix' or 'straddle', got {dla!r}")
@@ -3117,26 +3062,15 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
             )
         del w
     n_pt = triton.cdiv(P, block_p)
-    Gqk = math.lcm(Gq, Gk)
-    cb = None
-    if stored_cb:
-        # C_i·B_j [R, Gqk, Q, Q] fp32, the tiles I ≥ J (the others are never read)
-        cb = torch.empty((R, Gqk, Q, Q), **f32)
-        chunked_bwd_cb_kernel[(R * n_m * n_m, Gqk)](
-            B, C, cb, tiles, *B.stride(), *C.stride(), N, Gqk, Gqk // Gq, Gqk // Gk,
-            DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, CHUNK=Q, BLOCK_M=block_m,
-            BLOCK_N=block_n, num_warps=warps_of["dx"],
-        )
-    cb_arg = cb if cb is not None else x
     # dx in x's dtype when 16-bit (its gradient's dtype in the end), else fp32
     dx = torch.empty((batch, T, Gv, P), device=device, dtype=state_dtype)
     ds = torch.empty((n_pt, batch, T, Gv), **f32) if s is not None else None
     chunked_bwd_dx_kernel[(R * n_m, Gv, n_pt)](
-        x, s_arg, a_arg, B, C, dy, adj_states, cb_arg, tiles, dx, ds if ds is not None else dx,
+        x, s_arg, a_arg, B, C, dy, adj_states, tiles, dx, ds if ds is not None else dx,
         *common, *dx.stride(), *(ds.stride() if ds is not None else zero4),
-        H, N, P, H // Gv, H // Gk, H // Gq, H // Gd, H // Gqk,
+        H, N, P, H // Gv, H // Gk, H // Gq, H // Gd,
         HAS_S=s is not None, BLOCK_M=block_m, BLOCK_N=full_n, BLOCK_P=block_p,
-        CC_STORED=cc_stored, CB_STORED=cb is not None, num_warps=warps_of["dx"], **consts,
+        CC_STORED=cc_stored, num_warps=warps_of["dx"], **consts,
     )
     del adj_states
     ds = None if ds is None else (ds[0] if n_pt == 1 else ds.sum(0))
@@ -3148,18 +3082,16 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
         bnd = boundary.sum(-1).unflatten(1, (Gd, H // Gd)).sum(2).contiguous()  # [R, Gd]
         part = torch.zeros((n_m, batch, T, Gd), **f32)
         chunked_bwd_dla_kernel[(R * n_m, Gd)](
-            x, s_arg, log_a, B, C, dy, cb_arg, tiles, uv, bnd, part, *x.stride(), *s_str,
+            x, s_arg, log_a, B, C, dy, tiles, uv, bnd, part, *x.stride(), *s_str,
             *log_a.stride(), *B.stride(), *C.stride(), *dy.stride(), *uv.stride(),
-            *part.stride(), N, P, Gd, H // Gv, H // Gk, H // Gq, H // Gd, H // Gqk, Gqk,
+            *part.stride(), N, P, Gd, H // Gv, H // Gk, H // Gq, H // Gd,
             HAS_S=s is not None, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, CHUNK=Q,
             # N, P tiles of 32: at 64 the sm_90 build spills 440 B a thread, at 32 96 B
             BLOCK_M=block_m, BLOCK_N=min(32, block_n), BLOCK_P=min(32, block_p),
-            CB_STORED=cb is not None, num_warps=warps_of["dla"],
+            num_warps=warps_of["dla"],
         )
         dla = part[0] if n_m == 1 else part.sum(0)
-        del part
-    del cb
-    if log_a is not None and not straddle:
+    elif log_a is not None:
         dcs = dcs.sum((0, 1))
         seqs = _AdjointSequences(cu_seqlens, batch, T, device)
         if want_hT:
