@@ -85,12 +85,13 @@ def test_the_backward_runs_no_forward_and_frees_the_kept_core(
     monkeypatch.setattr(module, "_ssmc_run", spy_run)
     leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
     y, _ = op(**leaves, form="chunked", chunk_size=16)
-    assert len(kept) == 1 and kept[0]() is not None
+    # on a GPU the first call of a kind runs once compile-only (its core is dropped at once)
+    assert kept and kept[-1]() is not None
     monkeypatch.setattr(module, "_core_fwd", spy_core_fwd)
     y.sum().backward()
     assert forwards == []  # the gate's gradient read the kept y
     gc.collect()
-    assert kept[0]() is None  # freed, though the graph's y and inputs live on
+    assert kept[-1]() is None  # freed, though the graph's y and inputs live on
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves.values())
 
 
