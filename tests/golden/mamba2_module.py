@@ -2158,7 +2158,7 @@ def chunked_bwd_walk_kernel(
     HAS_INITIAL: tl.constexpr, HAS_FINAL: tl.constexpr, DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, HAS_BOUNDARY: tl.constexpr,
-    BOUNDARY_NEXT: tl.constexpr, EXACT_TAIL: tl.constexpr,
+    BOUNDARY_NEXT: tl.constexpr, EXACT_TAIL: tl.constexpr, STAGES: tl.constexpr,
 ):
     # HAS_BOUNDARY (the reverse walk of a decayed core): also ⟨H_{r+1}, Λ_r⟩, this program's
     # N × P tile of it, for every chunk r with a successor in its sequence — dlog a at
@@ -2190,13 +2190,20 @@ def chunked_bwd_walk_kernel(
     p_k0 = key + (i_h // Hkey) * stride_k_g + o_n[None, :] * stride_k_n
     p_v0 = value + (i_h // Hval) * stride_v_g + o_p[None, :] * stride_v_p
     p_H0 = states + (i_h * N + o_n[:, None]) * P + o_p[None, :]
-    for i_k in range(0, n_rows):
+    # One loop over every sub-block of BLOCK_T tokens of the sequence, in the walk's
+    # direction (the state is stored as each chunk begins), so that the loads of later
+    # sub-blocks are issued STAGES deep across chunk boundaries.
+    steps = CHUNK // BLOCK_T
+    for i_it in tl.range(0, n_rows * steps, num_stages=STAGES):
+        i_k = i_it // steps
+        i_j = i_it % steps
         if REVERSE:
             i_r = r_first + n_rows - 1 - i_k
         else:
             i_r = r_first + i_k
-        tl.store(p_H0 + i_r * H * N * P, b_h.to(states.dtype.element_ty), mask=m_np)
-        if HAS_BOUNDARY:
+        if i_j == 0:
+            tl.store(p_H0 + i_r * H * N * P, b_h.to(states.dtype.element_ty), mask=m_np)
+        if HAS_BOUNDARY and i_j == 0:
             if i_k + 1 - BOUNDARY_NEXT > 0:
                 b_next = tl.load(fwd_states + (i_r + BOUNDARY_NEXT) * H * N * P
                                  + (i_h * N + o_n[:, None]) * P + o_p[None, :], mask=m_np,
@@ -2206,41 +2213,39 @@ def chunked_bwd_walk_kernel(
         i_b = tl.load(tiles + i_r * 5)
         t0 = tl.load(tiles + i_r * 5 + 1)
         n_t = tl.load(tiles + i_r * 5 + 2)
-        # the chunk's sub-blocks of BLOCK_T tokens, in the walk's direction: each step
-        # decays the state by its sub-block's total and adds its tokens, weighted by the
-        # decay to the sub-block's end (forward) or from its start (backward)
-        for i_j in range(0, CHUNK // BLOCK_T):
+        # each step decays the state by its sub-block's total and adds its tokens, weighted
+        # by the decay to the sub-block's end (forward) or from its start (backward)
+        if REVERSE:
+            o_c = (steps - 1 - i_j) * BLOCK_T + o_t
+        else:
+            o_c = i_j * BLOCK_T + o_t
+        m_t = o_c < n_t
+        o_tt = t0 + o_c
+        if HAS_DECAY:
+            b_a = tl.load(log_a + i_b * stride_a_b + o_tt * stride_a_t + (i_h // Hd) * stride_a_g,
+                          mask=m_t, other=0.0).to(tl.float32)
+            b_cc = tl.cumsum(b_a, axis=0)
+            b_e = tl.sum(b_a, axis=0)
             if REVERSE:
-                o_c = (CHUNK // BLOCK_T - 1 - i_j) * BLOCK_T + o_t
+                b_w = tl.where(m_t, tl.exp(b_cc), 0.0)
+            elif EXACT_TAIL:
+                # Σ_{k > t} log a_k over the sub-block's own tokens (b_e − b_cc carries cc's
+                # rounding, ≈ eps·|b_e|, into the weights of the latest tokens)
+                b_w = tl.where(m_t, tl.exp(tl.cumsum(b_a, axis=0, reverse=True) - b_a), 0.0)
             else:
-                o_c = i_j * BLOCK_T + o_t
-            m_t = o_c < n_t
-            o_tt = t0 + o_c
-            if HAS_DECAY:
-                b_a = tl.load(log_a + i_b * stride_a_b + o_tt * stride_a_t + (i_h // Hd) * stride_a_g,
-                              mask=m_t, other=0.0).to(tl.float32)
-                b_cc = tl.cumsum(b_a, axis=0)
-                b_e = tl.sum(b_a, axis=0)
-                if REVERSE:
-                    b_w = tl.where(m_t, tl.exp(b_cc), 0.0)
-                elif EXACT_TAIL:
-                    # Σ_{k > t} log a_k over the sub-block's own tokens (b_e − b_cc carries cc's
-                    # rounding, ≈ eps·|b_e|, into the weights of the latest tokens)
-                    b_w = tl.where(m_t, tl.exp(tl.cumsum(b_a, axis=0, reverse=True) - b_a), 0.0)
-                else:
-                    b_w = tl.where(m_t, tl.exp(b_e - b_cc), 0.0)
-                b_h *= tl.exp(b_e)
-            else:
-                b_w = tl.where(m_t, 1.0, 0.0)
-            if HAS_S:
-                b_w *= tl.load(s + i_b * stride_s_b + o_tt * stride_s_t + (i_h // Hval) * stride_s_g,
-                               mask=m_t, other=0.0).to(tl.float32)
-            b_k = tl.load(p_k0 + i_b * stride_k_b + o_tt[:, None] * stride_k_t,
-                          mask=m_t[:, None] & m_n[None, :], other=0.0)  # [BLOCK_T, BLOCK_N]
-            b_v = tl.load(p_v0 + i_b * stride_v_b + o_tt[:, None] * stride_v_t,
-                          mask=m_t[:, None] & m_p[None, :], other=0.0)  # [BLOCK_T, BLOCK_P]
-            b_vw = (b_v.to(tl.float32) * b_w[:, None]).to(DOT_DTYPE)
-            b_h = tl.dot(tl.trans(b_k.to(DOT_DTYPE)), b_vw, acc=b_h, input_precision=DOT_PRECISION)
+                b_w = tl.where(m_t, tl.exp(b_e - b_cc), 0.0)
+            b_h *= tl.exp(b_e)
+        else:
+            b_w = tl.where(m_t, 1.0, 0.0)
+        if HAS_S:
+            b_w *= tl.load(s + i_b * stride_s_b + o_tt * stride_s_t + (i_h // Hval) * stride_s_g,
+                           mask=m_t, other=0.0).to(tl.float32)
+        b_k = tl.load(p_k0 + i_b * stride_k_b + o_tt[:, None] * stride_k_t,
+                      mask=m_t[:, None] & m_n[None, :], other=0.0)  # [BLOCK_T, BLOCK_N]
+        b_v = tl.load(p_v0 + i_b * stride_v_b + o_tt[:, None] * stride_v_t,
+                      mask=m_t[:, None] & m_p[None, :], other=0.0)  # [BLOCK_T, BLOCK_P]
+        b_vw = (b_v.to(tl.float32) * b_w[:, None]).to(DOT_DTYPE)
+        b_h = tl.dot(tl.trans(b_k.to(DOT_DTYPE)), b_vw, acc=b_h, input_precision=DOT_PRECISION)
     if HAS_FINAL:
         tl.store(final + i_s * stride_f_s + i_h * stride_f_h + o_n[:, None] * stride_f_n
                  + o_p[None, :] * stride_f_p, b_h, mask=m_np)
@@ -2875,7 +2880,7 @@ def _chunked_bwd_dot_dtype(dtype, device_type, chunk, block_m):
 def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfinal,
                 chunk_size=None, block_m=None, block_n=None, block_p=None, block_t=None,
                 num_warps=None, head_splits=None, stored_cc=True, dla="straddle",
-                dbc=None, warps_of=None, walk_block_n=None, walk_block_p=None):
+                dbc=None, warps_of=None, walk_block_n=None, walk_block_p=None, walk_stages=2):
     """(dx, ds, dlog_a, dB, dC, dh0) of the core by the fused chunked backward.
 
     x [b, T, Gv, P], s [b, T, Gv] or None (X̄ = x s), log_a [b, T, Gd] or None (causal),
@@ -2895,7 +2900,8 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     same work without W). "shared" is the default with dla="straddle": 1.9× faster on the H100 at the Mamba-2
     2.7B layer, the same bf16 error (docs/gpu-runs.md, fourth session). warps_of: num_warps
     per launch ("walk", "dbc", "w", "wbc", "dx", "dla") over num_warps; walk_block_n,
-    walk_block_p: the walks' state tile (default block_n, block_p).
+    walk_block_p: the walks' state tile (default block_n, block_p). walk_stages: how deep
+    the walks issue their loads ahead (one loop over a sequence's sub-blocks).
     """
     if dla not in ("suffix", "straddle"):
         raise ValueError(f"chunked_bwd: dla must be 'suffix' or 'straddle', got {dla!r}")
@@ -2977,7 +2983,8 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
             REVERSE=reverse, HAS_S=s is not None and not reverse,
             HAS_INITIAL=init is not None, HAS_FINAL=fin is not None, BLOCK_T=block_t or min(64, Q),
             BLOCK_N=walk_bn, BLOCK_P=walk_bp, HAS_BOUNDARY=boundary is not None,
-            BOUNDARY_NEXT=next_, EXACT_TAIL=straddle, num_warps=warps_of["walk"], **consts,
+            BOUNDARY_NEXT=next_, EXACT_TAIL=straddle, STAGES=walk_stages,
+            num_warps=warps_of["walk"], **consts,
         )
         return states
 
