@@ -104,6 +104,7 @@ def test_shared_dbc(case: Case, monkeypatch) -> None:
         (SHARED[7], {"chunk_size": 32}),
         (SHARED[5], {"chunk_size": 64}),
         (SHARED[1], {"chunk_size": 64, "head_splits": 2, "stored_cc": True}),
+        (SHARED[3], {"chunk_size": 64, "stages_of": {"dbc": 1, "dx": 2}, "walk_stages": 1}),
         (SHARED[0], {"chunk_size": 64, "warps_of": {"dx": 8, "walk": 2}, "walk_block_n": 16,
                      "walk_block_p": 16}),
     ],

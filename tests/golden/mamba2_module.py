@@ -2880,7 +2880,8 @@ def _chunked_bwd_dot_dtype(dtype, device_type, chunk, block_m):
 def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfinal,
                 chunk_size=None, block_m=None, block_n=None, block_p=None, block_t=None,
                 num_warps=None, head_splits=None, stored_cc=True, dla="straddle",
-                dbc=None, warps_of=None, walk_block_n=None, walk_block_p=None, walk_stages=2):
+                dbc=None, warps_of=None, walk_block_n=None, walk_block_p=None, walk_stages=2,
+                stages_of=None):
     """(dx, ds, dlog_a, dB, dC, dh0) of the core by the fused chunked backward.
 
     x [b, T, Gv, P], s [b, T, Gv] or None (X̄ = x s), log_a [b, T, Gd] or None (causal),
@@ -2901,7 +2902,8 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     2.7B layer, the same bf16 error (docs/gpu-runs.md, fourth session). warps_of: num_warps
     per launch ("walk", "dbc", "w", "wbc", "dx", "dla") over num_warps; walk_block_n,
     walk_block_p: the walks' state tile (default block_n, block_p). walk_stages: how deep
-    the walks issue their loads ahead (one loop over a sequence's sub-blocks).
+    the walks issue their loads ahead (one loop over a sequence's sub-blocks). stages_of:
+    num_stages per launch ("dbc", "w", "wbc", "dx", "dla"; Triton's default where absent).
     """
     if dla not in ("suffix", "straddle"):
         raise ValueError(f"chunked_bwd: dla must be 'suffix' or 'straddle', got {dla!r}")
@@ -2965,6 +2967,8 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     warps = num_warps or 4
     stages = ("walk", "dbc", "w", "wbc", "dx", "dla")
     warps_of = {stage: (warps_of or {}).get(stage, warps) for stage in stages}
+    stages_of = {stage: ({"num_stages": (stages_of or {})[stage]} if stage in (stages_of or {})
+                         else {}) for stage in stages}
     walk_bn, walk_bp = walk_block_n or block_n, walk_block_p or block_p
 
     n_np = triton.cdiv(N, walk_bn) * triton.cdiv(P, walk_bp)
@@ -3040,7 +3044,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
             H, N, P, Hl, Hs, splits, H // Gv, H // Gk, H // Gq, H // Gd,
             WANT_DB=want_db, HAS_S=s is not None, BLOCK_M=block_m, BLOCK_N=block_n,
             BLOCK_P=full_p, CC_STORED=cc_stored, DCS_INTER=straddle, INTRA=not shared,
-            num_warps=warps_of["dbc"], **consts,
+            num_warps=warps_of["dbc"], **stages_of["dbc"], **consts,
         )
         grads.append(part[0] if splits == 1 else part.sum(0))
         del part
@@ -3058,14 +3062,14 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
             x, s_arg, a_arg, dy, tiles, w, *x.stride(), *s_str, *a_str, *dy.stride(),
             *w.stride(),
             P, H // Gw, H // Gv, H // Gd, HAS_S=s is not None, BLOCK_M=block_m, BLOCK_P=full_p,
-            CC_STORED=cc_stored, num_warps=warps_of["w"], **consts,
+            CC_STORED=cc_stored, num_warps=warps_of["w"], **stages_of["w"], **consts,
         )
         for grad, other, G, transpose in ((dC, B, Gq, False), (dB, C, Gk, True)):
             chunked_bwd_wbc_kernel[(R * n_m, G, n_nt)](
                 w, other, tiles, grad, *w.stride(), *other.stride(), *grad.stride(),
                 N, Gw // G, Gw // other.shape[2], TRANSPOSE=transpose, DOT_DTYPE=dot_dtype,
                 DOT_PRECISION=precision, CHUNK=Q, BLOCK_M=block_m, BLOCK_N=block_n,
-                num_warps=warps_of["wbc"],
+                num_warps=warps_of["wbc"], **stages_of["wbc"],
             )
         del w
     n_pt = triton.cdiv(P, block_p)
@@ -3077,7 +3081,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
         *common, *dx.stride(), *(ds.stride() if ds is not None else zero4),
         H, N, P, H // Gv, H // Gk, H // Gq, H // Gd,
         HAS_S=s is not None, BLOCK_M=block_m, BLOCK_N=full_n, BLOCK_P=block_p,
-        CC_STORED=cc_stored, num_warps=warps_of["dx"], **consts,
+        CC_STORED=cc_stored, num_warps=warps_of["dx"], **stages_of["dx"], **consts,
     )
     del adj_states
     ds = None if ds is None else (ds[0] if n_pt == 1 else ds.sum(0))
@@ -3095,7 +3099,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
             HAS_S=s is not None, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, CHUNK=Q,
             # N, P tiles of 32: at 64 the sm_90 build spills 440 B a thread, at 32 96 B
             BLOCK_M=block_m, BLOCK_N=min(32, block_n), BLOCK_P=min(32, block_p),
-            num_warps=warps_of["dla"],
+            num_warps=warps_of["dla"], **stages_of["dla"],
         )
         dla = part[0] if n_m == 1 else part.sum(0)
     elif log_a is not None:
