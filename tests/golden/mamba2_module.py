@@ -2903,7 +2903,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     per launch ("walk", "dbc", "w", "wbc", "dx", "dla") over num_warps; walk_block_n,
     walk_block_p: the walks' state tile (default block_n, block_p). walk_stages: how deep
     the walks issue their loads ahead (one loop over a sequence's sub-blocks). stages_of:
-    num_stages per launch ("dbc", "w", "wbc", "dx", "dla"; Triton's default where absent).
+    num_stages per launch ("dbc", "w", "wbc", "dx", "dla"; dx 1, else Triton's default).
     """
     if dla not in ("suffix", "straddle"):
         raise ValueError(f"chunked_bwd: dla must be 'suffix' or 'straddle', got {dla!r}")
@@ -2967,8 +2967,13 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     warps = num_warps or 4
     stages = ("walk", "dbc", "w", "wbc", "dx", "dla")
     warps_of = {stage: (warps_of or {}).get(stage, warps) for stage in stages}
-    stages_of = {stage: ({"num_stages": (stages_of or {})[stage]} if stage in (stages_of or {})
-                         else {}) for stage in stages}
+    # the dX̄ launch one stage deep: on the H100 at the Mamba-2 2.7B layer (bf16, batch 4 ×
+    # T 4096) chunked_bwd took 3.32 ms against 3.61 at Triton's default (its sm_90 build
+    # spills); 1 or 2 for the other launches were slower or level (docs/gpu-runs.md, ninth
+    # session)
+    stages_of = {"dx": 1, **(stages_of or {})}
+    stages_of = {stage: ({"num_stages": stages_of[stage]} if stage in stages_of else {})
+                 for stage in stages}
     walk_bn, walk_bp = walk_block_n or block_n, walk_block_p or block_p
 
     n_np = triton.cdiv(N, walk_bn) * triton.cdiv(P, walk_bp)
