@@ -237,7 +237,7 @@ def _backward(
     args = (grad_y, grad_state, *tensors, initial_state, cu_seqlens, ctx.form, ctx.chunk_size)
     if ctx.core is not None:
         kept, ctx.core = [ctx.core], None  # a second backward (retain_graph) runs without it
-        grads = registered.run_backward(*args, core=kept)
+        grads = registered.run_backward(*args, kept_core=kept)
     else:
         grads = registered.backward_op(*args)
     needs = ctx.needs_input_grad
@@ -561,11 +561,12 @@ class SsmcOp:
         grad_y: Tensor,
         grad_state: Tensor | None,
         *args: Any,
-        core: list[Tensor] | None = None,
+        kept_core: list[Tensor] | None = None,
     ) -> list[Tensor]:
         """The backward op's implementation: gradients of every tensor (then of initial_state,
-        when given) from the generated backward, or from the reference where it ran. core:
-        [the forward's kept core], emptied by the module's backward (None: none kept)."""
+        when given) from the generated backward, or from the reference where it ran.
+        kept_core: [the forward's kept core], emptied by the module's backward (None: none
+        kept)."""
         n = len(self._names)
         tensors, (initial_state, cu_seqlens, form, chunk_size) = args[:n], args[n:]
         reference_path = tensors[0].device.type == "cpu" and not self.interpreted
@@ -583,15 +584,15 @@ class SsmcOp:
                     chunk_size=chunk_size,
                     grad_y=grad_y,
                     grad_final_state=grad_state,
-                    core=kept,
+                    kept_core=kept,
                 )
 
             self._precompile(
-                ("backward", form, chunk_size, grad_y.dtype, grad_state is None, bool(core)),
+                ("backward", form, chunk_size, grad_y.dtype, grad_state is None, bool(kept_core)),
                 tensors, initial_state, cu_seqlens,
-                lambda: backward(None if core is None else list(core)),  # a list of its own
+                lambda: backward(None if kept_core is None else list(kept_core)),  # its own list
             )
-            grads, d_init = backward(core)
+            grads, d_init = backward(kept_core)
         result = [
             torch.zeros_like(t) if g is None else g for g, t in zip(grads, tensors, strict=True)
         ]

@@ -14,7 +14,12 @@ GRADIENT_KEYWORDS = ("grad_y", "grad_final_state")
 """Arguments of the backward op and of the generated backward."""
 MODULE_KEYWORDS = ("launch",)
 """Further keyword arguments of the generated `forward` (launch options: tiles, warps)."""
-RESERVED_TENSOR_NAMES = frozenset({*CALL_KEYWORDS, *GRADIENT_KEYWORDS, *MODULE_KEYWORDS})
+KEPT_KEYWORDS = ("keep_core", "kept_core")
+"""The forward op's option to keep y before the output roles, and the generated backward's
+argument that takes it (ssmc.ops)."""
+RESERVED_TENSOR_NAMES = frozenset(
+    {*CALL_KEYWORDS, *GRADIENT_KEYWORDS, *MODULE_KEYWORDS, *KEPT_KEYWORDS}
+)
 """(`self` is free: the op's own is positional-only.)"""
 RESERVED_PREFIX = "_ssmc"
 """Prefix of the generated module's private names."""

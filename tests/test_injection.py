@@ -509,7 +509,7 @@ def test_reserved_names_cover_what_render_and_the_op_take() -> None:
             assert tensors <= words and words - tensors <= RESERVED_TENSOR_NAMES, (
                 node.name, words - tensors - RESERVED_TENSOR_NAMES)
     schemas = ops.schema(checked) + ops.backward_schema(checked)
-    arguments = set(re.findall(r"(\w+)(?=[=,)])", schemas)) - {"None", "Tensor"}
+    arguments = set(re.findall(r"(\w+)(?=[=,)])", schemas)) - {"None", "False", "Tensor"}
     arguments -= set(ops.schema_names(checked))
     assert arguments and arguments <= RESERVED_TENSOR_NAMES, arguments - RESERVED_TENSOR_NAMES
     for name in sorted(RESERVED_TENSOR_NAMES) + [RESERVED_PREFIX + "_x"]:

@@ -3270,10 +3270,10 @@ def _adjoint_forward(form, chunk):
 
 
 def _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y, grad_final_state,
-                   targets=None, core=None):
+                   targets=None, kept_core=None):
     """Gradients of every tensor (and of initial_state): epilogue, core, prologue backward.
 
-    The prologue runs again; the y that the gate's gradient reads is `core` = [y] as
+    The prologue runs again; the y that the gate's gradient reads is `kept_core` = [y] as
     _ssmc_run(keep_core=True) returned it (taken out of the list, so that it is freed once
     read), else the core runs again for it.
     """
@@ -3285,8 +3285,8 @@ def _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y,
     roles = prologue_roles(tensors, sizes)
     x, s, log_a, B, C = prologue_fwd(tensors, sizes, roles)
     dout = grad_y.contiguous()
-    if core:  # the forward's y, kept for this backward
-        y = core.pop()
+    if kept_core:  # the forward's y, kept for this backward
+        y = kept_core.pop()
     else:
         # y again, in dout's dtype when 16-bit (the gate's gradient reads it once)
         y_dtype = dout.dtype if dout.dtype in (torch.float16, torch.bfloat16) else torch.float32
@@ -3331,15 +3331,15 @@ takes 7.8 ms and 986 MiB above the inputs, against 17.0 ms and 636 MiB cut into 
 
 
 def _ssmc_backward_sliced(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y,
-                          grad_final_state, core=None):
+                          grad_final_state, kept_core=None):
     """_ssmc_backward over slices of batch rows: gradients of per-row tensors are written into
     their rows, those of other tensors summed (fp32); one call when small or packed."""
     batch = grad_y.shape[0]
     rows = max(1, _BACKWARD_SLICE // max(grad_y[:1].numel(), 1))
     if cu_seqlens is not None or batch <= rows:
         return _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y,
-                              grad_final_state, core=core)
-    kept = core.pop() if core else None
+                              grad_final_state, kept_core=kept_core)
+    kept = kept_core.pop() if kept_core else None
     per_row = [shape[0] == "batch" for shape in _SHAPES]
     grads = [torch.empty_like(t) if r else None for t, r in zip(tensors, per_row)]
     rows_of = [i for i, r in enumerate(per_row) if r]
@@ -3351,7 +3351,7 @@ def _ssmc_backward_sliced(tensors, initial_state, cu_seqlens, form, chunk_size, 
             None if initial_state is None else initial_state[part], None, form, chunk_size,
             grad_y[part], None if grad_final_state is None else grad_final_state[part],
             targets={i: grads[i][part] for i in rows_of},  # written in place where it can
-            core=None if kept is None else [kept[part]])
+            kept_core=None if kept is None else [kept[part]])
         for i, g in enumerate(got):
             if per_row[i]:
                 if g.data_ptr() != grads[i][part].data_ptr():
@@ -3386,17 +3386,17 @@ def forward(*, x, dt, B, C, z, A, dt_bias, D, initial_state=None, cu_seqlens=Non
 
 
 def backward(*, x, dt, B, C, z, A, dt_bias, D, initial_state=None, cu_seqlens=None, form=None, chunk_size=None,
-             grad_y, grad_final_state=None, core=None):
+             grad_y, grad_final_state=None, kept_core=None):
     """Gradients of `mamba2` for the call forward(same arguments): ((one per tensor, in
     TENSORS order, each in its tensor's dtype), gradient of initial_state or None).
 
     grad_y [batch, seq, H, P]: the gradient of y; grad_final_state
     [batch or num_seqs, H, N, P] or None: the gradient of the final state.
-    core: [y before the output roles] as _ssmc_run(keep_core=True) returned it (the list is
+    kept_core: [y before the output roles] as _ssmc_run(keep_core=True) returned it (the list is
     emptied here, so y is freed once read), or None to run the forward again where it is read.
     """
     return _ssmc_backward_sliced((x, dt, B, C, z, A, dt_bias, D,), initial_state, cu_seqlens, form,
-                                 chunk_size, grad_y, grad_final_state, core)
+                                 chunk_size, grad_y, grad_final_state, kept_core)
 
 
 # ---------------------------------------------------------------------------------------
