@@ -495,17 +495,11 @@ class SsmcOp:
         keep_core = keep_core and self._keeps_core
 
         def forward() -> Any:
-            if keep_core:
-                return self.module._ssmc_run(
-                    tensors, initial_state, cu_seqlens, form, chunk_size, launch, setup,
-                    keep_core=True,
-                )
-            return (
-                *self.module._ssmc_run(
-                    tensors, initial_state, cu_seqlens, form, chunk_size, launch, setup
-                ),
-                None,
+            result = self.module._ssmc_run(
+                tensors, initial_state, cu_seqlens, form, chunk_size, launch, setup,
+                keep_core=keep_core,
             )
+            return result if keep_core else (*result, None)
 
         if fresh:
             frozen = None if launch is None else tuple(sorted(launch.items()))

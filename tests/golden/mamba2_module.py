@@ -1341,7 +1341,7 @@ def chunked_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_stat
                                block_t=block_t, **tile_args)
     chunked_scan_fwd(x, s, log_a, B, C, states=states, tiles=tiles, heads=heads, out=out,
                      block_m=block_m, heads_per_program=heads_per_program, epilogue=epilogue,
-                     prefetch=prefetch, **tile_args, **({} if core is None else {"core": core}))
+                     prefetch=prefetch, core=core, **tile_args)
     return out
 
 
@@ -3201,7 +3201,7 @@ def _core_fwd(form, chunk, x, s, log_a, B, C, *, heads, out, initial_state, fina
             final_state=final_state, cu_seqlens=cu_seqlens, **(launch or {}))
     elif form == "chunked":
         chunked_fwd(x, s, log_a, B, C, heads=heads, out=out, initial_state=initial_state,
-            final_state=final_state, cu_seqlens=cu_seqlens, chunk_size=chunk, epilogue=epilogue, **({} if core is None else {"core": core}), **(launch or {}))
+            final_state=final_state, cu_seqlens=cu_seqlens, chunk_size=chunk, epilogue=epilogue, core=core, **(launch or {}))
     return out
 
 
@@ -3234,6 +3234,7 @@ def _ssmc_run(tensors, initial_state, cu_seqlens, form, chunk_size, launch=None,
     # The chunked scan applies the output roles in its store: out is written once, in out_dtype.
     fused = form == "chunked"
     out = torch.empty((batch, T, H, P), device=device, dtype=out_dtype if fused else torch.float32)
+    # y before the output roles, kept for backward: the fused scan stores it, else out is it
     core_dtype = out_dtype if out_dtype in (torch.float16, torch.bfloat16) else torch.float32
     core = torch.empty_like(out, dtype=core_dtype) if keep_core and fused else None
     final_state = torch.empty((num_states, H, N, P), device=device, dtype=torch.float32)
