@@ -108,6 +108,21 @@ def sweep_launch(op, inputs: dict[str, torch.Tensor], sweep=SWEEP) -> None:
             print(f"  failed   {opts}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
 
 
+def ncu_steps(name: str, run, inputs: dict[str, torch.Tensor]) -> None:
+    """Two warm-up forward + backward steps, then one inside cudaProfilerStart/Stop: the range
+    that `ncu --profile-from-start off` reads (scripts/gpu_check.sh ncu)."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    dy = torch.randn_like(inputs["x"])
+    for _ in range(2):
+        torch.autograd.backward(run(leaves), dy)
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    torch.autograd.backward(run(leaves), dy)
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+    print(f"{name}: one step profiled", flush=True)
+
+
 def compare_dbc(op, inputs: dict[str, torch.Tensor]) -> None:
     """Relative error of each gradient of chunked_bwd with dbc "per_head" and "shared" (bf16
     dots; shared rounds W, the heads' sum, to bf16 once) against the per-head path on fp32
@@ -136,6 +151,13 @@ def compare_dbc(op, inputs: dict[str, torch.Tensor]) -> None:
     torch.cuda.empty_cache()
 
 
+def mamba_step(mamba, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """mamba_ssm's mamba_chunk_scan_combined on the layer's inputs (chunk 256), its y."""
+    out = mamba(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk_size=256, D=t["D"], z=t["z"],
+                dt_bias=t["dt_bias"], dt_softplus=True)
+    return out[0] if isinstance(out, tuple) else out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mamba-src", default=None)
@@ -146,9 +168,17 @@ def main() -> int:
     parser.add_argument("--kernels", action="store_true",
                         help="the per-kernel profiles of ssmc and mamba_ssm, then --sweep's "
                              "options only (no default sweep, no dbc comparison)")
+    parser.add_argument("--ncu", action="store_true",
+                        help="one profiled step of each implementation, for ncu (no timing)")
     args = parser.parse_args()
     inputs = layer_inputs(args.batch, args.seqlen, MAMBA_27B, "cuda", torch.bfloat16)
     op = load(with_dims(parse_file(ROOT / "examples" / "mamba2.ssm"), MAMBA_27B))
+    if args.ncu:
+        ncu_steps("ssmc", lambda t: op(**t, form="chunked")[0], inputs)
+        mamba = import_mamba(args.mamba_src)
+        if mamba is not None:
+            ncu_steps("mamba_ssm", lambda t: mamba_step(mamba, t), inputs)
+        return 0
     if args.sweep and not args.kernels:
         sweep_launch(op, inputs, args.sweep)
         return 0
@@ -161,11 +191,7 @@ def main() -> int:
         compare_dbc(op, inputs)
     mamba = import_mamba(args.mamba_src)
     if mamba is not None:
-        def run_mamba(t):
-            out = mamba(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk_size=256, D=t["D"],
-                        z=t["z"], dt_bias=t["dt_bias"], dt_softplus=True)
-            return out[0] if isinstance(out, tuple) else out
-        profile_steps("mamba_ssm", run_mamba, inputs)
+        profile_steps("mamba_ssm", lambda t: mamba_step(mamba, t), inputs)
     return 0
 
 
