@@ -26,12 +26,12 @@ from ssmc.pipeline import parse_file, with_dims  # noqa: E402
 STEPS = 10
 
 
-def profile_steps(name: str, run, inputs: dict[str, torch.Tensor]) -> None:
+def profile_steps(name: str, run, inputs: dict[str, torch.Tensor], top: int = 25) -> None:
     """Print the kernels of STEPS forward + backward steps, by CUDA time per step."""
     leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
     dy = torch.randn_like(inputs["x"])
     profile_calls(f"{name}: {{:.3f}} ms of kernels per forward + backward",
-                  lambda: torch.autograd.backward(run(leaves), dy), top=25)
+                  lambda: torch.autograd.backward(run(leaves), dy), top=top)
 
 
 def profile_calls(title: str, call, top: int) -> None:
@@ -108,6 +108,20 @@ def sweep_launch(op, inputs: dict[str, torch.Tensor], sweep=SWEEP) -> None:
             print(f"  failed   {opts}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
 
 
+def sweep_tiles(op, inputs: dict[str, torch.Tensor], settings: list[dict]) -> None:
+    """Per-kernel times of forward + backward with the elementwise kernels' tile constants set
+    ({"EPILOGUE_BWD_KERNEL": [elements, row_group, num_warps], ...}), each in turn."""
+    mod = op.module
+    for setting in settings:
+        saved = {name: getattr(mod, f"_{name}_TILE") for name in setting}
+        for name, tile in setting.items():
+            setattr(mod, f"_{name}_TILE", tuple(tile))
+        profile_steps(f"ssmc with {setting}", lambda t: op(**t, form="chunked")[0], inputs,
+                      top=6)
+        for name, tile in saved.items():
+            setattr(mod, f"_{name}_TILE", tile)
+
+
 def ncu_steps(name: str, run, inputs: dict[str, torch.Tensor]) -> None:
     """Two warm-up forward + backward steps, then one inside cudaProfilerStart/Stop: the range
     that `ncu --profile-from-start off` reads (scripts/gpu_check.sh ncu)."""
@@ -170,9 +184,15 @@ def main() -> int:
                              "options only (no default sweep, no dbc comparison)")
     parser.add_argument("--ncu", action="store_true",
                         help="one profiled step of each implementation, for ncu (no timing)")
+    parser.add_argument("--tiles", nargs="+", type=json.loads, default=None,
+                        help="per-kernel profiles with these elementwise tile constants "
+                             '(JSON objects {"EPILOGUE_BWD_KERNEL": [1024, 64, 4]}), then stop')
     args = parser.parse_args()
     inputs = layer_inputs(args.batch, args.seqlen, MAMBA_27B, "cuda", torch.bfloat16)
     op = load(with_dims(parse_file(ROOT / "examples" / "mamba2.ssm"), MAMBA_27B))
+    if args.tiles:
+        sweep_tiles(op, inputs, args.tiles)
+        return 0
     if args.ncu:
         ncu_steps("ssmc", lambda t: op(**t, form="chunked")[0], inputs)
         mamba = import_mamba(args.mamba_src)

@@ -625,13 +625,17 @@ def test_fused_chunked_backward_suffix(case: Case, monkeypatch) -> None:
         (FUSED[6], {"stored_cc": True}),
         (FUSED[7], {"head_splits": 2}),
         (FUSED[2], {}),
+        (FUSED[0], {"dla_decay": "diff"}),
+        (FUSED[7], {"dla_block_m": 32}),
+        (FUSED[6], {"dla_block_m": 32, "dla_decay": "diff"}),
     ],
     ids=lambda v: v.id if isinstance(v, Case) else "-".join(v) or "plain",
 )
 def test_fused_chunked_backward_straddle_row_blocks(case: Case, options, monkeypatch) -> None:
     """dla="straddle" with chunks of 64 tokens in four 16-row blocks: the tiles below the
     diagonal (column prefix sums, running totals, row sums) and the state terms across
-    blocks; also with the stored cc and head splits."""
+    blocks; also with the stored cc, head splits, the diagonal tiles' decays as differences
+    of prefix sums (dla_decay="diff") and the dla launch's own row block (two of 32)."""
     fused_check(case, torch.float32, 1e-5, monkeypatch, chunk_size=64, block_t=16,
                 dla="straddle", **options)
 
@@ -645,6 +649,11 @@ def test_fused_chunked_backward_dla_option() -> None:
                            torch.randn(1, 4, 1, 16), heads=1, initial_state=None,
                            cu_seqlens=None, dy=torch.randn(1, 4, 1, 16), dfinal=None,
                            dla="prefix")
+    with pytest.raises(ValueError, match="dla_decay"):
+        module.chunked_bwd(x, None, torch.zeros(1, 4, 1), torch.randn(1, 4, 1, 16),
+                           torch.randn(1, 4, 1, 16), heads=1, initial_state=None,
+                           cu_seqlens=None, dy=torch.randn(1, 4, 1, 16), dfinal=None,
+                           dla_decay="cumsum")
 
 
 def test_fused_chunked_backward_dlog_a_straddle_long_sequence() -> None:
@@ -664,11 +673,12 @@ def test_fused_chunked_backward_dlog_a_straddle_long_sequence() -> None:
     y, _ = forms_torch.recurrent((x * dt[..., None]).double(), la, B.double(), C.double(), H)
     want = (torch.autograd.grad(y, la, dy.double())[0] * dt.double()).sum((0, 1))
     errs = {}
-    for dla in ("suffix", "straddle"):
+    for name, opts in (("suffix", {"dla": "suffix"}), ("straddle", {"dla": "straddle"}),
+                       ("diff", {"dla": "straddle", "dla_decay": "diff"})):
         got = module.chunked_bwd(x, dt, log_a, B, C, heads=H, initial_state=None,
-                                 cu_seqlens=None, dy=dy, dfinal=None, dla=dla)[2]
+                                 cu_seqlens=None, dy=dy, dfinal=None, **opts)[2]
         assert got.shape == log_a.shape and torch.isfinite(got).all()
         got = (got.double() * dt.double()).sum((0, 1))
-        errs[dla] = ((got - want).norm() / want.norm()).item()
-    assert errs["straddle"] < 1e-6, errs
+        errs[name] = ((got - want).norm() / want.norm()).item()
+    assert errs["straddle"] < 1e-6 and errs["diff"] < 1e-6, errs
     assert errs["straddle"] < errs["suffix"] / 20, errs

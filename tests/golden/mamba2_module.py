@@ -101,6 +101,11 @@ def prologue_log_a_s_fwd_kernel(
 
 
 
+_PROLOGUE_LOG_A_S_FWD_KERNEL_TILE = (1024, 64, 4)
+"""(elements a program takes per row step, rows a group of partial sums covers, num_warps) of
+`prologue_log_a_s_fwd_kernel`: a module constant, so that a sweep can set it."""
+
+
 def prologue_log_a_s_launch(tensors, sizes, out0, out1):
     """Launch `prologue_log_a_s_fwd_kernel`: log_a, s ← expressions of the inputs."""
     n_rows = sizes["seq"]
@@ -111,8 +116,9 @@ def prologue_log_a_s_launch(tensors, sizes, out0, out1):
     # plain int arithmetic: triton.cdiv / next_power_of_2 cost microseconds a call on the host
     # 1024 elements a program (8 a thread at 4 warps): at 4096 the sm_90 build of the Mamba-2
     # epilogue's backward took 254 registers a thread, at 1024 72
-    BLOCK_C = min(1 << (n_cols - 1).bit_length(), 1024)
-    BLOCK_R = min(1 << (n_rows - 1).bit_length(), max(1, 1024 // BLOCK_C))
+    elements, row_group, warps = _PROLOGUE_LOG_A_S_FWD_KERNEL_TILE
+    BLOCK_C = min(1 << (n_cols - 1).bit_length(), elements)
+    BLOCK_R = min(1 << (n_rows - 1).bit_length(), max(1, elements // BLOCK_C))
     grid = (n_batch * -(-n_rows // BLOCK_R) * -(-n_cols // BLOCK_C),)
     # one stride tuple a tensor: t.stride(d) per axis costs more host time than t.stride()
     _st_r0 = out0.stride()
@@ -127,7 +133,7 @@ def prologue_log_a_s_launch(tensors, sizes, out0, out1):
         tensors[5], _st_o1[0],
         tensors[6], _st_o2[0],
         n_rows, n_cols, sizes["H"],
-        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps,
     )
 
 
@@ -197,6 +203,11 @@ def epilogue_fwd_kernel(
 
 
 
+_EPILOGUE_FWD_KERNEL_TILE = (1024, 64, 4)
+"""(elements a program takes per row step, rows a group of partial sums covers, num_warps) of
+`epilogue_fwd_kernel`: a module constant, so that a sweep can set it."""
+
+
 def epilogue_launch(tensors, sizes, y, out0):
     """Launch `epilogue_fwd_kernel`: out ← expressions of the inputs."""
     n_rows = sizes["seq"]
@@ -207,8 +218,9 @@ def epilogue_launch(tensors, sizes, y, out0):
     # plain int arithmetic: triton.cdiv / next_power_of_2 cost microseconds a call on the host
     # 1024 elements a program (8 a thread at 4 warps): at 4096 the sm_90 build of the Mamba-2
     # epilogue's backward took 254 registers a thread, at 1024 72
-    BLOCK_C = min(1 << (n_cols - 1).bit_length(), 1024)
-    BLOCK_R = min(1 << (n_rows - 1).bit_length(), max(1, 1024 // BLOCK_C))
+    elements, row_group, warps = _EPILOGUE_FWD_KERNEL_TILE
+    BLOCK_C = min(1 << (n_cols - 1).bit_length(), elements)
+    BLOCK_R = min(1 << (n_rows - 1).bit_length(), max(1, elements // BLOCK_C))
     grid = (n_batch * -(-n_rows // BLOCK_R) * -(-n_cols // BLOCK_C),)
     # one stride tuple a tensor: t.stride(d) per axis costs more host time than t.stride()
     _st_r0 = out0.stride()
@@ -226,7 +238,7 @@ def epilogue_launch(tensors, sizes, y, out0):
         tensors[7], _st_o2[0],
         y, _st_o3[0], _st_o3[1], _st_o3[2], _st_o3[3],
         n_rows, n_cols, sizes["H"], sizes["P"],
-        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, FLAT=FLAT,
+        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, FLAT=FLAT, num_warps=warps,
     )
 
 
@@ -1587,6 +1599,11 @@ def prologue_log_a_s_bwd_kernel(
 
 
 
+_PROLOGUE_LOG_A_S_BWD_KERNEL_TILE = (1024, 64, 4)
+"""(elements a program takes per row step, rows a group of partial sums covers, num_warps) of
+`prologue_log_a_s_bwd_kernel`: a module constant, so that a sweep can set it."""
+
+
 def prologue_log_a_s_bwd_launch(tensors, sizes, u0, u1, out0, out1, out2):
     """Launch `prologue_log_a_s_bwd_kernel`: d_dt, d_A, d_dt_bias ← gradients through the expressions, per element."""
     n_rows = sizes["seq"]
@@ -1597,8 +1614,9 @@ def prologue_log_a_s_bwd_launch(tensors, sizes, u0, u1, out0, out1, out2):
     # plain int arithmetic: triton.cdiv / next_power_of_2 cost microseconds a call on the host
     # 1024 elements a program (8 a thread at 4 warps): at 4096 the sm_90 build of the Mamba-2
     # epilogue's backward took 254 registers a thread, at 1024 72
-    BLOCK_C = min(1 << (n_cols - 1).bit_length(), 1024)
-    BLOCK_R = min(1 << (n_rows - 1).bit_length(), max(1, 1024 // BLOCK_C))
+    elements, row_group, warps = _PROLOGUE_LOG_A_S_BWD_KERNEL_TILE
+    BLOCK_C = min(1 << (n_cols - 1).bit_length(), elements)
+    BLOCK_R = min(1 << (n_rows - 1).bit_length(), max(1, elements // BLOCK_C))
     grid = (n_batch * -(-n_rows // BLOCK_R) * -(-n_cols // BLOCK_C),)
     # one stride tuple a tensor: t.stride(d) per axis costs more host time than t.stride()
     _st_r0 = out0.stride()
@@ -1619,7 +1637,7 @@ def prologue_log_a_s_bwd_launch(tensors, sizes, u0, u1, out0, out1, out2):
         u0, _st_o3[0], _st_o3[1], _st_o3[2],
         u1, _st_o4[0], _st_o4[1], _st_o4[2],
         n_rows, n_cols, sizes["H"],
-        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps,
     )
 
 
@@ -1771,6 +1789,11 @@ def epilogue_bwd_kernel(
     tl.store(out2 + i_b * out2_s0 + o_r[:, None] * out2_s1 + o_0[None, :] * out2_s2 + o_1[None, :] * out2_s3, tl.sum(out2_sum, axis=0)[None, :], mask=m_r[:, None] & m_c[None, :])
 
 
+_EPILOGUE_BWD_KERNEL_TILE = (1024, 64, 4)
+"""(elements a program takes per row step, rows a group of partial sums covers, num_warps) of
+`epilogue_bwd_kernel`: a module constant, so that a sweep can set it."""
+
+
 def epilogue_bwd_launch(tensors, sizes, u0, y, out0, out1, out2, out3):
     """Launch `epilogue_bwd_kernel`: d_x, d_z, d_D, d_core ← gradients through the expressions, per element."""
     n_rows = sizes["seq"]
@@ -1779,13 +1802,14 @@ def epilogue_bwd_launch(tensors, sizes, u0, y, out0, out1, out2, out3):
     # plain int arithmetic: triton.cdiv / next_power_of_2 cost microseconds a call on the host
     # 1024 elements a program (8 a thread at 4 warps): at 4096 the sm_90 build of the Mamba-2
     # epilogue's backward took 254 registers a thread, at 1024 72
-    BLOCK_C = min(1 << (n_cols - 1).bit_length(), 1024)
-    BLOCK_R = min(1 << (n_rows - 1).bit_length(), max(1, 1024 // BLOCK_C))
+    elements, row_group, warps = _EPILOGUE_BWD_KERNEL_TILE
+    BLOCK_C = min(1 << (n_cols - 1).bit_length(), elements)
+    BLOCK_R = min(1 << (n_rows - 1).bit_length(), max(1, elements // BLOCK_C))
     # the results summed over seq (2) come back as partial
-    # sums, one row per group of ROW_STEPS row tiles (64 rows when the tiles are short): 1/64
-    # of a per-element buffer; nothing to sum gives zero groups
+    # sums, one row per group of ROW_STEPS row tiles (row_group rows when the tiles are short:
+    # 64 by default, 1/64 of a per-element buffer); nothing to sum gives zero groups
     row_tiles = -(-n_rows // BLOCK_R)
-    ROW_STEPS = min(max(1, 64 // BLOCK_R), 1 << (row_tiles - 1).bit_length())
+    ROW_STEPS = min(max(1, row_group // BLOCK_R), 1 << (row_tiles - 1).bit_length())
     n_groups = -(-row_tiles // ROW_STEPS)
     grid = (n_batch * n_groups * -(-n_cols // BLOCK_C),)
     device = tensors[0].device
@@ -1818,7 +1842,7 @@ def epilogue_bwd_launch(tensors, sizes, u0, y, out0, out1, out2, out3):
         u0, _st_o3[0], _st_o3[1], _st_o3[2], _st_o3[3],
         y, _st_o4[0], _st_o4[1], _st_o4[2], _st_o4[3],
         n_rows, n_cols, sizes["H"], sizes["P"],
-        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, ROW_STEPS=ROW_STEPS, FLAT=FLAT,
+        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, ROW_STEPS=ROW_STEPS, FLAT=FLAT, num_warps=warps,
     )
     return {2: out2}
 
@@ -2743,6 +2767,7 @@ def chunked_bwd_dla_kernel(
     N, P, Gd, Hv, Hk, Hq, Hd,
     HAS_S: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    DECAY_DIFF: tl.constexpr,
 ):
     # dla="straddle": dlog a_t = Σ_{i ≥ t > j} M_ij, M_ij = L_ij Σ_h (C_i·B_j)(dY_i·X̄_j), for
     # the pairs inside the chunk, plus the state terms (uv: u_i = Σ_h C_i·(exp(cc_i) H_r dY_i),
@@ -2806,8 +2831,13 @@ def chunked_bwd_dla_kernel(
                                 N, P, Hv, Hk, Hq, Hd, HAS_S, DOT_DTYPE, DOT_PRECISION,
                                 BLOCK_M, BLOCK_N, BLOCK_P)
     keep = (o_m[:, None] > o_sh[None, :]) & (o_j[None, :] > 0) & m_m[:, None] & m_m[None, :]
-    # [i, c]: Σ_{k in block I, j_c < k ≤ i} log a_k, a cumulative sum down the rows
-    b_seg = tl.cumsum(tl.where(o_m[:, None] > o_sh[None, :], b_a[:, None], 0.0), axis=0)
+    # [i, c]: Σ_{k in block I, j_c < k ≤ i} log a_k, a cumulative sum down the rows, or
+    # (DECAY_DIFF) the difference of the block's prefix sums at i and at j_c (its rounding is
+    # eps·|prefix|, the block's length at most, where the pairs' own sum has eps·(i − j_c))
+    if DECAY_DIFF:
+        b_seg = tl.minimum(b_head[:, None] - (b_head - b_a)[None, :], 0.0)
+    else:
+        b_seg = tl.cumsum(tl.where(o_m[:, None] > o_sh[None, :], b_a[:, None], 0.0), axis=0)
     b_M *= tl.exp(tl.where(keep, b_seg, float("-inf")))
     # the state terms: u_i for i ≥ t (in this block: per row, later blocks: a total),
     # v_j for j < t (this block: masked sum, earlier blocks: a total)
@@ -2881,7 +2911,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
                 chunk_size=None, block_m=None, block_n=None, block_p=None, block_t=None,
                 num_warps=None, head_splits=None, stored_cc=True, dla="straddle",
                 dbc=None, warps_of=None, walk_block_n=None, walk_block_p=None, walk_stages=2,
-                stages_of=None):
+                stages_of=None, dla_block_m=None, dla_decay="pairs"):
     """(dx, ds, dlog_a, dB, dC, dh0) of the core by the fused chunked backward.
 
     x [b, T, Gv, P], s [b, T, Gv] or None (X̄ = x s), log_a [b, T, Gd] or None (causal),
@@ -2904,6 +2934,9 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     walk_block_p: the walks' state tile (default block_n, block_p). walk_stages: how deep
     the walks issue their loads ahead (one loop over a sequence's sub-blocks). stages_of:
     num_stages per launch ("dbc", "w", "wbc", "dx", "dla"; dx 1, else Triton's default).
+    dla_block_m: the dla launch's row block (default block_m). dla_decay: how its diagonal
+    tiles' decays are formed, "pairs" (each pair's own sum of log a) or "diff" (a difference
+    of the block's prefix sums).
     """
     if dla not in ("suffix", "straddle"):
         raise ValueError(f"chunked_bwd: dla must be 'suffix' or 'straddle', got {dla!r}")
@@ -3096,17 +3129,21 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
         uv = dcs.unflatten(0, (2, splits)).sum((1, 2))
         del dcs
         bnd = boundary.sum(-1).unflatten(1, (Gd, H // Gd)).sum(2).contiguous()  # [R, Gd]
-        part = torch.zeros((n_m, batch, T, Gd), **f32)
-        chunked_bwd_dla_kernel[(R * n_m, Gd)](
+        if dla_decay not in ("pairs", "diff"):
+            raise ValueError(f"chunked_bwd: dla_decay must be 'pairs' or 'diff', got {dla_decay!r}")
+        dla_m = min(Q, dla_block_m or block_m)
+        n_dm = Q // dla_m
+        part = torch.zeros((n_dm, batch, T, Gd), **f32)
+        chunked_bwd_dla_kernel[(R * n_dm, Gd)](
             x, s_arg, log_a, B, C, dy, tiles, uv, bnd, part, *x.stride(), *s_str,
             *log_a.stride(), *B.stride(), *C.stride(), *dy.stride(), *uv.stride(),
             *part.stride(), N, P, Gd, H // Gv, H // Gk, H // Gq, H // Gd,
             HAS_S=s is not None, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, CHUNK=Q,
             # N, P tiles of 32: at 64 the sm_90 build spills 440 B a thread, at 32 96 B
-            BLOCK_M=block_m, BLOCK_N=min(32, block_n), BLOCK_P=min(32, block_p),
-            num_warps=warps_of["dla"], **stages_of["dla"],
+            BLOCK_M=dla_m, BLOCK_N=min(32, block_n), BLOCK_P=min(32, block_p),
+            DECAY_DIFF=dla_decay == "diff", num_warps=warps_of["dla"], **stages_of["dla"],
         )
-        dla = part[0] if n_m == 1 else part.sum(0)
+        dla = part[0] if n_dm == 1 else part.sum(0)
     elif log_a is not None:
         dcs = dcs.sum((0, 1))
         seqs = _AdjointSequences(cu_seqlens, batch, T, device)
