@@ -116,7 +116,8 @@ def sweep_tiles(op, inputs: dict[str, torch.Tensor], settings: list[dict]) -> No
         saved = {name: getattr(mod, f"_{name}_TILE") for name in setting}
         for name, tile in setting.items():
             setattr(mod, f"_{name}_TILE", tuple(tile))
-        profile_steps(f"ssmc with {setting}", lambda t: op(**t, form="chunked")[0], inputs,
+        label = json.dumps(setting).replace("{", "(").replace("}", ")")
+        profile_steps(f"ssmc with {label}", lambda t: op(**t, form="chunked")[0], inputs,
                       top=6)
         for name, tile in saved.items():
             setattr(mod, f"_{name}_TILE", tile)
