@@ -2767,7 +2767,7 @@ def chunked_bwd_dla_kernel(
     N, P, Gd, Hv, Hk, Hq, Hd,
     HAS_S: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-    DECAY_DIFF: tl.constexpr,
+    DECAY_DIFF: tl.constexpr, DIAG_SUMS: tl.constexpr,
 ):
     # dla="straddle": dlog a_t = Σ_{i ≥ t > j} M_ij, M_ij = L_ij Σ_h (C_i·B_j)(dY_i·X̄_j), for
     # the pairs inside the chunk, plus the state terms (uv: u_i = Σ_h C_i·(exp(cc_i) H_r dY_i),
@@ -2776,13 +2776,19 @@ def chunked_bwd_dla_kernel(
     # J < I holds only pairs with i > j: for t in block J its pairs with j < t (a prefix of
     # its column sums) plus the whole of the tiles (I, J' < J) (a running total); for t in
     # block I its pairs with i ≥ t (a suffix of its row sums); for the blocks between, the
-    # whole tile. These go to slot I of part [n_m, b, T, Gd] (slots summed after); the
-    # diagonal tile's columns are loaded one token earlier (j = t − 1), so a cumulative sum
-    # along them is Σ_{start(I) ≤ j < t} M_ij exactly, and Σ_{i ≥ t} of it is the diagonal
-    # part. Every sum adds only terms of straddling pairs: none cancels another.
-    # The decay of a pair, Σ_{j < k ≤ i} log a_k, is summed over its own tokens (log_a is the
-    # raw log a, never cc): cc_i − cc_j would carry the rounding of cc (≈ eps·|cc_i|, up to
-    # eps·Q·|log a|) into every L_ij, the largest error left once the sums are stable.
+    # whole tile. These go to slot I of part [n_m, b, T, Gd] (slots summed after). The
+    # diagonal tile (DIAG_SUMS, the default): Σ_{i ≥ t > j} M_ij = Σ_{s < t} (column sum −
+    # row sum at s), in fp64, where the pairs with both tokens before t cancel within the
+    # block; else (dla_diag="scan") its columns are loaded one token earlier (j = t − 1), so
+    # a cumulative sum along them is Σ_{start(I) ≤ j < t} M_ij exactly and Σ_{i ≥ t} of it
+    # is the diagonal part, every sum adding only terms of straddling pairs.
+    # The decay of a pair, Σ_{j < k ≤ i} log a_k, comes from log_a (the raw log a, never cc,
+    # whose rounding ≈ eps·|cc_i| grows to eps·Q·|log a|): off the diagonal as sums of the
+    # pair's own tokens, on it (DECAY_DIFF, the default) as a difference of the block's
+    # prefix sums (eps·|prefix|, over BLOCK_M tokens at most) or (dla_decay="pairs") summed
+    # over its own tokens too. On the H100 at the 2.7B layer the two defaults took the launch
+    # from 0.97 to 0.82 ms; Σ_t dlog a_t Δ_t over 2048 fp32 tokens then lands at ≈ 1e-6 of
+    # fp64, against 2-9e-7 with both off (tests/test_adjoint.py).
     n_m = CHUNK // BLOCK_M
     i_r = tl.program_id(0).to(tl.int64) // n_m
     i_m = tl.program_id(0) % n_m
@@ -2820,22 +2826,28 @@ def chunked_bwd_dla_kernel(
         keep = m_m[:, None] & m_o[None, :]
         b_M *= tl.exp(tl.where(keep, b_head[:, None] + (b_tail + b_mid)[None, :], float("-inf")))
         b_col = tl.sum(b_M, axis=0)
-        # t in block J: Σ_{j < t} of the column sums (each pair once, no difference formed)
-        b_pre = tl.sum(tl.where(o_j[:, None] < o_j[None, :], b_col[:, None], 0.0), axis=0)
+        # t in block J: Σ_{j < t} of the column sums (each pair once, no difference formed;
+        # DIAG_SUMS: an exclusive cumulative sum)
+        if DIAG_SUMS:
+            b_pre = tl.cumsum(b_col, axis=0) - b_col
+        else:
+            b_pre = tl.sum(tl.where(o_j[:, None] < o_j[None, :], b_col[:, None], 0.0), axis=0)
         tl.store(p_out + (t0 + o_o) * stride_o_t, b_pre + b_tot, mask=m_o)
         b_tot += tl.sum(b_col, axis=0)
         b_row += tl.sum(b_M, axis=1)
-    # the diagonal tile, columns shifted: column c holds j = start(I) + c − 1
-    o_sh = o_m - 1
+    # the diagonal tile, columns shifted: column c holds j = start(I) + c − 1 (DIAG_SUMS: not
+    # shifted, j = start(I) + c)
+    o_sh = o_m if DIAG_SUMS else o_m - 1
     b_M = _chunked_bwd_dla_tile(x, s, B, C, dy, i_b, t0, n_t, g, o_m, o_sh, *strides,
                                 N, P, Hv, Hk, Hq, Hd, HAS_S, DOT_DTYPE, DOT_PRECISION,
                                 BLOCK_M, BLOCK_N, BLOCK_P)
-    keep = (o_m[:, None] > o_sh[None, :]) & (o_j[None, :] > 0) & m_m[:, None] & m_m[None, :]
+    keep = (o_m[:, None] > o_sh[None, :]) & (o_sh[None, :] >= i_m * BLOCK_M) & m_m[:, None] \
+        & m_m[None, :]
     # [i, c]: Σ_{k in block I, j_c < k ≤ i} log a_k, a cumulative sum down the rows, or
     # (DECAY_DIFF) the difference of the block's prefix sums at i and at j_c (its rounding is
     # eps·|prefix|, the block's length at most, where the pairs' own sum has eps·(i − j_c))
     if DECAY_DIFF:
-        b_seg = tl.minimum(b_head[:, None] - (b_head - b_a)[None, :], 0.0)
+        b_seg = tl.minimum(b_head[:, None] - (b_head - (0.0 if DIAG_SUMS else b_a))[None, :], 0.0)
     else:
         b_seg = tl.cumsum(tl.where(o_m[:, None] > o_sh[None, :], b_a[:, None], 0.0), axis=0)
     b_M *= tl.exp(tl.where(keep, b_seg, float("-inf")))
@@ -2847,10 +2859,20 @@ def chunked_bwd_dla_kernel(
     b_ua = tl.load(p_u + (t0 + o_q) * stride_u_t, mask=(o_q >= (i_m + 1) * BLOCK_M) & (o_q < n_t),
                    other=0.0)
     b_vb = tl.load(p_u + stride_u_k + (t0 + o_q) * stride_u_t, mask=o_q < i_m * BLOCK_M, other=0.0)
-    b_E = tl.cumsum(b_M, axis=1) + (b_row + b_u)[:, None]  # [i, t]: Σ_{j < t} M_ij + …
-    below = (o_m[:, None] >= o_m[None, :]) & m_m[:, None]
-    b_dla = tl.sum(tl.where(below, b_E, 0.0), axis=0)
-    b_dla += tl.sum(tl.where(o_j[:, None] < o_j[None, :], b_v[:, None], 0.0), axis=0)
+    if DIAG_SUMS:
+        # Σ_{i ≥ t > j} M_ij over the tile's pairs (M_ij = 0 unless i > j) is Σ_{s < t} of
+        # (column sum − row sum) at s: the pairs with both tokens before t cancel, within one
+        # block (no 2-D scan); the per-row terms as a suffix sum, v as a prefix sum
+        b_M64 = b_M.to(tl.float64)  # fp32 sums left 5-9e-6 in Σ_t dlog a_t Δ_t (test above)
+        b_step = tl.sum(b_M64, axis=0) - tl.sum(b_M64, axis=1)
+        b_dla = (tl.cumsum(b_step, axis=0) - b_step).to(tl.float32)
+        b_dla += tl.cumsum(b_row + b_u, axis=0, reverse=True)
+        b_dla += tl.cumsum(b_v, axis=0) - b_v
+    else:
+        b_E = tl.cumsum(b_M, axis=1) + (b_row + b_u)[:, None]  # [i, t]: Σ_{j < t} M_ij + …
+        below = (o_m[:, None] >= o_m[None, :]) & m_m[:, None]
+        b_dla = tl.sum(tl.where(below, b_E, 0.0), axis=0)
+        b_dla += tl.sum(tl.where(o_j[:, None] < o_j[None, :], b_v[:, None], 0.0), axis=0)
     b_dla += tl.sum(b_ua, axis=0) + tl.sum(b_vb, axis=0)
     b_dla += tl.exp(tl.sum(b_all, axis=0)) * tl.load(bnd + i_r * Gd + g)  # exp(cc_e) ⟨H_r, Λ_r⟩
     tl.store(p_out + (t0 + o_m) * stride_o_t, b_dla, mask=m_m)
@@ -2911,7 +2933,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
                 chunk_size=None, block_m=None, block_n=None, block_p=None, block_t=None,
                 num_warps=None, head_splits=None, stored_cc=True, dla="straddle",
                 dbc=None, warps_of=None, walk_block_n=None, walk_block_p=None, walk_stages=2,
-                stages_of=None, dla_block_m=None, dla_decay="pairs"):
+                stages_of=None, dla_block_m=None, dla_decay="diff", dla_diag="sums"):
     """(dx, ds, dlog_a, dB, dC, dh0) of the core by the fused chunked backward.
 
     x [b, T, Gv, P], s [b, T, Gv] or None (X̄ = x s), log_a [b, T, Gd] or None (causal),
@@ -2935,8 +2957,10 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     the walks issue their loads ahead (one loop over a sequence's sub-blocks). stages_of:
     num_stages per launch ("dbc", "w", "wbc", "dx", "dla"; dx 1, else Triton's default).
     dla_block_m: the dla launch's row block (default block_m). dla_decay: how its diagonal
-    tiles' decays are formed, "pairs" (each pair's own sum of log a) or "diff" (a difference
-    of the block's prefix sums).
+    tiles' decays are formed, "diff" (a difference of the block's prefix sums) or "pairs"
+    (each pair's own sum of log a); dla_diag: how their straddling sums are, "sums" (column
+    minus row sums, fp64) or "scan" (a cumulative sum along the rows). "pairs" and "scan" are
+    the more precise, "diff" and "sums" the faster (chunked_bwd_dla_kernel).
     """
     if dla not in ("suffix", "straddle"):
         raise ValueError(f"chunked_bwd: dla must be 'suffix' or 'straddle', got {dla!r}")
@@ -3131,6 +3155,8 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
         bnd = boundary.sum(-1).unflatten(1, (Gd, H // Gd)).sum(2).contiguous()  # [R, Gd]
         if dla_decay not in ("pairs", "diff"):
             raise ValueError(f"chunked_bwd: dla_decay must be 'pairs' or 'diff', got {dla_decay!r}")
+        if dla_diag not in ("scan", "sums"):
+            raise ValueError(f"chunked_bwd: dla_diag must be 'scan' or 'sums', got {dla_diag!r}")
         dla_m = min(Q, dla_block_m or block_m)
         n_dm = Q // dla_m
         part = torch.zeros((n_dm, batch, T, Gd), **f32)
@@ -3141,7 +3167,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
             HAS_S=s is not None, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, CHUNK=Q,
             # N, P tiles of 32: at 64 the sm_90 build spills 440 B a thread, at 32 96 B
             BLOCK_M=dla_m, BLOCK_N=min(32, block_n), BLOCK_P=min(32, block_p),
-            DECAY_DIFF=dla_decay == "diff", num_warps=warps_of["dla"], **stages_of["dla"],
+            DECAY_DIFF=dla_decay == "diff", DIAG_SUMS=dla_diag == "sums", num_warps=warps_of["dla"], **stages_of["dla"],
         )
         dla = part[0] if n_dm == 1 else part.sum(0)
     elif log_a is not None:
