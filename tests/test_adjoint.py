@@ -663,6 +663,33 @@ def test_fused_chunked_backward_dla_option() -> None:
                            dla_diag="rows")
 
 
+@pytest.mark.interpret
+def test_fused_chunked_backward_dx_into() -> None:
+    """dx_into: the dX̄ launch adds dx into the tensor given (another part of x's gradient)
+    and returns that tensor; the other gradients are unchanged; a tensor of another shape or
+    dtype is refused by name."""
+    module = fused_stage("scalar")
+    g = torch.Generator().manual_seed(3)
+    T, H, N, P = 40, 2, 16, 16
+    x = torch.randn(1, T, H, P, generator=g)
+    B, C = torch.randn(1, T, 1, N, generator=g), torch.randn(1, T, 1, N, generator=g)
+    dt = torch.nn.functional.softplus(torch.randn(1, T, H, generator=g))
+    log_a = dt * -0.5
+    dy = torch.randn(1, T, H, P, generator=g)
+    kw = dict(heads=H, initial_state=None, cu_seqlens=None, dy=dy, dfinal=None, chunk_size=16)
+    want = module.chunked_bwd(x, dt, log_a, B, C, **kw)
+    prior = torch.randn(1, T, H, P, generator=g)
+    into = prior.clone()
+    got = module.chunked_bwd(x, dt, log_a, B, C, **kw, dx_into=into)
+    assert got[0] is into
+    assert torch.allclose(into, want[0] + prior, rtol=1e-6, atol=1e-6)
+    for a, b in zip(got[1:5], want[1:5], strict=True):
+        assert torch.equal(a, b)
+    for bad in (torch.zeros(1, T, H, P + 1), torch.zeros(1, T, H, P, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="dx_into"):
+            module.chunked_bwd(x, dt, log_a, B, C, **kw, dx_into=bad)
+
+
 def test_fused_chunked_backward_dlog_a_straddle_long_sequence() -> None:
     """Σ_t dlog a_t Δ_t over 2048 tokens in 128-token chunks (two 64-row blocks), fp32, against
     fp64. dla="straddle" with dla_decay="pairs", dla_diag="scan" sums only the pairs of tokens

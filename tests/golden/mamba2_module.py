@@ -1659,11 +1659,24 @@ def _grad_buffer(grads, position, shape, dtype, device):
     return torch.empty(shape, device=device, dtype=dtype)
 
 
+def _grad_into(grads, position, like, dtypes):
+    """grads[position] where a kernel may add its part of the gradient into it in place: a
+    tensor already holding a part, shaped like `like`, in dtypes[like.dtype] (the dtype the
+    kernel's part would have); else None."""
+    current = grads[position]
+    if isinstance(current, torch.Tensor) and current.shape == like.shape \
+            and current.dtype == dtypes.get(like.dtype):
+        return current
+    return None
+
+
 def _grad_add(grads, position, g):
     """grads[position] += g (the first contribution is kept as it is, or copied into the
     target). Every contribution is a temporary of the backward, so a same-shaped sum is
     taken in place (no third buffer)."""
     current = grads[position]
+    if g is current:  # a kernel added its part into the gradient already (_grad_into)
+        return
     if current is None:
         grads[position] = g
     elif isinstance(current, _GradTarget):
@@ -2640,7 +2653,9 @@ def chunked_bwd_dx_kernel(
     HAS_S: tl.constexpr, HAS_DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, CC_STORED: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):
+    # ACCUMULATE: dx holds another part of x's gradient (the epilogue's), which this adds to
     n_m = CHUNK // BLOCK_M
     i_r = tl.program_id(0).to(tl.int64) // n_m
     i_m = tl.program_id(0) % n_m
@@ -2700,8 +2715,11 @@ def chunked_bwd_dx_kernel(
         tl.store(ds + i_p * stride_ds_k + i_b * stride_ds_b + (t0 + o_m) * stride_ds_t
                  + i_v * stride_ds_g, tl.sum(acc * b_x, axis=1), mask=m_m)
         acc = acc * b_s[:, None]
-    tl.store(dx + i_b * stride_dx_b + (t0 + o_m)[:, None] * stride_dx_t + i_v * stride_dx_g
-             + o_p[None, :] * stride_dx_p, acc, mask=m_mp)
+    p_dx = (dx + i_b * stride_dx_b + (t0 + o_m)[:, None] * stride_dx_t + i_v * stride_dx_g
+            + o_p[None, :] * stride_dx_p)
+    if ACCUMULATE:
+        acc += tl.load(p_dx, mask=m_mp, other=0.0).to(tl.float32)
+    tl.store(p_dx, acc, mask=m_mp)
 
 
 @triton.jit
@@ -2879,6 +2897,9 @@ def chunked_bwd_dla_kernel(
 
 
 _CHUNKED_BWD_DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_CHUNKED_BWD_DX_DTYPES = {torch.float16: torch.float16, torch.bfloat16: torch.bfloat16,
+                          torch.float32: torch.float32}
+"""dx's dtype by x's: 16-bit x keeps its dtype (its gradient's in the end), else fp32."""
 
 
 def _chunked_bwd_diag_term(diag, other, groups):
@@ -2933,7 +2954,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
                 chunk_size=None, block_m=None, block_n=None, block_p=None, block_t=None,
                 num_warps=None, head_splits=None, stored_cc=True, dla="straddle",
                 dbc=None, warps_of=None, walk_block_n=None, walk_block_p=None, walk_stages=2,
-                stages_of=None, dla_block_m=None, dla_decay="diff", dla_diag="sums"):
+                stages_of=None, dla_block_m=None, dla_decay="diff", dla_diag="sums", dx_into=None):
     """(dx, ds, dlog_a, dB, dC, dh0) of the core by the fused chunked backward.
 
     x [b, T, Gv, P], s [b, T, Gv] or None (X̄ = x s), log_a [b, T, Gd] or None (causal),
@@ -2961,6 +2982,9 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     (each pair's own sum of log a); dla_diag: how their straddling sums are, "sums" (column
     minus row sums, fp64) or "scan" (a cumulative sum along the rows). "pairs" and "scan" are
     the more precise, "diff" and "sums" the faster (chunked_bwd_dla_kernel).
+    dx_into: None, or a tensor shaped like x in dx's dtype holding another part of x's
+    gradient: dx is added into it in the dX̄ launch's store (no separate sum) and it is
+    returned as dx.
     """
     if dla not in ("suffix", "straddle"):
         raise ValueError(f"chunked_bwd: dla must be 'suffix' or 'straddle', got {dla!r}")
@@ -2983,12 +3007,16 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     device = x.device
     f32 = dict(device=device, dtype=torch.float32)
     S = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    state_dtype = _CHUNKED_BWD_DX_DTYPES.get(x.dtype, torch.float32)
+    if dx_into is not None and (dx_into.shape != x.shape or dx_into.dtype != state_dtype):
+        raise ValueError(f"chunked_bwd: dx_into must be shaped {tuple(x.shape)} in {state_dtype}, "
+                         f"got {tuple(dx_into.shape)} in {dx_into.dtype}")
     if T == 0:
         zeros = [torch.zeros(t.shape, **f32) for t in (x, B, C)]
         dh0 = None
         if initial_state is not None:
             dh0 = torch.zeros(initial_state.shape, **f32) if dfinal is None else dfinal.float().clone()
-        return (zeros[0], None if s is None else torch.zeros(s.shape, **f32),
+        return (zeros[0] if dx_into is None else dx_into, None if s is None else torch.zeros(s.shape, **f32),
                 None if log_a is None else torch.zeros(log_a.shape, **f32), zeros[1], zeros[2], dh0)
     precision = "ieee"
     # Q: the chunk of the stored states (R·H·N·P each for H_r and Λ_r), not the forward's.
@@ -3006,7 +3034,6 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     full_p = max(16, triton.next_power_of_2(P))
     tiles, first = seq_tiles(cu_seqlens, batch, T, Q, device)
     R = tiles.shape[0]
-    state_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
     dy = dy if dy.dtype in (torch.float32, x.dtype) else dy.float()
     # straddle: the pairs (h_T, token) are the last chunk's state terms, no dh_T ⊙ h_T term
     want_hT = log_a is not None and dfinal is not None and not straddle
@@ -3136,14 +3163,16 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
         del w
     n_pt = triton.cdiv(P, block_p)
     # dx in x's dtype when 16-bit (its gradient's dtype in the end), else fp32
-    dx = torch.empty((batch, T, Gv, P), device=device, dtype=state_dtype)
+    dx = torch.empty((batch, T, Gv, P), device=device, dtype=state_dtype) if dx_into is None \
+        else dx_into
     ds = torch.empty((n_pt, batch, T, Gv), **f32) if s is not None else None
     chunked_bwd_dx_kernel[(R * n_m, Gv, n_pt)](
         x, s_arg, a_arg, B, C, dy, adj_states, tiles, dx, ds if ds is not None else dx,
         *common, *dx.stride(), *(ds.stride() if ds is not None else zero4),
         H, N, P, H // Gv, H // Gk, H // Gq, H // Gd,
         HAS_S=s is not None, BLOCK_M=block_m, BLOCK_N=full_n, BLOCK_P=block_p,
-        CC_STORED=cc_stored, num_warps=warps_of["dx"], **stages_of["dx"], **consts,
+        CC_STORED=cc_stored, ACCUMULATE=dx_into is not None, num_warps=warps_of["dx"],
+        **stages_of["dx"], **consts,
     )
     del adj_states
     ds = None if ds is None else (ds[0] if n_pt == 1 else ds.sum(0))
@@ -3362,9 +3391,11 @@ def _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y,
     upstream = {}
     if torch.float64 not in (x.dtype, B.dtype, C.dtype, d_y.dtype):
         # the fused chunked backward (chunked_bwd): dx and ds directly, group sums in the kernels
+        # x's gradient so far (the epilogue's part) takes the core's in the dX̄ store
         d_x, d_s, d_log_a, d_B, d_C, d_initial_state = chunked_bwd(
             x, s, log_a, B, C, heads=H, initial_state=initial_state, cu_seqlens=cu_seqlens,
-            dy=d_y, dfinal=grad_final_state)
+            dy=d_y, dfinal=grad_final_state,
+            dx_into=_grad_into(grads, 0, x, _CHUNKED_BWD_DX_DTYPES))
         del d_y
         upstream["x"] = d_x
         if s is not None:
