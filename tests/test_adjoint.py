@@ -517,6 +517,26 @@ def test_fused_chunked_backward(case: Case, monkeypatch) -> None:
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("case", [FUSED[0], FUSED[1], FUSED[6], FUSED[7]], ids=lambda c: c.id)
+def test_fused_chunked_backward_wdla_two_blocks(case: Case, monkeypatch) -> None:
+    """W and dlog a in one launch (wdla, the default where heads share B and C) with chunks
+    of two 16-row blocks and partial chunks: the tile below the diagonal puts its column
+    prefix and row suffix sums in their slots; the separate W and dla launches are not run.
+    Then wdla=False, which runs them."""
+    module = fused_stage(case.decay)
+    Gv, Gk, Gq, Gd = case.groups
+    Gw = math.lcm(Gq, Gk)
+    with monkeypatch.context() as patch:
+        # fused where W groups hold whole decay groups (the grouped case's do not: the
+        # separate launches run there)
+        if Gw < case.H and (case.H // Gw) % (case.H // Gd) == 0:
+            patch.setattr(module, "chunked_bwd_dla_kernel", None)
+            patch.setattr(module, "chunked_bwd_w_kernel", None)
+        fused_check(case, torch.float32, 1e-5, patch, chunk_size=32)
+    fused_check(case, torch.float32, 1e-5, monkeypatch, chunk_size=32, wdla=False)
+
+
+@pytest.mark.interpret
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_fused_chunked_backward_half(dtype: torch.dtype, monkeypatch) -> None:
     """16-bit x, B, C, dY (dots in that type with fp32 accumulation on a GPU; the CPU

@@ -2579,6 +2579,131 @@ def chunked_bwd_w_kernel(
 
 
 @triton.jit
+def chunked_bwd_wdla_kernel(
+    x, s, log_a, B, C, dy, tiles, w, uv, bnd, part,
+    stride_x_b, stride_x_t, stride_x_g, stride_x_p,
+    stride_s_b, stride_s_t, stride_s_g,
+    stride_a_b, stride_a_t, stride_a_g,
+    stride_B_b, stride_B_t, stride_B_g, stride_B_n,
+    stride_C_b, stride_C_t, stride_C_g, stride_C_n,
+    stride_y_b, stride_y_t, stride_y_h, stride_y_p,
+    stride_w_r, stride_w_g, stride_w_i, stride_w_j,
+    stride_u_k, stride_u_b, stride_u_t, stride_u_g,
+    stride_o_k, stride_o_b, stride_o_t, stride_o_g,
+    N, P, Gd, Hw, Hv, Hk, Hq, Hd,
+    HAS_S: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    DECAY_DIFF: tl.constexpr,
+):
+    # W (chunked_bwd_w_kernel) and dlog a (chunked_bwd_dla_kernel, dla_diag="sums") in one
+    # pass, for chunks of at most two row blocks. Both are made of the same per-head tiles
+    # G^h = L^h ∘ dY^h X̄^hᵀ: W_ij = Σ_h G^h_ij over a W group (heads sharing B and C) and
+    # M_ij = (C_i·B_j) Σ_{h in a decay group} G^h_ij, so C·B is formed once per tile and W
+    # group instead of once per head, and dY X̄ᵀ once, not twice. Program (chunk, row block
+    # I, column block J ≤ I, W group), its heads consecutive whole decay groups. Tile (I, J <
+    # I) (only J = 0, I = 1: no whole tiles or blocks lie between): t in block J gets Σ_{j <
+    # t} of its column sums (slot I of part), t in block I the suffix Σ_{i ≥ t} of its row
+    # sums (slot J). The diagonal tile as in chunked_bwd_dla_kernel with DIAG_SUMS, plus the
+    # state terms (slot I). Every slot and block is written once; part [n_m, b, T, Gd].
+    n_m = CHUNK // BLOCK_M
+    i_r = tl.program_id(0).to(tl.int64) // n_m
+    i_m = tl.program_id(0) % n_m
+    i_o = tl.program_id(1)
+    g = tl.program_id(2).to(tl.int64)
+    n_t = tl.load(tiles + i_r * 5 + 2)
+    if (i_o > i_m) | (i_m * BLOCK_M >= n_t):
+        return
+    i_b = tl.load(tiles + i_r * 5)
+    t0 = tl.load(tiles + i_r * 5 + 1)
+    on_diagonal = i_o == i_m
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_o = i_o * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_p = tl.arange(0, BLOCK_P)
+    o_q = tl.arange(0, CHUNK)
+    m_m = o_m < n_t
+    m_o = o_o < n_t
+    m_p = o_p < P
+    keep = (o_m[:, None] > o_o[None, :]) & m_m[:, None] & m_o[None, :]
+    h0 = g * Hw
+    # C_i·B_j once for the group (its heads share C and B)
+    p_C = C + i_b * stride_C_b + (h0 // Hq) * stride_C_g + (t0 + o_m)[:, None] * stride_C_t
+    p_B = B + i_b * stride_B_b + (h0 // Hk) * stride_B_g + (t0 + o_o)[:, None] * stride_B_t
+    b_cb = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N)
+        m_n = o_n < N
+        b_c = tl.load(p_C + o_n[None, :] * stride_C_n, mask=m_m[:, None] & m_n[None, :],
+                      other=0.0).to(DOT_DTYPE)
+        b_b = tl.load(p_B + o_n[None, :] * stride_B_n, mask=m_o[:, None] & m_n[None, :],
+                      other=0.0).to(DOT_DTYPE)
+        b_cb = tl.dot(b_c, tl.trans(b_b), acc=b_cb, input_precision=DOT_PRECISION)
+    acc_w = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK_M], dtype=tl.float32)  # slot I: t in J (off the diagonal) or in I
+    acc_b = tl.zeros([BLOCK_M], dtype=tl.float32)  # slot J: t in I (off the diagonal)
+    p_a = log_a + i_b * stride_a_b + t0 * stride_a_t
+    for i_h in range(h0, h0 + Hw):
+        gd = i_h // Hd
+        b_a = tl.load(p_a + gd * stride_a_g + o_m * stride_a_t, mask=m_m, other=0.0).to(tl.float32)
+        b_head = tl.cumsum(b_a, axis=0)  # Σ_{start(I) ≤ k ≤ i} log a_k
+        # the decay of pair (i, j), Σ_{j < k ≤ i} log a_k, from log a (as in chunked_bwd_dla)
+        if on_diagonal:
+            if DECAY_DIFF:
+                b_ex = tl.minimum(b_head[:, None] - b_head[None, :], 0.0)
+            else:
+                b_ex = tl.cumsum(tl.where(o_m[:, None] > o_o[None, :], b_a[:, None], 0.0), axis=0)
+        else:
+            b_ao = tl.load(p_a + gd * stride_a_g + o_o * stride_a_t, mask=m_o,
+                           other=0.0).to(tl.float32)
+            b_ex = b_head[:, None] + (tl.cumsum(b_ao, axis=0, reverse=True) - b_ao)[None, :]
+        b_y = tl.load(dy + i_b * stride_y_b + i_h * stride_y_h + (t0 + o_m)[:, None] * stride_y_t
+                      + o_p[None, :] * stride_y_p, mask=m_m[:, None] & m_p[None, :],
+                      other=0.0).to(DOT_DTYPE)
+        b_x = tl.load(x + i_b * stride_x_b + (i_h // Hv) * stride_x_g
+                      + (t0 + o_o)[:, None] * stride_x_t + o_p[None, :] * stride_x_p,
+                      mask=m_o[:, None] & m_p[None, :], other=0.0).to(tl.float32)
+        if HAS_S:
+            b_x *= tl.load(s + i_b * stride_s_b + (i_h // Hv) * stride_s_g
+                           + (t0 + o_o) * stride_s_t, mask=m_o, other=0.0).to(tl.float32)[:, None]
+        b_g = tl.dot(b_y, tl.trans(b_x.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+        b_g *= tl.exp(tl.where(keep, b_ex, float("-inf")))  # L ∘ dY X̄ᵀ [i, j]
+        acc_w += b_g
+        b_M = b_cb * b_g
+        if on_diagonal:
+            b_M64 = b_M.to(tl.float64)
+            b_step = tl.sum(b_M64, axis=0) - tl.sum(b_M64, axis=1)
+            acc_a += (tl.cumsum(b_step, axis=0) - b_step).to(tl.float32)
+        else:
+            b_col = tl.sum(b_M, axis=0)
+            acc_a += tl.cumsum(b_col, axis=0) - b_col
+            acc_b += tl.cumsum(tl.sum(b_M, axis=1), axis=0, reverse=True)
+        if (i_h + 1) % Hd == 0:  # the decay group's sums are complete
+            p_out = part + i_b * stride_o_b + gd * stride_o_g
+            if on_diagonal:
+                # the state terms: u_i for i ≥ t, v_j for j < t (this block per token, the
+                # chunk's other blocks as totals), exp(cc_e) ⟨H_r, Λ_r⟩
+                p_u = uv + i_b * stride_u_b + gd * stride_u_g
+                b_u = tl.load(p_u + (t0 + o_m) * stride_u_t, mask=m_m, other=0.0)
+                b_v = tl.load(p_u + stride_u_k + (t0 + o_m) * stride_u_t, mask=m_m, other=0.0)
+                b_ua = tl.load(p_u + (t0 + o_q) * stride_u_t,
+                               mask=(o_q >= (i_m + 1) * BLOCK_M) & (o_q < n_t), other=0.0)
+                b_vb = tl.load(p_u + stride_u_k + (t0 + o_q) * stride_u_t,
+                               mask=o_q < i_m * BLOCK_M, other=0.0)
+                b_all = tl.load(p_a + gd * stride_a_g + o_q * stride_a_t, mask=o_q < n_t,
+                                other=0.0).to(tl.float32)
+                acc_a += tl.cumsum(b_u, axis=0, reverse=True) + (tl.cumsum(b_v, axis=0) - b_v)
+                acc_a += tl.sum(b_ua, axis=0) + tl.sum(b_vb, axis=0)
+                acc_a += tl.exp(tl.sum(b_all, axis=0)) * tl.load(bnd + i_r * Gd + gd)
+                tl.store(p_out + i_m * stride_o_k + (t0 + o_m) * stride_o_t, acc_a, mask=m_m)
+            else:
+                tl.store(p_out + i_m * stride_o_k + (t0 + o_o) * stride_o_t, acc_a, mask=m_o)
+                tl.store(p_out + i_o * stride_o_k + (t0 + o_m) * stride_o_t, acc_b, mask=m_m)
+            acc_a = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc_b = tl.zeros([BLOCK_M], dtype=tl.float32)
+    tl.store(w + i_r * stride_w_r + g * stride_w_g + o_m[:, None] * stride_w_i
+             + o_o[None, :] * stride_w_j, acc_w.to(w.dtype.element_ty))
+
+
+@triton.jit
 def chunked_bwd_wbc_kernel(
     w, other, tiles, grad,
     stride_w_r, stride_w_g, stride_w_i, stride_w_j,
@@ -2954,7 +3079,8 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
                 chunk_size=None, block_m=None, block_n=None, block_p=None, block_t=None,
                 num_warps=None, head_splits=None, stored_cc=True, dla="straddle",
                 dbc=None, warps_of=None, walk_block_n=None, walk_block_p=None, walk_stages=2,
-                stages_of=None, dla_block_m=None, dla_decay="diff", dla_diag="sums", dx_into=None):
+                stages_of=None, dla_block_m=None, dla_decay="diff", dla_diag="sums", dx_into=None,
+                wdla=True):
     """(dx, ds, dlog_a, dB, dC, dh0) of the core by the fused chunked backward.
 
     x [b, T, Gv, P], s [b, T, Gv] or None (X̄ = x s), log_a [b, T, Gd] or None (causal),
@@ -2973,10 +3099,10 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     dla="straddle"; where no two heads share both B and C it runs "per_head", which does the
     same work without W). "shared" is the default with dla="straddle": 1.9× faster on the H100 at the Mamba-2
     2.7B layer, the same bf16 error (docs/gpu-runs.md, fourth session). warps_of: num_warps
-    per launch ("walk", "dbc", "w", "wbc", "dx", "dla") over num_warps; walk_block_n,
+    per launch ("walk", "dbc", "w", "wbc", "dx", "dla", "wdla") over num_warps; walk_block_n,
     walk_block_p: the walks' state tile (default block_n, block_p). walk_stages: how deep
     the walks issue their loads ahead (one loop over a sequence's sub-blocks). stages_of:
-    num_stages per launch ("dbc", "w", "wbc", "dx", "dla"; dx 1, else Triton's default).
+    num_stages per launch ("dbc", "w", "wbc", "dx", "dla", "wdla"; dx 1, else Triton's default).
     dla_block_m: the dla launch's row block (default block_m). dla_decay: how its diagonal
     tiles' decays are formed, "diff" (a difference of the block's prefix sums) or "pairs"
     (each pair's own sum of log a); dla_diag: how their straddling sums are, "sums" (column
@@ -2984,7 +3110,9 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     the more precise, "diff" and "sums" the faster (chunked_bwd_dla_kernel).
     dx_into: None, or a tensor shaped like x in dx's dtype holding another part of x's
     gradient: dx is added into it in the dX̄ launch's store (no separate sum) and it is
-    returned as dx.
+    returned as dx. wdla: W and dlog a in one launch (chunked_bwd_wdla_kernel) where it
+    applies: dbc="shared", dla_diag="sums", chunks of at most two row blocks, W groups of
+    whole decay groups.
     """
     if dla not in ("suffix", "straddle"):
         raise ValueError(f"chunked_bwd: dla must be 'suffix' or 'straddle', got {dla!r}")
@@ -2996,6 +3124,10 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
         raise ValueError("chunked_bwd: dbc='shared' needs dla='straddle' (its dB/dC launch stores "
                          "the state terms only; the suffix sum needs every head's C·dC − B·dB)")
     straddle = dla == "straddle"
+    if dla_decay not in ("pairs", "diff"):
+        raise ValueError(f"chunked_bwd: dla_decay must be 'pairs' or 'diff', got {dla_decay!r}")
+    if dla_diag not in ("scan", "sums"):
+        raise ValueError(f"chunked_bwd: dla_diag must be 'scan' or 'sums', got {dla_diag!r}")
     H = heads
     batch, T, Gv, P = x.shape
     Gk, N = B.shape[2], B.shape[3]
@@ -3049,7 +3181,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     # (per_head), 5.0 against 7.7 ms with dbc="shared", although sm_90 builds of W spill
     # 168 B at 4 (docs/gpu-runs.md, fourth session)
     warps = num_warps or 4
-    stages = ("walk", "dbc", "w", "wbc", "dx", "dla")
+    stages = ("walk", "dbc", "w", "wbc", "dx", "dla", "wdla")
     warps_of = {stage: (warps_of or {}).get(stage, warps) for stage in stages}
     # the dX̄ launch one stage deep: on the H100 at the Mamba-2 2.7B layer (bf16, batch 4 ×
     # T 4096) chunked_bwd took 3.32 ms against 3.61 at Triton's default (its sm_90 build
@@ -3142,17 +3274,43 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     dB += _chunked_bwd_diag_term(diag, C, Gk)
     del diag
     del fwd_states
+    dla = None
+    # W and dlog a in one launch (chunked_bwd_wdla_kernel): on the H100 at the 2.7B layer
+    # TODO ms against TODO for the two launches
+    fused_dla = (wdla and shared and log_a is not None and straddle and dla_diag == "sums"
+                 and n_m <= 2 and (dla_block_m or block_m) == block_m
+                 and (H // Gw) % (H // Gd) == 0)
+    if fused_dla:
+        # u (the dC launch's slots) and v (dB's), summed over splits and N tiles: [2, b, T, Gd]
+        uv = dcs.unflatten(0, (2, splits)).sum((1, 2))
+        del dcs
+        bnd = boundary.sum(-1).unflatten(1, (Gd, H // Gd)).sum(2).contiguous()  # [R, Gd]
     if shared:
         # W [R, Gw, Q, Q] in the dots' dtype (the per-head path rounds each head's L ∘ dY X̄ᵀ
         # tile to it before its dot with B or C; W rounds their sum once), after H_r is freed
         w = torch.empty((R, Gw, Q, Q), device=device,
                         dtype=state_dtype if dot_dtype != tl.float32 else torch.float32)
-        chunked_bwd_w_kernel[(R * n_m, n_m, Gw)](
-            x, s_arg, a_arg, dy, tiles, w, *x.stride(), *s_str, *a_str, *dy.stride(),
-            *w.stride(),
-            P, H // Gw, H // Gv, H // Gd, HAS_S=s is not None, BLOCK_M=block_m, BLOCK_P=full_p,
-            CC_STORED=cc_stored, num_warps=warps_of["w"], **stages_of["w"], **consts,
-        )
+        if fused_dla:
+            part = torch.zeros((n_m, batch, T, Gd), **f32)
+            chunked_bwd_wdla_kernel[(R * n_m, n_m, Gw)](
+                x, s_arg, log_a, B, C, dy, tiles, w, uv, bnd, part, *x.stride(), *s_str,
+                *log_a.stride(), *B.stride(), *C.stride(), *dy.stride(), *w.stride(),
+                *uv.stride(), *part.stride(), N, P, Gd, H // Gw, H // Gv, H // Gk, H // Gq,
+                H // Gd, HAS_S=s is not None, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+                CHUNK=Q, BLOCK_M=block_m, BLOCK_N=min(32, block_n), BLOCK_P=full_p,
+                DECAY_DIFF=dla_decay == "diff", num_warps=warps_of["wdla"],
+                **stages_of["wdla"],
+            )
+            dla = part[0] if n_m == 1 else part.sum(0)
+            del part, uv
+        else:
+            chunked_bwd_w_kernel[(R * n_m, n_m, Gw)](
+                x, s_arg, a_arg, dy, tiles, w, *x.stride(), *s_str, *a_str, *dy.stride(),
+                *w.stride(),
+                P, H // Gw, H // Gv, H // Gd, HAS_S=s is not None, BLOCK_M=block_m,
+                BLOCK_P=full_p, CC_STORED=cc_stored, num_warps=warps_of["w"], **stages_of["w"],
+                **consts,
+            )
         for grad, other, G, transpose in ((dC, B, Gq, False), (dB, C, Gk, True)):
             chunked_bwd_wbc_kernel[(R * n_m, G, n_nt)](
                 w, other, tiles, grad, *w.stride(), *other.stride(), *grad.stride(),
@@ -3176,16 +3334,13 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     )
     del adj_states
     ds = None if ds is None else (ds[0] if n_pt == 1 else ds.sum(0))
-    dla = None
-    if log_a is not None and straddle:
+    if fused_dla:
+        pass  # dla came with W
+    elif log_a is not None and straddle:
         # u (the dC launch's slots) and v (dB's), summed over splits and N tiles: [2, b, T, Gd]
         uv = dcs.unflatten(0, (2, splits)).sum((1, 2))
         del dcs
         bnd = boundary.sum(-1).unflatten(1, (Gd, H // Gd)).sum(2).contiguous()  # [R, Gd]
-        if dla_decay not in ("pairs", "diff"):
-            raise ValueError(f"chunked_bwd: dla_decay must be 'pairs' or 'diff', got {dla_decay!r}")
-        if dla_diag not in ("scan", "sums"):
-            raise ValueError(f"chunked_bwd: dla_diag must be 'scan' or 'sums', got {dla_diag!r}")
         dla_m = min(Q, dla_block_m or block_m)
         n_dm = Q // dla_m
         part = torch.zeros((n_dm, batch, T, Gd), **f32)
