@@ -506,6 +506,9 @@ def test_fused_chunked_backward(case: Case, monkeypatch) -> None:
     # b·T·H·N it only counts at these tiny sizes; it exists only when heads share B and C
     Gw = math.lcm(Gq, Gk)
     w = [s for s in recorder.shapes if len(s) == 4 and s[1] == Gw < case.H and s[2] == s[3]]
+    # and W's parts when its heads are split (wdla): [splits ≤ 4, R, Gw, Q, Q]
+    w += [s for s in recorder.shapes
+          if len(s) == 5 and s[0] <= 4 and s[2] == Gw < case.H and s[3] == s[4]]
     big = [
         s
         for s in recorder.shapes
@@ -521,8 +524,9 @@ def test_fused_chunked_backward(case: Case, monkeypatch) -> None:
 def test_fused_chunked_backward_wdla_two_blocks(case: Case, monkeypatch) -> None:
     """W and dlog a in one launch (wdla, the default where heads share B and C) with chunks
     of two 16-row blocks and partial chunks: the tile below the diagonal puts its column
-    prefix and row suffix sums in their slots; the separate W and dla launches are not run.
-    Then wdla=False, which runs them."""
+    prefix and row suffix sums in their slots; the separate W and dla launches are not run;
+    also with the heads split over two programs (W's parts summed after). Then wdla=False,
+    which runs them."""
     module = fused_stage(case.decay)
     Gv, Gk, Gq, Gd = case.groups
     Gw = math.lcm(Gq, Gk)
@@ -533,6 +537,7 @@ def test_fused_chunked_backward_wdla_two_blocks(case: Case, monkeypatch) -> None
             patch.setattr(module, "chunked_bwd_dla_kernel", None)
             patch.setattr(module, "chunked_bwd_w_kernel", None)
         fused_check(case, torch.float32, 1e-5, patch, chunk_size=32)
+        fused_check(case, torch.float32, 1e-5, patch, chunk_size=32, wdla_splits=2)
     fused_check(case, torch.float32, 1e-5, monkeypatch, chunk_size=32, wdla=False)
 
 

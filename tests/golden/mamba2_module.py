@@ -2587,10 +2587,10 @@ def chunked_bwd_wdla_kernel(
     stride_B_b, stride_B_t, stride_B_g, stride_B_n,
     stride_C_b, stride_C_t, stride_C_g, stride_C_n,
     stride_y_b, stride_y_t, stride_y_h, stride_y_p,
-    stride_w_r, stride_w_g, stride_w_i, stride_w_j,
+    stride_w_s, stride_w_r, stride_w_g, stride_w_i, stride_w_j,
     stride_u_k, stride_u_b, stride_u_t, stride_u_g,
     stride_o_k, stride_o_b, stride_o_t, stride_o_g,
-    N, P, Gd, Hw, Hv, Hk, Hq, Hd,
+    N, P, Gd, Hw, Hs, n_split, Hv, Hk, Hq, Hd,
     HAS_S: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
     DECAY_DIFF: tl.constexpr,
@@ -2604,12 +2604,15 @@ def chunked_bwd_wdla_kernel(
     # I) (only J = 0, I = 1: no whole tiles or blocks lie between): t in block J gets Σ_{j <
     # t} of its column sums (slot I of part), t in block I the suffix Σ_{i ≥ t} of its row
     # sums (slot J). The diagonal tile as in chunked_bwd_dla_kernel with DIAG_SUMS, plus the
-    # state terms (slot I). Every slot and block is written once; part [n_m, b, T, Gd].
+    # state terms (slot I). Every slot and block is written once; part [n_m, b, T, Gd]. A W
+    # group's heads may be split over n_split programs (Hs heads each, whole decay groups),
+    # each storing its part of W to its own slice of w [n_split, R, Gw, Q, Q] (summed after).
     n_m = CHUNK // BLOCK_M
     i_r = tl.program_id(0).to(tl.int64) // n_m
     i_m = tl.program_id(0) % n_m
     i_o = tl.program_id(1)
-    g = tl.program_id(2).to(tl.int64)
+    g = tl.program_id(2).to(tl.int64) // n_split
+    i_sp = tl.program_id(2).to(tl.int64) % n_split
     n_t = tl.load(tiles + i_r * 5 + 2)
     if (i_o > i_m) | (i_m * BLOCK_M >= n_t):
         return
@@ -2624,7 +2627,7 @@ def chunked_bwd_wdla_kernel(
     m_o = o_o < n_t
     m_p = o_p < P
     keep = (o_m[:, None] > o_o[None, :]) & m_m[:, None] & m_o[None, :]
-    h0 = g * Hw
+    h0 = g * Hw + i_sp * Hs
     # C_i·B_j once for the group (its heads share C and B)
     p_C = C + i_b * stride_C_b + (h0 // Hq) * stride_C_g + (t0 + o_m)[:, None] * stride_C_t
     p_B = B + i_b * stride_B_b + (h0 // Hk) * stride_B_g + (t0 + o_o)[:, None] * stride_B_t
@@ -2641,7 +2644,7 @@ def chunked_bwd_wdla_kernel(
     acc_a = tl.zeros([BLOCK_M], dtype=tl.float32)  # slot I: t in J (off the diagonal) or in I
     acc_b = tl.zeros([BLOCK_M], dtype=tl.float32)  # slot J: t in I (off the diagonal)
     p_a = log_a + i_b * stride_a_b + t0 * stride_a_t
-    for i_h in range(h0, h0 + Hw):
+    for i_h in range(h0, h0 + Hs):
         gd = i_h // Hd
         b_a = tl.load(p_a + gd * stride_a_g + o_m * stride_a_t, mask=m_m, other=0.0).to(tl.float32)
         b_head = tl.cumsum(b_a, axis=0)  # Σ_{start(I) ≤ k ≤ i} log a_k
@@ -2699,7 +2702,7 @@ def chunked_bwd_wdla_kernel(
                 tl.store(p_out + i_o * stride_o_k + (t0 + o_m) * stride_o_t, acc_b, mask=m_m)
             acc_a = tl.zeros([BLOCK_M], dtype=tl.float32)
             acc_b = tl.zeros([BLOCK_M], dtype=tl.float32)
-    tl.store(w + i_r * stride_w_r + g * stride_w_g + o_m[:, None] * stride_w_i
+    tl.store(w + i_sp * stride_w_s + i_r * stride_w_r + g * stride_w_g + o_m[:, None] * stride_w_i
              + o_o[None, :] * stride_w_j, acc_w.to(w.dtype.element_ty))
 
 
@@ -3080,7 +3083,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
                 num_warps=None, head_splits=None, stored_cc=True, dla="straddle",
                 dbc=None, warps_of=None, walk_block_n=None, walk_block_p=None, walk_stages=2,
                 stages_of=None, dla_block_m=None, dla_decay="diff", dla_diag="sums", dx_into=None,
-                wdla=True):
+                wdla=True, wdla_splits=None):
     """(dx, ds, dlog_a, dB, dC, dh0) of the core by the fused chunked backward.
 
     x [b, T, Gv, P], s [b, T, Gv] or None (X̄ = x s), log_a [b, T, Gd] or None (causal),
@@ -3102,7 +3105,8 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     per launch ("walk", "dbc", "w", "wbc", "dx", "dla", "wdla") over num_warps; walk_block_n,
     walk_block_p: the walks' state tile (default block_n, block_p). walk_stages: how deep
     the walks issue their loads ahead (one loop over a sequence's sub-blocks). stages_of:
-    num_stages per launch ("dbc", "w", "wbc", "dx", "dla", "wdla"; dx 1, else Triton's default).
+    num_stages per launch ("dbc", "w", "wbc", "dx", "dla", "wdla"; dx 1, wdla 2, else Triton's
+    default).
     dla_block_m: the dla launch's row block (default block_m). dla_decay: how its diagonal
     tiles' decays are formed, "diff" (a difference of the block's prefix sums) or "pairs"
     (each pair's own sum of log a); dla_diag: how their straddling sums are, "sums" (column
@@ -3112,7 +3116,8 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     gradient: dx is added into it in the dX̄ launch's store (no separate sum) and it is
     returned as dx. wdla: W and dlog a in one launch (chunked_bwd_wdla_kernel) where it
     applies: dbc="shared", dla_diag="sums", chunks of at most two row blocks, W groups of
-    whole decay groups.
+    whole decay groups. wdla_splits: programs a W group's heads are split over (each a
+    whole number of decay groups; W's parts summed after in fp32), default 4.
     """
     if dla not in ("suffix", "straddle"):
         raise ValueError(f"chunked_bwd: dla must be 'suffix' or 'straddle', got {dla!r}")
@@ -3186,8 +3191,8 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     # the dX̄ launch one stage deep: on the H100 at the Mamba-2 2.7B layer (bf16, batch 4 ×
     # T 4096) chunked_bwd took 3.32 ms against 3.61 at Triton's default (its sm_90 build
     # spills); 1 or 2 for the other launches were slower or level (docs/gpu-runs.md, ninth
-    # session)
-    stages_of = {"dx": 1, **(stages_of or {})}
+    # session); the W + dla launch two (3.10 against 3.14 ms at three, tenth session)
+    stages_of = {"dx": 1, "wdla": 2, **(stages_of or {})}
     stages_of = {stage: ({"num_stages": stages_of[stage]} if stage in stages_of else {})
                  for stage in stages}
     walk_bn, walk_bp = walk_block_n or block_n, walk_block_p or block_p
@@ -3276,7 +3281,9 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     del fwd_states
     dla = None
     # W and dlog a in one launch (chunked_bwd_wdla_kernel): on the H100 at the 2.7B layer
-    # TODO ms against TODO for the two launches
+    # (bf16, batch 4 × T 4096) chunked_bwd took 3.02 ms against 3.18 with the W and dla
+    # launches (0.95 against 0.30 + 0.82 ms), its heads split over 4 programs, 2 stages deep
+    # (1, 2, 8 or 16 splits: 1.02, 0.99, 1.00, 1.06 ms; docs/gpu-runs.md, tenth session)
     fused_dla = (wdla and shared and log_a is not None and straddle and dla_diag == "sums"
                  and n_m <= 2 and (dla_block_m or block_m) == block_m
                  and (H // Gw) % (H // Gd) == 0)
@@ -3292,17 +3299,25 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
                         dtype=state_dtype if dot_dtype != tl.float32 else torch.float32)
         if fused_dla:
             part = torch.zeros((n_m, batch, T, Gd), **f32)
-            chunked_bwd_wdla_kernel[(R * n_m, n_m, Gw)](
-                x, s_arg, log_a, B, C, dy, tiles, w, uv, bnd, part, *x.stride(), *s_str,
-                *log_a.stride(), *B.stride(), *C.stride(), *dy.stride(), *w.stride(),
-                *uv.stride(), *part.stride(), N, P, Gd, H // Gw, H // Gv, H // Gk, H // Gq,
-                H // Gd, HAS_S=s is not None, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+            Hw, Hd = H // Gw, H // Gd
+            w_splits = max(1, min(wdla_splits or 4, Hw // Hd))
+            while (Hw // Hd) % w_splits:  # whole decay groups in each split
+                w_splits -= 1
+            w_parts = w[None] if w_splits == 1 else torch.empty((w_splits, *w.shape), **f32)
+            chunked_bwd_wdla_kernel[(R * n_m, n_m, Gw * w_splits)](
+                x, s_arg, log_a, B, C, dy, tiles, w_parts, uv, bnd, part, *x.stride(), *s_str,
+                *log_a.stride(), *B.stride(), *C.stride(), *dy.stride(), *w_parts.stride(),
+                *uv.stride(), *part.stride(), N, P, Gd, Hw, Hw // w_splits, w_splits,
+                H // Gv, H // Gk, H // Gq, Hd,
+                HAS_S=s is not None, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
                 CHUNK=Q, BLOCK_M=block_m, BLOCK_N=min(32, block_n), BLOCK_P=full_p,
                 DECAY_DIFF=dla_decay == "diff", num_warps=warps_of["wdla"],
                 **stages_of["wdla"],
             )
             dla = part[0] if n_m == 1 else part.sum(0)
-            del part, uv
+            if w_splits > 1:
+                w.copy_(w_parts.sum(0))
+            del part, uv, w_parts
         else:
             chunked_bwd_w_kernel[(R * n_m, n_m, Gw)](
                 x, s_arg, a_arg, dy, tiles, w, *x.stride(), *s_str, *a_str, *dy.stride(),
