@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU machine, one call per stage: install the carried wheels, then
-#   tests     the kernel tests (marked interpret/gpu) compiled on the GPU [test paths]
+#   tests     the kernel tests (marked interpret/gpu) compiled on the GPU, per file [test paths]
 #   validate  every example at real sizes against fp64 (scripts/gpu_validate.py)
 #   bench     SSD forward vs mamba_ssm and FLA (scripts/bench_ssd.py), then `ssmc bench`
 #   parallel  context parallelism over every GPU vs one (scripts/gpu_parallel.py)
@@ -33,11 +33,20 @@ mamba_src=$(ls -d .whl/mamba/mamba_ssm-*/ 2>/dev/null | head -n 1)
 
 status=0
 if [[ $stage == tests || $stage == all ]]; then
-    # test paths given narrow the run (tests/test_x.py ...); else the whole folder
-    paths=tests
-    for a in "$@"; do [[ $a == tests* ]] && paths=; done
-    python3 -m pytest -q -m "interpret or gpu" $paths -p no:cacheprovider "$@" 2>&1 \
-        | tee "$out/pytest.log" | tail -n 25 || status=1
+    # the interpret- and gpu-marked tests compiled on the GPU, one pytest per file (the test
+    # paths given, else every tests/test_*.py), each under its own timeout (TEST_TIMEOUT s,
+    # default 300) with short tracebacks in pytest-<file>.log; other args go to pytest
+    files=(); opts=()
+    for a in "$@"; do if [[ $a == tests* ]]; then files+=("$a"); else opts+=("$a"); fi; done
+    (( ${#files[@]} )) || files=(tests/test_*.py)
+    for f in "${files[@]}"; do
+        log="$out/pytest-$(echo "$f" | tr '/:[]' '____').log"
+        timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m "interpret or gpu" "$f" \
+            -p no:cacheprovider --tb=short "${opts[@]}" >"$log" 2>&1
+        rc=$?
+        echo "$f rc=$rc: $(tail -n 1 "$log")" | tee -a "$out/pytest.log"
+        (( rc == 0 || rc == 5 )) || status=1  # 5: nothing collected
+    done
 fi
 if [[ $stage == validate || $stage == all ]]; then
     python3 scripts/gpu_validate.py --json "$out/validate.json" "$@" 2>&1 \
