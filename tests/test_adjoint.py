@@ -696,21 +696,22 @@ def test_fused_chunked_backward_dx_into() -> None:
     module = fused_stage("scalar")
     g = torch.Generator().manual_seed(3)
     T, H, N, P = 40, 2, 16, 16
-    x = torch.randn(1, T, H, P, generator=g)
-    B, C = torch.randn(1, T, 1, N, generator=g), torch.randn(1, T, 1, N, generator=g)
-    dt = torch.nn.functional.softplus(torch.randn(1, T, H, generator=g))
+    x, B, C, dt, dy, prior = (
+        torch.randn(shape, generator=g).to(DEVICE)
+        for shape in ((1, T, H, P), (1, T, 1, N), (1, T, 1, N), (1, T, H), (1, T, H, P),
+                      (1, T, H, P)))
+    dt = torch.nn.functional.softplus(dt)
     log_a = dt * -0.5
-    dy = torch.randn(1, T, H, P, generator=g)
     kw = dict(heads=H, initial_state=None, cu_seqlens=None, dy=dy, dfinal=None, chunk_size=16)
     want = module.chunked_bwd(x, dt, log_a, B, C, **kw)
-    prior = torch.randn(1, T, H, P, generator=g)
     into = prior.clone()
     got = module.chunked_bwd(x, dt, log_a, B, C, **kw, dx_into=into)
     assert got[0] is into
     assert torch.allclose(into, want[0] + prior, rtol=1e-6, atol=1e-6)
     for a, b in zip(got[1:5], want[1:5], strict=True):
         assert torch.equal(a, b)
-    for bad in (torch.zeros(1, T, H, P + 1), torch.zeros(1, T, H, P, dtype=torch.float64)):
+    for bad in (torch.zeros(1, T, H, P + 1, device=DEVICE),
+                torch.zeros(1, T, H, P, dtype=torch.float64, device=DEVICE)):
         with pytest.raises(ValueError, match="dx_into"):
             module.chunked_bwd(x, dt, log_a, B, C, **kw, dx_into=bad)
 

@@ -109,4 +109,5 @@ def test_calls_without_gradients_keep_nothing(monkeypatch: pytest.MonkeyPatch) -
     op(**inputs, form="chunked", chunk_size=16)
     with torch.no_grad():
         op(**{k: v.requires_grad_() for k, v in inputs.items()}, form="chunked", chunk_size=16)
-    assert asked == [False, False]
+    # (on a GPU the first call of a kind also runs once compile-only: a third, unkept call)
+    assert len(asked) >= 2 and not any(asked), asked
