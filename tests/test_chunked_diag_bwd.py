@@ -358,11 +358,12 @@ def long_errors(kind: str, seed: int, T: int, dtype: torch.dtype) -> dict[str, f
 
     want = grad(torch.float64)
     errs = {"reference": ((grad(torch.float32) - want).norm() / want.norm()).item()}
+    d = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
     for dla in ("suffix", "straddle"):
         got = diag_stage().chunked_diag_bwd(
-            t["x"], t["s"], t["log_a"], t["B"], t["C"], heads=t["H"], initial_state=None,
-            cu_seqlens=None, dy=t["dy"], dfinal=None, dla=dla,
-        )[2]  # fmt: skip
+            d["x"], d["s"], d["log_a"], d["B"], d["C"], heads=d["H"], initial_state=None,
+            cu_seqlens=None, dy=d["dy"], dfinal=None, dla=dla,
+        )[2].cpu()  # fmt: skip
         assert got.shape == t["log_a"].shape and torch.isfinite(got).all()
         errs[dla] = (((got.double() * w).sum((0, 1)) - want).norm() / want.norm()).item()
     return errs
