@@ -463,6 +463,7 @@ def backward_kernel(
     inputs: Sequence[tuple[Extra, str]] = (),
     *,
     sum_rows: bool = False,
+    constant: frozenset[str] = frozenset(),
 ) -> Backward | None:
     """The kernel `<name>_bwd_kernel`: for every float tensor v the targets read (and every
     input extra), the per-element Σ_r d_r · ∂target_r/∂v over the targets' iteration space.
@@ -471,6 +472,7 @@ def backward_kernel(
     it), one per target; `inputs` are further extras the targets read (`@core`).
     None when every gradient is 0 (the targets read no tensor). `sum_rows`: the gradients of
     tensors without a seq axis are summed over seq inside the kernel (Elementwise.row_sums).
+    `constant`: tensors whose gradient through the targets is formed elsewhere (none here).
     """
     bound = {d.name: E.Num(value=float(d.value)) for d in spec.dims if d.value is not None}
     exprs = [E.substitute(t.expr, dict(bound)) for t in targets]
@@ -489,7 +491,7 @@ def backward_kernel(
             totals[v] = add(totals.get(v, ZERO), g)
     for v in names:
         total = totals.get(v, ZERO)
-        if total == ZERO:
+        if total == ZERO or v in constant:
             continue
         if v.startswith("@"):
             if len(upstream) == 1 and total == E.Ref(name=upstream[0][0].key):

@@ -35,6 +35,7 @@ from ssmc.roles import (
     output_inputs,
     prologue,
     prologue_backward,
+    skip_fold,
 )
 
 MARKER = "# ssmc-generated-module"
@@ -327,7 +328,9 @@ def render_module(checked: ir.CheckedSpec, *, versions: Mapping[str, str] | None
         stages.append(render_stage("decode", **stage_ctx, fused=decode_fused))
     # The backward: SMAs 2 and 3 of a diagonal decay need a scalar-decay forward.
     trains = bool(forms) and (decay != "diagonal" or stage_exists("chunked"))
-    epi_bwd = epilogue_backward(checked) if trains else None
+    # x's gradient through a skip scale ⊙ x is left to the core's backward (its dX̄ store)
+    fold = skip_fold(checked, pro) if trains and decay != "toeplitz" else None
+    epi_bwd = epilogue_backward(checked, fold) if trains else None
     if trains:
         stages += _backward_stages(checked, pro, epi_bwd, stage_ctx)
     return render_stage(
@@ -363,6 +366,7 @@ def render_module(checked: ir.CheckedSpec, *, versions: Mapping[str, str] | None
         const_decay=isinstance(spec.mask, ir.ConstDecay),
         lti=pro.lti is not None,
         passthrough=pro.passthrough,
+        skip_fold=None if fold is None else {"x": fold.x, "scale": fold.scale},
         epilogue_reads_y=epi_bwd is not None and "y" in epi_bwd.kernel.extra_args,
     )
 

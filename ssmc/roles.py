@@ -214,8 +214,42 @@ def prologue_backward(checked: ir.CheckedSpec, pro: Prologue) -> tuple[Backward,
     return tuple(result)
 
 
-def epilogue_backward(checked: ir.CheckedSpec) -> Backward | None:
-    """The backward kernel of out = (y + skip) * gate: dy and the skip/gate tensors' gradients."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SkipFold:
+    """skip = scale ⊙ x with x the value's tensor (passed through, one per head) and scale a
+    per-head [H] tensor, read by no gate: x's gradient through the skip is scale ⊙ dy of the
+    core, which the core's backward adds to its own dx instead of the epilogue writing it."""
+
+    x: int
+    scale: int
+    """Positions of x and of the scale among the spec's tensors."""
+
+
+def skip_fold(checked: ir.CheckedSpec, pro: Prologue) -> SkipFold | None:
+    """The SkipFold of the spec's skip, or None where its form is another."""
+    spec = checked.spec
+    skip, x = spec.skip, pro.passthrough.get("x")
+    if not isinstance(skip, E.BinOp) or skip.op is not E.Op.MUL or x is None:
+        return None
+    names = [t.name for t in spec.tensors]
+    lhs, rhs = skip.lhs, skip.rhs
+    if not (isinstance(lhs, E.Ref) and isinstance(rhs, E.Ref)) or not {lhs.name, rhs.name} <= set(names):
+        return None
+    positions = [names.index(lhs.name), names.index(rhs.name)]
+    if x not in positions or positions[0] == positions[1]:
+        return None
+    scale = positions[1 - positions.index(x)]
+    heads = spec.output.shape[2]
+    if spec.tensors[x].shape != spec.output.shape or spec.tensors[scale].shape != (heads,):
+        return None
+    if spec.gate is not None and spec.tensors[x].name in E.refs(spec.gate):
+        return None
+    return SkipFold(x=x, scale=scale)
+
+
+def epilogue_backward(checked: ir.CheckedSpec, fold: SkipFold | None = None) -> Backward | None:
+    """The backward kernel of out = (y + skip) * gate: dy and the skip/gate tensors' gradients
+    (with `fold`, none for x: the core's backward adds it)."""
     spec = checked.spec
     if spec.skip is None and spec.gate is None:
         return None
@@ -229,6 +263,7 @@ def epilogue_backward(checked: ir.CheckedSpec) -> Backward | None:
         [(_upstream("@d_out", "u0", shape), "dout")],
         [(core, "y")],
         sum_rows=True,
+        constant=frozenset() if fold is None else frozenset({spec.tensors[fold.x].name}),
     )
 
 

@@ -314,7 +314,7 @@ def test_backward_in_slices(poisoned, gen) -> None:  # type: ignore[no-untyped-d
 def test_epilogue_sums_the_skip_parameter_over_groups_of_rows(strided: bool, gen) -> None:  # type: ignore[no-untyped-def]
     """out = (y + D x) silu(z) at 1024 columns (H·P) and T = 150: the kernel sums dD over groups
     of 64 rows (the last one short) and torch sums the groups; every gradient matches autograd
-    on the same expression in fp64. Strided: x's H and P axes swapped in memory, so the kernel
+    on the same expression in fp64 (x's as D ⊙ dy, which the core's backward adds). Strided: x's H and P axes swapped in memory, so the kernel
     indexes every column axis (FLAT off) instead of the flat column offset."""
     checked = with_dims(parse_file(ROOT / "examples" / "mamba2.ssm"), {"H": 8, "N": 4, "P": 128})
     module = load(checked).module
@@ -334,7 +334,11 @@ def test_epilogue_sums_the_skip_parameter_over_groups_of_rows(strided: bool, gen
     y64 = y.double().requires_grad_()
     out = (y64 + D[:, None] * x) * torch.nn.functional.silu(z)
     want = torch.autograd.grad(out, (y64, x, z, D), dout.double())
-    got = (d_y, grads[names.index("x")], grads[names.index("z")], grads[names.index("D")])
+    # x's part through the skip D ⊙ x is the core backward's (ssmc.roles.skip_fold): the
+    # epilogue writes none, and D ⊙ dy (module._skip_dx) is x's gradient
+    assert grads[names.index("x")] is None
+    d_x = module._skip_dx(tensors, d_y.to(DEVICE), torch.zeros_like(d_y, device=DEVICE)).cpu()
+    got = (d_y, d_x, grads[names.index("z")], grads[names.index("D")])
     for name, g, w in zip(("y", "x", "z", "D"), got, want, strict=True):
         assert g is not None and g.shape == w.shape, name
         assert error(g.double(), w) <= 1e-5, (name, error(g.double(), w))

@@ -1724,7 +1724,6 @@ def prologue_bwd(tensors, sizes, grads, upstream):
 #
 #     dy = dout · gate,   d v = dout · (gate · ∂skip/∂v + (y + skip) · ∂gate/∂v)   for every tensor v read
 #
-#     d_x [batch, seq, H, P] = (d_out * silu(z)) * D
 #     d_z [batch, seq, H, P] = (d_out * (y + (D * x))) * (sigmoid(z) * (1 + (z * sigmoid(-z))))
 #     d_D [batch, seq, H, P] = (d_out * silu(z)) * x
 #     d_core [batch, seq, H, P] = d_out * silu(z)
@@ -1741,10 +1740,9 @@ def prologue_bwd(tensors, sizes, grads, upstream):
 
 @triton.jit
 def epilogue_bwd_kernel(
-    out0, out0_s0, out0_s1, out0_s2, out0_s3,  # d_x [batch, seq, H, P]
-    out1, out1_s0, out1_s1, out1_s2, out1_s3,  # d_z [batch, seq, H, P]
-    out2, out2_s0, out2_s1, out2_s2, out2_s3,  # d_D [batch, seq, H, P] summed over groups of rows
-    out3, out3_s0, out3_s1, out3_s2, out3_s3,  # d_core [batch, seq, H, P]
+    out0, out0_s0, out0_s1, out0_s2, out0_s3,  # d_z [batch, seq, H, P]
+    out1, out1_s0, out1_s1, out1_s2, out1_s3,  # d_D [batch, seq, H, P] summed over groups of rows
+    out2, out2_s0, out2_s1, out2_s2, out2_s3,  # d_core [batch, seq, H, P]
     p_x, s_x_0, s_x_1, s_x_2, s_x_3,  # x [batch, seq, H, P]
     p_z, s_z_0, s_z_1, s_z_2, s_z_3,  # z [batch, seq, H, P]
     p_D, s_D_0,  # D [H]
@@ -1763,7 +1761,7 @@ def epilogue_bwd_kernel(
     m_c = o_c < n_cols
     o_0 = (o_c // (n_1))  # [BLOCK_C] H
     o_1 = o_c % n_1  # [BLOCK_C] P
-    out2_sum = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)  # d_D over the group's rows
+    out1_sum = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)  # d_D over the group's rows
     for i_s in range(0, ROW_STEPS):
         o_r = (i_r * ROW_STEPS + i_s) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] tokens
         m_r = o_r < n_rows
@@ -1772,34 +1770,31 @@ def epilogue_bwd_kernel(
         b_D = tl.load(p_D + o_0[None, :] * s_D_0, mask=m_c[None, :], other=1.0).to(tl.float32)  # [1, BLOCK_C]
         u0_blk = tl.load(u0 + (i_b * u0_s0 + o_r[:, None] * u0_s1 + o_c[None, :] * u0_s3 if FLAT else i_b * u0_s0 + o_r[:, None] * u0_s1 + o_0[None, :] * u0_s2 + o_1[None, :] * u0_s3), mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
         y_blk = tl.load(y + (i_b * y_s0 + o_r[:, None] * y_s1 + o_c[None, :] * y_s3 if FLAT else i_b * y_s0 + o_r[:, None] * y_s1 + o_0[None, :] * y_s2 + o_1[None, :] * y_s3), mask=m_r[:, None] & m_c[None, :], other=1.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
-        t_0 = tl.exp(-tl.abs(b_z))
-        t_1 = tl.where(b_z >= 0, 1.0 / (1.0 + t_0), t_0 / (1.0 + t_0))
-        t_2 = b_z * t_1
-        t_3 = u0_blk * t_2
-        t_4 = t_3 * b_D
-        t_5 = b_D * b_x
-        t_6 = y_blk + t_5
-        t_7 = u0_blk * t_6
-        t_8 = -b_z
-        t_9 = tl.exp(-tl.abs(t_8))
-        t_10 = tl.where(t_8 >= 0, 1.0 / (1.0 + t_9), t_9 / (1.0 + t_9))
-        t_11 = b_z * t_10
-        t_12 = 1.0 + t_11
-        t_13 = t_1 * t_12
-        t_14 = t_7 * t_13
-        t_15 = t_3 * b_x
-        out0_blk = tl.broadcast_to(t_4, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
+        t_0 = b_D * b_x
+        t_1 = y_blk + t_0
+        t_2 = u0_blk * t_1
+        t_3 = tl.exp(-tl.abs(b_z))
+        t_4 = tl.where(b_z >= 0, 1.0 / (1.0 + t_3), t_3 / (1.0 + t_3))
+        t_5 = -b_z
+        t_6 = tl.exp(-tl.abs(t_5))
+        t_7 = tl.where(t_5 >= 0, 1.0 / (1.0 + t_6), t_6 / (1.0 + t_6))
+        t_8 = b_z * t_7
+        t_9 = 1.0 + t_8
+        t_10 = t_4 * t_9
+        t_11 = t_2 * t_10
+        t_12 = b_z * t_4
+        t_13 = u0_blk * t_12
+        t_14 = t_13 * b_x
+        out0_blk = tl.broadcast_to(t_11, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
         tl.store(out0 + (i_b * out0_s0 + o_r[:, None] * out0_s1 + o_c[None, :] * out0_s3 if FLAT else i_b * out0_s0 + o_r[:, None] * out0_s1 + o_0[None, :] * out0_s2 + o_1[None, :] * out0_s3), out0_blk.to(out0.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
         out1_blk = tl.broadcast_to(t_14, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
-        tl.store(out1 + (i_b * out1_s0 + o_r[:, None] * out1_s1 + o_c[None, :] * out1_s3 if FLAT else i_b * out1_s0 + o_r[:, None] * out1_s1 + o_0[None, :] * out1_s2 + o_1[None, :] * out1_s3), out1_blk.to(out1.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
-        out2_blk = tl.broadcast_to(t_15, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
-        out2_sum += tl.where(m_r[:, None] & m_c[None, :], out2_blk, 0.0)
-        out3_blk = tl.broadcast_to(t_3, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
-        tl.store(out3 + (i_b * out3_s0 + o_r[:, None] * out3_s1 + o_c[None, :] * out3_s3 if FLAT else i_b * out3_s0 + o_r[:, None] * out3_s1 + o_0[None, :] * out3_s2 + o_1[None, :] * out3_s3), out3_blk.to(out3.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+        out1_sum += tl.where(m_r[:, None] & m_c[None, :], out1_blk, 0.0)
+        out2_blk = tl.broadcast_to(t_13, (BLOCK_R, BLOCK_C))  # [BLOCK_R, BLOCK_C]
+        tl.store(out2 + (i_b * out2_s0 + o_r[:, None] * out2_s1 + o_c[None, :] * out2_s3 if FLAT else i_b * out2_s0 + o_r[:, None] * out2_s1 + o_0[None, :] * out2_s2 + o_1[None, :] * out2_s3), out2_blk.to(out2.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
 
     o_r = i_r + tl.arange(0, 1)  # [1] the group's row of the partial sums
     m_r = o_r < n_rt
-    tl.store(out2 + i_b * out2_s0 + o_r[:, None] * out2_s1 + o_0[None, :] * out2_s2 + o_1[None, :] * out2_s3, tl.sum(out2_sum, axis=0)[None, :], mask=m_r[:, None] & m_c[None, :])
+    tl.store(out1 + i_b * out1_s0 + o_r[:, None] * out1_s1 + o_0[None, :] * out1_s2 + o_1[None, :] * out1_s3, tl.sum(out1_sum, axis=0)[None, :], mask=m_r[:, None] & m_c[None, :])
 
 
 _EPILOGUE_BWD_KERNEL_TILE = (1024, 64, 4)
@@ -1807,8 +1802,8 @@ _EPILOGUE_BWD_KERNEL_TILE = (1024, 64, 4)
 `epilogue_bwd_kernel`: a module constant, so that a sweep can set it."""
 
 
-def epilogue_bwd_launch(tensors, sizes, u0, y, out0, out1, out2, out3):
-    """Launch `epilogue_bwd_kernel`: d_x, d_z, d_D, d_core ← gradients through the expressions, per element."""
+def epilogue_bwd_launch(tensors, sizes, u0, y, out0, out1, out2):
+    """Launch `epilogue_bwd_kernel`: d_z, d_D, d_core ← gradients through the expressions, per element."""
     n_rows = sizes["seq"]
     n_cols = sizes["H"] * sizes["P"]
     n_batch = sizes["batch"]
@@ -1818,7 +1813,7 @@ def epilogue_bwd_launch(tensors, sizes, u0, y, out0, out1, out2, out3):
     elements, row_group, warps = _EPILOGUE_BWD_KERNEL_TILE
     BLOCK_C = min(1 << (n_cols - 1).bit_length(), elements)
     BLOCK_R = min(1 << (n_rows - 1).bit_length(), max(1, elements // BLOCK_C))
-    # the results summed over seq (2) come back as partial
+    # the results summed over seq (1) come back as partial
     # sums, one row per group of ROW_STEPS row tiles (row_group rows when the tiles are short:
     # 64 by default, 1/64 of a per-element buffer); nothing to sum gives zero groups
     row_tiles = -(-n_rows // BLOCK_R)
@@ -1828,14 +1823,13 @@ def epilogue_bwd_launch(tensors, sizes, u0, y, out0, out1, out2, out3):
     device = tensors[0].device
     shape = list((sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]))
     shape[1] = n_groups
-    out2 = torch.empty(shape, device=device, dtype=torch.float32)
+    out1 = torch.empty(shape, device=device, dtype=torch.float32)
     if grid[0] == 0:
-        return {2: out2.zero_()}
+        return {1: out1.zero_()}
     # one stride tuple a tensor: t.stride(d) per axis costs more host time than t.stride()
     _st_r0 = out0.stride()
     _st_r1 = out1.stride()
     _st_r2 = out2.stride()
-    _st_r3 = out3.stride()
     _st_o0 = tensors[0].stride()
     _st_o1 = tensors[4].stride()
     _st_o2 = tensors[7].stride()
@@ -1843,12 +1837,11 @@ def epilogue_bwd_launch(tensors, sizes, u0, y, out0, out1, out2, out3):
     _st_o4 = y.stride()
     # FLAT: every tensor holding all the column axes has chained column strides, so the
     # kernel reads and writes it at flat column offsets (vectorised) instead of per axis
-    FLAT = _st_r0[2] == _st_r0[3] * sizes["P"] and _st_r1[2] == _st_r1[3] * sizes["P"] and _st_r2[2] == _st_r2[3] * sizes["P"] and _st_r3[2] == _st_r3[3] * sizes["P"] and _st_o0[2] == _st_o0[3] * sizes["P"] and _st_o1[2] == _st_o1[3] * sizes["P"] and _st_o3[2] == _st_o3[3] * sizes["P"] and _st_o4[2] == _st_o4[3] * sizes["P"]
+    FLAT = _st_r0[2] == _st_r0[3] * sizes["P"] and _st_r1[2] == _st_r1[3] * sizes["P"] and _st_r2[2] == _st_r2[3] * sizes["P"] and _st_o0[2] == _st_o0[3] * sizes["P"] and _st_o1[2] == _st_o1[3] * sizes["P"] and _st_o3[2] == _st_o3[3] * sizes["P"] and _st_o4[2] == _st_o4[3] * sizes["P"]
     epilogue_bwd_kernel[grid](
         out0, _st_r0[0], _st_r0[1], _st_r0[2], _st_r0[3],
         out1, _st_r1[0], _st_r1[1], _st_r1[2], _st_r1[3],
         out2, _st_r2[0], _st_r2[1], _st_r2[2], _st_r2[3],
-        out3, _st_r3[0], _st_r3[1], _st_r3[2], _st_r3[3],
         tensors[0], _st_o0[0], _st_o0[1], _st_o0[2], _st_o0[3],
         tensors[4], _st_o1[0], _st_o1[1], _st_o1[2], _st_o1[3],
         tensors[7], _st_o2[0],
@@ -1857,7 +1850,7 @@ def epilogue_bwd_launch(tensors, sizes, u0, y, out0, out1, out2, out3):
         n_rows, n_cols, sizes["H"], sizes["P"],
         BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, ROW_STEPS=ROW_STEPS, FLAT=FLAT, num_warps=warps,
     )
-    return {2: out2}
+    return {1: out1}
 
 
 def epilogue_bwd(tensors, sizes, grads, y, dout):
@@ -1867,17 +1860,15 @@ def epilogue_bwd(tensors, sizes, grads, y, dout):
     groups of rows, summed over the rest by torch."""
     device = tensors[0].device
     parts = [
-        _grad_buffer(grads, 0, (sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]), tensors[0].dtype, device),  # d_x
         _grad_buffer(grads, 4, (sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]), tensors[4].dtype, device),  # d_z
         None,  # d_D: summed over groups of rows by the kernel
         torch.empty((sizes["batch"], sizes["seq"], sizes["H"], sizes["P"]), device=device, dtype=dout.dtype),  # d_core
     ]
     partial = epilogue_bwd_launch(tensors, sizes, dout, y, *parts)
     parts = [partial.get(i, part) for i, part in enumerate(parts)]
-    _grad_add(grads, 0, _grad_sum(parts[0], (), (0, 1, 2, 3), (sizes["batch"], sizes["seq"], sizes["H"], sizes["P"])))
-    _grad_add(grads, 4, _grad_sum(parts[1], (), (0, 1, 2, 3), (sizes["batch"], sizes["seq"], sizes["H"], sizes["P"])))
-    _grad_add(grads, 7, _grad_sum(parts[2], (0, 1, 3), (0,), (sizes["H"],)))
-    return parts[3]
+    _grad_add(grads, 4, _grad_sum(parts[0], (), (0, 1, 2, 3), (sizes["batch"], sizes["seq"], sizes["H"], sizes["P"])))
+    _grad_add(grads, 7, _grad_sum(parts[1], (0, 1, 3), (0,), (sizes["H"],)))
+    return parts[2]
 
 
 # =======================================================================================
@@ -2768,7 +2759,7 @@ def chunked_bwd_wbc_kernel(
 
 @triton.jit
 def chunked_bwd_dx_kernel(
-    x, s, log_a, B, C, dy, adj_states, tiles, dx, ds,
+    x, s, log_a, B, C, dy, adj_states, tiles, dx, ds, skip,
     stride_x_b, stride_x_t, stride_x_g, stride_x_p,
     stride_s_b, stride_s_t, stride_s_g,
     stride_a_b, stride_a_t, stride_a_g,
@@ -2781,9 +2772,10 @@ def chunked_bwd_dx_kernel(
     HAS_S: tl.constexpr, HAS_DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, CC_STORED: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
+    ACCUMULATE: tl.constexpr, HAS_SKIP: tl.constexpr,
 ):
-    # ACCUMULATE: dx holds another part of x's gradient (the epilogue's), which this adds to
+    # ACCUMULATE: dx holds another part of x's gradient (the epilogue's), which this adds to;
+    # HAS_SKIP: x's part through a skip skip_h ⊙ x_h (x one per head), skip_h dY_h, is added
     n_m = CHUNK // BLOCK_M
     i_r = tl.program_id(0).to(tl.int64) // n_m
     i_m = tl.program_id(0) % n_m
@@ -2845,6 +2837,10 @@ def chunked_bwd_dx_kernel(
         acc = acc * b_s[:, None]
     p_dx = (dx + i_b * stride_dx_b + (t0 + o_m)[:, None] * stride_dx_t + i_v * stride_dx_g
             + o_p[None, :] * stride_dx_p)
+    if HAS_SKIP:
+        acc += tl.load(skip + i_v).to(tl.float32) * tl.load(
+            dy + i_b * stride_y_b + i_v * stride_y_h + (t0 + o_m)[:, None] * stride_y_t
+            + o_p[None, :] * stride_y_p, mask=m_mp, other=0.0).to(tl.float32)
     if ACCUMULATE:
         acc += tl.load(p_dx, mask=m_mp, other=0.0).to(tl.float32)
     tl.store(p_dx, acc, mask=m_mp)
@@ -3083,7 +3079,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
                 num_warps=None, head_splits=None, stored_cc=True, dla="straddle",
                 dbc=None, warps_of=None, walk_block_n=None, walk_block_p=None, walk_stages=2,
                 stages_of=None, dla_block_m=None, dla_decay="diff", dla_diag="sums", dx_into=None,
-                wdla=True, wdla_splits=None):
+                wdla=True, wdla_splits=None, dx_skip=None):
     """(dx, ds, dlog_a, dB, dC, dh0) of the core by the fused chunked backward.
 
     x [b, T, Gv, P], s [b, T, Gv] or None (X̄ = x s), log_a [b, T, Gd] or None (causal),
@@ -3114,7 +3110,8 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     the more precise, "diff" and "sums" the faster (chunked_bwd_dla_kernel).
     dx_into: None, or a tensor shaped like x in dx's dtype holding another part of x's
     gradient: dx is added into it in the dX̄ launch's store (no separate sum) and it is
-    returned as dx. wdla: W and dlog a in one launch (chunked_bwd_wdla_kernel) where it
+    returned as dx. dx_skip: None, or a per-head [H] tensor k, x one per head: k_h dY_h (x's
+    gradient through a skip k ⊙ x) is added in the same store. wdla: W and dlog a in one launch (chunked_bwd_wdla_kernel) where it
     applies: dbc="shared", dla_diag="sums", chunks of at most two row blocks, W groups of
     whole decay groups. wdla_splits: programs a W group's heads are split over (each a
     whole number of decay groups; W's parts summed after in fp32), default 4.
@@ -3148,6 +3145,9 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     if dx_into is not None and (dx_into.shape != x.shape or dx_into.dtype != state_dtype):
         raise ValueError(f"chunked_bwd: dx_into must be shaped {tuple(x.shape)} in {state_dtype}, "
                          f"got {tuple(dx_into.shape)} in {dx_into.dtype}")
+    if dx_skip is not None and (Gv != heads or tuple(dx_skip.shape) != (heads,)):
+        raise ValueError(f"chunked_bwd: dx_skip must be shaped ({heads},) with x one per head, "
+                         f"got {tuple(dx_skip.shape)} for x {tuple(x.shape)}")
     if T == 0:
         zeros = [torch.zeros(t.shape, **f32) for t in (x, B, C)]
         dh0 = None
@@ -3341,10 +3341,12 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     ds = torch.empty((n_pt, batch, T, Gv), **f32) if s is not None else None
     chunked_bwd_dx_kernel[(R * n_m, Gv, n_pt)](
         x, s_arg, a_arg, B, C, dy, adj_states, tiles, dx, ds if ds is not None else dx,
+        dx_skip if dx_skip is not None else dx,
         *common, *dx.stride(), *(ds.stride() if ds is not None else zero4),
         H, N, P, H // Gv, H // Gk, H // Gq, H // Gd,
         HAS_S=s is not None, BLOCK_M=block_m, BLOCK_N=full_n, BLOCK_P=block_p,
-        CC_STORED=cc_stored, ACCUMULATE=dx_into is not None, num_warps=warps_of["dx"],
+        CC_STORED=cc_stored, ACCUMULATE=dx_into is not None, HAS_SKIP=dx_skip is not None,
+        num_warps=warps_of["dx"],
         **stages_of["dx"], **consts,
     )
     del adj_states
@@ -3532,6 +3534,13 @@ def _adjoint_forward(form, chunk):
     return run
 
 
+
+def _skip_dx(tensors, d_y, d_x):
+    """d_x + x's gradient through the skip, scale ⊙ d_y (scale = tensors[7], per
+    head; the epilogue's backward leaves it out), fp32."""
+    return d_x.float() + tensors[7].float()[:, None] * d_y.float()
+
+
 def _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y, grad_final_state,
                    targets=None, kept_core=None):
     """Gradients of every tensor (and of initial_state): epilogue, core, prologue backward.
@@ -3561,11 +3570,12 @@ def _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y,
     upstream = {}
     if torch.float64 not in (x.dtype, B.dtype, C.dtype, d_y.dtype):
         # the fused chunked backward (chunked_bwd): dx and ds directly, group sums in the kernels
-        # x's gradient so far (the epilogue's part) takes the core's in the dX̄ store
+        # x's gradient so far (the epilogue's part) takes the core's in the dX̄ store, and the skip's scale ⊙ dy
         d_x, d_s, d_log_a, d_B, d_C, d_initial_state = chunked_bwd(
             x, s, log_a, B, C, heads=H, initial_state=initial_state, cu_seqlens=cu_seqlens,
             dy=d_y, dfinal=grad_final_state,
-            dx_into=_grad_into(grads, 0, x, _CHUNKED_BWD_DX_DTYPES))
+            dx_into=_grad_into(grads, 0, x, _CHUNKED_BWD_DX_DTYPES),
+            dx_skip=tensors[7])
         del d_y
         upstream["x"] = d_x
         if s is not None:
@@ -3578,6 +3588,7 @@ def _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y,
         upstream.update(x=d_xbar if s is None else d_xbar * s[..., None])
         if s is not None:
             upstream["s"] = (d_xbar * x.float()).sum(-1)
+        upstream["x"] = _skip_dx(tensors, d_y, upstream["x"])
     upstream.update({"log_a": d_log_a, "B": d_B, "C": d_C})
     _grad_add(grads, 0, upstream["x"])
     _grad_add(grads, 2, upstream["B"])
