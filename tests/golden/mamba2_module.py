@@ -2570,6 +2570,37 @@ def chunked_bwd_w_kernel(
 
 
 @triton.jit
+def _chunked_bwd_cb_tile(p_C, p_B, m_i, m_j, N, stride_C_n, stride_B_n,
+                         DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """C_i·B_j, fp32 [BLOCK_M, BLOCK_M]: p_C, p_B point at the tile's rows (masks m_i, m_j),
+    N summed in tiles of BLOCK_N."""
+    b_cb = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N)
+        m_n = o_n < N
+        b_c = tl.load(p_C + o_n[None, :] * stride_C_n, mask=m_i[:, None] & m_n[None, :],
+                      other=0.0).to(DOT_DTYPE)
+        b_b = tl.load(p_B + o_n[None, :] * stride_B_n, mask=m_j[:, None] & m_n[None, :],
+                      other=0.0).to(DOT_DTYPE)
+        b_cb = tl.dot(b_c, tl.trans(b_b), acc=b_cb, input_precision=DOT_PRECISION)
+    return b_cb
+
+
+@triton.jit
+def _chunked_bwd_outer_terms(p_u, stride_u_k, stride_u_t, t0, n_t, i_m, b_all, bnd_r,
+                             CHUNK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dlog a's terms for the tokens of row block i_m from the rest of the chunk, one value:
+    Σ u over the later blocks, Σ v over the earlier ones (p_u: the decay group's u; v one
+    stride_u_k on), and exp(cc_e) ⟨H_r, Λ_r⟩ (b_all: the chunk's log a, bnd_r: the product)."""
+    o_q = tl.arange(0, CHUNK)
+    b_ua = tl.load(p_u + (t0 + o_q) * stride_u_t, mask=(o_q >= (i_m + 1) * BLOCK_M) & (o_q < n_t),
+                   other=0.0)
+    b_vb = tl.load(p_u + stride_u_k + (t0 + o_q) * stride_u_t, mask=o_q < i_m * BLOCK_M, other=0.0)
+    return tl.sum(b_ua, axis=0) + tl.sum(b_vb, axis=0) + tl.exp(tl.sum(b_all, axis=0)) * bnd_r
+
+
+@triton.jit
 def chunked_bwd_wdla_kernel(
     x, s, log_a, B, C, dy, tiles, w, uv, bnd, part,
     stride_x_b, stride_x_t, stride_x_g, stride_x_p,
@@ -2622,15 +2653,8 @@ def chunked_bwd_wdla_kernel(
     # C_i·B_j once for the group (its heads share C and B)
     p_C = C + i_b * stride_C_b + (h0 // Hq) * stride_C_g + (t0 + o_m)[:, None] * stride_C_t
     p_B = B + i_b * stride_B_b + (h0 // Hk) * stride_B_g + (t0 + o_o)[:, None] * stride_B_t
-    b_cb = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        o_n = n0 + tl.arange(0, BLOCK_N)
-        m_n = o_n < N
-        b_c = tl.load(p_C + o_n[None, :] * stride_C_n, mask=m_m[:, None] & m_n[None, :],
-                      other=0.0).to(DOT_DTYPE)
-        b_b = tl.load(p_B + o_n[None, :] * stride_B_n, mask=m_o[:, None] & m_n[None, :],
-                      other=0.0).to(DOT_DTYPE)
-        b_cb = tl.dot(b_c, tl.trans(b_b), acc=b_cb, input_precision=DOT_PRECISION)
+    b_cb = _chunked_bwd_cb_tile(p_C, p_B, m_m, m_o, N, stride_C_n, stride_B_n, DOT_DTYPE,
+                                DOT_PRECISION, BLOCK_M, BLOCK_N)
     acc_w = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
     acc_a = tl.zeros([BLOCK_M], dtype=tl.float32)  # slot I: t in J (off the diagonal) or in I
     acc_b = tl.zeros([BLOCK_M], dtype=tl.float32)  # slot J: t in I (off the diagonal)
@@ -2678,15 +2702,12 @@ def chunked_bwd_wdla_kernel(
                 p_u = uv + i_b * stride_u_b + gd * stride_u_g
                 b_u = tl.load(p_u + (t0 + o_m) * stride_u_t, mask=m_m, other=0.0)
                 b_v = tl.load(p_u + stride_u_k + (t0 + o_m) * stride_u_t, mask=m_m, other=0.0)
-                b_ua = tl.load(p_u + (t0 + o_q) * stride_u_t,
-                               mask=(o_q >= (i_m + 1) * BLOCK_M) & (o_q < n_t), other=0.0)
-                b_vb = tl.load(p_u + stride_u_k + (t0 + o_q) * stride_u_t,
-                               mask=o_q < i_m * BLOCK_M, other=0.0)
                 b_all = tl.load(p_a + gd * stride_a_g + o_q * stride_a_t, mask=o_q < n_t,
                                 other=0.0).to(tl.float32)
                 acc_a += tl.cumsum(b_u, axis=0, reverse=True) + (tl.cumsum(b_v, axis=0) - b_v)
-                acc_a += tl.sum(b_ua, axis=0) + tl.sum(b_vb, axis=0)
-                acc_a += tl.exp(tl.sum(b_all, axis=0)) * tl.load(bnd + i_r * Gd + gd)
+                acc_a += _chunked_bwd_outer_terms(p_u, stride_u_k, stride_u_t, t0, n_t, i_m,
+                                                  b_all, tl.load(bnd + i_r * Gd + gd), CHUNK,
+                                                  BLOCK_M)
                 tl.store(p_out + i_m * stride_o_k + (t0 + o_m) * stride_o_t, acc_a, mask=m_m)
             else:
                 tl.store(p_out + i_m * stride_o_k + (t0 + o_o) * stride_o_t, acc_a, mask=m_o)
@@ -2867,15 +2888,8 @@ def _chunked_bwd_dla_tile(
     for i_h in range(g * Hd, g * Hd + Hd):
         p_C = C + i_b * stride_C_b + (i_h // Hq) * stride_C_g + (t0 + o_i)[:, None] * stride_C_t
         p_B = B + i_b * stride_B_b + (i_h // Hk) * stride_B_g + (t0 + o_jc)[:, None] * stride_B_t
-        b_cb = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            o_n = n0 + tl.arange(0, BLOCK_N)
-            m_n = o_n < N
-            b_c = tl.load(p_C + o_n[None, :] * stride_C_n, mask=m_i[:, None] & m_n[None, :],
-                          other=0.0).to(DOT_DTYPE)
-            b_b = tl.load(p_B + o_n[None, :] * stride_B_n, mask=m_j[:, None] & m_n[None, :],
-                          other=0.0).to(DOT_DTYPE)
-            b_cb = tl.dot(b_c, tl.trans(b_b), acc=b_cb, input_precision=DOT_PRECISION)
+        b_cb = _chunked_bwd_cb_tile(p_C, p_B, m_i, m_j, N, stride_C_n, stride_B_n, DOT_DTYPE,
+                                    DOT_PRECISION, BLOCK_M, BLOCK_N)
         p_y = dy + i_b * stride_y_b + i_h * stride_y_h + (t0 + o_i)[:, None] * stride_y_t
         p_x = x + i_b * stride_x_b + (i_h // Hv) * stride_x_g + (t0 + o_jc)[:, None] * stride_x_t
         b_yx = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
@@ -2998,9 +3012,6 @@ def chunked_bwd_dla_kernel(
     p_u = uv + i_b * stride_u_b + g * stride_u_g
     b_u = tl.load(p_u + (t0 + o_m) * stride_u_t, mask=m_m, other=0.0)
     b_v = tl.load(p_u + stride_u_k + (t0 + o_m) * stride_u_t, mask=m_m, other=0.0)
-    b_ua = tl.load(p_u + (t0 + o_q) * stride_u_t, mask=(o_q >= (i_m + 1) * BLOCK_M) & (o_q < n_t),
-                   other=0.0)
-    b_vb = tl.load(p_u + stride_u_k + (t0 + o_q) * stride_u_t, mask=o_q < i_m * BLOCK_M, other=0.0)
     if DIAG_SUMS:
         # Σ_{i ≥ t > j} M_ij over the tile's pairs (M_ij = 0 unless i > j) is Σ_{s < t} of
         # (column sum − row sum) at s: the pairs with both tokens before t cancel, within one
@@ -3015,8 +3026,8 @@ def chunked_bwd_dla_kernel(
         below = (o_m[:, None] >= o_m[None, :]) & m_m[:, None]
         b_dla = tl.sum(tl.where(below, b_E, 0.0), axis=0)
         b_dla += tl.sum(tl.where(o_j[:, None] < o_j[None, :], b_v[:, None], 0.0), axis=0)
-    b_dla += tl.sum(b_ua, axis=0) + tl.sum(b_vb, axis=0)
-    b_dla += tl.exp(tl.sum(b_all, axis=0)) * tl.load(bnd + i_r * Gd + g)  # exp(cc_e) ⟨H_r, Λ_r⟩
+    b_dla += _chunked_bwd_outer_terms(p_u, stride_u_k, stride_u_t, t0, n_t, i_m, b_all,
+                                      tl.load(bnd + i_r * Gd + g), CHUNK, BLOCK_M)
     tl.store(p_out + (t0 + o_m) * stride_o_t, b_dla, mask=m_m)
 
 
