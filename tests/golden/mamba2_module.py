@@ -3298,7 +3298,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     fused_dla = (wdla and shared and log_a is not None and straddle and dla_diag == "sums"
                  and n_m <= 2 and (dla_block_m or block_m) == block_m
                  and (H // Gw) % (H // Gd) == 0)
-    if fused_dla:
+    if log_a is not None and straddle:
         # u (the dC launch's slots) and v (dB's), summed over splits and N tiles: [2, b, T, Gd]
         uv = dcs.unflatten(0, (2, splits)).sum((1, 2))
         del dcs
@@ -3362,13 +3362,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     )
     del adj_states
     ds = None if ds is None else (ds[0] if n_pt == 1 else ds.sum(0))
-    if fused_dla:
-        pass  # dla came with W
-    elif log_a is not None and straddle:
-        # u (the dC launch's slots) and v (dB's), summed over splits and N tiles: [2, b, T, Gd]
-        uv = dcs.unflatten(0, (2, splits)).sum((1, 2))
-        del dcs
-        bnd = boundary.sum(-1).unflatten(1, (Gd, H // Gd)).sum(2).contiguous()  # [R, Gd]
+    if log_a is not None and straddle and not fused_dla:  # (fused: dla came with W)
         dla_m = min(Q, dla_block_m or block_m)
         n_dm = Q // dla_m
         part = torch.zeros((n_dm, batch, T, Gd), **f32)
@@ -3379,10 +3373,11 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
             HAS_S=s is not None, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, CHUNK=Q,
             # N, P tiles of 32: at 64 the sm_90 build spills 440 B a thread, at 32 96 B
             BLOCK_M=dla_m, BLOCK_N=min(32, block_n), BLOCK_P=min(32, block_p),
-            DECAY_DIFF=dla_decay == "diff", DIAG_SUMS=dla_diag == "sums", num_warps=warps_of["dla"], **stages_of["dla"],
+            DECAY_DIFF=dla_decay == "diff", DIAG_SUMS=dla_diag == "sums",
+            num_warps=warps_of["dla"], **stages_of["dla"],
         )
         dla = part[0] if n_dm == 1 else part.sum(0)
-    elif log_a is not None:
+    elif log_a is not None and not straddle:
         dcs = dcs.sum((0, 1))
         seqs = _AdjointSequences(cu_seqlens, batch, T, device)
         if want_hT:
