@@ -26,7 +26,13 @@ from ssmc import ir
 from ssmc.autotune_bench import DTYPES, Bench, Timer
 from ssmc.autotune_bench import timer as bench_timer
 from ssmc.autotune_cache import Key, Winner, make_key, record
-from ssmc.autotune_space import CHUNKS, Candidate, base_candidates, knob_values
+from ssmc.autotune_space import (
+    CHUNKS,
+    Candidate,
+    backward_knob_values,
+    base_candidates,
+    knob_values,
+)
 from ssmc.cost_terms import Shape
 from ssmc.errors import SsmcError
 
@@ -56,6 +62,10 @@ class Result:
     path: Path | None
     """The cache file the winner was stored in (None when not stored)."""
     shape: Mapping[str, Any] = field(default_factory=dict)
+    backward_trials: tuple[Trial, ...] = ()
+    """The backward's trials (its fused launcher's options), when it was tuned."""
+    backward_note: str = ""
+    """Why the backward was not tuned, when it was asked for and could not be."""
 
     @property
     def ratio(self) -> float | None:
@@ -80,6 +90,29 @@ class Result:
         )
         best = f"best {_candidate_of(self.winner)}: {_fmt(self.winner.time_s).strip()}"
         lines.append(best + "; " + planner + ("" if ratio is None else f" ({ratio:.2f}×)"))
+        if self.backward_trials:
+            lines.append("backward:")
+            ok = sorted(
+                (t for t in self.backward_trials if t.time_s is not None),
+                key=lambda t: t.time_s or 0,
+            )
+            tuned = dict(self.winner.backward)
+            for t in ok:
+                mark = "→" if t.candidate.options == tuned else " "
+                lines.append(f"{mark} {_fmt(t.time_s)}  err {t.error:.1e}  {t.candidate}")
+            for t in self.backward_trials:
+                if t.time_s is None:
+                    lines.append(f"✗ rejected  {t.candidate}: {t.rejected}")
+            default = self.winner.backward_default_time_s
+            speedup = "" if not default or not self.winner.backward_time_s else (
+                f" ({default / self.winner.backward_time_s:.2f}× its defaults)"
+            )
+            lines.append(
+                f"best backward {tuned or 'defaults'}: "
+                f"{_fmt(self.winner.backward_time_s).strip()}{speedup}"
+            )
+        elif self.backward_note:
+            lines.append(f"backward not tuned: {self.backward_note}")
         return "\n".join(lines)
 
 
@@ -98,6 +131,8 @@ def autotune(
     progress: bool = True,
     timer: Timer | None = None,
     seed: int = 0,
+    backward: bool = False,
+    backward_candidates: Iterable[Candidate] | None = None,
 ) -> Result:
     """Tune `spec` at one call shape on the present device and store the winner.
 
@@ -107,6 +142,11 @@ def autotune(
     at default tiles, chunked at 64/128/256, or 16/32 under the interpreter); search: vary
     launch options one at a time from each form's best (default: on a GPU only).
     timer(candidate, call) → seconds replaces the CUDA-event timing (tests).
+    backward: also tune the fused backward's launcher (the module's BACKWARD_STAGE) for the
+    forward's winner: its defaults, then (with search) one option at a time, each candidate's
+    gradients checked against fp64 autograd through the reference first; the winner's options
+    are stored with the forward's and the op's backward runs them. backward_candidates: try
+    exactly these (Candidate(form=BACKWARD_STAGE, launch=...)); implies backward.
     """
     from ssmc.devices import detect
     from ssmc.plan import plan
@@ -141,6 +181,11 @@ def autotune(
     tune = _Tuner(bench, timer or bench_timer(device), progress, len(todo))
     for c in todo:
         tune.trial(c)
+    # the backward's search follows `search` when given, else runs on a GPU unless its
+    # candidates are given (independently of the forward's)
+    search_backward = search if search is not None else (
+        device == "cuda" and backward_candidates is None
+    )
     if search is None:
         search = device == "cuda" and candidates is None
     if search:
@@ -152,6 +197,17 @@ def autotune(
         reasons = "; ".join(f"{t.candidate}: {t.rejected}" for t in tune.trials)
         raise AutotuneError(f"no candidate agreed with the fp64 reference ({reasons})")
     planner_trial = tune.done.get(planner) if planner is not None else None
+    bwd: _BackwardOutcome | None = None
+    note = ""
+    if backward or backward_candidates is not None:
+        stage = getattr(module, "BACKWARD_STAGE", None)
+        if stage is None:
+            note = "the module's backward runs no fused launcher (nothing to tune)"
+        else:
+            bwd = _tune_backward(
+                bench, timer or bench_timer(device), progress, best.candidate, stage,
+                backward_candidates, search_backward,
+            )
     winner = Winner(
         form=best.candidate.form,
         chunk_size=best.candidate.chunk_size,
@@ -161,6 +217,7 @@ def autotune(
         planner_chunk=planned.chunk_size,
         planner_time_s=None if planner_trial is None else planner_trial.time_s,
         error=best.error or 0.0,
+        **({} if bwd is None else bwd.winner_fields()),
     )
     key = make_key(checked, shape, dtype=dtype, varlen=num_seqs > 1)
     path = record(key, winner, cache_dir) if store else None
@@ -171,26 +228,91 @@ def autotune(
         trials=tuple(tune.trials),
         path=path,
         shape={"batch": batch, "seqlen": seqlen, "num_seqs": num_seqs, "dims": dict(call_dims)},
+        backward_trials=() if bwd is None else bwd.trials,
+        backward_note=note,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _BackwardOutcome:
+    """The backward's best trial, its defaults' trial and every trial."""
+
+    best: Trial
+    default: Trial | None
+    trials: tuple[Trial, ...]
+
+    def winner_fields(self) -> dict[str, Any]:
+        return {
+            "backward": self.best.candidate.options,
+            "backward_time_s": self.best.time_s,
+            "backward_default_time_s": None if self.default is None else self.default.time_s,
+            "backward_error": self.best.error,
+        }
+
+
+def _tune_backward(
+    bench: Bench,
+    timer: Timer,
+    progress: bool,
+    forward: Candidate,
+    stage: str,
+    candidates: Iterable[Candidate] | None,
+    search: bool,
+) -> _BackwardOutcome:
+    """The fused backward's launcher options for a forward run as `forward`: its defaults,
+    then one option at a time (search), or exactly `candidates`; each checked first."""
+    default = Candidate(form=stage)
+    todo = list(candidates) if candidates is not None else [default]
+    tune = _Tuner(bench, timer, progress, len(todo), backward_of=forward, desc="backward")
+    for c in todo:
+        tune.trial(c)
+    if search and candidates is None:
+        tune.search(default, backward_knob_values(bench.module, bench.sizes))
+    tune.close()
+    best = tune.best()
+    if best is None:
+        reasons = "; ".join(f"{t.candidate}: {t.rejected}" for t in tune.trials)
+        raise AutotuneError(f"no backward candidate agreed with the fp64 reference ({reasons})")
+    return _BackwardOutcome(best=best, default=tune.done.get(default), trials=tuple(tune.trials))
 
 
 class _Tuner:
     """Runs trials once each (cached by candidate), with a progress bar."""
 
-    def __init__(self, bench: Bench, timer: Timer, progress: bool, total: int) -> None:
+    def __init__(
+        self,
+        bench: Bench,
+        timer: Timer,
+        progress: bool,
+        total: int,
+        backward_of: Candidate | None = None,
+        desc: str = "autotune",
+    ) -> None:
         from tqdm import tqdm
 
         self.bench, self.timer = bench, timer
+        self.backward_of = backward_of
+        """The forward's candidate when the trials are of the backward's launcher."""
         self.trials: list[Trial] = []
         self.done: dict[Candidate, Trial] = {}
-        self.bar = tqdm(total=total, disable=not progress, unit="cfg", desc="autotune")
+        self.bar = tqdm(total=total, disable=not progress, unit="cfg", desc=desc)
+
+    def _error(self, c: Candidate) -> float:
+        if self.backward_of is not None:
+            return self.bench.backward_error(c, self.backward_of)
+        return self.bench.error(c)
+
+    def _call(self, c: Candidate) -> Any:
+        if self.backward_of is not None:
+            return self.bench.backward_call(c, self.backward_of)
+        return self.bench.call(c)
 
     def trial(self, c: Candidate) -> Trial:
         if c in self.done:
             return self.done[c]
         self.bar.set_postfix_str(str(c)[:60])
         try:
-            err = self.bench.error(c)
+            err = self._error(c)
             if not err <= self.bench.bound:
                 result = Trial(
                     candidate=c,
@@ -199,7 +321,7 @@ class _Tuner:
                     rejected=f"error {err:.2e} > bound {self.bench.bound:.0e}",
                 )
             else:
-                result = Trial(candidate=c, time_s=self.timer(c, self.bench.call(c)), error=err)
+                result = Trial(candidate=c, time_s=self.timer(c, self._call(c)), error=err)
         except Exception as exc:  # a candidate that does not compile or launch loses
             message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             result = Trial(candidate=c, time_s=None, error=None, rejected=message[:200])

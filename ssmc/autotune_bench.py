@@ -43,6 +43,9 @@ class Bench:
         from ssmc.reference import random_inputs, reference
 
         self.module, self.dtype, self.device = module, dtype, device
+        self.checked, self.seed = checked, seed
+        self._dout: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._ref_grads: dict[str, torch.Tensor] | None = None
         generator = torch.Generator().manual_seed(seed)
         inputs64 = random_inputs(
             checked,
@@ -104,11 +107,84 @@ class Bench:
             errors.append(relative_error(state, self.ref[1]))
         return max(errors)
 
-    def _poison(self) -> None:
+    def backward_call(self, c: Candidate, forward: Candidate) -> Callable[[], Any]:
+        """A no-argument call of the module's backward with the options of `c` (its fused
+        launcher's), for a forward run as `forward`, on the bench's fixed output gradients."""
+        dy, dstate = self._output_grads()
+        options = c.options
+
+        def run() -> Any:
+            return self.module.backward(
+                **self.tensors,
+                cu_seqlens=self.cu_seqlens,
+                form=forward.form,
+                chunk_size=forward.chunk_size,
+                grad_y=dy,
+                grad_final_state=dstate,
+                launch_bwd=options or None,
+            )
+
+        return run
+
+    def backward_error(self, c: Candidate, forward: Candidate) -> float:
+        """max over gradients of ‖grad − ref‖/‖ref‖ against fp64 autograd through the
+        reference, the gradients' memory NaN-poisoned first."""
+        from ssmc.run import relative_error
+
+        want = self._reference_grads()
+        self._poison(4 * sum(t.numel() for t in self.tensors.values()))
+        grads, d_init = self.backward_call(c, forward)()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        got = dict(zip(self.module.TENSORS, grads, strict=True))
+        if d_init is not None:
+            got["initial_state"] = d_init
+        errors = [relative_error(got[k], ref) for k, ref in want.items() if k in got]
+        if len(errors) != len(want):
+            missing = sorted(set(want) - set(got))
+            raise SsmcError(f"the backward returned no gradient for {', '.join(missing)}")
+        return max(errors)
+
+    def _output_grads(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Fixed random gradients of y (in the input dtype) and of the final state (fp32)."""
+        if self._dout is None:
+            generator = torch.Generator().manual_seed(self.seed + 1)
+            y, state = self.ref
+            dy = torch.randn(y.shape, generator=generator, dtype=torch.float64)
+            dstate = None
+            if state is not None:
+                dstate = torch.randn(state.shape, generator=generator, dtype=torch.float64)
+            self._dout = (
+                dy.to(self.device, DTYPES[self.dtype]),
+                None if dstate is None else dstate.to(self.device, torch.float32),
+            )
+        return self._dout
+
+    def _reference_grads(self) -> dict[str, torch.Tensor]:
+        """Every input's gradient (and initial_state's) by fp64 autograd through the
+        reference (its chunked form where the spec allows one), once."""
+        from ssmc.reference import reference
+
+        if self._ref_grads is None:
+            leaves = {k: v.double().requires_grad_() for k, v in self.tensors.items()}
+            y, state = reference(self.checked)(**leaves, cu_seqlens=self.cu_seqlens)
+            dy, dstate = self._output_grads()
+            outs, seeds = [y], [dy.double()]
+            if state is not None and dstate is not None:
+                outs.append(state)
+                seeds.append(dstate.double())
+            grads = torch.autograd.grad(outs, list(leaves.values()), seeds, allow_unused=True)
+            self._ref_grads = {
+                k: g.detach() for k, g in zip(leaves, grads, strict=True) if g is not None
+            }
+        return self._ref_grads
+
+    def _poison(self, numel: int = 0) -> None:
         """Fill freed memory with NaN, so that an output the kernels never write is NaN
         (the caching allocator hands the same blocks back to the next allocations)."""
         if self.device == "cuda":
-            torch.empty(4 * self.out_numel + (1 << 20), device="cuda").fill_(float("nan"))
+            size = max(numel, 4 * self.out_numel) + (1 << 20)
+            torch.empty(size, device="cuda").fill_(float("nan"))
 
 
 def timer(device: str) -> Timer:

@@ -51,6 +51,15 @@ class Winner:
     """The measured time of the planner's choice at its default tiles (None: not measured)."""
     error: float = 0.0
     """Its ‖out − ref‖/‖ref‖ against the fp64 reference."""
+    backward: Mapping[str, Option] = field(default_factory=dict)
+    """Keyword options of the fused backward's launcher (the module's BACKWARD_STAGE);
+    empty when the backward was not tuned, or its defaults won."""
+    backward_time_s: float | None = None
+    """The tuned backward's measured time per call (None: not tuned)."""
+    backward_default_time_s: float | None = None
+    """The backward's measured time at its launcher's defaults (None: not tuned)."""
+    backward_error: float | None = None
+    """The tuned backward's largest ‖grad − ref‖/‖ref‖ against the fp64 reference."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -198,11 +207,12 @@ def _winner(raw: Any) -> Winner:
     """A Winner from its JSON object, every field checked (TypeError/KeyError when wrong)."""
     if not isinstance(raw, dict) or not isinstance(raw["form"], str):
         raise TypeError("a winner must be an object with a form")
-    launch = raw.get("launch", {})
-    if not isinstance(launch, dict) or not all(
-        isinstance(k, str) and isinstance(v, int | str) for k, v in launch.items()
-    ):
-        raise TypeError("launch options must map names to ints or strings")
+    launch, backward = raw.get("launch", {}), raw.get("backward", {})
+    for options in (launch, backward):
+        if not isinstance(options, dict) or not all(
+            isinstance(k, str) and isinstance(v, int | str) for k, v in options.items()
+        ):
+            raise TypeError("launch options must map names to ints or strings")
     chunk = raw.get("chunk_size")
     if chunk is not None and not isinstance(chunk, int):
         raise TypeError("chunk_size must be an int or null")
@@ -219,7 +229,21 @@ def _winner(raw: Any) -> Winner:
         planner_chunk=raw.get("planner_chunk"),
         planner_time_s=None if planner_time is None else float(planner_time),
         error=float(raw.get("error", 0.0)),
+        backward=dict(backward),
+        backward_time_s=_seconds(raw.get("backward_time_s")),
+        backward_default_time_s=_seconds(raw.get("backward_default_time_s")),
+        backward_error=None if raw.get("backward_error") is None else float(raw["backward_error"]),
     )
+
+
+def _seconds(raw: Any) -> float | None:
+    """A measured time from JSON: None, or a positive finite number (ValueError otherwise)."""
+    if raw is None:
+        return None
+    seconds = float(raw)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError("a measured time must be a positive number")
+    return seconds
 
 
 def _canonical(value: Any) -> str:

@@ -41,6 +41,24 @@ KNOBS: Mapping[str, Mapping[str, tuple[Option, ...]]] = {
     "toeplitz": {"block_i": (32, 64, 128), "block_j": (16, 32, 64), "num_warps": (4, 8)},
 }
 """Per stage launcher: the options the coordinate search varies, one at a time."""
+BACKWARD_KNOBS: Mapping[str, Mapping[str, tuple[Option, ...]]] = {
+    "chunked_bwd": {
+        "block_t": (32, 64, 128),
+        "walk_stages": (1, 2, 3),
+        "wdla_splits": (1, 2, 4, 8),
+        "head_splits": (1, 2, 4, 8),
+        "num_warps": (4, 8),
+    },
+    "chunked_diag_bwd": {
+        "block_t": (32, 64, 128),
+        "block_m": (16, 32),
+        "head_splits": (1, 4, 16, 64),
+        "num_warps": (4, 8),
+    },
+}
+"""Per fused backward launcher (a module's BACKWARD_STAGE): the options the search varies."""
+BACKWARD_CHUNK = {"chunked_bwd": 128, "chunked_diag_bwd": 64}
+"""The backward launchers' default chunk, which bounds their row options."""
 ROWS_OF_A_CHUNK = frozenset({"block_t", "block_m"})
 """Options that must divide the chunk length Q (≤ Q for powers of two)."""
 
@@ -121,6 +139,32 @@ def knob_values(
                 and isinstance(v, int)
                 and v > candidate.chunk_size
             )
+        )
+        if ok:
+            out[name] = ok
+    return out
+
+
+def backward_knob_values(
+    module: types.ModuleType, sizes: Mapping[str, int]
+) -> dict[str, tuple[Option, ...]]:
+    """The options of the module's fused backward launcher the search may vary, with their
+    allowed values ({} where the module has none)."""
+    stage = getattr(module, "BACKWARD_STAGE", None)
+    if stage is None or stage not in BACKWARD_KNOBS or not hasattr(module, stage):
+        return {}
+    accepted = set(inspect.signature(getattr(module, stage)).parameters)
+    chunk = BACKWARD_CHUNK[stage]
+    heads = sizes.get("H", 1)
+    out = {}
+    for name, values in BACKWARD_KNOBS[stage].items():
+        if name not in accepted:
+            continue
+        ok = tuple(
+            v
+            for v in values
+            if not (name in ROWS_OF_A_CHUNK and isinstance(v, int) and v > chunk)
+            and not (name.endswith("splits") and isinstance(v, int) and v > heads)
         )
         if ok:
             out[name] = ok

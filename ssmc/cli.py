@@ -161,7 +161,7 @@ def _cmd_autotune(args: argparse.Namespace) -> int:
         result = autotune(args.file, batch=batch, seqlen=seqlen, dims=_shape_dims(args),
                           num_seqs=args.num_seqs, dtype=args.dtype, cache_dir=args.cache_dir,
                           search=False if args.no_search else None, store=not args.no_store,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, backward=args.backward)
         print(f"{result.key.device}, batch {batch} × seqlen {seqlen}, {result.key.dtype}:")
         print("  " + result.table().replace("\n", "\n  "))
         if result.path is not None:
@@ -198,7 +198,8 @@ def _add_autotune(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "warps, stages) one at a time from its fastest; a candidate whose output disagrees "
         "with the fp64 reference beyond its dtype's bound is rejected. The winner is stored in "
         "the autotune cache ($SSMC_CACHE_DIR/autotune.json), keyed by GPU, shape bucket, spec "
-        "and versions; ssmc.load's op runs it for every call in that bucket. Without a GPU, "
+        "and versions; ssmc.load's op runs it for every call in that bucket (--backward: its "
+        "backward's options too). Without a GPU, "
         "TRITON_INTERPRET=1 runs the same path on tiny shapes (docs/autotune.md).",
         epilog="examples:\n  ssmc autotune examples/mamba2.ssm --shape 8x2048 --shape 1x16384\n"
         "  TRITON_INTERPRET=1 ssmc autotune examples/mamba2.ssm --shape 1x32 "
@@ -217,6 +218,9 @@ def _add_autotune(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                       "or ~/.cache/ssmc)")
     tune.add_argument("--no-search", action="store_true",
                       help="time the forms and chunks at default tiles only")
+    tune.add_argument("--backward", action="store_true",
+                      help="also tune the fused backward's launch options (walk steps, head "
+                      "splits, warps) for the winner, each checked against fp64 gradients")
     tune.add_argument("--no-store", action="store_true", help="measure, but keep nothing")
     tune.add_argument("--json", metavar="PATH", help="write the winners as JSON here")
     tune.add_argument("--no-progress", action="store_true", help="no progress bar")

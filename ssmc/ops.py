@@ -301,6 +301,7 @@ class SsmcOp:
             i for i, t in enumerate(checked.spec.tensors) if t.kind is ir.TensorKind.INPUT
         )
         self._plans: dict[tuple[Any, ...], tuple[str | None, int | None, Any]] = {}
+        self._backward_plans: dict[tuple[Any, ...], dict[str, Any] | None] = {}
         self._precompiled: set[tuple[Any, ...]] = set()
         self._registered = register(checked)
         self._registered.run = self._run
@@ -416,10 +417,41 @@ class SsmcOp:
     def _plan_uncached(
         self, ordered: list[Tensor], cu_seqlens: Tensor | None
     ) -> tuple[str | None, int | None, Any]:
-        from ssmc.autotune_cache import tuned
-        from ssmc.cost import Shape
         from ssmc.devices import detect
         from ssmc.plan import plan
+
+        shape, winner = self._tuned(ordered, cu_seqlens)
+        if winner is not None:  # measured on this GPU for this shape bucket (ssmc.autotune)
+            return winner.form, winner.chunk_size, dict(winner.launch) or None
+        if ordered[0].device.type != "cuda":
+            return None, None, None  # the interpreter keeps the module's rule
+        chosen = plan(self.checked, shape, device=detect())
+        _log.info("%s, batch %d × T %d: planned %s, chunk %d", self.name, shape.batch,
+                  shape.seqlen, chosen.form.value, chosen.chunk_size)
+        if chosen.form not in self.forms:
+            return None, None, None
+        return chosen.form.value, chosen.chunk_size, None
+
+    def _backward_launch(
+        self, ordered: Sequence[Tensor], cu_seqlens: Tensor | None
+    ) -> dict[str, Any] | None:
+        """The autotuned options of the fused backward's launcher for this call shape, or None
+        (cached per shape, as the forward's plan is)."""
+        key = (
+            tuple(t.shape for t in ordered),
+            ordered[0].dtype,
+            None if cu_seqlens is None else cu_seqlens.shape[0],
+        )
+        if key not in self._backward_plans:
+            _, winner = self._tuned(list(ordered), cu_seqlens)
+            _bounded(self._backward_plans)
+            self._backward_plans[key] = None if winner is None else dict(winner.backward) or None
+        return self._backward_plans[key]
+
+    def _tuned(self, ordered: list[Tensor], cu_seqlens: Tensor | None) -> tuple[Any, Any]:
+        """The call's cost-model shape and the autotune cache's winner for it (or None)."""
+        from ssmc.autotune_cache import tuned
+        from ssmc.cost import Shape
 
         dims = bind(
             self.checked, dict(zip(self._names, ordered, strict=True)), cu_seqlens=cu_seqlens
@@ -435,16 +467,7 @@ class SsmcOp:
         forms = tuple(f.value for f in self.forms)
         dtype = str(ordered[self._seq_from].dtype).removeprefix("torch.")
         winner = tuned(self.checked, shape, dtype=dtype, varlen=cu_seqlens is not None, forms=forms)
-        if winner is not None:  # measured on this GPU for this shape bucket (ssmc.autotune)
-            return winner.form, winner.chunk_size, dict(winner.launch) or None
-        if ordered[0].device.type != "cuda":
-            return None, None, None  # the interpreter keeps the module's rule
-        chosen = plan(self.checked, shape, device=detect())
-        _log.info("%s, batch %d × T %d: planned %s, chunk %d", self.name, shape.batch,
-                  shape.seqlen, chosen.form.value, chosen.chunk_size)
-        if chosen.form not in self.forms:
-            return None, None, None
-        return chosen.form.value, chosen.chunk_size, None
+        return shape, winner
 
     def _run(
         self,
@@ -569,6 +592,8 @@ class SsmcOp:
                 self.checked, tensors, initial_state, cu_seqlens, grad_y, grad_state
             )
         else:
+            launch_bwd = self._backward_launch(tensors, cu_seqlens)
+
             def backward(kept: list[Tensor] | None) -> Any:
                 return self.module.backward(
                     **dict(zip(self._names, tensors, strict=True)),
@@ -579,10 +604,12 @@ class SsmcOp:
                     grad_y=grad_y,
                     grad_final_state=grad_state,
                     kept_core=kept,
+                    launch_bwd=launch_bwd,
                 )
 
             self._precompile(
-                ("backward", form, chunk_size, grad_y.dtype, grad_state is None, bool(kept_core)),
+                ("backward", form, chunk_size, grad_y.dtype, grad_state is None, bool(kept_core),
+                 tuple(sorted((launch_bwd or {}).items()))),
                 tensors, initial_state, cu_seqlens,
                 lambda: backward(None if kept_core is None else list(kept_core)),  # its own list
             )

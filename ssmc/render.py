@@ -362,6 +362,7 @@ def render_module(checked: ir.CheckedSpec, *, versions: Mapping[str, str] | None
         stages=stages,
         trains=trains,
         fused_bwd=trains and fused_backward(checked),
+        backward_stage=backward_path(checked),
         decay=decay,
         const_decay=isinstance(spec.mask, ir.ConstDecay),
         lti=pro.lti is not None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -122,7 +123,41 @@ DAMAGE = {
             for k, v in json.loads(good)["entries"].items()
         }
     ).encode(),
+    "backward-not-a-map-resealed": lambda good: dumps(
+        {
+            k: {**v, "winner": {**v["winner"], "backward": {"block_t": [64]}}}
+            for k, v in json.loads(good)["entries"].items()
+        }
+    ).encode(),
+    "backward-time-negative-resealed": lambda good: dumps(
+        {
+            k: {**v, "winner": {**v["winner"], "backward_time_s": -2.0}}
+            for k, v in json.loads(good)["entries"].items()
+        }
+    ).encode(),
 }
+
+
+def test_backward_options_round_trip_and_old_entries_read(tmp_path: Path) -> None:
+    """A winner's backward options are stored beside the forward's; an entry written before
+    the backward was tuned (no backward fields) reads as untuned."""
+    tuned = dataclasses.replace(
+        winner("chunked"),
+        backward={"block_t": 128, "wdla_splits": 2},
+        backward_time_s=2e-3,
+        backward_default_time_s=3e-3,
+        backward_error=4e-3,
+    )
+    record(key(), tuned, tmp_path)
+    assert lookup(key(), tmp_path) == tuned
+    entries = read_entries(store_path(tmp_path))
+    for entry in entries.values():
+        for name in ("backward", "backward_time_s", "backward_default_time_s", "backward_error"):
+            del entry["winner"][name]
+    (tmp_path / FILE_NAME).write_text(dumps(entries))
+    old = lookup(key(), tmp_path)
+    assert old is not None and old.form == "chunked"
+    assert dict(old.backward) == {} and old.backward_time_s is None
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))

@@ -37,6 +37,9 @@ LAST_FORM = None
 KEEPS_CORE = True
 """Whether `_ssmc_run(..., keep_core=True)` keeps y before the output roles for `backward`
 (which then runs no forward again): where the gradient of the output roles reads it."""
+BACKWARD_STAGE = "chunked_bwd"
+"""The fused backward's launcher, whose keyword options `backward(..., launch_bwd=)` passes
+(ssmc.autotune tunes them); None where the backward runs no fused launcher."""
 # (largest seq length, form, chunk size): the planner's cheapest form per length.
 _FORM_RULE = (
     (64, "recurrent", 64),
@@ -3548,7 +3551,7 @@ def _skip_dx(tensors, d_y, d_x):
 
 
 def _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y, grad_final_state,
-                   targets=None, kept_core=None):
+                   targets=None, kept_core=None, launch_bwd=None):
     """Gradients of every tensor (and of initial_state): epilogue, core, prologue backward.
 
     The prologue runs again; the y that the gate's gradient reads is `kept_core` = [y] as
@@ -3581,7 +3584,7 @@ def _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y,
             x, s, log_a, B, C, heads=H, initial_state=initial_state, cu_seqlens=cu_seqlens,
             dy=d_y, dfinal=grad_final_state,
             dx_into=_grad_into(grads, 0, x, _CHUNKED_BWD_DX_DTYPES),
-            dx_skip=tensors[7])
+            dx_skip=tensors[7], **(launch_bwd or {}))
         del d_y
         upstream["x"] = d_x
         if s is not None:
@@ -3613,14 +3616,14 @@ takes 7.8 ms and 986 MiB above the inputs, against 17.0 ms and 636 MiB cut into 
 
 
 def _ssmc_backward_sliced(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y,
-                          grad_final_state, kept_core=None):
+                          grad_final_state, kept_core=None, launch_bwd=None):
     """_ssmc_backward over slices of batch rows: gradients of per-row tensors are written into
     their rows, those of other tensors summed (fp32); one call when small or packed."""
     batch = grad_y.shape[0]
     rows = max(1, _BACKWARD_SLICE // max(grad_y[:1].numel(), 1))
     if cu_seqlens is not None or batch <= rows:
         return _ssmc_backward(tensors, initial_state, cu_seqlens, form, chunk_size, grad_y,
-                              grad_final_state, kept_core=kept_core)
+                              grad_final_state, kept_core=kept_core, launch_bwd=launch_bwd)
     kept = kept_core.pop() if kept_core else None
     per_row = [shape[0] == "batch" for shape in _SHAPES]
     grads = [torch.empty_like(t) if r else None for t, r in zip(tensors, per_row)]
@@ -3633,7 +3636,7 @@ def _ssmc_backward_sliced(tensors, initial_state, cu_seqlens, form, chunk_size, 
             None if initial_state is None else initial_state[part], None, form, chunk_size,
             grad_y[part], None if grad_final_state is None else grad_final_state[part],
             targets={i: grads[i][part] for i in rows_of},  # written in place where it can
-            kept_core=None if kept is None else [kept[part]])
+            kept_core=None if kept is None else [kept[part]], launch_bwd=launch_bwd)
         for i, g in enumerate(got):
             if per_row[i]:
                 if g.data_ptr() != grads[i][part].data_ptr():
@@ -3668,7 +3671,7 @@ def forward(*, x, dt, B, C, z, A, dt_bias, D, initial_state=None, cu_seqlens=Non
 
 
 def backward(*, x, dt, B, C, z, A, dt_bias, D, initial_state=None, cu_seqlens=None, form=None, chunk_size=None,
-             grad_y, grad_final_state=None, kept_core=None):
+             grad_y, grad_final_state=None, kept_core=None, launch_bwd=None):
     """Gradients of `mamba2` for the call forward(same arguments): ((one per tensor, in
     TENSORS order, each in its tensor's dtype), gradient of initial_state or None).
 
@@ -3676,9 +3679,12 @@ def backward(*, x, dt, B, C, z, A, dt_bias, D, initial_state=None, cu_seqlens=No
     [batch or num_seqs, H, N, P] or None: the gradient of the final state.
     kept_core: [y before the output roles] as _ssmc_run(keep_core=True) returned it (the list is
     emptied here, so y is freed once read), or None to run the forward again where it is read.
+    launch_bwd: keyword options of the fused backward's launcher (BACKWARD_STAGE), as the
+    autotuner stores them; None for its defaults (ignored where none runs: fp64, BACKWARD_STAGE
+    None).
     """
     return _ssmc_backward_sliced((x, dt, B, C, z, A, dt_bias, D,), initial_state, cu_seqlens, form,
-                                 chunk_size, grad_y, grad_final_state, kept_core)
+                                 chunk_size, grad_y, grad_final_state, kept_core, launch_bwd)
 
 
 # ---------------------------------------------------------------------------------------
