@@ -102,6 +102,7 @@ def test_shared_dbc(case: Case, monkeypatch) -> None:
         (SHARED[0], {"chunk_size": 64}),
         (SHARED[3], {"chunk_size": 64}),
         (SHARED[7], {"chunk_size": 32}),
+        (SHARED[7], {"chunk_size": 32, "block_t": 32}),  # the walks: one step a chunk
         (SHARED[5], {"chunk_size": 64}),
         (SHARED[1], {"chunk_size": 64, "head_splits": 2, "stored_cc": True}),
         (SHARED[3], {"chunk_size": 64, "stages_of": {"dbc": 1, "dx": 2}, "walk_stages": 1}),
@@ -115,7 +116,7 @@ def test_shared_dbc(case: Case, monkeypatch) -> None:
 def test_shared_dbc_row_blocks(case: Case, options, monkeypatch) -> None:
     """Chunks of several 16-row blocks (W's tiles below the diagonal, W B along a row of
     blocks, Wᵀ C down a column up to the chunk's end), with head splits and the stored cc."""
-    check(case, monkeypatch, block_t=16, **options)
+    check(case, monkeypatch, **{"block_t": 16, **options})
 
 
 @pytest.mark.interpret

@@ -3212,6 +3212,17 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     walk_bn, walk_bp = walk_block_n or block_n, walk_block_p or block_p
 
     n_np = triton.cdiv(N, walk_bn) * triton.cdiv(P, walk_bp)
+    if block_t is None:
+        # the walks' step: 128 tokens where they are fewer than two a streaming multiprocessor
+        # (each walks a long sequence, bound by its chain of steps), else 64. On the H100 at the
+        # Mamba-2 2.7B layer (bf16) the backward took 4.98 against 5.11 ms at batch 1 × 16384
+        # (160 walkers), 4.56 against 4.48 ms at 4 × 4096 (640; docs/gpu-runs.md, eleventh
+        # session)
+        sms = 0  # (the interpreter: 64)
+        if device.type == "cuda":
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+        block_t = 128 if S * H * n_np < 2 * sms else 64
+    block_t = min(block_t, Q)
 
     def walk(key, value, ratios, init, fin, reverse, fwd=None, boundary=None, next_=1):
         states = torch.empty((R, H, N, P), device=device, dtype=state_dtype)
@@ -3225,7 +3236,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
             *(fin.stride() if fin is not None else zero4),
             H, N, P, *ratios, H // Gd,
             REVERSE=reverse, HAS_S=s is not None and not reverse,
-            HAS_INITIAL=init is not None, HAS_FINAL=fin is not None, BLOCK_T=block_t or min(64, Q),
+            HAS_INITIAL=init is not None, HAS_FINAL=fin is not None, BLOCK_T=block_t,
             BLOCK_N=walk_bn, BLOCK_P=walk_bp, HAS_BOUNDARY=boundary is not None,
             BOUNDARY_NEXT=next_, EXACT_TAIL=straddle, STAGES=walk_stages,
             num_warps=warps_of["walk"], **consts,
