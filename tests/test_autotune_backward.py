@@ -22,6 +22,7 @@ from ssmc.pipeline import parse_file, with_dims
 AT = importlib.import_module("ssmc.autotune")
 EXAMPLES = Path(__file__).parent.parent / "examples"
 SMALL = {"H": 2, "G": 1, "N": 16, "P": 16}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # (the interpreter on the CPU)
 
 pytestmark = pytest.mark.interpret
 
@@ -86,6 +87,7 @@ def test_backward_candidates_are_checked_and_the_fastest_correct_stored(
         mamba2,
         batch=1,
         seqlen=40,
+        dtype="float32",
         cache_dir=cache,
         candidates=[forward],
         backward_candidates=[default, good, wrong, crashing],
@@ -109,7 +111,8 @@ def test_a_module_without_a_fused_backward_says_so(cache: Path) -> None:
     module = ssmc.load(toeplitz, cache_dir=cache).module
     assert module.BACKWARD_STAGE is None
     result = ssmc.autotune(
-        toeplitz, batch=1, seqlen=16, cache_dir=cache, backward=True, progress=False, store=False,
+        toeplitz, batch=1, seqlen=16, dtype="float32", cache_dir=cache, backward=True,
+        progress=False, store=False,
         candidates=[Candidate(form=module.FORMS[0])],
     )
     assert result.backward_trials == () and dict(result.winner.backward) == {}
@@ -125,7 +128,7 @@ def test_the_op_backward_runs_the_stored_options(
     monkeypatch.setenv("SSMC_CACHE_DIR", str(folder))
     op = ssmc.load(mamba2)
     inputs = random_inputs(mamba2, batch=2, seqlen=24, generator=torch.Generator().manual_seed(5))
-    tensors = {k: v.float() for k, v in inputs.items()}
+    tensors = {k: v.float().to(DEVICE) for k, v in inputs.items()}
     stored = Winner(form="chunked", chunk_size=16, time_s=1e-3, backward={"block_t": 16})
     shape = Shape(batch=2, seqlen=24, dtype_bytes=4)
     record(make_key(mamba2, shape, dtype="float32", varlen=False), stored, folder)
@@ -140,7 +143,7 @@ def test_the_op_backward_runs_the_stored_options(
     leaves = {k: v.clone().requires_grad_() for k, v in tensors.items()}
     init = leaves.pop("initial_state", None)
     y, state = op(**leaves, initial_state=init)
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(6))
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(6)).to(DEVICE)
     torch.autograd.backward([y], [dy])
     assert seen and all(kw.get("block_t") == 16 for kw in seen)
     # the gradients are still those of the fp64 reference
@@ -160,7 +163,7 @@ def test_cli_autotune_backward(
 ) -> None:
     dims = [a for k, v in SMALL.items() for a in ("--dim", f"{k}={v}")]
     argv = ["autotune", str(EXAMPLES / "mamba2.ssm"), "--shape", "1x16", *dims, "--backward"]
-    argv += ["--cache-dir", str(cache), "--no-progress", "--no-store"]
+    argv += ["--cache-dir", str(cache), "--no-progress", "--no-store", "--dtype", "float32"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "backward:" in printed and "chunked_bwd (default tiles)" in printed
