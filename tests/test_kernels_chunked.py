@@ -13,6 +13,8 @@ from ssmc import forms_torch
 from ssmc.load import load_source
 from ssmc.render import render_stage
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 pytestmark = pytest.mark.interpret
 
 HEADER = "import math\nimport torch\nimport triton\nimport triton.language as tl\n\n"
@@ -148,7 +150,9 @@ def make_inputs(case: Case, seed: int):
         s = transposed(s) if s is not None else None
         log_a = transposed(log_a) if log_a is not None else None
         h0 = transposed(h0) if h0 is not None else None
-    return dict(x=x, s=s, log_a=log_a, B=B, C=C, heads=H, h0=h0, cu_seqlens=cu_seqlens)
+    inputs = dict(x=x, s=s, log_a=log_a, B=B, C=C, heads=H, h0=h0, cu_seqlens=cu_seqlens)
+    # on the GPU where there is one (the interpreter runs CPU tensors)
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -158,10 +162,10 @@ def test_chunked_matches_oracle(case: Case) -> None:
     batch, T, _, P = x.shape
     N = inputs["B"].shape[-1]
     states = len(case.seqlens) or batch
-    out = torch.full((batch, T, H, P), float("nan"))
+    out = torch.full((batch, T, H, P), float("nan"), device=DEVICE)
     if case.noncontiguous:
         out = transposed(out)
-    final = torch.full((states, H, N, P), float("nan")) if case.ht else None
+    final = torch.full((states, H, N, P), float("nan"), device=DEVICE) if case.ht else None
 
     stage(case.decay).chunked_fwd(
         x,

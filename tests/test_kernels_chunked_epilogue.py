@@ -20,6 +20,7 @@ from ssmc.roles import fused_epilogue, output_inputs
 pytestmark = pytest.mark.interpret
 
 ROOT = Path(__file__).resolve().parent.parent
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = {"mamba2": {"H": 4, "G": 2, "N": 8, "P": 4}, "mamba2_mha": {"H": 2, "N": 8, "P": 4}}
 ACTIVATIONS = ("x", "z", "B", "C")
 
@@ -69,6 +70,9 @@ def test_fused_output_roles_match_reference(name: str, dtype: torch.dtype) -> No
     want, want_state = reference(checked)(
         **{k: v.double() for k, v in inputs.items()}, initial_state=init.double()
     )
+    # on the GPU where there is one (the interpreter runs CPU tensors)
+    inputs, init = {k: v.to(DEVICE) for k, v in inputs.items()}, init.to(DEVICE)
+    want, want_state = want.to(DEVICE), want_state.to(DEVICE)
     module = module_of(checked)
     y, state = module.forward(**inputs, initial_state=init, form="chunked", chunk_size=16)
     assert module.LAST_FORM == "chunked"

@@ -13,6 +13,8 @@ from ssmc import forms_torch
 from ssmc.load import load_source
 from ssmc.render import render_stage
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 pytestmark = pytest.mark.interpret
 
 HEADER = "import math\nimport torch\nimport triton\nimport triton.language as tl\n\n"
@@ -82,7 +84,11 @@ def test_toeplitz_matches_reference(case: Case) -> None:
     x = torch.randn(batch, T, Gv, P, generator=g)
     s = 0.5 + torch.rand(batch, T, Gv, generator=g) if case.scale else None
     kernel = torch.randn(Gd, case.L, generator=g) * 0.8 ** torch.arange(case.L)
-    out = torch.full((batch, T, H, P), float("nan"))
+    # on the GPU where there is one (the interpreter runs CPU tensors)
+    x, kernel = x.to(DEVICE), kernel.to(DEVICE)
+    s = s.to(DEVICE) if s is not None else None
+    cu_seqlens = cu_seqlens.to(DEVICE) if cu_seqlens is not None else None
+    out = torch.full((batch, T, H, P), float("nan"), device=DEVICE)
     if case.noncontiguous:
         x, kernel, out = transposed(x), transposed(kernel), transposed(out)
         s = transposed(s) if s is not None else None
