@@ -18,6 +18,8 @@ from ssmc.pipeline import parse, parse_file, with_dims
 from ssmc.reference import random_inputs, reference
 from ssmc.render import render_module
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 pytestmark = pytest.mark.interpret
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,6 +57,11 @@ def _checked(name: str) -> ir.CheckedSpec:
     return with_dims(parse_file(ROOT / "examples" / f"{name}.ssm"), SMALL[name])
 
 
+def _random(checked: ir.CheckedSpec, **kw: Any) -> dict[str, torch.Tensor]:
+    """random_inputs on the GPU where there is one (the interpreter runs CPU tensors)."""
+    return {k: v.to(DEVICE) for k, v in random_inputs(checked, **kw).items()}
+
+
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want).norm() / want.norm())
 
@@ -73,18 +80,18 @@ def test_fused_steps_equal_the_reference(name: str, gen: torch.Generator) -> Non
     assert decode_fusion(checked) is not None
     op = load(checked)
     dims = {"H": 4, "G": 2, "N": 6, "P": 3} if name == "scaled" else None
-    inputs = random_inputs(checked, batch=2, seqlen=STEPS, dims=dims, generator=gen)
+    inputs = _random(checked, batch=2, seqlen=STEPS, dims=dims, generator=gen)
     y_ref, state_ref = reference(checked)(**inputs)
     inputs32 = {k: v.float() for k, v in inputs.items()}
     batch, _, H, P = y_ref.shape
     N = op.module._bind(_token(checked, inputs32, 0))[checked.state_size]
     state = inputs32.get("initial_state")
     if state is None:
-        state = torch.zeros(batch, H, N, P)
+        state = torch.zeros(batch, H, N, P, device=DEVICE)
     for t in range(STEPS):
         tensors = _token(checked, inputs32, t)
         sizes = op.module._bind(tensors)
-        out = torch.full((batch, 1, H, P), float("nan"))  # every element must be written
+        out = torch.full((batch, 1, H, P), float("nan"), device=DEVICE)  # every element must be written
         state = state.clone()
         op.module.decode_fused_fwd(tensors, sizes, heads=H, state=state, out=out, state_in=state)
         assert not out.isnan().any(), f"step {t}: out not written everywhere"
@@ -112,7 +119,7 @@ def _first(checked: ir.CheckedSpec, inputs: dict[str, torch.Tensor], T: int) -> 
 def test_bf16_inputs_give_a_bf16_out_within_its_rounding(gen: torch.Generator) -> None:
     checked = _checked("mamba2")
     op = load(checked)
-    inputs = random_inputs(checked, batch=3, seqlen=1, generator=gen)
+    inputs = _random(checked, batch=3, seqlen=1, generator=gen)
     low = {k: v.to(torch.bfloat16) if k in ("x", "B", "C", "z") else v.float() for k, v in inputs.items()}
     y_ref, state_ref = reference(checked)(**{k: v.double() for k, v in low.items()})
     y, state = op(**low)
@@ -148,7 +155,7 @@ def _counting(module: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_a_decode_step_is_one_launch(name: str, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     checked = _checked(name)
     op = load(checked)
-    inputs = {k: v.float() for k, v in random_inputs(checked, batch=2, seqlen=1, generator=gen).items()}
+    inputs = {k: v.float() for k, v in _random(checked, batch=2, seqlen=1, generator=gen).items()}
     launched = _counting(op.module, monkeypatch)
     y, _ = op(**inputs)
     assert op.last_form == "decode"
@@ -164,7 +171,7 @@ def test_the_separate_launch_path_is_kept_where_fusion_is_not_rendered(
     monkeypatch.setattr("ssmc.render.decode_fusion", lambda c: None)
     module = load_source(render_module(checked), "decode_unfused_mamba2")
     assert not hasattr(module, "decode_fused_fwd") and hasattr(module, "decode_tokens_fwd")
-    inputs = {k: v.float() for k, v in random_inputs(checked, batch=2, seqlen=1, generator=gen).items()}
+    inputs = {k: v.float() for k, v in _random(checked, batch=2, seqlen=1, generator=gen).items()}
     launched = _counting(module, monkeypatch)
     y, state = module.forward(**inputs)
     assert module.LAST_FORM == "decode"
@@ -190,7 +197,7 @@ def test_a_step_reads_initial_state_and_writes_a_fresh_state(
     if not fused:
         monkeypatch.setattr("ssmc.render.decode_fusion", lambda c: None)
     module = load_source(render_module(checked), f"decode_functional_{fused}")
-    inputs = {k: v.float() for k, v in random_inputs(checked, batch=3, seqlen=1, generator=gen).items()}
+    inputs = {k: v.float() for k, v in _random(checked, batch=3, seqlen=1, generator=gen).items()}
     if not with_state:
         inputs.pop("initial_state")
     kept = {k: v.clone() for k, v in inputs.items()}

@@ -591,12 +591,12 @@ def quadratic_fwd_kernel(
     b_pi = tl.cumsum(b_ai, axis=0)  # [BLOCK_I]  p_i = Σ_{i0 ≤ m ≤ i} log a_m
     # [BLOCK_I, BLOCK_I]  Σ_{j < m ≤ i} log a_m: a cumsum down the rows, no cancellation
     b_seg = tl.cumsum(tl.where(o_i[:, None] > o_i[None, :], b_ai[:, None], 0.0), axis=0)
-    b_L = tl.exp(tl.where(m_ii, b_seg, float("-inf")))
+    b_Ld = tl.exp(tl.where(m_ii, b_seg, float("-inf")))
     if HAS_S:
-        b_L *= tl.load(p_s0 + o_i * stride_s_t, mask=m_i, other=0.0).to(tl.float32)[None, :]
+        b_Ld *= tl.load(p_s0 + o_i * stride_s_t, mask=m_i, other=0.0).to(tl.float32)[None, :]
     b_acc = tl.zeros([BLOCK_I, BLOCK_P], dtype=tl.float32)
     b_acc = quadratic_key_tile(
-        b_acc, b_L, p_C0, m_i, p_B0, p_x0, o_i, m_i, m_p, N,
+        b_acc, b_Ld, p_C0, m_i, p_B0, p_x0, o_i, m_i, m_p, N,
         stride_B_t, stride_B_n, stride_C_n, stride_x_t,
         DOT_PRECISION, BLOCK_I, BLOCK_I, BLOCK_N,
     )

@@ -1,0 +1,67 @@
+"""Kernels compiled for an H100 (sm_90) on a machine without a GPU, through Triton's front end
+and ptxas from its wheel: the interpreter runs a kernel without checking what the compiler
+checks (a loop-carried variable keeping its type), so tile shapes the interpreter accepts can
+still fail to compile on the GPU. One subprocess, without TRITON_INTERPRET."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ssmc.load import load_source
+    from ssmc.render import render_stage
+
+    HEADER = "import math\\nimport torch\\nimport triton\\nimport triton.language as tl\\n\\n"
+    failures = []
+    for decay in ("scalar", "none"):
+        module = load_source(HEADER + render_stage("quadratic", decay=decay), f"q_{decay}")
+        kernel = module.quadratic_fwd_kernel
+        names = kernel.arg_names
+        pointers = {n: "*fp32" for n in names[:8]}
+        pointers["tiles"] = "*i32"
+        for block_i, block_j in ((32, 16), (16, 32), (32, 32)):
+            consts = dict(HAS_S=True, HAS_INITIAL=True, DOT_PRECISION="ieee",
+                          BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_N=16, BLOCK_P=16)
+            signature = {n: "constexpr" if n in consts else pointers.get(n, "i32")
+                         for n in names}
+            constexprs = {(names.index(k),): v for k, v in consts.items()}
+            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+            try:
+                triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                               options={"num_warps": 4})
+            except Exception as exc:
+                failures.append(f"{decay} {block_i}x{block_j}: {str(exc).splitlines()[-1]}")
+    print("\\n".join(failures) or "ok")
+    sys.exit(1 if failures else 0)
+    """
+)
+
+
+def _has_ptxas() -> bool:
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return os.path.exists(tool)
+
+
+@pytest.mark.skipif(not _has_ptxas(), reason="the Triton wheel has no ptxas here")
+def test_quadratic_tiles_of_unequal_sizes_compile_for_sm90() -> None:
+    """BLOCK_I ≠ BLOCK_J: the diagonal tile [BLOCK_I, BLOCK_I] and the earlier key tiles
+    [BLOCK_I, BLOCK_J] are separate variables (one name for both failed on the H100:
+    'Loop-carried variable b_L has initial type <32, 32> but is re-assigned to <32, 16>')."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
