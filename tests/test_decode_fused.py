@@ -156,6 +156,7 @@ def test_a_decode_step_is_one_launch(name: str, gen: torch.Generator, monkeypatc
     checked = _checked(name)
     op = load(checked)
     inputs = {k: v.float() for k, v in _random(checked, batch=2, seqlen=1, generator=gen).items()}
+    op(**inputs)  # the first call of a kind on a GPU also compiles its kernels (no launch)
     launched = _counting(op.module, monkeypatch)
     y, _ = op(**inputs)
     assert op.last_form == "decode"
