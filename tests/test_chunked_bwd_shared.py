@@ -103,6 +103,14 @@ def test_shared_dbc(case: Case, monkeypatch) -> None:
         (SHARED[3], {"chunk_size": 64}),
         (SHARED[7], {"chunk_size": 32}),
         (SHARED[7], {"chunk_size": 32, "block_t": 32}),  # the walks: one step a chunk
+        # the dB/dC launches' own tile: two N tiles of 16 and 16-row blocks where the rest runs
+        # one N tile of 32 and 32-row blocks
+        (Case("s-mamba2-n32", "scalar", (4, 1, 1, 4), T=37, N=32, P=16),
+         {"chunk_size": 64, "block_m": 32, "block_n": 32, "dbc_block_m": 16,
+          "dbc_block_n": 16}),
+        (Case("s-g2-n32", "scalar", (4, 2, 2, 4), T=37, N=32, P=16),
+         {"chunk_size": 64, "block_m": 32, "block_n": 32, "dbc_block_m": 16,
+          "dbc_block_n": 16}),
         (SHARED[5], {"chunk_size": 64}),
         (SHARED[1], {"chunk_size": 64, "head_splits": 2, "stored_cc": True}),
         (SHARED[3], {"chunk_size": 64, "stages_of": {"dbc": 1, "dx": 2}, "walk_stages": 1}),
@@ -117,6 +125,20 @@ def test_shared_dbc_row_blocks(case: Case, options, monkeypatch) -> None:
     """Chunks of several 16-row blocks (W's tiles below the diagonal, W B along a row of
     blocks, Wᵀ C down a column up to the chunk's end), with head splits and the stored cc."""
     check(case, monkeypatch, **{"block_t": 16, **options})
+
+
+@pytest.mark.interpret
+def test_per_head_dbc_with_its_own_tile(monkeypatch) -> None:
+    """dbc="per_head" (the intra-chunk sums inside the dB/dC launches) with their own tile:
+    16-row blocks and two N tiles where the other launches run 32 rows and one N tile."""
+    case = Case("s-g2-n32", "scalar", (4, 2, 2, 4), T=37, N=32, P=16)
+    got, want, _ = run(case, monkeypatch, dbc="per_head", chunk_size=64, block_t=16,
+                       block_m=32, block_n=32, dbc_block_m=16, dbc_block_n=16)
+    for name, w in want.items():
+        if w is not None:
+            assert not got[name].isnan().any(), name
+            limit = 1e-5 * (10 if name == "dlog_a" else 1)
+            assert rel_err(got[name], w) <= limit, (name, rel_err(got[name], w))
 
 
 @pytest.mark.interpret

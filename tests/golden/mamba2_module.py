@@ -3093,7 +3093,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
                 num_warps=None, head_splits=None, stored_cc=True, dla="straddle",
                 dbc=None, warps_of=None, walk_block_n=None, walk_block_p=None, walk_stages=2,
                 stages_of=None, dla_block_m=None, dla_decay="diff", dla_diag="sums", dx_into=None,
-                wdla=True, wdla_splits=None, dx_skip=None):
+                wdla=True, wdla_splits=None, dx_skip=None, dbc_block_m=None, dbc_block_n=None):
     """(dx, ds, dlog_a, dB, dC, dh0) of the core by the fused chunked backward.
 
     x [b, T, Gv, P], s [b, T, Gv] or None (X̄ = x s), log_a [b, T, Gd] or None (causal),
@@ -3117,7 +3117,8 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     the walks issue their loads ahead (one loop over a sequence's sub-blocks). stages_of:
     num_stages per launch ("dbc", "w", "wbc", "dx", "dla", "wdla"; dx 1, wdla 2, else Triton's
     default).
-    dla_block_m: the dla launch's row block (default block_m). dla_decay: how its diagonal
+    dla_block_m: the dla launch's row block (default block_m). dbc_block_m, dbc_block_n: the
+    dB/dC launches' tile (default block_m, block_n). dla_decay: how its diagonal
     tiles' decays are formed, "diff" (a difference of the block's prefix sums) or "pairs"
     (each pair's own sum of log a); dla_diag: how their straddling sums are, "sums" (column
     minus row sums, fp64) or "scan" (a cumulative sum along the rows). "pairs" and "scan" are
@@ -3263,11 +3264,15 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     n_m = Q // block_m
     Gl = math.gcd(math.gcd(Gq, Gk), Gd)
     n_nt = triton.cdiv(N, block_n)
+    # the dB/dC launches' own tile (dbc_block_m, dbc_block_n; default block_m, block_n)
+    dbc_m = min(Q, dbc_block_m or block_m)
+    dbc_n = dbc_block_n or block_n
+    n_dbc_m, n_dbc_nt = Q // dbc_m, triton.cdiv(N, dbc_n)
     Hl = H // Gl
     # A loop group's heads may be split over programs when the grid is small (few chunks,
     # G = 1): each split stores its part of a group's sum into a partial buffer, zero where
     # it has none, summed after (≤ 8 splits: 8 copies of dB, dC [b, T, G, N], not H).
-    n_programs = R * n_m * Gl * n_nt
+    n_programs = R * n_dbc_m * Gl * n_dbc_nt
     if head_splits is None:
         sms = 1
         if device.type == "cuda":
@@ -3280,7 +3285,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     splits = triton.cdiv(Hl, Hs)
     alloc = torch.zeros if splits > 1 else torch.empty
     # dcs = C·dC − B·dB: the dC launch writes its part in slots [0, splits), dB's after
-    dcs = alloc((2 * splits, n_nt, batch, T, Gd), **f32) if log_a is not None else None
+    dcs = alloc((2 * splits, n_dbc_nt, batch, T, Gd), **f32) if log_a is not None else None
     # dY_t·X̄_t per head: the diagonal of the intra-chunk products, left out of the kernels'
     # dB, dC (see chunked_bwd_dbc) and added here in fp32
     diag = torch.empty((batch, T, H), **f32)
@@ -3288,12 +3293,12 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     for want_db, states, G in ((False, fwd_states, Gq), (True, adj_states, Gk)):
         part = alloc((splits, batch, T, G, N), **f32)
         slots = dcs[splits:] if want_db and dcs is not None else dcs
-        chunked_bwd_dbc_kernel[(R * n_m, Gl * splits, n_nt)](
+        chunked_bwd_dbc_kernel[(R * n_dbc_m, Gl * splits, n_dbc_nt)](
             x, s_arg, a_arg, B, C, dy, states, tiles, part,
             slots if slots is not None else part, diag, *common, *part.stride(),
             *(slots.stride() if slots is not None else zero4 + (0,)), *diag.stride()[:2],
             H, N, P, Hl, Hs, splits, H // Gv, H // Gk, H // Gq, H // Gd,
-            WANT_DB=want_db, HAS_S=s is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+            WANT_DB=want_db, HAS_S=s is not None, BLOCK_M=dbc_m, BLOCK_N=dbc_n,
             BLOCK_P=full_p, CC_STORED=cc_stored, DCS_INTER=straddle, INTRA=not shared,
             num_warps=warps_of["dbc"], **stages_of["dbc"], **consts,
         )
