@@ -577,7 +577,11 @@ def test_module_fp64_takes_core_backward(gen, monkeypatch) -> None:
     inputs = random_inputs(checked, batch=2, seqlen=20, generator=gen)
     init = inputs.pop("initial_state").float()
     dy = torch.randn(2, 20, 2, 4, dtype=torch.float64, generator=gen)
-    grads, d_init = op.module.backward(**inputs, initial_state=init, grad_y=dy)
+    grads, d_init = op.module.backward(
+        **{k: v.to(DEVICE) for k, v in inputs.items()}, initial_state=init.to(DEVICE),
+        grad_y=dy.to(DEVICE),
+    )
+    grads, d_init = [g.cpu() for g in grads], d_init.cpu()
     assert calls == {"chunked_diag_bwd": 0, "core_backward": 1}
     want = {k: v.clone().requires_grad_() for k, v in inputs.items()}
     want_init = init.double().requires_grad_()
