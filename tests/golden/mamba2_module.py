@@ -905,7 +905,10 @@ def chunked_state_fwd_kernel(
     HAS_S: tl.constexpr, HAS_INITIAL: tl.constexpr, HAS_FINAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
+    # ACC_DTYPE: the state's dtype in registers, fp64 for fp64 inputs (a dot of fp64 tiles
+    # gives fp64, and a loop-carried state must keep its type on the GPU), else fp32
     i_pid = tl.program_id(0).to(tl.int64)
     n_p = tl.cdiv(P, BLOCK_P)
     n_np = tl.cdiv(N, BLOCK_N) * n_p
@@ -937,9 +940,9 @@ def chunked_state_fwd_kernel(
     if HAS_INITIAL:
         p_h0 = (initial_state + i_s * stride_h0_s + i_h * stride_h0_h
                 + o_n[:, None] * stride_h0_n + o_p[None, :] * stride_h0_p)
-        b_h = tl.load(p_h0, mask=m_np, other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_P]
+        b_h = tl.load(p_h0, mask=m_np, other=0.0).to(ACC_DTYPE)  # [BLOCK_N, BLOCK_P]
     else:
-        b_h = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
+        b_h = tl.zeros([BLOCK_N, BLOCK_P], dtype=ACC_DTYPE)
 
     p_x0 = x + i_b * stride_x_b + i_v * stride_x_g + o_p[None, :] * stride_x_p
     p_B0 = B + i_b * stride_B_b + i_k * stride_B_g + o_n[None, :] * stride_B_n
@@ -1012,6 +1015,7 @@ def chunked_state_fwd(x, s, log_a, B, C, *, tiles, first, heads, initial_state, 
         HAS_S=s is not None, HAS_INITIAL=initial_state is not None,
         HAS_FINAL=final_state is not None, DOT_PRECISION=dot_precision,
         CHUNK=chunk_size, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_P=block_p,
+        ACC_DTYPE=tl.float64 if x.dtype == torch.float64 else tl.float32,
         num_warps=num_warps, **extra,
     )
     return states
