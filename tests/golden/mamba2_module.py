@@ -736,7 +736,7 @@ def quadratic_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_st
     block_n = block_n or max(16, min(64, triton.next_power_of_2(N)))
     block_p = block_p or max(16, min(64, triton.next_power_of_2(P)))
     if dot_precision is None:
-        dot_precision = "ieee" if x.dtype == torch.float32 else "tf32"
+        dot_precision = "ieee" if x.dtype in (torch.float32, torch.float64) else "tf32"
     H = heads
     groups = (H // Gk, H // Gv, H // Gd)
     s_arg, s_strides = (s, s.stride()) if s is not None else (x, (0, 0, 0))
@@ -1351,7 +1351,7 @@ def chunked_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_stat
     if cu_seqlens is not None and batch != 1:
         raise ValueError("cu_seqlens packs the sequences along seq: batch must be 1")
     if dot_precision is None:
-        dot_precision = "ieee" if x.dtype == torch.float32 else "tf32"
+        dot_precision = "ieee" if x.dtype in (torch.float32, torch.float64) else "tf32"
     tiles, first = seq_tiles(cu_seqlens, batch, seqlen, chunk_size, x.device)
     tile_args = dict(chunk_size=chunk_size, block_n=block_n, block_p=block_p,
                      dot_precision=dot_precision, num_warps=num_warps, num_stages=num_stages)
