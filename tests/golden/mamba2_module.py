@@ -1071,8 +1071,10 @@ def chunked_scan_cb_fwd_kernel(
     stride_C_b, stride_C_t, stride_C_g, stride_C_n,
     H, N, Hqk, Hq, Hk,
     DOT_PRECISION: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
+    # ACC_DTYPE: the dots' accumulator, fp64 for fp64 inputs (an fp64 dot gives fp64, and a
+    # loop-carried accumulator must keep its type on the GPU), else fp32
     i_pid = tl.program_id(0).to(tl.int64)
     n_m = CHUNK // BLOCK_M
     Gqk = H // Hqk
@@ -1094,7 +1096,7 @@ def chunked_scan_cb_fwd_kernel(
     m_j = o_j < n_t
     p_C0 = C + i_b * stride_C_b + (t0 + o_i[:, None]) * stride_C_t + i_q * stride_C_g
     p_B0 = B + i_b * stride_B_b + (t0 + o_j[:, None]) * stride_B_t + i_g * stride_B_g
-    b_cb = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
+    b_cb = tl.zeros([BLOCK_M, BLOCK_M], dtype=ACC_DTYPE)
     for n0 in range(0, N, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
         m_n = o_n < N
@@ -1123,7 +1125,9 @@ def chunked_scan_fwd_kernel(
     N: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr, HAS_S: tl.constexpr,
     DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
+    # ACC_DTYPE: as chunked_scan_cb_fwd_kernel's
     i_pid = tl.program_id(0).to(tl.int64)
     n_p = tl.cdiv(P, BLOCK_P)
     n_m = CHUNK // BLOCK_M
@@ -1180,7 +1184,7 @@ def chunked_scan_fwd_kernel(
 
             # Earlier blocks k = m − 1, …, 0, walked back from the diagonal; b_c0 is the log
             # decay from the end of block k to the row block's start.
-            b_off = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+            b_off = tl.zeros([BLOCK_M, BLOCK_P], dtype=ACC_DTYPE)
             b_c0 = 0.0
             for i_kk in range(0, i_m):
                 k0 = m0 - (i_kk + 1) * BLOCK_M
@@ -1199,7 +1203,7 @@ def chunked_scan_fwd_kernel(
                 b_off = tl.dot(b_cbk.to(b_xk.dtype), b_xk, acc=b_off, input_precision=DOT_PRECISION)
 
             # The state entering the chunk: C_i H_r, decayed to the row block's start.
-            b_acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+            b_acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=ACC_DTYPE)
             for n0 in tl.static_range(0, N, BLOCK_N):
                 o_n = n0 + tl.arange(0, BLOCK_N)
                 m_n = o_n < N
@@ -1298,12 +1302,14 @@ def chunked_scan_fwd(x, s, log_a, B, C, *, states, tiles, heads, out, chunk_size
         num_stages = num_stages or 2
     extra = {} if num_stages is None else {"num_stages": num_stages}
     cb_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    acc_dtype = tl.float64 if x.dtype == torch.float64 else tl.float32  # (the scan's dots: x, C)
+    cb_acc = tl.float64 if C.dtype == torch.float64 else tl.float32
     cb = torch.empty(R, Gqk, chunk_size, chunk_size, device=x.device, dtype=cb_dtype)
     chunked_scan_cb_fwd_kernel[(R * Gqk * n_m * n_m,)](
         B, C, cb, tiles, *B.stride(), *C.stride(),
         heads, N, heads // Gqk, heads // Gq, heads // Gk,
         DOT_PRECISION=dot_precision, CHUNK=chunk_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=num_warps, **extra,
+        ACC_DTYPE=cb_acc, num_warps=num_warps, **extra,
     )
     s_arg, s_strides = (s, s.stride()) if s is not None else (x, (0, 0, 0))
     a_arg, a_strides = (log_a, log_a.stride()) if log_a is not None else (x, (0, 0, 0))
@@ -1321,7 +1327,7 @@ def chunked_scan_fwd(x, s, log_a, B, C, *, states, tiles, heads, out, chunk_size
         N=N, HEADS_PER_PROGRAM=heads_per_program, HAS_S=s is not None, DOT_PRECISION=dot_precision,
         PREFETCH=bool(prefetch),
         CHUNK=chunk_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=block_p,
-        num_warps=num_warps, **extra,
+        ACC_DTYPE=acc_dtype, num_warps=num_warps, **extra,
     )
 
 
