@@ -5,12 +5,18 @@ still fail to compile on the GPU. One subprocess, without TRITON_INTERPRET."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPT = textwrap.dedent(
     """
@@ -110,3 +116,165 @@ def test_kernels_the_interpreter_accepts_compile_for_sm90() -> None:
         [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600
     )
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------
+# Every kernel an example's op launches, compiled for sm_90 as it was launched
+# --------------------------------------------------------------------------------------
+
+EXAMPLE_DIMS = {
+    "mamba2": {"H": 4, "G": 2, "N": 16, "P": 16},
+    "mamba2_mha": {"H": 2, "N": 16, "P": 16},
+    "mqa": {"H": 4, "G": 2, "N": 16, "P": 16},
+    "retnet": {"H": 2, "N": 16, "P": 16},
+    "linear_attention": {"H": 2, "N": 16, "P": 16},
+    "gla": {"H": 2, "N": 4, "P": 16},
+    "mamba1": {"H": 2, "N": 4},
+    "s4d": {"H": 4, "N": 8},
+    "toeplitz": {"H": 2, "L": 8, "P": 16},
+}
+"""The examples whose launches are recorded (one op each; composites run these pieces)."""
+POINTER = {
+    torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
+    torch.float64: "*fp64", torch.int32: "*i32", torch.int64: "*i64", torch.bool: "*i1",
+    torch.uint8: "*u8", torch.int8: "*i8",
+}
+
+COMPILE_RECORDED = textwrap.dedent(
+    """
+    import json, sys
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from ssmc.load import load_source
+
+    records = json.load(open(sys.argv[1]))
+    modules, failures = {}, []
+    for path, name, types, options in records:
+        if path not in modules:
+            modules[path] = load_source(open(path).read(), "m%d" % len(modules))
+        kernel = getattr(modules[path], name)
+        if not hasattr(kernel, "params"):  # the module's fast launcher around the JIT function
+            kernel = kernel.fn
+        signature, constexprs = {}, {}
+        for i, param in enumerate(kernel.params):
+            arg = types[param.name]
+            value = arg["value"]
+            if isinstance(value, dict):
+                value = tl.dtype(value["dtype"])
+            if param.is_constexpr or arg["type"] == "constexpr":
+                signature[param.name] = "constexpr"
+                constexprs[(i,)] = value
+            else:
+                signature[param.name] = arg["type"]
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        try:
+            triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+        except Exception as exc:
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            pointers = sorted({a["type"] for a in types.values() if a["type"].startswith("*f")})
+            failures.append(f"{name} ({', '.join(pointers)}): "
+                            f"{lines[-1] if lines else type(exc).__name__}")
+    print(f"{len(records)} compiled, {len(failures)} failed")
+    print("\\n".join(failures))
+    sys.exit(1 if failures else 0)
+    """
+)
+
+
+def _argument(value: object) -> dict[str, object]:
+    """A launch argument's Triton type ("constexpr" where only its value can be) and value (a
+    tl.dtype by its name)."""
+    import triton.language as tl
+
+    if isinstance(value, torch.Tensor):
+        return {"type": POINTER[value.dtype], "value": None}
+    if isinstance(value, tl.dtype):
+        return {"type": "constexpr", "value": {"dtype": value.name}}
+    if isinstance(value, bool):
+        return {"type": "i1", "value": value}
+    if isinstance(value, int):
+        return {"type": "i64" if abs(value) >= 2**31 else "i32", "value": value}
+    if isinstance(value, float):
+        return {"type": "fp32", "value": value}
+    if value is None or isinstance(value, str):
+        return {"type": "constexpr", "value": value}
+    return {"type": "constexpr", "value": repr(value)}
+
+
+def _recording(module: Any, records: set[tuple[str, ...]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every Triton kernel of `module` wrapped: each launch's argument types are recorded
+    (and it still runs)."""
+    from triton.runtime.jit import KernelInterface
+
+    path = module.__file__
+
+    class Recorder:
+        def __init__(self, name: str, kernel: Any) -> None:
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid: Any) -> Any:
+            def launch(*args: Any, **kwargs: Any) -> Any:
+                bound = {**dict(zip(self.kernel.arg_names, args, strict=False)), **kwargs}
+                options = {k: bound.pop(k) for k in ("num_warps", "num_stages") if k in bound}
+                types = {k: _argument(v) for k, v in bound.items()}
+                records.add((path, self.name, json.dumps(types, sort_keys=True),
+                             json.dumps(options, sort_keys=True)))
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    for name in dir(module):
+        value = getattr(module, name)
+        # the launched kernels (the jit helpers they call are not launched)
+        if isinstance(value, KernelInterface) and name.endswith("_kernel"):
+            monkeypatch.setattr(module, name, Recorder(name, value))
+
+
+def _exercise(name: str, dtype: torch.dtype, records: set[tuple[str, ...]],
+              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every form of an example's op forward, and its backward, on tiny random inputs."""
+    import ssmc
+    from ssmc.pipeline import parse_file, with_dims
+    from ssmc.reference import random_inputs
+
+    checked = with_dims(parse_file(ROOT / "examples" / f"{name}.ssm"), EXAMPLE_DIMS[name])
+    op = ssmc.load(checked)
+    _recording(op.module, records, monkeypatch)
+    drawn = random_inputs(checked, batch=2, seqlen=40, generator=torch.Generator().manual_seed(0))
+    params = {t.name for t in checked.spec.tensors if t.kind.name == "PARAM"}
+    inputs = {k: v.to(dtype if k not in params and k != "initial_state" else torch.float32)
+              for k, v in drawn.items()}
+    init = inputs.pop("initial_state", None)
+    for form in op.forms:
+        leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        y, _ = op(**leaves, initial_state=init, form=form)
+        y.float().sum().backward()
+
+
+@pytest.mark.skipif(not _has_ptxas(), reason="the Triton wheel has no ptxas here")
+def test_every_kernel_an_example_launches_compiles_for_sm90(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each example's op, every form forward and backward (fp32; Mamba-2 in fp16 too, GLA in
+    fp64, whose backward takes the three-SMA path), with every kernel launch's argument types
+    and constexprs recorded; then each distinct launch compiled for sm_90 in a process
+    without the interpreter, which checks what the interpreter does not (the two faults the
+    H100 found in the eleventh session: docs/gpu-runs.md)."""
+    records: set[tuple[str, ...]] = set()
+    for name in EXAMPLE_DIMS:
+        _exercise(name, torch.float32, records, monkeypatch)
+    _exercise("mamba2", torch.float16, records, monkeypatch)
+    _exercise("gla", torch.float64, records, monkeypatch)
+    rows = [[path, name, json.loads(types), json.loads(options)]
+            for path, name, types, options in sorted(records)]
+    assert len({row[1] for row in rows}) >= 20, sorted({row[1] for row in rows})
+    listing = tmp_path / "launches.json"
+    listing.write_text(json.dumps(rows))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_RECORDED, str(listing)],
+        capture_output=True, text=True, env=env, timeout=1800,
+    )
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
