@@ -257,8 +257,9 @@ def _exercise(name: str, dtype: torch.dtype, records: set[tuple[str, ...]],
 def test_every_kernel_an_example_launches_compiles_for_sm90(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each example's op, every form forward and backward (fp32; Mamba-2 in fp16 too, GLA in
-    fp64, whose backward takes the three-SMA path), with every kernel launch's argument types
+    """Each example's op, every form forward and backward (fp32; Mamba-2 in fp16, Mamba-2,
+    GLA and Mamba-1 in bf16, GLA in fp64, whose backward takes the three-SMA path), with every
+    kernel launch's argument types
     and constexprs recorded; then each distinct launch compiled for sm_90 in a process
     without the interpreter, which checks what the interpreter does not (the two faults the
     H100 found in the eleventh session: docs/gpu-runs.md)."""
@@ -266,6 +267,8 @@ def test_every_kernel_an_example_launches_compiles_for_sm90(
     for name in EXAMPLE_DIMS:
         _exercise(name, torch.float32, records, monkeypatch)
     _exercise("mamba2", torch.float16, records, monkeypatch)
+    for name in ("mamba2", "gla", "mamba1"):  # bf16: the dtype these run in on the GPU
+        _exercise(name, torch.bfloat16, records, monkeypatch)
     _exercise("gla", torch.float64, records, monkeypatch)
     rows = [[path, name, json.loads(types), json.loads(options)]
             for path, name, types, options in sorted(records)]
