@@ -12,8 +12,9 @@ CALL_KEYWORDS = ("initial_state", "cu_seqlens", "form", "chunk_size")
 """Keyword arguments of every op call and of `forward`."""
 GRADIENT_KEYWORDS = ("grad_y", "grad_final_state")
 """Arguments of the backward op and of the generated backward."""
-MODULE_KEYWORDS = ("launch",)
-"""Further keyword arguments of the generated `forward` (launch options: tiles, warps)."""
+MODULE_KEYWORDS = ("launch", "launch_bwd")
+"""Further keyword arguments of the generated `forward` and `backward` (launch options:
+tiles, warps; the backward's for its fused launcher)."""
 KEPT_KEYWORDS = ("keep_core", "kept_core")
 """The forward op's option to keep y before the output roles, and the generated backward's
 argument that takes it (ssmc.ops)."""
