@@ -76,14 +76,7 @@ class Result:
 
     def table(self) -> str:
         """One line per trial, fastest first, then the winner against the planner."""
-        lines = []
-        ok = sorted((t for t in self.trials if t.time_s is not None), key=lambda t: t.time_s or 0)
-        for t in ok:
-            mark = "→" if t.candidate == _candidate_of(self.winner) else " "
-            lines.append(f"{mark} {_fmt(t.time_s)}  err {t.error:.1e}  {t.candidate}")
-        for t in self.trials:
-            if t.time_s is None:
-                lines.append(f"✗ rejected  {t.candidate}: {t.rejected}")
+        lines = _trial_lines(self.trials, _candidate_of(self.winner))
         ratio = self.ratio
         planner = f"planner's {self.planner}: " + (
             "not measured" if ratio is None else _fmt(self.winner.planner_time_s).strip()
@@ -92,17 +85,10 @@ class Result:
         lines.append(best + "; " + planner + ("" if ratio is None else f" ({ratio:.2f}×)"))
         if self.backward_trials:
             lines.append("backward:")
-            ok = sorted(
-                (t for t in self.backward_trials if t.time_s is not None),
-                key=lambda t: t.time_s or 0,
-            )
             tuned = dict(self.winner.backward)
-            for t in ok:
-                mark = "→" if t.candidate.options == tuned else " "
-                lines.append(f"{mark} {_fmt(t.time_s)}  err {t.error:.1e}  {t.candidate}")
-            for t in self.backward_trials:
-                if t.time_s is None:
-                    lines.append(f"✗ rejected  {t.candidate}: {t.rejected}")
+            stage = self.backward_trials[0].candidate.form
+            chosen = Candidate(form=stage, launch=tuple(sorted(tuned.items())))
+            lines += _trial_lines(self.backward_trials, chosen)
             default = self.winner.backward_default_time_s
             speedup = "" if not default or not self.winner.backward_time_s else (
                 f" ({default / self.winner.backward_time_s:.2f}× its defaults)"
@@ -409,6 +395,19 @@ def _planner_candidate(form: str, chunk: int, forms: tuple[str, ...]) -> Candida
 
 def _candidate_of(w: Winner) -> Candidate:
     return Candidate(form=w.form, chunk_size=w.chunk_size, launch=tuple(sorted(w.launch.items())))
+
+
+def _trial_lines(trials: tuple[Trial, ...], chosen: Candidate) -> list[str]:
+    """One line per trial: the timed ones fastest first (→ marks `chosen`), then the
+    rejected ones with why."""
+    ok = sorted((t for t in trials if t.time_s is not None), key=lambda t: t.time_s or 0)
+    lines = [
+        f"{'→' if t.candidate == chosen else ' '} {_fmt(t.time_s)}  err {t.error:.1e}  "
+        f"{t.candidate}"
+        for t in ok
+    ]
+    lines += [f"✗ rejected  {t.candidate}: {t.rejected}" for t in trials if t.time_s is None]
+    return lines
 
 
 def _fmt(seconds: float | None) -> str:
