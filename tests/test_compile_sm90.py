@@ -90,6 +90,8 @@ EXAMPLE_DIMS = {
     "toeplitz": {"H": 2, "L": 8, "P": 16},
 }
 """The examples whose launches are recorded (one op each; composites run these pieces)."""
+MAMBA2_REAL = {"H": 2, "G": 1, "N": 128, "P": 64}
+GLA_REAL = {"H": 2, "N": 128, "P": 128}
 POINTER = {
     torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
     torch.float64: "*fp64", torch.int32: "*i32", torch.int64: "*i64", torch.bool: "*i1",
@@ -189,23 +191,27 @@ def _recording(module: Any, records: set[tuple[str, ...]], monkeypatch: pytest.M
 
 
 def _exercise(name: str, dtype: torch.dtype, records: set[tuple[str, ...]],
-              monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every form of an example's op forward, and its backward, on tiny random inputs."""
+              monkeypatch: pytest.MonkeyPatch, *, dims: dict[str, int] | None = None,
+              seqlen: int = 40, forms: tuple[str, ...] | None = None,
+              chunk_size: int | None = None) -> None:
+    """Every form (or `forms`) of an example's op forward, and its backward, on random
+    inputs: tiny ones, or `dims` and `seqlen`."""
     import ssmc
     from ssmc.pipeline import parse_file, with_dims
     from ssmc.reference import random_inputs
 
-    checked = with_dims(parse_file(ROOT / "examples" / f"{name}.ssm"), EXAMPLE_DIMS[name])
+    checked = with_dims(parse_file(ROOT / "examples" / f"{name}.ssm"), dims or EXAMPLE_DIMS[name])
     op = ssmc.load(checked)
     _recording(op.module, records, monkeypatch)
-    drawn = random_inputs(checked, batch=2, seqlen=40, generator=torch.Generator().manual_seed(0))
+    drawn = random_inputs(checked, batch=2, seqlen=seqlen,
+                          generator=torch.Generator().manual_seed(0))
     params = {t.name for t in checked.spec.tensors if t.kind.name == "PARAM"}
     inputs = {k: v.to(dtype if k not in params and k != "initial_state" else torch.float32)
               for k, v in drawn.items()}
     init = inputs.pop("initial_state", None)
-    for form in op.forms:
+    for form in forms or op.forms:
         leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
-        y, _ = op(**leaves, initial_state=init, form=form)
+        y, _ = op(**leaves, initial_state=init, form=form, chunk_size=chunk_size)
         y.float().sum().backward()
 
 
@@ -214,8 +220,9 @@ def test_every_kernel_an_example_launches_compiles_for_sm90(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each example's op, every form forward and backward (fp32; Mamba-2 in fp16, Mamba-2,
-    GLA and Mamba-1 in bf16, GLA in fp64, whose backward takes the three-SMA path), with every
-    kernel launch's argument types
+    GLA and Mamba-1 in bf16, GLA in fp64, whose backward takes the three-SMA path; the chunked
+    form of Mamba-2 and GLA at their real head sizes in bf16), with every kernel launch's
+    argument types
     and constexprs recorded; then each distinct launch compiled for sm_90 in a process
     without the interpreter, which checks what the interpreter does not (the two faults the
     H100 found in the eleventh session: docs/gpu-runs.md)."""
@@ -226,6 +233,12 @@ def test_every_kernel_an_example_launches_compiles_for_sm90(
     for name in ("mamba2", "gla", "mamba1"):  # bf16: the dtype these run in on the GPU
         _exercise(name, torch.bfloat16, records, monkeypatch)
     _exercise("gla", torch.float64, records, monkeypatch)
+    # the GPU's own tiles: Mamba-2 2.7B's head sizes at chunk 128 (the fused W + dlog a
+    # launch, 64-row blocks, N 128, P 64) and GLA's at its benchmark's N = P = 128
+    _exercise("mamba2", torch.bfloat16, records, monkeypatch, dims=MAMBA2_REAL, seqlen=256,
+              forms=("chunked",), chunk_size=128)
+    _exercise("gla", torch.bfloat16, records, monkeypatch, dims=GLA_REAL, seqlen=128,
+              forms=("chunked",))
     rows = [[path, name, json.loads(types), json.loads(options)]
             for path, name, types, options in sorted(records)]
     assert len({row[1] for row in rows}) >= 20, sorted({row[1] for row in rows})
