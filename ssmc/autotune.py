@@ -164,7 +164,8 @@ def autotune(
     todo = list(candidates) if candidates is not None else base_candidates(forms, chunks)
     if planner is not None and planner not in todo and candidates is None:
         todo.append(planner)
-    tune = _Tuner(bench, timer or bench_timer(device), progress, len(todo))
+    timing = timer or bench_timer(device)
+    tune = _Tuner(bench, timing, progress, len(todo))
     for c in todo:
         tune.trial(c)
     # the backward's search follows `search` when given, else runs on a GPU unless its
@@ -191,8 +192,8 @@ def autotune(
             note = "the module's backward runs no fused launcher (nothing to tune)"
         else:
             bwd = _tune_backward(
-                bench, timer or bench_timer(device), progress, best.candidate, stage,
-                backward_candidates, search_backward,
+                bench, timing, progress, best.candidate, stage, backward_candidates,
+                search_backward,
             )
     winner = Winner(
         form=best.candidate.form,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ssmc import ir
@@ -118,31 +118,13 @@ def knob_values(
     stage = stage_of(checked, candidate.form)
     if stage is None or stage not in KNOBS or not hasattr(module, f"{stage}_fwd"):
         return {}
-    accepted = set(inspect.signature(getattr(module, f"{stage}_fwd")).parameters)
     limits = {
         "block_p": _pow2(sizes.get("P", 1)),
         "block_n": max(16, _pow2(sizes.get("N", 16))),
         "block_i": max(16, _pow2(sizes.get("T", 16))),
         "block_j": max(16, _pow2(sizes.get("T", 16))),
     }
-    out = {}
-    for name, values in KNOBS[stage].items():
-        if name not in accepted:
-            continue
-        ok = tuple(
-            v
-            for v in values
-            if not (isinstance(v, int) and v > limits.get(name, v))
-            and not (
-                name in ROWS_OF_A_CHUNK
-                and candidate.chunk_size is not None
-                and isinstance(v, int)
-                and v > candidate.chunk_size
-            )
-        )
-        if ok:
-            out[name] = ok
-    return out
+    return _allowed(KNOBS[stage], getattr(module, f"{stage}_fwd"), limits, candidate.chunk_size)
 
 
 def backward_knob_values(
@@ -153,19 +135,30 @@ def backward_knob_values(
     stage = getattr(module, "BACKWARD_STAGE", None)
     if stage is None or stage not in BACKWARD_KNOBS or not hasattr(module, stage):
         return {}
-    accepted = set(inspect.signature(getattr(module, stage)).parameters)
-    chunk = BACKWARD_CHUNK[stage]
+    knobs = BACKWARD_KNOBS[stage]
     heads = sizes.get("H", 1)
+    limits = {name: heads for name in knobs if name.endswith("splits")}  # splits of the heads
+    return _allowed(knobs, getattr(module, stage), limits, BACKWARD_CHUNK[stage])
+
+
+def _allowed(
+    knobs: Mapping[str, tuple[Option, ...]],
+    launcher: Callable[..., object],
+    limits: Mapping[str, int],
+    chunk: int | None,
+) -> dict[str, tuple[Option, ...]]:
+    """The knobs `launcher`'s signature takes, each with its values up to its limit (options
+    of rows of a chunk up to `chunk` too); knobs left without a value are dropped."""
+    accepted = set(inspect.signature(launcher).parameters)
     out = {}
-    for name, values in BACKWARD_KNOBS[stage].items():
+    for name, values in knobs.items():
         if name not in accepted:
             continue
-        ok = tuple(
-            v
-            for v in values
-            if not (name in ROWS_OF_A_CHUNK and isinstance(v, int) and v > chunk)
-            and not (name.endswith("splits") and isinstance(v, int) and v > heads)
-        )
+        bound = limits.get(name)
+        if name in ROWS_OF_A_CHUNK and chunk is not None:
+            bound = chunk if bound is None else min(bound, chunk)
+        ok = tuple(v for v in values if not (isinstance(v, int) and bound is not None
+                                             and v > bound))
         if ok:
             out[name] = ok
     return out

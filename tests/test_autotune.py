@@ -286,3 +286,21 @@ def test_a_stored_winner_applies_under_autograd_too(
     seen.clear()
     op(**dict(zip(op._names, leaves, strict=True)), chunk_size=8)
     assert seen == [("chunked", 8, None)]
+
+
+def test_the_search_varies_only_what_the_launcher_takes_within_its_bounds(
+    mamba2: ssmc.CheckedSpec, cache: Path
+) -> None:
+    import inspect
+
+    from ssmc.autotune_space import KNOBS, knob_values
+
+    module = ssmc.load(mamba2, cache_dir=cache).module
+    sizes = {"T": 20, "N": 16, "P": 16, "H": 2}
+    chunked = knob_values(mamba2, module, Candidate(form="chunked", chunk_size=32), sizes)
+    assert set(chunked) <= set(inspect.signature(module.chunked_fwd).parameters)
+    assert chunked["block_t"] == (32,) and chunked["block_m"] == (32,)  # rows of Q = 32
+    assert chunked["num_warps"] == KNOBS["chunked"]["num_warps"]  # unbounded
+    quadratic = knob_values(mamba2, module, Candidate(form="quadratic"), sizes)
+    assert quadratic["block_i"] == (32,)  # ≤ the next power of two of T
+    assert "block_n" not in quadratic  # every value above N = 16: the knob is dropped

@@ -3223,15 +3223,15 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     walk_bn, walk_bp = walk_block_n or block_n, walk_block_p or block_p
 
     n_np = triton.cdiv(N, walk_bn) * triton.cdiv(P, walk_bp)
+    # streaming multiprocessors, for the launches' defaults (0 off the GPU: the interpreter)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count \
+        if device.type == "cuda" else 0
     if block_t is None:
         # the walks' step: 128 tokens where they are fewer than two a streaming multiprocessor
         # (each walks a long sequence, bound by its chain of steps), else 64. On the H100 at the
         # Mamba-2 2.7B layer (bf16) the backward took 4.98 against 5.11 ms at batch 1 × 16384
         # (160 walkers), 4.56 against 4.48 ms at 4 × 4096 (640; docs/gpu-runs.md, eleventh
-        # session)
-        sms = 0  # (the interpreter: 64)
-        if device.type == "cuda":
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
+        # session); 64 under the interpreter
         block_t = 128 if S * H * n_np < 2 * sms else 64
     block_t = min(block_t, Q)
 
@@ -3284,12 +3284,9 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     # it has none, summed after (≤ 8 splits: 8 copies of dB, dC [b, T, G, N], not H).
     n_programs = R * n_dbc_m * Gl * n_dbc_nt
     if head_splits is None:
-        sms = 1
-        if device.type == "cuda":
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
         # two programs an SM before splitting: at the 2.7B layer (512 programs) one split ran
-        # as fast as two, with 20 MiB less
-        head_splits = min(8, Hl, triton.cdiv(2 * sms, n_programs))
+        # as fast as two, with 20 MiB less (off the GPU as for one SM)
+        head_splits = min(8, Hl, triton.cdiv(2 * max(sms, 1), n_programs))
     splits = max(1, min(head_splits, Hl))
     Hs = triton.cdiv(Hl, splits)
     splits = triton.cdiv(Hl, Hs)
