@@ -204,7 +204,7 @@ def test_simple_gla_kernels_fp32_varlen(gen) -> None:
     o, final = chunk_simple_gla(
         **f32,
         g=g.float().to(DEVICE),
-        initial_state=h0.float(),
+        initial_state=h0.float().to(DEVICE),
         output_final_state=True,
         cu_seqlens=torch.tensor(OFFSETS, device=DEVICE),
     )

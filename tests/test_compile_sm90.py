@@ -61,13 +61,24 @@ def _has_ptxas() -> bool:
     return os.path.exists(tool)
 
 
+def _compile_env() -> dict[str, str]:
+    """The compiling subprocess's environment: no interpreter; with SSMC_SM90_TRITON set to a
+    folder holding another Triton (`pip install --target DIR triton==3.6.0`, the GPU machine's),
+    that Triton compiles, while the launches are still recorded under the installed one."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    other = os.environ.get("SSMC_SM90_TRITON")
+    if other:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [other, str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
 @pytest.mark.skipif(not _has_ptxas(), reason="the Triton wheel has no ptxas here")
 def test_quadratic_tiles_of_unequal_sizes_compile_for_sm90() -> None:
     """BLOCK_I ≠ BLOCK_J, which no example launches at its default tiles (the autotuner's
     search does): the diagonal tile [BLOCK_I, BLOCK_I] and the earlier key tiles
     [BLOCK_I, BLOCK_J] are separate variables (one name for both failed on the H100:
     'Loop-carried variable b_L has initial type <32, 32> but is re-assigned to <32, 16>')."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = _compile_env()
     done = subprocess.run(
         [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600
     )
@@ -244,7 +255,7 @@ def test_every_kernel_an_example_launches_compiles_for_sm90(
     assert len({row[1] for row in rows}) >= 20, sorted({row[1] for row in rows})
     listing = tmp_path / "launches.json"
     listing.write_text(json.dumps(rows))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = _compile_env()
     done = subprocess.run(
         [sys.executable, "-c", COMPILE_RECORDED, str(listing)],
         capture_output=True, text=True, env=env, timeout=1800,

@@ -908,7 +908,8 @@ def chunked_state_fwd_kernel(
     ACC_DTYPE: tl.constexpr,
 ):
     # ACC_DTYPE: the state's dtype in registers, fp64 for fp64 inputs (a dot of fp64 tiles
-    # gives fp64, and a loop-carried state must keep its type on the GPU), else fp32
+    # gives fp64, and a loop-carried state must keep its type on the GPU), else fp32;
+    # the dot names it as out_dtype too (Triton 3.6 checks acc against out_dtype)
     i_pid = tl.program_id(0).to(tl.int64)
     n_p = tl.cdiv(P, BLOCK_P)
     n_np = tl.cdiv(N, BLOCK_N) * n_p
@@ -968,7 +969,8 @@ def chunked_state_fwd_kernel(
                       other=0.0)  # [BLOCK_T, BLOCK_P]
         b_xw = (b_x.to(tl.float32) * b_w[:, None]).to(b_x.dtype)  # [BLOCK_T, BLOCK_P]
         # [BLOCK_N, BLOCK_P]
-        b_h = tl.dot(tl.trans(b_B.to(b_x.dtype)), b_xw, acc=b_h, input_precision=DOT_PRECISION)
+        b_h = tl.dot(tl.trans(b_B.to(b_x.dtype)), b_xw, acc=b_h, input_precision=DOT_PRECISION,
+                     out_dtype=ACC_DTYPE)
 
     if HAS_FINAL:
         p_hT = (final_state + i_s * stride_hT_s + i_h * stride_hT_h
@@ -1105,7 +1107,8 @@ def chunked_scan_cb_fwd_kernel(
         b_B = tl.load(p_B0 + o_n[None, :] * stride_B_n, mask=m_j[:, None] & m_n[None, :],
                       other=0.0)  # [BLOCK_M, BLOCK_N]
         # [BLOCK_M, BLOCK_M]
-        b_cb = tl.dot(b_C, tl.trans(b_B.to(b_C.dtype)), acc=b_cb, input_precision=DOT_PRECISION)
+        b_cb = tl.dot(b_C, tl.trans(b_B.to(b_C.dtype)), acc=b_cb, input_precision=DOT_PRECISION,
+                      out_dtype=ACC_DTYPE)
     p_cb = cb + ((i_r * Gqk + i_c) * CHUNK + o_i[:, None]) * CHUNK + o_j[None, :]
     tl.store(p_cb, b_cb.to(cb.dtype.element_ty))
 
@@ -1200,7 +1203,8 @@ def chunked_scan_fwd_kernel(
                 b_xk = (b_xk.to(tl.float32) * b_v[:, None]).to(b_xk.dtype)
                 b_cbk = tl.load(p_cb0 + k0 + o_k[None, :])  # [BLOCK_M, BLOCK_M]
                 # [BLOCK_M, BLOCK_P]
-                b_off = tl.dot(b_cbk.to(b_xk.dtype), b_xk, acc=b_off, input_precision=DOT_PRECISION)
+                b_off = tl.dot(b_cbk.to(b_xk.dtype), b_xk, acc=b_off,
+                               input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
             # The state entering the chunk: C_i H_r, decayed to the row block's start.
             b_acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=ACC_DTYPE)
@@ -1213,7 +1217,8 @@ def chunked_scan_fwd_kernel(
                 # [BLOCK_N, BLOCK_P]
                 b_H = tl.load(p_H, mask=m_n[:, None] & m_p[None, :], other=0.0)
                 # [BLOCK_M, BLOCK_P]
-                b_acc = tl.dot(b_C, b_H.to(b_C.dtype), acc=b_acc, input_precision=DOT_PRECISION)
+                b_acc = tl.dot(b_C, b_H.to(b_C.dtype), acc=b_acc,
+                               input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
             b_acc = b_acc * tl.exp(b_c0) + b_off
 
             # This row block: the diagonal tile of C Bᵀ, masked and decayed per element.
