@@ -204,9 +204,10 @@ def _recording(module: Any, records: set[tuple[str, ...]], monkeypatch: pytest.M
 def _exercise(name: str, dtype: torch.dtype, records: set[tuple[str, ...]],
               monkeypatch: pytest.MonkeyPatch, *, dims: dict[str, int] | None = None,
               seqlen: int = 40, forms: tuple[str, ...] | None = None,
-              chunk_size: int | None = None) -> None:
+              chunk_size: int | None = None, seq_splits: int | None = None) -> None:
     """Every form (or `forms`) of an example's op forward, and its backward, on random
-    inputs: tiny ones, or `dims` and `seqlen`."""
+    inputs: tiny ones, or `dims` and `seqlen`; `seq_splits`: the chunked forward's state walk
+    cut so (the split a GPU picks for few long sequences; 1 under the interpreter)."""
     import ssmc
     from ssmc.pipeline import parse_file, with_dims
     from ssmc.reference import random_inputs
@@ -214,6 +215,8 @@ def _exercise(name: str, dtype: torch.dtype, records: set[tuple[str, ...]],
     checked = with_dims(parse_file(ROOT / "examples" / f"{name}.ssm"), dims or EXAMPLE_DIMS[name])
     op = ssmc.load(checked)
     _recording(op.module, records, monkeypatch)
+    if seq_splits is not None:
+        monkeypatch.setattr(op.module, "chunked_state_splits", lambda *a, **k: seq_splits)
     drawn = random_inputs(checked, batch=2, seqlen=seqlen,
                           generator=torch.Generator().manual_seed(0))
     params = {t.name for t in checked.spec.tensors if t.kind.name == "PARAM"}
@@ -248,6 +251,10 @@ def test_every_kernel_an_example_launches_compiles_for_sm90(
     # launch, 64-row blocks, N 128, P 64) and GLA's at its benchmark's N = P = 128
     _exercise("mamba2", torch.bfloat16, records, monkeypatch, dims=MAMBA2_REAL, seqlen=256,
               forms=("chunked",), chunk_size=128)
+    _exercise("mamba2", torch.bfloat16, records, monkeypatch, dims=MAMBA2_REAL, seqlen=256,
+              forms=("chunked",), chunk_size=128, seq_splits=2)
+    _exercise("linear_attention", torch.float32, records, monkeypatch, forms=("chunked",),
+              chunk_size=16, seq_splits=2)
     _exercise("gla", torch.bfloat16, records, monkeypatch, dims=GLA_REAL, seqlen=128,
               forms=("chunked",))
     rows = [[path, name, json.loads(types), json.loads(options)]

@@ -70,8 +70,10 @@ class Case:
     seqlens: tuple[int, ...] = ()
     noncontiguous: bool = False
     strong: bool = False
+    weak: bool = False  # log a in −[0.001, 0.05): states carry far (across segments too)
     dtype: torch.dtype = torch.float32  # of x, B, C (and of the stored chunk states if 16-bit)
     prefetch: bool = False  # the scan issues its loads before its dots
+    seq_splits: int | None = None  # segments of each sequence walked in parallel (default 1 here)
 
 
 # (Gv, Gk, Gq, Gd) of DESIGN §2's patterns with G groups, decay per head.
@@ -117,6 +119,22 @@ CASES = [
     Case("scalar-prefetch-rows16", chunk=64, block_m=16, T=75, groups=MVA_G2, prefetch=True),
     Case("none-prefetch-varlen", decay="none", chunk=32, seqlens=(40, 7, 33), prefetch=True),
     Case("scalar-prefetch-bare-fp16", scale=False, dtype=torch.float16, prefetch=True),
+    # the state walk cut into segments (chunked_state_split_fwd) and put together again
+    Case("scalar-split2", T=64, seq_splits=2),
+    Case("scalar-split4-weak", T=128, weak=True, seq_splits=4),
+    Case("scalar-split3-weak-varlen-rows16", chunk=32, block_m=16, seqlens=(150, 20, 90),
+         weak=True, seq_splits=3),
+    Case("scalar-split3-uneven", T=75, seq_splits=3, groups=MVA_G1, heads_per_program=4),
+    Case("scalar-split8-past-the-rows", T=64, seq_splits=8),
+    Case("scalar-split4-varlen", seqlens=(70, 3, 40), seq_splits=4),
+    Case("scalar-split2-no-h0", T=64, h0=False, seq_splits=2),
+    Case("scalar-split2-bare", T=64, scale=False, h0=False, ht=False, seq_splits=2),
+    Case("scalar-split3-strong-rows16", strong=True, chunk=32, block_m=16, T=130, seq_splits=3),
+    Case("none-split2-varlen", decay="none", seqlens=(40, 7, 33), seq_splits=2),
+    Case("scalar-split2-noncontiguous-mka", T=70, groups=MKA_G2, noncontiguous=True,
+         seq_splits=2),
+    Case("scalar-split2-fp16-prefetch", dtype=torch.float16, chunk=32, block_m=16, T=97,
+         prefetch=True, seq_splits=2),
 ]
 
 
@@ -144,6 +162,8 @@ def make_inputs(case: Case, seed: int):
     log_a = None
     if case.decay == "scalar":
         log_a = -(0.01 + (low - 0.01) * torch.rand(batch, T, Gd, generator=g))
+        if case.weak:
+            log_a = -(0.001 + 0.049 * torch.rand(batch, T, Gd, generator=g))
     h0 = rand(states, H, N, P) if case.h0 else None
     if case.noncontiguous:
         x, B, C = transposed(x), transposed(B), transposed(C)
@@ -185,6 +205,7 @@ def test_chunked_matches_oracle(case: Case) -> None:
         block_p=16,
         heads_per_program=case.heads_per_program,
         prefetch=case.prefetch,
+        seq_splits=case.seq_splits,
     )
 
     y_ref, final_ref = oracle(
@@ -210,3 +231,50 @@ def test_chunked_rejects_a_decay_it_was_not_generated_for() -> None:
         stage("none").chunked_fwd(
             inputs["x"], None, inputs["log_a"], inputs["B"], inputs["C"], heads=4, out=out
         )
+
+
+def test_split_walk_really_splits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With seq_splits the walk runs segment programs and the combine, and the stored states
+    are local to their segment (the scan adds the rest): a mutation dropping the scan's Z term
+    would fail test_chunked_matches_oracle's split cases; here the launches themselves."""
+    module = stage("scalar")
+    launched: list[str] = []
+    for name in ("chunked_state_fwd_kernel", "chunked_state_combine_kernel"):
+        kernel = getattr(module, name)
+
+        class Counting:
+            def __init__(self, kernel, name):
+                self.kernel, self.name = kernel, name
+
+            def __getitem__(self, grid):
+                launched.append(f"{self.name}{tuple(grid)}")
+                return self.kernel[grid]
+
+        monkeypatch.setattr(module, name, Counting(kernel, name))
+    inputs = make_inputs(Case("split", T=64), seed=3)
+    x, H = inputs["x"], inputs["heads"]
+    out = torch.empty(2, 64, H, 16, device=DEVICE)
+    module.chunked_fwd(x, inputs["s"], inputs["log_a"], inputs["B"], inputs["C"], heads=H, out=out,
+                       initial_state=inputs["h0"], chunk_size=16, block_n=16, block_p=16,
+                       seq_splits=2)
+    # 2 sequences × 2 segments × 4 heads, one tile; the combine per sequence and head
+    assert launched == ["chunked_state_fwd_kernel(16,)", "chunked_state_combine_kernel(8,)"]
+
+
+def test_split_default_only_where_walkers_are_few(monkeypatch: pytest.MonkeyPatch) -> None:
+    """chunked_state_splits: 1 off the GPU and where the walkers fill the SMs; else segments
+    of ≥ 8 chunks, about two walkers an SM, at most 8."""
+    module = stage("scalar")
+    x = torch.empty(1, 16384, 80, 64, dtype=torch.bfloat16)
+    B = torch.empty(1, 16384, 1, 128, dtype=torch.bfloat16)
+    first = torch.tensor([0, 128])
+    assert module.chunked_state_splits(x, B, first=first, heads=80, chunk_size=128) == 1
+    monkeypatch.setattr(module, "_sm_count", lambda device: 132)
+    assert module.chunked_state_splits(x, B, first=first, heads=80, chunk_size=128) == 3
+    assert module.chunked_state_splits(x.double(), B, first=first, heads=80, chunk_size=128) == 1
+    eight = torch.arange(9) * 16
+    x8, B8 = x.view(8, 2048, 80, 64), B.view(8, 2048, 1, 128)
+    assert module.chunked_state_splits(x8, B8, first=eight, heads=80, chunk_size=128) == 1
+    short = torch.tensor([0, 4])
+    assert module.chunked_state_splits(x[:, :512], B[:, :512], first=short, heads=8,
+                                       chunk_size=128) == 1  # 4 chunks: no segment of 8

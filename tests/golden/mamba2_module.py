@@ -885,27 +885,38 @@ def _seq_tiles_dense(batch, seqlen, tile, device):
 # anyway), fp32 otherwise; the final state is fp32 from the registers.
 # Head h reads x, s from value group h // (H / Gv), B from key group h // (H / Gk), log a from decay group h // (H / Gd).
 #
-# Parallelisation: a 1-D grid of (sequence, head, N tile × P tile), tile index fastest:
-# the tiles of one head share its x and the heads of one sequence share their group's B
-# through L2 (B is re-read per head, from L2, not HBM). Each program is a serial walk;
-# its loads do not depend on H, so the software pipeliner prefetches them.
+# Parallelisation: a 1-D grid of (sequence, segment, head, N tile × P tile), tile index
+# fastest: the tiles of one head share its x and the heads of one sequence share their
+# group's B through L2 (B is re-read per head, from L2, not HBM). Each program is a serial
+# walk; its loads do not depend on H, so the software pipeliner prefetches them.
+#
+# Sequence split (SPLIT, where sequences × heads × tiles are too few programs to fill the
+# GPU: one long sequence): each sequence's chunks are cut into segments of SEG_ROWS
+# consecutive chunks, walked in parallel from a zero state (the initial state in the first
+# segment only), so that H_r stored is the state *local to the segment*. Each segment
+# program also stores its end state E_g (fp32) and total log decay D_g, and, per chunk, the
+# log decay from the segment's start to the chunk's start. chunked_state_combine then walks
+# the few segments in order, Z_0 = 0, Z_{g+1} = exp(D_g) Z_g + E_g, storing the state
+# entering each segment Z_g in E_g's place (and the final state), and the scan adds
+# exp(decay to the chunk) Z_g to H_r as it loads it: H_r = H_r^local + exp(…) Z_g.
 # ---------------------------------------------------------------------------------------
 
 
 @triton.jit
 def chunked_state_fwd_kernel(
     x, s, log_a, B, states, tiles, first, initial_state, final_state,
+    seg_state, seg_decay, chunk_decay,
     stride_x_b, stride_x_t, stride_x_g, stride_x_p,
     stride_s_b, stride_s_t, stride_s_g,
     stride_a_b, stride_a_t, stride_a_g,
     stride_B_b, stride_B_t, stride_B_g, stride_B_n,
     stride_h0_s, stride_h0_h, stride_h0_n, stride_h0_p,
     stride_hT_s, stride_hT_h, stride_hT_n, stride_hT_p,
-    H, N, P, Hv, Hk, Hd,
+    H, N, P, Hv, Hk, Hd, SEG_ROWS, N_SEG,
     HAS_S: tl.constexpr, HAS_INITIAL: tl.constexpr, HAS_FINAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, SPLIT: tl.constexpr,
 ):
     # ACC_DTYPE: the state's dtype in registers, fp64 for fp64 inputs (a dot of fp64 tiles
     # gives fp64, and a loop-carried state must keep its type on the GPU), else fp32;
@@ -916,7 +927,8 @@ def chunked_state_fwd_kernel(
     i_n = i_pid % n_np // n_p
     i_p = i_pid % n_p
     i_h = i_pid // n_np % H
-    i_s = i_pid // (n_np * H)
+    i_g = i_pid // (n_np * H) % N_SEG  # the segment (0 without SPLIT: N_SEG = 1)
+    i_s = i_pid // (n_np * H * N_SEG)
     i_v = i_h // Hv
     i_k = i_h // Hk
 
@@ -927,10 +939,13 @@ def chunked_state_fwd_kernel(
     m_p = o_p < P
     m_np = m_n[:, None] & m_p[None, :]
 
-    # The sequence's tokens: from its first row's start to its last row's end (none
-    # when the sequence is empty).
+    # The sequence's (segment's) tokens: from its first row's start to its last row's end
+    # (none when the sequence or segment is empty).
     r_first = tl.load(first + i_s)
     r_end = tl.load(first + i_s + 1)
+    if SPLIT:
+        r_first = r_first + i_g * SEG_ROWS
+        r_end = tl.minimum(r_end, r_first + SEG_ROWS)
     has_rows = r_end > r_first
     i_b = tl.load(tiles + r_first * 5, mask=has_rows, other=0)
     t_start = tl.load(tiles + r_first * 5 + 1, mask=has_rows, other=0)
@@ -941,7 +956,12 @@ def chunked_state_fwd_kernel(
     if HAS_INITIAL:
         p_h0 = (initial_state + i_s * stride_h0_s + i_h * stride_h0_h
                 + o_n[:, None] * stride_h0_n + o_p[None, :] * stride_h0_p)
-        b_h = tl.load(p_h0, mask=m_np, other=0.0).to(ACC_DTYPE)  # [BLOCK_N, BLOCK_P]
+        m_h0 = m_np
+        if SPLIT:
+            # a later segment starts from zero (the scan adds the rest); the condition as a
+            # block (the interpreter takes no scalar in a mask)
+            m_h0 = m_np & (o_p[None, :] * 0 + i_g == 0)
+        b_h = tl.load(p_h0, mask=m_h0, other=0.0).to(ACC_DTYPE)  # [BLOCK_N, BLOCK_P]
     else:
         b_h = tl.zeros([BLOCK_N, BLOCK_P], dtype=ACC_DTYPE)
 
@@ -950,10 +970,13 @@ def chunked_state_fwd_kernel(
     p_s0 = s + i_b * stride_s_b + i_v * stride_s_g
     p_a0 = log_a + i_b * stride_a_b + (i_h // Hd) * stride_a_g
     p_H0 = states + (i_h * N + o_n[:, None]) * P + o_p[None, :]
+    b_d = 0.0  # Σ log a from the segment's start (SPLIT)
     for i_t in range(0, tl.cdiv(n_tok, BLOCK_T)):
         if i_t % (CHUNK // BLOCK_T) == 0:
             i_r = r_first + i_t // (CHUNK // BLOCK_T)
             tl.store(p_H0 + i_r * H * N * P, b_h.to(states.dtype.element_ty), mask=m_np)
+            if SPLIT:
+                tl.store(chunk_decay + i_r * H + i_h, b_d)
         o_tt = t_start + i_t * BLOCK_T + o_t
         m_t = i_t * BLOCK_T + o_t < n_tok
         b_w = tl.where(m_t, 1.0, 0.0)  # [BLOCK_T]
@@ -961,6 +984,8 @@ def chunked_state_fwd_kernel(
         # Σ_{l' > l} log a_l' over the sub-block: a reversed cumsum, less the term itself.
         b_w = tl.where(m_t, tl.exp(tl.cumsum(b_a, axis=0, reverse=True) - b_a), 0.0)
         b_h *= tl.exp(tl.sum(b_a, axis=0))
+        if SPLIT:
+            b_d += tl.sum(b_a, axis=0)
         if HAS_S:
             b_w *= tl.load(p_s0 + o_tt * stride_s_t, mask=m_t, other=0.0).to(tl.float32)
         b_B = tl.load(p_B0 + o_tt[:, None] * stride_B_t, mask=m_t[:, None] & m_n[None, :],
@@ -972,10 +997,75 @@ def chunked_state_fwd_kernel(
         b_h = tl.dot(tl.trans(b_B.to(b_x.dtype)), b_xw, acc=b_h, input_precision=DOT_PRECISION,
                      out_dtype=ACC_DTYPE)
 
-    if HAS_FINAL:
+    if SPLIT:
+        # the segment's end state and decay, for chunked_state_combine
+        i_sg = i_s * N_SEG + i_g
+        tl.store(seg_state + ((i_sg * H + i_h) * N + o_n[:, None]) * P + o_p[None, :],
+                 b_h.to(tl.float32), mask=m_np)
+        tl.store(seg_decay + i_sg * H + i_h, b_d)
+    elif HAS_FINAL:
         p_hT = (final_state + i_s * stride_hT_s + i_h * stride_hT_h
                 + o_n[:, None] * stride_hT_n + o_p[None, :] * stride_hT_p)
         tl.store(p_hT, b_h, mask=m_np)
+
+
+@triton.jit
+def chunked_state_combine_kernel(
+    seg_state, seg_decay, final_state,
+    stride_hT_s, stride_hT_h, stride_hT_n, stride_hT_p,
+    H, N, P, N_SEG,
+    HAS_FINAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # One program per (sequence, head, N tile × P tile): the segments in order, each one's
+    # end state E_g replaced by the state entering it, Z_g (Z_0 = 0: the first segment's walk
+    # started from the initial state), Z_{g+1} = exp(D_g) Z_g + E_g; the last is the final state.
+    i_pid = tl.program_id(0).to(tl.int64)
+    n_p = tl.cdiv(P, BLOCK_P)
+    n_np = tl.cdiv(N, BLOCK_N) * n_p
+    i_n = i_pid % n_np // n_p
+    i_p = i_pid % n_p
+    i_h = i_pid // n_np % H
+    i_s = i_pid // (n_np * H)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    m_np = (o_n < N)[:, None] & (o_p < P)[None, :]
+    b_z = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
+    for i_g in range(0, N_SEG):
+        i_sg = i_s * N_SEG + i_g
+        p_e = seg_state + ((i_sg * H + i_h) * N + o_n[:, None]) * P + o_p[None, :]
+        b_e = tl.load(p_e, mask=m_np, other=0.0)  # [BLOCK_N, BLOCK_P]
+        b_dg = tl.load(seg_decay + i_sg * H + i_h)
+        tl.store(p_e, b_z, mask=m_np)
+        b_z = b_z * tl.exp(b_dg) + b_e
+    if HAS_FINAL:
+        p_hT = (final_state + i_s * stride_hT_s + i_h * stride_hT_h
+                + o_n[:, None] * stride_hT_n + o_p[None, :] * stride_hT_p)
+        tl.store(p_hT, b_z, mask=m_np)
+
+
+def _sm_count(device, _cache={}):
+    """Streaming multiprocessors of a CUDA device (0 elsewhere: the interpreter), read once."""
+    if device.type != "cuda":
+        return 0
+    if device not in _cache:
+        _cache[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _cache[device]
+
+
+def chunked_state_splits(x, B, *, first, heads, chunk_size, block_n=None, block_p=None):
+    """The default sequence split of the state walk: 1 where sequences × heads × tiles fill
+    the GPU's multiprocessors, else enough segments of ≥ 8 chunks for about two walkers an
+    SM (at most 8); 1 for fp64 inputs (the segments' states are fp32) and off the GPU."""
+    sms = _sm_count(x.device)
+    if sms == 0 or x.dtype == torch.float64:
+        return 1
+    N, P = B.shape[3], x.shape[3]
+    block_n = block_n or max(16, min(128, _pow2(N)))
+    block_p = block_p or max(16, min(64, _pow2(P)))
+    walkers = (first.numel() - 1) * heads * _cdiv(N, block_n) * _cdiv(P, block_p)
+    if walkers >= sms:
+        return 1
+    return max(1, min(8, 2 * sms // walkers, _cdiv(x.shape[1], chunk_size) // 8))
 
 
 def chunked_state_fwd(x, s, log_a, B, C, *, tiles, first, heads, initial_state, final_state,
@@ -991,36 +1081,74 @@ def chunked_state_fwd(x, s, log_a, B, C, *, tiles, first, heads, initial_state, 
     against 309 µs for 64 × 64 tiles at Q = 64, and 203 against 225 at Q = 256
     (docs/perf-notes.md, change 6).
     """
+    states, _ = chunked_state_split_fwd(
+        x, s, log_a, B, C, tiles=tiles, first=first, heads=heads, initial_state=initial_state,
+        final_state=final_state, chunk_size=chunk_size, dot_precision=dot_precision,
+        block_t=block_t, block_n=block_n, block_p=block_p, num_warps=num_warps,
+        num_stages=num_stages, seq_splits=1)
+    return states
+
+
+def chunked_state_split_fwd(x, s, log_a, B, C, *, tiles, first, heads, initial_state,
+                            final_state, chunk_size, dot_precision, seq_splits, block_t=None,
+                            block_n=None, block_p=None, num_warps=None, num_stages=None):
+    """(states, segments): chunked_state_fwd with each sequence's walk cut into `seq_splits`
+    segments of consecutive chunks walked in parallel (1: not cut, segments None). Cut, the
+    states are local to their segment and `segments` = (Z [S · seq_splits, H, N, P] fp32,
+    the state entering each segment; chunk_decay [R, H] fp32, the log decay from its
+    segment's start to each chunk; rows per segment; first), which chunked_scan_fwd adds
+    back; the final state is exact either way."""
     _, _, Gv, P = x.shape
     Gk, N = B.shape[2], B.shape[3]
     Gd = log_a.shape[2] if log_a is not None else 1
     n_seqs = first.numel() - 1
     block_n = block_n or max(16, min(128, _pow2(N)))
     block_p = block_p or max(16, min(64, _pow2(P)))
-    n_programs = n_seqs * heads * _cdiv(N, block_n) * _cdiv(P, block_p)
+    n_np = _cdiv(N, block_n) * _cdiv(P, block_p)
     block_t = block_t or min(chunk_size, 128)
     num_warps = num_warps or (8 if block_n * block_p >= 8192 else 4)
     dtype = C.dtype if C.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    states = torch.empty(tiles.shape[0], heads, N, P, device=x.device, dtype=dtype)
+    R = tiles.shape[0]
+    states = torch.empty(R, heads, N, P, device=x.device, dtype=dtype)
+    # every sequence has at most ⌈T / Q⌉ chunks (the tile table's rows past a sequence's
+    # own are empty segments, which the combine passes through)
+    seg_rows = _cdiv(_cdiv(x.shape[1], chunk_size), max(1, seq_splits))
+    n_seg = _cdiv(_cdiv(x.shape[1], chunk_size), seg_rows) if seq_splits > 1 else 1
+    split = n_seg > 1
+    if split:
+        seg_state = torch.empty(n_seqs * n_seg, heads, N, P, device=x.device,
+                                dtype=torch.float32)
+        seg_decay = torch.empty(n_seqs * n_seg, heads, device=x.device, dtype=torch.float32)
+        chunk_decay = torch.empty(R, heads, device=x.device, dtype=torch.float32)
+    else:
+        seg_state = seg_decay = chunk_decay = states
     s_arg, s_strides = (s, s.stride()) if s is not None else (x, (0, 0, 0))
     a_arg, a_strides = (log_a, log_a.stride()) if log_a is not None else (x, (0, 0, 0))
     h0_strides = initial_state.stride() if initial_state is not None else (0, 0, 0, 0)
     hT_strides = final_state.stride() if final_state is not None else (0, 0, 0, 0)
-    grid = (n_programs,)
     extra = {} if num_stages is None else {"num_stages": num_stages}
-    chunked_state_fwd_kernel[grid](
+    chunked_state_fwd_kernel[(n_seqs * n_seg * heads * n_np,)](
         x, s_arg, a_arg, B, states, tiles, first,
         initial_state if initial_state is not None else states,
         final_state if final_state is not None else states,
+        seg_state, seg_decay, chunk_decay,
         *x.stride(), *s_strides, *a_strides, *B.stride(), *h0_strides, *hT_strides,
-        heads, N, P, heads // Gv, heads // Gk, heads // Gd,
+        heads, N, P, heads // Gv, heads // Gk, heads // Gd, seg_rows, n_seg,
         HAS_S=s is not None, HAS_INITIAL=initial_state is not None,
         HAS_FINAL=final_state is not None, DOT_PRECISION=dot_precision,
         CHUNK=chunk_size, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_P=block_p,
-        ACC_DTYPE=tl.float64 if x.dtype == torch.float64 else tl.float32,
+        ACC_DTYPE=tl.float64 if x.dtype == torch.float64 else tl.float32, SPLIT=split,
         num_warps=num_warps, **extra,
     )
-    return states
+    if not split:
+        return states, None
+    chunked_state_combine_kernel[(n_seqs * heads * n_np,)](
+        seg_state, seg_decay, final_state if final_state is not None else seg_state,
+        *hT_strides, heads, N, P, n_seg,
+        HAS_FINAL=final_state is not None, BLOCK_N=block_n, BLOCK_P=block_p,
+        num_warps=num_warps,
+    )
+    return states, (seg_state, chunk_decay, seg_rows, first)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1115,22 +1243,24 @@ def chunked_scan_cb_fwd_kernel(
 
 @triton.jit
 def chunked_scan_fwd_kernel(
-    x, s, log_a, C, cb, states, out, tiles,
+    x, s, log_a, C, cb, states, out, tiles, seg_state, chunk_decay, first,
     core,  # y before the output roles, laid out as out (KEEP_CORE)
     stride_x_b, stride_x_t, stride_x_g, stride_x_p,
     stride_s_b, stride_s_t, stride_s_g,
     stride_a_b, stride_a_t, stride_a_g,
     stride_C_b, stride_C_t, stride_C_g, stride_C_n,
     stride_o_b, stride_o_t, stride_o_h, stride_o_p,
-    H, P, Hqk, Hq, Hv, Hd,
+    H, P, Hqk, Hq, Hv, Hd, SEG_ROWS, N_SEG,
     ep_x, es_x_0, es_x_1, es_x_2, es_x_3, ep_z, es_z_0, es_z_1, es_z_2, es_z_3, ep_D, es_D_0,  # the epilogue's tensors and dims
     EPILOGUE: tl.constexpr, KEEP_CORE: tl.constexpr,
     N: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr, HAS_S: tl.constexpr,
     DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    # ACC_DTYPE: as chunked_scan_cb_fwd_kernel's
+    # ACC_DTYPE: as chunked_scan_cb_fwd_kernel's. SPLIT: the states are local to segments of
+    # SEG_ROWS chunks (chunked_state_split_fwd); H_r = states[r] + exp(chunk_decay[r]) Z_g,
+    # Z_g the state entering the chunk's segment g (zero for the first)
     i_pid = tl.program_id(0).to(tl.int64)
     n_p = tl.cdiv(P, BLOCK_P)
     n_m = CHUNK // BLOCK_M
@@ -1157,6 +1287,11 @@ def chunked_scan_fwd_kernel(
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
     m_i = o_i < n_t
     m_p = o_p < P
+    if SPLIT:
+        i_seq = tl.load(tiles + i_r * 5 + 3)
+        i_g = (i_r - tl.load(first + i_seq)) // SEG_ROWS
+        i_sg = i_seq * N_SEG + i_g
+        m_later = o_p * 0 + i_g > 0  # [BLOCK_P] (a block: the interpreter takes no scalar mask)
     m_ij = (o_i[:, None] >= o_i[None, :]) & m_i[None, :]
     p_C0 = C + i_b * stride_C_b + (t0 + o_i[:, None]) * stride_C_t + i_q * stride_C_g
     p_cb0 = cb + ((i_r * Gqk + i_c) * CHUNK + o_i[:, None]) * CHUNK
@@ -1208,6 +1343,8 @@ def chunked_scan_fwd_kernel(
 
             # The state entering the chunk: C_i H_r, decayed to the row block's start.
             b_acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=ACC_DTYPE)
+            if SPLIT:
+                b_zd = tl.exp(tl.load(chunk_decay + i_r * H + i_h))
             for n0 in tl.static_range(0, N, BLOCK_N):
                 o_n = n0 + tl.arange(0, BLOCK_N)
                 m_n = o_n < N
@@ -1216,6 +1353,12 @@ def chunked_scan_fwd_kernel(
                 p_H = states + ((i_r * H + i_h) * N + o_n[:, None]) * P + o_p[None, :]
                 # [BLOCK_N, BLOCK_P]
                 b_H = tl.load(p_H, mask=m_n[:, None] & m_p[None, :], other=0.0)
+                if SPLIT:
+                    # [BLOCK_N, BLOCK_P]: the segment's entering state, none for the first
+                    p_Z = seg_state + ((i_sg * H + i_h) * N + o_n[:, None]) * P + o_p[None, :]
+                    b_Z = tl.load(p_Z, mask=m_n[:, None] & (m_p & m_later)[None, :],
+                                  other=0.0)
+                    b_H = b_H.to(tl.float32) + b_Z * b_zd
                 # [BLOCK_M, BLOCK_P]
                 b_acc = tl.dot(b_C, b_H.to(b_C.dtype), acc=b_acc,
                                input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
@@ -1276,8 +1419,9 @@ def chunked_scan_epilogue_args(epilogue, x):
 def chunked_scan_fwd(x, s, log_a, B, C, *, states, tiles, heads, out, chunk_size,
                      dot_precision, block_m=None, block_n=None, block_p=None,
                      heads_per_program=None, num_warps=None, num_stages=None, epilogue=None,
-                     prefetch=None, core=None):
-    """Write out [b, T, H, P] = y of every chunk of `tiles`, given the entering `states`.
+                     prefetch=None, core=None, segments=None):
+    """Write out [b, T, H, P] = y of every chunk of `tiles`, given the entering `states`
+    (local to their segment when `segments`, chunked_state_split_fwd's, is given).
 
     With `epilogue` = (tensors, sizes) of the call: out = (y + (D * x)) * silu(z) instead,
     and y itself into `core` (shaped and strided as out) when given.
@@ -1322,24 +1466,30 @@ def chunked_scan_fwd(x, s, log_a, B, C, *, states, tiles, heads, out, chunk_size
     heads_per_program = max(1, min(heads // Gqk, heads_per_program or 1))
     n_split = _cdiv(heads // Gqk, heads_per_program)
     grid = (R * Gqk * n_split * n_m * n_p,)
+    if segments is not None:
+        seg_state, chunk_decay, seg_rows, first = segments
+        n_seg = seg_state.shape[0] // (first.numel() - 1)
+    else:
+        seg_state = chunk_decay = first = states
+        seg_rows = n_seg = 1
     chunked_scan_fwd_kernel[grid](
-        x, s_arg, a_arg, C, cb, states, out, tiles,
+        x, s_arg, a_arg, C, cb, states, out, tiles, seg_state, chunk_decay, first,
         core if core is not None else out,
         *x.stride(), *s_strides, *a_strides, *C.stride(), *out.stride(),
-        heads, P, heads // Gqk, heads // Gq, heads // Gv, heads // Gd,
+        heads, P, heads // Gqk, heads // Gq, heads // Gv, heads // Gd, seg_rows, n_seg,
         *chunked_scan_epilogue_args(epilogue, x), EPILOGUE=epilogue is not None,
         KEEP_CORE=core is not None,
         N=N, HEADS_PER_PROGRAM=heads_per_program, HAS_S=s is not None, DOT_PRECISION=dot_precision,
         PREFETCH=bool(prefetch),
         CHUNK=chunk_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=block_p,
-        ACC_DTYPE=acc_dtype, num_warps=num_warps, **extra,
+        ACC_DTYPE=acc_dtype, SPLIT=segments is not None, num_warps=num_warps, **extra,
     )
 
 
 def chunked_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_state=None,
                 cu_seqlens=None, chunk_size=128, block_n=None, block_p=None, block_t=None,
                 block_m=None, heads_per_program=None, dot_precision=None, num_warps=None,
-                num_stages=None, epilogue=None, prefetch=None, core=None):
+                num_stages=None, epilogue=None, prefetch=None, core=None, seq_splits=None):
     """y [b, T, H, P] into `out` (and the final state into `final_state`) by the SSD chunks.
 
     x [b, T, Gv, P], s [b, T, Gv] or None, log_a [b, T, Gd] fp32,
@@ -1354,7 +1504,9 @@ def chunked_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_stat
     epilogue: (tensors, sizes) of the call to apply the spec's output roles in the scan's
     store (chunked_scan_fwd), or None for y itself; core: with an epilogue, where y itself
     is written too (the backward of the output roles reads it). prefetch: the scan issues
-    its loads before its dots (chunked_scan_fwd).
+    its loads before its dots (chunked_scan_fwd). seq_splits: segments of each sequence whose
+    state walks run in parallel (chunked_state_split_fwd; default chunked_state_splits: more
+    than 1 only where the sequences are too few to fill the GPU).
     """
     if log_a is None:
         raise ValueError("chunked_fwd was generated for a scalar decay: log_a is required")
@@ -1366,12 +1518,15 @@ def chunked_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_stat
     tiles, first = seq_tiles(cu_seqlens, batch, seqlen, chunk_size, x.device)
     tile_args = dict(chunk_size=chunk_size, block_n=block_n, block_p=block_p,
                      dot_precision=dot_precision, num_warps=num_warps, num_stages=num_stages)
-    states = chunked_state_fwd(x, s, log_a, B, C, tiles=tiles, first=first, heads=heads,
-                               initial_state=initial_state, final_state=final_state,
-                               block_t=block_t, **tile_args)
+    if seq_splits is None:
+        seq_splits = chunked_state_splits(x, B, first=first, heads=heads, chunk_size=chunk_size,
+                                          block_n=block_n, block_p=block_p)
+    states, segments = chunked_state_split_fwd(
+        x, s, log_a, B, C, tiles=tiles, first=first, heads=heads, initial_state=initial_state,
+        final_state=final_state, block_t=block_t, seq_splits=seq_splits, **tile_args)
     chunked_scan_fwd(x, s, log_a, B, C, states=states, tiles=tiles, heads=heads, out=out,
                      block_m=block_m, heads_per_program=heads_per_program, epilogue=epilogue,
-                     prefetch=prefetch, core=core, **tile_args)
+                     prefetch=prefetch, core=core, segments=segments, **tile_args)
     return out
 
 

@@ -1,0 +1,71 @@
+"""Time the chunked forward (state walk + combine + scan) per sequence split at the Mamba-2 layer.
+
+At batch 1 the state walk has one program per head and tile (80 on an H100's 132 SMs), each
+walking the whole sequence; `seq_splits` cuts each sequence into segments walked in parallel
+(chunked_state_split_fwd). This prints, per call shape and split, the CUDA-graph median of
+`chunked_fwd` on the core (bf16 x, B, C; fp32 s, log a; fp32 out) and its output's and final
+state's relative difference from the unsplit walk's, and the split the default picks.
+
+    python scripts/gpu_split_sweep.py --shape 1x16384 --shape 2x8192 --splits 1 2 3 4 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> int:
+    import triton.testing
+
+    from ssmc.load import load
+    from ssmc.pipeline import parse_file
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", action="append", default=[], metavar="BxT")
+    parser.add_argument("--chunk", type=int, default=128)
+    parser.add_argument("--splits", type=int, nargs="+", default=[1, 2, 3, 4, 8])
+    args = parser.parse_args()
+    module = load(parse_file(ROOT / "examples" / "mamba2.ssm")).module
+    H, P, N = 80, 64, 128
+    for shape in args.shape or ["1x16384", "2x8192"]:
+        b, T = (int(v) for v in shape.split("x"))
+        g = torch.Generator(device="cuda").manual_seed(b * T)
+        x = torch.randn(b, T, H, P, device="cuda", generator=g).bfloat16()
+        B = torch.randn(b, T, 1, N, device="cuda", generator=g).bfloat16()
+        C = torch.randn(b, T, 1, N, device="cuda", generator=g).bfloat16()
+        s = torch.rand(b, T, H, device="cuda", generator=g) * 0.1
+        log_a = -torch.rand(b, T, H, device="cuda", generator=g) * 0.05  # states carry far
+        out = torch.empty(b, T, H, P, device="cuda")
+        final = torch.empty(b, H, N, P, device="cuda")
+        _, first = module.seq_tiles(None, b, T, args.chunk, x.device)
+        picked = module.chunked_state_splits(x, B, first=first, heads=H, chunk_size=args.chunk)
+        print(f"{shape}: default seq_splits {picked}", flush=True)
+        want = None
+        for k in args.splits:
+
+            run = functools.partial(module.chunked_fwd, x, s, log_a, B, C, heads=H, out=out,
+                                    final_state=final, chunk_size=args.chunk, seq_splits=k)
+
+            out.fill_(float("nan"))
+            final.fill_(float("nan"))
+            run()
+            got = (out.clone(), final.clone())
+            if want is None:
+                want = got
+            errs = [float((a - w).norm() / w.norm()) for a, w in zip(got, want, strict=True)]
+            ms = triton.testing.do_bench_cudagraph(run, rep=100, return_mode="median")
+            print(f"  seq_splits {k}: {ms * 1e3:8.1f} µs  y vs 1 {errs[0]:.1e}  "
+                  f"final vs 1 {errs[1]:.1e}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
