@@ -6,7 +6,7 @@ walking the whole sequence; `seq_splits` cuts each sequence into segments walked
 `chunked_fwd` on the core (bf16 x, B, C; fp32 s, log a; fp32 out) and its output's and final
 state's relative difference from the unsplit walk's, and the split the default picks.
 
-    python scripts/gpu_split_sweep.py --shape 1x16384 --shape 2x8192 --splits 1 2 3 4 8
+    python scripts/gpu_split_sweep.py --shape 1x16384 --shape 2x8192 --splits 1 2 3 4 8 [--heads 80]
 """
 
 from __future__ import annotations
@@ -20,10 +20,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def main() -> int:
     import triton.testing
+
+    from gpu_bwd_profile import profile_calls
 
     from ssmc.load import load
     from ssmc.pipeline import parse_file
@@ -32,9 +35,11 @@ def main() -> int:
     parser.add_argument("--shape", action="append", default=[], metavar="BxT")
     parser.add_argument("--chunk", type=int, default=128)
     parser.add_argument("--splits", type=int, nargs="+", default=[1, 2, 3, 4, 8])
+    parser.add_argument("--heads", type=int, default=80, help="H (Mamba-2 2.7B: 80)")
+    parser.add_argument("--kernels", action="store_true", help="also each split's kernels")
     args = parser.parse_args()
     module = load(parse_file(ROOT / "examples" / "mamba2.ssm")).module
-    H, P, N = 80, 64, 128
+    H, P, N = args.heads, 64, 128
     for shape in args.shape or ["1x16384", "2x8192"]:
         b, T = (int(v) for v in shape.split("x"))
         g = torch.Generator(device="cuda").manual_seed(b * T)
@@ -47,7 +52,7 @@ def main() -> int:
         final = torch.empty(b, H, N, P, device="cuda")
         _, first = module.seq_tiles(None, b, T, args.chunk, x.device)
         picked = module.chunked_state_splits(x, B, first=first, heads=H, chunk_size=args.chunk)
-        print(f"{shape}: default seq_splits {picked}", flush=True)
+        print(f"{shape}, H {H}: default seq_splits {picked}", flush=True)
         want = None
         for k in args.splits:
 
@@ -64,6 +69,8 @@ def main() -> int:
             ms = triton.testing.do_bench_cudagraph(run, rep=100, return_mode="median")
             print(f"  seq_splits {k}: {ms * 1e3:8.1f} µs  y vs 1 {errs[0]:.1e}  "
                   f"final vs 1 {errs[1]:.1e}", flush=True)
+            if args.kernels:
+                profile_calls(f"seq_splits {k}: {{:.3f}} ms of kernels", run, top=6)
     return 0
 
 

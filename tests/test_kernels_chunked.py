@@ -262,19 +262,21 @@ def test_split_walk_really_splits(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_split_default_only_where_walkers_are_few(monkeypatch: pytest.MonkeyPatch) -> None:
-    """chunked_state_splits: 1 off the GPU and where the walkers fill the SMs; else segments
-    of ≥ 8 chunks, about two walkers an SM, at most 8."""
+    """chunked_state_splits: 1 off the GPU and unless the walkers are at most half the SMs;
+    then about one walker an SM in segments of ≥ 8 chunks, at most 8."""
     module = stage("scalar")
-    x = torch.empty(1, 16384, 80, 64, dtype=torch.bfloat16)
-    B = torch.empty(1, 16384, 1, 128, dtype=torch.bfloat16)
-    first = torch.tensor([0, 128])
-    assert module.chunked_state_splits(x, B, first=first, heads=80, chunk_size=128) == 1
+
+    def splits(batch: int, T: int, H: int, dtype: torch.dtype = torch.bfloat16) -> int:
+        x = torch.empty(batch, T, H, 64, dtype=dtype)
+        B = torch.empty(batch, T, 1, 128, dtype=torch.bfloat16)
+        first = torch.arange(batch + 1) * (T // 128)
+        return module.chunked_state_splits(x, B, first=first, heads=H, chunk_size=128)
+
+    assert splits(1, 16384, 16) == 1  # no GPU
     monkeypatch.setattr(module, "_sm_count", lambda device: 132)
-    assert module.chunked_state_splits(x, B, first=first, heads=80, chunk_size=128) == 3
-    assert module.chunked_state_splits(x.double(), B, first=first, heads=80, chunk_size=128) == 1
-    eight = torch.arange(9) * 16
-    x8, B8 = x.view(8, 2048, 80, 64), B.view(8, 2048, 1, 128)
-    assert module.chunked_state_splits(x8, B8, first=eight, heads=80, chunk_size=128) == 1
-    short = torch.tensor([0, 4])
-    assert module.chunked_state_splits(x[:, :512], B[:, :512], first=short, heads=8,
-                                       chunk_size=128) == 1  # 4 chunks: no segment of 8
+    assert splits(1, 16384, 80) == 1  # Mamba-2 2.7B: 80 walkers of 132 (measured level)
+    assert splits(1, 16384, 40) == 3
+    assert splits(1, 16384, 16) == 8
+    assert splits(1, 16384, 16, torch.float64) == 1
+    assert splits(8, 2048, 8) == 2  # 64 walkers; 16 chunks a sequence
+    assert splits(1, 1024, 8) == 1  # 8 chunks: no two segments of 8
