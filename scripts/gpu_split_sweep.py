@@ -25,7 +25,6 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 def main() -> int:
     import triton.testing
-
     from gpu_bwd_profile import profile_calls
 
     from ssmc.load import load

@@ -1053,9 +1053,12 @@ def _sm_count(device, _cache={}):
 
 
 def chunked_state_splits(x, B, *, first, heads, chunk_size, block_n=None, block_p=None):
-    """The default sequence split of the state walk: 1 where sequences × heads × tiles fill
-    the GPU's multiprocessors, else enough segments of ≥ 8 chunks for about two walkers an
-    SM (at most 8); 1 for fp64 inputs (the segments' states are fp32) and off the GPU."""
+    """The default sequence split of the state walk: 1 unless sequences × heads × tiles are at
+    most half the GPU's multiprocessors, then about one walker an SM in segments of ≥ 8
+    chunks (at most 8); 1 for fp64 inputs (the segments' states are fp32) and off the GPU.
+    On the H100 at Mamba-2 2.7B's batch 1 × 16384 (80 walkers) the split was level at best
+    (821 against 810 µs at 3 segments: the scan's added term costs what the walk gains;
+    docs/gpu-runs.md, twelfth session)."""
     sms = _sm_count(x.device)
     if sms == 0 or x.dtype == torch.float64:
         return 1
@@ -1063,9 +1066,9 @@ def chunked_state_splits(x, B, *, first, heads, chunk_size, block_n=None, block_
     block_n = block_n or max(16, min(128, _pow2(N)))
     block_p = block_p or max(16, min(64, _pow2(P)))
     walkers = (first.numel() - 1) * heads * _cdiv(N, block_n) * _cdiv(P, block_p)
-    if walkers >= sms:
+    if 2 * walkers > sms:
         return 1
-    return max(1, min(8, 2 * sms // walkers, _cdiv(x.shape[1], chunk_size) // 8))
+    return max(1, min(8, sms // walkers, _cdiv(x.shape[1], chunk_size) // 8))
 
 
 def chunked_state_fwd(x, s, log_a, B, C, *, tiles, first, heads, initial_state, final_state,
