@@ -65,7 +65,9 @@ def _run_ranks(
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(_free_port()),
         "WORLD_SIZE": str(world),
-        "PYTHONPATH": str(ROOT),
+        # the repository first, then whatever else the caller put on the path (the GPU
+        # machine's carried wheels)
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
     cmd = [sys.executable, str(WORKER), *map(str, specs), "--dims", *dims, "--mode", mode]
     cmd += ["--dtype", dtype, "--out", str(out), "--seqlen", str(seqlen)]

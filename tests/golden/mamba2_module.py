@@ -897,7 +897,7 @@ def _seq_tiles_dense(batch, seqlen, tile, device):
 # program also stores its end state E_g (fp32) and total log decay D_g, and, per chunk, the
 # log decay from the segment's start to the chunk's start. chunked_state_combine then walks
 # the few segments in order, Z_0 = 0, Z_{g+1} = exp(D_g) Z_g + E_g, storing the state
-# entering each segment Z_g in E_g's place (and the final state), and the scan adds
+# entering each segment Z_g (in the states' dtype; and the final state), and the scan adds
 # exp(decay to the chunk) Z_g to H_r as it loads it: H_r = H_r^local + exp(…) Z_g.
 # ---------------------------------------------------------------------------------------
 
@@ -1011,14 +1011,15 @@ def chunked_state_fwd_kernel(
 
 @triton.jit
 def chunked_state_combine_kernel(
-    seg_state, seg_decay, final_state,
+    seg_state, seg_decay, seg_entry, final_state,
     stride_hT_s, stride_hT_h, stride_hT_n, stride_hT_p,
     H, N, P, N_SEG,
     HAS_FINAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    # One program per (sequence, head, N tile × P tile): the segments in order, each one's
-    # end state E_g replaced by the state entering it, Z_g (Z_0 = 0: the first segment's walk
-    # started from the initial state), Z_{g+1} = exp(D_g) Z_g + E_g; the last is the final state.
+    # One program per (sequence, head, N tile × P tile): the segments in order, the state
+    # entering each, Z_g, into seg_entry (the states' dtype: the scan's dot rounds to it; Z_0 =
+    # 0: the first segment's walk started from the initial state), Z_{g+1} = exp(D_g) Z_g + E_g
+    # in fp32 from the end states E_g; the last is the final state.
     i_pid = tl.program_id(0).to(tl.int64)
     n_p = tl.cdiv(P, BLOCK_P)
     n_np = tl.cdiv(N, BLOCK_N) * n_p
@@ -1035,7 +1036,8 @@ def chunked_state_combine_kernel(
         p_e = seg_state + ((i_sg * H + i_h) * N + o_n[:, None]) * P + o_p[None, :]
         b_e = tl.load(p_e, mask=m_np, other=0.0)  # [BLOCK_N, BLOCK_P]
         b_dg = tl.load(seg_decay + i_sg * H + i_h)
-        tl.store(p_e, b_z, mask=m_np)
+        p_z = seg_entry + ((i_sg * H + i_h) * N + o_n[:, None]) * P + o_p[None, :]
+        tl.store(p_z, b_z.to(seg_entry.dtype.element_ty), mask=m_np)
         b_z = b_z * tl.exp(b_dg) + b_e
     if HAS_FINAL:
         p_hT = (final_state + i_s * stride_hT_s + i_h * stride_hT_h
@@ -1097,8 +1099,8 @@ def chunked_state_split_fwd(x, s, log_a, B, C, *, tiles, first, heads, initial_s
                             block_n=None, block_p=None, num_warps=None, num_stages=None):
     """(states, segments): chunked_state_fwd with each sequence's walk cut into `seq_splits`
     segments of consecutive chunks walked in parallel (1: not cut, segments None). Cut, the
-    states are local to their segment and `segments` = (Z [S · seq_splits, H, N, P] fp32,
-    the state entering each segment; chunk_decay [R, H] fp32, the log decay from its
+    states are local to their segment and `segments` = (Z [S · seq_splits, H, N, P] in the
+    states' dtype, the state entering each segment; chunk_decay [R, H] fp32, the log decay from its
     segment's start to each chunk; rows per segment; first), which chunked_scan_fwd adds
     back; the final state is exact either way."""
     _, _, Gv, P = x.shape
@@ -1122,6 +1124,7 @@ def chunked_state_split_fwd(x, s, log_a, B, C, *, tiles, first, heads, initial_s
         seg_state = torch.empty(n_seqs * n_seg, heads, N, P, device=x.device,
                                 dtype=torch.float32)
         seg_decay = torch.empty(n_seqs * n_seg, heads, device=x.device, dtype=torch.float32)
+        seg_entry = torch.empty(n_seqs * n_seg, heads, N, P, device=x.device, dtype=dtype)
         chunk_decay = torch.empty(R, heads, device=x.device, dtype=torch.float32)
     else:
         seg_state = seg_decay = chunk_decay = states
@@ -1146,12 +1149,12 @@ def chunked_state_split_fwd(x, s, log_a, B, C, *, tiles, first, heads, initial_s
     if not split:
         return states, None
     chunked_state_combine_kernel[(n_seqs * heads * n_np,)](
-        seg_state, seg_decay, final_state if final_state is not None else seg_state,
+        seg_state, seg_decay, seg_entry, final_state if final_state is not None else seg_state,
         *hT_strides, heads, N, P, n_seg,
         HAS_FINAL=final_state is not None, BLOCK_N=block_n, BLOCK_P=block_p,
         num_warps=num_warps,
     )
-    return states, (seg_state, chunk_decay, seg_rows, first)
+    return states, (seg_entry, chunk_decay, seg_rows, first)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1361,7 +1364,7 @@ def chunked_scan_fwd_kernel(
                     p_Z = seg_state + ((i_sg * H + i_h) * N + o_n[:, None]) * P + o_p[None, :]
                     b_Z = tl.load(p_Z, mask=m_n[:, None] & (m_p & m_later)[None, :],
                                   other=0.0)
-                    b_H = b_H.to(tl.float32) + b_Z * b_zd
+                    b_H = b_H.to(tl.float32) + b_Z.to(tl.float32) * b_zd
                 # [BLOCK_M, BLOCK_P]
                 b_acc = tl.dot(b_C, b_H.to(b_C.dtype), acc=b_acc,
                                input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
