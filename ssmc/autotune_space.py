@@ -36,7 +36,7 @@ KNOBS: Mapping[str, Mapping[str, tuple[Option, ...]]] = {
         "heads_per_program": (1, 2, 4),
         "num_warps": (4, 8),
         "num_stages": (2, 3, 4),
-        "seq_splits": (1, 2, 4, 8),
+        "seq_splits": (1, 2, 3, 4, 8),
     },
     "chunked_diag": {"block_m": (16, 32, 64), "block_n": (16, 32, 64), "num_warps": (2, 4, 8)},
     "toeplitz": {"block_i": (32, 64, 128), "block_j": (16, 32, 64), "num_warps": (4, 8)},

@@ -1058,9 +1058,11 @@ def chunked_state_splits(x, B, *, first, heads, chunk_size, block_n=None, block_
     """The default sequence split of the state walk: 1 unless sequences × heads × tiles are at
     most half the GPU's multiprocessors, then about one walker an SM in segments of ≥ 8
     chunks (at most 8); 1 for fp64 inputs (the segments' states are fp32) and off the GPU.
-    On the H100 at Mamba-2 2.7B's batch 1 × 16384 (80 walkers) the split was level at best
-    (821 against 810 µs at 3 segments: the scan's added term costs what the walk gains;
-    docs/gpu-runs.md, twelfth session)."""
+    On the H100 (chunked_fwd at batch 1 × 16384, N 128, P 64, bf16; docs/gpu-runs.md,
+    twelfth session): H 16 (16 walkers) 365 → 170 µs at 8 segments, H 40 553 → 402 at 3;
+    at Mamba-2 2.7B's H 80 (80 walkers) 3 segments gave 789 against 810 µs and 2 were slower
+    (890), so the default leaves it to `ssmc autotune` (the walk 319 → 206 µs, the scan's
+    added term 518 → 570)."""
     sms = _sm_count(x.device)
     if sms == 0 or x.dtype == torch.float64:
         return 1
