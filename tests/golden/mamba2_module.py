@@ -1055,14 +1055,14 @@ def _sm_count(device, _cache={}):
 
 
 def chunked_state_splits(x, B, *, first, heads, chunk_size, block_n=None, block_p=None):
-    """The default sequence split of the state walk: 1 unless sequences × heads × tiles are at
-    most half the GPU's multiprocessors, then about one walker an SM in segments of ≥ 8
-    chunks (at most 8); 1 for fp64 inputs (the segments' states are fp32) and off the GPU.
-    On the H100 (chunked_fwd at batch 1 × 16384, N 128, P 64, bf16; docs/gpu-runs.md,
-    twelfth session): H 16 (16 walkers) 365 → 170 µs at 8 segments, H 40 553 → 402 at 3;
-    at Mamba-2 2.7B's H 80 (80 walkers) 3 segments gave 789 against 810 µs and 2 were slower
-    (890), so the default leaves it to `ssmc autotune` (the walk 319 → 206 µs, the scan's
-    added term 518 → 570)."""
+    """The default sequence split of the state walk, from the walkers (sequences × heads ×
+    tiles) against the GPU's multiprocessors: at most half of them, about one walker an SM
+    (⌊SMs / walkers⌋ segments); up to two walkers an SM, 3 segments; more, 1 (not cut). At
+    most 8 segments of ≥ 8 chunks each; 1 for fp64 inputs (the segments' states are fp32)
+    and off the GPU. On the H100 (chunked_fwd, N 128, P 64, bf16; docs/gpu-runs.md, twelfth
+    session), µs unsplit → split: 1 × 16384 at H 16 (16 walkers) 365 → 170 at 8 segments,
+    H 40 553 → 402 at 3, H 80 816 → 791 at 3; 2 × 8192 at H 80 (160) 832 → 809 at 3 (804
+    at 4); 4 × 4096 at H 80 (320) 747 → 843 at 2 (slower)."""
     sms = _sm_count(x.device)
     if sms == 0 or x.dtype == torch.float64:
         return 1
@@ -1070,9 +1070,10 @@ def chunked_state_splits(x, B, *, first, heads, chunk_size, block_n=None, block_
     block_n = block_n or max(16, min(128, _pow2(N)))
     block_p = block_p or max(16, min(64, _pow2(P)))
     walkers = (first.numel() - 1) * heads * _cdiv(N, block_n) * _cdiv(P, block_p)
-    if 2 * walkers > sms:
+    if walkers > 2 * sms:
         return 1
-    return max(1, min(8, sms // walkers, _cdiv(x.shape[1], chunk_size) // 8))
+    wanted = sms // walkers if 2 * walkers <= sms else 3
+    return max(1, min(8, wanted, _cdiv(x.shape[1], chunk_size) // 8))
 
 
 def chunked_state_fwd(x, s, log_a, B, C, *, tiles, first, heads, initial_state, final_state,
