@@ -28,7 +28,7 @@ def main() -> int:
     from gpu_bwd_profile import profile_calls
 
     from ssmc.load import load
-    from ssmc.pipeline import parse_file
+    from ssmc.pipeline import parse_file, with_dims
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", action="append", default=[], metavar="BxT")
@@ -36,11 +36,18 @@ def main() -> int:
     parser.add_argument("--splits", type=int, nargs="+", default=[1, 2, 3, 4, 8])
     parser.add_argument("--heads", type=int, default=80, help="H (Mamba-2 2.7B: 80)")
     parser.add_argument("--kernels", action="store_true", help="also each split's kernels")
+    parser.add_argument("--op", action="store_true",
+                        help="the whole Mamba-2 forward (prologue, walk, scan with its fused "
+                        "gate and skip) through the module's forward(launch=...) instead")
     args = parser.parse_args()
-    module = load(parse_file(ROOT / "examples" / "mamba2.ssm")).module
     H, P, N = args.heads, 64, 128
+    spec = with_dims(parse_file(ROOT / "examples" / "mamba2.ssm"), {"H": H, "P": P, "N": N, "G": 1})
+    module = load(spec).module
     for shape in args.shape or ["1x16384", "2x8192"]:
         b, T = (int(v) for v in shape.split("x"))
+        if args.op:
+            op_sweep(module, spec, b, T, args)
+            continue
         g = torch.Generator(device="cuda").manual_seed(b * T)
         x = torch.randn(b, T, H, P, device="cuda", generator=g).bfloat16()
         B = torch.randn(b, T, 1, N, device="cuda", generator=g).bfloat16()
@@ -71,6 +78,31 @@ def main() -> int:
             if args.kernels:
                 profile_calls(f"seq_splits {k}: {{:.3f}} ms of kernels", run, top=6)
     return 0
+
+
+def op_sweep(module, spec, b: int, T: int, args: argparse.Namespace) -> None:
+    """The module's whole forward at chunk `args.chunk` per split: bf16 x, B, C, z; fp32 dt
+    and parameters (as the bench runs Mamba-2), outputs against the unsplit call's."""
+    import triton.testing
+
+    from ssmc.bench import fp32_tensors
+    from ssmc.reference import random_inputs
+
+    drawn = random_inputs(spec, batch=b, seqlen=T, generator=torch.Generator().manual_seed(T))
+    drawn.pop("initial_state", None)  # as the bench calls it
+    keep = fp32_tensors(spec)
+    t = {k: v.to("cuda", torch.float32 if k in keep or k == "initial_state" else torch.bfloat16)
+         for k, v in drawn.items()}
+    print(f"{b}x{T}, H {args.heads}: whole forward", flush=True)
+    want = None
+    for k in args.splits:
+        run = functools.partial(module.forward, **t, form="chunked", chunk_size=args.chunk,
+                                launch={"seq_splits": k})
+        y = run()[0].float()
+        want = y if want is None else want
+        err = float((y - want).norm() / want.norm())
+        ms = triton.testing.do_bench_cudagraph(run, rep=100, return_mode="median")
+        print(f"  seq_splits {k}: {ms * 1e3:8.1f} µs  y vs first {err:.1e}", flush=True)
 
 
 if __name__ == "__main__":
