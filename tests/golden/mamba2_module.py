@@ -1057,12 +1057,12 @@ def _sm_count(device, _cache={}):
 def chunked_state_splits(x, B, *, first, heads, chunk_size, block_n=None, block_p=None):
     """The default sequence split of the state walk, from the walkers (sequences × heads ×
     tiles) against the GPU's multiprocessors: at most half of them, about one walker an SM
-    (⌊SMs / walkers⌋ segments); up to two walkers an SM, 3 segments; more, 1 (not cut). At
-    most 8 segments of ≥ 8 chunks each; 1 for fp64 inputs (the segments' states are fp32)
-    and off the GPU. On the H100 (chunked_fwd, N 128, P 64, bf16; docs/gpu-runs.md, twelfth
-    session), µs unsplit → split: 1 × 16384 at H 16 (16 walkers) 365 → 170 at 8 segments,
-    H 40 553 → 402 at 3, H 80 816 → 791 at 3; 2 × 8192 at H 80 (160) 832 → 809 at 3 (804
-    at 4); 4 × 4096 at H 80 (320) 747 → 843 at 2 (slower)."""
+    (⌊SMs / walkers⌋ segments, at most 8, of ≥ 8 chunks each); more, 1 (not cut); 1 for fp64
+    inputs (the segments' states are fp32) and off the GPU. On the H100, Mamba-2's whole
+    forward at 1 × 16384 (N 128, P 64, bf16, chunk 128; docs/gpu-runs.md, twelfth session):
+    H 16 (16 walkers) 379 → 183 µs at 8 segments, H 40 584 → 433 at 3; at H 80 (80 walkers)
+    3 segments were level (856 → 852; 2 × 8192, 160 walkers: 877 → 869), so it is not cut
+    there (`ssmc autotune` tries it: seq_splits is a knob of its search)."""
     sms = _sm_count(x.device)
     if sms == 0 or x.dtype == torch.float64:
         return 1
@@ -1070,10 +1070,9 @@ def chunked_state_splits(x, B, *, first, heads, chunk_size, block_n=None, block_
     block_n = block_n or max(16, min(128, _pow2(N)))
     block_p = block_p or max(16, min(64, _pow2(P)))
     walkers = (first.numel() - 1) * heads * _cdiv(N, block_n) * _cdiv(P, block_p)
-    if walkers > 2 * sms:
+    if 2 * walkers > sms:
         return 1
-    wanted = sms // walkers if 2 * walkers <= sms else 3
-    return max(1, min(8, wanted, _cdiv(x.shape[1], chunk_size) // 8))
+    return max(1, min(8, sms // walkers, _cdiv(x.shape[1], chunk_size) // 8))
 
 
 def chunked_state_fwd(x, s, log_a, B, C, *, tiles, first, heads, initial_state, final_state,
