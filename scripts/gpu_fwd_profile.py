@@ -71,9 +71,9 @@ def diag_sweep(op, dims: dict[str, int], batch: int, T: int, dtype: torch.dtype,
     prec = "tf32" if dtype != torch.float32 else "ieee"
     cs = mod.chunked_diag_cumsum_fwd(log_a, tiles=tiles, chunk_size=chunk, block_n=64)
     tile = {"chunk_size": chunk, "block_n": 64, "block_p": 64}
-    states = mod.chunked_diag_state_fwd(x, None, B, C, cs=cs, tiles=tiles, first=first, heads=H,
-                                        initial_state=None, final_state=None,
-                                        dot_precision=prec, **tile)
+    states, _ = mod.chunked_diag_state_fwd(x, None, B, C, cs=cs, tiles=tiles, first=first,
+                                           heads=H, initial_state=None, final_state=None,
+                                           dot_precision=prec, **tile)
     A = mod.chunked_diag_intra_fwd(B, C, cs=cs, tiles=tiles, heads=H, chunk_size=chunk,
                                    dot_precision=prec, dtype=x.dtype)
     out = torch.empty_like(x)

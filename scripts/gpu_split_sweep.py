@@ -37,11 +37,18 @@ def main() -> int:
     parser.add_argument("--heads", type=int, default=80, help="H (Mamba-2 2.7B: 80)")
     parser.add_argument("--kernels", action="store_true", help="also each split's kernels")
     parser.add_argument("--op", action="store_true",
-                        help="the whole Mamba-2 forward (prologue, walk, scan with its fused "
-                        "gate and skip) through the module's forward(launch=...) instead")
+                        help="the whole forward of --spec (Mamba-2: prologue, walk, scan with "
+                        "its fused gate and skip) through the module's forward(launch=...)")
+    parser.add_argument("--spec", default="examples/mamba2.ssm", help="with --op")
+    parser.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
+                        help="with --op: the spec's dims (default Mamba-2 2.7B's, --heads)")
     args = parser.parse_args()
     H, P, N = args.heads, 64, 128
-    spec = with_dims(parse_file(ROOT / "examples" / "mamba2.ssm"), {"H": H, "P": P, "N": N, "G": 1})
+    dims = {"H": H, "P": P, "N": N, "G": 1}
+    if args.op and args.dim:
+        dims = {k: int(v) for k, v in (d.split("=") for d in args.dim)}
+    spec = with_dims(parse_file(ROOT / args.spec if args.op else ROOT / "examples" / "mamba2.ssm"),
+                     dims)
     module = load(spec).module
     for shape in args.shape or ["1x16384", "2x8192"]:
         b, T = (int(v) for v in shape.split("x"))
@@ -80,6 +87,11 @@ def main() -> int:
     return 0
 
 
+def dims_text(checked) -> str:
+    """The spec's bound dims, as NAME=SIZE words."""
+    return " ".join(f"{d.name}={d.value}" for d in checked.spec.dims)
+
+
 def op_sweep(module, spec, b: int, T: int, args: argparse.Namespace) -> None:
     """The module's whole forward at chunk `args.chunk` per split: bf16 x, B, C, z; fp32 dt
     and parameters (as the bench runs Mamba-2), outputs against the unsplit call's."""
@@ -93,7 +105,7 @@ def op_sweep(module, spec, b: int, T: int, args: argparse.Namespace) -> None:
     keep = fp32_tensors(spec)
     t = {k: v.to("cuda", torch.float32 if k in keep or k == "initial_state" else torch.bfloat16)
          for k, v in drawn.items()}
-    print(f"{b}x{T}, H {args.heads}: whole forward", flush=True)
+    print(f"{b}x{T}, {spec.spec.name} {dims_text(spec)}: whole forward", flush=True)
     want = None
     for k in args.splits:
         run = functools.partial(module.forward, **t, form="chunked", chunk_size=args.chunk,

@@ -38,7 +38,12 @@ KNOBS: Mapping[str, Mapping[str, tuple[Option, ...]]] = {
         "num_stages": (2, 3, 4),
         "seq_splits": (1, 2, 3, 4, 8),
     },
-    "chunked_diag": {"block_m": (16, 32, 64), "block_n": (16, 32, 64), "num_warps": (2, 4, 8)},
+    "chunked_diag": {
+        "block_m": (16, 32, 64),
+        "block_n": (16, 32, 64),
+        "num_warps": (2, 4, 8),
+        "seq_splits": (1, 2, 3, 4, 8),
+    },
     "toeplitz": {"block_i": (32, 64, 128), "block_j": (16, 32, 64), "num_warps": (4, 8)},
 }
 """Per stage launcher: the options the coordinate search varies, one at a time."""

@@ -216,7 +216,7 @@ def _exercise(name: str, dtype: torch.dtype, records: set[tuple[str, ...]],
     op = ssmc.load(checked)
     _recording(op.module, records, monkeypatch)
     if seq_splits is not None:
-        monkeypatch.setattr(op.module, "chunked_state_splits", lambda *a, **k: seq_splits)
+        monkeypatch.setattr(op.module, "walk_splits", lambda *a, **k: seq_splits)
     drawn = random_inputs(checked, batch=2, seqlen=seqlen,
                           generator=torch.Generator().manual_seed(0))
     params = {t.name for t in checked.spec.tensors if t.kind.name == "PARAM"}
@@ -257,6 +257,8 @@ def test_every_kernel_an_example_launches_compiles_for_sm90(
               chunk_size=16, seq_splits=2)
     _exercise("gla", torch.bfloat16, records, monkeypatch, dims=GLA_REAL, seqlen=128,
               forms=("chunked",))
+    _exercise("gla", torch.bfloat16, records, monkeypatch, dims=GLA_REAL, seqlen=128,
+              forms=("chunked",), seq_splits=2)
     rows = [[path, name, json.loads(types), json.loads(options)]
             for path, name, types, options in sorted(records)]
     assert len({row[1] for row in rows}) >= 20, sorted({row[1] for row in rows})

@@ -77,6 +77,7 @@ class Case:
     seqlens: tuple[int, ...] = ()
     noncontiguous: bool = False
     strongest: float = 1.0  # log a is drawn from [−strongest, −0.01]
+    seq_splits: int | None = None  # segments of each sequence walked in parallel (default 1 here)
 
 
 CASES = [
@@ -106,6 +107,17 @@ CASES = [
     # state dims that are not a power of two, and more than one n tile (BLOCK_N ≤ 64)
     Case("N40", N=40, T=50, chunk=32),
     Case("N80-strong-decay", N=80, T=40, chunk=32, strongest=4.0),
+    # the state walk cut into segments and put together again (weak decays: states carry
+    # across segments, so the combine and the scan's added term matter)
+    Case("split2-weak", T=64, strongest=0.05, seq_splits=2),
+    Case("split3-varlen-weak", seqlens=(70, 3, 40), strongest=0.05, seq_splits=3),
+    Case("split2-N80-mva-weak", N=80, T=96, groups=(4, 1, 1, 1), strongest=0.05, seq_splits=2),
+    Case("split2-bare-weak", T=64, scale=False, h0=False, ht=False, strongest=0.05,
+         seq_splits=2),
+    Case("split8-past-the-rows", T=64, strongest=0.05, seq_splits=8),
+    Case("split2-mamba1-P1", P=1, T=64, groups=(4, 1, 1, 4), strongest=0.05, seq_splits=2),
+    Case("split2-noncontiguous-weak", T=64, noncontiguous=True, strongest=0.05, seq_splits=2),
+    Case("split3-strong-chunk32", T=130, chunk=32, strongest=8.0, seq_splits=3),
 ]
 
 
@@ -162,6 +174,7 @@ def test_chunked_diag_matches_recurrent(case: Case) -> None:
         cu_seqlens=cu_seqlens,
         chunk_size=case.chunk,
         block_m=case.block_m,
+        seq_splits=case.seq_splits,
     )
 
     y_ref, final_ref = oracle(x, s, log_a, B, C, H, h0=h0, cu_seqlens=cu_seqlens)

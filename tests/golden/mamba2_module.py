@@ -484,6 +484,31 @@ def _pow2(n):
     return 1 << (n - 1).bit_length()
 
 
+def _sm_count(device, _cache={}):
+    """Streaming multiprocessors of a CUDA device (0 elsewhere: the interpreter), read once."""
+    if device.type != "cuda":
+        return 0
+    if device not in _cache:
+        _cache[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _cache[device]
+
+
+def walk_splits(walkers, chunks, x):
+    """Segments to cut each sequence's state walk into (the chunked forms' SPLIT), given the
+    walkers (programs walking whole sequences) and the most chunks a sequence has: 1 unless
+    the walkers are at most half the GPU's multiprocessors, then about one walker an SM
+    (⌊SMs / walkers⌋, at most 8, each segment ≥ 8 chunks); 1 for fp64 inputs (the segments'
+    states are fp32) and off the GPU. On the H100, Mamba-2's whole forward at 1 × 16384 (N
+    128, P 64, bf16, chunk 128; docs/gpu-runs.md, twelfth session): H 16 (16 walkers) 379 →
+    183 µs at 8 segments, H 40 584 → 433 at 3; at H 80 (80 walkers) 3 segments were level
+    (856 → 852; 2 × 8192, 160 walkers: 877 → 869), so it is not cut there (`ssmc autotune`
+    tries it: seq_splits is a knob of its search)."""
+    sms = _sm_count(x.device)
+    if sms == 0 or x.dtype == torch.float64 or 2 * walkers > sms:
+        return 1
+    return max(1, min(8, sms // walkers, chunks // 8))
+
+
 def seq_tiles(cu_seqlens, batch, seqlen, tile, device):
     """Tiles of at most `tile` tokens inside one sequence each.
 
@@ -823,6 +848,31 @@ def _pow2(n):
     return 1 << (n - 1).bit_length()
 
 
+def _sm_count(device, _cache={}):
+    """Streaming multiprocessors of a CUDA device (0 elsewhere: the interpreter), read once."""
+    if device.type != "cuda":
+        return 0
+    if device not in _cache:
+        _cache[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _cache[device]
+
+
+def walk_splits(walkers, chunks, x):
+    """Segments to cut each sequence's state walk into (the chunked forms' SPLIT), given the
+    walkers (programs walking whole sequences) and the most chunks a sequence has: 1 unless
+    the walkers are at most half the GPU's multiprocessors, then about one walker an SM
+    (⌊SMs / walkers⌋, at most 8, each segment ≥ 8 chunks); 1 for fp64 inputs (the segments'
+    states are fp32) and off the GPU. On the H100, Mamba-2's whole forward at 1 × 16384 (N
+    128, P 64, bf16, chunk 128; docs/gpu-runs.md, twelfth session): H 16 (16 walkers) 379 →
+    183 µs at 8 segments, H 40 584 → 433 at 3; at H 80 (80 walkers) 3 segments were level
+    (856 → 852; 2 × 8192, 160 walkers: 877 → 869), so it is not cut there (`ssmc autotune`
+    tries it: seq_splits is a knob of its search)."""
+    sms = _sm_count(x.device)
+    if sms == 0 or x.dtype == torch.float64 or 2 * walkers > sms:
+        return 1
+    return max(1, min(8, sms // walkers, chunks // 8))
+
+
 def seq_tiles(cu_seqlens, batch, seqlen, tile, device):
     """Tiles of at most `tile` tokens inside one sequence each.
 
@@ -1045,34 +1095,14 @@ def chunked_state_combine_kernel(
         tl.store(p_hT, b_z, mask=m_np)
 
 
-def _sm_count(device, _cache={}):
-    """Streaming multiprocessors of a CUDA device (0 elsewhere: the interpreter), read once."""
-    if device.type != "cuda":
-        return 0
-    if device not in _cache:
-        _cache[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _cache[device]
-
-
 def chunked_state_splits(x, B, *, first, heads, chunk_size, block_n=None, block_p=None):
-    """The default sequence split of the state walk, from the walkers (sequences × heads ×
-    tiles) against the GPU's multiprocessors: at most half of them, about one walker an SM
-    (⌊SMs / walkers⌋ segments, at most 8, of ≥ 8 chunks each); more, 1 (not cut); 1 for fp64
-    inputs (the segments' states are fp32) and off the GPU. On the H100, Mamba-2's whole
-    forward at 1 × 16384 (N 128, P 64, bf16, chunk 128; docs/gpu-runs.md, twelfth session):
-    H 16 (16 walkers) 379 → 183 µs at 8 segments, H 40 584 → 433 at 3; at H 80 (80 walkers)
-    3 segments were level (856 → 852; 2 × 8192, 160 walkers: 877 → 869), so it is not cut
-    there (`ssmc autotune` tries it: seq_splits is a knob of its search)."""
-    sms = _sm_count(x.device)
-    if sms == 0 or x.dtype == torch.float64:
-        return 1
+    """The default seq_splits of chunked_state_split_fwd: walk_splits for its walkers
+    (sequences × heads × N tiles × P tiles at the launcher's default tiles)."""
     N, P = B.shape[3], x.shape[3]
     block_n = block_n or max(16, min(128, _pow2(N)))
     block_p = block_p or max(16, min(64, _pow2(P)))
     walkers = (first.numel() - 1) * heads * _cdiv(N, block_n) * _cdiv(P, block_p)
-    if 2 * walkers > sms:
-        return 1
-    return max(1, min(8, sms // walkers, _cdiv(x.shape[1], chunk_size) // 8))
+    return walk_splits(walkers, _cdiv(x.shape[1], chunk_size), x)
 
 
 def chunked_state_fwd(x, s, log_a, B, C, *, tiles, first, heads, initial_state, final_state,
