@@ -122,6 +122,7 @@ def chunked(s: Sizes, Q: int) -> tuple[Launch, ...]:
         programs=walkers,
         serial_steps=steps,
         step_round_trips=1,
+        segment_steps=8 * cdiv(Q, bt),  # segments of ≥ 8 chunks
     )
     bm = min(Q, 64)
     nm = Q // bm
@@ -202,6 +203,7 @@ def chunked_diagonal(s: Sizes, Q: int) -> tuple[Launch, ...]:
             serial_steps=chunks,
             step_round_trips=1,
             resident=resident(4, state_values),
+            segment_steps=8,  # segments of ≥ 8 chunks
         ),
         Launch(
             name="chunked_diag_intra",

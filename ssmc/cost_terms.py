@@ -93,6 +93,10 @@ class Launch:
     resident: int = 2
     """Programs resident on one SM at a time: 2 for a tile kernel of 4 warps and ~200
     registers a thread, more for small elementwise or scan programs."""
+    segment_steps: int = 0
+    """A walk that the launcher cuts into segments of at least this many serial steps where
+    its programs are at most half the SMs (the chunked forms' `walk_splits`: ⌊SMs / programs⌋
+    segments, at most 8, walked in parallel); 0: never cut."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

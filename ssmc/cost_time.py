@@ -74,9 +74,10 @@ def timing(cost: Cost, device: Device) -> Timing:
 
 def launch_sides(k: Launch, device: Device, round_trip: float) -> dict[str, float]:
     """The compute, memory and latency seconds of one launch."""
-    occupancy = min(1.0, k.programs / device.sm_count)
+    programs, serial_steps = walk_cut(k, device)
+    occupancy = min(1.0, programs / device.sm_count)
     work = k.matmul_flops / device.matmul_flops + k.scalar_flops / device.fp32_flops
-    waves = cdiv(k.programs, device.sm_count * k.resident)
+    waves = cdiv(programs, device.sm_count * k.resident)
     step = (
         device.step_latency_s
         + k.step_loads * device.load_latency_s
@@ -85,5 +86,14 @@ def launch_sides(k: Launch, device: Device, round_trip: float) -> dict[str, floa
     return {
         "compute": work / occupancy,
         "memory": k.bytes / device.mem_bandwidth,
-        "latency": waves * (k.phases * round_trip + k.serial_steps * step),
+        "latency": waves * (k.phases * round_trip + serial_steps * step),
     }
+
+
+def walk_cut(k: Launch, device: Device) -> tuple[int, int]:
+    """(programs, serial steps) of a launch as the device runs it: a walk of few programs
+    cut into segments (`Launch.segment_steps`), as the generated launcher does."""
+    if not k.segment_steps or 2 * k.programs > device.sm_count:
+        return k.programs, k.serial_steps
+    cut = max(1, min(8, device.sm_count // k.programs, k.serial_steps // k.segment_steps))
+    return k.programs * cut, cdiv(k.serial_steps, cut)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from ssmc import cost_forms, ir
 from ssmc.cost import PlanError, Shape, cost, fused_epilogue
-from ssmc.cost_terms import sizes, tile_pairs
+from ssmc.cost_terms import Launch, sizes, tile_pairs
 from ssmc.expr import BinOp, Op, Ref
 from ssmc.pipeline import parse_file
 
@@ -284,3 +285,28 @@ def test_the_fused_epilogue_rule_is_the_renderers() -> None:
     for path in sorted(EXAMPLES.glob("*.ssm")):
         checked = parse_file(path)
         assert fused_epilogue(checked) == (roles.fused_epilogue(checked) is not None), path
+
+
+def test_a_walk_of_few_programs_is_cut_as_the_launcher_cuts_it() -> None:
+    """The chunked state walk's chain at batch 1 and few heads: cut into ⌊SMs / walkers⌋
+    segments (at most 8, each ≥ 8 chunks) on the device, as `walk_splits` does; a walk of
+    more than half the SMs' worth of programs is not cut."""
+    from ssmc.cost_time import launch_sides, walk_cut
+    from ssmc.devices import device
+
+    h100 = device("H100")
+    def walk(checked: ir.CheckedSpec, at: Shape) -> Launch:
+        (state,) = (k for k in cost(checked, ir.Form.CHUNKED, at).launches
+                    if k.name == "chunked_state")
+        return state
+
+    few = walk(ssd(H=16), shape(16384))
+    many = walk(ssd(H=80), shape(2048, batch=8))
+    assert few.name == many.name == "chunked_state"
+    programs, steps = walk_cut(few, h100)
+    assert (programs, steps) == (few.programs * 8, few.serial_steps // 8)
+    assert walk_cut(many, h100) == (many.programs, many.serial_steps)
+    uncut = launch_sides(dataclasses.replace(few, segment_steps=0), h100, 1e-6)["latency"]
+    assert launch_sides(few, h100, 1e-6)["latency"] < uncut / 4
+    short = walk(ssd(H=16), shape(256))
+    assert walk_cut(short, h100) == (short.programs, short.serial_steps)  # < 2 × 8 chunks
