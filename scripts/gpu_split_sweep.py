@@ -40,6 +40,8 @@ def main() -> int:
                         help="the whole forward of --spec (Mamba-2: prologue, walk, scan with "
                         "its fused gate and skip) through the module's forward(launch=...)")
     parser.add_argument("--spec", default="examples/mamba2.ssm", help="with --op")
+    parser.add_argument("--backward", action="store_true",
+                        help="with --op: time the module's backward per split instead")
     parser.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
                         help="with --op: the spec's dims (default Mamba-2 2.7B's, --heads)")
     args = parser.parse_args()
@@ -92,6 +94,13 @@ def dims_text(checked) -> str:
     return " ".join(f"{d.name}={d.value}" for d in checked.spec.dims)
 
 
+def backward_grads(module, t: dict, grad_y: torch.Tensor, chunk: int, k: int) -> tuple:
+    """The module's backward with the walks cut into k segments: (the first gradient, ...)."""
+    grads, _ = module.backward(**t, form="chunked", chunk_size=chunk, grad_y=grad_y,
+                               launch_bwd={"seq_splits": k})
+    return tuple(g for g in grads if g is not None)
+
+
 def op_sweep(module, spec, b: int, T: int, args: argparse.Namespace) -> None:
     """The module's whole forward at chunk `args.chunk` per split: bf16 x, B, C, z; fp32 dt
     and parameters (as the bench runs Mamba-2), outputs against the unsplit call's."""
@@ -105,11 +114,18 @@ def op_sweep(module, spec, b: int, T: int, args: argparse.Namespace) -> None:
     keep = fp32_tensors(spec)
     t = {k: v.to("cuda", torch.float32 if k in keep or k == "initial_state" else torch.bfloat16)
          for k, v in drawn.items()}
-    print(f"{b}x{T}, {spec.spec.name} {dims_text(spec)}: whole forward", flush=True)
+    what = "whole backward" if args.backward else "whole forward"
+    print(f"{b}x{T}, {spec.spec.name} {dims_text(spec)}: {what}", flush=True)
     want = None
+    if args.backward:
+        y = module.forward(**t, form="chunked", chunk_size=args.chunk)[0]
+        grad_y = torch.randn(y.shape, device="cuda", generator=torch.Generator(
+            device="cuda").manual_seed(1)).to(y.dtype)
     for k in args.splits:
         run = functools.partial(module.forward, **t, form="chunked", chunk_size=args.chunk,
                                 launch={"seq_splits": k})
+        if args.backward:
+            run = functools.partial(backward_grads, module, t, grad_y, args.chunk, k)
         y = run()[0].float()
         want = y if want is None else want
         err = float((y - want).norm() / want.norm())

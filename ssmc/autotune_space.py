@@ -54,6 +54,7 @@ BACKWARD_KNOBS: Mapping[str, Mapping[str, tuple[Option, ...]]] = {
         "wdla_splits": (1, 2, 4, 8),
         "head_splits": (1, 2, 4, 8),
         "num_warps": (4, 8),
+        "seq_splits": (1, 2, 3, 4, 8),
     },
     "chunked_diag_bwd": {
         "block_t": (32, 64, 128),

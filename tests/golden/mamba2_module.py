@@ -2386,18 +2386,20 @@ def _adjoint_correlate(dy, x, L):
 @triton.jit
 def chunked_bwd_walk_kernel(
     key, value, s, log_a, states, tiles, first, initial, final, fwd_states, boundary,
+    seg_state, seg_decay, chunk_decay,
     stride_k_b, stride_k_t, stride_k_g, stride_k_n,
     stride_v_b, stride_v_t, stride_v_g, stride_v_p,
     stride_s_b, stride_s_t, stride_s_g,
     stride_a_b, stride_a_t, stride_a_g,
     stride_i_s, stride_i_h, stride_i_n, stride_i_p,
     stride_f_s, stride_f_h, stride_f_n, stride_f_p,
-    H, N, P, Hkey, Hval, Hd,
+    H, N, P, Hkey, Hval, Hd, SEG_ROWS, N_SEG,
     REVERSE: tl.constexpr, HAS_S: tl.constexpr, HAS_DECAY: tl.constexpr,
     HAS_INITIAL: tl.constexpr, HAS_FINAL: tl.constexpr, DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, HAS_BOUNDARY: tl.constexpr,
     BOUNDARY_NEXT: tl.constexpr, EXACT_TAIL: tl.constexpr, STAGES: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     # HAS_BOUNDARY (the reverse walk of a decayed core): also ⟨H_{r+1}, Λ_r⟩, this program's
     # N × P tile of it, for every chunk r with a successor in its sequence — dlog a at
@@ -2405,27 +2407,41 @@ def chunked_bwd_walk_kernel(
     # rest of the sequence (see chunked_bwd). BOUNDARY_NEXT = 0 (dla="straddle"): ⟨H_r, Λ_r⟩
     # instead, for every chunk (the pairs of tokens on both sides of chunk r). EXACT_TAIL
     # (dla="straddle" so far): the forward walk's weights from the decay summed over the
-    # tokens after each one, not b_e − b_cc
+    # tokens after each one, not b_e − b_cc. SPLIT: the sequence's chunks cut into segments of
+    # SEG_ROWS walked in parallel (chunked_bwd_walk_combine and _fixup put them together)
     i_pid = tl.program_id(0).to(tl.int64)
     n_p = tl.cdiv(P, BLOCK_P)
     n_np = tl.cdiv(N, BLOCK_N) * n_p
     i_n = i_pid % n_np // n_p
     i_p = i_pid % n_p
     i_h = i_pid // n_np % H
-    i_s = i_pid // (n_np * H)
+    i_g = i_pid // (n_np * H) % N_SEG  # the segment (0 without SPLIT: N_SEG = 1)
+    i_s = i_pid // (n_np * H * N_SEG)
     o_t = tl.arange(0, BLOCK_T)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
     m_n = o_n < N
     m_p = o_p < P
     m_np = m_n[:, None] & m_p[None, :]
-    if HAS_INITIAL:
-        b_h = tl.load(initial + i_s * stride_i_s + i_h * stride_i_h + o_n[:, None] * stride_i_n
-                      + o_p[None, :] * stride_i_p, mask=m_np, other=0.0).to(tl.float32)
-    else:
-        b_h = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
     r_first = tl.load(first + i_s)
     n_rows = tl.load(first + i_s + 1) - r_first
+    m_init = m_np
+    if SPLIT:
+        # the segment's rows; the walk's own start (the sequence's first row forward, its
+        # last backward) takes the initial state, the other segments start from zero
+        if REVERSE:
+            g_init = tl.maximum(n_rows - 1, 0) // SEG_ROWS
+        else:
+            g_init = 0
+        m_init = m_np & (o_p[None, :] * 0 + i_g == g_init)  # (a block: no scalar masks)
+        n_rows = tl.minimum(tl.maximum(n_rows - i_g * SEG_ROWS, 0), SEG_ROWS)
+        r_first = r_first + i_g * SEG_ROWS
+        b_d = 0.0  # Σ log a from the segment's walk start
+    if HAS_INITIAL:
+        b_h = tl.load(initial + i_s * stride_i_s + i_h * stride_i_h + o_n[:, None] * stride_i_n
+                      + o_p[None, :] * stride_i_p, mask=m_init, other=0.0).to(tl.float32)
+    else:
+        b_h = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
     p_k0 = key + (i_h // Hkey) * stride_k_g + o_n[None, :] * stride_k_n
     p_v0 = value + (i_h // Hval) * stride_v_g + o_p[None, :] * stride_v_p
     p_H0 = states + (i_h * N + o_n[:, None]) * P + o_p[None, :]
@@ -2442,6 +2458,9 @@ def chunked_bwd_walk_kernel(
             i_r = r_first + i_k
         if i_j == 0:
             tl.store(p_H0 + i_r * H * N * P, b_h.to(states.dtype.element_ty), mask=m_np)
+            if SPLIT:
+                if i_pid % n_np == 0:
+                    tl.store(chunk_decay + i_r * H + i_h, b_d)
         if HAS_BOUNDARY and i_j == 0:
             if i_k + 1 - BOUNDARY_NEXT > 0:
                 b_next = tl.load(fwd_states + (i_r + BOUNDARY_NEXT) * H * N * P
@@ -2474,6 +2493,8 @@ def chunked_bwd_walk_kernel(
             else:
                 b_w = tl.where(m_t, tl.exp(b_e - b_cc), 0.0)
             b_h *= tl.exp(b_e)
+            if SPLIT:
+                b_d += b_e
         else:
             b_w = tl.where(m_t, 1.0, 0.0)
         if HAS_S:
@@ -2485,9 +2506,98 @@ def chunked_bwd_walk_kernel(
                       mask=m_t[:, None] & m_p[None, :], other=0.0)  # [BLOCK_T, BLOCK_P]
         b_vw = (b_v.to(tl.float32) * b_w[:, None]).to(DOT_DTYPE)
         b_h = tl.dot(tl.trans(b_k.to(DOT_DTYPE)), b_vw, acc=b_h, input_precision=DOT_PRECISION)
-    if HAS_FINAL:
+    if SPLIT:
+        # the segment's end state and decay, for chunked_bwd_walk_combine
+        i_sg = i_s * N_SEG + i_g
+        tl.store(seg_state + ((i_sg * H + i_h) * N + o_n[:, None]) * P + o_p[None, :], b_h,
+                 mask=m_np)
+        if i_pid % n_np == 0:
+            tl.store(seg_decay + i_sg * H + i_h, b_d)
+    elif HAS_FINAL:
         tl.store(final + i_s * stride_f_s + i_h * stride_f_h + o_n[:, None] * stride_f_n
                  + o_p[None, :] * stride_f_p, b_h, mask=m_np)
+
+
+@triton.jit
+def chunked_bwd_walk_combine_kernel(
+    seg_state, seg_decay, final, stride_f_s, stride_f_h, stride_f_n, stride_f_p, H, N, P, N_SEG,
+    REVERSE: tl.constexpr, HAS_FINAL: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    # One program per (sequence, head, N tile × P tile): the segments in the walk's order, each
+    # one's end state E_g replaced by the state entering it, Z (zero for the walk's first),
+    # Z ← exp(D_g) Z + E_g; the last Z is the walk's final state (h_T forward, dh_0 backward).
+    i_pid = tl.program_id(0).to(tl.int64)
+    n_p = tl.cdiv(P, BLOCK_P)
+    n_np = tl.cdiv(N, BLOCK_N) * n_p
+    i_n = i_pid % n_np // n_p
+    i_p = i_pid % n_p
+    i_h = i_pid // n_np % H
+    i_s = i_pid // (n_np * H)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    m_np = (o_n < N)[:, None] & (o_p < P)[None, :]
+    b_z = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
+    for i_k in range(0, N_SEG):
+        if REVERSE:
+            i_sg = i_s * N_SEG + N_SEG - 1 - i_k
+        else:
+            i_sg = i_s * N_SEG + i_k
+        p_e = seg_state + ((i_sg * H + i_h) * N + o_n[:, None]) * P + o_p[None, :]
+        b_e = tl.load(p_e, mask=m_np, other=0.0)  # [BLOCK_N, BLOCK_P]
+        b_dg = tl.load(seg_decay + i_sg * H + i_h)
+        tl.store(p_e, b_z, mask=m_np)
+        b_z = b_z * tl.exp(b_dg) + b_e
+    if HAS_FINAL:
+        tl.store(final + i_s * stride_f_s + i_h * stride_f_h + o_n[:, None] * stride_f_n
+                 + o_p[None, :] * stride_f_p, b_z, mask=m_np)
+
+
+@triton.jit
+def chunked_bwd_walk_fixup_kernel(
+    states, tiles, first, seg_state, chunk_decay, fwd_states, boundary, H, N, P, SEG_ROWS,
+    N_SEG, REVERSE: tl.constexpr, HAS_BOUNDARY: tl.constexpr, BOUNDARY_NEXT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # One program per (chunk r, head, N tile × P tile) of a split walk: the state stored for
+    # chunk r, local to its segment, made whole, H_r += exp(decay from the segment's walk
+    # start to r) Z_g (Z_g: the state entering the segment, chunked_bwd_walk_combine); with
+    # HAS_BOUNDARY (the reverse walk) the boundary term ⟨F, Λ_r⟩ (F = fwd_states[r + NEXT])
+    # the walk formed from the local Λ_r gets the same correction, exp(…) ⟨F, Z_g⟩. Chunks of
+    # the walk's first segment are whole already.
+    i_r = tl.program_id(0).to(tl.int64)
+    i_pid = tl.program_id(1).to(tl.int64)
+    n_p = tl.cdiv(P, BLOCK_P)
+    n_np = tl.cdiv(N, BLOCK_N) * n_p
+    i_n = i_pid % n_np // n_p
+    i_p = i_pid % n_p
+    i_h = i_pid // n_np
+    n_t = tl.load(tiles + i_r * 5 + 2)
+    if n_t == 0:
+        return
+    i_seq = tl.load(tiles + i_r * 5 + 3)
+    r_first = tl.load(first + i_seq)
+    i_g = (i_r - r_first) // SEG_ROWS
+    if REVERSE:
+        g_init = (tl.load(first + i_seq + 1) - 1 - r_first) // SEG_ROWS
+    else:
+        g_init = 0
+    if i_g == g_init:
+        return
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    m_np = (o_n < N)[:, None] & (o_p < P)[None, :]
+    o_t = (i_h * N + o_n[:, None]) * P + o_p[None, :]
+    b_z = tl.load(seg_state + (i_seq * N_SEG + i_g) * H * N * P + o_t, mask=m_np, other=0.0)
+    b_z *= tl.exp(tl.load(chunk_decay + i_r * H + i_h))  # [BLOCK_N, BLOCK_P]
+    p_H = states + i_r * H * N * P + o_t
+    b_H = tl.load(p_H, mask=m_np, other=0.0).to(tl.float32)
+    tl.store(p_H, (b_H + b_z).to(states.dtype.element_ty), mask=m_np)
+    if HAS_BOUNDARY:
+        b_f = tl.load(fwd_states + (i_r + BOUNDARY_NEXT) * H * N * P + o_t, mask=m_np,
+                      other=0.0).to(tl.float32)
+        p_b = boundary + (i_r * H + i_h) * n_np + i_pid % n_np
+        tl.store(p_b, tl.load(p_b) + tl.sum(tl.sum(b_f * b_z, axis=1), axis=0))
 
 
 @triton.jit
@@ -3301,7 +3411,8 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
                 num_warps=None, head_splits=None, stored_cc=True, dla="straddle",
                 dbc=None, warps_of=None, walk_block_n=None, walk_block_p=None, walk_stages=2,
                 stages_of=None, dla_block_m=None, dla_decay="diff", dla_diag="sums", dx_into=None,
-                wdla=True, wdla_splits=None, dx_skip=None, dbc_block_m=None, dbc_block_n=None):
+                wdla=True, wdla_splits=None, dx_skip=None, dbc_block_m=None, dbc_block_n=None,
+                seq_splits=None):
     """(dx, ds, dlog_a, dB, dC, dh0) of the core by the fused chunked backward.
 
     x [b, T, Gv, P], s [b, T, Gv] or None (X̄ = x s), log_a [b, T, Gd] or None (causal),
@@ -3337,7 +3448,9 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
     gradient through a skip k ⊙ x) is added in the same store. wdla: W and dlog a in one launch (chunked_bwd_wdla_kernel) where it
     applies: dbc="shared", dla_diag="sums", chunks of at most two row blocks, W groups of
     whole decay groups. wdla_splits: programs a W group's heads are split over (each a
-    whole number of decay groups; W's parts summed after in fp32), default 4.
+    whole number of decay groups; W's parts summed after in fp32), default 4. seq_splits:
+    segments of each sequence the two walks are cut into, walked in parallel (default
+    walk_splits: more than 1 only where the walkers are too few for the GPU).
     """
     if dla not in ("suffix", "straddle"):
         raise ValueError(f"chunked_bwd: dla must be 'suffix' or 'straddle', got {dla!r}")
@@ -3433,23 +3546,53 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
         block_t = 128 if S * H * n_np < 2 * sms else 64
     block_t = min(block_t, Q)
 
+    # the walks cut into segments walked in parallel where they are too few for the GPU
+    # (walk_splits, as the forward's): each segment's states local to it, then the segments'
+    # entering states (chunked_bwd_walk_combine) added to them in place (_fixup)
+    if seq_splits is None:
+        seq_splits = walk_splits(S * H * n_np, triton.cdiv(T, Q), x)
+    seg_rows = triton.cdiv(triton.cdiv(T, Q), max(1, seq_splits))
+    n_seg = triton.cdiv(triton.cdiv(T, Q), seg_rows) if seq_splits > 1 else 1
+    split = n_seg > 1
+
     def walk(key, value, ratios, init, fin, reverse, fwd=None, boundary=None, next_=1):
         states = torch.empty((R, H, N, P), device=device, dtype=state_dtype)
-        grid = (S * H * n_np,)
+        if split:
+            seg_state = torch.empty((S * n_seg, H, N, P), **f32)
+            seg_decay = torch.zeros((S * n_seg, H), **f32)
+            chunk_decay = torch.zeros((R, H), **f32)
+        else:
+            seg_state = seg_decay = chunk_decay = states
+        grid = (S * n_seg * H * n_np,)
         chunked_bwd_walk_kernel[grid](
             key, value, s_arg, a_arg, states, tiles, first,
             init if init is not None else states, fin if fin is not None else states,
             fwd if fwd is not None else states, boundary if boundary is not None else states,
+            seg_state, seg_decay, chunk_decay,
             *key.stride(), *value.stride(), *(zero4[:3] if reverse else s_str), *a_str,
             *(init.stride() if init is not None else zero4),
             *(fin.stride() if fin is not None else zero4),
-            H, N, P, *ratios, H // Gd,
+            H, N, P, *ratios, H // Gd, seg_rows, n_seg,
             REVERSE=reverse, HAS_S=s is not None and not reverse,
             HAS_INITIAL=init is not None, HAS_FINAL=fin is not None, BLOCK_T=block_t,
             BLOCK_N=walk_bn, BLOCK_P=walk_bp, HAS_BOUNDARY=boundary is not None,
-            BOUNDARY_NEXT=next_, EXACT_TAIL=straddle, STAGES=walk_stages,
+            BOUNDARY_NEXT=next_, EXACT_TAIL=straddle, STAGES=walk_stages, SPLIT=split,
             num_warps=warps_of["walk"], **consts,
         )
+        if split:
+            chunked_bwd_walk_combine_kernel[(S * H * n_np,)](
+                seg_state, seg_decay, fin if fin is not None else seg_state,
+                *(fin.stride() if fin is not None else zero4), H, N, P, n_seg,
+                REVERSE=reverse, HAS_FINAL=fin is not None, BLOCK_N=walk_bn, BLOCK_P=walk_bp,
+                num_warps=warps_of["walk"],
+            )
+            chunked_bwd_walk_fixup_kernel[(R, H * n_np)](
+                states, tiles, first, seg_state, chunk_decay,
+                fwd if fwd is not None else states, boundary if boundary is not None else states,
+                H, N, P, seg_rows, n_seg, REVERSE=reverse, HAS_BOUNDARY=boundary is not None,
+                BOUNDARY_NEXT=next_, BLOCK_N=walk_bn, BLOCK_P=walk_bp,
+                num_warps=warps_of["walk"],
+            )
         return states
 
     fwd_states = walk(B, x, (H // Gk, H // Gv), initial_state, hT, False)
