@@ -23,10 +23,13 @@ from test_adjoint import DEVICE, Case, fused_stage, inputs, reference, rel_err
 GRADS = ("dx", "ds", "dlog_a", "dB", "dC", "dh0")
 
 
-def run(case: Case, monkeypatch, **options) -> tuple[dict, dict, RecordingTorch]:
+def run(case: Case, monkeypatch, log_a_scale: float = 1.0,
+        **options) -> tuple[dict, dict, RecordingTorch]:
     """(got, want, recorder): chunked_bwd on fp32 inputs (chunks of 16 unless options say
-    otherwise) and the fp64 reference gradients, X̄ = x s."""
+    otherwise) and the fp64 reference gradients, X̄ = x s; log a scaled by `log_a_scale`."""
     t = inputs(case, torch.float64)
+    if t["log_a"] is not None:
+        t["log_a"] = t["log_a"] * log_a_scale
     g = torch.Generator().manual_seed(zlib.crc32(case.id.encode()) + 1)
     s = 0.5 + torch.rand(t["x"].shape[:3], generator=g, dtype=torch.float64)
     x = t["x"]

@@ -1,6 +1,6 @@
 """chunked_bwd with its two walks cut into segments walked in parallel (seq_splits): each
 segment's states local to it, the segments' entering states combined in order and added back
-in place (chunked_bwd_walk_combine, _fixup), the reverse walk's boundary terms corrected too.
+in place (walk_combine, chunked_bwd_walk_fixup), the reverse walk's boundary terms corrected too.
 
 Against autograd of the fp64 recurrent form on fresh random inputs with weak decays (states
 carry across segments, so the combine and the fix-up matter), every buffer NaN-poisoned
@@ -14,50 +14,19 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import zlib
-
 import pytest
-from recording_torch import RecordingTorch
-from test_adjoint import DEVICE, Case, fused_stage, inputs, reference, rel_err
-
-GRADS = ("dx", "ds", "dlog_a", "dB", "dC", "dh0")
+from launches import record_launches
+from test_adjoint import Case, fused_stage, rel_err
+from test_chunked_bwd_shared import run
 
 pytestmark = pytest.mark.interpret
 
 
-def run(case: Case, monkeypatch, weak: bool, **options) -> tuple[dict, dict]:
-    """(got, want): chunked_bwd on fp32 inputs, chunks of 16, and the fp64 reference's
-    gradients, X̄ = x s; `weak`: log a scaled to −[0.0005, 0.05] a token."""
-    t = inputs(case, torch.float64)
-    if weak and t["log_a"] is not None:
-        t["log_a"] = t["log_a"] * 0.05
-    g = torch.Generator().manual_seed(zlib.crc32(case.id.encode()) + 1)
-    s = 0.5 + torch.rand(t["x"].shape[:3], generator=g, dtype=torch.float64)
-    x = t["x"]
-    t["x"] = x * s[..., None]
-    dxbar, dla, dB, dC, dh0 = reference(t)
-    want = dict(dx=dxbar * s[..., None], ds=(dxbar * x).sum(-1), dlog_a=dla, dB=dB, dC=dC,
-                dh0=dh0)
-    module = fused_stage(case.decay)
-    monkeypatch.setattr(module, "torch", RecordingTorch())
-
-    def dev(v):
-        return None if v is None else v.to(DEVICE, torch.float32)
-
-    out = module.chunked_bwd(
-        dev(x), dev(s), dev(t["log_a"]), dev(t["B"]), dev(t["C"]), heads=t["heads"],
-        initial_state=dev(t["h0"]),
-        cu_seqlens=None if t["cu_seqlens"] is None else t["cu_seqlens"].to(DEVICE),
-        dy=dev(t["dy"]), dfinal=dev(t["dfinal"]),
-        **{"chunk_size": 16, "block_m": 16, "block_n": 16, "block_p": 16, "block_t": 16,
-           **options},
-    )
-    return dict(zip(GRADS, out, strict=True)), want
-
-
 def check(case: Case, monkeypatch, weak: bool = True, **options) -> None:
-    """Every gradient within DESIGN §5's fp32 bound (dlog a 10×) and fully written."""
-    got, want = run(case, monkeypatch, weak, **options)
+    """Every gradient within DESIGN §5's fp32 bound (dlog a 10×) and fully written; `weak`:
+    log a scaled to −[0.0005, 0.05] a token."""
+    got, want, _ = run(case, monkeypatch, 0.05 if weak else 1.0,
+                       **{"block_t": 16, **options})
     for name, w in want.items():
         gr = got[name]
         assert (gr is None) == (w is None), name
@@ -106,26 +75,15 @@ def test_split_walks_launch_the_combine_and_fixup(monkeypatch) -> None:
     """seq_splits=2 runs both walks as segment programs, each followed by its combine and its
     fix-up; seq_splits=1 (the default off the GPU) none of them."""
     module = fused_stage("scalar")
-    launched: list[str] = []
-    for name in ("chunked_bwd_walk_kernel", "chunked_bwd_walk_combine_kernel",
-                 "chunked_bwd_walk_fixup_kernel"):
-        kernel = getattr(module, name)
-
-        class Counting:
-            def __init__(self, kernel, name):
-                self.kernel, self.name = kernel, name
-
-            def __getitem__(self, grid):
-                launched.append(f"{self.name}{tuple(grid)}")
-                return self.kernel[grid]
-
-        monkeypatch.setattr(module, name, Counting(kernel, name))
+    launched = record_launches(monkeypatch, module, ("chunked_bwd_walk_kernel",
+                                                     "walk_combine_kernel",
+                                                     "chunked_bwd_walk_fixup_kernel"))
     case = Case("count", "scalar", (4, 1, 1, 4), T=64, N=16, P=16)
-    run(case, monkeypatch, True, seq_splits=2)
+    run(case, monkeypatch, 0.05, block_t=16, seq_splits=2)
     # batch 2 × 2 segments × 4 heads × one tile; 2 × 4 sequences-heads; 8 chunks × 4 heads
-    walk, combine, fixup = ("chunked_bwd_walk_kernel(16,)", "chunked_bwd_walk_combine_kernel(8,)",
+    walk, combine, fixup = ("chunked_bwd_walk_kernel(16,)", "walk_combine_kernel(8,)",
                             "chunked_bwd_walk_fixup_kernel(8, 4)")
     assert launched == [walk, combine, fixup] * 2
     launched.clear()
-    run(case, monkeypatch, True, seq_splits=1)
+    run(case, monkeypatch, 0.05, block_t=16, seq_splits=1)
     assert launched == ["chunked_bwd_walk_kernel(8,)"] * 2

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from launches import record_launches
 
 from ssmc import forms_torch
 from ssmc.load import load_source
@@ -238,19 +239,8 @@ def test_split_walk_really_splits(monkeypatch: pytest.MonkeyPatch) -> None:
     are local to their segment (the scan adds the rest): a mutation dropping the scan's Z term
     would fail test_chunked_matches_oracle's split cases; here the launches themselves."""
     module = stage("scalar")
-    launched: list[str] = []
-    for name in ("chunked_state_fwd_kernel", "chunked_state_combine_kernel"):
-        kernel = getattr(module, name)
-
-        class Counting:
-            def __init__(self, kernel, name):
-                self.kernel, self.name = kernel, name
-
-            def __getitem__(self, grid):
-                launched.append(f"{self.name}{tuple(grid)}")
-                return self.kernel[grid]
-
-        monkeypatch.setattr(module, name, Counting(kernel, name))
+    launched = record_launches(monkeypatch, module, ("chunked_state_fwd_kernel",
+                                                     "walk_combine_kernel"))
     inputs = make_inputs(Case("split", T=64), seed=3)
     x, H = inputs["x"], inputs["heads"]
     out = torch.empty(2, 64, H, 16, device=DEVICE)
@@ -258,7 +248,7 @@ def test_split_walk_really_splits(monkeypatch: pytest.MonkeyPatch) -> None:
                        initial_state=inputs["h0"], chunk_size=16, block_n=16, block_p=16,
                        seq_splits=2)
     # 2 sequences × 2 segments × 4 heads, one tile; the combine per sequence and head
-    assert launched == ["chunked_state_fwd_kernel(16,)", "chunked_state_combine_kernel(8,)"]
+    assert launched == ["chunked_state_fwd_kernel(16,)", "walk_combine_kernel(8,)"]
 
 
 def test_split_default_only_where_walkers_are_few(monkeypatch: pytest.MonkeyPatch) -> None:

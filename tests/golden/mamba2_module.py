@@ -509,6 +509,65 @@ def walk_splits(walkers, chunks, x):
     return max(1, min(8, sms // walkers, chunks // 8))
 
 
+@triton.jit
+def walk_combine_kernel(
+    seg_state, seg_decay, seg_entry, final_state,
+    stride_f_s, stride_f_h, stride_f_n, stride_f_p,
+    H, N, P, N_SEG,
+    REVERSE: tl.constexpr, PER_DIM: tl.constexpr, HAS_FINAL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # A state walk cut into segments (walk_splits), put together: one program per (sequence,
+    # head, N tile × P tile) takes the segments in the walk's order (last first when REVERSE),
+    # each one's end state E_g (seg_state, fp32) and total log decay D_g (seg_decay: per head,
+    # or per state dim when PER_DIM), and stores the state entering it, Z (zero for the walk's
+    # first segment), into seg_entry in its dtype (seg_entry may be seg_state: E_g is read
+    # first); Z ← exp(D_g) Z + E_g in fp32. The last Z is the walk's final state.
+    i_pid = tl.program_id(0).to(tl.int64)
+    n_p = tl.cdiv(P, BLOCK_P)
+    n_np = tl.cdiv(N, BLOCK_N) * n_p
+    i_n = i_pid % n_np // n_p
+    i_p = i_pid % n_p
+    i_h = i_pid // n_np % H
+    i_s = i_pid // (n_np * H)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    m_n = o_n < N
+    m_np = m_n[:, None] & (o_p < P)[None, :]
+    b_z = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
+    for i_k in range(0, N_SEG):
+        if REVERSE:
+            i_sg = i_s * N_SEG + N_SEG - 1 - i_k
+        else:
+            i_sg = i_s * N_SEG + i_k
+        o_e = ((i_sg * H + i_h) * N + o_n[:, None]) * P + o_p[None, :]
+        b_e = tl.load(seg_state + o_e, mask=m_np, other=0.0)  # [BLOCK_N, BLOCK_P]
+        if PER_DIM:
+            b_dg = tl.load(seg_decay + (i_sg * H + i_h) * N + o_n, mask=m_n, other=0.0)[:, None]
+        else:
+            b_dg = tl.load(seg_decay + i_sg * H + i_h)
+        tl.store(seg_entry + o_e, b_z.to(seg_entry.dtype.element_ty), mask=m_np)
+        b_z = b_z * tl.exp(b_dg) + b_e
+    if HAS_FINAL:
+        tl.store(final_state + i_s * stride_f_s + i_h * stride_f_h + o_n[:, None] * stride_f_n
+                 + o_p[None, :] * stride_f_p, b_z, mask=m_np)
+
+
+def walk_combine(seg_state, seg_decay, seg_entry, final_state, *, seqs, heads, block_n,
+                 block_p, reverse=False, num_warps=4):
+    """Launch walk_combine_kernel over `seqs` sequences (seg_decay [S·n_seg, H] or, per state
+    dim, [S·n_seg, H, N]); the final state into `final_state` when given."""
+    n_seg, _, N, P = seg_state.shape
+    n_seg //= seqs
+    strides = final_state.stride() if final_state is not None else (0, 0, 0, 0)
+    walk_combine_kernel[(seqs * heads * _cdiv(N, block_n) * _cdiv(P, block_p),)](
+        seg_state, seg_decay, seg_entry, final_state if final_state is not None else seg_state,
+        *strides, heads, N, P, n_seg, REVERSE=reverse, PER_DIM=seg_decay.dim() == 3,
+        HAS_FINAL=final_state is not None, BLOCK_N=block_n, BLOCK_P=block_p,
+        num_warps=num_warps,
+    )
+
+
 def seq_tiles(cu_seqlens, batch, seqlen, tile, device):
     """Tiles of at most `tile` tokens inside one sequence each.
 
@@ -873,6 +932,65 @@ def walk_splits(walkers, chunks, x):
     return max(1, min(8, sms // walkers, chunks // 8))
 
 
+@triton.jit
+def walk_combine_kernel(
+    seg_state, seg_decay, seg_entry, final_state,
+    stride_f_s, stride_f_h, stride_f_n, stride_f_p,
+    H, N, P, N_SEG,
+    REVERSE: tl.constexpr, PER_DIM: tl.constexpr, HAS_FINAL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # A state walk cut into segments (walk_splits), put together: one program per (sequence,
+    # head, N tile × P tile) takes the segments in the walk's order (last first when REVERSE),
+    # each one's end state E_g (seg_state, fp32) and total log decay D_g (seg_decay: per head,
+    # or per state dim when PER_DIM), and stores the state entering it, Z (zero for the walk's
+    # first segment), into seg_entry in its dtype (seg_entry may be seg_state: E_g is read
+    # first); Z ← exp(D_g) Z + E_g in fp32. The last Z is the walk's final state.
+    i_pid = tl.program_id(0).to(tl.int64)
+    n_p = tl.cdiv(P, BLOCK_P)
+    n_np = tl.cdiv(N, BLOCK_N) * n_p
+    i_n = i_pid % n_np // n_p
+    i_p = i_pid % n_p
+    i_h = i_pid // n_np % H
+    i_s = i_pid // (n_np * H)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    m_n = o_n < N
+    m_np = m_n[:, None] & (o_p < P)[None, :]
+    b_z = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
+    for i_k in range(0, N_SEG):
+        if REVERSE:
+            i_sg = i_s * N_SEG + N_SEG - 1 - i_k
+        else:
+            i_sg = i_s * N_SEG + i_k
+        o_e = ((i_sg * H + i_h) * N + o_n[:, None]) * P + o_p[None, :]
+        b_e = tl.load(seg_state + o_e, mask=m_np, other=0.0)  # [BLOCK_N, BLOCK_P]
+        if PER_DIM:
+            b_dg = tl.load(seg_decay + (i_sg * H + i_h) * N + o_n, mask=m_n, other=0.0)[:, None]
+        else:
+            b_dg = tl.load(seg_decay + i_sg * H + i_h)
+        tl.store(seg_entry + o_e, b_z.to(seg_entry.dtype.element_ty), mask=m_np)
+        b_z = b_z * tl.exp(b_dg) + b_e
+    if HAS_FINAL:
+        tl.store(final_state + i_s * stride_f_s + i_h * stride_f_h + o_n[:, None] * stride_f_n
+                 + o_p[None, :] * stride_f_p, b_z, mask=m_np)
+
+
+def walk_combine(seg_state, seg_decay, seg_entry, final_state, *, seqs, heads, block_n,
+                 block_p, reverse=False, num_warps=4):
+    """Launch walk_combine_kernel over `seqs` sequences (seg_decay [S·n_seg, H] or, per state
+    dim, [S·n_seg, H, N]); the final state into `final_state` when given."""
+    n_seg, _, N, P = seg_state.shape
+    n_seg //= seqs
+    strides = final_state.stride() if final_state is not None else (0, 0, 0, 0)
+    walk_combine_kernel[(seqs * heads * _cdiv(N, block_n) * _cdiv(P, block_p),)](
+        seg_state, seg_decay, seg_entry, final_state if final_state is not None else seg_state,
+        *strides, heads, N, P, n_seg, REVERSE=reverse, PER_DIM=seg_decay.dim() == 3,
+        HAS_FINAL=final_state is not None, BLOCK_N=block_n, BLOCK_P=block_p,
+        num_warps=num_warps,
+    )
+
+
 def seq_tiles(cu_seqlens, batch, seqlen, tile, device):
     """Tiles of at most `tile` tokens inside one sequence each.
 
@@ -945,7 +1063,7 @@ def _seq_tiles_dense(batch, seqlen, tile, device):
 # consecutive chunks, walked in parallel from a zero state (the initial state in the first
 # segment only), so that H_r stored is the state *local to the segment*. Each segment
 # program also stores its end state E_g (fp32) and total log decay D_g, and, per chunk, the
-# log decay from the segment's start to the chunk's start. chunked_state_combine then walks
+# log decay from the segment's start to the chunk's start. walk_combine then walks
 # the few segments in order, Z_0 = 0, Z_{g+1} = exp(D_g) Z_g + E_g, storing the state
 # entering each segment Z_g (in the states' dtype; and the final state), and the scan adds
 # exp(decay to the chunk) Z_g to H_r as it loads it: H_r = H_r^local + exp(…) Z_g.
@@ -1048,7 +1166,7 @@ def chunked_state_fwd_kernel(
                      out_dtype=ACC_DTYPE)
 
     if SPLIT:
-        # the segment's end state and decay, for chunked_state_combine
+        # the segment's end state and decay, for walk_combine
         i_sg = i_s * N_SEG + i_g
         tl.store(seg_state + ((i_sg * H + i_h) * N + o_n[:, None]) * P + o_p[None, :],
                  b_h.to(tl.float32), mask=m_np)
@@ -1057,42 +1175,6 @@ def chunked_state_fwd_kernel(
         p_hT = (final_state + i_s * stride_hT_s + i_h * stride_hT_h
                 + o_n[:, None] * stride_hT_n + o_p[None, :] * stride_hT_p)
         tl.store(p_hT, b_h, mask=m_np)
-
-
-@triton.jit
-def chunked_state_combine_kernel(
-    seg_state, seg_decay, seg_entry, final_state,
-    stride_hT_s, stride_hT_h, stride_hT_n, stride_hT_p,
-    H, N, P, N_SEG,
-    HAS_FINAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    # One program per (sequence, head, N tile × P tile): the segments in order, the state
-    # entering each, Z_g, into seg_entry (the states' dtype: the scan's dot rounds to it; Z_0 =
-    # 0: the first segment's walk started from the initial state), Z_{g+1} = exp(D_g) Z_g + E_g
-    # in fp32 from the end states E_g; the last is the final state.
-    i_pid = tl.program_id(0).to(tl.int64)
-    n_p = tl.cdiv(P, BLOCK_P)
-    n_np = tl.cdiv(N, BLOCK_N) * n_p
-    i_n = i_pid % n_np // n_p
-    i_p = i_pid % n_p
-    i_h = i_pid // n_np % H
-    i_s = i_pid // (n_np * H)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    m_np = (o_n < N)[:, None] & (o_p < P)[None, :]
-    b_z = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
-    for i_g in range(0, N_SEG):
-        i_sg = i_s * N_SEG + i_g
-        p_e = seg_state + ((i_sg * H + i_h) * N + o_n[:, None]) * P + o_p[None, :]
-        b_e = tl.load(p_e, mask=m_np, other=0.0)  # [BLOCK_N, BLOCK_P]
-        b_dg = tl.load(seg_decay + i_sg * H + i_h)
-        p_z = seg_entry + ((i_sg * H + i_h) * N + o_n[:, None]) * P + o_p[None, :]
-        tl.store(p_z, b_z.to(seg_entry.dtype.element_ty), mask=m_np)
-        b_z = b_z * tl.exp(b_dg) + b_e
-    if HAS_FINAL:
-        p_hT = (final_state + i_s * stride_hT_s + i_h * stride_hT_h
-                + o_n[:, None] * stride_hT_n + o_p[None, :] * stride_hT_p)
-        tl.store(p_hT, b_z, mask=m_np)
 
 
 def chunked_state_splits(x, B, *, first, heads, chunk_size, block_n=None, block_p=None):
@@ -1180,12 +1262,8 @@ def chunked_state_split_fwd(x, s, log_a, B, C, *, tiles, first, heads, initial_s
     )
     if not split:
         return states, None
-    chunked_state_combine_kernel[(n_seqs * heads * n_np,)](
-        seg_state, seg_decay, seg_entry, final_state if final_state is not None else seg_state,
-        *hT_strides, heads, N, P, n_seg,
-        HAS_FINAL=final_state is not None, BLOCK_N=block_n, BLOCK_P=block_p,
-        num_warps=num_warps,
-    )
+    walk_combine(seg_state, seg_decay, seg_entry, final_state, seqs=n_seqs, heads=heads,
+                 block_n=block_n, block_p=block_p, num_warps=num_warps)
     return states, (seg_entry, chunk_decay, seg_rows, first)
 
 
@@ -2408,7 +2486,7 @@ def chunked_bwd_walk_kernel(
     # instead, for every chunk (the pairs of tokens on both sides of chunk r). EXACT_TAIL
     # (dla="straddle" so far): the forward walk's weights from the decay summed over the
     # tokens after each one, not b_e − b_cc. SPLIT: the sequence's chunks cut into segments of
-    # SEG_ROWS walked in parallel (chunked_bwd_walk_combine and _fixup put them together)
+    # SEG_ROWS walked in parallel (walk_combine and chunked_bwd_walk_fixup put them together)
     i_pid = tl.program_id(0).to(tl.int64)
     n_p = tl.cdiv(P, BLOCK_P)
     n_np = tl.cdiv(N, BLOCK_N) * n_p
@@ -2507,7 +2585,7 @@ def chunked_bwd_walk_kernel(
         b_vw = (b_v.to(tl.float32) * b_w[:, None]).to(DOT_DTYPE)
         b_h = tl.dot(tl.trans(b_k.to(DOT_DTYPE)), b_vw, acc=b_h, input_precision=DOT_PRECISION)
     if SPLIT:
-        # the segment's end state and decay, for chunked_bwd_walk_combine
+        # the segment's end state and decay, for walk_combine
         i_sg = i_s * N_SEG + i_g
         tl.store(seg_state + ((i_sg * H + i_h) * N + o_n[:, None]) * P + o_p[None, :], b_h,
                  mask=m_np)
@@ -2519,41 +2597,6 @@ def chunked_bwd_walk_kernel(
 
 
 @triton.jit
-def chunked_bwd_walk_combine_kernel(
-    seg_state, seg_decay, final, stride_f_s, stride_f_h, stride_f_n, stride_f_p, H, N, P, N_SEG,
-    REVERSE: tl.constexpr, HAS_FINAL: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    # One program per (sequence, head, N tile × P tile): the segments in the walk's order, each
-    # one's end state E_g replaced by the state entering it, Z (zero for the walk's first),
-    # Z ← exp(D_g) Z + E_g; the last Z is the walk's final state (h_T forward, dh_0 backward).
-    i_pid = tl.program_id(0).to(tl.int64)
-    n_p = tl.cdiv(P, BLOCK_P)
-    n_np = tl.cdiv(N, BLOCK_N) * n_p
-    i_n = i_pid % n_np // n_p
-    i_p = i_pid % n_p
-    i_h = i_pid // n_np % H
-    i_s = i_pid // (n_np * H)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    m_np = (o_n < N)[:, None] & (o_p < P)[None, :]
-    b_z = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
-    for i_k in range(0, N_SEG):
-        if REVERSE:
-            i_sg = i_s * N_SEG + N_SEG - 1 - i_k
-        else:
-            i_sg = i_s * N_SEG + i_k
-        p_e = seg_state + ((i_sg * H + i_h) * N + o_n[:, None]) * P + o_p[None, :]
-        b_e = tl.load(p_e, mask=m_np, other=0.0)  # [BLOCK_N, BLOCK_P]
-        b_dg = tl.load(seg_decay + i_sg * H + i_h)
-        tl.store(p_e, b_z, mask=m_np)
-        b_z = b_z * tl.exp(b_dg) + b_e
-    if HAS_FINAL:
-        tl.store(final + i_s * stride_f_s + i_h * stride_f_h + o_n[:, None] * stride_f_n
-                 + o_p[None, :] * stride_f_p, b_z, mask=m_np)
-
-
-@triton.jit
 def chunked_bwd_walk_fixup_kernel(
     states, tiles, first, seg_state, chunk_decay, fwd_states, boundary, H, N, P, SEG_ROWS,
     N_SEG, REVERSE: tl.constexpr, HAS_BOUNDARY: tl.constexpr, BOUNDARY_NEXT: tl.constexpr,
@@ -2561,7 +2604,7 @@ def chunked_bwd_walk_fixup_kernel(
 ):
     # One program per (chunk r, head, N tile × P tile) of a split walk: the state stored for
     # chunk r, local to its segment, made whole, H_r += exp(decay from the segment's walk
-    # start to r) Z_g (Z_g: the state entering the segment, chunked_bwd_walk_combine); with
+    # start to r) Z_g (Z_g: the state entering the segment, walk_combine); with
     # HAS_BOUNDARY (the reverse walk) the boundary term ⟨F, Λ_r⟩ (F = fwd_states[r + NEXT])
     # the walk formed from the local Λ_r gets the same correction, exp(…) ⟨F, Z_g⟩. Chunks of
     # the walk's first segment are whole already.
@@ -3548,7 +3591,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
 
     # the walks cut into segments walked in parallel where they are too few for the GPU
     # (walk_splits, as the forward's): each segment's states local to it, then the segments'
-    # entering states (chunked_bwd_walk_combine) added to them in place (_fixup)
+    # entering states (walk_combine) added to them in place (chunked_bwd_walk_fixup)
     if seq_splits is None:
         seq_splits = walk_splits(S * H * n_np, triton.cdiv(T, Q), x)
     seg_rows = triton.cdiv(triton.cdiv(T, Q), max(1, seq_splits))
@@ -3580,12 +3623,9 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
             num_warps=warps_of["walk"], **consts,
         )
         if split:
-            chunked_bwd_walk_combine_kernel[(S * H * n_np,)](
-                seg_state, seg_decay, fin if fin is not None else seg_state,
-                *(fin.stride() if fin is not None else zero4), H, N, P, n_seg,
-                REVERSE=reverse, HAS_FINAL=fin is not None, BLOCK_N=walk_bn, BLOCK_P=walk_bp,
-                num_warps=warps_of["walk"],
-            )
+            # the states entering the segments, in place of their end states
+            walk_combine(seg_state, seg_decay, seg_state, fin, seqs=S, heads=H, block_n=walk_bn,
+                         block_p=walk_bp, reverse=reverse, num_warps=warps_of["walk"])
             chunked_bwd_walk_fixup_kernel[(R, H * n_np)](
                 states, tiles, first, seg_state, chunk_decay,
                 fwd if fwd is not None else states, boundary if boundary is not None else states,
