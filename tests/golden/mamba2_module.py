@@ -484,13 +484,17 @@ def _pow2(n):
     return 1 << (n - 1).bit_length()
 
 
-def _sm_count(device, _cache={}):
-    """Streaming multiprocessors of a CUDA device (0 elsewhere: the interpreter), read once."""
+_SM_COUNT = {}
+
+
+def _sm_count(device):
+    """Streaming multiprocessors of a CUDA device (0 elsewhere: the interpreter), read once
+    per device (the properties cost µs a call on the host)."""
     if device.type != "cuda":
         return 0
-    if device not in _cache:
-        _cache[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _cache[device]
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device]
 
 
 def walk_splits(walkers, chunks, x):
@@ -907,13 +911,17 @@ def _pow2(n):
     return 1 << (n - 1).bit_length()
 
 
-def _sm_count(device, _cache={}):
-    """Streaming multiprocessors of a CUDA device (0 elsewhere: the interpreter), read once."""
+_SM_COUNT = {}
+
+
+def _sm_count(device):
+    """Streaming multiprocessors of a CUDA device (0 elsewhere: the interpreter), read once
+    per device (the properties cost µs a call on the host)."""
     if device.type != "cuda":
         return 0
-    if device not in _cache:
-        _cache[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _cache[device]
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device]
 
 
 def walk_splits(walkers, chunks, x):
@@ -3578,8 +3586,7 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
 
     n_np = triton.cdiv(N, walk_bn) * triton.cdiv(P, walk_bp)
     # streaming multiprocessors, for the launches' defaults (0 off the GPU: the interpreter)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count \
-        if device.type == "cuda" else 0
+    sms = _sm_count(device)
     if block_t is None:
         # the walks' step: 128 tokens where they are fewer than two a streaming multiprocessor
         # (each walks a long sequence, bound by its chain of steps), else 64. On the H100 at the
