@@ -270,6 +270,11 @@ def forward_params(spec: ir.Spec) -> tuple[str, ...]:
     return tuple(names)
 
 
+TILED_STAGES = frozenset({"chunked", "chunked_diag", "quadratic"})
+"""Stages that include seq_tiles (the tile table, the split walks' helpers) when rendered
+alone; a module renders it once for all of them (their `shared_tiles`)."""
+
+
 def render_module(checked: ir.CheckedSpec, *, versions: Mapping[str, str] | None = None) -> str:
     """The generated module of `checked`: header, stages, and `forward`.
 
@@ -317,8 +322,13 @@ def render_module(checked: ir.CheckedSpec, *, versions: Mapping[str, str] | None
     # A top stage includes its own helpers (chunked → chunked_cumsum, seq_tiles...).
     # The chunked scan applies the output roles in its store (out written once, no y).
     tile_epi = fused_epilogue(checked) if "chunked" in tops else None
+    # once for every tiled stage below (a diagonal spec's backward renders the scalar chunked
+    # forward too)
+    if TILED_STAGES & set(tops) or (forms and decay == "diagonal"):
+        stages.append(render_stage("seq_tiles"))
     stages += [
-        render_stage(top, **stage_ctx, **({"tile_epilogue": tile_epi} if top == "chunked" else {}))
+        render_stage(top, **stage_ctx, **({"tile_epilogue": tile_epi} if top == "chunked" else {}),
+                     shared_tiles=True)
         for top in dict.fromkeys(tops)
     ]
     # The one-token step in one launch where its roles can be rendered into the decode kernel
@@ -449,5 +459,6 @@ def _backward_stages(
     elif path == "chunked_diag_bwd":  # reads the chunked_diag stage's cumsum, intra, seq_tiles
         stages.append(render_stage("chunked_diag_bwd"))
     if stage_ctx["decay"] == "diagonal":
-        stages.append(render_stage("chunked", **{**stage_ctx, "decay": "scalar"}))
+        stages.append(render_stage("chunked", **{**stage_ctx, "decay": "scalar"},
+                                   shared_tiles=True))
     return stages

@@ -291,3 +291,16 @@ def test_specs_without_skip_or_gate_have_no_epilogue() -> None:
         has = checked.spec.skip is not None or checked.spec.gate is not None
         assert (render.epilogue(checked) is not None) == has
         assert ("def epilogue_fwd(" in render.render_module(checked, versions=VERSIONS)) == has
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.ssm")), ids=lambda p: p.stem)
+def test_a_module_renders_the_tile_helpers_once(path: Path) -> None:
+    """seq_tiles (the tile table, the split walks' helpers) is included by every tiled stage
+    rendered alone, and rendered once in a module however many of them it has."""
+    checked = parse_file(path)
+    for module in checked.pieces or (checked,):
+        source = render.render_module(module)
+        assert source.count("\ndef seq_tiles(") <= 1
+        assert source.count("\ndef walk_combine_kernel(") == source.count("\ndef seq_tiles(")
+    alone = render.render_stage("chunked", decay="scalar")
+    assert alone.count("\ndef seq_tiles(") == 1

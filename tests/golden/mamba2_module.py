@@ -252,6 +252,164 @@ def epilogue_fwd(tensors, sizes, y, out):
 
 
 # ---------------------------------------------------------------------------------------
+# seq_tiles: cut the sequences of a call into tiles that never straddle two sequences.
+#
+# Sequences: without cu_seqlens, sequence s is batch row s, tokens [0, T); with
+# cu_seqlens (batch = 1), sequence s is tokens [cu[s], cu[s+1]) of batch row 0.
+# Each sequence is cut into ceil(len_s / Q) tiles of at most Q tokens, tile k starting
+# at token start_s + k Q; the tiles of sequence s are rows first[s] .. first[s+1] − 1.
+#
+# Row r of `tiles` is (batch index, first token, length, sequence id, sequence start),
+# int64. The row count R is an upper bound found without reading cu_seqlens on the
+# host (Σ_s ceil(len_s / Q) ≤ ceil(T / Q) + num_seqs), so building the table never
+# synchronises with the device; rows past the last tile have length 0 and the
+# programs that get them return at once. Without cu_seqlens the table depends only
+# on (batch, T, Q, device) and is kept in a small cache: building it takes a handful of
+# tiny device ops, a measurable share of a short call.
+# ---------------------------------------------------------------------------------------
+
+_SEQ_TILES_CACHE = {}
+
+
+def _cdiv(a, b):
+    """⌈a / b⌉ for ints (plain Python: triton.cdiv costs microseconds a call on the host)."""
+    return -(-a // b)
+
+
+def _pow2(n):
+    """The least power of two ≥ n ≥ 1 (plain Python, as _cdiv)."""
+    return 1 << (n - 1).bit_length()
+
+
+_SM_COUNT = {}
+
+
+def _sm_count(device):
+    """Streaming multiprocessors of a CUDA device (0 elsewhere: the interpreter), read once
+    per device (the properties cost µs a call on the host)."""
+    if device.type != "cuda":
+        return 0
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device]
+
+
+def walk_splits(walkers, chunks, x):
+    """Segments to cut each sequence's state walk into (the chunked forms' SPLIT), given the
+    walkers (programs walking whole sequences) and the most chunks a sequence has: 1 unless
+    the walkers are at most half the GPU's multiprocessors, then about one walker an SM
+    (⌊SMs / walkers⌋, at most 8, each segment ≥ 8 chunks); 1 for fp64 inputs (the segments'
+    states are fp32) and off the GPU. On the H100, Mamba-2's whole forward at 1 × 16384 (N
+    128, P 64, bf16, chunk 128; docs/gpu-runs.md, twelfth session): H 16 (16 walkers) 379 →
+    183 µs at 8 segments, H 40 584 → 433 at 3; at H 80 (80 walkers) 3 segments were level
+    (856 → 852; 2 × 8192, 160 walkers: 877 → 869), so it is not cut there (`ssmc autotune`
+    tries it: seq_splits is a knob of its search)."""
+    sms = _sm_count(x.device)
+    if sms == 0 or x.dtype == torch.float64 or 2 * walkers > sms:
+        return 1
+    return max(1, min(8, sms // walkers, chunks // 8))
+
+
+@triton.jit
+def walk_combine_kernel(
+    seg_state, seg_decay, seg_entry, final_state,
+    stride_f_s, stride_f_h, stride_f_n, stride_f_p,
+    H, N, P, N_SEG,
+    REVERSE: tl.constexpr, PER_DIM: tl.constexpr, HAS_FINAL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # A state walk cut into segments (walk_splits), put together: one program per (sequence,
+    # head, N tile × P tile) takes the segments in the walk's order (last first when REVERSE),
+    # each one's end state E_g (seg_state, fp32) and total log decay D_g (seg_decay: per head,
+    # or per state dim when PER_DIM), and stores the state entering it, Z (zero for the walk's
+    # first segment), into seg_entry in its dtype (seg_entry may be seg_state: E_g is read
+    # first); Z ← exp(D_g) Z + E_g in fp32. The last Z is the walk's final state.
+    i_pid = tl.program_id(0).to(tl.int64)
+    n_p = tl.cdiv(P, BLOCK_P)
+    n_np = tl.cdiv(N, BLOCK_N) * n_p
+    i_n = i_pid % n_np // n_p
+    i_p = i_pid % n_p
+    i_h = i_pid // n_np % H
+    i_s = i_pid // (n_np * H)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    m_n = o_n < N
+    m_np = m_n[:, None] & (o_p < P)[None, :]
+    b_z = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
+    for i_k in range(0, N_SEG):
+        if REVERSE:
+            i_sg = i_s * N_SEG + N_SEG - 1 - i_k
+        else:
+            i_sg = i_s * N_SEG + i_k
+        o_e = ((i_sg * H + i_h) * N + o_n[:, None]) * P + o_p[None, :]
+        b_e = tl.load(seg_state + o_e, mask=m_np, other=0.0)  # [BLOCK_N, BLOCK_P]
+        if PER_DIM:
+            b_dg = tl.load(seg_decay + (i_sg * H + i_h) * N + o_n, mask=m_n, other=0.0)[:, None]
+        else:
+            b_dg = tl.load(seg_decay + i_sg * H + i_h)
+        tl.store(seg_entry + o_e, b_z.to(seg_entry.dtype.element_ty), mask=m_np)
+        b_z = b_z * tl.exp(b_dg) + b_e
+    if HAS_FINAL:
+        tl.store(final_state + i_s * stride_f_s + i_h * stride_f_h + o_n[:, None] * stride_f_n
+                 + o_p[None, :] * stride_f_p, b_z, mask=m_np)
+
+
+def walk_combine(seg_state, seg_decay, seg_entry, final_state, *, seqs, heads, block_n,
+                 block_p, reverse=False, num_warps=4):
+    """Launch walk_combine_kernel over `seqs` sequences (seg_decay [S·n_seg, H] or, per state
+    dim, [S·n_seg, H, N]); the final state into `final_state` when given."""
+    n_seg, _, N, P = seg_state.shape
+    n_seg //= seqs
+    strides = final_state.stride() if final_state is not None else (0, 0, 0, 0)
+    walk_combine_kernel[(seqs * heads * _cdiv(N, block_n) * _cdiv(P, block_p),)](
+        seg_state, seg_decay, seg_entry, final_state if final_state is not None else seg_state,
+        *strides, heads, N, P, n_seg, REVERSE=reverse, PER_DIM=seg_decay.dim() == 3,
+        HAS_FINAL=final_state is not None, BLOCK_N=block_n, BLOCK_P=block_p,
+        num_warps=num_warps,
+    )
+
+
+def seq_tiles(cu_seqlens, batch, seqlen, tile, device):
+    """Tiles of at most `tile` tokens inside one sequence each.
+
+    Returns `tiles [R, 5]` int64 (batch, first token, length, sequence, sequence start)
+    and `first [S + 1]` int64 (tiles of sequence s are rows first[s] : first[s + 1]).
+    """
+    if cu_seqlens is None:
+        key = (batch, seqlen, tile, str(device))
+        if key not in _SEQ_TILES_CACHE:
+            if len(_SEQ_TILES_CACHE) >= 64:
+                _SEQ_TILES_CACHE.clear()
+            _SEQ_TILES_CACHE[key] = _seq_tiles_dense(batch, seqlen, tile, device)
+        return _SEQ_TILES_CACHE[key]
+    cu = cu_seqlens.to(torch.int64)
+    num_seqs = cu.numel() - 1
+    counts = (cu[1:] - cu[:-1] + tile - 1) // tile
+    first = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
+    rows = torch.arange(_cdiv(seqlen, tile) + num_seqs, device=cu.device)
+    seq = torch.searchsorted(first[1:], rows, right=True)
+    valid = seq < num_seqs
+    seq_c = seq.clamp(max=num_seqs - 1)
+    start = cu[seq_c]
+    first_token = start + (rows - first[seq_c]) * tile
+    length = torch.where(valid, (cu[seq_c + 1] - first_token).clamp(0, tile), 0)
+    tiles = torch.stack([torch.zeros_like(rows), first_token, length, seq, start], dim=1)
+    return tiles.contiguous(), first
+
+
+def _seq_tiles_dense(batch, seqlen, tile, device):
+    """seq_tiles without cu_seqlens: sequence s is batch row s."""
+    per_seq = _cdiv(seqlen, tile)
+    rows = torch.arange(batch * per_seq, dtype=torch.int64, device=device)
+    seq = rows // per_seq
+    first_token = (rows % per_seq) * tile
+    length = (seqlen - first_token).clamp(max=tile)
+    tiles = torch.stack([seq, first_token, length, seq, torch.zeros_like(rows)], dim=1)
+    first = torch.arange(batch + 1, dtype=torch.int64, device=device) * per_seq
+    return tiles.contiguous(), first
+
+
+# ---------------------------------------------------------------------------------------
 # Stage `recurrent` (decay = scalar): the recurrent form.
 #
 # Per output head h (groups: role r with G_r heads serves h from h // (H // G_r)):
@@ -454,162 +612,6 @@ def recurrent_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_st
 # h // (H / Gv), log a of h // (H / Gd); C Bᵀ is recomputed per head (see chunked for sharing).
 # =======================================================================================
 
-# ---------------------------------------------------------------------------------------
-# seq_tiles: cut the sequences of a call into tiles that never straddle two sequences.
-#
-# Sequences: without cu_seqlens, sequence s is batch row s, tokens [0, T); with
-# cu_seqlens (batch = 1), sequence s is tokens [cu[s], cu[s+1]) of batch row 0.
-# Each sequence is cut into ceil(len_s / Q) tiles of at most Q tokens, tile k starting
-# at token start_s + k Q; the tiles of sequence s are rows first[s] .. first[s+1] − 1.
-#
-# Row r of `tiles` is (batch index, first token, length, sequence id, sequence start),
-# int64. The row count R is an upper bound found without reading cu_seqlens on the
-# host (Σ_s ceil(len_s / Q) ≤ ceil(T / Q) + num_seqs), so building the table never
-# synchronises with the device; rows past the last tile have length 0 and the
-# programs that get them return at once. Without cu_seqlens the table depends only
-# on (batch, T, Q, device) and is kept in a small cache: building it takes a handful of
-# tiny device ops, a measurable share of a short call.
-# ---------------------------------------------------------------------------------------
-
-_SEQ_TILES_CACHE = {}
-
-
-def _cdiv(a, b):
-    """⌈a / b⌉ for ints (plain Python: triton.cdiv costs microseconds a call on the host)."""
-    return -(-a // b)
-
-
-def _pow2(n):
-    """The least power of two ≥ n ≥ 1 (plain Python, as _cdiv)."""
-    return 1 << (n - 1).bit_length()
-
-
-_SM_COUNT = {}
-
-
-def _sm_count(device):
-    """Streaming multiprocessors of a CUDA device (0 elsewhere: the interpreter), read once
-    per device (the properties cost µs a call on the host)."""
-    if device.type != "cuda":
-        return 0
-    if device not in _SM_COUNT:
-        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SM_COUNT[device]
-
-
-def walk_splits(walkers, chunks, x):
-    """Segments to cut each sequence's state walk into (the chunked forms' SPLIT), given the
-    walkers (programs walking whole sequences) and the most chunks a sequence has: 1 unless
-    the walkers are at most half the GPU's multiprocessors, then about one walker an SM
-    (⌊SMs / walkers⌋, at most 8, each segment ≥ 8 chunks); 1 for fp64 inputs (the segments'
-    states are fp32) and off the GPU. On the H100, Mamba-2's whole forward at 1 × 16384 (N
-    128, P 64, bf16, chunk 128; docs/gpu-runs.md, twelfth session): H 16 (16 walkers) 379 →
-    183 µs at 8 segments, H 40 584 → 433 at 3; at H 80 (80 walkers) 3 segments were level
-    (856 → 852; 2 × 8192, 160 walkers: 877 → 869), so it is not cut there (`ssmc autotune`
-    tries it: seq_splits is a knob of its search)."""
-    sms = _sm_count(x.device)
-    if sms == 0 or x.dtype == torch.float64 or 2 * walkers > sms:
-        return 1
-    return max(1, min(8, sms // walkers, chunks // 8))
-
-
-@triton.jit
-def walk_combine_kernel(
-    seg_state, seg_decay, seg_entry, final_state,
-    stride_f_s, stride_f_h, stride_f_n, stride_f_p,
-    H, N, P, N_SEG,
-    REVERSE: tl.constexpr, PER_DIM: tl.constexpr, HAS_FINAL: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    # A state walk cut into segments (walk_splits), put together: one program per (sequence,
-    # head, N tile × P tile) takes the segments in the walk's order (last first when REVERSE),
-    # each one's end state E_g (seg_state, fp32) and total log decay D_g (seg_decay: per head,
-    # or per state dim when PER_DIM), and stores the state entering it, Z (zero for the walk's
-    # first segment), into seg_entry in its dtype (seg_entry may be seg_state: E_g is read
-    # first); Z ← exp(D_g) Z + E_g in fp32. The last Z is the walk's final state.
-    i_pid = tl.program_id(0).to(tl.int64)
-    n_p = tl.cdiv(P, BLOCK_P)
-    n_np = tl.cdiv(N, BLOCK_N) * n_p
-    i_n = i_pid % n_np // n_p
-    i_p = i_pid % n_p
-    i_h = i_pid // n_np % H
-    i_s = i_pid // (n_np * H)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    m_n = o_n < N
-    m_np = m_n[:, None] & (o_p < P)[None, :]
-    b_z = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
-    for i_k in range(0, N_SEG):
-        if REVERSE:
-            i_sg = i_s * N_SEG + N_SEG - 1 - i_k
-        else:
-            i_sg = i_s * N_SEG + i_k
-        o_e = ((i_sg * H + i_h) * N + o_n[:, None]) * P + o_p[None, :]
-        b_e = tl.load(seg_state + o_e, mask=m_np, other=0.0)  # [BLOCK_N, BLOCK_P]
-        if PER_DIM:
-            b_dg = tl.load(seg_decay + (i_sg * H + i_h) * N + o_n, mask=m_n, other=0.0)[:, None]
-        else:
-            b_dg = tl.load(seg_decay + i_sg * H + i_h)
-        tl.store(seg_entry + o_e, b_z.to(seg_entry.dtype.element_ty), mask=m_np)
-        b_z = b_z * tl.exp(b_dg) + b_e
-    if HAS_FINAL:
-        tl.store(final_state + i_s * stride_f_s + i_h * stride_f_h + o_n[:, None] * stride_f_n
-                 + o_p[None, :] * stride_f_p, b_z, mask=m_np)
-
-
-def walk_combine(seg_state, seg_decay, seg_entry, final_state, *, seqs, heads, block_n,
-                 block_p, reverse=False, num_warps=4):
-    """Launch walk_combine_kernel over `seqs` sequences (seg_decay [S·n_seg, H] or, per state
-    dim, [S·n_seg, H, N]); the final state into `final_state` when given."""
-    n_seg, _, N, P = seg_state.shape
-    n_seg //= seqs
-    strides = final_state.stride() if final_state is not None else (0, 0, 0, 0)
-    walk_combine_kernel[(seqs * heads * _cdiv(N, block_n) * _cdiv(P, block_p),)](
-        seg_state, seg_decay, seg_entry, final_state if final_state is not None else seg_state,
-        *strides, heads, N, P, n_seg, REVERSE=reverse, PER_DIM=seg_decay.dim() == 3,
-        HAS_FINAL=final_state is not None, BLOCK_N=block_n, BLOCK_P=block_p,
-        num_warps=num_warps,
-    )
-
-
-def seq_tiles(cu_seqlens, batch, seqlen, tile, device):
-    """Tiles of at most `tile` tokens inside one sequence each.
-
-    Returns `tiles [R, 5]` int64 (batch, first token, length, sequence, sequence start)
-    and `first [S + 1]` int64 (tiles of sequence s are rows first[s] : first[s + 1]).
-    """
-    if cu_seqlens is None:
-        key = (batch, seqlen, tile, str(device))
-        if key not in _SEQ_TILES_CACHE:
-            if len(_SEQ_TILES_CACHE) >= 64:
-                _SEQ_TILES_CACHE.clear()
-            _SEQ_TILES_CACHE[key] = _seq_tiles_dense(batch, seqlen, tile, device)
-        return _SEQ_TILES_CACHE[key]
-    cu = cu_seqlens.to(torch.int64)
-    num_seqs = cu.numel() - 1
-    counts = (cu[1:] - cu[:-1] + tile - 1) // tile
-    first = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
-    rows = torch.arange(_cdiv(seqlen, tile) + num_seqs, device=cu.device)
-    seq = torch.searchsorted(first[1:], rows, right=True)
-    valid = seq < num_seqs
-    seq_c = seq.clamp(max=num_seqs - 1)
-    start = cu[seq_c]
-    first_token = start + (rows - first[seq_c]) * tile
-    length = torch.where(valid, (cu[seq_c + 1] - first_token).clamp(0, tile), 0)
-    tiles = torch.stack([torch.zeros_like(rows), first_token, length, seq, start], dim=1)
-    return tiles.contiguous(), first
-
-
-def _seq_tiles_dense(batch, seqlen, tile, device):
-    """seq_tiles without cu_seqlens: sequence s is batch row s."""
-    per_seq = _cdiv(seqlen, tile)
-    rows = torch.arange(batch * per_seq, dtype=torch.int64, device=device)
-    seq = rows // per_seq
-    first_token = (rows % per_seq) * tile
-    length = (seqlen - first_token).clamp(max=tile)
-    tiles = torch.stack([seq, first_token, length, seq, torch.zeros_like(rows)], dim=1)
-    first = torch.arange(batch + 1, dtype=torch.int64, device=device) * per_seq
-    return tiles.contiguous(), first
 
 
 @triton.jit
@@ -881,162 +883,6 @@ def quadratic_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_st
 # (docs/perf-notes.md).
 # =======================================================================================
 
-# ---------------------------------------------------------------------------------------
-# seq_tiles: cut the sequences of a call into tiles that never straddle two sequences.
-#
-# Sequences: without cu_seqlens, sequence s is batch row s, tokens [0, T); with
-# cu_seqlens (batch = 1), sequence s is tokens [cu[s], cu[s+1]) of batch row 0.
-# Each sequence is cut into ceil(len_s / Q) tiles of at most Q tokens, tile k starting
-# at token start_s + k Q; the tiles of sequence s are rows first[s] .. first[s+1] − 1.
-#
-# Row r of `tiles` is (batch index, first token, length, sequence id, sequence start),
-# int64. The row count R is an upper bound found without reading cu_seqlens on the
-# host (Σ_s ceil(len_s / Q) ≤ ceil(T / Q) + num_seqs), so building the table never
-# synchronises with the device; rows past the last tile have length 0 and the
-# programs that get them return at once. Without cu_seqlens the table depends only
-# on (batch, T, Q, device) and is kept in a small cache: building it takes a handful of
-# tiny device ops, a measurable share of a short call.
-# ---------------------------------------------------------------------------------------
-
-_SEQ_TILES_CACHE = {}
-
-
-def _cdiv(a, b):
-    """⌈a / b⌉ for ints (plain Python: triton.cdiv costs microseconds a call on the host)."""
-    return -(-a // b)
-
-
-def _pow2(n):
-    """The least power of two ≥ n ≥ 1 (plain Python, as _cdiv)."""
-    return 1 << (n - 1).bit_length()
-
-
-_SM_COUNT = {}
-
-
-def _sm_count(device):
-    """Streaming multiprocessors of a CUDA device (0 elsewhere: the interpreter), read once
-    per device (the properties cost µs a call on the host)."""
-    if device.type != "cuda":
-        return 0
-    if device not in _SM_COUNT:
-        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SM_COUNT[device]
-
-
-def walk_splits(walkers, chunks, x):
-    """Segments to cut each sequence's state walk into (the chunked forms' SPLIT), given the
-    walkers (programs walking whole sequences) and the most chunks a sequence has: 1 unless
-    the walkers are at most half the GPU's multiprocessors, then about one walker an SM
-    (⌊SMs / walkers⌋, at most 8, each segment ≥ 8 chunks); 1 for fp64 inputs (the segments'
-    states are fp32) and off the GPU. On the H100, Mamba-2's whole forward at 1 × 16384 (N
-    128, P 64, bf16, chunk 128; docs/gpu-runs.md, twelfth session): H 16 (16 walkers) 379 →
-    183 µs at 8 segments, H 40 584 → 433 at 3; at H 80 (80 walkers) 3 segments were level
-    (856 → 852; 2 × 8192, 160 walkers: 877 → 869), so it is not cut there (`ssmc autotune`
-    tries it: seq_splits is a knob of its search)."""
-    sms = _sm_count(x.device)
-    if sms == 0 or x.dtype == torch.float64 or 2 * walkers > sms:
-        return 1
-    return max(1, min(8, sms // walkers, chunks // 8))
-
-
-@triton.jit
-def walk_combine_kernel(
-    seg_state, seg_decay, seg_entry, final_state,
-    stride_f_s, stride_f_h, stride_f_n, stride_f_p,
-    H, N, P, N_SEG,
-    REVERSE: tl.constexpr, PER_DIM: tl.constexpr, HAS_FINAL: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    # A state walk cut into segments (walk_splits), put together: one program per (sequence,
-    # head, N tile × P tile) takes the segments in the walk's order (last first when REVERSE),
-    # each one's end state E_g (seg_state, fp32) and total log decay D_g (seg_decay: per head,
-    # or per state dim when PER_DIM), and stores the state entering it, Z (zero for the walk's
-    # first segment), into seg_entry in its dtype (seg_entry may be seg_state: E_g is read
-    # first); Z ← exp(D_g) Z + E_g in fp32. The last Z is the walk's final state.
-    i_pid = tl.program_id(0).to(tl.int64)
-    n_p = tl.cdiv(P, BLOCK_P)
-    n_np = tl.cdiv(N, BLOCK_N) * n_p
-    i_n = i_pid % n_np // n_p
-    i_p = i_pid % n_p
-    i_h = i_pid // n_np % H
-    i_s = i_pid // (n_np * H)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    m_n = o_n < N
-    m_np = m_n[:, None] & (o_p < P)[None, :]
-    b_z = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
-    for i_k in range(0, N_SEG):
-        if REVERSE:
-            i_sg = i_s * N_SEG + N_SEG - 1 - i_k
-        else:
-            i_sg = i_s * N_SEG + i_k
-        o_e = ((i_sg * H + i_h) * N + o_n[:, None]) * P + o_p[None, :]
-        b_e = tl.load(seg_state + o_e, mask=m_np, other=0.0)  # [BLOCK_N, BLOCK_P]
-        if PER_DIM:
-            b_dg = tl.load(seg_decay + (i_sg * H + i_h) * N + o_n, mask=m_n, other=0.0)[:, None]
-        else:
-            b_dg = tl.load(seg_decay + i_sg * H + i_h)
-        tl.store(seg_entry + o_e, b_z.to(seg_entry.dtype.element_ty), mask=m_np)
-        b_z = b_z * tl.exp(b_dg) + b_e
-    if HAS_FINAL:
-        tl.store(final_state + i_s * stride_f_s + i_h * stride_f_h + o_n[:, None] * stride_f_n
-                 + o_p[None, :] * stride_f_p, b_z, mask=m_np)
-
-
-def walk_combine(seg_state, seg_decay, seg_entry, final_state, *, seqs, heads, block_n,
-                 block_p, reverse=False, num_warps=4):
-    """Launch walk_combine_kernel over `seqs` sequences (seg_decay [S·n_seg, H] or, per state
-    dim, [S·n_seg, H, N]); the final state into `final_state` when given."""
-    n_seg, _, N, P = seg_state.shape
-    n_seg //= seqs
-    strides = final_state.stride() if final_state is not None else (0, 0, 0, 0)
-    walk_combine_kernel[(seqs * heads * _cdiv(N, block_n) * _cdiv(P, block_p),)](
-        seg_state, seg_decay, seg_entry, final_state if final_state is not None else seg_state,
-        *strides, heads, N, P, n_seg, REVERSE=reverse, PER_DIM=seg_decay.dim() == 3,
-        HAS_FINAL=final_state is not None, BLOCK_N=block_n, BLOCK_P=block_p,
-        num_warps=num_warps,
-    )
-
-
-def seq_tiles(cu_seqlens, batch, seqlen, tile, device):
-    """Tiles of at most `tile` tokens inside one sequence each.
-
-    Returns `tiles [R, 5]` int64 (batch, first token, length, sequence, sequence start)
-    and `first [S + 1]` int64 (tiles of sequence s are rows first[s] : first[s + 1]).
-    """
-    if cu_seqlens is None:
-        key = (batch, seqlen, tile, str(device))
-        if key not in _SEQ_TILES_CACHE:
-            if len(_SEQ_TILES_CACHE) >= 64:
-                _SEQ_TILES_CACHE.clear()
-            _SEQ_TILES_CACHE[key] = _seq_tiles_dense(batch, seqlen, tile, device)
-        return _SEQ_TILES_CACHE[key]
-    cu = cu_seqlens.to(torch.int64)
-    num_seqs = cu.numel() - 1
-    counts = (cu[1:] - cu[:-1] + tile - 1) // tile
-    first = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
-    rows = torch.arange(_cdiv(seqlen, tile) + num_seqs, device=cu.device)
-    seq = torch.searchsorted(first[1:], rows, right=True)
-    valid = seq < num_seqs
-    seq_c = seq.clamp(max=num_seqs - 1)
-    start = cu[seq_c]
-    first_token = start + (rows - first[seq_c]) * tile
-    length = torch.where(valid, (cu[seq_c + 1] - first_token).clamp(0, tile), 0)
-    tiles = torch.stack([torch.zeros_like(rows), first_token, length, seq, start], dim=1)
-    return tiles.contiguous(), first
-
-
-def _seq_tiles_dense(batch, seqlen, tile, device):
-    """seq_tiles without cu_seqlens: sequence s is batch row s."""
-    per_seq = _cdiv(seqlen, tile)
-    rows = torch.arange(batch * per_seq, dtype=torch.int64, device=device)
-    seq = rows // per_seq
-    first_token = (rows % per_seq) * tile
-    length = (seqlen - first_token).clamp(max=tile)
-    tiles = torch.stack([seq, first_token, length, seq, torch.zeros_like(rows)], dim=1)
-    first = torch.arange(batch + 1, dtype=torch.int64, device=device) * per_seq
-    return tiles.contiguous(), first
 
 
 # ---------------------------------------------------------------------------------------
@@ -3609,8 +3455,8 @@ def chunked_bwd(x, s, log_a, B, C, *, heads, initial_state, cu_seqlens, dy, dfin
         states = torch.empty((R, H, N, P), device=device, dtype=state_dtype)
         if split:
             seg_state = torch.empty((S * n_seg, H, N, P), **f32)
-            seg_decay = torch.zeros((S * n_seg, H), **f32)
-            chunk_decay = torch.zeros((R, H), **f32)
+            seg_decay = torch.empty((S * n_seg, H), **f32)
+            chunk_decay = torch.empty((R, H), **f32)  # (rows past the tiles: never read)
         else:
             seg_state = seg_decay = chunk_decay = states
         grid = (S * n_seg * H * n_np,)
