@@ -938,10 +938,8 @@ def chunked_state_fwd_kernel(
     HAS_S: tl.constexpr, HAS_INITIAL: tl.constexpr, HAS_FINAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, SPLIT: tl.constexpr, STORE_CHUNKS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    # STORE_CHUNKS: store the state entering each chunk (off for chunked_fused_fwd's
-    # segment pass, which wants the segments' end states only).
     # ACC_DTYPE: the state's dtype in registers, fp64 for fp64 inputs (a dot of fp64 tiles
     # gives fp64, and a loop-carried state must keep its type on the GPU), else fp32;
     # the dot names it as out_dtype too (Triton 3.6 checks acc against out_dtype)
@@ -996,7 +994,7 @@ def chunked_state_fwd_kernel(
     p_H0 = states + (i_h * N + o_n[:, None]) * P + o_p[None, :]
     b_d = 0.0  # Σ log a from the segment's start (SPLIT)
     for i_t in range(0, tl.cdiv(n_tok, BLOCK_T)):
-        if STORE_CHUNKS and i_t % (CHUNK // BLOCK_T) == 0:
+        if i_t % (CHUNK // BLOCK_T) == 0:
             i_r = r_first + i_t // (CHUNK // BLOCK_T)
             tl.store(p_H0 + i_r * H * N * P, b_h.to(states.dtype.element_ty), mask=m_np)
             if SPLIT:
@@ -1114,7 +1112,7 @@ def chunked_state_split_fwd(x, s, log_a, B, C, *, tiles, first, heads, initial_s
         HAS_FINAL=final_state is not None, DOT_PRECISION=dot_precision,
         CHUNK=chunk_size, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_P=block_p,
         ACC_DTYPE=tl.float64 if x.dtype == torch.float64 else tl.float32, SPLIT=split,
-        STORE_CHUNKS=True, num_warps=num_warps, **extra,
+        num_warps=num_warps, **extra,
     )
     if not split:
         return states, None
@@ -1458,261 +1456,10 @@ def chunked_scan_fwd(x, s, log_a, B, C, *, states, tiles, heads, out, chunk_size
     )
 
 
-# ---------------------------------------------------------------------------------------
-# chunked_fused: the chunked (SSD) form in one walk per (sequence, head, P tile), the state
-# in registers and never in memory.
-#
-#     H ← H_0 (initial state of the sequence, or the state entering its segment)
-#     for each chunk r of the sequence, in order (rows i, j of the chunk):
-#         cs_i = Σ_{k ≤ i} log a_k                                  (in-chunk cumsum)
-#         y_i  = Σ_{j ≤ i} (C Bᵀ)_ij exp(cs_i − cs_j) s_j x_j + exp(cs_i) C_iᵀ H
-#         H   ← exp(cs_last) H + Σ_j exp(cs_last − cs_j) s_j B_j ⊗ x_j
-#     final = H
-#
-# The same sums as chunked_state + chunked_scan with one row block a chunk, but x, B and C
-# are read once, and neither the states [R, H, N, P] nor C Bᵀ reach memory: the bytes are
-# the inputs and `out`. The price is that C Bᵀ is computed per head (not once per group)
-# and that each program walks its chunks serially; where the walkers are few (one long
-# sequence), SPLIT cuts each sequence into segments, whose entering states a cheap state
-# pass (chunked_state_fwd_kernel without its per-chunk stores) and walk_combine give first.
-# The whole state (N ≤ BLOCK_N) is one register tile.
-# With EPILOGUE, out = (y + (D * x)) * silu(z) on the fp32 y tile before its store.
-# ---------------------------------------------------------------------------------------
-
-
-@triton.jit
-def chunked_fused_fwd_kernel(
-    x, s, log_a, B, C, out, tiles, first, initial_state, final_state, seg_entry,
-    core,  # y before the output roles, laid out as out (KEEP_CORE)
-    stride_x_b, stride_x_t, stride_x_g, stride_x_p,
-    stride_s_b, stride_s_t, stride_s_g,
-    stride_a_b, stride_a_t, stride_a_g,
-    stride_B_b, stride_B_t, stride_B_g, stride_B_n,
-    stride_C_b, stride_C_t, stride_C_g, stride_C_n,
-    stride_o_b, stride_o_t, stride_o_h, stride_o_p,
-    stride_h0_s, stride_h0_h, stride_h0_n, stride_h0_p,
-    stride_hT_s, stride_hT_h, stride_hT_n, stride_hT_p,
-    H, N, P, Hv, Hk, Hq, Hd, SEG_ROWS, N_SEG,
-    ep_x, es_x_0, es_x_1, es_x_2, es_x_3, ep_z, es_z_0, es_z_1, es_z_2, es_z_3, ep_D, es_D_0,  # the epilogue's tensors and dims
-    EPILOGUE: tl.constexpr, KEEP_CORE: tl.constexpr,
-    HAS_S: tl.constexpr, HAS_INITIAL: tl.constexpr, HAS_FINAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_P: tl.constexpr, ACC_DTYPE: tl.constexpr, SPLIT: tl.constexpr,
-):
-    # BLOCK_M: the chunk length Q (one row block a chunk). ACC_DTYPE: the state's and the
-    # dots' type, fp64 for fp64 inputs, else fp32. SPLIT: the program walks segment i_g of
-    # SEG_ROWS chunks, from seg_entry's state (the initial state for the first).
-    i_pid = tl.program_id(0).to(tl.int64)
-    n_p = tl.cdiv(P, BLOCK_P)
-    i_p = i_pid % n_p
-    i_h = i_pid // n_p % H
-    i_g = i_pid // (n_p * H) % N_SEG
-    i_s = i_pid // (n_p * H * N_SEG)
-    i_v = i_h // Hv
-    i_k = i_h // Hk
-    i_q = i_h // Hq
-
-    o_c = tl.arange(0, BLOCK_M)
-    o_n = tl.arange(0, BLOCK_N)
-    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    m_n = o_n < N
-    m_p = o_p < P
-    m_np = m_n[:, None] & m_p[None, :]
-    m_causal = o_c[:, None] >= o_c[None, :]
-
-    r_first = tl.load(first + i_s)
-    r_end = tl.load(first + i_s + 1)
-    if SPLIT:
-        r_first = r_first + i_g * SEG_ROWS
-        r_end = tl.minimum(r_end, r_first + SEG_ROWS)
-    has_rows = r_end > r_first
-    i_b = tl.load(tiles + r_first * 5, mask=has_rows, other=0)
-    t_start = tl.load(tiles + r_first * 5 + 1, mask=has_rows, other=0)
-    t_last = tl.load(tiles + (r_end - 1) * 5 + 1, mask=has_rows, other=0)
-    n_last = tl.load(tiles + (r_end - 1) * 5 + 2, mask=has_rows, other=0)
-    n_tok = t_last + n_last - t_start
-
-    b_h = tl.zeros([BLOCK_N, BLOCK_P], dtype=ACC_DTYPE)
-    if HAS_INITIAL:
-        m_h0 = m_np
-        if SPLIT:
-            m_h0 = m_np & (o_p[None, :] * 0 + i_g == 0)  # a block: no scalar in a mask
-        p_h0 = (initial_state + i_s * stride_h0_s + i_h * stride_h0_h
-                + o_n[:, None] * stride_h0_n + o_p[None, :] * stride_h0_p)
-        b_h += tl.load(p_h0, mask=m_h0, other=0.0).to(ACC_DTYPE)
-    if SPLIT:
-        p_z = seg_entry + (((i_s * N_SEG + i_g) * H + i_h) * N + o_n[:, None]) * P + o_p[None, :]
-        b_h += tl.load(p_z, mask=m_np, other=0.0).to(ACC_DTYPE)
-
-    p_x0 = x + i_b * stride_x_b + i_v * stride_x_g + o_p[None, :] * stride_x_p
-    p_B0 = B + i_b * stride_B_b + i_k * stride_B_g + o_n[None, :] * stride_B_n
-    p_C0 = C + i_b * stride_C_b + i_q * stride_C_g + o_n[None, :] * stride_C_n
-    p_s0 = s + i_b * stride_s_b + i_v * stride_s_g
-    p_a0 = log_a + i_b * stride_a_b + (i_h // Hd) * stride_a_g
-    for i_c in range(0, tl.cdiv(n_tok, BLOCK_M)):
-        o_i = i_c * BLOCK_M + o_c  # [BLOCK_M] rows of the segment
-        o_t = t_start + o_i  # [BLOCK_M] their tokens
-        m_i = o_i < n_tok
-        b_C = tl.load(p_C0 + o_t[:, None] * stride_C_t, mask=m_i[:, None] & m_n[None, :],
-                      other=0.0)  # [BLOCK_M, BLOCK_N]
-        b_B = tl.load(p_B0 + o_t[:, None] * stride_B_t, mask=m_i[:, None] & m_n[None, :],
-                      other=0.0)  # [BLOCK_M, BLOCK_N]
-        b_x = tl.load(p_x0 + o_t[:, None] * stride_x_t, mask=m_i[:, None] & m_p[None, :],
-                      other=0.0)  # [BLOCK_M, BLOCK_P]
-        b_a = tl.load(p_a0 + o_t * stride_a_t, mask=m_i, other=0.0).to(tl.float32)  # [BLOCK_M]
-        b_cs = tl.cumsum(b_a, axis=0)  # [BLOCK_M]
-        b_tot = tl.sum(b_a, axis=0)
-        # [BLOCK_M] the decay to the chunk's end, Σ_{k > j} log a_k: a reversed cumsum less
-        # the term itself (not tot − cs_j, a difference of long sums under strong decays)
-        b_w = tl.where(m_i, tl.exp(tl.cumsum(b_a, axis=0, reverse=True) - b_a), 0.0)
-        # [BLOCK_M, BLOCK_M]
-        b_cb = tl.dot(b_C, tl.trans(b_B.to(b_C.dtype)), input_precision=DOT_PRECISION,
-                      out_dtype=ACC_DTYPE)
-        b_L = tl.exp(tl.where(m_causal, b_cs[:, None] - b_cs[None, :], float("-inf"))) * b_cb
-        if HAS_S:
-            b_s = tl.load(p_s0 + o_t * stride_s_t, mask=m_i, other=0.0).to(tl.float32)
-            b_L *= b_s[None, :]
-            b_w *= b_s
-        # [BLOCK_M, BLOCK_P]: the state entering the chunk, then this chunk's own tokens
-        b_y = tl.dot(b_C, b_h.to(b_C.dtype), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-        b_y *= tl.exp(b_cs)[:, None]
-        b_y = tl.dot(b_L.to(b_x.dtype), b_x, acc=b_y, input_precision=DOT_PRECISION,
-                     out_dtype=ACC_DTYPE)
-        b_xw = (b_x.to(ACC_DTYPE) * b_w[:, None]).to(b_x.dtype)  # [BLOCK_M, BLOCK_P]
-        b_h *= tl.exp(b_tot)
-        # [BLOCK_N, BLOCK_P]
-        b_h = tl.dot(tl.trans(b_B.to(b_x.dtype)), b_xw, acc=b_h, input_precision=DOT_PRECISION,
-                     out_dtype=ACC_DTYPE)
-        e_y = b_y
-        if EPILOGUE:
-            # out = (y + (D * x)) * silu(z), in fp32 on the tile
-            eb_x = tl.load(ep_x + i_b * es_x_0 + o_t[:, None] * es_x_1 + i_h * es_x_2 + o_p[None, :] * es_x_3, mask=m_i[:, None] & m_p[None, :], other=1.0)  # [BLOCK_M, BLOCK_P]
-            eb_z = tl.load(ep_z + i_b * es_z_0 + o_t[:, None] * es_z_1 + i_h * es_z_2 + o_p[None, :] * es_z_3, mask=m_i[:, None] & m_p[None, :], other=1.0)  # [BLOCK_M, BLOCK_P]
-            eb_D = tl.load(ep_D + i_h * es_D_0)  # []
-            eb_x = eb_x.to(tl.float32)
-            eb_z = eb_z.to(tl.float32)
-            eb_D = eb_D.to(tl.float32)
-            t_0 = eb_D * eb_x
-            t_1 = e_y + t_0
-            t_2 = tl.exp(-tl.abs(eb_z))
-            t_3 = tl.where(eb_z >= 0, 1.0 / (1.0 + t_2), t_2 / (1.0 + t_2))
-            t_4 = eb_z * t_3
-            t_5 = t_1 * t_4
-            b_y = tl.broadcast_to(t_5, (BLOCK_M, BLOCK_P))
-        o_o = (i_b * stride_o_b + o_t[:, None] * stride_o_t + i_h * stride_o_h
-               + o_p[None, :] * stride_o_p)
-        if KEEP_CORE:
-            tl.store(core + o_o, e_y.to(core.dtype.element_ty), mask=m_i[:, None] & m_p[None, :])
-        tl.store(out + o_o, b_y.to(out.dtype.element_ty), mask=m_i[:, None] & m_p[None, :])
-
-    if HAS_FINAL and not SPLIT:
-        p_hT = (final_state + i_s * stride_hT_s + i_h * stride_hT_h
-                + o_n[:, None] * stride_hT_n + o_p[None, :] * stride_hT_p)
-        tl.store(p_hT, b_h.to(final_state.dtype.element_ty), mask=m_np)
-
-
-def chunked_fused_fits(x, B, *, chunk_size, block_p=None):
-    """Whether chunked_fused_fwd serves this call: the whole state of a head's P tile (N up
-    to 128) and the chunk's C Bᵀ tile (Q ≤ 128) in registers."""
-    return B.shape[3] <= 128 and chunk_size <= 128
-
-
-def chunked_fused_fwd(x, s, log_a, B, C, *, tiles, first, heads, out, initial_state,
-                      final_state, chunk_size, dot_precision, seq_splits=1, block_p=None,
-                      block_t=None, num_warps=None, num_stages=None, epilogue=None, core=None):
-    """Write out [b, T, H, P] (and the final state) by one fused walk per (sequence, head,
-    P tile): chunked_state_fwd and chunked_scan_fwd's sums without the states buffer.
-
-    seq_splits > 1 cuts each sequence into that many segments walked in parallel, after
-    a state pass that stores only each segment's end state (block_t: its step). Defaults:
-    P tiles of 64 (16..64), 4 warps at Q = 64 and 8 at Q = 128, 2 pipeline stages.
-    """
-    if core is not None and (epilogue is None or core.shape != out.shape
-                             or core.stride() != out.stride()):
-        raise ValueError("chunked_fused_fwd: core needs the epilogue and out's shape and strides")
-    if not chunked_fused_fits(x, B, chunk_size=chunk_size, block_p=block_p):
-        raise ValueError(f"chunked_fused_fwd holds N ≤ 128 and Q ≤ 128 in registers, got "
-                         f"N = {B.shape[3]}, Q = {chunk_size}")
-    _, _, Gv, P = x.shape
-    Gk, N = B.shape[2], B.shape[3]
-    Gq = C.shape[2]
-    Gd = log_a.shape[2] if log_a is not None else 1
-    n_seqs = first.numel() - 1
-    block_n = max(16, _pow2(N))
-    block_p = block_p or max(16, min(64, _pow2(P)))
-    num_warps = num_warps or (4 if chunk_size <= 64 else 8)
-    num_stages = num_stages or 2
-    acc_dtype = tl.float64 if x.dtype == torch.float64 else tl.float32
-    seg_rows = _cdiv(_cdiv(x.shape[1], chunk_size), max(1, seq_splits))
-    n_seg = _cdiv(_cdiv(x.shape[1], chunk_size), seg_rows) if seq_splits > 1 else 1
-    split = n_seg > 1
-    seg_entry = out
-    if split:
-        seg_entry = _segment_entries(x, s, log_a, B, tiles=tiles, first=first, heads=heads,
-                                     initial_state=initial_state, final_state=final_state, chunk_size=chunk_size,
-                                     dot_precision=dot_precision, seg_rows=seg_rows,
-                                     n_seg=n_seg, block_t=block_t, acc_dtype=acc_dtype)
-    s_arg, s_strides = (s, s.stride()) if s is not None else (x, (0, 0, 0))
-    a_arg, a_strides = (log_a, log_a.stride()) if log_a is not None else (x, (0, 0, 0))
-    h0_strides = initial_state.stride() if initial_state is not None else (0, 0, 0, 0)
-    hT_strides = final_state.stride() if final_state is not None else (0, 0, 0, 0)
-    chunked_fused_fwd_kernel[(n_seqs * n_seg * heads * _cdiv(P, block_p),)](
-        x, s_arg, a_arg, B, C, out, tiles, first,
-        initial_state if initial_state is not None else out,
-        final_state if final_state is not None else out, seg_entry,
-        core if core is not None else out,
-        *x.stride(), *s_strides, *a_strides, *B.stride(), *C.stride(), *out.stride(),
-        *h0_strides, *hT_strides,
-        heads, N, P, heads // Gv, heads // Gk, heads // Gq, heads // Gd, seg_rows, n_seg,
-        *chunked_scan_epilogue_args(epilogue, x), EPILOGUE=epilogue is not None,
-        KEEP_CORE=core is not None,
-        HAS_S=s is not None, HAS_INITIAL=initial_state is not None,
-        HAS_FINAL=final_state is not None, DOT_PRECISION=dot_precision,
-        BLOCK_M=chunk_size, BLOCK_N=block_n, BLOCK_P=block_p, ACC_DTYPE=acc_dtype,
-        SPLIT=split, num_warps=num_warps, num_stages=num_stages,
-    )
-
-
-def _segment_entries(x, s, log_a, B, *, tiles, first, heads, initial_state, final_state, chunk_size,
-                     dot_precision, seg_rows, n_seg, block_t, acc_dtype):
-    """The state entering each segment of SEG_ROWS chunks [S · n_seg, H, N, P] fp32 (zero
-    for a sequence's first: the fused walk adds the initial state there), and the final
-    state: chunked_state_fwd_kernel's segment walks (the first from the initial state),
-    storing no per-chunk state, then walk_combine."""
-    _, _, Gv, P = x.shape
-    Gk, N = B.shape[2], B.shape[3]
-    Gd = log_a.shape[2] if log_a is not None else 1
-    n_seqs = first.numel() - 1
-    block_n = max(16, min(128, _pow2(N)))
-    block_p = max(16, min(64, _pow2(P)))
-    block_t = block_t or min(chunk_size, 128)
-    num_warps = 8 if block_n * block_p >= 8192 else 4
-    seg_state = torch.empty(n_seqs * n_seg, heads, N, P, device=x.device, dtype=torch.float32)
-    seg_decay = torch.empty(n_seqs * n_seg, heads, device=x.device, dtype=torch.float32)
-    seg_entry = torch.empty_like(seg_state)
-    s_arg, s_strides = (s, s.stride()) if s is not None else (x, (0, 0, 0))
-    a_arg, a_strides = (log_a, log_a.stride()) if log_a is not None else (x, (0, 0, 0))
-    h0_strides = initial_state.stride() if initial_state is not None else (0, 0, 0, 0)
-    chunked_state_fwd_kernel[(n_seqs * n_seg * heads * _cdiv(N, block_n) * _cdiv(P, block_p),)](
-        x, s_arg, a_arg, B, seg_state, tiles, first,
-        initial_state if initial_state is not None else seg_state, seg_state,
-        seg_state, seg_decay, seg_decay,
-        *x.stride(), *s_strides, *a_strides, *B.stride(), *h0_strides, 0, 0, 0, 0,
-        heads, N, P, heads // Gv, heads // Gk, heads // Gd, seg_rows, n_seg,
-        HAS_S=s is not None, HAS_INITIAL=initial_state is not None, HAS_FINAL=False, DOT_PRECISION=dot_precision,
-        CHUNK=chunk_size, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_P=block_p,
-        ACC_DTYPE=acc_dtype, SPLIT=True, STORE_CHUNKS=False, num_warps=num_warps,
-    )
-    walk_combine(seg_state, seg_decay, seg_entry, final_state, seqs=n_seqs, heads=heads,
-                 block_n=block_n, block_p=block_p, num_warps=num_warps)
-    return seg_entry
-
-
 def chunked_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_state=None,
                 cu_seqlens=None, chunk_size=128, block_n=None, block_p=None, block_t=None,
                 block_m=None, heads_per_program=None, dot_precision=None, num_warps=None,
-                num_stages=None, epilogue=None, prefetch=None, core=None, seq_splits=None,
-                fused=None):
+                num_stages=None, epilogue=None, prefetch=None, core=None, seq_splits=None):
     """y [b, T, H, P] into `out` (and the final state into `final_state`) by the SSD chunks.
 
     x [b, T, Gv, P], s [b, T, Gv] or None, log_a [b, T, Gd] fp32,
@@ -1729,9 +1476,7 @@ def chunked_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_stat
     is written too (the backward of the output roles reads it). prefetch: the scan issues
     its loads before its dots (chunked_scan_fwd). seq_splits: segments of each sequence whose
     state walks run in parallel (chunked_state_split_fwd; default chunked_state_splits: more
-    than 1 only where the sequences are too few to fill the GPU). fused: one walk per
-    (sequence, head, P tile) computes the outputs too (chunked_fused_fwd: no states buffer,
-    no C Bᵀ buffer; N ≤ 128 and Q ≤ 128 only); default off.
+    than 1 only where the sequences are too few to fill the GPU).
     """
     if log_a is None:
         raise ValueError("chunked_fwd was generated for a scalar decay: log_a is required")
@@ -1741,14 +1486,6 @@ def chunked_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_stat
     if dot_precision is None:
         dot_precision = "ieee" if x.dtype in (torch.float32, torch.float64) else "tf32"
     tiles, first = seq_tiles(cu_seqlens, batch, seqlen, chunk_size, x.device)
-    if fused and chunked_fused_fits(x, B, chunk_size=chunk_size, block_p=block_p):
-        chunked_fused_fwd(x, s, log_a, B, C, tiles=tiles, first=first, heads=heads, out=out,
-                          initial_state=initial_state, final_state=final_state,
-                          chunk_size=chunk_size, dot_precision=dot_precision,
-                          seq_splits=seq_splits or 1, block_p=block_p, block_t=block_t,
-                          num_warps=num_warps, num_stages=num_stages, epilogue=epilogue,
-                          core=core)
-        return
     tile_args = dict(chunk_size=chunk_size, block_n=block_n, block_p=block_p,
                      dot_precision=dot_precision, num_warps=num_warps, num_stages=num_stages)
     if seq_splits is None:

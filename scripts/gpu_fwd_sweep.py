@@ -1,12 +1,11 @@
-"""Time the whole chunked forward of a spec per launch configuration (the fused walk against
-the state walk + scan), at the bench's inputs.
+"""Time the whole chunked forward of a spec per launch configuration, at the bench's inputs.
 
-Each --config is `chunk=Q[,option=value...]` of the chunked launcher (`fused=1`,
-`block_p=32`, `num_warps=8`, `seq_splits=4`, ...). It prints, per call shape and config,
+Each --config is `chunk=Q[,option=value...]` of the chunked launcher (`block_m=32`,
+`num_warps=8`, `seq_splits=4`, ...). It prints, per call shape and config,
 the CUDA-graph median of the module's forward and y's relative difference from the first
 config's, and with --kernels each config's kernels.
 
-    python scripts/gpu_fused_sweep.py --shape 8x2048 --config chunk=128 --config chunk=64,fused=1
+    python scripts/gpu_fwd_sweep.py --shape 8x2048 --config chunk=128 --config chunk=64
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def parse_config(text: str) -> tuple[int, dict[str, int]]:
-    """`chunk=64,fused=1,block_p=32` → (64, {"fused": 1, "block_p": 32})."""
+    """`chunk=64,block_m=32,num_warps=8` → (64, {"block_m": 32, "num_warps": 8})."""
     options = {k: int(v) for k, v in (word.split("=") for word in text.split(","))}
     return options.pop("chunk", 128), options
 
@@ -49,7 +48,7 @@ def main() -> int:
     if args.dim:
         spec = with_dims(spec, {k: int(v) for k, v in (d.split("=") for d in args.dim)})
     module = load(spec).module
-    configs = [parse_config(c) for c in args.config or ["chunk=128", "chunk=64,fused=1"]]
+    configs = [parse_config(c) for c in args.config or ["chunk=128", "chunk=64"]]
     keep = fp32_tensors(spec)
     for shape in args.shape or ["8x2048", "1x16384"]:
         b, T = (int(v) for v in shape.split("x"))
