@@ -213,3 +213,73 @@ def test_no_precompile_while_a_cuda_graph_is_captured(monkeypatch) -> None:
     monkeypatch.setattr(op.module, "precompile", lambda call: calls.append(call()))
     op._precompile(("forward", "chunked", 64, None), [_CudaLike()], None, None, lambda: "ran")
     assert calls == []
+
+
+class DirectCompiled(Compiled):
+    """A compiled kernel with the parts its runner calls (Triton 3.6–3.9): `run` is the
+    launcher, called with the grid, stream, function, packed metadata and three hook slots."""
+
+    function, packed_metadata = "fn-handle", ("packed",)
+
+    def __init__(self, launches: list[Any], direct: list[Any], refuse: bool = False) -> None:
+        super().__init__(launches)
+        self.direct, self.refuse_direct = direct, refuse
+
+    def run(self, *args: Any) -> None:
+        if self.refuse_direct:
+            raise TypeError("function takes exactly 12 arguments")
+        self.direct.append(args)
+
+
+class DirectJit(JitStandIn):
+    def __init__(self, refuse: bool = False) -> None:
+        super().__init__()
+        self.direct: list[Any] = []
+        self.refuse_direct = refuse
+
+    def run(self, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Compiled:
+        super().run(*args, grid=grid, warmup=warmup, **kwargs)
+        return DirectCompiled(self.fast, self.direct, self.refuse_direct)
+
+
+class Hooks:
+    launch_enter_hook = None
+    launch_exit_hook = None
+
+
+@pytest.fixture
+def direct_module(module: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setattr(module, "_RUNTIME", Hooks())
+    monkeypatch.setattr(module, "_raw_stream", lambda device: 1000 + device)
+    return module
+
+
+def test_without_hooks_a_seen_key_calls_the_launcher_directly(direct_module: Any) -> None:
+    fn = DirectJit()
+    kernel = direct_module._FastKernel(fn)
+    x = torch.zeros(64)
+    kernel[(3,)](x, 32, 1, BLOCK=16)
+    kernel[(5, 2)](x, 32, 1, BLOCK=16)
+    assert len(fn.slow) == 1 and not fn.fast
+    assert fn.direct == [(5, 2, 1, 1000, "fn-handle", ("packed",), None, None, None,
+                          x, 32, 1, 16, False)]
+
+
+def test_a_launch_hook_takes_the_runner(direct_module: Any) -> None:
+    """A profiler's launch hook (Triton's knobs.runtime) needs the runner's metadata."""
+    direct_module._RUNTIME.launch_enter_hook = lambda metadata: None
+    fn = DirectJit()
+    kernel = direct_module._FastKernel(fn)
+    x = torch.zeros(64)
+    kernel[(3,)](x, 32, 1, BLOCK=16)
+    kernel[(3,)](x, 32, 1, BLOCK=16)
+    assert not fn.direct and fn.fast == [((3, 1, 1), (x, 32, 1, 16, False))]
+
+
+def test_a_refusing_launcher_turns_the_fast_path_off(direct_module: Any) -> None:
+    fn = DirectJit(refuse=True)
+    kernel = direct_module._FastKernel(fn)
+    x = torch.zeros(64)
+    kernel[(1,)](x, 32, 1, BLOCK=16)
+    kernel[(1,)](x, 32, 1, BLOCK=16)  # refused: Triton's own path launches it
+    assert len(fn.slow) == 2 and direct_module._FAST_LAUNCH == [False]
