@@ -16,8 +16,6 @@ them), and the wall time of 1000 back-to-back calls (then one synchronisation) p
     python scripts/bench_decode.py [--mamba-src .whl/mamba/mamba_ssm-*] [--json out.json]
 
 --profile: instead, cProfile of 2000 plain ssmc calls at batch 1 (where the host's time goes).
---launch-ab: instead, the wall time of a plain batch-1 call with the module's direct launcher
-and with Triton's runner (templates/fast_launch.py.jinja), rounds alternated in one process.
 """
 
 from __future__ import annotations
@@ -157,46 +155,17 @@ def profile_calls(op: Any, calls: int = 2000) -> None:
     stats.sort_stats("cumulative").print_stats(25)
 
 
-def launch_ab(op: Any, rounds: int = 7) -> None:
-    """Median wall µs a plain batch-1 call, the direct launcher against Triton's runner: the
-    fast launcher's cached entries with and without their direct part, rounds alternated so
-    that the host's drift between runs hits both."""
-    t = inputs(1, "cuda", torch.Generator().manual_seed(1))
-    op(**t)
-    fast = op.module._FastKernel
-    kernels = [k for k in vars(op.module).values() if isinstance(k, fast) and k._compiled]
-    saved = [dict(k._compiled) for k in kernels]
-    modes = {
-        "direct": lambda: [setattr(k, "_compiled", dict(s)) for k, s in zip(kernels, saved, strict=True)],
-        "runner": lambda: [setattr(k, "_compiled", {key: (c, None) for key, (c, _) in s.items()})
-                           for k, s in zip(kernels, saved, strict=True)],
-    }
-    walls: dict[str, list[float]] = {mode: [] for mode in modes}
-    for _ in range(rounds):
-        for mode, setup in modes.items():
-            setup()
-            walls[mode].append(wall_us(lambda: op(**t), 2000))
-    for mode, values in walls.items():
-        print(f"{mode:7} wall µs a call: median {sorted(values)[len(values) // 2]:.1f} "
-              f"({', '.join(f'{v:.1f}' for v in values)})")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mamba-src", default=None)
     parser.add_argument("--batch", type=int, nargs="*", default=[1, 8, 64, 256])
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", action="store_true", help="cProfile of batch-1 calls")
-    parser.add_argument("--launch-ab", action="store_true",
-                        help="direct launcher against Triton's runner, batch 1")
     args = parser.parse_args()
     checked = with_dims(parse_file(ROOT / "examples" / "mamba2.ssm"), DIMS)
     op = load(checked)
     if args.profile:
         profile_calls(op)
-        return 0
-    if args.launch_ab:
-        launch_ab(op)
         return 0
     ref = reference(checked, "recurrent")
     step = mamba_step(args.mamba_src)

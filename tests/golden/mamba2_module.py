@@ -3950,11 +3950,7 @@ def backward(*, x, dt, B, C, z, A, dt_bias, D, initial_state=None, cu_seqlens=No
 # longer than a decode step's GPU work. _FastKernel keeps the compiled kernel per key that
 # determines Triton's specialisation (each tensor's dtype and 16-byte alignment, ints and
 # constexprs by value, the launch options: _launch_key) and launches it with
-# `compiled[grid](*args)`, Triton's own runner for a compiled kernel, or, where no launch
-# hook is set (Triton's knobs.runtime), straight through the runner's own call,
-# `compiled.run(grid, stream, function, packed_metadata, None, None, None, *args)`, which
-# skips the runner's closure, its device and stream lookups and its launch metadata: a few
-# µs a launch of a decode step's ~73 µs of host time (docs/gpu-next.md). A first launch
+# `compiled[grid](*args)`, Triton's own runner for a compiled kernel. A first launch
 # of a key, the interpreter (TRITON_INTERPRET=1), SSMC_FAST_LAUNCH=0 or any launcher this
 # Triton does not have go through `kernel[grid]` unchanged. precompile(call) runs a call
 # once with its launches turned into compilations on a thread pool, so that a first call
@@ -3976,13 +3972,6 @@ _COMPILE_ONLY = _contextvars.ContextVar("ssmc_compile_only", default=False)
 """Set by precompile() in its own context: launches compile their kernel and launch nothing."""
 _PRECOMPILE = _os.environ.get("SSMC_PRECOMPILE", "1") != "0" and _os.environ.get("TRITON_INTERPRET") != "1"
 _TENSOR = torch.Tensor
-try:
-    from triton import knobs as _knobs
-
-    _RUNTIME = _knobs.runtime  # its launch_enter_hook / launch_exit_hook (profilers set them)
-    from torch._C import _cuda_getCurrentRawStream as _raw_stream
-except ImportError:  # an older Triton or torch: the runner path only
-    _RUNTIME = _raw_stream = None
 _MAX_KEYS = 4096  # launch keys a kernel keeps before it starts over (shapes seen in serving)
 
 
@@ -4037,33 +4026,21 @@ class _FastKernel(_KernelInterface):
             else:
                 values[i] = value
         try:
-            device = torch.cuda.current_device()
-            key = (device, tuple(options), _launch_key(values, self._layouts))
-            entry = self._compiled.get(key)
+            key = (torch.cuda.current_device(), tuple(options), _launch_key(values, self._layouts))
+            compiled = self._compiled.get(key)
         except TypeError:  # an unhashable option or constexpr: Triton's own path
             return self.fn.run(*args, grid=grid, warmup=False, **kwargs)
-        if entry is None:
+        if compiled is None:
             compiled = self.fn.run(*args, grid=grid, warmup=False, **kwargs)
             if compiled is not None and hasattr(compiled, "__getitem__"):
                 if len(self._compiled) >= _MAX_KEYS:
                     self._compiled.clear()
                     self._layouts.clear()
-                self._compiled[key] = (compiled, _direct(compiled))
+                self._compiled[key] = compiled
             return compiled
-        compiled, direct = entry
         if callable(grid):
             grid = grid(dict(zip(self._names, values)))
         grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
-        if (direct is not None and _RUNTIME.launch_enter_hook is None
-                and _RUNTIME.launch_exit_hook is None):
-            run, function, packed = direct
-            try:
-                run(grid[0], grid[1], grid[2], _raw_stream(device), function, packed, None, None,
-                    None, *values)
-                return compiled
-            except TypeError:  # a launcher wanting another argument list: it launched nothing
-                _FAST_LAUNCH[0] = False
-                return self.fn.run(*args, grid=grid, warmup=False, **kwargs)
         try:
             runner = compiled[grid]
         except Exception:  # a compiled kernel without Triton 3's runner
@@ -4075,17 +4052,6 @@ class _FastKernel(_KernelInterface):
             _FAST_LAUNCH[0] = False
             return self.fn.run(*args, grid=grid, warmup=False, **kwargs)
         return compiled
-
-
-def _direct(compiled):
-    """(launcher, function, packed metadata) of a compiled kernel that has launched, for the
-    call its runner makes; None where this Triton or torch has not those parts."""
-    if _RUNTIME is None:
-        return None
-    try:
-        return compiled.run, compiled.function, compiled.packed_metadata
-    except AttributeError:  # a Triton whose compiled kernel has not these parts
-        return None
 
 
 for _name, _value in list(globals().items()):
