@@ -15,8 +15,6 @@ import functools
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -31,11 +29,10 @@ def parse_config(text: str) -> tuple[int, dict[str, int]]:
 def main() -> int:
     import triton.testing
     from gpu_bwd_profile import profile_calls
+    from gpu_split_sweep import bench_tensors
 
-    from ssmc.bench import fp32_tensors
     from ssmc.load import load
     from ssmc.pipeline import parse_file, with_dims
-    from ssmc.reference import random_inputs
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", action="append", default=[], metavar="BxT")
@@ -49,13 +46,9 @@ def main() -> int:
         spec = with_dims(spec, {k: int(v) for k, v in (d.split("=") for d in args.dim)})
     module = load(spec).module
     configs = [parse_config(c) for c in args.config or ["chunk=128", "chunk=64"]]
-    keep = fp32_tensors(spec)
     for shape in args.shape or ["8x2048", "1x16384"]:
         b, T = (int(v) for v in shape.split("x"))
-        drawn = random_inputs(spec, batch=b, seqlen=T, generator=torch.Generator().manual_seed(T))
-        drawn.pop("initial_state", None)  # as the bench calls it
-        t = {k: v.to("cuda", torch.float32 if k in keep else torch.bfloat16)
-             for k, v in drawn.items()}
+        t = bench_tensors(spec, b, T)
         print(f"{shape}, {spec.spec.name}: whole forward", flush=True)
         want = None
         for chunk, options in configs:

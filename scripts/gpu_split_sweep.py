@@ -101,19 +101,25 @@ def backward_grads(module, t: dict, grad_y: torch.Tensor, chunk: int, k: int) ->
     return tuple(g for g in grads if g is not None)
 
 
-def op_sweep(module, spec, b: int, T: int, args: argparse.Namespace) -> None:
-    """The module's whole forward at chunk `args.chunk` per split: bf16 x, B, C, z; fp32 dt
-    and parameters (as the bench runs Mamba-2), outputs against the unsplit call's."""
-    import triton.testing
-
+def bench_tensors(spec, b: int, T: int) -> dict[str, torch.Tensor]:
+    """Random inputs of `spec` on the GPU as the bench feeds Mamba-2: bf16 x, B, C, z; fp32
+    dt and parameters; no initial state."""
     from ssmc.bench import fp32_tensors
     from ssmc.reference import random_inputs
 
     drawn = random_inputs(spec, batch=b, seqlen=T, generator=torch.Generator().manual_seed(T))
     drawn.pop("initial_state", None)  # as the bench calls it
     keep = fp32_tensors(spec)
-    t = {k: v.to("cuda", torch.float32 if k in keep or k == "initial_state" else torch.bfloat16)
-         for k, v in drawn.items()}
+    return {k: v.to("cuda", torch.float32 if k in keep else torch.bfloat16)
+            for k, v in drawn.items()}
+
+
+def op_sweep(module, spec, b: int, T: int, args: argparse.Namespace) -> None:
+    """The module's whole forward at chunk `args.chunk` per split (bench_tensors' inputs),
+    outputs against the unsplit call's."""
+    import triton.testing
+
+    t = bench_tensors(spec, b, T)
     what = "whole backward" if args.backward else "whole forward"
     print(f"{b}x{T}, {spec.spec.name} {dims_text(spec)}: {what}", flush=True)
     want = None
