@@ -1,10 +1,11 @@
 """Host (Python) cost of one eager call of an ssmc op, with the kernel launches stubbed out.
 
 Everything of a call runs (validation, planner lookup, allocations, the module's setup and
-launchers, the argument lists of every launch) except the device work: each Triton kernel
-of the generated module is replaced by a stub whose `kernel[grid](*args, **kwargs)` returns
-at once. Triton's own launcher (specialisation, driver call; ~45 µs a launch on the H100,
-docs/perf-notes.md) is therefore not counted here: this is the part ssmc controls.
+launchers, the argument lists of every launch, the fast launcher's key, a decode call's
+replay: ssmc.replay) except the device work: each Triton kernel of the generated module is
+replaced by a stub behind the module's fast launcher, whose compiled kernel's runner returns
+at once. Triton's own runner and driver call are therefore not counted here: this is the
+part ssmc controls.
 
 Two paths: (a) the chunked SSD form at the Mamba-2 2.7B layer (examples/mamba2.ssm,
 H = 80, P = 64, N = 128, G = 1; bf16 x, B, C, z; fp32 dt and parameters; batch 8 × T 2048;
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import inspect
 import os
 import pstats
 import sys
@@ -37,23 +39,37 @@ sys.path.insert(0, str(ROOT))
 
 
 class StubKernel:
-    """Stands in for a Triton kernel: `k[grid](*args, **kwargs)` counts the launch, runs nothing."""
+    """Stands in for a Triton JIT function behind the module's fast launcher (_FastKernel):
+    Triton's path (`run`) and the compiled kernel's runner count the launch and run nothing."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, kernel: Any) -> None:
         self.name = name
         self.launches = 0
+        signature = inspect.signature(getattr(kernel, "fn", kernel))
+        self.arg_names = list(signature.parameters)
+        self.params = [Param(p.name, p.default) for p in signature.parameters.values()]
 
-    def __getitem__(self, grid: Any) -> Any:
-        def launch(*args: Any, **kwargs: Any) -> None:
+    def run(self, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
+        self.launches += not warmup
+        return self
+
+    def __getitem__(self, grid: Any) -> Any:  # the compiled kernel's runner for a grid
+        def runner(*args: Any) -> None:
             self.launches += 1
 
-        return launch
+        return runner
+
+
+class Param:
+    def __init__(self, name: str, default: Any) -> None:
+        self.name, self.default = name, default
 
 
 @contextlib.contextmanager
 def stubbed(module: Any) -> Iterator[dict[str, StubKernel]]:
-    """Every Triton kernel of a generated module replaced by a StubKernel, for the duration
-    (the module is shared by every op of its spec in this process: the kernels come back)."""
+    """Every Triton kernel of a generated module replaced by a StubKernel behind the fast
+    launcher, which is switched on as on a GPU, for the duration (the module is shared by
+    every op of its spec in this process: the kernels come back)."""
     from triton.runtime.jit import KernelInterface
 
     kernels = {
@@ -61,12 +77,16 @@ def stubbed(module: Any) -> Iterator[dict[str, StubKernel]]:
         for name, value in vars(module).items()
         if isinstance(value, KernelInterface) and name.endswith("kernel")
     }
-    stubs = {name: StubKernel(name) for name in kernels}
+    stubs = {name: StubKernel(name, kernel) for name, kernel in kernels.items()}
+    fast, device = module._FAST_LAUNCH[0], torch.cuda.current_device
     try:
+        module._FAST_LAUNCH[0] = True
+        torch.cuda.current_device = lambda: 0  # what the launcher keys on (CPU tensors here)
         for name, stub in stubs.items():
-            setattr(module, name, stub)
+            setattr(module, name, module._FastKernel(stub))
         yield stubs
     finally:
+        module._FAST_LAUNCH[0], torch.cuda.current_device = fast, device
         for name, kernel in kernels.items():
             setattr(module, name, kernel)
 

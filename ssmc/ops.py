@@ -36,6 +36,7 @@ from ssmc.bind import bind, offsets_problems, size_of
 from ssmc.errors import TensorError
 from ssmc.expr_triton import UnsafeNameError, identifier
 from ssmc.render import spec_hash
+from ssmc.replay import Replay
 from ssmc.roles import output_inputs
 
 _log = logging.getLogger(__name__)
@@ -303,6 +304,11 @@ class SsmcOp:
         self._plans: dict[tuple[Any, ...], tuple[str | None, int | None, Any]] = {}
         self._backward_plans: dict[tuple[Any, ...], dict[str, Any] | None] = {}
         self._precompiled: set[tuple[Any, ...]] = set()
+        # decode calls replayed per layout (ssmc.replay), where the module records launches
+        # (SSMC_REPLAY=0: never)
+        self._replays: dict[tuple[Any, ...], Replay] = {}
+        replays = os.environ.get("SSMC_REPLAY", "1") != "0"
+        self._record = getattr(module, "record", None) if replays else None
         self._registered = register(checked)
         self._registered.run = self._run
         self._registered.run_backward = self._run_backward
@@ -337,7 +343,12 @@ class SsmcOp:
             args = (*ordered, initial_state, cu_seqlens, form_name, chunk_size)
             result = self.op(*args)[:-1]
         else:
+            if self._replays and form_name is None and chunk_size is None and cu_seqlens is None:
+                replayed = self._replayed(tensors, initial_state)
+                if replayed is not None:
+                    return self._returned(replayed)
             ordered, seen = self._checked(tensors, initial_state, cu_seqlens)
+            unforced = form_name is None and chunk_size is None  # the planner picks
             launch = None
             if form_name is None and (ordered[0].is_cuda or self.interpreted):
                 form_name, planned_chunk, launch = self._plan(ordered, cu_seqlens, seen)
@@ -353,12 +364,68 @@ class SsmcOp:
                 # the module keeps y before the output roles for the backward where it reads it
                 keep = self._keeps_core and (ordered[0].is_cuda or self.interpreted)
                 result = self.op(*args, keep_core=keep)[:-1]
+            elif (seen is not None and seen.replay_tries and unforced and cu_seqlens is None
+                  and self._record is not None and self.module._FAST_LAUNCH[0]):
+                result = self._run_recorded(args, launch, seen, ordered, initial_state)
             else:
                 result = self._run(*args, launch=launch, seen=seen)[:-1]
+        return self._returned(result)
+
+    def _returned(self, result: Sequence[Any]) -> tuple[Tensor, Tensor | None]:
+        """(y, final state) of the op's outputs; the state None where the spec has none."""
         if self.checked.spec.final_state:
             y, state = result
             return y, state
         return result[0], None
+
+    def _run_recorded(
+        self,
+        args: tuple[Any, ...],
+        launch: dict[str, Any] | None,
+        seen: _CallShape,
+        ordered: list[Tensor],
+        initial_state: Tensor | None,
+    ) -> tuple[Any, ...]:
+        """_run with the module's launches recorded: a decode call whose launches can be
+        repeated from its tensors alone is kept as a Replay for its layout (a few tries per
+        signature, as a first call compiles; none for the other forms)."""
+        assert self._record is not None
+        result, launches = self._record(lambda: self._run(*args, launch=launch, seen=seen))
+        outputs = result[:-1]
+        if self.last_form != "decode":
+            seen.replay_tries = 0
+            return outputs
+        seen.replay_tries -= 1
+        inputs = (*ordered, initial_state)
+        replay = None if launches is None else Replay.build(inputs, outputs, launches)
+        if replay is not None:
+            _bounded(self._replays)
+            self._replays[_layout(ordered, initial_state)] = replay
+            seen.replay_tries = 0
+        return outputs
+
+    def _replayed(
+        self, tensors: dict[str, Tensor], initial_state: Tensor | None
+    ) -> list[Tensor | None] | None:
+        """(y, state) by the Replay of this call's layout, or None (no replay for it, gradients
+        wanted, an argument missing or not a tensor, an unaligned input)."""
+        try:
+            if len(tensors) != len(self._names):
+                return None
+            ordered = [tensors[n] for n in self._names]
+            replay = self._replays.get(_layout(ordered, initial_state))
+        except (KeyError, AttributeError, TypeError):
+            return None
+        if replay is None:
+            return None
+        if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (*ordered, initial_state)
+        ):
+            return None
+        outputs = replay((*ordered, initial_state))
+        if outputs is not None:
+            self.module.LAST_FORM = "decode"  # type: ignore[attr-defined]  # as the module sets it
+        return outputs
 
     def _validate(
         self, tensors: dict[str, Tensor], initial_state: Tensor | None, cu_seqlens: Tensor | None
@@ -655,11 +722,30 @@ class _CallShape:
     options) and the module's setup (sizes, number of states, form, chunk) per requested
     (form, chunk size)."""
 
-    __slots__ = ("plan", "setups")
+    __slots__ = ("plan", "setups", "replay_tries")
 
     def __init__(self) -> None:
         self.plan: tuple[str | None, int | None, Any] | None = None
         self.setups: dict[tuple[str | None, int | None], Any] = {}
+        self.replay_tries = _REPLAY_TRIES  # decode calls recorded before giving up (SsmcOp._run_recorded)
+
+
+_REPLAY_TRIES = 3
+"""A first call compiles (Triton's path, not replayable) and a second may still meet a new
+launch key: recording stops after this many decode calls of a signature."""
+
+
+def _layout(ordered: Sequence[Tensor], initial_state: Tensor | None) -> tuple[Any, ...]:
+    """What a Replay's launches depend on: each tensor's shape, strides, dtype and device, and
+    the current CUDA device (whose stream the runners launch on)."""
+    first = ordered[0]
+    return (
+        tuple([(t.shape, t.stride(), t.dtype, t.device) for t in ordered]),
+        None if initial_state is None else (
+            initial_state.shape, initial_state.stride(), initial_state.dtype, initial_state.device
+        ),
+        torch.cuda.current_device() if first.is_cuda else None,
+    )
 
 
 def _meta(t: Tensor) -> tuple[Any, ...]:

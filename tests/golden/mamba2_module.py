@@ -3970,6 +3970,9 @@ _FAST_LAUNCH = [
 runner refuses the arguments (a Triton whose runner wants another argument list)."""
 _COMPILE_ONLY = _contextvars.ContextVar("ssmc_compile_only", default=False)
 """Set by precompile() in its own context: launches compile their kernel and launch nothing."""
+_RECORDER = _contextvars.ContextVar("ssmc_recorder", default=None)
+"""A list while record() runs: each launch appends (runner, args) where it went to a compiled
+kernel's runner, None where it took Triton's own path (a launch that cannot be replayed)."""
 _PRECOMPILE = _os.environ.get("SSMC_PRECOMPILE", "1") != "0" and _os.environ.get("TRITON_INTERPRET") != "1"
 _TENSOR = torch.Tensor
 _MAX_KEYS = 4096  # launch keys a kernel keeps before it starts over (shapes seen in serving)
@@ -4013,6 +4016,9 @@ class _FastKernel(_KernelInterface):
         self._layouts = {}
 
     def run(self, *args, grid, warmup, **kwargs):
+        recorder = _RECORDER.get()
+        if recorder is not None:
+            recorder.append(None)  # replaced below by the runner launch, where there is one
         if _COMPILE_ONLY.get():
             return self.fn.run(*args, grid=grid, warmup=True, **kwargs)
         if warmup or not _FAST_LAUNCH[0]:
@@ -4051,6 +4057,8 @@ class _FastKernel(_KernelInterface):
         except TypeError:  # the runner wants another argument list: it launched nothing
             _FAST_LAUNCH[0] = False
             return self.fn.run(*args, grid=grid, warmup=False, **kwargs)
+        if recorder is not None:
+            recorder[-1] = (runner, tuple(values))
         return compiled
 
 
@@ -4058,6 +4066,21 @@ for _name, _value in list(globals().items()):
     if _name.endswith("_kernel") and isinstance(_value, _JITFunction):
         globals()[_name] = _FastKernel(_value)
 del _name, _value
+
+
+def record(call):
+    """(call(), its launches): [(runner, args), ...] in launch order when every launch went to
+    a compiled kernel's runner (ssmc.replay can then repeat them with other tensors of the
+    same layout), else None (a launch took Triton's own path, or none ran)."""
+    launches = []
+    token = _RECORDER.set(launches)
+    try:
+        result = call()
+    finally:
+        _RECORDER.reset(token)
+    if not launches or None in launches:
+        return result, None
+    return result, launches
 
 
 def precompile(call):
