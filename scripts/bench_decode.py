@@ -16,6 +16,10 @@ them), and the wall time of 1000 back-to-back calls (then one synchronisation) p
     python scripts/bench_decode.py [--mamba-src .whl/mamba/mamba_ssm-*] [--json out.json]
 
 --profile: instead, cProfile of 2000 plain ssmc calls at batch 1 (where the host's time goes).
+--replay-ab R: instead, R rounds at batch 1 alternating ssmc with its decode replay
+(ssmc.replay), ssmc without it, and mamba_ssm, in one process: each round's wall and thread
+CPU µs per call of 1000 back-to-back calls; the least and the median per mode (the host's
+noise between processes is larger than the difference).
 """
 
 from __future__ import annotations
@@ -155,12 +159,52 @@ def profile_calls(op: Any, calls: int = 2000) -> None:
     stats.sort_stats("cumulative").print_stats(25)
 
 
+def replay_ab(op: Any, step: Any, rounds: int) -> dict[str, Any]:
+    """Per mode, the wall and CPU µs per call of each round (replay_ab in the docstring)."""
+    t = inputs(1, "cuda", torch.Generator().manual_seed(1))
+    record, replays = op._record, op._replays
+
+    def with_replay(on: bool) -> Any:
+        def call() -> Any:
+            return op(**t)
+
+        def switch() -> None:
+            op._record, op._replays = (record, replays) if on else (None, {})
+
+        return switch, call
+
+    modes = {"ssmc replay": with_replay(True), "ssmc no replay": with_replay(False)}
+    if step is not None:
+        state_m, kwargs = mamba_args(t)
+        modes["mamba_ssm"] = (lambda: None, lambda: step(state_m, **kwargs))
+    times: dict[str, dict[str, list[float]]] = {m: {"wall": [], "cpu": []} for m in modes}
+    for _ in range(rounds):
+        for name, (switch, call) in modes.items():
+            switch()
+            c0 = time.thread_time()
+            wall = wall_us(call)
+            times[name]["wall"].append(wall)
+            times[name]["cpu"].append((time.thread_time() - c0) / 1020 * 1e6)
+    with_replay(True)[0]()
+    assert op._replays, "the replay mode replayed"
+    print(f"batch 1, {rounds} rounds of 1000 calls, µs per call: least / median (wall; thread CPU)")
+    report = {}
+    for name, row in times.items():
+        wall, cpu = sorted(row["wall"]), sorted(row["cpu"])
+        report[name] = {"wall_us": row["wall"], "cpu_us": row["cpu"]}
+        print(f"{name:15} wall {wall[0]:6.1f} / {wall[len(wall) // 2]:6.1f}   "
+              f"cpu {cpu[0]:6.1f} / {cpu[len(cpu) // 2]:6.1f}")
+    return report
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mamba-src", default=None)
     parser.add_argument("--batch", type=int, nargs="*", default=[1, 8, 64, 256])
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", action="store_true", help="cProfile of batch-1 calls")
+    parser.add_argument("--replay-ab", type=int, default=0, metavar="ROUNDS",
+                        help="rounds of batch-1 calls alternating replay on / off / mamba_ssm")
     args = parser.parse_args()
     checked = with_dims(parse_file(ROOT / "examples" / "mamba2.ssm"), DIMS)
     op = load(checked)
@@ -169,6 +213,12 @@ def main() -> int:
         return 0
     ref = reference(checked, "recurrent")
     step = mamba_step(args.mamba_src)
+    if args.replay_ab:
+        report = replay_ab(op, step, args.replay_ab)
+        if args.json:
+            Path(args.json).write_text(json.dumps({**environment(torch.device("cuda")),
+                                                   "replay_ab": report}, indent=1))
+        return 0
     roof = roofline(torch.device("cuda"))
     rows = []
     for batch in args.batch:
