@@ -407,25 +407,19 @@ class SsmcOp:
     def _replayed(
         self, tensors: dict[str, Tensor], initial_state: Tensor | None
     ) -> list[Tensor | None] | None:
-        """(y, state) by the Replay of this call's layout, or None (no replay for it, gradients
-        wanted, an argument missing or not a tensor, an unaligned input)."""
+        """(y, state) by the Replay of this call's layout, or None (none for it: another layout,
+        gradients wanted, an unaligned input; an argument missing or not a tensor)."""
+        if len(tensors) != len(self._names):
+            return None
         try:
-            if len(tensors) != len(self._names):
-                return None
             ordered = [tensors[n] for n in self._names]
             replay = self._replays.get(_layout(ordered, initial_state))
         except (KeyError, AttributeError, TypeError):
             return None
         if replay is None:
             return None
-        if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (*ordered, initial_state)
-        ):
-            return None
-        outputs = replay((*ordered, initial_state))
-        if outputs is not None:
-            self.module.LAST_FORM = "decode"  # type: ignore[attr-defined]  # as the module sets it
-        return outputs
+        self.module.LAST_FORM = "decode"  # type: ignore[attr-defined]  # as the module sets it
+        return replay((*ordered, initial_state))
 
     def _validate(
         self, tensors: dict[str, Tensor], initial_state: Tensor | None, cu_seqlens: Tensor | None
@@ -736,15 +730,17 @@ launch key: recording stops after this many decode calls of a signature."""
 
 
 def _layout(ordered: Sequence[Tensor], initial_state: Tensor | None) -> tuple[Any, ...]:
-    """What a Replay's launches depend on: each tensor's shape, strides, dtype and device, and
-    the current CUDA device (whose stream the runners launch on)."""
-    first = ordered[0]
+    """A Replay's key: what its launches depend on (each tensor's shape, strides, dtype, device
+    and 16-byte alignment, and the current CUDA device, whose stream and kernels the runners
+    use) and whether the call wants gradients (each tensor's requires_grad under grad mode).
+    A replay is recorded for aligned inputs without gradients only: any other key misses."""
+    grad = torch.is_grad_enabled()
+    tensors = ordered if initial_state is None else (*ordered, initial_state)
     return (
-        tuple([(t.shape, t.stride(), t.dtype, t.device) for t in ordered]),
-        None if initial_state is None else (
-            initial_state.shape, initial_state.stride(), initial_state.dtype, initial_state.device
-        ),
-        torch.cuda.current_device() if first.is_cuda else None,
+        tuple([(t.shape, t.stride(), t.dtype, t.device, grad and t.requires_grad,
+                t.data_ptr() & 15) for t in tensors]),
+        initial_state is None,
+        torch.cuda.current_device() if ordered[0].is_cuda else None,
     )
 
 
