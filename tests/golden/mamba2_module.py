@@ -445,7 +445,7 @@ def recurrent_fwd_kernel(
     stride_h0_b, stride_h0_h, stride_h0_n, stride_h0_p,
     stride_ht_b, stride_ht_h, stride_ht_n, stride_ht_p,
     HAS_S: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     i_bh = tl.program_id(0).to(tl.int64)
     i_p = tl.program_id(1).to(tl.int64)
@@ -476,7 +476,7 @@ def recurrent_fwd_kernel(
     p_a = log_a_ptr + i_b * stride_log_a_b + bos * stride_log_a_t + i_d * stride_log_a_g
     p_B = B_ptr + i_b * stride_B_b + bos * stride_B_t + i_k * stride_B_g + o_n * stride_B_n
     p_C = C_ptr + i_b * stride_C_b + bos * stride_C_t + i_q * stride_C_g + o_n * stride_C_n
-    p_o = out_ptr + i_b * stride_out_b + bos * stride_out_t + i_h * stride_out_h + o_p * stride_out_p
+    p_o = out_ptr + i_b * stride_out_b + bos * stride_out_t + i_h * stride_out_h + o_p[None, :] * stride_out_p
 
     b_h = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
     if HAS_H0:
@@ -484,23 +484,38 @@ def recurrent_fwd_kernel(
                 + o_n[:, None] * stride_h0_n + o_p[None, :] * stride_h0_p)
         b_h += tl.load(p_h0, mask=m_np, other=0.0)  # [BLOCK_N, BLOCK_P]
 
-    for _ in range(bos, eos):
-        b_x = tl.load(p_x, mask=m_p, other=0.0).to(tl.float32)  # [BLOCK_P]
-        if HAS_S:
-            b_x = b_x * tl.load(p_s).to(tl.float32)  # []
-        b_B = tl.load(p_B, mask=m_n, other=0.0).to(tl.float32)  # [BLOCK_N]
-        b_C = tl.load(p_C, mask=m_n, other=0.0).to(tl.float32)  # [BLOCK_N]
-        b_h = b_h * tl.exp(tl.load(p_a).to(tl.float32))  # [] scalar decay
-        b_h += b_B[:, None] * b_x[None, :]
-        b_y = tl.sum(b_h * b_C[:, None], axis=0)  # [BLOCK_P]
-        tl.store(p_o, b_y.to(p_o.dtype.element_ty), mask=m_p)
+    # Tokens in blocks of BLOCK_T, the block's steps unrolled: their loads depend on nothing
+    # the steps compute and y is stored once per block, so the loads of a block are issued
+    # together rather than one token's latency after another's. A step past the sequence's
+    # end loads x = B = 0 and log a = 0: h is unchanged.
+    o_t = tl.arange(0, BLOCK_T)
+    for t_start in range(bos, eos, BLOCK_T):
+        b_Y = tl.zeros([BLOCK_T, BLOCK_P], dtype=tl.float32)
+        for i in tl.static_range(BLOCK_T):
+            live = t_start + i < eos
+            # (the lane masks compare per lane: Triton's interpreter refuses a vector mask
+            # combined with a scalar one)
+            live_p = m_p & (o_p * 0 + t_start + i < eos)
+            live_n = m_n & (o_n * 0 + t_start + i < eos)
+            b_x = tl.load(p_x, mask=live_p, other=0.0).to(tl.float32)  # [BLOCK_P]
+            if HAS_S:
+                b_x = b_x * tl.load(p_s, mask=live, other=0.0).to(tl.float32)  # []
+            b_B = tl.load(p_B, mask=live_n, other=0.0).to(tl.float32)  # [BLOCK_N]
+            b_C = tl.load(p_C, mask=live_n, other=0.0).to(tl.float32)  # [BLOCK_N]
+            b_h = b_h * tl.exp(tl.load(p_a, mask=live, other=0.0).to(tl.float32))  # [] scalar decay
+            b_h += b_B[:, None] * b_x[None, :]
+            b_y = tl.sum(b_h * b_C[:, None], axis=0)  # [BLOCK_P]
+            b_Y = tl.where(o_t[:, None] == i, b_y[None, :], b_Y)
 
-        p_x += stride_x_t
-        p_s += stride_s_t
-        p_a += stride_log_a_t
-        p_B += stride_B_t
-        p_C += stride_C_t
-        p_o += stride_out_t
+            p_x += stride_x_t
+            p_s += stride_s_t
+            p_a += stride_log_a_t
+            p_B += stride_B_t
+            p_C += stride_C_t
+        m_t = t_start + o_t < eos
+        tl.store(p_o + o_t[:, None] * stride_out_t, b_Y.to(p_o.dtype.element_ty),
+                 mask=m_t[:, None] & m_p[None, :])
+        p_o += BLOCK_T * stride_out_t
 
     if STORE_HT:
         p_ht = (ht_ptr + i_n * stride_ht_b + i_h * stride_ht_h
@@ -509,8 +524,9 @@ def recurrent_fwd_kernel(
 
 
 def recurrent_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_state=None,
-                  cu_seqlens=None, block_p=None, num_warps=None):
+                  cu_seqlens=None, block_p=None, num_warps=None, block_t=16):
     """Recurrent form: out [b, T, H, P] ← y; final_state [b | num_seqs, H, N, P] ← h_T.
+    block_t: tokens per unrolled block of the walk (a power of two).
 
     x [b, T, Gv, P], s [b, T, Gv] | None, B [b, T, Gk, N], C [b, T, Gq, N],
     log_a [b, T, Gd] fp32.
@@ -575,7 +591,7 @@ def recurrent_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_st
         stride_ht_p=final_state.stride(3) if final_state is not None else 0,
         HAS_S=s is not None, HAS_H0=initial_state is not None,
         STORE_HT=final_state is not None, IS_VARLEN=cu_seqlens is not None,
-        BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
+        BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P, BLOCK_T=block_t,
         num_warps=num_warps or min(4, max(1, BLOCK_N * BLOCK_P // 512)),
     )
     return out
