@@ -82,9 +82,10 @@ class Launch:
     step_round_trips: int = 0
     """Memory round trips each serial step waits for (0: a prefetched scalar step; 1: a
     step whose tile loads and dot the next step depends on, as in the chunked state walk)."""
-    step_loads: int = 0
-    """Small global loads each serial step waits for because nothing prefetches them (the
-    recurrent scan's per-token x, B, C, a: 1); `Device.load_latency_s` each."""
+    step_loads: float = 0
+    """Small global loads each serial step waits for because nothing prefetches them
+    (`Device.load_latency_s` each; a fraction where a block of steps issues its loads
+    together, as the recurrent scan does: cost_forms.RECURRENT_STEP_LOADS)."""
     phases: int = 1
     """Dependent load → compute → store phases of one program: its latency when short."""
     triton: bool = True

@@ -6,7 +6,8 @@ form at default tiles, the chunked one at Q = 64, 128 and 256; a cost-model chan
 makes the planner pick a measured-slow alternative fails here. A later run's row replaces
 an earlier one's at the same (spec, H, batch, T): the seventh session re-measured Mamba-1
 after the diagonal chunked forward changed (a state walk instead of chunk states and
-passing), the eighth after its cumsum evaluated the decay expression (log a not written).
+passing), the eighth after its cumsum evaluated the decay expression (log a not written), the
+fourteenth after the recurrent scan issued its loads in blocks of 16 tokens.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ RUNS = (
     ROOT / "docs" / "runs" / "2026-11-23-h100-autotune.json",
     ROOT / "docs" / "runs" / "2026-11-23-h100-autotune-mamba1-s7.json",
     ROOT / "docs" / "runs" / "2026-11-23-h100-autotune-mamba1-s8.json",
+    ROOT / "docs" / "runs" / "2026-11-24-h100-autotune-mamba1-s14.json",
 )
 TARGET = 1.10
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
