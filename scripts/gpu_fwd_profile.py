@@ -108,6 +108,7 @@ def main() -> int:
     parser.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--mamba-src", default=None)
+    parser.add_argument("--form", default="chunked", help="the ssmc form profiled (chunked)")
     parser.add_argument("--diag-sweep", action="store_true",
                         help="also time each chunked_diag stage alone per launch option")
     args = parser.parse_args()
@@ -121,7 +122,7 @@ def main() -> int:
     inputs = {k: v.to("cuda", torch.float32 if k in wide else dtype) for k, v in drawn.items()}
     op = load(checked)
     print(f"{args.spec} batch {args.batch} seqlen {args.seqlen} dims {dims} {args.dtype}")
-    profile_forward("ssmc chunked", lambda: op(**inputs, form="chunked"))
+    profile_forward(f"ssmc {args.form}", lambda: op(**inputs, form=args.form))
     mask = checked.spec.mask
     if args.diag_sweep:
         for chunk in (64, 128):
