@@ -188,3 +188,57 @@ def test_empty_sequence_passes_the_state(h0: bool) -> None:
         x, None, log_a, B, C, heads=4, out=out, initial_state=initial, final_state=final
     )
     assert torch.equal(final, initial if h0 else torch.zeros_like(final))
+
+
+@pytest.mark.parametrize("name, varlen", [("mamba1", False), ("gla", False), ("gla", True)])
+def test_the_scan_evaluates_a_fused_decay_itself(name: str, varlen: bool) -> None:
+    """A diagonal decay the chunked cumsum evaluates in place is evaluated by the recurrent
+    scan too (DECAY_INPUTS): the prologue writes no log a, and the op equals the fp64
+    reference over sequences longer than one 16-token block, with an initial state."""
+    from triton.runtime.jit import KernelInterface
+
+    from ssmc.load import load
+    from ssmc.pipeline import parse_file, with_dims
+    from ssmc.reference import random_inputs, reference
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    dims = {"H": 3, "N": 5} if name == "mamba1" else {"H": 2, "N": 5, "P": 3}
+    checked = with_dims(parse_file(os.path.join(root, "examples", f"{name}.ssm")), dims)
+    op = load(checked)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{name}{varlen}".encode()))
+    seqlen = 37
+    inputs = random_inputs(checked, batch=1 if varlen else 2, seqlen=seqlen, generator=gen)
+    kwargs = {}
+    if varlen:
+        kwargs["cu_seqlens"] = torch.tensor([0, 17, 37], dtype=torch.int32)
+        inputs["initial_state"] = torch.randn(2, *inputs["initial_state"].shape[1:], generator=gen,
+                                              dtype=inputs["initial_state"].dtype)
+    y_ref, state_ref = reference(checked)(**inputs, **kwargs)
+    launched: list[str] = []
+    module = op.module
+    kernels = {k: v for k, v in vars(module).items()
+               if isinstance(v, KernelInterface) and k.endswith("kernel")}
+
+    class Counter:
+        def __init__(self, name: str, kernel) -> None:
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launched.append(self.name)
+                return self.kernel[grid](*args, **kw)
+            return launch
+
+    try:
+        for k, v in kernels.items():
+            setattr(module, k, Counter(k, v))
+        f32 = {k: v.float().to(DEVICE) for k, v in inputs.items()}
+        cu = kwargs.get("cu_seqlens")
+        y, state = op(**f32, form="recurrent", **({} if cu is None else {"cu_seqlens": cu.to(DEVICE)}))
+    finally:
+        for k, v in kernels.items():
+            setattr(module, k, v)
+    assert op.last_form == "recurrent"
+    assert "recurrent_fwd_kernel" in launched
+    assert not any("log_a" in k for k in launched), launched
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(state, state_ref) < 1e-5

@@ -42,7 +42,7 @@ BACKWARD_STAGE = "chunked_bwd"
 (ssmc.autotune tunes them); None where the backward runs no fused launcher."""
 # (largest seq length, form, chunk size): the planner's cheapest form per length.
 _FORM_RULE = (
-    (64, "recurrent", 64),
+    (32, "recurrent", 64),
     (256, "quadratic", 64),
     (None, "chunked", 64),
 )
