@@ -77,10 +77,7 @@ def cost(checked: ir.CheckedSpec, form: ir.Form, shape: Shape, *, chunk_size: in
             return Cost(
                 launches=(*cost_roles.prologue(s), *_fuse(core, epilogue[0], s)), state_bytes=held
             )
-    # the chunked cumsum and the recurrent scan evaluate a diagonal decay's expression
-    fused_decay = form in (ir.Form.CHUNKED, ir.Form.RECURRENT) and isinstance(
-        mask, ir.DiagonalSemiseparable
-    )
+    fused_decay = form is ir.Form.CHUNKED and isinstance(mask, ir.DiagonalSemiseparable)
     launches = (*cost_roles.prologue(s, fused_decay=fused_decay), *core, *cost_roles.epilogue(s))
     return Cost(launches=launches, state_bytes=held)
 

@@ -326,11 +326,8 @@ def render_module(checked: ir.CheckedSpec, *, versions: Mapping[str, str] | None
     # forward too)
     if TILED_STAGES & set(tops) or (forms and decay == "diagonal"):
         stages.append(render_stage("seq_tiles"))
-    # the recurrent scan evaluates a fused decay itself too (templates/recurrent, DECAY_INPUTS)
-    decay_inputs = None if fused_decay is None else _decay_context(fused_decay)
     stages += [
         render_stage(top, **stage_ctx, **({"tile_epilogue": tile_epi} if top == "chunked" else {}),
-                     **({"decay_inputs": decay_inputs} if top == "recurrent" else {}),
                      shared_tiles=True)
         for top in dict.fromkeys(tops)
     ]
