@@ -1,5 +1,5 @@
 """The recurrent form's whole forward per `block_t` (tokens per unrolled block of its scan)
-and `num_warps` (0: the launcher's default).
+and `num_warps` (0 for either: the launcher's default).
 
 Per shape: the generated module's forward in the recurrent form with each pair, its output
 against the first one's, and its median time (triton.testing.do_bench, ms).
@@ -51,7 +51,8 @@ def main() -> int:
         t = bench_tensors(spec, b, T)
         want = None
         for block_t, warps in configs:
-            launch = {"block_t": block_t, **({"num_warps": warps} if warps else {})}
+            launch = {**({"block_t": block_t} if block_t else {}),
+                      **({"num_warps": warps} if warps else {})}
 
             run = functools.partial(_forward, module, t, launch)
 
@@ -60,7 +61,7 @@ def main() -> int:
                 want = y.double()
             err = float((y.double() - want).norm() / want.norm())
             ms = triton.testing.do_bench(run, warmup=25, rep=100)
-            print(f"{name} {dims} {b}x{T} block_t {block_t:3d} warps {warps or 'default'}: "
+            print(f"{name} {dims} {b}x{T} block_t {block_t or 'default'} warps {warps or 'default'}: "
                   f"{ms:.3f} ms  (vs first {err:.1e})", flush=True)
     return 0
 

@@ -51,7 +51,6 @@ def recurrent(s: Sizes) -> tuple[Launch, ...]:
     update = 2 if isinstance(mask, ir.Causal) else 3
     exps = s.N if isinstance(mask, ir.DiagonalSemiseparable) else 1
     block_p = min(pow2(s.P), max(1, 1024 // pow2(s.N)))
-    warps = min(4, max(1, pow2(s.N) * block_p // 512))  # as the launcher picks them
     return (
         Launch(
             name="recurrent",
@@ -60,10 +59,11 @@ def recurrent(s: Sizes) -> tuple[Launch, ...]:
             programs=s.seqs * s.H * cdiv(s.P, block_p),
             serial_steps=s.T,
             step_loads=RECURRENT_STEP_LOADS,
-            # y_t's sum over N crosses warps when there are several: a shared-memory round
-            # trip each step (Mamba-2 and GLA, N = 128: 1.22 and 1.27 µs a token measured on
-            # the H100 at 1 × 2048 in the fourteenth session; Mamba-1's one warp: 0.23)
-            step_round_trips=1 if warps > 1 else 0,
+            # a large state a program (N · BLOCK_P = 1024 in one warp) makes each step's
+            # update and y sum a long chain: Mamba-2, N = 128, 0.81 µs a token measured on the
+            # H100 at 1 × 2048 in the fourteenth session (1.2 with two warps); Mamba-1's
+            # 16 × 1 state: 0.23
+            step_round_trips=1 if pow2(s.N) * block_p >= 1024 else 0,
             resident=SMALL_RESIDENT,
         ),
     )

@@ -422,7 +422,7 @@ def _seq_tiles_dense(batch, seqlen, tile, device):
 # registers. N is kept whole so that y_t = Σ_n C_tn h_t[n, :] is reduced in registers:
 # no atomics, no scratch buffer, deterministic. The loop is latency-bound, so the launcher
 # makes many small programs: BLOCK_P shrinks as N grows (BLOCK_N · BLOCK_P ≤ 1024 fp32,
-# ~16 per thread); the whole-N tile fits registers up to N ~ 1024 with BLOCK_P = 1 (an
+# one warp); the whole-N tile fits registers up to N ~ 1024 with BLOCK_P = 1 (an
 # N-split with a cross-program reduction of y would be the plan's next step past that). Every program re-reads B_t, C_t (and a_t) of its groups: these are
 # N-vectors, small next to the N×BLOCK_P state update.
 # With cu_seqlens (batch = 1) the program of sequence i runs over [cu[i], cu[i+1]); its
@@ -524,9 +524,10 @@ def recurrent_fwd_kernel(
 
 
 def recurrent_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_state=None,
-                  cu_seqlens=None, block_p=None, num_warps=None, block_t=16):
+                  cu_seqlens=None, block_p=None, num_warps=None, block_t=None):
     """Recurrent form: out [b, T, H, P] ← y; final_state [b | num_seqs, H, N, P] ← h_T.
-    block_t: tokens per unrolled block of the walk (a power of two).
+    block_t: tokens per unrolled block of the walk (a power of two; default 64 for a small
+    state in few programs, else 32). num_warps: default 1.
 
     x [b, T, Gv, P], s [b, T, Gv] | None, B [b, T, Gk, N], C [b, T, Gq, N],
     log_a [b, T, Gd] fp32.
@@ -552,6 +553,13 @@ def recurrent_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_st
     # ~16 state elements per thread: the loop is latency-bound, so many small programs win
     BLOCK_P = block_p or min(triton.next_power_of_2(P), max(1, 1024 // BLOCK_N))
     grid = (num_states * H, triton.cdiv(P, BLOCK_P))
+    # On the H100 (docs/gpu-runs.md, fourteenth session): one warp, whose y sum over N stays
+    # in the warp (Mamba-2, N = 128: 1.66 ms at 1 × 2048 against 2.39 with two); blocks of
+    # 64 tokens where a small state walks in few programs (Mamba-1, H = 64, 2 × 4096: 0.62 ms
+    # against 0.83 with 32), else 32 (H = 1536: 0.92 against 1.10 with 64)
+    if block_t is None:
+        small = BLOCK_N * BLOCK_P <= 64 and grid[0] * grid[1] <= 1024
+        block_t = 64 if small else 32
     recurrent_fwd_kernel[grid](
         x, s if s is not None else x, log_a, B, C, out,
         initial_state if initial_state is not None else out,
@@ -592,7 +600,7 @@ def recurrent_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_st
         HAS_S=s is not None, HAS_H0=initial_state is not None,
         STORE_HT=final_state is not None, IS_VARLEN=cu_seqlens is not None,
         BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P, BLOCK_T=block_t,
-        num_warps=num_warps or min(4, max(1, BLOCK_N * BLOCK_P // 512)),
+        num_warps=num_warps or 1,
     )
     return out
 
