@@ -35,17 +35,18 @@ SUB_CHUNK = 16
 """Rows of the sub-chunks chunked_diag_intra cuts a chunk into (stability, see template)."""
 
 
-RECURRENT_STEP_LOADS = 0.3
-"""Load latencies a recurrent step waits for: the scan issues the loads of 32 tokens
+RECURRENT_STEP_LOADS = 0.4
+"""Load latencies a recurrent step waits for: the scan issues the loads of 16 tokens
 together (unrolled blocks), so a token costs less than one round trip; measured on the H100
-(docs/gpu-runs.md, fourteenth session, Mamba-1): 0.20 µs a token at 2 × 4096 with blocks of
-32 (0.22 with 16, 0.50 one token at a time before) = step_latency_s + 0.3 × load_latency_s."""
+(docs/runs/2026-11-24-h100-autotune-mamba1-s14.json, Mamba-1): 0.23 µs a token at
+1 × 16384, 0.27 at 2 × 4096, 0.33 at H = 1536 (1 × 8192), against 0.50 one token at a
+time before (step_latency_s + 0.4 × load_latency_s = 0.23 µs)."""
 
 
 def recurrent(s: Sizes) -> tuple[Launch, ...]:
     """h_t = a_t ⊙ h_{t-1} + B_t ⊗ X̄_t, y_t = C_tᵀ h_t: one program per (sequence, head,
     P tile) walks its tokens with the N × BLOCK_P state in registers, in unrolled blocks of
-    32 tokens whose loads are issued together (RECURRENT_STEP_LOADS)."""
+    16 tokens whose loads are issued together (RECURRENT_STEP_LOADS)."""
     mask = s.spec.mask
     update = 2 if isinstance(mask, ir.Causal) else 3
     exps = s.N if isinstance(mask, ir.DiagonalSemiseparable) else 1
