@@ -526,8 +526,8 @@ def recurrent_fwd_kernel(
 def recurrent_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_state=None,
                   cu_seqlens=None, block_p=None, num_warps=None, block_t=None):
     """Recurrent form: out [b, T, H, P] ← y; final_state [b | num_seqs, H, N, P] ← h_T.
-    block_t: tokens per unrolled block of the walk (a power of two; default 64 for a small
-    state in few programs, else 32). num_warps: default 1.
+    block_t: tokens per unrolled block of the walk (a power of two, default 16).
+    num_warps: default 1.
 
     x [b, T, Gv, P], s [b, T, Gv] | None, B [b, T, Gk, N], C [b, T, Gq, N],
     log_a [b, T, Gd] fp32.
@@ -554,12 +554,10 @@ def recurrent_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_st
     BLOCK_P = block_p or min(triton.next_power_of_2(P), max(1, 1024 // BLOCK_N))
     grid = (num_states * H, triton.cdiv(P, BLOCK_P))
     # On the H100 (docs/gpu-runs.md, fourteenth session): one warp, whose y sum over N stays
-    # in the warp (Mamba-2, N = 128: 1.66 ms at 1 × 2048 against 2.39 with two); blocks of
-    # 64 tokens where a small state walks in few programs (Mamba-1, H = 64, 2 × 4096: 0.62 ms
-    # against 0.83 with 32), else 32 (H = 1536: 0.92 against 1.10 with 64)
-    if block_t is None:
-        small = BLOCK_N * BLOCK_P <= 64 and grid[0] * grid[1] <= 1024
-        block_t = 64 if small else 32
+    # in the warp (Mamba-2, N = 128: 1.66 ms at 1 × 2048 against 2.39 with two), and blocks
+    # of 16 tokens: 32 was 2-7 % faster for Mamba-1 but took 2.8× as long to compile (the
+    # steps are unrolled), 64 longer still
+    block_t = block_t or 16
     recurrent_fwd_kernel[grid](
         x, s if s is not None else x, log_a, B, C, out,
         initial_state if initial_state is not None else out,
