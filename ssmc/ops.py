@@ -414,7 +414,7 @@ class SsmcOp:
         try:
             ordered = [tensors[n] for n in self._names]
             replay = self._replays.get(_layout(ordered, initial_state))
-        except (KeyError, AttributeError, TypeError):
+        except (KeyError, AttributeError, TypeError, RuntimeError):  # (a tensor without storage)
             return None
         if replay is None:
             return None
