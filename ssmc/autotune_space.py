@@ -23,7 +23,7 @@ from ssmc.render import form_stage
 CHUNKS = (64, 128, 256)
 """Chunk lengths Q tried for the chunked form on a GPU."""
 KNOBS: Mapping[str, Mapping[str, tuple[Option, ...]]] = {
-    "recurrent": {"block_p": (4, 8, 16, 32, 64), "num_warps": (1, 2, 4, 8)},
+    "recurrent": {"block_p": (4, 8, 16, 32, 64), "block_t": (16, 32, 64), "num_warps": (1, 2, 4, 8)},
     "quadratic": {
         "block_i": (32, 64, 128),
         "block_j": (32, 64),

@@ -313,3 +313,6 @@ def test_the_search_varies_only_what_the_launcher_takes_within_its_bounds(
     quadratic = knob_values(mamba2, module, Candidate(form="quadratic"), sizes)
     assert quadratic["block_i"] == (32,)  # ≤ the next power of two of T
     assert "block_n" not in quadratic  # every value above N = 16: the knob is dropped
+    recurrent = knob_values(mamba2, module, Candidate(form="recurrent"), sizes)
+    assert recurrent["block_t"] == (16, 32, 64)  # tokens a block of the scan: not rows of a chunk
+    assert recurrent["block_p"] == (4, 8, 16)  # ≤ P
