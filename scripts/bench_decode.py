@@ -165,15 +165,16 @@ def replay_ab(op: Any, step: Any, rounds: int) -> dict[str, Any]:
     record, replays = op._record, op._replays
 
     def with_replay(on: bool) -> Any:
-        def call() -> Any:
-            return op(**t)
-
         def switch() -> None:
             op._record, op._replays = (record, replays) if on else (None, {})
 
-        return switch, call
+        return switch
 
-    modes = {"ssmc replay": with_replay(True), "ssmc no replay": with_replay(False)}
+    def call() -> Any:
+        return op(**t)
+
+    modes = {"ssmc replay": (with_replay(True), call),
+             "ssmc no replay": (with_replay(False), call)}
     if step is not None:
         state_m, kwargs = mamba_args(t)
         modes["mamba_ssm"] = (lambda: None, lambda: step(state_m, **kwargs))
@@ -185,7 +186,7 @@ def replay_ab(op: Any, step: Any, rounds: int) -> dict[str, Any]:
             wall = wall_us(call)
             times[name]["wall"].append(wall)
             times[name]["cpu"].append((time.thread_time() - c0) / 1020 * 1e6)
-    with_replay(True)[0]()
+    with_replay(True)()
     assert op._replays, "the replay mode replayed"
     print(f"batch 1, {rounds} rounds of 1000 calls, µs per call: least / median (wall; thread CPU)")
     report = {}

@@ -13,6 +13,7 @@ import argparse
 import functools
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,8 +34,8 @@ SHAPES = (
 )
 
 
-def _forward(module: object, t: dict[str, torch.Tensor], launch: dict[str, int]) -> torch.Tensor:
-    return module.forward(**t, form="recurrent", launch=launch)[0]  # type: ignore[attr-defined]
+def _forward(module: Any, t: dict[str, torch.Tensor], launch: dict[str, int]) -> torch.Tensor:
+    return module.forward(**t, form="recurrent", launch=launch)[0]
 
 
 def main() -> int:

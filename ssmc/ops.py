@@ -343,12 +343,12 @@ class SsmcOp:
             args = (*ordered, initial_state, cu_seqlens, form_name, chunk_size)
             result = self.op(*args)[:-1]
         else:
-            if self._replays and form_name is None and chunk_size is None and cu_seqlens is None:
+            unforced = form_name is None and chunk_size is None  # the planner picks
+            if self._replays and unforced and cu_seqlens is None:
                 replayed = self._replayed(tensors, initial_state)
                 if replayed is not None:
                     return self._returned(replayed)
             ordered, seen = self._checked(tensors, initial_state, cu_seqlens)
-            unforced = form_name is None and chunk_size is None  # the planner picks
             launch = None
             if form_name is None and (ordered[0].is_cuda or self.interpreted):
                 form_name, planned_chunk, launch = self._plan(ordered, cu_seqlens, seen)
@@ -733,13 +733,13 @@ def _layout(ordered: Sequence[Tensor], initial_state: Tensor | None) -> tuple[An
     """A Replay's key: what its launches depend on (each tensor's shape, strides, dtype, device
     and 16-byte alignment, and the current CUDA device, whose stream and kernels the runners
     use) and whether the call wants gradients (each tensor's requires_grad under grad mode).
-    A replay is recorded for aligned inputs without gradients only: any other key misses."""
+    A replay is recorded for aligned inputs without gradients only: any other key misses.
+    (The spec's tensors are a fixed number: one entry more says initial_state was given.)"""
     grad = torch.is_grad_enabled()
     tensors = ordered if initial_state is None else (*ordered, initial_state)
     return (
         tuple([(t.shape, t.stride(), t.dtype, t.device, grad and t.requires_grad,
                 t.data_ptr() & 15) for t in tensors]),
-        initial_state is None,
         torch.cuda.current_device() if ordered[0].is_cuda else None,
     )
 

@@ -550,7 +550,7 @@ def recurrent_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_st
     if num_states == 0 or H == 0:
         return out
     BLOCK_N = triton.next_power_of_2(N)
-    # ~16 state elements per thread: the loop is latency-bound, so many small programs win
+    # the loop is latency-bound, so many small programs win (≤ 1024 state elements, one warp)
     BLOCK_P = block_p or min(triton.next_power_of_2(P), max(1, 1024 // BLOCK_N))
     grid = (num_states * H, triton.cdiv(P, BLOCK_P))
     # On the H100 (docs/gpu-runs.md, fourteenth session): one warp, whose y sum over N stays
