@@ -46,8 +46,8 @@ DIAG_SWEEP = {
     "state": [{}, {"block_n": 32, "block_p": 64}, {"block_n": 64, "block_p": 32},
               {"block_n": 32, "block_p": 64, "num_warps": 4}, {"num_warps": 4},
               {"block_n": 128, "block_p": 64}, {"block_n": 64, "block_p": 128}],
-    "intra": [{}, {"block_n": 64}, {"block_n": 64, "num_warps": 8}, {"num_warps": 8},
-              {"block_n": 16}, {"num_warps": 2}],
+    "intra": [{}, {"adjacent": False}, {"num_warps": 4}, {"block_n": 32},
+              {"block_n": 32, "adjacent": False}],
     "scan": [{}, {"block_m": 32}, {"num_warps": 8}, {"block_n": 32}, {"block_p": 32},
              {"block_n": 128, "num_warps": 8}, {"block_m": 32, "num_warps": 8},
              {"block_p": 128}, {"block_p": 128, "num_warps": 8},
@@ -111,6 +111,8 @@ def main() -> int:
     parser.add_argument("--form", default="chunked", help="the ssmc form profiled (chunked)")
     parser.add_argument("--diag-sweep", action="store_true",
                         help="also time each chunked_diag stage alone per launch option")
+    parser.add_argument("--sweep-chunks", type=int, nargs="+", default=[64, 128],
+                        help="the chunk lengths --diag-sweep times (64 128)")
     args = parser.parse_args()
     dims = {k: int(v) for k, v in (d.split("=", 1) for d in args.dim)}
     checked = with_dims(parse_file(args.spec), dims)
@@ -125,7 +127,7 @@ def main() -> int:
     profile_forward(f"ssmc {args.form}", lambda: op(**inputs, form=args.form))
     mask = checked.spec.mask
     if args.diag_sweep:
-        for chunk in (64, 128):
+        for chunk in args.sweep_chunks:
             diag_sweep(op, dims, args.batch, args.seqlen, dtype, chunk)
     try:
         if isinstance(mask, ir.DiagonalSemiseparable) and {"q", "k", "v", "g"} <= inputs.keys():
