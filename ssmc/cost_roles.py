@@ -13,6 +13,7 @@ import math
 from ssmc import ir
 from ssmc.cost_terms import STATE_BYTES, Launch, Sizes
 from ssmc.expr import BinOp, Call, Expr, Neg, Ref, refs
+from ssmc.roles import query_scale
 
 ELEMENTS_PER_PROGRAM = 4096
 """Elements one program of an elementwise launch (prologue, epilogue) handles."""
@@ -23,11 +24,14 @@ SMALL_RESIDENT = 16
 def prologue(s: Sizes, *, fused_decay: bool = False) -> tuple[Launch, ...]:
     """The roles computed into canonical core inputs (one launch per iteration space), and
     the LTI kernel K: the same launches in every form, except that the chunked form of a
-    diagonal decay evaluates log a in its cumsum (`fused_decay`: log a left out here)."""
+    diagonal decay evaluates log a in its cumsum (`fused_decay`: log a left out here, and C
+    where the query is a tensor times a constant, which the scan's store applies)."""
     groups: dict[tuple[ir.Size, ...], list[tuple[Expr, int]]] = {}
     decay = decay_expression(s) if fused_decay else None
+    # with the decay fused, a query `q * c` is read as q and c scales y (roles.query_scale)
+    query = s.spec.query if decay is not None else None
     for expr, shape, row in _computed(s):
-        if expr is decay:
+        if expr is decay or (expr is query and query_scale(s.spec, shape) is not None):
             continue
         groups.setdefault(shape, []).append((expr, row))
     launches = []

@@ -307,6 +307,7 @@ def render_module(checked: ir.CheckedSpec, *, versions: Mapping[str, str] | None
         render_stage(
             "prologue", kernels=pro.kernels, core=pro.core, lti=pro.lti,
             fused_decay=fused_decay is not None, chunked_kernels=pro.chunked_kernels,
+            chunked_query=pro.chunked_query if fused_decay is not None else None,
             chunked_only=[k for k in pro.chunked_kernels if k.name not in names],
         )
     ]

@@ -11,6 +11,7 @@ gradients: per forward kernel, one backward kernel over the same iteration space
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,7 +47,12 @@ class Prologue:
     """log a of a diagonal decay computed from an expression: the kernel the chunked forward's
     cumsum evaluates in place (templates/chunked_diag_decay), so log a is never written."""
     chunked_kernels: tuple[Elementwise, ...] = ()
-    """With `fused_decay`: the kernels the chunked forward launches, every target but log a."""
+    """With `fused_decay`: the kernels the chunked forward launches, every target but log a
+    (and but C where `chunked_query` is set)."""
+    chunked_query: tuple[int, float] | None = None
+    """With `fused_decay`: (position of q, c) where the query is a declared tensor q times a
+    constant c. The chunked forward then reads q as C and scales y by c (y is linear in C),
+    so C is not written (query_scale)."""
 
 
 def prologue(checked: ir.CheckedSpec) -> Prologue:
@@ -117,13 +123,38 @@ def _prologue(
 ) -> Prologue:
     kernels = _group("prologue", spec, targets)
     ordered = tuple(t for k in kernels for t in targets if t.role in {r.role for r in k.results})
-    fused, chunked = None, ()
+    fused, chunked, query = None, (), None
     decay = [t for t in targets if t.role == "log_a"]
     if isinstance(spec.mask, ir.DiagonalSemiseparable) and decay and isinstance(decay[0].shape[3], str):
         fused = elementwise("chunked_decay", spec, decay)
-        chunked = _group("prologue", spec, [t for t in targets if t.role != "log_a"])
+        C = [t for t in targets if t.role == "C"]
+        scaled = query_scale(spec, C[0].shape) if C else None
+        if scaled is not None:
+            query = (_position(spec, scaled[0]), scaled[1])
+        deferred = {"log_a", "C"} if query is not None else {"log_a"}
+        chunked = _group("prologue", spec, [t for t in targets if t.role not in deferred])
     return Prologue(kernels=kernels, core=core, lti=lti, targets=ordered, passthrough=passthrough,
-                    fused_decay=fused, chunked_kernels=chunked)
+                    fused_decay=fused, chunked_kernels=chunked, chunked_query=query)
+
+
+def query_scale(spec: ir.Spec, shape: tuple[ir.Size, ...]) -> tuple[str, float] | None:
+    """(q, c) when the query is `q * c`, `c * q` or `q / c` for a declared tensor q of the
+    query's canonical `shape` and a finite nonzero literal c (GLA's `q * 0.125`), else None."""
+    match spec.query:
+        case E.BinOp(op=E.Op.MUL, lhs=E.Ref(name=name), rhs=E.Num(value=c)):
+            pass
+        case E.BinOp(op=E.Op.MUL, lhs=E.Num(value=c), rhs=E.Ref(name=name)):
+            pass
+        case E.BinOp(op=E.Op.DIV, lhs=E.Ref(name=name), rhs=E.Num(value=d)) if d != 0:
+            c = 1.0 / d
+        case _:
+            return None
+    declared = {t.name: t for t in spec.tensors}
+    if name not in declared or declared[name].shape != shape:
+        return None
+    if not math.isfinite(c) or c == 0:
+        return None
+    return name, float(c)
 
 
 def _lti_targets(

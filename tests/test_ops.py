@@ -5,6 +5,7 @@ its gradients). The generated backward's numerics are tests/test_backward.py's."
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import subprocess
@@ -429,18 +430,21 @@ def test_diagonal_decay_expression_is_evaluated_in_the_chunked_cumsum(
     """The chunked forward of a diagonal decay given by an expression never writes log a:
     its cumsum evaluates the expression (chunked_diag_decay) at every decay layout, with
     cu_seqlens too, and matches the fp64 reference; the recurrent form still reads the
-    prologue's log a."""
+    prologue's log a. The query, a tensor times a constant, is read unscaled by the chunked
+    forward (its scan scales y), at a power of two and at a constant that is not one."""
     decl, log_a = _DECAYS[layout]
+    query = "q / 3" if layout == "per_head" else "q * 0.5"
     spec = parse(
         "ssm fused\ndim H = 4, G = 2, N = 8, P = 4\n"
         "input q : [batch, seq, H, N]\ninput k : [batch, seq, H, N]\n"
         f"input v : [batch, seq, H, P]\n{decl}\noutput o : [batch, seq, H, P]\n"
-        f"mask diagonal(log_a = {log_a})\nquery q * 0.5\nkey k\nvalue v\n"
+        f"mask diagonal(log_a = {log_a})\nquery {query}\nkey k\nvalue v\n"
         "initial_state\nfinal_state\nvarlen\n"
     )
     op = poisoned(spec)
     module = op.module
     assert hasattr(module, "DecayInputs") and hasattr(module, "chunked_diag_decay_fwd_kernel")
+    assert '"C": tensors[0]' in inspect.getsource(module.prologue_roles)
     lengths = [5, 40, 19]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     for cu_seqlens, batch, T in ((None, 2, 37), (cu, 1, sum(lengths))):

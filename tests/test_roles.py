@@ -1,4 +1,5 @@
-"""ssmc.roles.skip_fold: which skips leave x's gradient to the core's backward."""
+"""ssmc.roles: which skips leave x's gradient to the core's backward (skip_fold); which
+queries the diagonal chunked forward reads unscaled (query_scale)."""
 
 from __future__ import annotations
 
@@ -59,3 +60,44 @@ def test_mamba2_folds_its_skip() -> None:
 def test_skip_fold_forms(skip: str, gate: str, want: tuple[int, int] | None) -> None:
     """Only a per-head scale times the value's own tensor, read by no gate, is folded."""
     assert fold_of(skip, gate) == want
+
+
+DIAG = """
+ssm d
+dim H = 2, N = 4, P = 4
+{query_decl}
+input k : [batch, seq, H, N]
+input v : [batch, seq, H, P]
+input g : [batch, seq, H, N]
+output o : [batch, seq, H, P]
+mask diagonal(log_a = logsigmoid(g))
+query {query}
+key k
+value v
+"""
+
+
+@pytest.mark.parametrize(
+    ("query", "want"),
+    [
+        ("q * 0.125", (0, 0.125)),
+        ("0.5 * q", (0, 0.5)),
+        ("q / 4", (0, 0.25)),
+        ("q", None),  # passed through already
+        ("q * q", None),
+        ("q * 0", None),
+        ("q * g", None),
+        ("w * 2", None),  # w has no head axis: the prologue lays C out
+        ("q * 2 + k", None),
+    ],
+)
+def test_chunked_diagonal_forward_reads_a_scaled_query_unscaled(
+    query: str, want: tuple[int, float] | None
+) -> None:
+    decl = "input w : [batch, seq, N]" if "w" in query else "input q : [batch, seq, H, N]"
+    checked = parse(DIAG.format(query=query, query_decl=decl), "d.ssm")
+    pro = prologue(checked)
+    assert pro.fused_decay is not None
+    assert pro.chunked_query == want
+    written = {r.role for k in pro.chunked_kernels for r in k.results}
+    assert ("C" in written) == (want is None and query != "q")
