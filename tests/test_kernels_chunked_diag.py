@@ -199,10 +199,12 @@ def test_empty_sequence_passes_the_state(h0: bool) -> None:
     assert torch.equal(final, initial if h0 else torch.zeros_like(final))
 
 
-@pytest.mark.parametrize("case", [CASES[6], CASES[10], CASES[16]], ids=lambda c: c.id)
-def test_intra_grid_orders_agree(case: Case) -> None:
+@pytest.mark.parametrize("case", [CASES[6], CASES[10], CASES[16], CASES[21], CASES[22]],
+                         ids=lambda c: c.id)
+def test_intra_variants_agree(case: Case) -> None:
     """The intra block A is the same whichever grid order runs its sub-chunk programs (the
-    adjacent order only changes which programs share L2)."""
+    adjacent order only changes which programs share L2) and whether the spread is taken
+    before the main loop or in it (strong decays take the direct diagonal block either way)."""
     x, s, log_a, B, C, H, h0, cu_seqlens = make_inputs(case)
     mod = stage()
     tiles, _ = mod.seq_tiles(cu_seqlens, x.shape[0], x.shape[1], case.chunk, x.device)
@@ -212,9 +214,11 @@ def test_intra_grid_orders_agree(case: Case) -> None:
     written = (rows[None, :] < tiles[:, 2, None])[:, None, :, None] & torch.ones(
         case.chunk, case.chunk, dtype=torch.bool, device=x.device).tril()
     blocks = []
-    for adjacent in (True, False):
+    for adjacent, one_pass in ((True, True), (False, True), (True, False)):
         A = mod.chunked_diag_intra_fwd(B, C, cs=cs, tiles=tiles, heads=H, chunk_size=case.chunk,
-                                       dot_precision="ieee", adjacent=adjacent)
+                                       dot_precision="ieee", adjacent=adjacent,
+                                       one_pass=one_pass)
         blocks.append(torch.where(written, A, 0.0))
-    assert blocks[0].abs().sum() > 0
+    assert blocks[0].abs().sum() > 0 and torch.isfinite(blocks[0]).all()
     assert torch.equal(blocks[0], blocks[1])
+    assert torch.equal(blocks[0], blocks[2])
