@@ -443,7 +443,7 @@ def test_diagonal_decay_expression_is_evaluated_in_the_chunked_cumsum(
     )
     op = poisoned(spec)
     module = op.module
-    assert hasattr(module, "DecayInputs") and hasattr(module, "chunked_diag_decay_fwd_kernel")
+    assert hasattr(module, "DecayInputs") and hasattr(module, "chunked_diag_decay_intra_fwd_kernel")
     assert '"C": tensors[0]' in inspect.getsource(module.prologue_roles)
     lengths = [5, 40, 19]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
@@ -455,12 +455,20 @@ def test_diagonal_decay_expression_is_evaluated_in_the_chunked_cumsum(
         inputs.pop("initial_state", None)
         want, want_state = reference(op.checked)(**inputs, initial_state=init,
                                                  cu_seqlens=cu_seqlens)
-        for form in ("chunked", "recurrent"):
-            y, state = op(
-                **{k: v.float().to(DEVICE) for k, v in inputs.items()},
-                initial_state=init.float().to(DEVICE),
-                cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(DEVICE),
-                form=form, chunk_size=16,
-            )
-            assert rel(y, want) <= 1e-5, (form, cu_seqlens)
-            assert rel(state, want_state) <= 1e-5, (form, cu_seqlens)
+        # chunk 64: the fused decay + intra program walks several 16-row sub-chunks; and
+        # the same with the decay's own launch (FUSE_DECAY_INTRA off)
+        runs = [("chunked", 16, True), ("chunked", 64, True), ("chunked", 64, False),
+                ("recurrent", 16, True)]
+        for form, chunk, fuse in runs:
+            module.FUSE_DECAY_INTRA = fuse
+            try:
+                y, state = op(
+                    **{k: v.float().to(DEVICE) for k, v in inputs.items()},
+                    initial_state=init.float().to(DEVICE),
+                    cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(DEVICE),
+                    form=form, chunk_size=chunk,
+                )
+            finally:
+                module.FUSE_DECAY_INTRA = True
+            assert rel(y, want) <= 1e-5, (form, chunk, fuse, cu_seqlens)
+            assert rel(state, want_state) <= 1e-5, (form, chunk, fuse, cu_seqlens)
