@@ -111,7 +111,7 @@ def main() -> int:
     parser.add_argument("--diag-sweep", action="store_true",
                         help="also time each chunked_diag stage alone per launch option")
     parser.add_argument("--unfused", action="store_true",
-                        help="also profile the diagonal forward with FUSE_DECAY_INTRA off")
+                        help="also profile the diagonal forward with FUSE_DECAY_INTRA on and off")
     parser.add_argument("--sweep-chunks", type=int, nargs="+", default=[64, 128],
                         help="the chunk lengths --diag-sweep times (64 128)")
     args = parser.parse_args()
@@ -127,10 +127,12 @@ def main() -> int:
     print(f"{args.spec} batch {args.batch} seqlen {args.seqlen} dims {dims} {args.dtype}")
     profile_forward(f"ssmc {args.form}", lambda: op(**inputs, form=args.form))
     if args.unfused and hasattr(op.module, "FUSE_DECAY_INTRA"):
-        op.module.FUSE_DECAY_INTRA = False
-        profile_forward(f"ssmc {args.form}, the decay's cumsum a launch of its own",
-                        lambda: op(**inputs, form=args.form))
-        op.module.FUSE_DECAY_INTRA = True
+        default = op.module.FUSE_DECAY_INTRA
+        for fuse in (True, False):
+            op.module.FUSE_DECAY_INTRA = fuse
+            profile_forward(f"ssmc {args.form}, FUSE_DECAY_INTRA = {fuse}",
+                            lambda: op(**inputs, form=args.form))
+        op.module.FUSE_DECAY_INTRA = default
     mask = checked.spec.mask
     if args.diag_sweep:
         for chunk in args.sweep_chunks:

@@ -459,6 +459,7 @@ def test_diagonal_decay_expression_is_evaluated_in_the_chunked_cumsum(
         # the same with the decay's own launch (FUSE_DECAY_INTRA off)
         runs = [("chunked", 16, True), ("chunked", 64, True), ("chunked", 64, False),
                 ("recurrent", 16, True)]
+        default = module.FUSE_DECAY_INTRA
         for form, chunk, fuse in runs:
             module.FUSE_DECAY_INTRA = fuse
             try:
@@ -469,6 +470,6 @@ def test_diagonal_decay_expression_is_evaluated_in_the_chunked_cumsum(
                     form=form, chunk_size=chunk,
                 )
             finally:
-                module.FUSE_DECAY_INTRA = True
+                module.FUSE_DECAY_INTRA = default
             assert rel(y, want) <= 1e-5, (form, chunk, fuse, cu_seqlens)
             assert rel(state, want_state) <= 1e-5, (form, chunk, fuse, cu_seqlens)
