@@ -222,3 +222,60 @@ def test_intra_variants_agree(case: Case) -> None:
     assert blocks[0].abs().sum() > 0 and torch.isfinite(blocks[0]).all()
     assert torch.equal(blocks[0], blocks[1])
     assert torch.equal(blocks[0], blocks[2])
+
+
+@functools.cache
+def decay_module(tmp: str):
+    """A module whose diagonal decay is the expression −exp(a), a [batch, seq, D, N]: its
+    chunked forward takes the decay as DecayInputs (evaluated in place by each stage)."""
+    from ssmc import load
+    from ssmc.pipeline import parse
+
+    spec = parse(
+        "ssm in_place\ndim H = 4, D = 2, N = 16, P = 16\n"
+        "input a : [batch, seq, D, N]\ninput q : [batch, seq, H, N]\n"
+        "input k : [batch, seq, H, N]\ninput v : [batch, seq, H, P]\n"
+        "output o : [batch, seq, H, P]\nmask diagonal(log_a = -exp(a))\n"
+        "query q\nkey k\nvalue v\n"
+    )
+    module = load(spec, cache_dir=tmp).module
+    assert module.DECAY_IN_PLACE is None  # the default: in place
+    return module
+
+
+IN_PLACE_CASES = [c for c in CASES if c.id in (
+    "mha-T33", "mha-T1", "chunk64-row-blocks16", "chunk128-T150", "mixed-groups", "bare",
+    "varlen-mva-empty-seq", "noncontiguous-varlen", "strong-decay-chunk64", "extreme-decay",
+    "N80-strong-decay", "split3-varlen-weak",
+)]
+
+
+@pytest.mark.parametrize("case", IN_PLACE_CASES, ids=lambda c: c.id)
+def test_decay_in_place_matches_recurrent(case: Case, tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
+    """The walk, intra and scan that evaluate the decay expression themselves (no cs buffer)
+    give the recurrent form's y and final state, at row blocks shorter than the chunk (the
+    scan sums the rows before its block), strong decays (the intra's direct diagonal block),
+    head groups, cu_seqlens and split walks; and the same y as the cs-reading kernels."""
+    mod = decay_module(str(tmp_path_factory.getbasetemp() / "in_place"))
+    x, s, log_a, B, C, H, h0, cu_seqlens = make_inputs(case)
+    batch, T, _, P = x.shape
+    N, Gd = B.shape[-1], log_a.shape[2]
+    a = torch.log(-log_a)  # log a = −exp(a) up to rounding; the oracle takes −exp(a) in fp64
+    decay = mod.DecayInputs([a, C, B, x], {"D": Gd, "N": N, "H": H, "P": P})
+    states = len(case.seqlens) or batch
+    outs = []
+    mod.FUSE_DECAY_INTRA = False  # else N ≤ 32 takes the decay + intra launch (its own tests)
+    for source in (decay, log_a):
+        out = torch.full((batch, T, H, P), float("nan"), device=DEVICE)
+        final = torch.full((states, H, N, P), float("nan"), device=DEVICE) if case.ht else None
+        mod.chunked_diag_fwd(x, s, source, B, C, heads=H, out=out, initial_state=h0,
+                             final_state=final, cu_seqlens=cu_seqlens, chunk_size=case.chunk,
+                             block_m=case.block_m, seq_splits=case.seq_splits)
+        outs.append((out, final))
+    y_ref, final_ref = oracle(x, s, -torch.exp(a.double()), B, C, H, h0=h0,
+                              cu_seqlens=cu_seqlens)
+    (out, final), (out_cs, _) = outs
+    assert rel_err(out, y_ref) <= 1e-5
+    assert rel_err(out, out_cs.double().cpu()) <= 1e-5
+    if case.ht:
+        assert rel_err(final, final_ref) <= 1e-5
