@@ -226,16 +226,18 @@ def test_intra_variants_agree(case: Case) -> None:
 
 @functools.cache
 def decay_module(tmp: str):
-    """A module whose diagonal decay is the expression −exp(a), a [batch, seq, D, N]: its
-    chunked forward takes the decay as DecayInputs (evaluated in place by each stage)."""
+    """A module whose diagonal decay is the expression −exp(A), A [batch, seq, D, N]: its
+    chunked forward takes the decay as DecayInputs (evaluated in place by each stage). The
+    name A is also the intra's and scan's block pointer p_A: the in-place kernels must keep
+    the operand's pointer apart from it."""
     from ssmc import load
     from ssmc.pipeline import parse
 
     spec = parse(
         "ssm in_place\ndim H = 4, D = 2, N = 16, P = 16\n"
-        "input a : [batch, seq, D, N]\ninput q : [batch, seq, H, N]\n"
+        "input A : [batch, seq, D, N]\ninput q : [batch, seq, H, N]\n"
         "input k : [batch, seq, H, N]\ninput v : [batch, seq, H, P]\n"
-        "output o : [batch, seq, H, P]\nmask diagonal(log_a = -exp(a))\n"
+        "output o : [batch, seq, H, P]\nmask diagonal(log_a = -exp(A))\n"
         "query q\nkey k\nvalue v\n"
     )
     module = load(spec, cache_dir=tmp).module
