@@ -111,7 +111,7 @@ def main() -> int:
     parser.add_argument("--diag-sweep", action="store_true",
                         help="also time each chunked_diag stage alone per launch option")
     parser.add_argument("--unfused", action="store_true",
-                        help="also profile the diagonal forward with the decay in the intra's launch, its own, or every stage (FUSE_DECAY_INTRA, DECAY_IN_PLACE)")
+                        help="also profile the diagonal forward with FUSE_DECAY_INTRA on and off")
     parser.add_argument("--sweep-chunks", type=int, nargs="+", default=[64, 128],
                         help="the chunk lengths --diag-sweep times (64 128)")
     args = parser.parse_args()
@@ -127,15 +127,12 @@ def main() -> int:
     print(f"{args.spec} batch {args.batch} seqlen {args.seqlen} dims {dims} {args.dtype}")
     profile_forward(f"ssmc {args.form}", lambda: op(**inputs, form=args.form))
     if args.unfused and hasattr(op.module, "FUSE_DECAY_INTRA"):
-        mod = op.module
-        defaults = mod.FUSE_DECAY_INTRA, getattr(mod, "DECAY_IN_PLACE", None)
-        # the decay in the intra's launch, in a cumsum launch of its own, in every stage
-        for fuse, in_place in ((True, None), (False, False), (False, True)):
-            mod.FUSE_DECAY_INTRA, mod.DECAY_IN_PLACE = fuse, in_place
-            profile_forward(f"ssmc {args.form}, FUSE_DECAY_INTRA = {fuse}, "
-                            f"DECAY_IN_PLACE = {in_place}",
+        default = op.module.FUSE_DECAY_INTRA
+        for fuse in (True, False):
+            op.module.FUSE_DECAY_INTRA = fuse
+            profile_forward(f"ssmc {args.form}, FUSE_DECAY_INTRA = {fuse}",
                             lambda: op(**inputs, form=args.form))
-        mod.FUSE_DECAY_INTRA, mod.DECAY_IN_PLACE = defaults
+        op.module.FUSE_DECAY_INTRA = default
     mask = checked.spec.mask
     if args.diag_sweep:
         for chunk in args.sweep_chunks:

@@ -204,12 +204,10 @@ def _recording(module: Any, records: set[tuple[str, ...]], monkeypatch: pytest.M
 def _exercise(name: str, dtype: torch.dtype, records: set[tuple[str, ...]],
               monkeypatch: pytest.MonkeyPatch, *, dims: dict[str, int] | None = None,
               seqlen: int = 40, forms: tuple[str, ...] | None = None,
-              chunk_size: int | None = None, seq_splits: int | None = None,
-              fuse_decay_intra: bool | None = None) -> None:
+              chunk_size: int | None = None, seq_splits: int | None = None) -> None:
     """Every form (or `forms`) of an example's op forward, and its backward, on random
     inputs: tiny ones, or `dims` and `seqlen`; `seq_splits`: the chunked forward's state walk
-    cut so (the split a GPU picks for few long sequences; 1 under the interpreter);
-    `fuse_decay_intra`: the module's FUSE_DECAY_INTRA for the call."""
+    cut so (the split a GPU picks for few long sequences; 1 under the interpreter)."""
     import ssmc
     from ssmc.pipeline import parse_file, with_dims
     from ssmc.reference import random_inputs
@@ -219,8 +217,6 @@ def _exercise(name: str, dtype: torch.dtype, records: set[tuple[str, ...]],
     _recording(op.module, records, monkeypatch)
     if seq_splits is not None:
         monkeypatch.setattr(op.module, "walk_splits", lambda *a, **k: seq_splits)
-    if fuse_decay_intra is not None:
-        monkeypatch.setattr(op.module, "FUSE_DECAY_INTRA", fuse_decay_intra)
     drawn = random_inputs(checked, batch=2, seqlen=seqlen,
                           generator=torch.Generator().manual_seed(0))
     params = {t.name for t in checked.spec.tensors if t.kind.name == "PARAM"}
@@ -263,10 +259,6 @@ def test_every_kernel_an_example_launches_compiles_for_sm90(
               forms=("chunked",))
     _exercise("gla", torch.bfloat16, records, monkeypatch, dims=GLA_REAL, seqlen=128,
               forms=("chunked",), seq_splits=2)
-    # Mamba-1's decay layout (a per-token step times a per-(head, n) parameter) evaluated in
-    # place by the walk, intra and scan, where N ≤ 32 would take the decay + intra launch
-    _exercise("mamba1", torch.bfloat16, records, monkeypatch, dims={"H": 4, "N": 16},
-              seqlen=128, forms=("chunked",), fuse_decay_intra=False)
     rows = [[path, name, json.loads(types), json.loads(options)]
             for path, name, types, options in sorted(records)]
     assert len({row[1] for row in rows}) >= 20, sorted({row[1] for row in rows})

@@ -455,15 +455,13 @@ def test_diagonal_decay_expression_is_evaluated_in_the_chunked_cumsum(
         inputs.pop("initial_state", None)
         want, want_state = reference(op.checked)(**inputs, initial_state=init,
                                                  cu_seqlens=cu_seqlens)
-        # chunk 64: the fused decay + intra program walks several 16-row sub-chunks; the
-        # same with FUSE_DECAY_INTRA off: the decay evaluated in place by every stage
-        # (DECAY_IN_PLACE), or by a cumsum launch of its own into a cs buffer
-        runs = [("chunked", 16, True, None), ("chunked", 64, True, None),
-                ("chunked", 64, False, None), ("chunked", 32, False, None),
-                ("chunked", 64, False, False), ("recurrent", 16, True, None)]
-        defaults = module.FUSE_DECAY_INTRA, module.DECAY_IN_PLACE
-        for form, chunk, fuse, in_place in runs:
-            module.FUSE_DECAY_INTRA, module.DECAY_IN_PLACE = fuse, in_place
+        # chunk 64: the fused decay + intra program walks several 16-row sub-chunks; and
+        # the same with the decay's own launch (FUSE_DECAY_INTRA off)
+        runs = [("chunked", 16, True), ("chunked", 64, True), ("chunked", 64, False),
+                ("recurrent", 16, True)]
+        default = module.FUSE_DECAY_INTRA
+        for form, chunk, fuse in runs:
+            module.FUSE_DECAY_INTRA = fuse
             try:
                 y, state = op(
                     **{k: v.float().to(DEVICE) for k, v in inputs.items()},
@@ -472,7 +470,6 @@ def test_diagonal_decay_expression_is_evaluated_in_the_chunked_cumsum(
                     form=form, chunk_size=chunk,
                 )
             finally:
-                module.FUSE_DECAY_INTRA, module.DECAY_IN_PLACE = defaults
-            case = (form, chunk, fuse, in_place, cu_seqlens)
-            assert rel(y, want) <= 1e-5, case
-            assert rel(state, want_state) <= 1e-5, case
+                module.FUSE_DECAY_INTRA = default
+            assert rel(y, want) <= 1e-5, (form, chunk, fuse, cu_seqlens)
+            assert rel(state, want_state) <= 1e-5, (form, chunk, fuse, cu_seqlens)
