@@ -99,6 +99,28 @@ def diag_sweep(op, dims: dict[str, int], batch: int, T: int, dtype: torch.dtype,
                 print(f"  {stage:7s} failed  {o}: {type(exc).__name__}: {str(exc)[:100]}")
 
 
+def decay_sweep(op, inputs: dict[str, torch.Tensor], chunk: int) -> None:
+    """Median ms of the decay's cumsum launch alone (DecayInputs.cumsum: the spec's decay
+    expression summed per chunk) per n tile and warps, on the op's own inputs."""
+    import triton.testing
+
+    mod = op.module
+    if not hasattr(mod, "DecayInputs"):
+        return
+    tensors = tuple(inputs[name] for name in op._names)
+    sizes = mod._ssmc_setup(tensors, None, None, "chunked", chunk)[0]
+    decay = mod.DecayInputs(tensors, sizes)
+    tiles, _ = mod.seq_tiles(None, sizes["batch"], sizes["seq"], chunk, tensors[0].device)
+    print(f"\n== the decay's cumsum alone (ms, median), chunk {chunk}", flush=True)
+    for block_n in (16, 32, 64, 128):
+        for warps in (None, 1, 2, 4, 8):
+            ms = triton.testing.do_bench(
+                lambda n=block_n, w=warps: decay.cumsum(tiles=tiles, chunk_size=chunk,
+                                                        block_n=n, num_warps=w),
+                warmup=5, rep=40, return_mode="median")
+            print(f"  block_n {block_n:3d} warps {warps or 'default'}: {ms:.3f} ms", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("spec")
@@ -112,6 +134,9 @@ def main() -> int:
                         help="also time each chunked_diag stage alone per launch option")
     parser.add_argument("--unfused", action="store_true",
                         help="also profile the diagonal forward with FUSE_DECAY_INTRA on and off")
+    parser.add_argument("--decay-sweep", action="store_true",
+                        help="also time the decay expression's cumsum launch alone per n tile "
+                             "and warps")
     parser.add_argument("--sweep-chunks", type=int, nargs="+", default=[64, 128],
                         help="the chunk lengths --diag-sweep times (64 128)")
     args = parser.parse_args()
@@ -137,6 +162,9 @@ def main() -> int:
     if args.diag_sweep:
         for chunk in args.sweep_chunks:
             diag_sweep(op, dims, args.batch, args.seqlen, dtype, chunk)
+    if args.decay_sweep:
+        for chunk in args.sweep_chunks:
+            decay_sweep(op, inputs, chunk)
     try:
         if isinstance(mask, ir.DiagonalSemiseparable) and {"q", "k", "v", "g"} <= inputs.keys():
             profile_forward("fla chunk_gla", fla_gla(inputs))
