@@ -46,7 +46,7 @@ DIAG_SWEEP = {
     # the walk and scan were swept in the seventh and eighth sessions (docs/gpu-runs.md):
     # their defaults only, as the baseline
     "state": [{}],
-    "intra": [{}, {"one_pass": False}, {"adjacent": False}, {"block_n": 128},
+    "intra": [{}, {"narrow": False}, {"block_n": 128}, {"block_n": 32},
               {"num_warps": 1}, {"num_warps": 4}],
     "scan": [{}],
 }

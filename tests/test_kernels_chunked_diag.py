@@ -222,3 +222,38 @@ def test_intra_variants_agree(case: Case) -> None:
     assert blocks[0].abs().sum() > 0 and torch.isfinite(blocks[0]).all()
     assert torch.equal(blocks[0], blocks[1])
     assert torch.equal(blocks[0], blocks[2])
+
+
+@pytest.mark.parametrize("case", [CASES[5], CASES[16], CASES[21], CASES[23]], ids=lambda c: c.id)
+@pytest.mark.parametrize("narrow", [1, 2])
+def test_intra_narrow_dots_in_16_bit(case: Case, narrow: int, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """With 16-bit C the intra's tensor-core dots take 16-bit operands (intra_narrow: 1 the
+    earlier keys', 2 the diagonal block's too, as bf16 has it; the interpreter has fp16 only,
+    so 2 runs at decays whose diagonal factors fit fp16): A stays within 16-bit rounding of
+    the fp32 dots' A, and y within fp16's bound of the fp64 recurrent form."""
+    if narrow == 2 and case.strongest > 1.0:
+        pytest.skip("the diagonal block's factors reach e^30: past fp16's range (bf16 only)")
+    x, s, log_a, B, C, H, h0, cu_seqlens = make_inputs(case)
+    x, B, C = x.half(), B.half(), C.half()
+    mod = stage()
+    monkeypatch.setattr(mod, "intra_narrow", lambda C: narrow)
+    tiles, _ = mod.seq_tiles(cu_seqlens, x.shape[0], x.shape[1], case.chunk, x.device)
+    cs = mod.chunked_diag_cumsum_fwd(log_a, tiles=tiles, chunk_size=case.chunk, block_n=16)
+    rows = torch.arange(case.chunk, device=x.device)
+    written = (rows[None, :] < tiles[:, 2, None])[:, None, :, None] & torch.ones(
+        case.chunk, case.chunk, dtype=torch.bool, device=x.device).tril()
+    blocks = [
+        torch.where(written, mod.chunked_diag_intra_fwd(
+            B, C, cs=cs, tiles=tiles, heads=H, chunk_size=case.chunk, dot_precision="ieee",
+            narrow=on), 0.0)
+        for on in (True, False)
+    ]
+    scale = blocks[1].abs().max()
+    assert scale > 0 and torch.isfinite(blocks[0]).all()
+    assert (blocks[0] - blocks[1]).abs().max() <= 1e-3 * scale
+    batch, T, _, P = x.shape
+    out = torch.full((batch, T, H, P), float("nan"), device=DEVICE)
+    mod.chunked_diag_fwd(x, s, log_a, B, C, heads=H, out=out, initial_state=h0,
+                         cu_seqlens=cu_seqlens, chunk_size=case.chunk)
+    y_ref, _ = oracle(x, s, log_a, B, C, H, h0=h0, cu_seqlens=cu_seqlens)
+    assert rel_err(out, y_ref) <= 2e-3
