@@ -46,8 +46,8 @@ DIAG_SWEEP = {
     # the walk and scan were swept in the seventh and eighth sessions (docs/gpu-runs.md):
     # their defaults only, as the baseline
     "state": [{}],
-    "intra": [{}, {"narrow": False}, {"block_n": 128}, {"block_n": 32},
-              {"num_warps": 1}, {"num_warps": 4}],
+    "intra": [{}, {"block_n": 32}, {"num_warps": 1}, {"block_n": 32, "num_warps": 1},
+              {"block_n": 16}, {"block_n": 16, "num_warps": 1}, {"block_n": 64, "num_warps": 2}],
     "scan": [{}],
 }
 
