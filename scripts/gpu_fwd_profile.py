@@ -45,10 +45,10 @@ def fla_gla(inputs: dict[str, torch.Tensor]):
 DIAG_SWEEP = {
     # the walk and scan were swept in the seventh and eighth sessions (docs/gpu-runs.md):
     # their defaults only, as the baseline
-    "state": [{}],
-    "intra": [{}, {"block_n": 32}, {"num_warps": 1}, {"block_n": 32, "num_warps": 1},
-              {"block_n": 16}, {"block_n": 16, "num_warps": 1}, {"block_n": 64, "num_warps": 2}],
-    "scan": [{}],
+    "state": [{}, {"block_n": 32}, {"block_n": 128}, {"num_warps": 8}, {"block_p": 64}],
+    "intra": [{}],
+    "scan": [{}, {"block_n": 32}, {"block_n": 128}, {"block_n": 32, "num_warps": 8},
+             {"num_warps": 8}, {"block_m": 32}, {"block_m": 32, "block_n": 32}],
 }
 
 
