@@ -121,6 +121,24 @@ def decay_sweep(op, inputs: dict[str, torch.Tensor], chunk: int) -> None:
             print(f"  block_n {block_n:3d} warps {warps or 'default'}: {ms:.3f} ms", flush=True)
 
 
+def narrow_ab(op, checked, drawn: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
+              form: str) -> None:
+    """Kernels and ‖y − y_fp64‖ / ‖y_fp64‖ with the intra's dots at each intra_narrow level."""
+    from ssmc.reference import reference
+
+    mod = op.module
+    default = mod.intra_narrow
+    want, _ = reference(checked)(**{k: v.double().cuda() for k, v in drawn.items()})
+    for level in (0, 1, 2):
+        mod.intra_narrow = lambda C, level=level: level if C.dtype == torch.bfloat16 else 0
+        with torch.no_grad():
+            y, _ = op(**inputs, form=form)
+        err = ((y.double() - want).norm() / want.norm()).item()
+        profile_forward(f"ssmc {form}, intra_narrow {level} (y err {err:.2e})",
+                        lambda: op(**inputs, form=form))
+    mod.intra_narrow = default
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("spec")
@@ -137,6 +155,9 @@ def main() -> int:
     parser.add_argument("--decay-sweep", action="store_true",
                         help="also time the decay expression's cumsum launch alone per n tile "
                              "and warps")
+    parser.add_argument("--narrow-ab", action="store_true",
+                        help="also profile and check y against fp64 with the intra's dots at "
+                             "each intra_narrow level (0 fp32, 1 the earlier keys', 2 all 16-bit)")
     parser.add_argument("--sweep-chunks", type=int, nargs="+", default=[64, 128],
                         help="the chunk lengths --diag-sweep times (64 128)")
     args = parser.parse_args()
@@ -158,6 +179,8 @@ def main() -> int:
             profile_forward(f"ssmc {args.form}, FUSE_DECAY_INTRA = {fuse}",
                             lambda: op(**inputs, form=args.form))
         op.module.FUSE_DECAY_INTRA = default
+    if args.narrow_ab and hasattr(op.module, "intra_narrow"):
+        narrow_ab(op, checked, drawn, inputs, args.form)
     mask = checked.spec.mask
     if args.diag_sweep:
         for chunk in args.sweep_chunks:
