@@ -123,18 +123,19 @@ def decay_sweep(op, inputs: dict[str, torch.Tensor], chunk: int) -> None:
 
 def narrow_ab(op, checked, drawn: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
               form: str) -> None:
-    """Kernels and ‖y − y_fp64‖ / ‖y_fp64‖ with the intra's dots at each intra_narrow level."""
+    """Kernels and ‖y − y_fp64‖ / ‖y_fp64‖ with the intra's earlier-keys dot in fp32 and in
+    C's 16-bit type (intra_narrow)."""
     from ssmc.reference import reference
 
     mod = op.module
     default = mod.intra_narrow
     want, _ = reference(checked)(**{k: v.double().cuda() for k, v in drawn.items()})
-    for level in (0, 1, 2):
-        mod.intra_narrow = lambda C, level=level: level if C.dtype == torch.bfloat16 else 0
+    for narrow in (False, True):
+        mod.intra_narrow = lambda C, narrow=narrow: narrow and default(C)
         with torch.no_grad():
             y, _ = op(**inputs, form=form)
         err = ((y.double() - want).norm() / want.norm()).item()
-        profile_forward(f"ssmc {form}, intra_narrow {level} (y err {err:.2e})",
+        profile_forward(f"ssmc {form}, intra_narrow {narrow} (y err {err:.2e})",
                         lambda: op(**inputs, form=form))
     mod.intra_narrow = default
 
@@ -156,8 +157,8 @@ def main() -> int:
                         help="also time the decay expression's cumsum launch alone per n tile "
                              "and warps")
     parser.add_argument("--narrow-ab", action="store_true",
-                        help="also profile and check y against fp64 with the intra's dots at "
-                             "each intra_narrow level (0 fp32, 1 the earlier keys', 2 all 16-bit)")
+                        help="also profile and check y against fp64 with the intra's "
+                             "earlier-keys dot in fp32 and in 16 bits (intra_narrow)")
     parser.add_argument("--sweep-chunks", type=int, nargs="+", default=[64, 128],
                         help="the chunk lengths --diag-sweep times (64 128)")
     args = parser.parse_args()
