@@ -46,7 +46,7 @@ DIAG_SWEEP = {
     # the walk and scan were swept in the seventh and eighth sessions (docs/gpu-runs.md):
     # their defaults only, as the baseline
     "state": [{}, {"block_n": 32}, {"block_n": 128}, {"num_warps": 8}, {"block_p": 64}],
-    "intra": [{}],
+    "intra": [{}, {"block_n": 32}, {"num_warps": 2}],
     "scan": [{}, {"block_n": 32}, {"block_n": 128}, {"block_n": 32, "num_warps": 8},
              {"num_warps": 8}, {"block_m": 32}, {"block_m": 32, "block_n": 32}],
 }
