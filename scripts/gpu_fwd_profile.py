@@ -43,8 +43,8 @@ def fla_gla(inputs: dict[str, torch.Tensor]):
 
 
 DIAG_SWEEP = {
-    # the walk and scan were swept in the seventh and eighth sessions (docs/gpu-runs.md):
-    # their defaults only, as the baseline
+    # each stage's defaults and their neighbours (docs/gpu-runs.md, sixteenth session: the
+    # defaults were the fastest of these at GLA's shape)
     "state": [{}, {"block_n": 32}, {"block_n": 128}, {"num_warps": 8}, {"block_p": 64}],
     "intra": [{}, {"block_n": 32}, {"num_warps": 2}],
     "scan": [{}, {"block_n": 32}, {"block_n": 128}, {"block_n": 32, "num_warps": 8},

@@ -199,6 +199,14 @@ def test_empty_sequence_passes_the_state(h0: bool) -> None:
     assert torch.equal(final, initial if h0 else torch.zeros_like(final))
 
 
+def written_blocks(tiles: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The entries of A [R, 1, Q, Q] the intra writes: rows inside their chunk, on and below
+    the diagonal (the others are never written, so tests compare these only)."""
+    rows = torch.arange(chunk, device=tiles.device)
+    inside = (rows[None, :] < tiles[:, 2, None])[:, None, :, None]
+    return inside & torch.ones(chunk, chunk, dtype=torch.bool, device=tiles.device).tril()
+
+
 @pytest.mark.parametrize("case", [CASES[6], CASES[10], CASES[16], CASES[21], CASES[22]],
                          ids=lambda c: c.id)
 def test_intra_variants_agree(case: Case) -> None:
@@ -209,10 +217,7 @@ def test_intra_variants_agree(case: Case) -> None:
     mod = stage()
     tiles, _ = mod.seq_tiles(cu_seqlens, x.shape[0], x.shape[1], case.chunk, x.device)
     cs = mod.chunked_diag_cumsum_fwd(log_a, tiles=tiles, chunk_size=case.chunk, block_n=16)
-    # only rows inside their chunk, on and below the diagonal, are written: compare those
-    rows = torch.arange(case.chunk, device=x.device)
-    written = (rows[None, :] < tiles[:, 2, None])[:, None, :, None] & torch.ones(
-        case.chunk, case.chunk, dtype=torch.bool, device=x.device).tril()
+    written = written_blocks(tiles, case.chunk)
     blocks = []
     for adjacent, one_pass in ((True, True), (False, True), (True, False)):
         A = mod.chunked_diag_intra_fwd(B, C, cs=cs, tiles=tiles, heads=H, chunk_size=case.chunk,
@@ -235,9 +240,7 @@ def test_intra_narrow_dots_in_16_bit(case: Case) -> None:
     assert mod.intra_narrow(C)
     tiles, _ = mod.seq_tiles(cu_seqlens, x.shape[0], x.shape[1], case.chunk, x.device)
     cs = mod.chunked_diag_cumsum_fwd(log_a, tiles=tiles, chunk_size=case.chunk, block_n=16)
-    rows = torch.arange(case.chunk, device=x.device)
-    written = (rows[None, :] < tiles[:, 2, None])[:, None, :, None] & torch.ones(
-        case.chunk, case.chunk, dtype=torch.bool, device=x.device).tril()
+    written = written_blocks(tiles, case.chunk)
     blocks = [
         torch.where(written, mod.chunked_diag_intra_fwd(
             B, C, cs=cs, tiles=tiles, heads=H, chunk_size=case.chunk, dot_precision="ieee",
