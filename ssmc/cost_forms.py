@@ -190,10 +190,10 @@ def chunked_diagonal(s: Sizes, Q: int) -> tuple[Launch, ...]:
     nm = Q // bm
     chunks = cdiv(s.T, Q)
     walkers = s.seqs * s.H * n_tiles * p_tiles
-    # chunked_diag_intra_fwd: n in tiles of up to 16 with 1 warp (16-bit A, its dots in
-    # 16 bits) or 32 with 2 (fp32 A)
-    narrow = s.shape.dtype_bytes < STATE_BYTES
-    bn_intra = clamp(s.N, MMA, 16 if narrow else 32)
+    # chunked_diag_intra_fwd (intra_blocks): n in tiles of up to 16 with 1 warp (16-bit A,
+    # the earlier keys' dot in 16 bits) or 32 with 2 (fp32 A)
+    a16 = s.shape.dtype_bytes < STATE_BYTES
+    bn_intra = clamp(s.N, MMA, 16 if a16 else 32)
     # the decay's expression is evaluated in the cumsum (chunked_diag_decay): its inputs
     # are read there instead of log a
     decay = cost_roles.decay_expression(s)
@@ -236,7 +236,7 @@ def chunked_diagonal(s: Sizes, Q: int) -> tuple[Launch, ...]:
             phases=4,
             serial_steps=cdiv(s.N, bn_intra),
             step_round_trips=1,
-            resident=resident(1 if narrow else 2, intra_values),
+            resident=resident(1 if a16 else 2, intra_values),
         ),
         Launch(
             name="chunked_diag_scan",
