@@ -10,6 +10,7 @@
 #   probe     the fused backward per launch knob at MQAR's shapes, fault-isolated (gpu_bwd_probe.py)
 #   profile   per-kernel time of fwd+bwd vs mamba_ssm, chunked_bwd launch sweep (gpu_bwd_profile.py)
 #   ncu       Nsight Compute sections of one fwd+bwd step's heavy kernels, ssmc and mamba_ssm
+#   fwdncu    Nsight Compute sections of one forward of a spec and its peer (gpu_fwd_profile.py --ncu)
 #   fwdprofile  per-kernel time of one spec's forward vs its peer (gpu_fwd_profile.py SPEC [args])
 #   decode    one decode step vs mamba_ssm's selective_state_update, HBM floor, wall time (bench_decode.py)
 #   compile   cold (empty caches) load + first fwd/bwd, and warm load, in fresh processes (compile_time.py)
@@ -85,16 +86,22 @@ if [[ $stage == profile ]]; then
     python3 scripts/gpu_bwd_profile.py --mamba-src "$mamba_src" "$@" 2>&1 | grep -v -i warn \
         | tee "$out/profile.log" || status=1
 fi
-if [[ $stage == ncu ]]; then
-    # NCU_KERNELS: a regex of kernel names (default: the backward's and forward's heavy ones)
+if [[ $stage == ncu || $stage == fwdncu ]]; then
+    # NCU_KERNELS: a regex of kernel names (default: the backward's and forward's heavy ones;
+    # for fwdncu, every kernel of the forwards)
     ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
-    kernels=${NCU_KERNELS:-chunked_bwd|epilogue_bwd|chunked_scan_fwd|chunked_state_fwd|_chunk_scan|_chunk_state|_state_passing}
+    if [[ $stage == ncu ]]; then
+        kernels=${NCU_KERNELS:-chunked_bwd|epilogue_bwd|chunked_scan_fwd|chunked_state_fwd|_chunk_scan|_chunk_state|_state_passing}
+        script=(scripts/gpu_bwd_profile.py --ncu --mamba-src "$mamba_src")
+    else
+        kernels=${NCU_KERNELS:-.}
+        script=(scripts/gpu_fwd_profile.py --ncu --mamba-src "$mamba_src")
+    fi
     "$ncu" --clock-control none --profile-from-start off --kernel-name "regex:$kernels" \
         --section SpeedOfLight --section LaunchStats --section Occupancy \
         --section WarpStateStats --section ComputeWorkloadAnalysis \
         --section MemoryWorkloadAnalysis --print-summary none \
-        python3 scripts/gpu_bwd_profile.py --ncu --mamba-src "$mamba_src" "$@" \
-        >"$out/ncu.log" 2>&1 || status=1
+        python3 "${script[@]}" "$@" >"$out/ncu.log" 2>&1 || status=1
     grep -E "^  [a-zA-Z_]+.*\(|Duration|Registers Per|Achieved Occupancy|Compute \(SM\) Thr|Memory Thr|Stall|Local Memory|Spill|L1/TEX Hit|L2 Hit|Executed Ipc A|Issue Slots Busy|Dynamic Shared|Static Shared|Theoretical Occ|Block Limit Reg|DRAM Throughput|Waves Per" \
         "$out/ncu.log" | head -n 400
 fi

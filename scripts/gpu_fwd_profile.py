@@ -34,6 +34,20 @@ def profile_forward(name: str, run) -> None:
         profile_calls(f"{name}: {{:.3f}} ms of kernels per forward", run, top=20)
 
 
+def ncu_forward(name: str, run) -> None:
+    """Two warm-up forwards, then one inside cudaProfilerStart/Stop: the range that
+    `ncu --profile-from-start off` reads (scripts/gpu_check.sh fwdncu)."""
+    with torch.no_grad():
+        for _ in range(2):
+            run()
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStart()
+        run()
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+    print(f"{name}: one forward profiled", flush=True)
+
+
 def fla_gla(inputs: dict[str, torch.Tensor]):
     """FLA chunk_gla on the GLA example's tensors, its gate log-sigmoid taken outside."""
     kernels, _ = import_fla()
@@ -159,6 +173,8 @@ def main() -> int:
     parser.add_argument("--narrow-ab", action="store_true",
                         help="also profile and check y against fp64 with the intra's "
                              "earlier-keys dot in fp32 and in 16 bits (intra_narrow)")
+    parser.add_argument("--ncu", action="store_true",
+                        help="one profiled forward of ssmc and of the peer, for ncu (no timing)")
     parser.add_argument("--sweep-chunks", type=int, nargs="+", default=[64, 128],
                         help="the chunk lengths --diag-sweep times (64 128)")
     args = parser.parse_args()
@@ -172,6 +188,12 @@ def main() -> int:
     inputs = {k: v.to("cuda", torch.float32 if k in wide else dtype) for k, v in drawn.items()}
     op = load(checked)
     print(f"{args.spec} batch {args.batch} seqlen {args.seqlen} dims {dims} {args.dtype}")
+    mask = checked.spec.mask
+    if args.ncu:
+        ncu_forward(f"ssmc {args.form}", lambda: op(**inputs, form=args.form))
+        if isinstance(mask, ir.DiagonalSemiseparable) and {"q", "k", "v", "g"} <= inputs.keys():
+            ncu_forward("fla chunk_gla", fla_gla(inputs))
+        return 0
     profile_forward(f"ssmc {args.form}", lambda: op(**inputs, form=args.form))
     if args.unfused and hasattr(op.module, "FUSE_DECAY_INTRA"):
         default = op.module.FUSE_DECAY_INTRA
@@ -182,7 +204,6 @@ def main() -> int:
         op.module.FUSE_DECAY_INTRA = default
     if args.narrow_ab and hasattr(op.module, "intra_narrow"):
         narrow_ab(op, checked, drawn, inputs, args.form)
-    mask = checked.spec.mask
     if args.diag_sweep:
         for chunk in args.sweep_chunks:
             diag_sweep(op, dims, args.batch, args.seqlen, dtype, chunk)
