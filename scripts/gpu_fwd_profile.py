@@ -92,8 +92,11 @@ DIAG_SWEEP = {
     # (maxnreg: the registers a thread may take, so more programs fit an SM)
     "state": [{}, {"block_n": 32}, {"block_n": 128}, {"num_warps": 8}, {"block_p": 64},
               {"maxnreg": 128}],
-    "intra": [{}, {"block_n": 32}, {"num_warps": 2}, {"maxnreg": 128}, {"maxnreg": 96},
-              {"num_warps": 2, "maxnreg": 128}],
+    "intra": [{}, {"whole": False}, {"whole": False, "block_n": 32},
+              {"whole": False, "num_warps": 2}, {"block_n": 16}, {"block_n": 64},
+              {"num_warps": 2}, {"num_warps": 8}, {"block_n": 64, "num_warps": 8},
+              {"block_n": 16, "num_warps": 2}, {"whole_narrow": False},
+              {"whole_narrow": False, "block_n": 64}],
     "scan": [{}, {"block_n": 32}, {"block_n": 128}, {"block_n": 32, "num_warps": 8},
              {"num_warps": 8}, {"block_m": 32}, {"block_m": 32, "block_n": 32},
              {"maxnreg": 128}, {"block_m": 32, "maxnreg": 128}],
@@ -188,6 +191,25 @@ def narrow_ab(op, checked, drawn: dict[str, torch.Tensor], inputs: dict[str, tor
     mod.intra_narrow = default
 
 
+def whole_ab(op, checked, drawn: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
+             form: str) -> None:
+    """Kernels and ‖y − y_fp64‖ / ‖y_fp64‖ with the intra by sub-chunks and by whole chunks,
+    the whole chunk's dot in 16 bits and in fp32 (WHOLE_INTRA, WHOLE_NARROW)."""
+    from ssmc.reference import reference
+
+    mod = op.module
+    saved = mod.WHOLE_INTRA, mod.WHOLE_NARROW
+    want, _ = reference(checked)(**{k: v.double().cuda() for k, v in drawn.items()})
+    for whole, narrow in ((False, True), (True, True), (True, False)):
+        mod.WHOLE_INTRA, mod.WHOLE_NARROW = whole, narrow
+        with torch.no_grad():
+            y, _ = op(**inputs, form=form)
+        err = ((y.double() - want).norm() / want.norm()).item()
+        profile_forward(f"ssmc {form}, WHOLE_INTRA {whole} WHOLE_NARROW {narrow} "
+                        f"(y err {err:.2e})", lambda: op(**inputs, form=form))
+    mod.WHOLE_INTRA, mod.WHOLE_NARROW = saved
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("spec")
@@ -207,6 +229,9 @@ def main() -> int:
     parser.add_argument("--narrow-ab", action="store_true",
                         help="also profile and check y against fp64 with the intra's "
                              "earlier-keys dot in fp32 and in 16 bits (intra_narrow)")
+    parser.add_argument("--whole-ab", action="store_true",
+                        help="also profile and check y against fp64 with the intra by "
+                             "sub-chunks and by whole chunks (WHOLE_INTRA, WHOLE_NARROW)")
     parser.add_argument("--ncu", action="store_true",
                         help="one profiled forward of ssmc and of the peer, for ncu (no timing)")
     parser.add_argument("--sweep-chunks", type=int, nargs="+", default=[64, 128],
@@ -238,6 +263,8 @@ def main() -> int:
         op.module.FUSE_DECAY_INTRA = default
     if args.narrow_ab and hasattr(op.module, "intra_narrow"):
         narrow_ab(op, checked, drawn, inputs, args.form)
+    if args.whole_ab and hasattr(op.module, "WHOLE_INTRA"):
+        whole_ab(op, checked, drawn, inputs, args.form)
     if args.diag_sweep:
         for chunk in args.sweep_chunks:
             diag_sweep(op, dims, args.batch, args.seqlen, dtype, chunk)

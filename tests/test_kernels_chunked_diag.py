@@ -222,11 +222,51 @@ def test_intra_variants_agree(case: Case) -> None:
     for adjacent, one_pass in ((True, True), (False, True), (True, False)):
         A = mod.chunked_diag_intra_fwd(B, C, cs=cs, tiles=tiles, heads=H, chunk_size=case.chunk,
                                        dot_precision="ieee", adjacent=adjacent,
-                                       one_pass=one_pass)
+                                       one_pass=one_pass, whole=False)
         blocks.append(torch.where(written, A, 0.0))
     assert blocks[0].abs().sum() > 0 and torch.isfinite(blocks[0]).all()
     assert torch.equal(blocks[0], blocks[1])
     assert torch.equal(blocks[0], blocks[2])
+
+
+def direct_intra(B, C, cs, tiles, heads: int, chunk: int) -> torch.Tensor:
+    """A [R, H, Q, Q] in fp64 straight from its definition, Σ_n C_i B_j exp(cs_i − cs_j) for
+    j ≤ i inside the chunk (one head per A-group), 0 elsewhere."""
+    R, Gd = cs.shape[:2]
+    A = torch.zeros(R, heads, chunk, chunk, dtype=torch.float64)
+    for r, (b, t0, n, *_) in enumerate(tiles.cpu().tolist()):
+        for h in range(heads):
+            c = cs[r, h * Gd // heads, :n].double().cpu()
+            q = C[b, t0:t0 + n, h * C.shape[2] // heads].double().cpu()
+            k = B[b, t0:t0 + n, h * B.shape[2] // heads].double().cpu()
+            e = (c[:, None, :] - c[None, :, :]).clamp(max=0.0).exp()
+            A[r, h, :n, :n] = torch.einsum("in,jn,ijn->ij", q, k, e).tril()
+    return A
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[8], CASES[16], CASES[21],
+                                  CASES[22], CASES[23]], ids=lambda c: c.id)
+def test_intra_whole_chunk(case: Case) -> None:
+    """The whole-chunk intra (one dot through the chunk's midpoint where its spread allows,
+    sub-chunks elsewhere) gives A within fp32 rounding of its definition, for weak decays
+    (the one dot), strong ones (the sub-chunk path) and a mix."""
+    x, s, log_a, B, C, H, h0, cu_seqlens = make_inputs(case)
+    mod = stage()
+    tiles, _ = mod.seq_tiles(cu_seqlens, x.shape[0], x.shape[1], case.chunk, x.device)
+    cs = mod.chunked_diag_cumsum_fwd(log_a, tiles=tiles, chunk_size=case.chunk, block_n=16)
+    spread = (cs[:, :, 0] - cs[:, :, -1]).amax(dim=(1, 2))
+    want = direct_intra(B, C, cs, tiles, H, case.chunk)
+    written = written_blocks(tiles, case.chunk).cpu()
+    for block_n, warps in ((None, None), (16, 2)):
+        A = mod.chunked_diag_intra_fwd(B, C, cs=cs, tiles=tiles, heads=H, chunk_size=case.chunk,
+                                       dot_precision="ieee", whole=True, block_n=block_n,
+                                       num_warps=warps).cpu()
+        Ga = A.shape[1]
+        got = torch.where(written, A, 0.0).double().repeat_interleave(H // Ga, dim=1)
+        assert torch.isfinite(got).all()
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    # which path each case exercises: weak decays the one dot, strong ones the sub-chunks
+    assert (spread <= 30).any() if case.strongest <= 1.0 else (spread > 30).all()
 
 
 @pytest.mark.parametrize("case", [CASES[5], CASES[16], CASES[21], CASES[23]], ids=lambda c: c.id)
