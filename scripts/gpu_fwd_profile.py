@@ -92,11 +92,9 @@ DIAG_SWEEP = {
     # (maxnreg: the registers a thread may take, so more programs fit an SM)
     "state": [{}, {"block_n": 32}, {"block_n": 128}, {"num_warps": 8}, {"block_p": 64},
               {"maxnreg": 128}],
-    "intra": [{}, {"whole": False}, {"whole": False, "block_n": 32},
-              {"whole": False, "num_warps": 2}, {"block_n": 16}, {"block_n": 64},
-              {"num_warps": 2}, {"num_warps": 8}, {"block_n": 64, "num_warps": 8},
-              {"block_n": 16, "num_warps": 2}, {"whole_narrow": False},
-              {"whole_narrow": False, "block_n": 64}],
+    "intra": [{}, {"whole": False}, {"whole_blocks": (64, 4)}, {"whole_blocks": (32, 2)},
+              {"whole_blocks": (16, 4)}, {"whole_blocks": (64, 8)}, {"whole_narrow": False},
+              {"whole_narrow": False, "whole_blocks": (64, 4)}],
     "scan": [{}, {"block_n": 32}, {"block_n": 128}, {"block_n": 32, "num_warps": 8},
              {"num_warps": 8}, {"block_m": 32}, {"block_m": 32, "block_n": 32},
              {"maxnreg": 128}, {"block_m": 32, "maxnreg": 128}],
@@ -104,9 +102,9 @@ DIAG_SWEEP = {
 
 
 def diag_sweep(op, dims: dict[str, int], batch: int, T: int, dtype: torch.dtype,
-               chunk: int) -> None:
+               chunk: int, strongest: float = 1 / 8, stages=None) -> None:
     """Median ms of each chunked_diag stage alone per launch option, on core tensors
-    [batch, T, H, N or P] (every head its own group)."""
+    [batch, T, H, N or P] (every head its own group), log a drawn from [−strongest, 0]."""
     import triton.testing
 
     mod = op.module
@@ -114,7 +112,7 @@ def diag_sweep(op, dims: dict[str, int], batch: int, T: int, dtype: torch.dtype,
     g = torch.Generator(device="cuda").manual_seed(1)
     x, B, C = (torch.randn(batch, T, H, d, device="cuda", generator=g).to(dtype)
                for d in (P, N, N))
-    log_a = -torch.rand(batch, T, H, N, device="cuda", generator=g) / 8
+    log_a = -torch.rand(batch, T, H, N, device="cuda", generator=g) / strongest
     tiles, first = mod.seq_tiles(None, batch, T, chunk, x.device)
     prec = "tf32" if dtype != torch.float32 else "ieee"
     cs = mod.chunked_diag_cumsum_fwd(log_a, tiles=tiles, chunk_size=chunk, block_n=64)
@@ -139,8 +137,11 @@ def diag_sweep(op, dims: dict[str, int], batch: int, T: int, dtype: torch.dtype,
         "cumsum": lambda o: mod.chunked_diag_cumsum_fwd(
             log_a, tiles=tiles, chunk_size=chunk, **{"block_n": 64, **o}),
     }
-    print(f"\n== chunked_diag stages alone (ms, median), chunk {chunk}", flush=True)
+    print(f"\n== chunked_diag stages alone (ms, median), chunk {chunk}, log a in "
+          f"[-{strongest:g}, 0]", flush=True)
     for stage, options in (*DIAG_SWEEP.items(), ("cumsum", [{}, {"block_n": 32}])):
+        if stages and stage not in stages:
+            continue
         for o in options:
             try:
                 ms = triton.testing.do_bench(lambda s=stage, o=o: staged(mod, s, o, calls[s]),
@@ -268,6 +269,9 @@ def main() -> int:
     if args.diag_sweep:
         for chunk in args.sweep_chunks:
             diag_sweep(op, dims, args.batch, args.seqlen, dtype, chunk)
+            for strongest in (1.0, 4.0):  # the whole-chunk intra's spread: mid, past it
+                diag_sweep(op, dims, args.batch, args.seqlen, dtype, chunk, strongest,
+                           stages={"intra"})
     if args.decay_sweep:
         for chunk in args.sweep_chunks:
             decay_sweep(op, inputs, chunk)

@@ -248,8 +248,8 @@ def direct_intra(B, C, cs, tiles, heads: int, chunk: int) -> torch.Tensor:
                                   CASES[22], CASES[23]], ids=lambda c: c.id)
 def test_intra_whole_chunk(case: Case) -> None:
     """The whole-chunk intra (one dot through the chunk's midpoint where its spread allows,
-    sub-chunks elsewhere) gives A within fp32 rounding of its definition, for weak decays
-    (the one dot), strong ones (the sub-chunk path) and a mix."""
+    the sub-chunk launch for the other chunks) gives A within fp32 rounding of its
+    definition, for weak decays (the one dot) and strong ones (the sub-chunks, or a mix)."""
     x, s, log_a, B, C, H, h0, cu_seqlens = make_inputs(case)
     mod = stage()
     tiles, _ = mod.seq_tiles(cu_seqlens, x.shape[0], x.shape[1], case.chunk, x.device)
@@ -257,16 +257,17 @@ def test_intra_whole_chunk(case: Case) -> None:
     spread = (cs[:, :, 0] - cs[:, :, -1]).amax(dim=(1, 2))
     want = direct_intra(B, C, cs, tiles, H, case.chunk)
     written = written_blocks(tiles, case.chunk).cpu()
-    for block_n, warps in ((None, None), (16, 2)):
+    for blocks in (None, (16, 2)):
         A = mod.chunked_diag_intra_fwd(B, C, cs=cs, tiles=tiles, heads=H, chunk_size=case.chunk,
-                                       dot_precision="ieee", whole=True, block_n=block_n,
-                                       num_warps=warps).cpu()
+                                       dot_precision="ieee", whole=True,
+                                       whole_blocks=blocks).cpu()
         Ga = A.shape[1]
         got = torch.where(written, A, 0.0).double().repeat_interleave(H // Ga, dim=1)
         assert torch.isfinite(got).all()
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     # which path each case exercises: weak decays the one dot, strong ones the sub-chunks
-    assert (spread <= 30).any() if case.strongest <= 1.0 else (spread > 30).all()
+    weak = spread <= mod.WHOLE_SPREAD
+    assert weak.all() if case.strongest <= 1.0 else not weak.all()
 
 
 @pytest.mark.parametrize("case", [CASES[5], CASES[16], CASES[21], CASES[23]], ids=lambda c: c.id)
