@@ -92,9 +92,9 @@ DIAG_SWEEP = {
     # (maxnreg: the registers a thread may take, so more programs fit an SM)
     "state": [{}, {"block_n": 32}, {"block_n": 128}, {"num_warps": 8}, {"block_p": 64},
               {"maxnreg": 128}],
-    "intra": [{}, {"whole": False}, {"whole_blocks": (64, 4)}, {"whole_blocks": (32, 2)},
-              {"whole_blocks": (16, 4)}, {"whole_blocks": (64, 8)}, {"whole_narrow": False},
-              {"whole_narrow": False, "whole_blocks": (64, 4)}],
+    "intra": [{}, {"whole": False}, {"whole_blocks": (32, 8)}, {"whole_blocks": (16, 4)},
+              {"whole_blocks": (64, 4)}, {"whole_blocks": (16, 2)}, {"whole_blocks": (32, 2)},
+              {"whole_narrow": True}],
     "scan": [{}, {"block_n": 32}, {"block_n": 128}, {"block_n": 32, "num_warps": 8},
              {"num_warps": 8}, {"block_m": 32}, {"block_m": 32, "block_n": 32},
              {"maxnreg": 128}, {"block_m": 32, "maxnreg": 128}],
@@ -112,7 +112,7 @@ def diag_sweep(op, dims: dict[str, int], batch: int, T: int, dtype: torch.dtype,
     g = torch.Generator(device="cuda").manual_seed(1)
     x, B, C = (torch.randn(batch, T, H, d, device="cuda", generator=g).to(dtype)
                for d in (P, N, N))
-    log_a = -torch.rand(batch, T, H, N, device="cuda", generator=g) / strongest
+    log_a = -torch.rand(batch, T, H, N, device="cuda", generator=g) * strongest
     tiles, first = mod.seq_tiles(None, batch, T, chunk, x.device)
     prec = "tf32" if dtype != torch.float32 else "ieee"
     cs = mod.chunked_diag_cumsum_fwd(log_a, tiles=tiles, chunk_size=chunk, block_n=64)
