@@ -90,6 +90,7 @@ def test_a_seen_key_launches_the_compiled_kernel_with_every_argument(module: Any
         lambda x: ((x, 1 << 40, 1), {"BLOCK": 16, "num_warps": 4}),  # past int32
         lambda x: ((x.half(), 32, 1), {"BLOCK": 16, "num_warps": 4}),  # dtype
         lambda x: ((x, 32, 1), {"BLOCK": 32, "num_warps": 4}),  # constexpr
+        lambda x: ((x, 32, 1), {"BLOCK": 16.5, "num_warps": 4}),  # a float constexpr
         lambda x: ((x, 32, 1), {"BLOCK": 16, "FLAG": True, "num_warps": 4}),  # defaulted one
         lambda x: ((x, 32, 1), {"BLOCK": 16, "num_warps": 8}),  # launch option
         lambda x: ((x, 32, True), {"BLOCK": 16, "num_warps": 4}),  # a bool, not the int 1
@@ -107,13 +108,26 @@ def test_anything_triton_specialises_on_takes_its_own_path(module: Any, change: 
     assert len(fn.slow) == 2 and not fn.fast
 
 
-def test_floats_are_keyed_by_type_only(module: Any) -> None:
+def test_runtime_floats_are_keyed_by_type_only(module: Any) -> None:
     fn = JitStandIn()
     kernel = module._FastKernel(fn)
     x = torch.zeros(64)
     kernel[(1,)](x, 0.5, 1, BLOCK=16)
     kernel[(1,)](x, 0.25, 1, BLOCK=16)  # Triton does not specialise on a float's value
     assert len(fn.slow) == 1 and fn.fast == [((1, 1, 1), (x, 0.25, 1, 16, False))]
+
+
+def test_float_constexprs_are_keyed_by_value(module: Any) -> None:
+    """A float constexpr is compiled into the kernel (the intra's SPREAD_MAX): another value
+    is another kernel, never the one compiled for the first value."""
+    fn = JitStandIn()
+    kernel = module._FastKernel(fn)
+    x = torch.zeros(64)
+    kernel[(1,)](x, 32, 1, BLOCK=60.0)
+    kernel[(1,)](x, 32, 1, BLOCK=-1.0)
+    assert len(fn.slow) == 2 and not fn.fast
+    kernel[(1,)](x, 32, 1, BLOCK=60.0)
+    assert len(fn.slow) == 2 and fn.fast == [((1, 1, 1), (x, 32, 1, 60.0, False))]
 
 
 def test_the_keys_a_kernel_keeps_are_bounded(module: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -455,13 +455,16 @@ def test_diagonal_decay_expression_is_evaluated_in_the_chunked_cumsum(
         inputs.pop("initial_state", None)
         want, want_state = reference(op.checked)(**inputs, initial_state=init,
                                                  cu_seqlens=cu_seqlens)
-        # chunk 64: the fused decay + intra program walks several 16-row sub-chunks; and
-        # the same with the decay's own launch (FUSE_DECAY_INTRA off)
-        runs = [("chunked", 16, True), ("chunked", 64, True), ("chunked", 64, False),
-                ("recurrent", 16, True)]
-        default = module.FUSE_DECAY_INTRA
-        for form, chunk, fuse in runs:
+        # chunk 64: the fused decay + intra program takes the whole chunk at once, or (a
+        # whole-chunk spread of 0 allowed) walks its 16-row sub-chunks; and the same with the
+        # decay's own launch (FUSE_DECAY_INTRA off)
+        runs = [("chunked", 16, True, None), ("chunked", 64, True, None),
+                ("chunked", 64, True, 0.0), ("chunked", 64, False, None),
+                ("chunked", 64, False, 0.0), ("recurrent", 16, True, None)]
+        default = module.FUSE_DECAY_INTRA, module.WHOLE_SPREAD
+        for form, chunk, fuse, spread in runs:
             module.FUSE_DECAY_INTRA = fuse
+            module.WHOLE_SPREAD = default[1] if spread is None else spread
             try:
                 y, state = op(
                     **{k: v.float().to(DEVICE) for k, v in inputs.items()},
@@ -470,6 +473,6 @@ def test_diagonal_decay_expression_is_evaluated_in_the_chunked_cumsum(
                     form=form, chunk_size=chunk,
                 )
             finally:
-                module.FUSE_DECAY_INTRA = default
-            assert rel(y, want) <= 1e-5, (form, chunk, fuse, cu_seqlens)
-            assert rel(state, want_state) <= 1e-5, (form, chunk, fuse, cu_seqlens)
+                module.FUSE_DECAY_INTRA, module.WHOLE_SPREAD = default
+            assert rel(y, want) <= 1e-5, (form, chunk, fuse, spread, cu_seqlens)
+            assert rel(state, want_state) <= 1e-5, (form, chunk, fuse, spread, cu_seqlens)

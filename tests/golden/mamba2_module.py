@@ -4000,23 +4000,26 @@ _TENSOR = torch.Tensor
 _MAX_KEYS = 4096  # launch keys a kernel keeps before it starts over (shapes seen in serving)
 
 
-def _layout(types):
+def _layout(types, constexprs=()):
     """For the types of a launch's arguments: the positions of the tensors and of the values
-    keyed as themselves (neither tensors nor floats)."""
+    keyed as themselves (neither tensors nor runtime floats; a constexpr float is compiled
+    in, so it is keyed by value)."""
     tensors = tuple(i for i, t in enumerate(types) if issubclass(t, _TENSOR))
-    plain = tuple(i for i, t in enumerate(types) if not issubclass(t, _TENSOR) and t is not float)
+    plain = tuple(i for i, t in enumerate(types)
+                  if not issubclass(t, _TENSOR) and (t is not float or i in constexprs))
     return tensors, plain
 
 
-def _launch_key(values, layouts):
+def _launch_key(values, layouts, constexprs=()):
     """What Triton's specialisation can depend on: every argument's type (bools apart from
-    ints, floats by type only); each tensor's dtype and 16-byte alignment; every other value
-    itself (ints exactly, which implies their == 1, % 16 and range classes; None;
-    constexprs). `layouts`: the kernel's _layout per tuple of types."""
+    ints, runtime floats by type only); each tensor's dtype and 16-byte alignment; every
+    other value itself (ints exactly, which implies their == 1, % 16 and range classes;
+    None; constexprs, floats among them). `layouts`: the kernel's _layout per tuple of
+    types; `constexprs`: the positions of the kernel's constexpr parameters."""
     types = tuple(map(type, values))
     layout = layouts.get(types)
     if layout is None:
-        layout = layouts[types] = _layout(types)
+        layout = layouts[types] = _layout(types, constexprs)
     tensors, plain = layout
     return (
         types,
@@ -4034,6 +4037,7 @@ class _FastKernel(_KernelInterface):
         self._names = list(fn.arg_names)
         self._index = {name: i for i, name in enumerate(self._names)}
         self._defaults = [p.default for p in fn.params]
+        self._constexprs = frozenset(getattr(fn, "constexprs", ()))  # positions
         self._compiled = {}
         self._layouts = {}
 
@@ -4054,7 +4058,8 @@ class _FastKernel(_KernelInterface):
             else:
                 values[i] = value
         try:
-            key = (torch.cuda.current_device(), tuple(options), _launch_key(values, self._layouts))
+            key = (torch.cuda.current_device(), tuple(options),
+                   _launch_key(values, self._layouts, self._constexprs))
             compiled = self._compiled.get(key)
         except TypeError:  # an unhashable option or constexpr: Triton's own path
             return self.fn.run(*args, grid=grid, warmup=False, **kwargs)
