@@ -162,12 +162,13 @@ def chunked(s: Sizes, Q: int) -> tuple[Launch, ...]:
 
 
 def chunked_diagonal(s: Sizes, Q: int) -> tuple[Launch, ...]:
-    """The chunked form for a diagonal decay (templates/chunked_diag.py.jinja), four
+    """The chunked form for a diagonal decay (templates/chunked_diag.py.jinja), five
     launches: cs per chunk (fp32); the state walk along each sequence with H in registers,
     storing the state entering each chunk (16-bit when C is), one dot per chunk; the
-    masked block A = Σ_n C B exp(cs_i − cs_j) once per A-group (fp32), a program per
-    16-row sub-chunk with one dot against all earlier keys and one for its own sub-chunk
-    per n tile (a direct broadcast where a decay is too strong to factor); y = A X̄ +
+    masked block A = Σ_n C B exp(cs_i − cs_j) once per A-group, a program per chunk with
+    one [Q, N] × [N, Q] dot through the chunk's midpoint; the sub-chunk launch, which
+    finds every chunk written (it writes those whose decay is too strong for one
+    reference, which the model does not foresee: inputs decide it); y = A X̄ +
     (C ⊙ exp(cs)) H_r per (chunk, head, row block, P tile).
 
     The A and scan programs are many and small (Mamba-1: tokens × H / 16 and / 64), so
@@ -190,21 +191,30 @@ def chunked_diagonal(s: Sizes, Q: int) -> tuple[Launch, ...]:
     nm = Q // bm
     chunks = cdiv(s.T, Q)
     walkers = s.seqs * s.H * n_tiles * p_tiles
-    # chunked_diag_intra_fwd (intra_blocks): n in tiles of up to 16 with 1 warp (16-bit A,
-    # the earlier keys' dot in 16 bits) or 32 with 2 (fp32 A)
+    # chunked_diag_intra_fwd: the whole-chunk launch (WHOLE_BLOCKS: n tiles of 32, 2 warps),
+    # then the sub-chunk launch (intra_blocks: n tiles of up to 16 with 1 warp for 16-bit A,
+    # 32 with 2 for fp32 A) for the chunks whose spread is past WHOLE_SPREAD = 60
+    bn_whole = clamp(s.N, MMA, 32)
     a16 = s.shape.dtype_bytes < STATE_BYTES
     bn_intra = clamp(s.N, MMA, 16 if a16 else 32)
     # the decay's expression is evaluated in the cumsum (chunked_diag_decay): its inputs
     # are read there instead of log a
     decay = cost_roles.decay_expression(s)
     a_read, a_ops = (s.a_row, 0) if decay is None else cost_roles.decay_read(s, decay)
+    whole_values = Q * Q + 5 * Q * bn_whole
     intra_values = 3 * Q * bn_intra + 4 * SUB_CHUNK * bn_intra + SUB_CHUNK * Q
+    # Which chunks the whole-chunk launch takes depends on the inputs. A chunk of Q = 64
+    # passes a spread of 60 only where log a averages below −0.94; at Q = 128, below −0.47,
+    # and the benchmarks' log a in [−1, −0.01] does (GLA at 8 × 2048 on the H100: chunk 64
+    # 0.574 ms, docs/gpu-runs.md, seventeenth session). So Q ≤ 64 is costed as whole chunks
+    # and longer chunks as sub-chunks.
+    whole = Q <= 64
     scan_values = bm * (2 * bp + bm + 2 * bn) + bn * bp
     state_values = Q * (3 * bn + bp) + bn * bp
     # Where N ≤ 32 and the decay is an expression the module runs the cumsum inside the intra
     # launch (chunked_diag_decay_intra, FUSE_DECAY_INTRA): measured only for Mamba-1 at
-    # 2 × 2048, H = 1536 (1.22 ms against 1.22 + 0.17), so it is still costed as the two
-    # launches it replaced — slightly pessimistic for the chunked form there.
+    # 2 × 2048, H = 1536 (1.22 ms against 1.22 + 0.17), so it is still costed as the
+    # launches it replaces — slightly pessimistic for the chunked form there.
     return (
         Launch(
             name="chunked_diag_cumsum",
@@ -226,6 +236,26 @@ def chunked_diagonal(s: Sizes, Q: int) -> tuple[Launch, ...]:
         ),
         Launch(
             name="chunked_diag_intra",
+            matmul_flops=R * ga * mm(Q, Q, s.N) if whole else 0,
+            scalar_flops=R * ga * Q * s.N * 6 if whole else 0,
+            bytes=(s.q_row + s.k_row) * s.tokens + cs + blocks if whole else R * ga * 8,
+            programs=R * ga,
+            # tiles table → spread → the n tiles' loads and dot → store
+            phases=3 if whole else 2,
+            serial_steps=cdiv(s.N, bn_whole),
+            step_round_trips=1,
+            resident=resident(2, whole_values),
+        ),
+        Launch(
+            name="chunked_diag_intra_rest",
+            bytes=R * ga * ns * 8,
+            programs=R * ga * ns,
+            phases=1,
+            resident=SMALL_RESIDENT,
+        )
+        if whole
+        else Launch(
+            name="chunked_diag_intra_rest",
             matmul_flops=R * ga * ns * (mm(SUB_CHUNK, Q, s.N) + mm(SUB_CHUNK, SUB_CHUNK, s.N)),
             scalar_flops=R * ga * ns * s.N * (Q + 2 * SUB_CHUNK) * 3,
             bytes=(s.q_row + s.k_row) * s.tokens + cs + blocks,

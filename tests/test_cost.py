@@ -165,7 +165,7 @@ def test_the_scalar_chunked_form_is_three_launches() -> None:
     assert (many.programs, many.serial_steps) == (512, 4096 // 64)
 
 
-def test_the_diagonal_chunked_form_is_four_launches() -> None:
+def test_the_diagonal_chunked_form_is_five_launches() -> None:
     spec = parse_file(EXAMPLES / "mamba1.ssm")
     c = cost(spec, ir.Form.CHUNKED, Shape(batch=2, seqlen=4096), chunk_size=64)
     core = [k.name for k in c.launches if k.name.startswith("chunked")]
@@ -173,8 +173,13 @@ def test_the_diagonal_chunked_form_is_four_launches() -> None:
         "chunked_diag_cumsum",
         "chunked_diag_state",
         "chunked_diag_intra",
+        "chunked_diag_intra_rest",
         "chunked_diag_scan",
     ]
+    # the whole-chunk intra: one program per chunk and head (one [Q, N] × [N, Q] dot); the
+    # sub-chunk launch after it, four programs per chunk and head, finds them written
+    intra, rest = c.launches[3], c.launches[4]
+    assert intra.programs == 2 * 64 * 64 and rest.programs == 4 * intra.programs
     assert c.launches[-1].name == "epilogue"
     # Every chunk's fp32 state: 2 · 64 chunks · 64 heads · N = 16 · P = 1.
     assert c.state_bytes == 2 * 64 * 64 * 16 * 1 * 4
