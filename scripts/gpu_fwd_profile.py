@@ -34,6 +34,20 @@ def profile_forward(name: str, run) -> None:
         profile_calls(f"{name}: {{:.3f}} ms of kernels per forward", run, top=20)
 
 
+def profile_backward(name: str, op, inputs: dict[str, torch.Tensor], form: str) -> None:
+    """Print the kernels of ten forward + backward steps (autograd, a fixed random dy)."""
+    leaves = {k: v.detach().clone().requires_grad_(v.is_floating_point())
+              for k, v in inputs.items()}
+    y, _ = op(**leaves, form=form)
+    dy = torch.randn_like(y)
+
+    def step():
+        out, _ = op(**leaves, form=form)
+        torch.autograd.backward(out, dy)
+
+    profile_calls(f"{name}: {{:.3f}} ms of kernels per forward + backward", step, top=24)
+
+
 def ncu_forward(name: str, run) -> None:
     """Two warm-up forwards, then one inside cudaProfilerStart/Stop: the range that
     `ncu --profile-from-start off` reads (scripts/gpu_check.sh fwdncu)."""
@@ -230,6 +244,8 @@ def main() -> int:
     parser.add_argument("--narrow-ab", action="store_true",
                         help="also profile and check y against fp64 with the intra's "
                              "earlier-keys dot in fp32 and in 16 bits (intra_narrow)")
+    parser.add_argument("--backward", action="store_true",
+                        help="also profile forward + backward steps of ssmc (autograd)")
     parser.add_argument("--whole-ab", action="store_true",
                         help="also profile and check y against fp64 with the intra by "
                              "sub-chunks and by whole chunks (WHOLE_INTRA, WHOLE_NARROW)")
@@ -264,6 +280,8 @@ def main() -> int:
         op.module.FUSE_DECAY_INTRA = default
     if args.narrow_ab and hasattr(op.module, "intra_narrow"):
         narrow_ab(op, checked, drawn, inputs, args.form)
+    if args.backward:
+        profile_backward(f"ssmc {args.form}", op, inputs, args.form)
     if args.whole_ab and hasattr(op.module, "WHOLE_INTRA"):
         whole_ab(op, checked, drawn, inputs, args.form)
     if args.diag_sweep:
