@@ -1,0 +1,92 @@
+"""The diagonal backward's launches at GLA's shape: each one's time at its defaults and with
+other launch options (`chunked_diag_bwd`, examples/gla.ssm's core: H heads, N = P, every
+head its own groups), to see what tiles alone can do before the kernels change.
+
+    python scripts/gpu_diag_bwd_sweep.py --batch 8 --seqlen 2048 --heads 16 --dim 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import triton.testing
+from torch.profiler import ProfilerActivity, profile
+
+from ssmc.load import load_source
+from ssmc.render import render_stage
+
+HEADER = "import math\nimport torch\nimport triton\nimport triton.language as tl\n\n"
+
+SWEEP = {
+    # kernel → launch options tried in place of the launcher's (num_warps, constexpr tiles)
+    "chunked_diag_bwd_dla_kernel": [{"num_warps": 4}, {"BLOCK_P": 64}, {"BLOCK_P": 64, "num_warps": 4},
+                                    {"BLOCK_P": 16}, {"BLOCK_P": 16, "num_warps": 4}],
+    "chunked_diag_bwd_dbc_kernel": [{"num_warps": 4}, {"num_warps": 16}],
+}
+
+
+class Override:
+    """A stand-in for a module's kernel whose launches take `options` over the launcher's."""
+
+    def __init__(self, kernel, **options):
+        self.kernel, self.options = kernel, options
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.kernel[grid](*args, **{**kwargs, **self.options})
+
+
+def per_kernel_ms(call) -> dict[str, float]:
+    """CUDA ms per call of each kernel, over five profiled calls after two warm-ups."""
+    for _ in range(2):
+        call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            call()
+        torch.cuda.synchronize()
+    return {e.key: e.device_time_total / 5 / 1000 for e in prof.key_averages()
+            if e.device_time_total > 0}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--dim", type=int, default=128)
+    args = parser.parse_args()
+    source = "\n".join(render_stage(name) for name in ("chunked_diag", "adjoint", "chunked_diag_bwd"))
+    mod = load_source(HEADER + source, "chunked_diag_bwd_stage")
+    b, T, H, N = args.batch, args.seqlen, args.heads, args.dim
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x, B, C, dy = (torch.randn(b, T, H, N, device="cuda", generator=g).bfloat16() for _ in range(4))
+    log_a = -torch.rand(b, T, H, N, device="cuda", generator=g)  # [−1, 0], as the bench draws
+
+    def call():
+        return mod.chunked_diag_bwd(x, None, log_a, B, C, heads=H, initial_state=None,
+                                    cu_seqlens=None, dy=dy, dfinal=None, chunk_size=64)
+
+    base = per_kernel_ms(call)
+    total = triton.testing.do_bench(call, warmup=2, rep=20, return_mode="median")
+    print(f"chunked_diag_bwd, bf16 [{b}, {T}, {H}, {N}], N = P = {N}: {total:.3f} ms")
+    for name, ms in sorted(base.items(), key=lambda kv: -kv[1])[:10]:
+        print(f"  {ms:8.3f} ms  {name[:90]}")
+    for name, options in SWEEP.items():
+        kernel = getattr(mod, name)
+        for o in options:
+            setattr(mod, name, Override(kernel, **o))
+            try:
+                ms = per_kernel_ms(call).get(name, float("nan"))
+                print(f"{name} {o}: {ms:.3f} ms (default {base.get(name, float('nan')):.3f})",
+                      flush=True)
+            except Exception as exc:  # noqa: BLE001 — an option that cannot launch is reported
+                print(f"{name} {o}: failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+            finally:
+                setattr(mod, name, kernel)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
