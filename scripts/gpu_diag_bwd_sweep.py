@@ -20,10 +20,13 @@ from ssmc.render import render_stage
 HEADER = "import math\nimport torch\nimport triton\nimport triton.language as tl\n\n"
 
 SWEEP = {
-    # kernel → launch options tried in place of the launcher's (num_warps, constexpr tiles)
-    "chunked_diag_bwd_dla_kernel": [{"num_warps": 4}, {"BLOCK_P": 64}, {"BLOCK_P": 64, "num_warps": 4},
-                                    {"BLOCK_P": 16}, {"BLOCK_P": 16, "num_warps": 4}],
-    "chunked_diag_bwd_dbc_kernel": [{"num_warps": 4}, {"num_warps": 16}],
+    # kernel → launch options tried in place of the launcher's (num_warps, constexpr tiles);
+    # the launcher's defaults at GLA's shape: dla 8 warps, BLOCK_P 32; dbc 8 warps
+    "chunked_diag_bwd_dla_kernel": [{"num_warps": 4}, {"BLOCK_P": 64, "num_warps": 4},
+                                    {"BLOCK_P": 64, "num_warps": 2}, {"BLOCK_P": 128, "num_warps": 4},
+                                    {"BLOCK_P": 128, "num_warps": 2}, {"BLOCK_P": 32, "num_warps": 2}],
+    "chunked_diag_bwd_dbc_kernel": [{"num_warps": 4}, {"num_warps": 2}, {"num_warps": 1}],
+    "chunked_diag_bwd_dx_kernel": [{"num_warps": 2}, {"num_warps": 8}],
 }
 
 
