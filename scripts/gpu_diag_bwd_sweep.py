@@ -21,12 +21,10 @@ HEADER = "import math\nimport torch\nimport triton\nimport triton.language as tl
 
 SWEEP = {
     # kernel → launch options tried in place of the launcher's (num_warps, constexpr tiles);
-    # the launcher's defaults at GLA's shape: dla 8 warps, BLOCK_P 32; dbc 8 warps
-    "chunked_diag_bwd_dla_kernel": [{"num_warps": 4}, {"BLOCK_P": 64, "num_warps": 4},
-                                    {"BLOCK_P": 64, "num_warps": 2}, {"BLOCK_P": 128, "num_warps": 4},
-                                    {"BLOCK_P": 128, "num_warps": 2}, {"BLOCK_P": 32, "num_warps": 2}],
-    "chunked_diag_bwd_dbc_kernel": [{"num_warps": 4}, {"num_warps": 2}, {"num_warps": 1}],
-    "chunked_diag_bwd_dx_kernel": [{"num_warps": 2}, {"num_warps": 8}],
+    # the launcher's defaults at GLA's shape: dla 2 warps, BLOCK_P 128; dbc 1; dx 2
+    "chunked_diag_bwd_dla_kernel": [{"num_warps": 1}, {"BLOCK_P": 64}, {"BLOCK_P": 64, "num_warps": 1}],
+    "chunked_diag_bwd_dbc_kernel": [{"num_warps": 2}],
+    "chunked_diag_bwd_dx_kernel": [{"num_warps": 1}],
 }
 
 
@@ -71,6 +69,26 @@ def main() -> int:
         return mod.chunked_diag_bwd(x, None, log_a, B, C, heads=H, initial_state=None,
                                     cu_seqlens=None, dy=dy, dfinal=None, chunk_size=64)
 
+    # the launches before the seventeenth session's wide-head defaults: the same gradients
+    # up to the order of fp32 sums (the warps change only how a tile is split)
+    old = {"chunked_diag_bwd_dla_kernel": {"BLOCK_P": 32, "num_warps": 8},
+           "chunked_diag_bwd_dbc_kernel": {"num_warps": 8},
+           "chunked_diag_bwd_dx_kernel": {"num_warps": 4}}
+    kernels = {name: getattr(mod, name) for name in old}
+    new_out = call()
+    for name, o in old.items():
+        setattr(mod, name, Override(kernels[name], **o))
+    old_out = call()
+    old_ms = per_kernel_ms(call)
+    for name, kernel in kernels.items():
+        setattr(mod, name, kernel)
+    labels = ("dx", "ds", "dlog_a", "dB", "dC", "dh0")
+    for label, a, b in zip(labels, new_out, old_out, strict=True):
+        if a is not None:
+            diff = ((a.double() - b.double()).norm() / b.double().norm()).item()
+            print(f"{label}: ‖new − old‖ / ‖old‖ = {diff:.2e}", flush=True)
+            assert diff <= 1e-4 and torch.isfinite(a).all(), label
+    print("old launches: " + ", ".join(f"{n} {old_ms.get(n, float('nan')):.3f} ms" for n in old))
     base = per_kernel_ms(call)
     total = triton.testing.do_bench(call, warmup=2, rep=20, return_mode="median")
     print(f"chunked_diag_bwd, bf16 [{b}, {T}, {H}, {N}], N = P = {N}: {total:.3f} ms")
