@@ -83,11 +83,11 @@ def main() -> int:
     for name, kernel in kernels.items():
         setattr(mod, name, kernel)
     labels = ("dx", "ds", "dlog_a", "dB", "dC", "dh0")
-    for label, a, b in zip(labels, new_out, old_out, strict=True):
-        if a is not None:
-            diff = ((a.double() - b.double()).norm() / b.double().norm()).item()
+    for label, got, was in zip(labels, new_out, old_out, strict=True):
+        if got is not None:
+            diff = ((got.double() - was.double()).norm() / was.double().norm()).item()
             print(f"{label}: ‖new − old‖ / ‖old‖ = {diff:.2e}", flush=True)
-            assert diff <= 1e-4 and torch.isfinite(a).all(), label
+            assert diff <= 1e-4 and torch.isfinite(got).all(), label
     print("old launches: " + ", ".join(f"{n} {old_ms.get(n, float('nan')):.3f} ms" for n in old))
     base = per_kernel_ms(call)
     total = triton.testing.do_bench(call, warmup=2, rep=20, return_mode="median")

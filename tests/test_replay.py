@@ -43,6 +43,8 @@ class InterpretedJit:
         signature = inspect.signature(fn.fn)
         self.arg_names = list(signature.parameters)
         self.params = [Param(p.name, p.default) for p in signature.parameters.values()]
+        self.constexprs = [i for i, p in enumerate(signature.parameters.values())
+                           if "constexpr" in str(p.annotation)]
         self.slow = 0
         self.fast = 0
 

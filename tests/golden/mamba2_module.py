@@ -4037,7 +4037,7 @@ class _FastKernel(_KernelInterface):
         self._names = list(fn.arg_names)
         self._index = {name: i for i, name in enumerate(self._names)}
         self._defaults = [p.default for p in fn.params]
-        self._constexprs = frozenset(getattr(fn, "constexprs", ()))  # positions
+        self._constexprs = frozenset(fn.constexprs)  # their positions
         self._compiled = {}
         self._layouts = {}
 
