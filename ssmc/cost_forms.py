@@ -208,7 +208,57 @@ def chunked_diagonal(s: Sizes, Q: int) -> tuple[Launch, ...]:
     # and the benchmarks' log a in [−1, −0.01] does (GLA at 8 × 2048 on the H100: chunk 64
     # 0.574 ms, docs/gpu-runs.md, seventeenth session). So Q ≤ 64 is costed as whole chunks
     # and longer chunks as sub-chunks.
-    whole = Q <= 64
+    intra_bytes = (s.q_row + s.k_row) * s.tokens + cs + blocks
+    if Q <= 64:
+        intra = (
+            Launch(
+                name="chunked_diag_intra",
+                matmul_flops=R * ga * mm(Q, Q, s.N),
+                scalar_flops=R * ga * Q * s.N * 6,
+                bytes=intra_bytes,
+                programs=R * ga,
+                # tiles table → spread → the n tiles' loads and dot → store
+                phases=3,
+                serial_steps=cdiv(s.N, bn_whole),
+                step_round_trips=1,
+                resident=resident(2, whole_values),
+            ),
+            # the sub-chunk launch: each program reads its chunk's flag and ends
+            Launch(
+                name="chunked_diag_intra_rest",
+                bytes=R * ga * ns * 8,
+                programs=R * ga * ns,
+                phases=1,
+                resident=SMALL_RESIDENT,
+            ),
+        )
+    else:
+        intra = (
+            # the whole-chunk launch finds every spread too large: it writes the flags only
+            Launch(
+                name="chunked_diag_intra",
+                bytes=R * ga * 8,
+                programs=R * ga,
+                phases=2,
+                serial_steps=cdiv(s.N, bn_whole),
+                step_round_trips=1,
+                resident=resident(2, whole_values),
+            ),
+            Launch(
+                name="chunked_diag_intra_rest",
+                matmul_flops=R * ga * ns * (mm(SUB_CHUNK, Q, s.N) + mm(SUB_CHUNK, SUB_CHUNK, s.N)),
+                scalar_flops=R * ga * ns * s.N * (Q + 2 * SUB_CHUNK) * 3,
+                bytes=intra_bytes,
+                programs=R * ga * ns,
+                # tiles table → reference row and spread test → earlier-keys dots → own
+                # sub-chunk → store: Mamba-1 at H = 1536 measured 1.47 ms for this launch on
+                # the H100 (docs/gpu-runs.md, eighth session), 1.01 estimated with 2 phases
+                phases=4,
+                serial_steps=cdiv(s.N, bn_intra),
+                step_round_trips=1,
+                resident=resident(1 if a16 else 2, intra_values),
+            ),
+        )
     scan_values = bm * (2 * bp + bm + 2 * bn) + bn * bp
     state_values = Q * (3 * bn + bp) + bn * bp
     # Where N ≤ 32 and the decay is an expression the module runs the cumsum inside the intra
@@ -234,40 +284,7 @@ def chunked_diagonal(s: Sizes, Q: int) -> tuple[Launch, ...]:
             resident=resident(4, state_values),
             segment_steps=8,  # segments of ≥ 8 chunks
         ),
-        Launch(
-            name="chunked_diag_intra",
-            matmul_flops=R * ga * mm(Q, Q, s.N) if whole else 0,
-            scalar_flops=R * ga * Q * s.N * 6 if whole else 0,
-            bytes=(s.q_row + s.k_row) * s.tokens + cs + blocks if whole else R * ga * 8,
-            programs=R * ga,
-            # tiles table → spread → the n tiles' loads and dot → store
-            phases=3 if whole else 2,
-            serial_steps=cdiv(s.N, bn_whole),
-            step_round_trips=1,
-            resident=resident(2, whole_values),
-        ),
-        Launch(
-            name="chunked_diag_intra_rest",
-            bytes=R * ga * ns * 8,
-            programs=R * ga * ns,
-            phases=1,
-            resident=SMALL_RESIDENT,
-        )
-        if whole
-        else Launch(
-            name="chunked_diag_intra_rest",
-            matmul_flops=R * ga * ns * (mm(SUB_CHUNK, Q, s.N) + mm(SUB_CHUNK, SUB_CHUNK, s.N)),
-            scalar_flops=R * ga * ns * s.N * (Q + 2 * SUB_CHUNK) * 3,
-            bytes=(s.q_row + s.k_row) * s.tokens + cs + blocks,
-            programs=R * ga * ns,
-            # tiles table → reference row and spread test → earlier-keys dots → own
-            # sub-chunk → store: Mamba-1 at H = 1536 measured 1.47 ms for this launch on
-            # the H100 (docs/gpu-runs.md, eighth session), 1.01 estimated with 2 phases
-            phases=4,
-            serial_steps=cdiv(s.N, bn_intra),
-            step_round_trips=1,
-            resident=resident(1 if a16 else 2, intra_values),
-        ),
+        *intra,
         Launch(
             name="chunked_diag_scan",
             matmul_flops=R
