@@ -69,19 +69,26 @@ def main() -> int:
         return mod.chunked_diag_bwd(x, None, log_a, B, C, heads=H, initial_state=None,
                                     cu_seqlens=None, dy=dy, dfinal=None, chunk_size=64)
 
-    # the launches before the seventeenth session's wide-head defaults: the same gradients
-    # up to the order of fp32 sums (the warps change only how a tile is split)
+    # the launches before the seventeenth session's wide-head defaults, and the dB/dC row
+    # block's own triangle as the direct sum (BLOCK_SPREAD < 0): the same gradients up to
+    # the order of fp32 sums
     old = {"chunked_diag_bwd_dla_kernel": {"BLOCK_P": 32, "num_warps": 8},
            "chunked_diag_bwd_dbc_kernel": {"num_warps": 8},
            "chunked_diag_bwd_dx_kernel": {"num_warps": 4}}
     kernels = {name: getattr(mod, name) for name in old}
     new_out = call()
+    spread = mod.BLOCK_SPREAD
     for name, o in old.items():
         setattr(mod, name, Override(kernels[name], **o))
+    mod.BLOCK_SPREAD = -1.0
     old_out = call()
     old_ms = per_kernel_ms(call)
     for name, kernel in kernels.items():
         setattr(mod, name, kernel)
+    mod.BLOCK_SPREAD = -1.0  # the new launches with the direct triangles
+    direct_ms = per_kernel_ms(call).get("chunked_diag_bwd_dbc_kernel", float("nan"))
+    mod.BLOCK_SPREAD = spread
+    print(f"dB/dC with the direct triangles at the new launches: {direct_ms:.3f} ms")
     labels = ("dx", "ds", "dlog_a", "dB", "dC", "dh0")
     for label, got, was in zip(labels, new_out, old_out, strict=True):
         if got is not None:
