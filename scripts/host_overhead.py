@@ -48,6 +48,8 @@ class StubKernel:
         signature = inspect.signature(getattr(kernel, "fn", kernel))
         self.arg_names = list(signature.parameters)
         self.params = [Param(p.name, p.default) for p in signature.parameters.values()]
+        self.constexprs = [i for i, p in enumerate(signature.parameters.values())
+                           if "constexpr" in str(p.annotation)]
 
     def run(self, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
         self.launches += not warmup
