@@ -10,6 +10,7 @@ them); bytes are HBM traffic with each canonical row read once per launch that n
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from functools import partial
 
 from ssmc import cost_roles, ir
@@ -209,20 +210,21 @@ def chunked_diagonal(s: Sizes, Q: int) -> tuple[Launch, ...]:
     # 0.574 ms, docs/gpu-runs.md, seventeenth session). So Q ≤ 64 is costed as whole chunks
     # and longer chunks as sub-chunks.
     intra_bytes = (s.q_row + s.k_row) * s.tokens + cs + blocks
+    whole = Launch(
+        name="chunked_diag_intra",
+        matmul_flops=R * ga * mm(Q, Q, s.N),
+        scalar_flops=R * ga * Q * s.N * 6,
+        bytes=intra_bytes,
+        programs=R * ga,
+        # tiles table → spread → the n tiles' loads and dot → store
+        phases=3,
+        serial_steps=cdiv(s.N, bn_whole),
+        step_round_trips=1,
+        resident=resident(2, whole_values),
+    )
     if Q <= 64:
         intra = (
-            Launch(
-                name="chunked_diag_intra",
-                matmul_flops=R * ga * mm(Q, Q, s.N),
-                scalar_flops=R * ga * Q * s.N * 6,
-                bytes=intra_bytes,
-                programs=R * ga,
-                # tiles table → spread → the n tiles' loads and dot → store
-                phases=3,
-                serial_steps=cdiv(s.N, bn_whole),
-                step_round_trips=1,
-                resident=resident(2, whole_values),
-            ),
+            whole,
             # the sub-chunk launch: each program reads its chunk's flag and ends
             Launch(
                 name="chunked_diag_intra_rest",
@@ -235,15 +237,7 @@ def chunked_diagonal(s: Sizes, Q: int) -> tuple[Launch, ...]:
     else:
         intra = (
             # the whole-chunk launch finds every spread too large: it writes the flags only
-            Launch(
-                name="chunked_diag_intra",
-                bytes=R * ga * 8,
-                programs=R * ga,
-                phases=2,
-                serial_steps=cdiv(s.N, bn_whole),
-                step_round_trips=1,
-                resident=resident(2, whole_values),
-            ),
+            replace(whole, matmul_flops=0, scalar_flops=0, bytes=R * ga * 8, phases=2),
             Launch(
                 name="chunked_diag_intra_rest",
                 matmul_flops=R * ga * ns * (mm(SUB_CHUNK, Q, s.N) + mm(SUB_CHUNK, SUB_CHUNK, s.N)),
