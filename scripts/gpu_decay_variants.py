@@ -77,6 +77,11 @@ def launch(cs, g, *, expr, sum_, order, block_n, warps, chunk=64):
                                BLOCK_N=block_n, num_warps=warps)
 
 
+def bench(f) -> float:
+    """Median ms of f."""
+    return triton.testing.do_bench(f, warmup=10, rep=60, return_mode="median")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
@@ -89,7 +94,6 @@ def main() -> int:
     cs = torch.empty(B * T // Q, H, Q, N, device="cuda")
     want = (torch.nn.functional.logsigmoid(g.double()) / 16).view(B, T // Q, Q, H, N)
     want = want.cumsum(2).permute(0, 1, 3, 2, 4).reshape_as(cs)
-    bench = lambda f: triton.testing.do_bench(f, warmup=10, rep=60, return_mode="median")  # noqa: E731
     flat = torch.empty_like(cs)
     copy_ms = bench(lambda: flat.view(-1).copy_(g.view(-1)))
     gb = 2 * g.numel() * 4 / 1e9

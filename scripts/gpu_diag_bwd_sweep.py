@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 import triton.testing
@@ -16,6 +17,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from ssmc.load import load_source
 from ssmc.render import render_stage
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts below
+from gpu_bwd_profile import kernel_rows  # noqa: E402
+from gpu_fwd_profile import LaunchWith  # noqa: E402
 
 HEADER = "import math\nimport torch\nimport triton\nimport triton.language as tl\n\n"
 
@@ -28,16 +33,6 @@ SWEEP = {
 }
 
 
-class Override:
-    """A stand-in for a module's kernel whose launches take `options` over the launcher's."""
-
-    def __init__(self, kernel, **options):
-        self.kernel, self.options = kernel, options
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.kernel[grid](*args, **{**kwargs, **self.options})
-
-
 def per_kernel_ms(call) -> dict[str, float]:
     """CUDA ms per call of each kernel, over five profiled calls after two warm-ups."""
     for _ in range(2):
@@ -47,8 +42,7 @@ def per_kernel_ms(call) -> dict[str, float]:
         for _ in range(5):
             call()
         torch.cuda.synchronize()
-    return {e.key: e.device_time_total / 5 / 1000 for e in prof.key_averages()
-            if e.device_time_total > 0}
+    return {e.key: e.device_time_total / 5 / 1000 for e in kernel_rows(prof)}
 
 
 def main() -> int:
@@ -79,7 +73,7 @@ def main() -> int:
     new_out = call()
     spread = mod.BLOCK_SPREAD
     for name, o in old.items():
-        setattr(mod, name, Override(kernels[name], **o))
+        setattr(mod, name, LaunchWith(kernels[name], **o))
     mod.BLOCK_SPREAD = -1.0
     old_out = call()
     old_ms = per_kernel_ms(call)
@@ -104,7 +98,7 @@ def main() -> int:
     for name, options in SWEEP.items():
         kernel = getattr(mod, name)
         for o in options:
-            setattr(mod, name, Override(kernel, **o))
+            setattr(mod, name, LaunchWith(kernel, **o))
             try:
                 ms = per_kernel_ms(call).get(name, float("nan"))
                 print(f"{name} {o}: {ms:.3f} ms (default {base.get(name, float('nan')):.3f})",

@@ -71,14 +71,14 @@ def fla_gla(inputs: dict[str, torch.Tensor]):
 
 
 class LaunchWith:
-    """A stand-in for a module's Triton kernel that adds launch options (maxnreg) to every
-    launch: `kernel[grid](*args, **kwargs, **options)`."""
+    """A stand-in for a module's Triton kernel whose launches take `options` (maxnreg,
+    num_warps, constexpr tiles) over the launcher's own."""
 
     def __init__(self, kernel, **options):
         self.kernel, self.options = kernel, options
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.kernel[grid](*args, **kwargs, **self.options)
+        return lambda *args, **kwargs: self.kernel[grid](*args, **{**kwargs, **self.options})
 
 
 STAGE_KERNELS = {"state": "chunked_diag_state_fwd_kernel", "intra": "chunked_diag_intra_fwd_kernel",
@@ -187,42 +187,48 @@ def decay_sweep(op, inputs: dict[str, torch.Tensor], chunk: int) -> None:
             print(f"  block_n {block_n:3d} warps {warps or 'default'}: {ms:.3f} ms", flush=True)
 
 
-def narrow_ab(op, checked, drawn: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
-              form: str) -> None:
-    """Kernels and ‖y − y_fp64‖ / ‖y_fp64‖ with the intra's earlier-keys dot in fp32 and in
-    C's 16-bit type (intra_narrow)."""
+def settings_ab(op, checked, drawn: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
+                form: str, settings: list[dict]) -> None:
+    """Kernels and ‖y − y_fp64‖ / ‖y_fp64‖ of the forward with each of `settings` (module
+    attributes set for its run, restored after)."""
     from ssmc.reference import reference
 
     mod = op.module
+    want, _ = reference(checked)(**{k: v.double().cuda() for k, v in drawn.items()})
+    for setting in settings:
+        saved = {name: getattr(mod, name) for name in setting}
+        for name, value in setting.items():
+            setattr(mod, name, value)
+        try:
+            with torch.no_grad():
+                y, _ = op(**inputs, form=form)
+            err = ((y.double() - want).norm() / want.norm()).item()
+            label = ", ".join(f"{name} {getattr(value, 'label', value)}"
+                              for name, value in setting.items())
+            profile_forward(f"ssmc {form}, {label} (y err {err:.2e})",
+                            lambda: op(**inputs, form=form))
+        finally:
+            for name, value in saved.items():
+                setattr(mod, name, value)
+
+
+def narrow_settings(mod) -> list[dict]:
+    """The intra's earlier-keys dot in fp32 and in C's 16-bit type (intra_narrow)."""
     default = mod.intra_narrow
-    want, _ = reference(checked)(**{k: v.double().cuda() for k, v in drawn.items()})
-    for narrow in (False, True):
-        mod.intra_narrow = lambda C, narrow=narrow: narrow and default(C)
-        with torch.no_grad():
-            y, _ = op(**inputs, form=form)
-        err = ((y.double() - want).norm() / want.norm()).item()
-        profile_forward(f"ssmc {form}, intra_narrow {narrow} (y err {err:.2e})",
-                        lambda: op(**inputs, form=form))
-    mod.intra_narrow = default
+
+    def narrow(on: bool):
+        def rule(C):  # intra_narrow, off or as the module has it
+            return on and default(C)
+
+        rule.label = on
+        return rule
+
+    return [{"intra_narrow": narrow(False)}, {"intra_narrow": narrow(True)}]
 
 
-def whole_ab(op, checked, drawn: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
-             form: str) -> None:
-    """Kernels and ‖y − y_fp64‖ / ‖y_fp64‖ with the intra by sub-chunks and by whole chunks,
-    the whole chunk's dot in 16 bits and in fp32 (WHOLE_INTRA, WHOLE_NARROW)."""
-    from ssmc.reference import reference
-
-    mod = op.module
-    saved = mod.WHOLE_INTRA, mod.WHOLE_NARROW
-    want, _ = reference(checked)(**{k: v.double().cuda() for k, v in drawn.items()})
-    for whole, narrow in ((False, True), (True, True), (True, False)):
-        mod.WHOLE_INTRA, mod.WHOLE_NARROW = whole, narrow
-        with torch.no_grad():
-            y, _ = op(**inputs, form=form)
-        err = ((y.double() - want).norm() / want.norm()).item()
-        profile_forward(f"ssmc {form}, WHOLE_INTRA {whole} WHOLE_NARROW {narrow} "
-                        f"(y err {err:.2e})", lambda: op(**inputs, form=form))
-    mod.WHOLE_INTRA, mod.WHOLE_NARROW = saved
+# the intra by sub-chunks and by whole chunks, the whole chunk's dot in 16 bits and in tf32
+WHOLE_SETTINGS = [{"WHOLE_INTRA": False}, {"WHOLE_INTRA": True, "WHOLE_NARROW": True},
+                  {"WHOLE_INTRA": True, "WHOLE_NARROW": False}]
 
 
 def main() -> int:
@@ -279,11 +285,11 @@ def main() -> int:
                             lambda: op(**inputs, form=args.form))
         op.module.FUSE_DECAY_INTRA = default
     if args.narrow_ab and hasattr(op.module, "intra_narrow"):
-        narrow_ab(op, checked, drawn, inputs, args.form)
+        settings_ab(op, checked, drawn, inputs, args.form, narrow_settings(op.module))
     if args.backward:
         profile_backward(f"ssmc {args.form}", op, inputs, args.form)
     if args.whole_ab and hasattr(op.module, "WHOLE_INTRA"):
-        whole_ab(op, checked, drawn, inputs, args.form)
+        settings_ab(op, checked, drawn, inputs, args.form, WHOLE_SETTINGS)
     if args.diag_sweep:
         for chunk in args.sweep_chunks:
             diag_sweep(op, dims, args.batch, args.seqlen, dtype, chunk)
