@@ -158,10 +158,9 @@ class StatePass:
             x = x if scale is None else x * scale.unsqueeze(-1).to(x.dtype)
             left = B.to(low)
         else:
-            # w_t = exp(Σ_{s>t} log a_s): a reversed inclusive cumsum shifted by one token.
-            after = log_a.flip(1).cumsum(1).flip(1)
-            total = after[:, 0] if log_a.dim() == 4 else after[:, 0, :, None].expand(b, H, N)
-            w = torch.cat([after[:, 1:], torch.zeros_like(after[:, :1])], dim=1).exp()
+            after, total = _suffix_sums(log_a)  # Σ_{s>t} log a_s, Σ_t log a_t
+            total = total if log_a.dim() == 4 else total[..., None].expand(b, H, N)
+            w = after.exp()
             if log_a.dim() == 4:  # diagonal: w [b, T, H, N] weighs B, per head
                 x = x if scale is None else x * scale.unsqueeze(-1).to(x.dtype)
                 left = (_to_heads(B, H).to(dtype) * w).to(low)
@@ -200,6 +199,19 @@ def _log_a(
             return _to_heads(value.to(dtype), H)
         case _:  # causal: no decay
             return None
+
+
+def _suffix_sums(log_a: Tensor) -> tuple[Tensor, Tensor]:
+    """(Σ_{s>t} log a_s per token, Σ_t log a_t) of log a [b, T, ...], sequence axis 1.
+
+    A reversed cumulative sum, never a difference of two long prefixes (which would cancel
+    in fp32). The sum runs along the innermost axis: torch's CUDA scan along an outer axis
+    walks each column serially (ms at T = 16 384, pytorch/pytorch#122170).
+    """
+    inner = log_a.movedim(1, -1).flip(-1).contiguous()  # [b, ..., T], last token first
+    inclusive = inner.cumsum(-1).flip(-1)  # Σ_{s≥t}
+    after = torch.cat([inclusive[..., 1:], torch.zeros_like(inclusive[..., :1])], dim=-1)
+    return after.movedim(-1, 1), inclusive[..., 0]
 
 
 def _matmul_dtype(x: Tensor, B: Tensor, dtype: torch.dtype) -> torch.dtype:

@@ -1,0 +1,126 @@
+"""The context-parallel state pass on one GPU: its time against the op's on the same part.
+
+    python scripts/gpu_state_pass.py [--seqlen 16384 65536] [--profile]
+
+For Mamba-2 2.7B (bf16 x, B, C, z) and GLA (H = 16, N = P = 128, bf16 q, k, v), batch 1:
+the state pass (`ssmc.parallel.StatePass`) forward and forward+backward, the op forward
+and forward+backward on the same part from a given initial state, and ρ = state pass /
+op (the split's expected speed-up on two GPUs is 2 / (1 + ρ)). `--profile` prints the
+state pass's heaviest CUDA kernels. The suffix sum of log a is also timed alone, along
+the sequence axis in place (torch's outer-axis scan) and along the innermost axis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ssmc.load import load  # noqa: E402
+from ssmc.parallel import StatePass, _suffix_sums  # noqa: E402
+from ssmc.pipeline import parse_file, with_dims  # noqa: E402
+from ssmc.reference import random_inputs  # noqa: E402
+
+SPECS = {  # spec file, dims, the per-token tensors given in bf16
+    "mamba2": ("mamba2.ssm", {}, ("x", "B", "C", "z")),
+    "gla": ("gla.ssm", {"H": 16, "N": 128, "P": 128}, ("q", "k", "v")),
+}
+
+
+def cuda_ms(fn, repeats: int = 10) -> float:
+    """Median CUDA-event milliseconds of fn() after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def measure(name: str, T: int, profile: bool) -> dict:
+    """State pass and op times at batch 1 and T tokens of one spec."""
+    path, dims, half = SPECS[name]
+    checked = with_dims(parse_file(ROOT / "examples" / path), dims)
+    op = load(checked)
+    gen = torch.Generator().manual_seed(T)
+    inputs = random_inputs(checked, batch=1, seqlen=T, dtype=torch.float32, generator=gen)
+    h = inputs.pop("initial_state")
+    inputs = {
+        k: v.cuda().to(torch.bfloat16 if k in half else torch.float32) for k, v in inputs.items()
+    }
+    h = h.cuda()
+    leaves = {k: v.detach().requires_grad_() for k, v in inputs.items()}
+    state_pass = StatePass(checked)
+
+    def state_fwd() -> None:
+        with torch.no_grad():
+            state_pass(inputs, torch.float32)
+
+    def state_fwd_bwd() -> None:
+        for v in leaves.values():
+            v.grad = None
+        left, total = state_pass(leaves, torch.float32)
+        (left.sum() + total.sum()).backward()
+
+    def op_fwd() -> None:
+        with torch.no_grad():
+            op(initial_state=h, **inputs)
+
+    def op_fwd_bwd() -> None:
+        for v in leaves.values():
+            v.grad = None
+        y, _ = op(initial_state=h, **leaves)
+        y.float().sum().backward()
+
+    row = {"spec": name, "seqlen": T}
+    for key, fn in (
+        ("state_fwd_ms", state_fwd),
+        ("state_fwd_bwd_ms", state_fwd_bwd),
+        ("op_fwd_ms", op_fwd),
+        ("op_fwd_bwd_ms", op_fwd_bwd),
+    ):
+        row[key] = cuda_ms(fn)
+    row["rho_fwd"] = row["state_fwd_ms"] / row["op_fwd_ms"]
+    row["rho_fwd_bwd"] = row["state_fwd_bwd_ms"] / row["op_fwd_bwd_ms"]
+    log_a = -torch.rand(1, T, *(16, 128) if name == "gla" else (80,), device="cuda")
+    row["suffix_outer_axis_ms"] = cuda_ms(lambda: log_a.flip(1).cumsum(1).flip(1))
+    row["suffix_inner_axis_ms"] = cuda_ms(lambda: _suffix_sums(log_a))
+    print(json.dumps(row), flush=True)
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            state_fwd_bwd()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seqlen", type=int, nargs="+", default=[16384, 65536])
+    p.add_argument("--specs", nargs="+", default=list(SPECS), choices=list(SPECS))
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--json", help="write the rows here")
+    args = p.parse_args()
+    rows = [measure(s, T, args.profile) for s in args.specs for T in args.seqlen]
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"device": torch.cuda.get_device_name(), "rows": rows})
+        )
+
+
+if __name__ == "__main__":
+    main()
