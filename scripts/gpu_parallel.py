@@ -4,8 +4,9 @@ Run with one process per GPU (nvidia-h200-x2):
 
     python -m torch.distributed.run --nproc_per_node=2 scripts/gpu_parallel.py --json OUT.json
 
-The Mamba-2 2.7B layer (examples/mamba2.ssm: H = 80, P = 64, N = 128, G = 1), bf16, one
-long sequence split evenly across the ranks. Rank 0 also runs the whole sequence alone
+The Mamba-2 2.7B layer (examples/mamba2.ssm: H = 80, P = 64, N = 128, G = 1; or with
+`--spec gla` GLA at H = 16, N = P = 128), bf16, one long sequence split evenly across the
+ranks. Rank 0 also runs the whole sequence alone
 (the 1-GPU baseline): outputs, the final state and every gradient of the split run must
 match it, and the forward and forward+backward times of both are printed with the
 speed-up. The split's time is broken down on each rank: the state-only pass
@@ -28,14 +29,16 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ssmc import parallel  # noqa: E402
+from ssmc import ir, parallel  # noqa: E402
 from ssmc.load import load  # noqa: E402
 from ssmc.parallel import ContextParallel, StatePass  # noqa: E402
 from ssmc.pipeline import parse_file, with_dims  # noqa: E402
 from ssmc.reference import random_inputs  # noqa: E402
 
-PER_TOKEN = ("x", "dt", "B", "C", "z")
-PARAMS = ("A", "dt_bias", "D")
+SPECS = {  # spec file, dims, the per-token tensors given in bf16 (the rest fp32)
+    "mamba2": ("mamba2.ssm", {}, ("x", "B", "C", "z")),
+    "gla": ("gla.ssm", {"H": 16, "N": 128, "P": 128}, ("q", "k", "v")),
+}
 DEVICE = [torch.device("cpu")]  # the rank's device (main sets a GPU unless --smoke)
 
 
@@ -51,6 +54,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seqlen", type=int, nargs="+", default=[32768, 131072])
+    p.add_argument("--spec", nargs="+", default=["mamba2"], choices=list(SPECS))
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--json", help="write the figures here (rank 0)")
     p.add_argument(
@@ -62,38 +66,41 @@ def main() -> None:
     args = p.parse_args()
     dist.init_process_group("gloo" if args.smoke else "nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
-    checked = parse_file(ROOT / "examples" / "mamba2.ssm")
-    if args.smoke:
-        checked = with_dims(checked, {"H": 4, "N": 8, "P": 8})
-    else:
+    if not args.smoke:
         torch.cuda.set_device(rank)
         DEVICE[0] = torch.device("cuda", rank)
-    op = load(checked)
-    cp = ContextParallel(checked, op)
     rows = []
-    for T in args.seqlen:
-        row = run_length(T, args, checked, op, cp, rank, world)
-        if row is not None:
-            rows.append(row)
+    for name in args.spec:
+        path, dims, half = SPECS[name]
+        checked = with_dims(
+            parse_file(ROOT / "examples" / path), {"H": 4, "N": 8, "P": 8} if args.smoke else dims
+        )
+        op = load(checked)
+        cp = ContextParallel(checked, op)
+        for T in args.seqlen:
+            row = run_length(T, args, checked, op, cp, rank, world, half)
+            if row is not None:
+                rows.append({"spec": name, **row})
     if rank == 0 and args.json:
         Path(args.json).write_text(json.dumps({"device": _device_name(), "rows": rows}, indent=1))
     dist.destroy_process_group()
 
 
 def run_length(
-    T: int, args: argparse.Namespace, checked, op, cp, rank: int, world: int
+    T: int, args: argparse.Namespace, checked, op, cp, rank: int, world: int, half: tuple
 ) -> dict | None:
     """Split vs whole at one sequence length; the row (rank 0) or None."""
     row = None
+    per_token = tuple(t.name for t in checked.spec.tensors if t.shape[:2] == (ir.BATCH, ir.SEQ))
+    params = tuple(t.name for t in checked.spec.tensors if t.kind is ir.TensorKind.PARAM)
     gen = torch.Generator().manual_seed(T)
     full = random_inputs(checked, batch=1, seqlen=T, dtype=torch.float32, generator=gen)
     full.pop("initial_state", None)
     full = {
-        k: v.to(DEVICE[0], torch.bfloat16 if k in ("x", "B", "C", "z") else torch.float32)
-        for k, v in full.items()
+        k: v.to(DEVICE[0], torch.bfloat16 if k in half else torch.float32) for k, v in full.items()
     }
     part = slice(rank * T // world, (rank + 1) * T // world)
-    local = {k: (v[:, part] if k in PER_TOKEN else v).contiguous() for k, v in full.items()}
+    local = {k: (v[:, part] if k in per_token else v).contiguous() for k, v in full.items()}
     with torch.no_grad():  # one call first: the kernels compile outside the timed runs
         y0, s0 = cp(**local)
     draw = torch.Generator().manual_seed(1)  # the same weights on every rank
@@ -161,11 +168,11 @@ def run_length(
     states = [torch.empty_like(state_split) for _ in range(world)]
     dist.all_gather(states, state_split.contiguous())
     grads = {}
-    for k in PER_TOKEN:
+    for k in per_token:
         parts = [torch.empty_like(leaves[k].grad) for _ in range(world)]
         dist.all_gather(parts, leaves[k].grad.contiguous())
         grads[k] = torch.cat(parts, dim=1)
-    for k in PARAMS:  # a parameter's gradient is the sum of every rank's
+    for k in params:  # a parameter's gradient is the sum of every rank's
         g = leaves[k].grad.float().contiguous()
         dist.all_reduce(g)
         grads[k] = g
@@ -201,7 +208,7 @@ def run_length(
             "state_matmul_fp32_out": parallel._OUT_DTYPE_MM["works"],
             "rel_err_y": rel(torch.cat(ys, dim=1), y_one),
             "rel_err_final_state": rel(states[-1], state_one),
-            "rel_err_grads": {k: rel(grads[k], whole[k].grad) for k in PER_TOKEN + PARAMS},
+            "rel_err_grads": {k: rel(grads[k], whole[k].grad) for k in per_token + params},
         }
         print(json.dumps(row), flush=True)
     dist.barrier()
