@@ -124,7 +124,7 @@ def run_length(
         return y.detach(), state.detach()
 
     # The pieces of the split, each alone on this rank (no collective inside).
-    state_pass = StatePass(checked)
+    state_pass = StatePass(checked, op)
     h_in = torch.randn(s0.shape, generator=draw).to(DEVICE[0]) * 0.1
     piece_leaves = {k: v.detach().requires_grad_() for k, v in local.items()}
 

@@ -7,7 +7,9 @@ the state pass (`ssmc.parallel.StatePass`) forward and forward+backward, the op 
 and forward+backward on the same part from a given initial state, and ρ = state pass /
 op (the split's expected speed-up on two GPUs is 2 / (1 + ρ)). `--profile` prints the
 state pass's heaviest CUDA kernels. The suffix sum of log a is also timed alone, along
-the sequence axis in place (torch's outer-axis scan) and along the innermost axis.
+the sequence axis in place (torch's outer-axis scan) and along the innermost axis. The
+state pass's forward (no gradients) is the module's state walk (`final_state_from_zero`);
+with gradients it is torch's matmul path.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def measure(name: str, T: int, profile: bool) -> dict:
     }
     h = h.cuda()
     leaves = {k: v.detach().requires_grad_() for k, v in inputs.items()}
-    state_pass = StatePass(checked)
+    state_pass = StatePass(checked, op)
 
     def state_fwd() -> None:
         with torch.no_grad():

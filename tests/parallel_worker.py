@@ -4,8 +4,8 @@ Started by tests/test_parallel.py (gloo, CPU) and scripts/gpu_parallel.py (NCCL)
 usual RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT environment. Every rank draws the
 same full inputs from one seed, runs its contiguous part of the sequence through
 `ssmc.parallel.ContextParallel`, backpropagates a fixed random projection of y and the
-final state, and saves its y, state and gradients for the caller to compare with the
-single-process op.
+final state (not with --mode op-no-grad), and saves its y, state and gradients for the
+caller to compare with the single-process op.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def main() -> None:
     p.add_argument("--dims", nargs="+", default=[], help="the dims of each spec (k=v,k=v)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seqlen", type=int, default=16)
-    p.add_argument("--mode", choices=("reference", "op"), default="reference")
+    p.add_argument("--mode", choices=("reference", "op", "op-no-grad"), default="reference")
     p.add_argument("--dtype", default="float64")
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -72,6 +72,13 @@ def run_case(
         for k, v in full.items()
     }
     op = reference(checked, "chunked", chunk_size=4) if args.mode == "reference" else load(checked)
+    if args.mode == "op-no-grad":  # the state pass is then the module's state walk
+        with torch.no_grad():
+            y, state = ContextParallel(checked, op)(**local)
+        torch.save(
+            {"y": y.cpu(), "state": state.cpu(), "grads": {}}, os.path.join(out, f"rank{rank}.pt")
+        )
+        return
     y, state = ContextParallel(checked, op)(**local)
     w_y = torch.randn(args.batch, T, *y.shape[2:], generator=gen, dtype=torch.float64)
     w_s = torch.randn(*state.shape, generator=gen, dtype=torch.float64)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ssmc.load import load
 from ssmc.parallel import ContextParallel, ContextParallelError, StatePass
 from ssmc.pipeline import parse, parse_file, with_dims
 from ssmc.reference import random_inputs, reference
@@ -158,6 +159,22 @@ def test_two_ranks_of_generated_kernels(tmp_path: Path) -> None:
         _compare(tmp_path / str(i), _single(spec, CASES[case][1]), 1e-4)
 
 
+@pytest.mark.interpret
+@pytest.mark.skipif(
+    torch.cuda.is_available() and torch.cuda.device_count() < 2,
+    reason="the ranks take NCCL and a GPU each where CUDA is (scripts/gpu_parallel.py on 2 GPUs)",
+)
+def test_two_ranks_of_generated_kernels_without_gradients(tmp_path: Path) -> None:
+    """Without gradients each rank's state pass is the module's state walk (scalar decay with
+    shared B/C, diagonal decay): y and the final state still match one process."""
+    cases = ["mamba2", "gla"]
+    specs = [_spec(case, tmp_path) for case in cases]
+    _run_ranks(specs, [CASES[c][1] for c in cases], "op-no-grad", "float32", tmp_path)
+    for i, (case, spec) in enumerate(zip(cases, specs, strict=True)):
+        want = _single(spec, CASES[case][1])
+        _compare(tmp_path / str(i), {**want, "grads": {}}, 1e-4)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_state_pass_is_the_final_state_from_zero(case: str, tmp_path: Path) -> None:
     """S⁰ + exp(Σ log a) ⊙ h0 is the reference's final state from h0, values and gradients."""
@@ -179,6 +196,38 @@ def test_state_pass_is_the_final_state_from_zero(case: str, tmp_path: Path) -> N
             assert mine[name].grad is None, f"grad of {name}"
         else:
             assert _rel(mine[name].grad, t.grad) < 1e-12, f"grad of {name}"
+
+
+WALK_CASES = {**CASES, "mamba1": ("mamba1.ssm", "H=4,N=4")}  # diagonal, the decay fused
+WALK_CASES.pop("mqa")  # x and B shared as in mamba2
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("case", sorted(WALK_CASES))
+def test_state_walk_of_generated_kernels(case: str, tmp_path: Path) -> None:
+    """The module's final_state_from_zero (the state walk alone, cut into segments or not,
+    a partial last chunk) is the fp64 state pass; StatePass takes it without gradients."""
+    path = _spec(case, tmp_path) if case in CASES else ROOT / "examples" / WALK_CASES[case][0]
+    checked = _checked(path, WALK_CASES[case][1])
+    op = load(checked)
+    gen = torch.Generator().manual_seed(3)
+    for seqlen, splits in ((40, None), (40, 3), (16, 2)):
+        inputs = random_inputs(checked, batch=2, seqlen=seqlen, generator=gen)
+        inputs.pop("initial_state", None)
+        want, want_total = StatePass(checked)(inputs, torch.float64)
+        f32 = {k: v.float() for k, v in inputs.items()}
+        got, total = op.module.final_state_from_zero(**f32, chunk_size=16, seq_splits=splits)
+        assert got.dtype == total.dtype == torch.float32
+        assert _rel(got, want) < 1e-5, f"T={seqlen}, splits={splits}: {_rel(got, want):.2e}"
+        if total.dim() == 2:  # a scalar decay: one total per head
+            total = total[..., None].expand_as(want_total)
+        assert (total.double() - want_total).abs().max() < 1e-5 * seqlen
+    state_pass = StatePass(checked, op)
+    assert state_pass.walk is not None
+    with torch.no_grad():
+        left, log_total = state_pass(f32, torch.float32)
+    assert _rel(left, want) < 1e-5
+    assert (log_total.double() - want_total).abs().max() < 1e-5 * seqlen
 
 
 def test_state_pass_of_bf16_inputs_is_fp32(tmp_path: Path) -> None:

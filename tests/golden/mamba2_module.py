@@ -310,6 +310,16 @@ def walk_splits(walkers, chunks, x):
     return max(1, min(8, sms // walkers, chunks // 8))
 
 
+def final_walk_splits(walkers, chunks, x):
+    """Segments for a walk that only ends in the final state (chunked_state_final_fwd): no
+    scan follows, so cut until about two walkers an SM (at most 16 segments, each at least one
+    chunk); 1 for fp64 inputs (the segments' states are fp32) and off the GPU."""
+    sms = _sm_count(x.device)
+    if sms == 0 or x.dtype == torch.float64:
+        return 1
+    return max(1, min(16, 2 * sms // max(1, walkers), chunks))
+
+
 @triton.jit
 def walk_combine_kernel(
     seg_state, seg_decay, seg_entry, final_state,
@@ -960,7 +970,7 @@ def chunked_state_fwd_kernel(
     HAS_S: tl.constexpr, HAS_INITIAL: tl.constexpr, HAS_FINAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, SPLIT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, SPLIT: tl.constexpr, STATES: tl.constexpr,
 ):
     # ACC_DTYPE: the state's dtype in registers, fp64 for fp64 inputs (a dot of fp64 tiles
     # gives fp64, and a loop-carried state must keep its type on the GPU), else fp32;
@@ -1016,11 +1026,12 @@ def chunked_state_fwd_kernel(
     p_H0 = states + (i_h * N + o_n[:, None]) * P + o_p[None, :]
     b_d = 0.0  # Σ log a from the segment's start (SPLIT)
     for i_t in range(0, tl.cdiv(n_tok, BLOCK_T)):
-        if i_t % (CHUNK // BLOCK_T) == 0:
-            i_r = r_first + i_t // (CHUNK // BLOCK_T)
-            tl.store(p_H0 + i_r * H * N * P, b_h.to(states.dtype.element_ty), mask=m_np)
-            if SPLIT:
-                tl.store(chunk_decay + i_r * H + i_h, b_d)
+        if STATES:  # the state entering each chunk (not for chunked_state_final_fwd)
+            if i_t % (CHUNK // BLOCK_T) == 0:
+                i_r = r_first + i_t // (CHUNK // BLOCK_T)
+                tl.store(p_H0 + i_r * H * N * P, b_h.to(states.dtype.element_ty), mask=m_np)
+                if SPLIT:
+                    tl.store(chunk_decay + i_r * H + i_h, b_d)
         o_tt = t_start + i_t * BLOCK_T + o_t
         m_t = i_t * BLOCK_T + o_t < n_tok
         b_w = tl.where(m_t, 1.0, 0.0)  # [BLOCK_T]
@@ -1093,14 +1104,10 @@ def chunked_state_split_fwd(x, s, log_a, B, C, *, tiles, first, heads, initial_s
     states' dtype, the state entering each segment; chunk_decay [R, H] fp32, the log decay from its
     segment's start to each chunk; rows per segment; first), which chunked_scan_fwd adds
     back; the final state is exact either way."""
-    _, _, Gv, P = x.shape
-    Gk, N = B.shape[2], B.shape[3]
-    Gd = log_a.shape[2] if log_a is not None else 1
+    N, P = B.shape[3], x.shape[3]
     n_seqs = first.numel() - 1
     block_n = block_n or max(16, min(128, _pow2(N)))
     block_p = block_p or max(16, min(64, _pow2(P)))
-    n_np = _cdiv(N, block_n) * _cdiv(P, block_p)
-    block_t = block_t or min(chunk_size, 128)
     num_warps = num_warps or (8 if block_n * block_p >= 8192 else 4)
     dtype = C.dtype if C.dtype in (torch.float16, torch.bfloat16) else torch.float32
     R = tiles.shape[0]
@@ -1118,6 +1125,54 @@ def chunked_state_split_fwd(x, s, log_a, B, C, *, tiles, first, heads, initial_s
         chunk_decay = torch.empty(R, heads, device=x.device, dtype=torch.float32)
     else:
         seg_state = seg_decay = chunk_decay = states
+    _state_walk(x, s, log_a, B, states, tiles, first, initial_state, final_state, seg_state,
+                seg_decay, chunk_decay, heads=heads, seg_rows=seg_rows, n_seg=n_seg, split=split,
+                store_states=True, chunk_size=chunk_size, dot_precision=dot_precision,
+                block_t=block_t, block_n=block_n, block_p=block_p, num_warps=num_warps,
+                num_stages=num_stages)
+    if not split:
+        return states, None
+    walk_combine(seg_state, seg_decay, seg_entry, final_state, seqs=n_seqs, heads=heads,
+                 block_n=block_n, block_p=block_p, num_warps=num_warps)
+    return states, (seg_entry, chunk_decay, seg_rows, first)
+
+
+def chunked_state_final_fwd(x, s, log_a, B, *, tiles, first, heads, final_state, chunk_size,
+                            dot_precision, seq_splits, block_t=None, block_n=None, block_p=None,
+                            num_warps=None):
+    """Σ log a [S, H] fp32 of each sequence, and its final state from a zero state into
+    `final_state` [S, H, N, P] fp32: the walk alone, storing no chunk's state (the state pass
+    of ssmc.parallel). The walk is cut into `seq_splits` segments (1 or more), whose decays
+    sum to the total."""
+    N, P = B.shape[3], x.shape[3]
+    n_seqs = first.numel() - 1
+    block_n = block_n or max(16, min(128, _pow2(N)))
+    block_p = block_p or max(16, min(64, _pow2(P)))
+    num_warps = num_warps or (8 if block_n * block_p >= 8192 else 4)
+    seg_rows = max(1, _cdiv(_cdiv(x.shape[1], chunk_size), max(1, seq_splits)))
+    n_seg = max(1, _cdiv(_cdiv(x.shape[1], chunk_size), seg_rows))
+    seg_state = torch.empty(n_seqs * n_seg, heads, N, P, device=x.device, dtype=torch.float32)
+    seg_decay = torch.zeros(n_seqs * n_seg, heads, device=x.device, dtype=torch.float32)
+    _state_walk(x, s, log_a, B, seg_state, tiles, first, None, None, seg_state, seg_decay,
+                seg_decay, heads=heads, seg_rows=seg_rows, n_seg=n_seg, split=True,
+                store_states=False, chunk_size=chunk_size, dot_precision=dot_precision,
+                block_t=block_t, block_n=block_n, block_p=block_p, num_warps=num_warps)
+    walk_combine(seg_state, seg_decay, seg_state, final_state, seqs=n_seqs, heads=heads,
+                 block_n=block_n, block_p=block_p, num_warps=num_warps)
+    return seg_decay.view(n_seqs, n_seg, heads).sum(1)
+
+
+def _state_walk(x, s, log_a, B, states, tiles, first, initial_state, final_state, seg_state,
+                seg_decay, chunk_decay, *, heads, seg_rows, n_seg, split, store_states,
+                chunk_size, dot_precision, block_t, block_n, block_p, num_warps,
+                num_stages=None):
+    """Launch chunked_state_fwd_kernel: one walker per (sequence, segment, head, tile)."""
+    Gv, P = x.shape[2], x.shape[3]
+    Gk, N = B.shape[2], B.shape[3]
+    Gd = log_a.shape[2] if log_a is not None else 1
+    n_seqs = first.numel() - 1
+    n_np = _cdiv(N, block_n) * _cdiv(P, block_p)
+    block_t = block_t or min(chunk_size, 128)
     s_arg, s_strides = (s, s.stride()) if s is not None else (x, (0, 0, 0))
     a_arg, a_strides = (log_a, log_a.stride()) if log_a is not None else (x, (0, 0, 0))
     h0_strides = initial_state.stride() if initial_state is not None else (0, 0, 0, 0)
@@ -1134,13 +1189,8 @@ def chunked_state_split_fwd(x, s, log_a, B, C, *, tiles, first, heads, initial_s
         HAS_FINAL=final_state is not None, DOT_PRECISION=dot_precision,
         CHUNK=chunk_size, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_P=block_p,
         ACC_DTYPE=tl.float64 if x.dtype == torch.float64 else tl.float32, SPLIT=split,
-        num_warps=num_warps, **extra,
+        STATES=store_states, num_warps=num_warps, **extra,
     )
-    if not split:
-        return states, None
-    walk_combine(seg_state, seg_decay, seg_entry, final_state, seqs=n_seqs, heads=heads,
-                 block_n=block_n, block_p=block_p, num_warps=num_warps)
-    return states, (seg_entry, chunk_decay, seg_rows, first)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1520,6 +1570,31 @@ def chunked_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_stat
                      block_m=block_m, heads_per_program=heads_per_program, epilogue=epilogue,
                      prefetch=prefetch, core=core, segments=segments, **tile_args)
     return out
+
+
+def chunked_final_state(x, s, log_a, B, *, heads, final_state, chunk_size=128,
+                        dot_precision=None, seq_splits=None, block_t=None, block_n=None,
+                        block_p=None, num_warps=None):
+    """Σ log a [b, H] fp32 of each sequence, and the state it leaves from a zero state into
+    `final_state` [b, H, N, P] fp32: chunked_fwd's state walk alone, no y (the state pass of
+    ssmc.parallel; no cu_seqlens). seq_splits: segments walked in parallel (default
+    final_walk_splits: enough walkers to fill the GPU)."""
+    if log_a is None:
+        raise ValueError("chunked_final_state was generated for a scalar decay: log_a is required")
+    batch, seqlen, _, P = x.shape
+    N = B.shape[3]
+    if dot_precision is None:
+        dot_precision = "ieee" if x.dtype in (torch.float32, torch.float64) else "tf32"
+    block_n = block_n or max(16, min(128, _pow2(N)))
+    block_p = block_p or max(16, min(64, _pow2(P)))
+    tiles, first = seq_tiles(None, batch, seqlen, chunk_size, x.device)
+    if seq_splits is None:
+        walkers = batch * heads * _cdiv(N, block_n) * _cdiv(P, block_p)
+        seq_splits = final_walk_splits(walkers, _cdiv(seqlen, chunk_size), x)
+    return chunked_state_final_fwd(
+        x, s, log_a, B, tiles=tiles, first=first, heads=heads, final_state=final_state,
+        chunk_size=chunk_size, dot_precision=dot_precision, seq_splits=seq_splits,
+        block_t=block_t, block_n=block_n, block_p=block_p, num_warps=num_warps)
 
 
 # ---------------------------------------------------------------------------------------
@@ -3947,6 +4022,28 @@ def forward(*, x, dt, B, C, z, A, dt_bias, D, initial_state=None, cu_seqlens=Non
     the autotuner stores them; None for the launcher's defaults.
     """
     return _ssmc_run((x, dt, B, C, z, A, dt_bias, D,), initial_state, cu_seqlens, form, chunk_size, launch)
+
+
+def final_state_from_zero(*, x, dt, B, C, z, A, dt_bias, D, chunk_size=None, seq_splits=None):
+    """(S⁰, Σ log a) of `mamba2`: the state each sequence leaves from a zero state,
+    [batch, H, N, P] fp32, and its total log decay per head, [batch, H]
+    for a scalar decay, [batch, H, N] for a diagonal one, zeros for none; by the
+    chunked form's state walk alone (no y, no gradients): the state pass of ssmc.parallel.
+    seq_splits: segments of each sequence walked in parallel (None: enough to fill the GPU).
+    """
+    tensors = (x, dt, B, C, z, A, dt_bias, D,)
+    sizes, _, _, chunk = _ssmc_setup(tensors, None, None, "chunked", chunk_size)
+    batch, T = sizes["batch"], sizes["seq"]
+    H, P, N = sizes["H"], sizes["P"], sizes["N"]
+    device = tensors[0].device
+    final = torch.zeros((batch, H, N, P), device=device, dtype=torch.float32)
+    if T == 0:
+        return final, torch.zeros((batch, H), device=device, dtype=torch.float32)
+    x, s, log_a, B, C = prologue_fwd(tensors, sizes)
+    options = {} if chunk is None else {"chunk_size": chunk}
+    total = chunked_final_state(x, s, log_a, B, heads=H, final_state=final,
+        seq_splits=seq_splits, **options)
+    return final, total
 
 
 def backward(*, x, dt, B, C, z, A, dt_bias, D, initial_state=None, cu_seqlens=None, form=None, chunk_size=None,
