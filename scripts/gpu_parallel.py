@@ -60,7 +60,7 @@ def main() -> None:
     p.add_argument(
         "--smoke",
         action="store_true",
-        help="CPU and gloo, a tiny layer (H=4, N=8, P=8; run under TRITON_INTERPRET=1 with "
+        help="CPU and gloo, a tiny layer (H=4, N=8, P=8) in fp32 (run under TRITON_INTERPRET=1 with "
         "--seqlen 64 --repeats 1): checks the script itself, not the figures",
     )
     args = p.parse_args()
@@ -94,10 +94,11 @@ def run_length(
     per_token = tuple(t.name for t in checked.spec.tensors if t.shape[:2] == (ir.BATCH, ir.SEQ))
     params = tuple(t.name for t in checked.spec.tensors if t.kind is ir.TensorKind.PARAM)
     gen = torch.Generator().manual_seed(T)
+    low = torch.float32 if args.smoke else torch.bfloat16  # the interpreter has no bf16 dot
     full = random_inputs(checked, batch=1, seqlen=T, dtype=torch.float32, generator=gen)
     full.pop("initial_state", None)
     full = {
-        k: v.to(DEVICE[0], torch.bfloat16 if k in half else torch.float32) for k, v in full.items()
+        k: v.to(DEVICE[0], low if k in half else torch.float32) for k, v in full.items()
     }
     part = slice(rank * T // world, (rank + 1) * T // world)
     local = {k: (v[:, part] if k in per_token else v).contiguous() for k, v in full.items()}
@@ -162,6 +163,10 @@ def run_length(
 
     t_split = timed(split_fwd, args.repeats)
     t_split_bwd = timed(split_fwd_bwd, args.repeats)
+    with torch.no_grad():  # the state pass is then the module's state walk
+        y_walk, state_walk = cp(**local)
+    ys_walk = [torch.empty_like(y_walk) for _ in range(world)]
+    dist.all_gather(ys_walk, y_walk.contiguous())
     y_split, state_split = split_fwd_bwd()
     ys = [torch.empty_like(y_split) for _ in range(world)]
     dist.all_gather(ys, y_split.contiguous())
@@ -172,6 +177,8 @@ def run_length(
         parts = [torch.empty_like(leaves[k].grad) for _ in range(world)]
         dist.all_gather(parts, leaves[k].grad.contiguous())
         grads[k] = torch.cat(parts, dim=1)
+    state_walk = state_walk.contiguous()
+    dist.broadcast(state_walk, src=world - 1)  # the sequence's final state is the last rank's
     for k in params:  # a parameter's gradient is the sum of every rank's
         g = leaves[k].grad.float().contiguous()
         dist.all_reduce(g)
@@ -208,6 +215,8 @@ def run_length(
             "state_matmul_fp32_out": parallel._OUT_DTYPE_MM["works"],
             "rel_err_y": rel(torch.cat(ys, dim=1), y_one),
             "rel_err_final_state": rel(states[-1], state_one),
+            "rel_err_y_no_grad": rel(torch.cat(ys_walk, dim=1), y_one),
+            "rel_err_final_state_no_grad": rel(state_walk, state_one),
             "rel_err_grads": {k: rel(grads[k], whole[k].grad) for k in per_token + params},
         }
         print(json.dumps(row), flush=True)
