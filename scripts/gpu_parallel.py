@@ -97,9 +97,7 @@ def run_length(
     low = torch.float32 if args.smoke else torch.bfloat16  # the interpreter has no bf16 dot
     full = random_inputs(checked, batch=1, seqlen=T, dtype=torch.float32, generator=gen)
     full.pop("initial_state", None)
-    full = {
-        k: v.to(DEVICE[0], low if k in half else torch.float32) for k, v in full.items()
-    }
+    full = {k: v.to(DEVICE[0], low if k in half else torch.float32) for k, v in full.items()}
     part = slice(rank * T // world, (rank + 1) * T // world)
     local = {k: (v[:, part] if k in per_token else v).contiguous() for k, v in full.items()}
     with torch.no_grad():  # one call first: the kernels compile outside the timed runs
