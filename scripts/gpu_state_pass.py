@@ -1,6 +1,6 @@
 """The context-parallel state pass on one GPU: its time against the op's on the same part.
 
-    python scripts/gpu_state_pass.py [--seqlen 16384 65536] [--profile]
+    python scripts/gpu_state_pass.py [--seqlen 16384 65536] [--profile | --handoff]
 
 For Mamba-2 2.7B (bf16 x, B, C, z) and GLA (H = 16, N = P = 128, bf16 q, k, v), batch 1:
 the state pass (`ssmc.parallel.StatePass`) forward and forward+backward, the op forward
@@ -9,7 +9,8 @@ op (the split's expected speed-up on two GPUs is 2 / (1 + ρ)). `--profile` prin
 state pass's heaviest CUDA kernels. The suffix sum of log a is also timed alone, along
 the sequence axis in place (torch's outer-axis scan) and along the innermost axis. The
 state pass's forward (no gradients) is the module's state walk (`final_state_from_zero`);
-with gradients it is torch's matmul path.
+with gradients it is torch's matmul path. `--handoff` checks the numbers of a split at
+scale on one GPU instead (see `handoff`).
 """
 
 from __future__ import annotations
@@ -110,18 +111,76 @@ def measure(name: str, T: int, profile: bool) -> dict:
     return row
 
 
+def weak_decays(name: str, inputs: dict, T: int, gen: torch.Generator) -> None:
+    """Decays weak enough that a part of T/2 tokens keeps e^-2 of the state it enters (the
+    random draw's log a in [−1, −0.01] forgets it within a few hundred tokens, so a split
+    would pass whatever state it handed on)."""
+    if name == "mamba2":  # log a = Δ A, mean Δ·|A| about 1 → mean log a about −4/T
+        inputs["A"] *= 4.0 / T
+    else:  # log a = logsigmoid(g)/16 ≈ −e^(−g)/16 → about −4/T
+        g = torch.log(torch.tensor(T / 64.0)) + 0.1 * torch.randn(inputs["g"].shape, generator=gen)
+        inputs["g"] = g.to(inputs["g"])
+
+
+def handoff(name: str, T: int, device: str, smoke: bool) -> dict:
+    """One sequence run whole, and run as two halves the way two ranks run it: the first
+    half's state pass (the module's walk, no gradients) hands its state to the op on the
+    second half. Weak decays, so the handed state matters; y and the final state compared."""
+    path, dims, half = SPECS[name]
+    checked = parse_file(ROOT / "examples" / path)
+    checked = with_dims(checked, {"H": 4, "N": 8, "P": 8} if smoke else dims)
+    op = load(checked)
+    gen = torch.Generator().manual_seed(T + 1)
+    inputs = random_inputs(checked, batch=1, seqlen=T, dtype=torch.float32, generator=gen)
+    inputs.pop("initial_state")
+    weak_decays(name, inputs, T, gen)
+    low = torch.float32 if smoke else torch.bfloat16  # the interpreter has no bf16 dot
+    inputs = {k: v.to(device, low if k in half else torch.float32) for k, v in inputs.items()}
+    per_token = {t.name for t in checked.spec.tensors if "seq" in t.shape}
+    first = {k: (v[:, : T // 2] if k in per_token else v) for k, v in inputs.items()}
+    second = {k: (v[:, T // 2 :] if k in per_token else v) for k, v in inputs.items()}
+    with torch.no_grad():
+        y, state = op(**inputs)
+        left, total = StatePass(checked, op)(first, torch.float32)
+        y2, state2 = op(initial_state=left, **second)
+        zero_y2, _ = op(**second)  # what the second half gives from a zero state
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    row = {
+        "spec": name,
+        "seqlen": T,
+        "mean_kept_fraction": total.exp().mean().item(),  # e^(Σ log a) over the first half
+        "rel_err_y_second_half": rel(y2, y[:, T // 2 :]),
+        "rel_err_final_state": rel(state2, state),
+        "rel_diff_y_from_zero_state": rel(zero_y2, y[:, T // 2 :]),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seqlen", type=int, nargs="+", default=[16384, 65536])
     p.add_argument("--specs", nargs="+", default=list(SPECS), choices=list(SPECS))
     p.add_argument("--profile", action="store_true")
+    p.add_argument(
+        "--handoff",
+        action="store_true",
+        help="instead of timing: the first half's state handed to the second, weak decays",
+    )
+    p.add_argument("--smoke", action="store_true", help="--handoff on the CPU, tiny heads, fp32")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args()
-    rows = [measure(s, T, args.profile) for s in args.specs for T in args.seqlen]
+    if args.handoff:
+        device = "cpu" if args.smoke else "cuda"
+        rows = [handoff(s, T, device, args.smoke) for s in args.specs for T in args.seqlen]
+    else:
+        rows = [measure(s, T, args.profile) for s in args.specs for T in args.seqlen]
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"device": torch.cuda.get_device_name(), "rows": rows})
-        )
+        name = "cpu (--smoke)" if args.smoke else torch.cuda.get_device_name()
+        Path(args.json).write_text(json.dumps({"device": name, "rows": rows}))
 
 
 if __name__ == "__main__":
