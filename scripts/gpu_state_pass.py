@@ -144,6 +144,9 @@ def handoff(name: str, T: int, device: str, smoke: bool) -> dict:
         left, total = StatePass(checked, op)(first, torch.float32)
         y2, state2 = op(initial_state=left, **second)
         zero_y2, _ = op(**second)  # what the second half gives from a zero state
+        _, first_final = op(**first)  # the op's own walk over the first half
+        checked_only = StatePass(checked)  # torch's matmul path
+        torch_left, _ = checked_only(first, torch.float32)
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return ((a.float() - b.float()).norm() / b.float().norm()).item()
@@ -155,6 +158,9 @@ def handoff(name: str, T: int, device: str, smoke: bool) -> dict:
         "rel_err_y_second_half": rel(y2, y[:, T // 2 :]),
         "rel_err_final_state": rel(state2, state),
         "rel_diff_y_from_zero_state": rel(zero_y2, y[:, T // 2 :]),
+        # the first half's state three ways: the state walk, the op's forward, torch's matmul
+        "rel_diff_walk_vs_op_state": rel(left, first_final),
+        "rel_diff_torch_vs_op_state": rel(torch_left, first_final),
     }
     print(json.dumps(row), flush=True)
     return row
