@@ -147,6 +147,8 @@ def handoff(name: str, T: int, device: str, smoke: bool) -> dict:
         _, first_final = op(**first)  # the op's own walk over the first half
         checked_only = StatePass(checked)  # torch's matmul path
         torch_left, _ = checked_only(first, torch.float32)
+        # the op's kernels in fp64 on the same (rounded) values: the yardstick for both runs
+        y64, state64 = op(**{k: v.double() for k, v in inputs.items()})
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return ((a.float() - b.float()).norm() / b.float().norm()).item()
@@ -158,6 +160,11 @@ def handoff(name: str, T: int, device: str, smoke: bool) -> dict:
         "rel_err_y_second_half": rel(y2, y[:, T // 2 :]),
         "rel_err_final_state": rel(state2, state),
         "rel_diff_y_from_zero_state": rel(zero_y2, y[:, T // 2 :]),
+        # each run against fp64: the split is as close as the whole
+        "rel_err_y_second_half_whole_vs_fp64": rel(y[:, T // 2 :], y64[:, T // 2 :]),
+        "rel_err_y_second_half_split_vs_fp64": rel(y2, y64[:, T // 2 :]),
+        "rel_err_final_state_whole_vs_fp64": rel(state, state64),
+        "rel_err_final_state_split_vs_fp64": rel(state2, state64),
         # the first half's state three ways: the state walk, the op's forward, torch's matmul
         "rel_diff_walk_vs_op_state": rel(left, first_final),
         "rel_diff_torch_vs_op_state": rel(torch_left, first_final),
