@@ -151,7 +151,7 @@ def handoff(name: str, T: int, device: str, smoke: bool) -> dict:
         y64, state64 = op(**{k: v.double() for k, v in inputs.items()})
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
     row = {
         "spec": name,
