@@ -1172,7 +1172,9 @@ def _state_walk(x, s, log_a, B, states, tiles, first, initial_state, final_state
     Gd = log_a.shape[2] if log_a is not None else 1
     n_seqs = first.numel() - 1
     n_np = _cdiv(N, block_n) * _cdiv(P, block_p)
-    block_t = block_t or min(chunk_size, 128)
+    # fp64 steps of 32 tokens: at N 128, P 64 a pipelined step of 128 needs 428 KB of shared
+    # memory (the H200 has 227)
+    block_t = block_t or min(chunk_size, 32 if x.dtype == torch.float64 else 128)
     s_arg, s_strides = (s, s.stride()) if s is not None else (x, (0, 0, 0))
     a_arg, a_strides = (log_a, log_a.stride()) if log_a is not None else (x, (0, 0, 0))
     h0_strides = initial_state.stride() if initial_state is not None else (0, 0, 0, 0)
