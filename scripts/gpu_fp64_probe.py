@@ -1,17 +1,43 @@
-import torch, traceback
-from ssmc.load import load
-from ssmc.pipeline import parse_file, with_dims
-from ssmc.reference import random_inputs
-for f, d in (("mamba2.ssm", {}), ("gla.ssm", {"H": 16, "N": 128, "P": 128})):
-    c = with_dims(parse_file("examples/" + f), d)
-    op = load(c)
-    inp = random_inputs(c, batch=1, seqlen=1024, generator=torch.Generator().manual_seed(0))
-    inp.pop("initial_state", None)
-    for form in op.forms:
-        leaves = {k: v.cuda().requires_grad_() for k, v in inp.items()}
-        try:
-            y, _ = op(**leaves, form=form)
-            y.sum().backward()
-            print(f, form, "fp64 fwd+bwd ok", flush=True)
-        except Exception as e:
-            print(f, form, "FAILED", type(e).__name__, str(e).splitlines()[-1][:200], flush=True)
+"""fp64 inputs at real head sizes on the GPU: each form of Mamba-2 2.7B and GLA (H 16,
+N = P = 128), forward and backward at batch 1, T = 1024; prints ok or the failure per form.
+
+    python scripts/gpu_fp64_probe.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ssmc.load import load  # noqa: E402
+from ssmc.pipeline import parse_file, with_dims  # noqa: E402
+from ssmc.reference import random_inputs  # noqa: E402
+
+SPECS = (("mamba2.ssm", {}), ("gla.ssm", {"H": 16, "N": 128, "P": 128}))
+
+
+def main() -> None:
+    for path, dims in SPECS:
+        checked = with_dims(parse_file(ROOT / "examples" / path), dims)
+        op = load(checked)
+        gen = torch.Generator().manual_seed(0)
+        inputs = random_inputs(checked, batch=1, seqlen=1024, generator=gen)
+        inputs.pop("initial_state", None)
+        for form in op.forms:
+            leaves = {k: v.cuda().requires_grad_() for k, v in inputs.items()}
+            try:
+                y, _ = op(**leaves, form=form)
+                y.sum().backward()
+                print(path, form, "fp64 fwd+bwd ok", flush=True)
+            except Exception as exc:  # noqa: BLE001 - report each form's failure and go on
+                last = str(exc).splitlines()[-1][:200] if str(exc) else ""
+                print(path, form, "FAILED", type(exc).__name__, last, flush=True)
+
+
+if __name__ == "__main__":
+    main()
