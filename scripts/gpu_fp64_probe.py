@@ -7,6 +7,7 @@ N = P = 128), forward and backward at batch 1, T = 1024; prints ok or the failur
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -36,7 +37,10 @@ def main() -> None:
                 print(path, form, "fp64 fwd+bwd ok", flush=True)
             except Exception as exc:  # noqa: BLE001 - report each form's failure and go on
                 last = str(exc).splitlines()[-1][:200] if str(exc) else ""
-                print(path, form, "FAILED", type(exc).__name__, last, flush=True)
+                # the launch that failed: the last line of the traceback naming a kernel
+                launches = [x for x in traceback.format_exc().splitlines() if "_kernel[" in x]
+                where = launches[-1].strip() if launches else ""
+                print(path, form, "FAILED", type(exc).__name__, last, "at", where, flush=True)
 
 
 if __name__ == "__main__":

@@ -651,10 +651,11 @@ def quadratic_key_tile(
     b_acc, b_L, p_C0, m_i, p_B0, p_x0, o_j, m_j, m_p, N,
     stride_B_t, stride_B_n, stride_C_n, stride_x_t,
     DOT_PRECISION: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    """b_acc + (L ∘ C_i B_jᵀ) X_j for the key tokens o_j; the scores over N tiles, in fp32."""
-    b_S = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
+    """b_acc + (L ∘ C_i B_jᵀ) X_j for the key tokens o_j; the scores over N tiles, in
+    ACC_DTYPE (fp64 for fp64 inputs, else fp32)."""
+    b_S = tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC_DTYPE)
     for n0 in range(0, N, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
         m_n = o_n < N
@@ -663,11 +664,13 @@ def quadratic_key_tile(
         p_B = p_B0 + o_j[:, None] * stride_B_t + o_n[None, :] * stride_B_n
         b_B = tl.load(p_B, mask=m_j[:, None] & m_n[None, :], other=0.0)  # [BLOCK_J, BLOCK_N]
         # [BLOCK_I, BLOCK_J]
-        b_S += tl.dot(b_C, tl.trans(b_B.to(b_C.dtype)), input_precision=DOT_PRECISION)
+        b_S += tl.dot(b_C, tl.trans(b_B.to(b_C.dtype)), input_precision=DOT_PRECISION,
+                      out_dtype=ACC_DTYPE)
     b_x = tl.load(p_x0 + o_j[:, None] * stride_x_t, mask=m_j[:, None] & m_p[None, :],
                   other=0.0)  # [BLOCK_J, BLOCK_P]
     # [BLOCK_I, BLOCK_P]
-    return b_acc + tl.dot((b_S * b_L).to(b_x.dtype), b_x, input_precision=DOT_PRECISION)
+    return b_acc + tl.dot((b_S * b_L).to(b_x.dtype), b_x, input_precision=DOT_PRECISION,
+                          out_dtype=ACC_DTYPE)
 
 
 @triton.jit
@@ -683,6 +686,7 @@ def quadratic_fwd_kernel(
     N, P, Hq, Hk, Hv, Hd,
     HAS_S: tl.constexpr, HAS_INITIAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,  # fp64 for fp64 inputs (a loop-carried sum keeps its type)
 ):
     i_r = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
@@ -716,11 +720,11 @@ def quadratic_fwd_kernel(
     b_Ld = tl.exp(tl.where(m_ii, b_seg, float("-inf")))
     if HAS_S:
         b_Ld *= tl.load(p_s0 + o_i * stride_s_t, mask=m_i, other=0.0).to(tl.float32)[None, :]
-    b_acc = tl.zeros([BLOCK_I, BLOCK_P], dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK_I, BLOCK_P], dtype=ACC_DTYPE)
     b_acc = quadratic_key_tile(
         b_acc, b_Ld, p_C0, m_i, p_B0, p_x0, o_i, m_i, m_p, N,
         stride_B_t, stride_B_n, stride_C_n, stride_x_t,
-        DOT_PRECISION, BLOCK_I, BLOCK_I, BLOCK_N,
+        DOT_PRECISION, BLOCK_I, BLOCK_I, BLOCK_N, ACC_DTYPE,
     )
 
     # The key tiles before the query tile, walking back; tokens in reversed order.
@@ -742,11 +746,11 @@ def quadratic_fwd_kernel(
         b_acc = quadratic_key_tile(
             b_acc, b_L, p_C0, m_i, p_B0, p_x0, o_j, m_j, m_p, N,
             stride_B_t, stride_B_n, stride_C_n, stride_x_t,
-            DOT_PRECISION, BLOCK_I, BLOCK_J, BLOCK_N,
+            DOT_PRECISION, BLOCK_I, BLOCK_J, BLOCK_N, ACC_DTYPE,
         )
 
     if HAS_INITIAL:
-        b_y0 = tl.zeros([BLOCK_I, BLOCK_P], dtype=tl.float32)
+        b_y0 = tl.zeros([BLOCK_I, BLOCK_P], dtype=ACC_DTYPE)
         for n0 in range(0, N, BLOCK_N):
             o_n = n0 + tl.arange(0, BLOCK_N)
             m_n = o_n < N
@@ -756,7 +760,8 @@ def quadratic_fwd_kernel(
                     + o_n[:, None] * stride_h0_n + o_p[None, :] * stride_h0_p)
             b_h0 = tl.load(p_h0, mask=m_n[:, None] & m_p[None, :], other=0.0)  # [BLOCK_N, BLOCK_P]
             # [BLOCK_I, BLOCK_P]
-            b_y0 += tl.dot(b_C, b_h0.to(b_C.dtype), input_precision=DOT_PRECISION)
+            b_y0 += tl.dot(b_C, b_h0.to(b_C.dtype), input_precision=DOT_PRECISION,
+                           out_dtype=ACC_DTYPE)
         # exp(cs_i), cs_i = Σ_{start ≤ m ≤ i} log a_m = Σ_{start ≤ m < i0} log a_m + p_i
         b_y0 *= tl.exp(b_carry + b_pi)[:, None]
         b_acc += b_y0
@@ -779,6 +784,7 @@ def quadratic_state_fwd_kernel(
     HAS_S: tl.constexpr, HAS_INITIAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
     i_s = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
@@ -800,7 +806,7 @@ def quadratic_state_fwd_kernel(
     m_p = o_p < P
 
     b_carry = tl.full([], 0.0, dtype=tl.float32)  # Σ_{j_hi ≤ m < t_end} log a_m
-    b_state = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
+    b_state = tl.zeros([BLOCK_N, BLOCK_P], dtype=ACC_DTYPE)
     for i_j in range(0, tl.cdiv(t_end - t_start, BLOCK_J)):
         # The tokens of the tile in reversed order, the last first.
         j_hi = t_end - i_j * BLOCK_J
@@ -825,13 +831,14 @@ def quadratic_state_fwd_kernel(
         b_x = tl.load(p_x, mask=m_j[:, None] & m_p[None, :], other=0.0)  # [BLOCK_J, BLOCK_P]
         b_Bw = (b_B.to(tl.float32) * b_w[:, None]).to(b_x.dtype)  # [BLOCK_J, BLOCK_N]
         # [BLOCK_N, BLOCK_P]
-        b_state += tl.dot(tl.trans(b_Bw), b_x, input_precision=DOT_PRECISION)
+        b_state += tl.dot(tl.trans(b_Bw), b_x, input_precision=DOT_PRECISION,
+                          out_dtype=ACC_DTYPE)
 
     m_np = m_n[:, None] & m_p[None, :]
     if HAS_INITIAL:
         p_h0 = (initial_state + i_s * stride_h0_s + i_h * stride_h0_h
                 + o_n[:, None] * stride_h0_n + o_p[None, :] * stride_h0_p)
-        b_h0 = tl.load(p_h0, mask=m_np, other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_P]
+        b_h0 = tl.load(p_h0, mask=m_np, other=0.0).to(ACC_DTYPE)  # [BLOCK_N, BLOCK_P]
         b_state += tl.exp(b_carry) * b_h0
     p_hT = (final_state + i_s * stride_hT_s + i_h * stride_hT_h
             + o_n[:, None] * stride_hT_n + o_p[None, :] * stride_hT_p)
@@ -867,6 +874,7 @@ def quadratic_fwd(x, s, log_a, B, C, *, heads, out, initial_state=None, final_st
     h0_strides = initial_state.stride() if initial_state is not None else (0, 0, 0, 0)
     flags = dict(HAS_S=s is not None, HAS_INITIAL=initial_state is not None,
                  DOT_PRECISION=dot_precision, BLOCK_N=block_n, BLOCK_P=block_p,
+                 ACC_DTYPE=tl.float64 if x.dtype == torch.float64 else tl.float32,
                  num_warps=num_warps)
 
     tiles, _ = seq_tiles(cu_seqlens, batch, seqlen, block_i, x.device)
@@ -1497,11 +1505,13 @@ def chunked_scan_fwd(x, s, log_a, B, C, *, states, tiles, heads, out, chunk_size
     cb_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
     acc_dtype = tl.float64 if x.dtype == torch.float64 else tl.float32  # (the scan's dots: x, C)
     cb_acc = tl.float64 if C.dtype == torch.float64 else tl.float32
+    # fp64 N tiles of at most 64: at 128 the pipelined loads needed 256 KB of shared memory
+    cb_block_n = min(block_n, 64) if C.dtype == torch.float64 else block_n
     cb = torch.empty(R, Gqk, chunk_size, chunk_size, device=x.device, dtype=cb_dtype)
     chunked_scan_cb_fwd_kernel[(R * Gqk * n_m * n_m,)](
         B, C, cb, tiles, *B.stride(), *C.stride(),
         heads, N, heads // Gqk, heads // Gq, heads // Gk,
-        DOT_PRECISION=dot_precision, CHUNK=chunk_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        DOT_PRECISION=dot_precision, CHUNK=chunk_size, BLOCK_M=block_m, BLOCK_N=cb_block_n,
         ACC_DTYPE=cb_acc, num_warps=num_warps, **extra,
     )
     s_arg, s_strides = (s, s.stride()) if s is not None else (x, (0, 0, 0))
