@@ -131,11 +131,16 @@ class StatePass:
         self.checked = checked
         module = getattr(op, "module", None)
         self.walk = getattr(module, "final_state_from_zero", None)
+        # where the op's kernels run off the GPU (TRITON_INTERPRET=1); elsewhere on a CPU the
+        # op is the reference and so is this pass
+        self.interpreted = bool(getattr(op, "interpreted", False))
 
     def __call__(self, tensors: Mapping[str, Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(S⁰ [b, H, N, P], Σ_t log a [b, H, N]), both in `dtype` (fp32 or fp64)."""
-        wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values())
-        if self.walk is not None and not wants_grad:
+        values = list(tensors.values())
+        wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in values)
+        on_kernels = bool(values) and (values[0].is_cuda or self.interpreted)
+        if self.walk is not None and on_kernels and not wants_grad:
             left, total = self.walk(**tensors)
             if total.dim() == 2:  # a scalar decay: one total per head
                 total = total[..., None].expand(*left.shape[:3])

@@ -230,6 +230,26 @@ def test_state_walk_of_generated_kernels(case: str, tmp_path: Path) -> None:
     assert (log_total.double() - want_total).abs().max() < 1e-5 * seqlen
 
 
+def test_state_pass_off_the_kernels_is_torch(tmp_path: Path) -> None:
+    """On a CPU without the interpreter the op runs the reference: so does the state pass,
+    and the module's walk is never launched."""
+    checked = _checked(_spec("gla", tmp_path), CASES["gla"][1])
+    op = load(checked)
+    op.interpreted = False  # as when TRITON_INTERPRET is unset
+
+    def launch(**_: torch.Tensor) -> None:
+        raise AssertionError("the walk's kernels launched on a CPU without the interpreter")
+
+    state_pass = StatePass(checked, op)
+    state_pass.walk = launch
+    inputs = random_inputs(checked, batch=1, seqlen=9, generator=torch.Generator().manual_seed(4))
+    inputs.pop("initial_state")
+    with torch.no_grad():
+        got, got_total = state_pass(inputs, torch.float64)
+    want, want_total = StatePass(checked)(inputs, torch.float64)
+    assert torch.equal(got, want) and torch.equal(got_total, want_total)
+
+
 def test_state_pass_of_bf16_inputs_is_fp32(tmp_path: Path) -> None:
     """16-bit inputs: the matmul's result stays fp32 (a bf16 state would round the hand-off)."""
     checked = _checked(_spec("mamba2", tmp_path), CASES["mamba2"][1])
