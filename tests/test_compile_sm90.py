@@ -236,7 +236,7 @@ def _exercise(name: str, dtype: torch.dtype, records: set[tuple[str, ...]],
     walk = getattr(op.module, "final_state_from_zero", None)  # context parallelism's state pass
     if walk is not None and (forms is None or "chunked" in forms):
         with torch.no_grad():
-            walk(**inputs, chunk_size=chunk_size, seq_splits=seq_splits)
+            walk(**inputs, chunk_size=chunk_size, launch={"seq_splits": seq_splits})
 
 
 @pytest.mark.skipif(not _has_ptxas(), reason="the Triton wheel has no ptxas here")

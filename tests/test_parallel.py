@@ -216,7 +216,8 @@ def test_state_walk_of_generated_kernels(case: str, tmp_path: Path) -> None:
         inputs.pop("initial_state", None)
         want, want_total = StatePass(checked)(inputs, torch.float64)
         f32 = {k: v.float() for k, v in inputs.items()}
-        got, total = op.module.final_state_from_zero(**f32, chunk_size=16, seq_splits=splits)
+        launch = {"seq_splits": splits}
+        got, total = op.module.final_state_from_zero(**f32, chunk_size=16, launch=launch)
         assert got.dtype == total.dtype == torch.float32
         assert _rel(got, want) < 1e-5, f"T={seqlen}, splits={splits}: {_rel(got, want):.2e}"
         if total.dim() == 2:  # a scalar decay: one total per head

@@ -4036,12 +4036,13 @@ def forward(*, x, dt, B, C, z, A, dt_bias, D, initial_state=None, cu_seqlens=Non
     return _ssmc_run((x, dt, B, C, z, A, dt_bias, D,), initial_state, cu_seqlens, form, chunk_size, launch)
 
 
-def final_state_from_zero(*, x, dt, B, C, z, A, dt_bias, D, chunk_size=None, seq_splits=None):
+def final_state_from_zero(*, x, dt, B, C, z, A, dt_bias, D, chunk_size=None, launch=None):
     """(S⁰, Σ log a) of `mamba2`: the state each sequence leaves from a zero state,
     [batch, H, N, P] fp32, and its total log decay per head, [batch, H]
     for a scalar decay, [batch, H, N] for a diagonal one, zeros for none; by the
     chunked form's state walk alone (no y, no gradients): the state pass of ssmc.parallel.
-    seq_splits: segments of each sequence walked in parallel (None: enough to fill the GPU).
+    launch: keyword options of chunked_final_state (seq_splits: segments of each
+    sequence walked in parallel, by default enough to fill the GPU; tiles, warps).
     """
     tensors = (x, dt, B, C, z, A, dt_bias, D,)
     sizes, _, _, chunk = _ssmc_setup(tensors, None, None, "chunked", chunk_size)
@@ -4052,9 +4053,8 @@ def final_state_from_zero(*, x, dt, B, C, z, A, dt_bias, D, chunk_size=None, seq
     if T == 0:
         return final, torch.zeros((batch, H), device=device, dtype=torch.float32)
     x, s, log_a, B, C = prologue_fwd(tensors, sizes)
-    options = {} if chunk is None else {"chunk_size": chunk}
-    total = chunked_final_state(x, s, log_a, B, heads=H, final_state=final,
-        seq_splits=seq_splits, **options)
+    options = dict(launch or {}) if chunk is None else {"chunk_size": chunk, **(launch or {})}
+    total = chunked_final_state(x, s, log_a, B, heads=H, final_state=final, **options)
     return final, total
 
 
