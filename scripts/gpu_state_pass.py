@@ -26,15 +26,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gpu_parallel import SPECS  # noqa: E402  (the two layers, as the 2-GPU run has them)
+
 from ssmc.load import load  # noqa: E402
 from ssmc.parallel import StatePass, _suffix_sums  # noqa: E402
 from ssmc.pipeline import parse_file, with_dims  # noqa: E402
 from ssmc.reference import random_inputs, reference  # noqa: E402
-
-SPECS = {  # spec file, dims, the per-token tensors given in bf16
-    "mamba2": ("mamba2.ssm", {}, ("x", "B", "C", "z")),
-    "gla": ("gla.ssm", {"H": 16, "N": 128, "P": 128}, ("q", "k", "v")),
-}
 
 
 def cuda_ms(fn, repeats: int = 10) -> float:

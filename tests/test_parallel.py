@@ -9,6 +9,7 @@ state-only pass is checked on its own, in process, against the reference's final
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -229,6 +230,22 @@ def test_state_walk_of_generated_kernels(case: str, tmp_path: Path) -> None:
         left, log_total = state_pass(f32, torch.float32)
     assert _rel(left, want) < 1e-5
     assert (log_total.double() - want_total).abs().max() < 1e-5 * seqlen
+
+
+@pytest.mark.interpret
+def test_state_walk_with_tensors_named_as_module_globals(tmp_path: Path) -> None:
+    """Tensors named as the module's globals (torch, the launcher, the prologue) still reach
+    the walk as values: final_state_from_zero hands them on as a tuple."""
+    names = {"q": "tensors", "k": "torch", "v": "chunked_diag_final_state", "g": "prologue_roles"}
+    text = (ROOT / "examples" / "gla.ssm").read_text()
+    text = re.sub(r"\b[qkvg]\b", lambda m: names[m.group(0)], text.split("ssm gla", 1)[1])
+    checked = with_dims(parse("ssm named" + text, "named.ssm"), {"H": 2, "N": 4, "P": 4})
+    op = load(checked)
+    inputs = random_inputs(checked, batch=1, seqlen=20, generator=torch.Generator().manual_seed(5))
+    inputs.pop("initial_state")
+    want, _ = StatePass(checked)(inputs, torch.float64)
+    got, _ = op.module.final_state_from_zero(**{k: v.float() for k, v in inputs.items()})
+    assert _rel(got, want) < 1e-5
 
 
 def test_state_pass_off_the_kernels_is_torch(tmp_path: Path) -> None:

@@ -1072,12 +1072,17 @@ def chunked_state_fwd_kernel(
         tl.store(p_hT, b_h, mask=m_np)
 
 
+def walk_tiles(N, P, block_n=None, block_p=None):
+    """The state walk's tiles, where not given: N up to 128 (the whole state of a Mamba-2
+    head) × P up to 64 (chunked_state_fwd says why)."""
+    return block_n or max(16, min(128, _pow2(N))), block_p or max(16, min(64, _pow2(P)))
+
+
 def chunked_state_splits(x, B, *, first, heads, chunk_size, block_n=None, block_p=None):
     """The default seq_splits of chunked_state_split_fwd: walk_splits for its walkers
     (sequences × heads × N tiles × P tiles at the launcher's default tiles)."""
     N, P = B.shape[3], x.shape[3]
-    block_n = block_n or max(16, min(128, _pow2(N)))
-    block_p = block_p or max(16, min(64, _pow2(P)))
+    block_n, block_p = walk_tiles(N, P, block_n, block_p)
     walkers = (first.numel() - 1) * heads * _cdiv(N, block_n) * _cdiv(P, block_p)
     return walk_splits(walkers, _cdiv(x.shape[1], chunk_size), x)
 
@@ -1114,8 +1119,7 @@ def chunked_state_split_fwd(x, s, log_a, B, C, *, tiles, first, heads, initial_s
     back; the final state is exact either way."""
     N, P = B.shape[3], x.shape[3]
     n_seqs = first.numel() - 1
-    block_n = block_n or max(16, min(128, _pow2(N)))
-    block_p = block_p or max(16, min(64, _pow2(P)))
+    block_n, block_p = walk_tiles(N, P, block_n, block_p)
     num_warps = num_warps or (8 if block_n * block_p >= 8192 else 4)
     dtype = C.dtype if C.dtype in (torch.float16, torch.bfloat16) else torch.float32
     R = tiles.shape[0]
@@ -1154,8 +1158,7 @@ def chunked_state_final_fwd(x, s, log_a, B, *, tiles, first, heads, final_state,
     sum to the total."""
     N, P = B.shape[3], x.shape[3]
     n_seqs = first.numel() - 1
-    block_n = block_n or max(16, min(128, _pow2(N)))
-    block_p = block_p or max(16, min(64, _pow2(P)))
+    block_n, block_p = walk_tiles(N, P, block_n, block_p)
     num_warps = num_warps or (8 if block_n * block_p >= 8192 else 4)
     seg_rows = max(1, _cdiv(_cdiv(x.shape[1], chunk_size), max(1, seq_splits)))
     n_seg = max(1, _cdiv(_cdiv(x.shape[1], chunk_size), seg_rows))
@@ -1597,8 +1600,7 @@ def chunked_final_state(x, s, log_a, B, *, heads, final_state, chunk_size=128,
     N = B.shape[3]
     if dot_precision is None:
         dot_precision = "ieee" if x.dtype in (torch.float32, torch.float64) else "tf32"
-    block_n = block_n or max(16, min(128, _pow2(N)))
-    block_p = block_p or max(16, min(64, _pow2(P)))
+    block_n, block_p = walk_tiles(N, P, block_n, block_p)
     tiles, first = seq_tiles(None, batch, seqlen, chunk_size, x.device)
     if seq_splits is None:
         walkers = batch * heads * _cdiv(N, block_n) * _cdiv(P, block_p)
@@ -4044,7 +4046,12 @@ def final_state_from_zero(*, x, dt, B, C, z, A, dt_bias, D, chunk_size=None, lau
     launch: keyword options of chunked_final_state (seq_splits: segments of each
     sequence walked in parallel, by default enough to fill the GPU; tiles, warps).
     """
-    tensors = (x, dt, B, C, z, A, dt_bias, D,)
+    return _ssmc_final_state((x, dt, B, C, z, A, dt_bias, D,), chunk_size, launch)
+
+
+def _ssmc_final_state(tensors, chunk_size, launch):
+    """final_state_from_zero's body (the tensors as a tuple: their names may be any, even a
+    global's of this module)."""
     sizes, _, _, chunk = _ssmc_setup(tensors, None, None, "chunked", chunk_size)
     batch, T = sizes["batch"], sizes["seq"]
     H, P, N = sizes["H"], sizes["P"], sizes["N"]
