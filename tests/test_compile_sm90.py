@@ -22,6 +22,7 @@ SCRIPT = textwrap.dedent(
     """
     import sys
     import triton
+    import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -38,7 +39,8 @@ SCRIPT = textwrap.dedent(
         pointers["tiles"] = "*i32"
         for block_i, block_j in ((32, 16), (16, 32), (32, 32)):
             consts = dict(HAS_S=True, HAS_INITIAL=True, DOT_PRECISION="ieee",
-                          BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_N=16, BLOCK_P=16)
+                          BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_N=16, BLOCK_P=16,
+                          ACC_DTYPE=tl.float32)
             signature = {n: "constexpr" if n in consts else pointers.get(n, "i32")
                          for n in names}
             constexprs = {(names.index(k),): v for k, v in consts.items()}
