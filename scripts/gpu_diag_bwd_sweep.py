@@ -3,6 +3,10 @@ other launch options (`chunked_diag_bwd`, examples/gla.ssm's core: H heads, N = 
 head its own groups), to see what tiles alone can do before the kernels change.
 
     python scripts/gpu_diag_bwd_sweep.py --batch 8 --seqlen 2048 --heads 16 --dim 128
+
+With --modes: each way of forming dlog a (`dla`) instead, timed per launch, and every
+gradient of each against fp64 autograd of the chunked torch form at batch 1 (log a in
+[−1, 0] as the bench draws, and weak decays in [−0.05, 0]).
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ def main() -> int:
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--modes", nargs="*", default=None,
+                        help="compare these dla modes (straddle, chunk, suffix) instead")
     args = parser.parse_args()
     source = "\n".join(render_stage(name) for name in ("chunked_diag", "adjoint", "chunked_diag_bwd"))
     mod = load_source(HEADER + source, "chunked_diag_bwd_stage")
@@ -62,6 +68,9 @@ def main() -> int:
     def call():
         return mod.chunked_diag_bwd(x, None, log_a, B, C, heads=H, initial_state=None,
                                     cu_seqlens=None, dy=dy, dfinal=None, chunk_size=64)
+
+    if args.modes is not None:
+        return compare_modes(mod, args.modes, (x, log_a, B, C, dy), H)
 
     # the launches before the seventeenth session's wide-head defaults, and the dB/dC row
     # block's own triangle as the direct sum (BLOCK_SPREAD < 0): the same gradients up to
@@ -107,6 +116,47 @@ def main() -> int:
                 print(f"{name} {o}: failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
             finally:
                 setattr(mod, name, kernel)
+    return 0
+
+
+def fp64_gradients(x, log_a, B, C, dy, H: int) -> dict[str, torch.Tensor]:
+    """dx, dlog a, dB, dC of the core by autograd of forms_torch.chunked in fp64."""
+    from ssmc import forms_torch
+
+    leaves = [t.double().requires_grad_() for t in (x, log_a, B, C)]
+    y, _ = forms_torch.chunked(*leaves, H, chunk_size=64)
+    grads = torch.autograd.grad(y, leaves, dy.double())
+    return dict(zip(("dx", "dlog_a", "dB", "dC"), grads, strict=True))
+
+
+def compare_modes(mod, modes: list[str], tensors, H: int) -> int:
+    """Per dla mode: the backward's time per launch and in all, and its gradients at batch 1
+    against fp64 (the bench's decays and weak ones)."""
+    x, log_a, B, C, dy = tensors
+    for mode in modes:
+        def call(mode=mode):
+            return mod.chunked_diag_bwd(x, None, log_a, B, C, heads=H, initial_state=None,
+                                        cu_seqlens=None, dy=dy, dfinal=None, chunk_size=64,
+                                        dla=mode)
+
+        ms = per_kernel_ms(call)
+        total = triton.testing.do_bench(call, warmup=2, rep=20, return_mode="median")
+        print(f"dla={mode}: chunked_diag_bwd {total:.3f} ms; "
+              + ", ".join(f"{k[:40]} {v:.3f}" for k, v in sorted(ms.items(), key=lambda kv: -kv[1])),
+              flush=True)
+    for label, la in (("bench decays [-1, 0]", log_a[:1]), ("weak decays [-0.05, 0]", log_a[:1] / 20)):
+        one = (x[:1], la, B[:1], C[:1], dy[:1])
+        want = fp64_gradients(*one, H)
+        for mode in modes:
+            got = mod.chunked_diag_bwd(one[0], None, la, one[2], one[3], heads=H,
+                                       initial_state=None, cu_seqlens=None, dy=one[4],
+                                       dfinal=None, chunk_size=64, dla=mode)
+            errs = {k: ((got[i].double() - want[k]).norm() / want[k].norm()).item()
+                    for i, k in ((0, "dx"), (2, "dlog_a"), (3, "dB"), (4, "dC"))}
+            print(f"{label}, dla={mode}: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()),
+                  flush=True)
+            assert all(v < 5e-2 for v in errs.values()), (mode, errs)
+        del want
     return 0
 
 

@@ -4,8 +4,9 @@
 dx, ds, dlog a, dB, dC, dh0), with several chunks and row blocks per sequence, packed
 sequences, shared heads and strong decays; every buffer the stage allocates starts as NaN
 and is recorded, to show that no per-head [b, T, H, N] buffer of a shared role exists. dlog a
-by straddling pairs (the default) and by the suffix sum (dla="suffix") both, and over 512
-tokens the former at the fp32 reference's accuracy where the latter is not. The
+by straddling pairs (the default for 32-bit inputs), by the suffix sum inside each chunk
+(dla="chunk", the default for 16-bit ones) and by the sequence's suffix sum (dla="suffix"),
+and over 512 tokens the first at the fp32 reference's accuracy where the last is not. The
 generated modules of examples/gla.ssm, examples/mamba1.ssm and a shared-head diagonal spec
 then run it through `backward` against the fp64 reference of the whole spec.
 """
@@ -295,7 +296,7 @@ def test_chunked_diag_bwd_rejects_scalar_decay() -> None:
     ids=lambda v: v.id if isinstance(v, Case) else "-".join(v) or "plain",
 )
 def test_chunked_diag_bwd_straddle_row_blocks(case: Case, options, monkeypatch) -> None:
-    """dla="straddle" (the default) with chunks of 64 tokens in four 16-row blocks: the
+    """dla="straddle" (the default for 32-bit inputs) with chunks of 64 tokens in four 16-row blocks: the
     in-chunk states before and after a row block (H^c, Λ^c) over several blocks, the u, v of
     other blocks, a partial last chunk; MHA, Mamba-1-like in head splits, a decay group of two
     heads with N over two tiles, H = 6 in mixed groups, packed sequences, strong decays, P over
@@ -310,6 +311,31 @@ def test_chunked_diag_bwd_suffix(case: Case, monkeypatch) -> None:
     """dla="suffix" (the sequence's suffix sum of dcs = C ⊙ dC − B ⊙ dB, kept selectable):
     every gradient within the bounds, with h0, dfinal, shared heads and packed sequences."""
     run_check(case, monkeypatch, dla="suffix")
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(
+    ("case", "options"),
+    [
+        (CASES[0], {}),
+        (CASES[1], {"head_splits": 4}),
+        (CASES[2], {"chunk_size": 64}),
+        (CASES[5], {"chunk_size": 64}),
+        (CASES[7], {}),
+        (CASES[8], {}),
+        (CASES[10], {"chunk_size": 64, "bound": 1e-4}),
+    ],
+    ids=lambda v: v.id if isinstance(v, Case) else "-".join(map(str, v.values())) or "plain",
+)
+def test_chunked_diag_bwd_chunk(case: Case, options, monkeypatch) -> None:
+    """dla="chunk" (the default for 16-bit inputs): dcs summed inside each chunk, Σ v per row
+    block and the boundary product; h0, dfinal, Mamba-1-like head splits, shared heads over two
+    N tiles, mixed groups, packed sequences with an empty one, four row blocks and a partial
+    last chunk at Q = 64. With log a down to −30 the chunk's cancelling pairs leave 1.4e-5 in
+    fp32 (straddle 1e-7), hence the looser bound there."""
+    options = dict(options)
+    case = replace(case, T=90) if options.get("chunk_size") == 64 else case
+    run_check(case, monkeypatch, options.pop("bound", 1e-5), dla="chunk", **options)
 
 
 def test_chunked_diag_bwd_dla_option() -> None:
@@ -343,7 +369,9 @@ def long_inputs(kind: str, seed: int, T: int, dtype: torch.dtype) -> dict:
     return dict(H=H, x=x.to(dtype), s=s, log_a=log_a, B=B, C=C, dy=dy, weight=weight)
 
 
-def long_errors(kind: str, seed: int, T: int, dtype: torch.dtype) -> dict[str, float]:
+def long_errors(
+    kind: str, seed: int, T: int, dtype: torch.dtype, modes=("suffix", "straddle")
+) -> dict[str, float]:
     """Relative error of Σ_t dlog a_t weight_t (per channel and n) against fp64 autograd: of
     autograd in fp32 ("reference") and of chunked_diag_bwd with each dla (default chunks:
     Q = 64 in four 16-row blocks)."""
@@ -359,7 +387,7 @@ def long_errors(kind: str, seed: int, T: int, dtype: torch.dtype) -> dict[str, f
     want = grad(torch.float64)
     errs = {"reference": ((grad(torch.float32) - want).norm() / want.norm()).item()}
     d = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
-    for dla in ("suffix", "straddle"):
+    for dla in modes:
         got = diag_stage().chunked_diag_bwd(
             d["x"], d["s"], d["log_a"], d["B"], d["C"], heads=d["H"], initial_state=None,
             cu_seqlens=None, dy=d["dy"], dfinal=None, dla=dla,
@@ -390,6 +418,24 @@ def test_chunked_diag_bwd_dlog_a_straddle_long_sequence(
     errs = long_errors(kind, 0, 512, dtype)
     assert errs["straddle"] < bound, errs
     assert errs["straddle"] < errs["suffix"] / 5, errs
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(
+    ("kind", "dtype", "bound"),
+    [("mamba1", torch.float32, 3e-6), ("mamba1", torch.float16, 1e-3)],
+    ids=["mamba1-fp32", "mamba1-fp16"],
+)
+def test_chunked_diag_bwd_dlog_a_chunk_long_sequence(
+    kind: str, dtype: torch.dtype, bound: float
+) -> None:
+    """dla="chunk" over 512 tokens: in fp32 Mamba-1's dA within 1.6e-6 (straddle 1.2e-7, the
+    sequence's suffix sum 1.3e-5); with fp16 inputs level with straddle (3.35e-5 against
+    3.34e-5, seed 0), whose error there is the states' fp16 storage, which both read."""
+    errs = long_errors(kind, 0, 512, dtype, ("straddle", "chunk"))
+    assert errs["chunk"] < bound, errs
+    if dtype == torch.float16:
+        assert errs["chunk"] < 1.1 * errs["straddle"], errs
 
 
 # ---------------------------------------------------------------------------------------
