@@ -4,8 +4,8 @@
 dx, ds, dlog a, dB, dC, dh0), with several chunks and row blocks per sequence, packed
 sequences, shared heads and strong decays; every buffer the stage allocates starts as NaN
 and is recorded, to show that no per-head [b, T, H, N] buffer of a shared role exists. dlog a
-by straddling pairs (the default for 32-bit inputs), by the suffix sum inside each chunk
-(dla="chunk", the default for 16-bit ones) and by the sequence's suffix sum (dla="suffix"),
+by straddling pairs (the default), by the suffix sum inside each chunk (dla="chunk", the
+default for 16-bit inputs with P ≥ 64) and by the sequence's suffix sum (dla="suffix"),
 and over 512 tokens the first at the fp32 reference's accuracy where the last is not. The
 generated modules of examples/gla.ssm, examples/mamba1.ssm and a shared-head diagonal spec
 then run it through `backward` against the fp64 reference of the whole spec.
@@ -200,9 +200,20 @@ def test_chunked_diag_bwd_matches_autograd(case: Case, monkeypatch) -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_chunked_diag_bwd_half(dtype: torch.dtype, monkeypatch) -> None:
     """16-bit x, B, C, dY (chunk states in that type; dots in it on a GPU, fp32 on a CPU):
-    DESIGN §5's bound for the type."""
+    DESIGN §5's bound for the type, with dlog a by straddling pairs (the default at P = 16)
+    and by the suffix sum inside each chunk."""
     case = Case(f"half-{dtype}", (4, 2, 2, 2))
-    run_check(case, monkeypatch, 1e-2 if dtype == torch.bfloat16 else 1e-3, dtype)
+    bound = 1e-2 if dtype == torch.bfloat16 else 1e-3
+    run_check(case, monkeypatch, bound, dtype)
+    run_check(case, monkeypatch, bound, dtype, dla="chunk")
+
+
+@pytest.mark.interpret
+def test_chunked_diag_bwd_wide_half_takes_chunk(monkeypatch) -> None:
+    """16-bit inputs with P ≥ 64 (GLA's heads) form dlog a inside each chunk by default: the
+    straddle launch is never reached, and every gradient is within fp16's bound."""
+    monkeypatch.setattr(diag_stage(), "chunked_diag_bwd_dla_kernel", None)
+    run_check(Case("wide-half", (2, 2, 2, 2), H=2, P=64, T=40), monkeypatch, 1e-3, torch.float16)
 
 
 @pytest.mark.interpret
@@ -296,7 +307,7 @@ def test_chunked_diag_bwd_rejects_scalar_decay() -> None:
     ids=lambda v: v.id if isinstance(v, Case) else "-".join(v) or "plain",
 )
 def test_chunked_diag_bwd_straddle_row_blocks(case: Case, options, monkeypatch) -> None:
-    """dla="straddle" (the default for 32-bit inputs) with chunks of 64 tokens in four 16-row blocks: the
+    """dla="straddle" (the default) with chunks of 64 tokens in four 16-row blocks: the
     in-chunk states before and after a row block (H^c, Λ^c) over several blocks, the u, v of
     other blocks, a partial last chunk; MHA, Mamba-1-like in head splits, a decay group of two
     heads with N over two tiles, H = 6 in mixed groups, packed sequences, strong decays, P over
@@ -328,7 +339,7 @@ def test_chunked_diag_bwd_suffix(case: Case, monkeypatch) -> None:
     ids=lambda v: v.id if isinstance(v, Case) else "-".join(map(str, v.values())) or "plain",
 )
 def test_chunked_diag_bwd_chunk(case: Case, options, monkeypatch) -> None:
-    """dla="chunk" (the default for 16-bit inputs): dcs summed inside each chunk, Σ v per row
+    """dla="chunk" (the default for 16-bit inputs with P ≥ 64): dcs summed inside each chunk, Σ v per row
     block and the boundary product; h0, dfinal, Mamba-1-like head splits, shared heads over two
     N tiles, mixed groups, packed sequences with an empty one, four row blocks and a partial
     last chunk at Q = 64. With log a down to −30 the chunk's cancelling pairs leave 1.4e-5 in
@@ -423,18 +434,21 @@ def test_chunked_diag_bwd_dlog_a_straddle_long_sequence(
 @pytest.mark.interpret
 @pytest.mark.parametrize(
     ("kind", "dtype", "bound"),
-    [("mamba1", torch.float32, 3e-6), ("mamba1", torch.float16, 1e-3)],
+    [("mamba1", torch.float32, 3e-6), ("mamba1", torch.float16, 2e-3)],
     ids=["mamba1-fp32", "mamba1-fp16"],
 )
 def test_chunked_diag_bwd_dlog_a_chunk_long_sequence(
     kind: str, dtype: torch.dtype, bound: float
 ) -> None:
     """dla="chunk" over 512 tokens: in fp32 Mamba-1's dA within 1.6e-6 (straddle 1.2e-7, the
-    sequence's suffix sum 1.3e-5); with fp16 inputs level with straddle (3.35e-5 against
-    3.34e-5, seed 0), whose error there is the states' fp16 storage, which both read."""
+    sequence's suffix sum 1.3e-5). With fp16 inputs on a CPU (fp32 dots) level with straddle
+    (3.35e-5 against 3.34e-5, seed 0), whose error there is the states' fp16 storage; on the
+    H100 the dB/dC launches' fp16 dots round the weighted operands, which chunk's in-chunk
+    differences do not cancel: 1.09e-3 against straddle's 1.0e-4 (hence straddle stays the
+    default for narrow heads)."""
     errs = long_errors(kind, 0, 512, dtype, ("straddle", "chunk"))
     assert errs["chunk"] < bound, errs
-    if dtype == torch.float16:
+    if dtype == torch.float16 and DEVICE == "cpu":
         assert errs["chunk"] < 1.1 * errs["straddle"], errs
 
 
