@@ -4,6 +4,9 @@ head its own groups), to see what tiles alone can do before the kernels change.
 
     python scripts/gpu_diag_bwd_sweep.py --batch 8 --seqlen 2048 --heads 16 --dim 128
 
+With --dbc M,BN,W ...: the dB/dC launches at row blocks of M, N tiles of BN and W warps
+instead (dbc_block_m, dbc_block_n, dbc_warps), their time and the gradients against fp64.
+
 With --modes: each way of forming dlog a (`dla`) instead, timed per launch, and every
 gradient of each against fp64 autograd of the chunked torch form at batch 1 (log a in
 [−1, 0] as the bench draws, and weak decays in [−0.05, 0]).
@@ -57,6 +60,8 @@ def main() -> int:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--modes", nargs="*", default=None,
                         help="compare these dla modes (straddle, chunk, suffix) instead")
+    parser.add_argument("--dbc", nargs="*", default=None, metavar="M,BN,W",
+                        help="time the dB/dC launches at these row blocks, N tiles and warps")
     args = parser.parse_args()
     source = "\n".join(render_stage(name) for name in ("chunked_diag", "adjoint", "chunked_diag_bwd"))
     mod = load_source(HEADER + source, "chunked_diag_bwd_stage")
@@ -71,6 +76,8 @@ def main() -> int:
 
     if args.modes is not None:
         return compare_modes(mod, args.modes, (x, log_a, B, C, dy), H)
+    if args.dbc is not None:
+        return compare_dbc(mod, args.dbc, (x, log_a, B, C, dy), H)
 
     # the launches before the seventeenth session's wide-head defaults, and the dB/dC row
     # block's own triangle as the direct sum (BLOCK_SPREAD < 0): the same gradients up to
@@ -157,6 +164,36 @@ def compare_modes(mod, modes: list[str], tensors, H: int) -> int:
                   flush=True)
             assert all(v < 5e-2 for v in errs.values()), (mode, errs)
         del want
+    return 0
+
+
+def compare_dbc(mod, configs: list[str], tensors, H: int) -> int:
+    """Per dB/dC launch config: the launches' time, the backward's, and its gradients at batch
+    1 against fp64 (the bench's decays)."""
+    x, log_a, B, C, dy = tensors
+    one = (x[:1], log_a[:1], B[:1], C[:1], dy[:1])
+    want = fp64_gradients(*one, H)
+    for config in configs:
+        m, bn, w = (int(v) for v in config.split(","))
+        opts = dict(dbc_block_m=m, dbc_block_n=bn, dbc_warps=w, chunk_size=64)
+        try:
+            def call(t=tensors, opts=opts):
+                return mod.chunked_diag_bwd(t[0], None, t[1], t[2], t[3], heads=H,
+                                            initial_state=None, cu_seqlens=None, dy=t[4],
+                                            dfinal=None, **opts)
+
+            ms = per_kernel_ms(call)
+            total = triton.testing.do_bench(call, warmup=2, rep=20, return_mode="median")
+            got = call(one)
+            errs = {k: ((got[i].double() - want[k]).norm() / want[k].norm()).item()
+                    for i, k in ((0, "dx"), (2, "dlog_a"), (3, "dB"), (4, "dC"))}
+            print(f"dbc M={m} BN={bn} warps={w}: dB/dC "
+                  f"{ms.get('chunked_diag_bwd_dbc_kernel', float('nan')):.3f} ms, backward "
+                  f"{total:.3f} ms; " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()),
+                  flush=True)
+        except Exception as exc:  # noqa: BLE001 — a config that cannot launch is reported
+            print(f"dbc M={m} BN={bn} warps={w}: failed: {type(exc).__name__}: "
+                  f"{str(exc)[:160]}", flush=True)
     return 0
 
 

@@ -42,6 +42,8 @@ def profile_backward(name: str, op, inputs: dict[str, torch.Tensor], form: str) 
     dy = torch.randn_like(y)
 
     def step():
+        for leaf in leaves.values():
+            leaf.grad = None  # as a training step's zero_grad: no accumulation kernels
         out, _ = op(**leaves, form=form)
         torch.autograd.backward(out, dy)
 
