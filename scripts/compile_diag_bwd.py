@@ -3,7 +3,7 @@
 As scripts/compile_bwd.py (whose `resources` it uses): triton.compile for GPUTarget("cuda",
 ARCH, 32), then registers and stack per kernel from cuobjdump. Usage:
 python scripts/compile_diag_bwd.py [--arch 90] [--dtype bf16|fp16|fp32] [--chunk 64]
-[--block-n 32] [--p 64] [--dla straddle|suffix] (straddle, the default: the walks' boundary
+[--block-n 32] [--p 64] [--dla straddle|suffix|chunk] (straddle, the default: the walks' boundary
 and exact-tail variants, the dB/dC launches' DCS_INTER and chunked_diag_bwd_dla_kernel)
 """
 
@@ -35,11 +35,12 @@ def main() -> int:
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--block-n", type=int, default=32)
     parser.add_argument("--p", type=int, default=64, help="the padded head dim (dB/dC hold all of it)")
-    parser.add_argument("--dla", default="straddle", choices=("suffix", "straddle"))
+    parser.add_argument("--dla", default="straddle", choices=("suffix", "straddle", "chunk"))
     parser.add_argument("--forward", action="store_true",
                         help="the forward's kernels (chunked_diag_fwd) as launched, instead")
     args = parser.parse_args()
     straddle = args.dla == "straddle"
+    in_chunk = args.dla == "chunk"
     source = "\n\n".join(render_stage(n) for n in ("chunked_diag", "adjoint", "chunked_diag_bwd"))
     module = load_source(compile_bwd.HEADER + source, "compile_diag_bwd")
     half, f32, i64 = f"*{args.dtype}", "*fp32", "*i64"
@@ -59,14 +60,17 @@ def main() -> int:
     for reverse in (False, True):
         consts = {**base, **tiles, "REVERSE": reverse, "HAS_S": not reverse, "HAS_INITIAL": True,
                   "HAS_FINAL": True, "BLOCK_T": 64, "BLOCK_P": 64,
-                  "HAS_BOUNDARY": straddle and reverse, "EXACT_TAIL": straddle}  # fmt: skip
+                  "HAS_BOUNDARY": args.dla != "suffix" and reverse,
+                  "EXACT_TAIL": args.dla != "suffix"}  # fmt: skip
         show(f"chunked_diag_bwd_walk reverse={reverse}", module.chunked_diag_bwd_walk_kernel, walk,
              consts, 4)  # fmt: skip
     dbc = dict(x=half, s=f32, log_a=f32, B=half, C=half, dy=half, cs=f32, states=half, tiles=i64,
-               grad=f32, dcs=f32)  # fmt: skip
+               grad=f32, dcs=f32, vsum=f32)  # fmt: skip
     for want_db in (False, True):
         consts = {**base, **tiles, "WANT_DB": want_db, "HAS_S": True, "BLOCK_M": 16,
-                  "BLOCK_P": args.p, "DCS_INTER": straddle}  # fmt: skip
+                  "BLOCK_P": args.p, "DCS_INTER": straddle, "V_SUMS": in_chunk and want_db,
+                  "BLOCK_SPREAD": module.BLOCK_SPREAD, "CROSS_DTYPE": dot,
+                  "CROSS_PRECISION": "ieee"}  # fmt: skip
         show(f"chunked_diag_bwd_dbc {'dB' if want_db else 'dC'}", module.chunked_diag_bwd_dbc_kernel,
              dbc, consts, 8)  # fmt: skip
     dx = dict(x=half, s=f32, B=half, C=half, cs=f32, A=f32, dy=half, adj_states=half, tiles=i64,

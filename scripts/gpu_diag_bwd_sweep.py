@@ -4,8 +4,9 @@ head its own groups), to see what tiles alone can do before the kernels change.
 
     python scripts/gpu_diag_bwd_sweep.py --batch 8 --seqlen 2048 --heads 16 --dim 128
 
-With --dbc M,BN,W ...: the dB/dC launches at row blocks of M, N tiles of BN and W warps
-instead (dbc_block_m, dbc_block_n, dbc_warps), their time and the gradients against fp64.
+With --dbc M,BN,W[,CROSS] ...: the dB/dC launches at row blocks of M, N tiles of BN, W
+warps and their cross-block dots in CROSS (dot, tf32, ieee) instead (dbc_block_m,
+dbc_block_n, dbc_warps, dbc_cross), their time and the gradients against fp64.
 
 With --modes: each way of forming dlog a (`dla`) instead, timed per launch, and every
 gradient of each against fp64 autograd of the chunked torch form at batch 1 (log a in
@@ -174,8 +175,9 @@ def compare_dbc(mod, configs: list[str], tensors, H: int) -> int:
     one = (x[:1], log_a[:1], B[:1], C[:1], dy[:1])
     want = fp64_gradients(*one, H)
     for config in configs:
-        m, bn, w = (int(v) for v in config.split(","))
-        opts = dict(dbc_block_m=m, dbc_block_n=bn, dbc_warps=w, chunk_size=64)
+        m, bn, w, *cross = config.split(",")
+        opts = dict(dbc_block_m=int(m), dbc_block_n=int(bn), dbc_warps=int(w),
+                    dbc_cross=(cross or ["dot"])[0], chunk_size=64)
         try:
             def call(t=tensors, opts=opts):
                 return mod.chunked_diag_bwd(t[0], None, t[1], t[2], t[3], heads=H,
@@ -187,12 +189,12 @@ def compare_dbc(mod, configs: list[str], tensors, H: int) -> int:
             got = call(one)
             errs = {k: ((got[i].double() - want[k]).norm() / want[k].norm()).item()
                     for i, k in ((0, "dx"), (2, "dlog_a"), (3, "dB"), (4, "dC"))}
-            print(f"dbc M={m} BN={bn} warps={w}: dB/dC "
+            print(f"dbc {config}: dB/dC "
                   f"{ms.get('chunked_diag_bwd_dbc_kernel', float('nan')):.3f} ms, backward "
                   f"{total:.3f} ms; " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()),
                   flush=True)
         except Exception as exc:  # noqa: BLE001 — a config that cannot launch is reported
-            print(f"dbc M={m} BN={bn} warps={w}: failed: {type(exc).__name__}: "
+            print(f"dbc {config}: failed: {type(exc).__name__}: "
                   f"{str(exc)[:160]}", flush=True)
     return 0
 
