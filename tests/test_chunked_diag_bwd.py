@@ -442,10 +442,10 @@ def test_chunked_diag_bwd_dlog_a_chunk_long_sequence(
 ) -> None:
     """dla="chunk" over 512 tokens: in fp32 Mamba-1's dA within 1.6e-6 (straddle 1.2e-7, the
     sequence's suffix sum 1.3e-5). With fp16 inputs on a CPU (fp32 dots) level with straddle
-    (3.35e-5 against 3.34e-5, seed 0), whose error there is the states' fp16 storage; on the
-    H100 the dB/dC launches' fp16 dots round the weighted operands, which chunk's in-chunk
-    differences do not cancel: 1.09e-3 against straddle's 1.0e-4 (hence straddle stays the
-    default for narrow heads)."""
+    (3.35e-5 against 3.34e-5, seed 0), whose error there is the states' fp16 storage. On the
+    H100, with the dB/dC launches' dots between row blocks in fp16, chunk's in-chunk
+    differences left 1.09e-3 against straddle's 1.0e-4; those dots are tf32 now
+    (dbc_cross)."""
     errs = long_errors(kind, 0, 512, dtype, ("straddle", "chunk"))
     assert errs["chunk"] < bound, errs
     if dtype == torch.float16 and DEVICE == "cpu":
