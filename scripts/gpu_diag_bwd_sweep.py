@@ -137,6 +137,12 @@ def fp64_gradients(x, log_a, B, C, dy, H: int) -> dict[str, torch.Tensor]:
     return dict(zip(("dx", "dlog_a", "dB", "dC"), grads, strict=True))
 
 
+def gradient_errors(got: tuple, want: dict[str, torch.Tensor]) -> dict[str, float]:
+    """‖got − want‖ / ‖want‖ of dx, dlog a, dB, dC (chunked_diag_bwd's outputs 0, 2, 3, 4)."""
+    return {k: ((got[i].double() - want[k]).norm() / want[k].norm()).item()
+            for i, k in ((0, "dx"), (2, "dlog_a"), (3, "dB"), (4, "dC"))}
+
+
 def compare_modes(mod, modes: list[str], tensors, H: int) -> int:
     """Per dla mode: the backward's time per launch and in all, and its gradients at batch 1
     against fp64 (the bench's decays and weak ones)."""
@@ -159,8 +165,7 @@ def compare_modes(mod, modes: list[str], tensors, H: int) -> int:
             got = mod.chunked_diag_bwd(one[0], None, la, one[2], one[3], heads=H,
                                        initial_state=None, cu_seqlens=None, dy=one[4],
                                        dfinal=None, chunk_size=64, dla=mode)
-            errs = {k: ((got[i].double() - want[k]).norm() / want[k].norm()).item()
-                    for i, k in ((0, "dx"), (2, "dlog_a"), (3, "dB"), (4, "dC"))}
+            errs = gradient_errors(got, want)
             print(f"{label}, dla={mode}: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()),
                   flush=True)
             assert all(v < 5e-2 for v in errs.values()), (mode, errs)
@@ -186,9 +191,7 @@ def compare_dbc(mod, configs: list[str], tensors, H: int) -> int:
 
             ms = per_kernel_ms(call)
             total = triton.testing.do_bench(call, warmup=2, rep=20, return_mode="median")
-            got = call(one)
-            errs = {k: ((got[i].double() - want[k]).norm() / want[k].norm()).item()
-                    for i, k in ((0, "dx"), (2, "dlog_a"), (3, "dB"), (4, "dC"))}
+            errs = gradient_errors(call(one), want)
             print(f"dbc {config}: dB/dC "
                   f"{ms.get('chunked_diag_bwd_dbc_kernel', float('nan')):.3f} ms, backward "
                   f"{total:.3f} ms; " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()),
