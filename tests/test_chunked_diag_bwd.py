@@ -350,13 +350,15 @@ def test_chunked_diag_bwd_chunk(case: Case, options, monkeypatch) -> None:
 
 
 def test_chunked_diag_bwd_dla_option() -> None:
-    """An unknown dla is refused by name."""
+    """An unknown dla or dbc_cross is refused by name."""
     x = torch.zeros(1, 4, 2, 16)
-    with pytest.raises(ValueError, match="dla"):
-        diag_stage().chunked_diag_bwd(
-            x, None, torch.zeros(1, 4, 2, 16), torch.zeros(1, 4, 2, 16), torch.zeros(1, 4, 2, 16),
-            heads=2, initial_state=None, cu_seqlens=None, dy=x, dfinal=None, dla="prefix",
-        )  # fmt: skip
+    for option in ({"dla": "prefix"}, {"dbc_cross": "bf16"}):
+        with pytest.raises(ValueError, match=next(iter(option))):
+            diag_stage().chunked_diag_bwd(
+                x, None, torch.zeros(1, 4, 2, 16), torch.zeros(1, 4, 2, 16),
+                torch.zeros(1, 4, 2, 16), heads=2, initial_state=None, cu_seqlens=None, dy=x,
+                dfinal=None, **option,
+            )  # fmt: skip
 
 
 def long_inputs(kind: str, seed: int, T: int, dtype: torch.dtype) -> dict:
