@@ -8,6 +8,11 @@ With --dbc M,BN,W[,CROSS] ...: the dB/dC launches at row blocks of M, N tiles of
 warps and their cross-block dots in CROSS (dot, tf32, ieee) instead (dbc_block_m,
 dbc_block_n, dbc_warps, dbc_cross), their time and the gradients against fp64.
 
+With --mamba1: Mamba-1's layout instead of GLA's: --heads channels with P = 1, one B and C
+shared by all, N = --dim, log a = Δ A (Δ = softplus(randn − 2), A in [−16, −1]), e.g.
+`--mamba1 --batch 2 --heads 1536 --dim 16 --modes straddle chunk`. The fp64 check runs on
+the first --check-seqlen tokens of batch row 0 (default: all T for GLA, 256 for Mamba-1).
+
 With --modes: each way of forming dlog a (`dla`) instead, timed per launch, and every
 gradient of each against fp64 autograd of the chunked torch form at batch 1 (log a in
 [−1, 0] as the bench draws, and weak decays in [−0.05, 0]).
@@ -63,22 +68,34 @@ def main() -> int:
                         help="compare these dla modes (straddle, chunk, suffix) instead")
     parser.add_argument("--dbc", nargs="*", default=None, metavar="M,BN,W",
                         help="time the dB/dC launches at these row blocks, N tiles and warps")
+    parser.add_argument("--mamba1", action="store_true",
+                        help="Mamba-1's layout (P = 1, shared B and C) instead of GLA's")
+    parser.add_argument("--check-seqlen", type=int, default=None,
+                        help="tokens of the fp64 check (default: T, or 256 with --mamba1)")
     args = parser.parse_args()
     source = "\n".join(render_stage(name) for name in ("chunked_diag", "adjoint", "chunked_diag_bwd"))
     mod = load_source(HEADER + source, "chunked_diag_bwd_stage")
     b, T, H, N = args.batch, args.seqlen, args.heads, args.dim
     g = torch.Generator(device="cuda").manual_seed(0)
-    x, B, C, dy = (torch.randn(b, T, H, N, device="cuda", generator=g).bfloat16() for _ in range(4))
-    log_a = -torch.rand(b, T, H, N, device="cuda", generator=g)  # [−1, 0], as the bench draws
+    if args.mamba1:
+        x, dy = (torch.randn(b, T, H, 1, device="cuda", generator=g).bfloat16() for _ in range(2))
+        B, C = (torch.randn(b, T, 1, N, device="cuda", generator=g).bfloat16() for _ in range(2))
+        dt = torch.nn.functional.softplus(torch.randn(b, T, H, 1, device="cuda", generator=g) - 2)
+        log_a = dt * -(1 + 15 * torch.rand(H, N, device="cuda", generator=g))
+    else:
+        x, B, C, dy = (torch.randn(b, T, H, N, device="cuda", generator=g).bfloat16()
+                       for _ in range(4))
+        log_a = -torch.rand(b, T, H, N, device="cuda", generator=g)  # [−1, 0], as the bench draws
+    check_T = args.check_seqlen or (256 if args.mamba1 else T)
 
     def call():
         return mod.chunked_diag_bwd(x, None, log_a, B, C, heads=H, initial_state=None,
                                     cu_seqlens=None, dy=dy, dfinal=None, chunk_size=64)
 
     if args.modes is not None:
-        return compare_modes(mod, args.modes, (x, log_a, B, C, dy), H)
+        return compare_modes(mod, args.modes, (x, log_a, B, C, dy), H, check_T)
     if args.dbc is not None:
-        return compare_dbc(mod, args.dbc, (x, log_a, B, C, dy), H)
+        return compare_dbc(mod, args.dbc, (x, log_a, B, C, dy), H, check_T)
 
     # the launches before the seventeenth session's wide-head defaults, and the dB/dC row
     # block's own triangle as the direct sum (BLOCK_SPREAD < 0): the same gradients up to
@@ -143,7 +160,7 @@ def gradient_errors(got: tuple, want: dict[str, torch.Tensor]) -> dict[str, floa
             for i, k in ((0, "dx"), (2, "dlog_a"), (3, "dB"), (4, "dC"))}
 
 
-def compare_modes(mod, modes: list[str], tensors, H: int) -> int:
+def compare_modes(mod, modes: list[str], tensors, H: int, check_T: int) -> int:
     """Per dla mode: the backward's time per launch and in all, and its gradients at batch 1
     against fp64 (the bench's decays and weak ones)."""
     x, log_a, B, C, dy = tensors
@@ -158,8 +175,9 @@ def compare_modes(mod, modes: list[str], tensors, H: int) -> int:
         print(f"dla={mode}: chunked_diag_bwd {total:.3f} ms; "
               + ", ".join(f"{k[:40]} {v:.3f}" for k, v in sorted(ms.items(), key=lambda kv: -kv[1])),
               flush=True)
-    for label, la in (("bench decays [-1, 0]", log_a[:1]), ("weak decays [-0.05, 0]", log_a[:1] / 20)):
-        one = (x[:1], la, B[:1], C[:1], dy[:1])
+    base = log_a[:1, :check_T]
+    for label, la in (("bench decays", base), ("weak decays (1/20)", base / 20)):
+        one = (x[:1, :check_T], la, B[:1, :check_T], C[:1, :check_T], dy[:1, :check_T])
         want = fp64_gradients(*one, H)
         for mode in modes:
             got = mod.chunked_diag_bwd(one[0], None, la, one[2], one[3], heads=H,
@@ -173,11 +191,10 @@ def compare_modes(mod, modes: list[str], tensors, H: int) -> int:
     return 0
 
 
-def compare_dbc(mod, configs: list[str], tensors, H: int) -> int:
+def compare_dbc(mod, configs: list[str], tensors, H: int, check_T: int) -> int:
     """Per dB/dC launch config: the launches' time, the backward's, and its gradients at batch
     1 against fp64 (the bench's decays)."""
-    x, log_a, B, C, dy = tensors
-    one = (x[:1], log_a[:1], B[:1], C[:1], dy[:1])
+    one = tuple(t[:1, :check_T] for t in tensors)
     want = fp64_gradients(*one, H)
     for config in configs:
         m, bn, w, *cross = config.split(",")
