@@ -89,8 +89,7 @@ def main() -> int:
     check_T = args.check_seqlen or (256 if args.mamba1 else T)
 
     def call():
-        return mod.chunked_diag_bwd(x, None, log_a, B, C, heads=H, initial_state=None,
-                                    cu_seqlens=None, dy=dy, dfinal=None, chunk_size=64)
+        return backward(mod, (x, log_a, B, C, dy), H)
 
     if args.modes is not None:
         return compare_modes(mod, args.modes, (x, log_a, B, C, dy), H, check_T)
@@ -154,6 +153,15 @@ def fp64_gradients(x, log_a, B, C, dy, H: int) -> dict[str, torch.Tensor]:
     return dict(zip(("dx", "dlog_a", "dB", "dC"), grads, strict=True))
 
 
+def backward(mod, tensors, H: int, **options) -> tuple:
+    """chunked_diag_bwd of (x, log a, B, C, dY), one group per head role as given, chunks of
+    64, no s, h0 or dh_T; `options` are its launch options."""
+    x, log_a, B, C, dy = tensors
+    return mod.chunked_diag_bwd(x, None, log_a, B, C, heads=H, initial_state=None,
+                                cu_seqlens=None, dy=dy, dfinal=None,
+                                **{"chunk_size": 64, **options})
+
+
 def gradient_errors(got: tuple, want: dict[str, torch.Tensor]) -> dict[str, float]:
     """‖got − want‖ / ‖want‖ of dx, dlog a, dB, dC (chunked_diag_bwd's outputs 0, 2, 3, 4)."""
     return {k: ((got[i].double() - want[k]).norm() / want[k].norm()).item()
@@ -163,27 +171,21 @@ def gradient_errors(got: tuple, want: dict[str, torch.Tensor]) -> dict[str, floa
 def compare_modes(mod, modes: list[str], tensors, H: int, check_T: int) -> int:
     """Per dla mode: the backward's time per launch and in all, and its gradients at batch 1
     against fp64 (the bench's decays and weak ones)."""
-    x, log_a, B, C, dy = tensors
     for mode in modes:
         def call(mode=mode):
-            return mod.chunked_diag_bwd(x, None, log_a, B, C, heads=H, initial_state=None,
-                                        cu_seqlens=None, dy=dy, dfinal=None, chunk_size=64,
-                                        dla=mode)
+            return backward(mod, tensors, H, dla=mode)
 
         ms = per_kernel_ms(call)
         total = triton.testing.do_bench(call, warmup=2, rep=20, return_mode="median")
         print(f"dla={mode}: chunked_diag_bwd {total:.3f} ms; "
               + ", ".join(f"{k[:40]} {v:.3f}" for k, v in sorted(ms.items(), key=lambda kv: -kv[1])),
               flush=True)
-    base = log_a[:1, :check_T]
-    for label, la in (("bench decays", base), ("weak decays (1/20)", base / 20)):
-        one = (x[:1, :check_T], la, B[:1, :check_T], C[:1, :check_T], dy[:1, :check_T])
+    x, log_a, B, C, dy = (t[:1, :check_T] for t in tensors)
+    for label, la in (("bench decays", log_a), ("weak decays (1/20)", log_a / 20)):
+        one = (x, la, B, C, dy)
         want = fp64_gradients(*one, H)
         for mode in modes:
-            got = mod.chunked_diag_bwd(one[0], None, la, one[2], one[3], heads=H,
-                                       initial_state=None, cu_seqlens=None, dy=one[4],
-                                       dfinal=None, chunk_size=64, dla=mode)
-            errs = gradient_errors(got, want)
+            errs = gradient_errors(backward(mod, one, H, dla=mode), want)
             print(f"{label}, dla={mode}: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()),
                   flush=True)
             assert all(v < 5e-2 for v in errs.values()), (mode, errs)
@@ -199,12 +201,10 @@ def compare_dbc(mod, configs: list[str], tensors, H: int, check_T: int) -> int:
     for config in configs:
         m, bn, w, *cross = config.split(",")
         opts = dict(dbc_block_m=int(m), dbc_block_n=int(bn), dbc_warps=int(w),
-                    dbc_cross=(cross or ["dot"])[0], chunk_size=64)
+                    dbc_cross=(cross or ["dot"])[0])
         try:
             def call(t=tensors, opts=opts):
-                return mod.chunked_diag_bwd(t[0], None, t[1], t[2], t[3], heads=H,
-                                            initial_state=None, cu_seqlens=None, dy=t[4],
-                                            dfinal=None, **opts)
+                return backward(mod, t, H, **opts)
 
             ms = per_kernel_ms(call)
             total = triton.testing.do_bench(call, warmup=2, rep=20, return_mode="median")
