@@ -15,12 +15,15 @@ the first --check-seqlen tokens of batch row 0 (default: all T for GLA, 256 for 
 
 With --modes: each way of forming dlog a (`dla`) instead, timed per launch, and every
 gradient of each against fp64 autograd of the chunked torch form at batch 1 (log a in
-[−1, 0] as the bench draws, and weak decays in [−0.05, 0]).
+[−1, 0] as the bench draws, and weak decays in [−0.05, 0]). With --variants: the same for
+launcher options given as `key=value;key=value` (Python literals), e.g.
+`"dla='chunk';whole=False" "dla='chunk';whole_blocks=(64,8)"`.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 from pathlib import Path
 
@@ -66,6 +69,8 @@ def main() -> int:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--modes", nargs="*", default=None,
                         help="compare these dla modes (straddle, chunk, suffix) instead")
+    parser.add_argument("--variants", nargs="*", default=None, metavar="KEY=VALUE;...",
+                        help="compare these launcher options (Python literals) instead")
     parser.add_argument("--dbc", nargs="*", default=None, metavar="M,BN,W",
                         help="time the dB/dC launches at these row blocks, N tiles and warps")
     parser.add_argument("--mamba1", action="store_true",
@@ -92,7 +97,11 @@ def main() -> int:
         return backward(mod, (x, log_a, B, C, dy), H)
 
     if args.modes is not None:
-        return compare_modes(mod, args.modes, (x, log_a, B, C, dy), H, check_T)
+        variants = [{"dla": mode} for mode in args.modes]
+        return compare_variants(mod, variants, (x, log_a, B, C, dy), H, check_T)
+    if args.variants is not None:
+        variants = [parse_options(v) for v in args.variants]
+        return compare_variants(mod, variants, (x, log_a, B, C, dy), H, check_T)
     if args.dbc is not None:
         return compare_dbc(mod, args.dbc, (x, log_a, B, C, dy), H, check_T)
 
@@ -168,27 +177,36 @@ def gradient_errors(got: tuple, want: dict[str, torch.Tensor]) -> dict[str, floa
             for i, k in ((0, "dx"), (2, "dlog_a"), (3, "dB"), (4, "dC"))}
 
 
-def compare_modes(mod, modes: list[str], tensors, H: int, check_T: int) -> int:
-    """Per dla mode: the backward's time per launch and in all, and its gradients at batch 1
-    against fp64 (the bench's decays and weak ones)."""
-    for mode in modes:
-        def call(mode=mode):
-            return backward(mod, tensors, H, dla=mode)
+def parse_options(text: str) -> dict:
+    """`key=value;key=value` with Python literals as values → launcher options."""
+    options = {}
+    for item in filter(None, text.split(";")):
+        key, _, value = item.partition("=")
+        options[key.strip()] = ast.literal_eval(value.strip())
+    return options
+
+
+def compare_variants(mod, variants: list[dict], tensors, H: int, check_T: int) -> int:
+    """Per variant (launcher options): the backward's time per launch and in all, and its
+    gradients at batch 1 against fp64 (the bench's decays and weak ones)."""
+    for options in variants:
+        def call(options=options):
+            return backward(mod, tensors, H, **options)
 
         ms = per_kernel_ms(call)
         total = triton.testing.do_bench(call, warmup=2, rep=20, return_mode="median")
-        print(f"dla={mode}: chunked_diag_bwd {total:.3f} ms; "
+        print(f"{options}: chunked_diag_bwd {total:.3f} ms; "
               + ", ".join(f"{k[:40]} {v:.3f}" for k, v in sorted(ms.items(), key=lambda kv: -kv[1])),
               flush=True)
     x, log_a, B, C, dy = (t[:1, :check_T] for t in tensors)
     for label, la in (("bench decays", log_a), ("weak decays (1/20)", log_a / 20)):
         one = (x, la, B, C, dy)
         want = fp64_gradients(*one, H)
-        for mode in modes:
-            errs = gradient_errors(backward(mod, one, H, dla=mode), want)
-            print(f"{label}, dla={mode}: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()),
+        for options in variants:
+            errs = gradient_errors(backward(mod, one, H, **options), want)
+            print(f"{label}, {options}: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()),
                   flush=True)
-            assert all(v < 5e-2 for v in errs.values()), (mode, errs)
+            assert all(v < 5e-2 for v in errs.values()), (options, errs)
         del want
     return 0
 

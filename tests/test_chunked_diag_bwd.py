@@ -67,6 +67,7 @@ class Case:
     ht: bool = True
     seqlens: tuple[int, ...] = ()
     strength: float = 1.0  # log a in −strength·[0.01, 1.01]
+    strength_late: float | None = None  # from token T // 2 on, if given
 
 
 def inputs(case: Case, dtype: torch.dtype = torch.float32):
@@ -87,6 +88,8 @@ def inputs(case: Case, dtype: torch.dtype = torch.float32):
     log_a = -case.strength * (
         0.01 + torch.rand(batch, T, Gd, case.N, generator=g, dtype=torch.float64)
     )
+    if case.strength_late is not None:
+        log_a[:, T // 2 :] *= case.strength_late / case.strength
     return dict(
         x=rand(batch, T, Gv, case.P, cast=dtype),
         s=(0.5 + torch.rand(batch, T, Gv, generator=g, dtype=torch.float64)).float().double(),
@@ -347,6 +350,59 @@ def test_chunked_diag_bwd_chunk(case: Case, options, monkeypatch) -> None:
     options = dict(options)
     case = replace(case, T=90) if options.get("chunk_size") == 64 else case
     run_check(case, monkeypatch, options.pop("bound", 1e-5), dla="chunk", **options)
+
+
+class NoLaunch:
+    """A kernel whose launches do nothing: shows that another launch wrote every output."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(
+    ("case", "options"),
+    [
+        (CASES[0], {}),
+        (CASES[0], {"whole": False}),
+        (replace(CASES[0], id="mha-late", T=90, strength_late=30.0), {}),
+        (replace(CASES[0], id="mha-varlen", seqlens=(5, 0, 40, 1, 16)), {"whole_blocks": (16, 1)}),
+        (replace(CASES[0], id="mha-wide", N=24, P=40, T=90), {"chunk_size": 64}),
+        (replace(CASES[0], id="mha-shared-x", groups=(2, 4, 4, 4)), {"dx_block_m": 16}),
+    ],
+    ids=lambda v: v.id if isinstance(v, Case) else "-".join(map(str, v.values())) or "plain",
+)
+def test_chunked_diag_bwd_whole(case: Case, options, monkeypatch) -> None:
+    """dla="chunk" with B, C and the decay per head takes the whole chunk at once (one
+    program per chunk, head and N tile for dC, dB and dlog a; dX̄ from the forward's A) where
+    its decay spreads by at most 60, the row-block launches elsewhere: within 1e-5 with both
+    kinds of chunk in one sequence (strong decays from T/2 on), packed sequences, N over two
+    tiles, P not a power of two and x shared by two heads; and with whole=False."""
+    run_check(case, monkeypatch, dla="chunk", **options)
+
+
+@pytest.mark.interpret
+def test_chunked_diag_bwd_whole_writes_every_chunk(monkeypatch) -> None:
+    """Where every chunk's decay is within range the whole-chunk launch alone writes dC, dB
+    and dlog a: with the row-block and dla launches made to do nothing (and every buffer
+    NaN at first), the gradients are still right."""
+    module = diag_stage()
+    monkeypatch.setattr(module, "chunked_diag_bwd_dbc_kernel", NoLaunch())
+    monkeypatch.setattr(module, "chunked_diag_bwd_dla_chunk_kernel", NoLaunch())
+    run_check(CASES[0], monkeypatch, dla="chunk")
+
+
+def test_chunked_diag_bwd_whole_refused() -> None:
+    """whole=True where it cannot apply (shared B and C, or dla other than "chunk") is refused
+    by name."""
+    x = torch.zeros(1, 4, 2, 16)
+    for shared, dla in ((1, "chunk"), (2, "straddle")):
+        with pytest.raises(ValueError, match="whole"):
+            diag_stage().chunked_diag_bwd(
+                x, None, torch.zeros(1, 4, 2, 16), torch.zeros(1, 4, shared, 16),
+                torch.zeros(1, 4, shared, 16), heads=2, initial_state=None, cu_seqlens=None,
+                dy=x, dfinal=None, dla=dla, whole=True,
+            )  # fmt: skip
 
 
 def test_chunked_diag_bwd_dla_option() -> None:
