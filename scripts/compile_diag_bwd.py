@@ -4,7 +4,8 @@ As scripts/compile_bwd.py (whose `resources` it uses): triton.compile for GPUTar
 ARCH, 32), then registers and stack per kernel from cuobjdump. Usage:
 python scripts/compile_diag_bwd.py [--arch 90] [--dtype bf16|fp16|fp32] [--chunk 64]
 [--block-n 32] [--p 64] [--dla straddle|suffix|chunk] (straddle, the default: the walks' boundary
-and exact-tail variants, the dB/dC launches' DCS_INTER and chunked_diag_bwd_dla_kernel)
+and exact-tail variants, the dB/dC launches' DCS_INTER and chunked_diag_bwd_dla_kernel); with
+--dla chunk also chunked_diag_bwd_whole_kernel at 4 and 8 warps (N tiles of --block-n, whole P)
 """
 
 from __future__ import annotations
@@ -65,12 +66,12 @@ def main() -> int:
         show(f"chunked_diag_bwd_walk reverse={reverse}", module.chunked_diag_bwd_walk_kernel, walk,
              consts, 4)  # fmt: skip
     dbc = dict(x=half, s=f32, log_a=f32, B=half, C=half, dy=half, cs=f32, states=half, tiles=i64,
-               grad=f32, dcs=f32, vsum=f32)  # fmt: skip
+               grad=f32, dcs=f32, vsum=f32, done="*i8")  # fmt: skip
     for want_db in (False, True):
         consts = {**base, **tiles, "WANT_DB": want_db, "HAS_S": True, "BLOCK_M": 16,
                   "BLOCK_P": args.p, "DCS_INTER": straddle, "V_SUMS": in_chunk and want_db,
                   "BLOCK_SPREAD": module.BLOCK_SPREAD, "CROSS_DTYPE": dot,
-                  "CROSS_PRECISION": "ieee"}  # fmt: skip
+                  "CROSS_PRECISION": "ieee", "SKIP_WHOLE": in_chunk}  # fmt: skip
         show(f"chunked_diag_bwd_dbc {'dB' if want_db else 'dC'}", module.chunked_diag_bwd_dbc_kernel,
              dbc, consts, 8)  # fmt: skip
     dx = dict(x=half, s=f32, B=half, C=half, cs=f32, A=f32, dy=half, adj_states=half, tiles=i64,
@@ -79,6 +80,16 @@ def main() -> int:
         consts = {**base, **tiles, "HAS_S": True, "FROM_A": from_a, "A_PRECISION": "tf32",
                   "BLOCK_M": 16, "BLOCK_P": 64}  # fmt: skip
         show(f"chunked_diag_bwd_dx from_A={from_a}", module.chunked_diag_bwd_dx_kernel, dx, consts, 4)
+    if in_chunk:
+        whole = dict(x=half, s=f32, log_a=f32, B=half, C=half, dy=half, cs=f32, fwd_states=half,
+                     adj_states=half, bnd=f32, tiles=i64, dB=f32, dC=f32, dla=f32, done="*i8")
+        for cross in ("tf32", "tf32x3"):
+            consts = {**base, **tiles, "HAS_S": True, "CROSS_DTYPE": tl.float32,
+                      "CROSS_PRECISION": cross, "BLOCK_P": args.p,
+                      "WHOLE_SPREAD": module.WHOLE_SPREAD}  # fmt: skip
+            for warps in (4, 8):
+                show(f"chunked_diag_bwd_whole {cross}", module.chunked_diag_bwd_whole_kernel,
+                     whole, consts, warps)  # fmt: skip
     if straddle:
         dla = dict(x=half, s=f32, log_a=f32, B=half, C=half, dy=half, tiles=i64, uv=f32, bnd=f32,
                    dla=f32)  # fmt: skip
