@@ -17,7 +17,9 @@ With --modes: each way of forming dlog a (`dla`) instead, timed per launch, and 
 gradient of each against fp64 autograd of the chunked torch form at batch 1 (log a in
 [−1, 0] as the bench draws, and weak decays in [−0.05, 0]). With --variants: the same for
 launcher options given as `key=value;key=value` (Python literals), e.g.
-`"dla='chunk';whole=False" "dla='chunk';whole_blocks=(64,8)"`.
+`"dla='chunk';whole=False" "dla='chunk';whole_blocks=(64,8)"`; the key `launch` maps kernel
+names to launch options over the launcher's (num_stages, maxnreg...), e.g.
+`"dla='chunk';launch={'chunked_diag_bwd_whole_kernel': {'maxnreg': 128}}"`.
 """
 
 from __future__ import annotations
@@ -162,10 +164,23 @@ def fp64_gradients(x, log_a, B, C, dy, H: int) -> dict[str, torch.Tensor]:
     return dict(zip(("dx", "dlog_a", "dB", "dC"), grads, strict=True))
 
 
-def backward(mod, tensors, H: int, **options) -> tuple:
+def backward(mod, tensors, H: int, launch: dict | None = None, **options) -> tuple:
     """chunked_diag_bwd of (x, log a, B, C, dY), one group per head role as given, chunks of
-    64, no s, h0 or dh_T; `options` are its launch options."""
+    64, no s, h0 or dh_T; `options` are its launch options, `launch` kernel name → launch
+    options over the launcher's."""
     x, log_a, B, C, dy = tensors
+    kernels = {name: getattr(mod, name) for name in launch or {}}
+    for name, o in (launch or {}).items():
+        setattr(mod, name, LaunchWith(kernels[name], **o))
+    try:
+        return run_backward(mod, x, log_a, B, C, dy, H, **options)
+    finally:
+        for name, kernel in kernels.items():
+            setattr(mod, name, kernel)
+
+
+def run_backward(mod, x, log_a, B, C, dy, H: int, **options) -> tuple:
+    """mod.chunked_diag_bwd as `backward` calls it."""
     return mod.chunked_diag_bwd(x, None, log_a, B, C, heads=H, initial_state=None,
                                 cu_seqlens=None, dy=dy, dfinal=None,
                                 **{"chunk_size": 64, **options})
