@@ -368,6 +368,8 @@ class NoLaunch:
         (replace(CASES[0], id="mha-late", T=90, strength_late=30.0), {"dbc_cross": "tf32x3"}),
         (replace(CASES[0], id="mha-varlen", seqlens=(5, 0, 40, 1, 16)), {"whole_blocks": (16, 1, 1), "walk_blocks": (16, 32, 2)}),
         (replace(CASES[0], id="mha-wide", N=24, P=40, T=90), {"chunk_size": 64, "whole_blocks": (16, 4, 2)}),
+        (replace(CASES[0], id="mha-wide-t", N=24, P=40, T=90), {"chunk_size": 64, "whole_blocks": (16, 4, 2, True)}),
+        (replace(CASES[0], id="mha-late-t", T=90, strength_late=30.0), {"whole_blocks": (16, 4, 1, True)}),
         (replace(CASES[0], id="mha-shared-x", groups=(2, 4, 4, 4)), {"dx_block_m": 32}),
     ],
     ids=lambda v: v.id if isinstance(v, Case) else "-".join(map(str, v.values())) or "plain",
