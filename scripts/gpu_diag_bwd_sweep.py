@@ -105,7 +105,8 @@ def main() -> int:
         variants = [parse_options(v) for v in args.variants]
         return compare_variants(mod, variants, (x, log_a, B, C, dy), H, check_T)
     if args.dbc is not None:
-        return compare_dbc(mod, args.dbc, (x, log_a, B, C, dy), H, check_T)
+        variants = [dbc_options(c) for c in args.dbc]
+        return compare_variants(mod, variants, (x, log_a, B, C, dy), H, check_T)
 
     # the launches before the seventeenth session's wide-head defaults, and the dB/dC row
     # block's own triangle as the direct sum (BLOCK_SPREAD < 0): the same gradients up to
@@ -203,13 +204,20 @@ def parse_options(text: str) -> dict:
 
 def compare_variants(mod, variants: list[dict], tensors, H: int, check_T: int) -> int:
     """Per variant (launcher options): the backward's time per launch and in all, and its
-    gradients at batch 1 against fp64 (the bench's decays and weak ones)."""
+    gradients at batch 1 against fp64 (the bench's decays and weak ones). A variant that
+    cannot compile or launch is reported and left out of the checks."""
+    ran = []
     for options in variants:
         def call(options=options):
             return backward(mod, tensors, H, **options)
 
-        ms = per_kernel_ms(call)
-        total = triton.testing.do_bench(call, warmup=2, rep=20, return_mode="median")
+        try:
+            ms = per_kernel_ms(call)
+            total = triton.testing.do_bench(call, warmup=2, rep=20, return_mode="median")
+        except Exception as exc:  # noqa: BLE001 — a config that cannot launch is reported
+            print(f"{options}: failed: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+            continue
+        ran.append(options)
         print(f"{options}: chunked_diag_bwd {total:.3f} ms; "
               + ", ".join(f"{k[:40]} {v:.3f}" for k, v in sorted(ms.items(), key=lambda kv: -kv[1])),
               flush=True)
@@ -217,7 +225,7 @@ def compare_variants(mod, variants: list[dict], tensors, H: int, check_T: int) -
     for label, la in (("bench decays", log_a), ("weak decays (1/20)", log_a / 20)):
         one = (x, la, B, C, dy)
         want = fp64_gradients(*one, H)
-        for options in variants:
+        for options in ran:
             errs = gradient_errors(backward(mod, one, H, **options), want)
             print(f"{label}, {options}: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()),
                   flush=True)
@@ -226,31 +234,11 @@ def compare_variants(mod, variants: list[dict], tensors, H: int, check_T: int) -
     return 0
 
 
-def compare_dbc(mod, configs: list[str], tensors, H: int, check_T: int) -> int:
-    """Per dB/dC launch config: the launches' time, the backward's, and its gradients at batch
-    1 against fp64 (the bench's decays)."""
-    one = tuple(t[:1, :check_T] for t in tensors)
-    want = fp64_gradients(*one, H)
-    for config in configs:
-        m, bn, w, *cross = config.split(",")
-        opts = dict(dbc_block_m=int(m), dbc_block_n=int(bn), dbc_warps=int(w),
-                    dbc_cross=(cross or ["dot"])[0])
-        try:
-            def call(t=tensors, opts=opts):
-                return backward(mod, t, H, **opts)
-
-            ms = per_kernel_ms(call)
-            total = triton.testing.do_bench(call, warmup=2, rep=20, return_mode="median")
-            errs = gradient_errors(call(one), want)
-            print(f"dbc {config}: dB/dC "
-                  f"{ms.get('chunked_diag_bwd_dbc_kernel', float('nan')):.3f} ms, backward "
-                  f"{total:.3f} ms; " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()),
-                  flush=True)
-        except Exception as exc:  # noqa: BLE001 — a config that cannot launch is reported
-            print(f"dbc {config}: failed: {type(exc).__name__}: "
-                  f"{str(exc)[:160]}", flush=True)
-    return 0
-
+def dbc_options(config: str) -> dict:
+    """`M,BN,W[,CROSS]` → the dB/dC launches' launcher options."""
+    m, bn, w, *cross = config.split(",")
+    return dict(dbc_block_m=int(m), dbc_block_n=int(bn), dbc_warps=int(w),
+                dbc_cross=(cross or ["dot"])[0])
 
 if __name__ == "__main__":
     sys.exit(main())
